@@ -1,0 +1,178 @@
+// Shared host/device arithmetic of SPEC §1: support test, kernel cell, hole test, flat index.
+//
+// This header is included by the C++ core *and* compiled by NVRTC for the CUDA kernels, so it uses
+// no standard headers and only plain arithmetic.  Every implementation (grid, kd-tree, CPU, GPU)
+// classifies neighbours through these functions, which is what makes all of them produce the same
+// kernel map bit for bit.  The arithmetic must not be contracted into fused multiply-adds: the C++
+// build passes -ffp-contract=off and NVRTC is given --fmad=false.
+//
+// The rule (per axis a): lo = p_i[a] - h;  t = (x - lo) / v;  x is in the support iff
+// 0 <= t <= span (span = s*(K-1)+1); its cell is c = min(span-1, floor(t)); holes are c % s != 0.
+// t is a monotone non-decreasing function of x (a rounded subtraction, then a rounded division by
+// v > 0), so every condition on t is a condition "x >= B" for an exact double threshold B.  The
+// kernels compute those thresholds once per query (a few divisions) and then classify candidates
+// with comparisons only — the same partition of the doubles as evaluating the rule per candidate.
+#ifndef PWCONV_BINNING_HPP
+#define PWCONV_BINNING_HPP
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define PWCONV_HD __host__ __device__ __forceinline__
+#else
+#define PWCONV_HD inline
+#endif
+
+namespace pwconv {
+
+/// Number of unit cells spanned by the kernel support along one axis: s*(K-1)+1.
+PWCONV_HD long long kernel_span(int kernel_size, int dilation) {
+    return (long long)dilation * (long long)(kernel_size - 1) + 1;
+}
+
+/// Half-width h = (s*(K-1)+1) * v / 2 of the closed support cube, in coordinate units.
+PWCONV_HD double kernel_half_width(double voxel_size, int kernel_size, int dilation) {
+    return (double)kernel_span(kernel_size, dilation) * voxel_size / 2.0;
+}
+
+/// Per-axis lower corner of the support cube of a query at coordinate p: p - h (evaluated first).
+PWCONV_HD double support_lower(double p, double half_width) { return p - half_width; }
+
+/// The rule's t = (x - lo) / v, in exactly that order.
+PWCONV_HD double kernel_t(double x, double lo, double voxel_size) { return (x - lo) / voxel_size; }
+
+// --- Doubles as ordered integers (for exact threshold search) --------------------------------
+
+PWCONV_HD long long ordered_from_double(double x) {
+    union {
+        double d;
+        long long i;
+    } u;
+    u.d = x;
+    return u.i >= 0 ? u.i : -(u.i & 0x7fffffffffffffffLL);
+}
+
+PWCONV_HD double double_from_ordered(long long o) {
+    union {
+        double d;
+        long long i;
+    } u;
+    u.i = o >= 0 ? o : ((-o) | (long long)0x8000000000000000ULL);
+    return u.d;
+}
+
+/// Smallest double x (-inf..+inf) with pred(x) true, for a monotone pred (false ... true) that is
+/// true at +inf and false at -inf; guess is a nearby starting point.  Exponential search from
+/// the guess, then bisection over the ordered doubles: a handful of pred calls in practice.
+template <class Pred>
+PWCONV_HD double first_true(const Pred& pred, double guess) {
+    const long long ord_max = 0x7ff0000000000000LL;  // +inf
+    const long long ord_min = -ord_max;               // -inf
+    long long o = ordered_from_double(guess);
+    if (o < ord_min) o = ord_min;
+    if (o > ord_max) o = ord_max;
+    long long lo_o, hi_o;  // pred(lo_o) false, pred(hi_o) true
+    long long step = 1;
+    if (pred(double_from_ordered(o))) {
+        hi_o = o;
+        while (true) {
+            lo_o = hi_o - step;
+            if (lo_o <= ord_min) {
+                lo_o = ord_min;
+                break;
+            }
+            if (!pred(double_from_ordered(lo_o))) break;
+            hi_o = lo_o;
+            step *= 2;
+        }
+    } else {
+        lo_o = o;
+        while (true) {
+            hi_o = lo_o + step;
+            if (hi_o >= ord_max) {
+                hi_o = ord_max;
+                break;
+            }
+            if (pred(double_from_ordered(hi_o))) break;
+            lo_o = hi_o;
+            step *= 2;
+        }
+    }
+    while (hi_o - lo_o > 1) {
+        const long long mid = lo_o + (hi_o - lo_o) / 2;
+        if (pred(double_from_ordered(mid)))
+            hi_o = mid;
+        else
+            lo_o = mid;
+    }
+    return double_from_ordered(hi_o);
+}
+
+struct TAtLeast {  // t(x) >= c
+    double lo, v, c;
+    PWCONV_HD bool operator()(double x) const { return kernel_t(x, lo, v) >= c; }
+};
+
+struct TAbove {  // t(x) > c
+    double lo, v, c;
+    PWCONV_HD bool operator()(double x) const { return kernel_t(x, lo, v) > c; }
+};
+
+/// Exact per-axis bounds of the K kernel cells of a support starting at lo: x falls in kernel
+/// cell k iff start[k] <= x < end[k]; outside every [start[k], end[k]) it is outside the support
+/// or in a hole.  start, end: caller-provided arrays of K doubles.
+PWCONV_HD void kernel_axis_bounds(double lo, double voxel_size, int kernel_size, int dilation,
+                                  double* start, double* end) {
+    const double span = (double)kernel_span(kernel_size, dilation);
+    for (int k = 0; k < kernel_size; ++k) {
+        const double c0 = (double)k * (double)dilation;  // first unit cell of kernel cell k
+        start[k] = first_true(TAtLeast{lo, voxel_size, c0}, lo + c0 * voxel_size);
+        if (k + 1 < kernel_size) {
+            end[k] = first_true(TAtLeast{lo, voxel_size, c0 + 1.0},
+                                lo + (c0 + 1.0) * voxel_size);
+        } else {  // the last cell absorbs the closed upper face: c = min(span - 1, floor(t))
+            end[k] = first_true(TAbove{lo, voxel_size, span}, lo + span * voxel_size);
+        }
+    }
+}
+
+/// Kernel index k of coordinate x along one axis given kernel_axis_bounds, or -1.
+PWCONV_HD int axis_kernel_index(double x, const double* start, const double* end,
+                                int kernel_size) {
+    if (!(x >= start[0])) return -1;
+    int k = kernel_size - 1;
+    while (x < start[k]) --k;
+    return x < end[k] ? k : -1;
+}
+
+/// Flat kernel cell f = (kz*K + ky)*K + kx of a neighbour, or -1 (outside or in a hole).
+/// bounds: start/end arrays per axis (x, y, z), each of K doubles.
+PWCONV_HD int kernel_cell(double x, double y, double z, const double* start_x, const double* end_x,
+                          const double* start_y, const double* end_y, const double* start_z,
+                          const double* end_z, int kernel_size) {
+    const int kx = axis_kernel_index(x, start_x, end_x, kernel_size);
+    if (kx < 0) return -1;
+    const int ky = axis_kernel_index(y, start_y, end_y, kernel_size);
+    if (ky < 0) return -1;
+    const int kz = axis_kernel_index(z, start_z, end_z, kernel_size);
+    if (kz < 0) return -1;
+    return (kz * kernel_size + ky) * kernel_size + kx;
+}
+
+/// Closed Chebyshev-ball test |p - q|_inf <= r, with d = p - q per axis in float64.
+PWCONV_HD bool within_chebyshev(double px, double py, double pz, double qx, double qy, double qz,
+                                double radius) {
+    const double dx = px - qx, dy = py - qy, dz = pz - qz;
+    return dx <= radius && -dx <= radius && dy <= radius && -dy <= radius && dz <= radius &&
+           -dz <= radius;
+}
+
+/// Closed Euclidean-ball test (dx*dx + dy*dy) + dz*dz <= r*r, left to right, no FMA.
+PWCONV_HD bool within_euclidean(double px, double py, double pz, double qx, double qy, double qz,
+                                double radius_sq) {
+    const double dx = px - qx, dy = py - qy, dz = pz - qz;
+    const double d_sq = dx * dx + dy * dy + dz * dz;
+    return d_sq <= radius_sq;
+}
+
+}  // namespace pwconv
+
+#endif  // PWCONV_BINNING_HPP

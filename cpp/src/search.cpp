@@ -1,0 +1,416 @@
+// Count and fill passes of the radius search and the kernel map, for the grid and the kd-tree.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "candidates.hpp"
+#include "pwconv/kernel_map.hpp"
+#include "pwconv/radius_search.hpp"
+
+namespace pwconv {
+
+namespace {
+
+using detail::KernelBounds;
+using detail::QueryBox;
+
+// Growable key buffer whose hot loops write without value-initialising first.
+struct KeyBuffer {
+    std::vector<int64_t> data;
+    int64_t size = 0;
+
+    int64_t* reserve(int64_t extra) {
+        if (size + extra > (int64_t)data.size())
+            data.resize(std::max<int64_t>(2 * (int64_t)data.size(), size + extra));
+        return data.data();
+    }
+};
+
+template <class Index, class T>
+int64_t check_queries(const Index& index, const Queries<T>& queries) {
+    if (queries.xyz == nullptr) return index.n_points;
+    check_batch(queries.batch, queries.m, "query_offsets");
+    require(queries.batch.n_clouds == index.n_clouds,
+            "query_offsets must describe as many clouds as offsets");
+    return queries.m;
+}
+
+void check_radius(double radius) {
+    require(radius > 0 && std::isfinite(radius), "radius must be positive and finite");
+}
+
+void check_spec(const KernelSpec& spec) {
+    require(spec.voxel_size > 0 && std::isfinite(spec.voxel_size),
+            "voxel_size must be positive and finite");
+    require(spec.kernel_size >= 1 && spec.kernel_size % 2 == 1, "kernel_size must be odd and >= 1");
+    require(spec.dilation >= 1, "dilation must be >= 1");
+    require(std::isfinite(kernel_half_width(spec.voxel_size, spec.kernel_size, spec.dilation)),
+            "the kernel's extent (dilation*(kernel_size-1)+1)*voxel_size must be finite");
+}
+
+template <class V>
+void sort_row(V* begin, V* end) {
+    if (end - begin <= 24) {  // insertion sort: rows are short and arrive in sorted runs
+        for (V* a = begin + 1; a < end; ++a) {
+            const V value = *a;
+            V* b = a;
+            while (b > begin && value < *(b - 1)) {
+                *b = *(b - 1);
+                --b;
+            }
+            *b = value;
+        }
+    } else {
+        std::sort(begin, end);
+    }
+}
+
+
+// The candidate loops below are branch-free (the accept decisions are data-dependent and
+// unpredictable) and read the index's coordinates as separate x, y, z arrays.
+
+// Kernel index of coordinate v along one axis (start[0] <= v assumed checked separately).
+inline int kernel_index(double v, const double* start, int kernel_size) {
+    int k = 0;
+    for (int j = 1; j < kernel_size; ++j) k += v >= start[j];
+    return k;
+}
+
+// KC > 0 fixes the kernel size at compile time (unrolled loops for the common K = 1, 3, 5);
+// KC = 0 reads it from the bounds.
+template <int KC, class Index>
+int64_t count_kernel_run(const Index& index, int64_t b, int64_t e, const KernelBounds& kb,
+                         bool contiguous) {
+    const double* X = index.coord[0].data();
+    const double* Y = index.coord[1].data();
+    const double* Z = index.coord[2].data();
+    const int K = KC > 0 ? KC : kb.kernel_size;
+    int64_t count = 0;
+    if (contiguous) {  // dilation 1: the K cells tile [start[0], end[K-1])
+        const double x0 = kb.start[0][0], x1 = kb.end[0][K - 1];
+        const double y0 = kb.start[1][0], y1 = kb.end[1][K - 1];
+        const double z0 = kb.start[2][0], z1 = kb.end[2][K - 1];
+        for (int64_t p = b; p < e; ++p)
+            count += (X[p] >= x0) & (X[p] < x1) & (Y[p] >= y0) & (Y[p] < y1) & (Z[p] >= z0) &
+                     (Z[p] < z1);
+        return count;
+    }
+    const double *sx = kb.start[0].data(), *sy = kb.start[1].data(), *sz = kb.start[2].data();
+    const double *ex = kb.end[0].data(), *ey = kb.end[1].data(), *ez = kb.end[2].data();
+    for (int64_t p = b; p < e; ++p) {
+        const int kx = kernel_index(X[p], sx, K), ky = kernel_index(Y[p], sy, K),
+                  kz = kernel_index(Z[p], sz, K);
+        count += (X[p] >= sx[0]) & (X[p] < ex[kx]) & (Y[p] >= sy[0]) & (Y[p] < ey[ky]) &
+                 (Z[p] >= sz[0]) & (Z[p] < ez[kz]);
+    }
+    return count;
+}
+
+template <int KC, class Index>
+void fill_kernel_run(const Index& index, int64_t b, int64_t e, const KernelBounds& kb,
+                     int cell_bits, KeyBuffer& out) {
+    const double* X = index.coord[0].data();
+    const double* Y = index.coord[1].data();
+    const double* Z = index.coord[2].data();
+    const int64_t* order = index.order.data();
+    const int K = KC > 0 ? KC : kb.kernel_size;
+    const double *sx = kb.start[0].data(), *sy = kb.start[1].data(), *sz = kb.start[2].data();
+    const double *ex = kb.end[0].data(), *ey = kb.end[1].data(), *ez = kb.end[2].data();
+    int64_t* keys = out.reserve(e - b);
+    int64_t n = out.size;
+    for (int64_t p = b; p < e; ++p) {
+        const int kx = kernel_index(X[p], sx, K), ky = kernel_index(Y[p], sy, K),
+                  kz = kernel_index(Z[p], sz, K);
+        const bool ok = (X[p] >= sx[0]) & (X[p] < ex[kx]) & (Y[p] >= sy[0]) & (Y[p] < ey[ky]) &
+                        (Z[p] >= sz[0]) & (Z[p] < ez[kz]);
+        keys[n] = (order[p] << cell_bits) | (((int64_t)kz * K + ky) * K + kx);
+        n += ok;  // written always, kept only when accepted: no branch
+    }
+    out.size = n;
+}
+
+template <class Index>
+int64_t count_radius_run(const Index& index, int64_t b, int64_t e, const double q[3],
+                         double radius, Metric metric) {
+    const double* X = index.coord[0].data();
+    const double* Y = index.coord[1].data();
+    const double* Z = index.coord[2].data();
+    int64_t count = 0;
+    if (metric == Metric::chebyshev) {
+        for (int64_t p = b; p < e; ++p)
+            count += within_chebyshev(X[p], Y[p], Z[p], q[0], q[1], q[2], radius);
+    } else {
+        const double radius_sq = radius * radius;
+        for (int64_t p = b; p < e; ++p)
+            count += within_euclidean(X[p], Y[p], Z[p], q[0], q[1], q[2], radius_sq);
+    }
+    return count;
+}
+
+template <class Index>
+void fill_radius_run(const Index& index, int64_t b, int64_t e, const double q[3], double radius,
+                     Metric metric, KeyBuffer& out) {
+    const double* X = index.coord[0].data();
+    const double* Y = index.coord[1].data();
+    const double* Z = index.coord[2].data();
+    const int64_t* order = index.order.data();
+    int64_t* keys = out.reserve(e - b);
+    int64_t n = out.size;
+    const double radius_sq = radius * radius;
+    for (int64_t p = b; p < e; ++p) {
+        keys[n] = order[p];
+        n += metric == Metric::chebyshev
+                 ? within_chebyshev(X[p], Y[p], Z[p], q[0], q[1], q[2], radius)
+                 : within_euclidean(X[p], Y[p], Z[p], q[0], q[1], q[2], radius_sq);
+    }
+    out.size = n;
+}
+
+// Search policies: how one query's pairs are collected (sorted keys appended to a buffer) or only
+// counted (after the pair budget is exhausted).
+struct KernelPolicy {
+    KernelSpec spec;
+    int cell_bits = 0;
+
+    struct State {
+        KernelBounds bounds;
+    };
+
+    void prepare(const double q[3], State& state, QueryBox& box) const {
+        const double h = kernel_half_width(spec.voxel_size, spec.kernel_size, spec.dilation);
+        double lo[3];
+        for (int a = 0; a < 3; ++a) lo[a] = support_lower(q[a], h);
+        state.bounds.compute(lo, spec.voxel_size, spec.kernel_size, spec.dilation);
+        detail::kernel_box(box, state.bounds);
+    }
+    template <int KC, class Index, class Scratch>
+    void collect_k(const Index& index, const double q[3], int64_t cloud, QueryBox& box,
+                   Scratch& scratch, State& state, KeyBuffer& out) const {
+        prepare(q, state, box);
+        detail::for_each_candidate(index, cloud, box, scratch, [&](int64_t b, int64_t e) {
+            fill_kernel_run<KC>(index, b, e, state.bounds, cell_bits, out);
+        });
+    }
+    template <class Index, class Scratch>
+    void collect(const Index& index, const double q[3], int64_t cloud, QueryBox& box,
+                 Scratch& scratch, State& state, KeyBuffer& out) const {
+        switch (spec.kernel_size) {
+            case 1: return collect_k<1>(index, q, cloud, box, scratch, state, out);
+            case 3: return collect_k<3>(index, q, cloud, box, scratch, state, out);
+            case 5: return collect_k<5>(index, q, cloud, box, scratch, state, out);
+            default: return collect_k<0>(index, q, cloud, box, scratch, state, out);
+        }
+    }
+    template <class Index, class Scratch>
+    int64_t count(const Index& index, const double q[3], int64_t cloud, QueryBox& box,
+                  Scratch& scratch, State& state) const {
+        prepare(q, state, box);
+        const bool contiguous = spec.dilation == 1;
+        int64_t n = 0;
+        detail::for_each_candidate(index, cloud, box, scratch, [&](int64_t b, int64_t e) {
+            n += count_kernel_run<0>(index, b, e, state.bounds, contiguous);
+        });
+        return n;
+    }
+};
+
+struct RadiusPolicy {
+    double radius;
+    Metric metric;
+
+    struct State {};
+
+    template <class Index, class Scratch>
+    void collect(const Index& index, const double q[3], int64_t cloud, QueryBox& box,
+                 Scratch& scratch, State&, KeyBuffer& out) const {
+        detail::radius_box(box, q, radius);
+        detail::for_each_candidate(index, cloud, box, scratch, [&](int64_t b, int64_t e) {
+            fill_radius_run(index, b, e, q, radius, metric, out);
+        });
+    }
+    template <class Index, class Scratch>
+    int64_t count(const Index& index, const double q[3], int64_t cloud, QueryBox& box,
+                  Scratch& scratch, State&) const {
+        detail::radius_box(box, q, radius);
+        int64_t n = 0;
+        detail::for_each_candidate(index, cloud, box, scratch, [&](int64_t b, int64_t e) {
+            n += count_radius_run(index, b, e, q, radius, metric);
+        });
+        return n;
+    }
+};
+
+// Pass 1 for any policy.  Blocks of kBlockSize queries are handed to threads dynamically
+// (neighbour counts vary a lot across a cloud); each block's rows are stored in visit order, so
+// the kept pairs do not depend on the schedule.  Self queries are visited in the index's internal
+// (spatial) order so that consecutive queries touch the same memory.  The running total is an
+// integer atomic (no floating point): once it passes max_pairs, later blocks only count.
+template <class Policy, class Index, class T>
+void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& policy,
+                  int64_t max_pairs, PairBlocks& out, int threads) {
+    const bool self = queries.xyz == nullptr;
+    const int64_t m = check_queries(index, queries);
+    const int64_t* offsets = self ? index.cloud_offsets.data() : queries.batch.offsets;
+    const int64_t n_clouds = index.n_clouds;
+    out = PairBlocks();
+    out.n_queries = m;
+    out.cell_bits = 0;
+    if (self) out.query_of = index.order;
+    out.row_len.assign(m, 0);
+    const int64_t n_blocks = out.n_blocks();
+    out.keys.resize(n_blocks);
+    std::atomic<int64_t> total{0};
+    std::atomic<bool> over{false};
+#pragma omp parallel num_threads(resolve_threads(threads))
+    {
+        QueryBox box;
+        typename detail::ScratchOf<Index>::type scratch;
+        typename Policy::State state;
+        KeyBuffer buffer;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < n_blocks; ++blk) {
+            const int64_t p0 = blk * PairBlocks::kBlockSize;
+            const int64_t p1 = std::min(m, p0 + PairBlocks::kBlockSize);
+            const bool keep = !over.load(std::memory_order_relaxed);
+            buffer.size = 0;
+            int64_t block_pairs = 0;
+            for (int64_t p = p0; p < p1; ++p) {
+                double q[3];
+                if (self) {
+                    for (int a = 0; a < 3; ++a) q[a] = index.coord[a][p];
+                } else {
+                    for (int a = 0; a < 3; ++a) q[a] = (double)queries.xyz[3 * p + a];
+                }
+                const int64_t cloud =
+                    (int64_t)(std::upper_bound(offsets, offsets + n_clouds + 1, p) - offsets) - 1;
+                int64_t n;
+                if (keep) {
+                    const int64_t row_begin = buffer.size;
+                    policy.collect(index, q, cloud, box, scratch, state, buffer);
+                    sort_row(buffer.data.data() + row_begin, buffer.data.data() + buffer.size);
+                    n = buffer.size - row_begin;
+                } else {
+                    n = policy.count(index, q, cloud, box, scratch, state);
+                }
+                out.row_len[p] = n;
+                block_pairs += n;
+            }
+            if (keep) out.keys[blk].assign(buffer.data.begin(), buffer.data.begin() + buffer.size);
+            if (total.fetch_add(block_pairs) + block_pairs > max_pairs)
+                over.store(true, std::memory_order_relaxed);
+        }
+    }
+    out.n_pairs = total.load();
+    out.complete = !over.load();
+    if (!out.complete) std::vector<std::vector<int64_t>>().swap(out.keys);
+}
+
+int cell_bits_for(int kernel_size) {
+    const int64_t n_cells = (int64_t)kernel_size * kernel_size * kernel_size;
+    int bits = 0;
+    while ((int64_t(1) << bits) < n_cells) ++bits;
+    return bits;
+}
+
+// Calls row(i, keys, len) for every query i (in parallel over blocks).
+template <class Row>
+void for_each_row(const PairBlocks& pairs, int threads, Row&& row) {
+    require(pairs.complete, "the search went over its pair budget: nothing to emit");
+    const int64_t n_blocks = pairs.n_blocks();
+#pragma omp parallel for schedule(dynamic, 4) num_threads(resolve_threads(threads))
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+        const int64_t p0 = blk * PairBlocks::kBlockSize;
+        const int64_t p1 = std::min(pairs.n_queries, p0 + PairBlocks::kBlockSize);
+        const int64_t* keys = pairs.keys[blk].data();
+        for (int64_t p = p0; p < p1; ++p) {
+            const int64_t i = pairs.query_of.empty() ? p : pairs.query_of[p];
+            row(i, keys, pairs.row_len[p]);
+            keys += pairs.row_len[p];
+        }
+    }
+}
+
+}  // namespace
+
+int64_t PairBlocks::memory_bytes() const {
+    int64_t bytes = (int64_t)(sizeof(int64_t) * (query_of.size() + row_len.size()));
+    for (const auto& k : keys) bytes += (int64_t)(sizeof(int64_t) * k.capacity());
+    return bytes;
+}
+
+void pair_splits(const PairBlocks& pairs, int64_t* splits) {
+    const int64_t m = pairs.n_queries;
+    splits[0] = 0;
+    if (pairs.query_of.empty()) {
+        for (int64_t p = 0; p < m; ++p) splits[p + 1] = pairs.row_len[p];
+    } else {
+        for (int64_t p = 0; p < m; ++p) splits[pairs.query_of[p] + 1] = pairs.row_len[p];
+    }
+    for (int64_t i = 0; i < m; ++i) splits[i + 1] += splits[i];
+}
+
+template <class Index, class T>
+void radius_search_gather(const Index& index, const Queries<T>& queries, double radius,
+                          Metric metric, int64_t max_pairs, PairBlocks& out, int threads) {
+    check_radius(radius);
+    gather_pairs(index, queries, RadiusPolicy{radius, metric}, max_pairs, out, threads);
+}
+
+void radius_search_emit(const PairBlocks& pairs, const int64_t* splits, int64_t* index_e,
+                        int threads) {
+    for_each_row(pairs, threads, [&](int64_t i, const int64_t* keys, int64_t len) {
+        std::copy(keys, keys + len, index_e + splits[i]);
+    });
+}
+
+template <class Index, class T>
+void kernel_map_gather(const Index& index, const Queries<T>& queries, const KernelSpec& spec,
+                       int64_t max_pairs, PairBlocks& out, int threads) {
+    check_spec(spec);
+    const int bits = cell_bits_for(spec.kernel_size);
+    require(bits < 62 && (index.n_points >> (62 - bits)) == 0,
+            "n_points * kernel_size**3 must fit in 62 bits");
+    KernelPolicy policy;
+    policy.spec = spec;
+    policy.cell_bits = bits;
+    gather_pairs(index, queries, policy, max_pairs, out, threads);
+    out.cell_bits = bits;
+}
+
+template <class CellT>
+void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, int kernel_size,
+                     int64_t* index_e, CellT* cell_e, int32_t* counts_mf, int threads) {
+    const int64_t n_cells = (int64_t)kernel_size * kernel_size * kernel_size;
+    const int bits = pairs.cell_bits;
+    const int64_t mask = (int64_t(1) << bits) - 1;
+    for_each_row(pairs, threads, [&](int64_t i, const int64_t* keys, int64_t len) {
+        int32_t* counts = counts_mf + i * n_cells;
+        std::fill(counts, counts + n_cells, 0);
+        int64_t* out_index = index_e + splits[i];
+        CellT* out_cell = cell_e + splits[i];
+        for (int64_t k = 0; k < len; ++k) {
+            const int64_t f = keys[k] & mask;
+            out_index[k] = keys[k] >> bits;
+            out_cell[k] = (CellT)f;
+            ++counts[f];
+        }
+    });
+}
+
+template void radius_search_gather<Grid, double>(const Grid&, const Queries<double>&, double,
+                                                 Metric, int64_t, PairBlocks&, int);
+template void radius_search_gather<KdTree, double>(const KdTree&, const Queries<double>&, double,
+                                                   Metric, int64_t, PairBlocks&, int);
+template void kernel_map_gather<Grid, double>(const Grid&, const Queries<double>&,
+                                              const KernelSpec&, int64_t, PairBlocks&, int);
+template void kernel_map_gather<KdTree, double>(const KdTree&, const Queries<double>&,
+                                                const KernelSpec&, int64_t, PairBlocks&, int);
+template void kernel_map_emit<uint8_t>(const PairBlocks&, const int64_t*, int, int64_t*, uint8_t*,
+                                       int32_t*, int);
+template void kernel_map_emit<int16_t>(const PairBlocks&, const int64_t*, int, int64_t*, int16_t*,
+                                       int32_t*, int);
+template void kernel_map_emit<int32_t>(const PairBlocks&, const int64_t*, int, int64_t*, int32_t*,
+                                       int32_t*, int);
+
+}  // namespace pwconv

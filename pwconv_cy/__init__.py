@@ -1,0 +1,52 @@
+"""pwconv: exact, fast pointwise convolution for point clouds (Hua, Tran & Yeung, CVPR 2018)."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from pwconv_cy._config import MemoryBudgetError, get_memory_budget, set_memory_budget
+from pwconv_cy.neighbors import KernelMap, NeighborIndex, kernel_map, radius_search
+
+__all__ = [
+    "__version__", "show_config", "KernelMap", "NeighborIndex", "kernel_map", "radius_search",
+    "MemoryBudgetError", "get_memory_budget", "set_memory_budget",
+]
+
+
+def _cuda_status() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy not installed (GPU path unavailable)"
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+        return f"CuPy {cupy.__version__}, {n} CUDA device(s)"
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable GPU"
+        return f"CuPy installed but no usable device ({type(exc).__name__}: {exc})"
+
+
+def show_config(file=None) -> dict:
+    """Print (and return) the build and runtime configuration: version, compiler, OpenMP and
+    thread count, CUDA/CuPy status."""
+    import platform
+    import sys
+
+    from pwconv_cy import _core
+
+    info = {
+        "pwconv_cy": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "compiler": _core.COMPILER.decode() if isinstance(_core.COMPILER, bytes) else _core.COMPILER,
+        "openmp": (f"yes (OpenMP {_core.OPENMP_VERSION.decode()})" if _core.has_openmp()
+                   else "NO - serial build"),
+        "threads": _core.omp_default_threads(),
+        "native_build": _core.NATIVE_BUILD,
+        "memory_budget_bytes": get_memory_budget(),
+        "cuda": _cuda_status(),
+    }
+    out = file if file is not None else sys.stdout
+    for key, value in info.items():
+        print(f"{key:>20}: {value}", file=out)
+    return info

@@ -1,0 +1,79 @@
+"""Process-wide settings: the memory budget of variable-size results."""
+from __future__ import annotations
+
+import os
+
+__all__ = ["MemoryBudgetError", "get_memory_budget", "set_memory_budget", "check_budget",
+           "resolve_budget", "max_pairs_within"]
+
+_budget_bytes: int | None = None
+
+
+class MemoryBudgetError(MemoryError):
+    """A result would need more memory than the budget allows (nothing was allocated)."""
+
+
+def _physical_memory_bytes() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # A container's cgroup limit is what the OS enforces, when it is lower.
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if text.isdigit():
+                total = min(total, int(text))
+        except OSError:
+            pass
+    return total
+
+
+def get_memory_budget() -> int:
+    """Bytes a single result (kernel map, neighbour list) may occupy.
+
+    Defaults to half of the machine's memory (or of the container's limit)."""
+    if _budget_bytes is not None:
+        return _budget_bytes
+    return _physical_memory_bytes() // 2
+
+
+def set_memory_budget(nbytes: int | None) -> None:
+    """Set the process-wide budget in bytes (a positive int), or ``None`` for the default."""
+    global _budget_bytes
+    if nbytes is None:
+        _budget_bytes = None
+        return
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"memory budget must be a positive number of bytes or None, got {nbytes!r}")
+    _budget_bytes = int(nbytes)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def resolve_budget(budget) -> int:
+    """The per-call budget in bytes: `budget` when given (a positive int), else the global one."""
+    if budget is None:
+        return get_memory_budget()
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes or None, got {budget!r}")
+    return budget
+
+
+def max_pairs_within(budget_bytes: int, bytes_per_pair: int) -> int:
+    """How many pairs fit in the budget (at least 0)."""
+    return max(0, budget_bytes // bytes_per_pair)
+
+
+def check_budget(what: str, n_pairs: int, nbytes: int, budget: int, remedy: str,
+                 complete: bool = True) -> None:
+    """Raise MemoryBudgetError when a result of `nbytes` exceeds the budget (or was not kept)."""
+    if nbytes > budget or not complete:
+        raise MemoryBudgetError(
+            f"{what} needs {n_pairs:,} neighbour pairs = {_fmt_bytes(nbytes)}, over the memory "
+            f"budget of {_fmt_bytes(budget)}; {remedy}, or raise the budget with "
+            f"pwconv_cy.set_memory_budget(nbytes) or memory_budget=...")

@@ -1,0 +1,74 @@
+# Declarations of the C++ core (cpp/include/pwconv).  Translation only: no logic here.
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t
+from libcpp cimport bool as cbool
+
+
+cdef extern from "pwconv/common.hpp" namespace "pwconv" nogil:
+    cdef cppclass Batch:
+        const int64_t* offsets
+        int64_t n_clouds
+
+    cbool openmp_enabled()
+    int default_threads()
+
+
+cdef extern from "pwconv/grid.hpp" namespace "pwconv" nogil:
+    cdef cppclass Grid:
+        double cell_size
+        int64_t n_points
+        int64_t n_clouds
+        int64_t n_cells()
+        int64_t n_rows()
+        int64_t memory_bytes()
+
+    void build_grid[T](Grid& grid, const T* points, int64_t n, const Batch& batch,
+                       double cell_size, int threads) except +
+
+
+cdef extern from "pwconv/kdtree.hpp" namespace "pwconv" nogil:
+    cdef cppclass KdTree:
+        int64_t n_points
+        int64_t n_clouds
+        int leaf_size
+        int64_t memory_bytes()
+
+    void build_kdtree[T](KdTree& tree, const T* points, int64_t n, const Batch& batch,
+                         int leaf_size, int threads) except +
+
+
+cdef extern from "pwconv/radius_search.hpp" namespace "pwconv" nogil:
+    cdef enum class Metric "pwconv::Metric":
+        chebyshev "pwconv::Metric::chebyshev"
+        euclidean "pwconv::Metric::euclidean"
+
+    cdef cppclass Queries[T]:
+        const T* xyz
+        int64_t m
+        Batch batch
+
+    cdef cppclass PairBlocks:
+        int64_t n_queries
+        int64_t n_pairs
+        cbool complete
+        int64_t memory_bytes()
+
+    void radius_search_gather[I, T](const I& index, const Queries[T]& queries, double radius,
+                                    Metric metric, int64_t max_pairs, PairBlocks& out,
+                                    int threads) except +
+    void pair_splits(const PairBlocks& pairs, int64_t* splits)
+    void radius_search_emit(const PairBlocks& pairs, const int64_t* splits, int64_t* index_e,
+                            int threads) except +
+
+
+cdef extern from "pwconv/kernel_map.hpp" namespace "pwconv" nogil:
+    cdef cppclass KernelSpec:
+        double voxel_size
+        int kernel_size
+        int dilation
+
+    void kernel_map_gather[I, T](const I& index, const Queries[T]& queries,
+                                 const KernelSpec& spec, int64_t max_pairs, PairBlocks& out,
+                                 int threads) except +
+    void kernel_map_emit[C](const PairBlocks& pairs, const int64_t* splits, int kernel_size,
+                            int64_t* index_e, C* cell_e, int32_t* counts_mf,
+                            int threads) except +

@@ -1,0 +1,211 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# distutils: language = c++
+"""Thin bindings of the C++ core.  Inputs arrive validated and canonical (see _validation.py);
+this module only translates arrays to pointers, releases the GIL and maps C++ exceptions."""
+import numpy as np
+
+from cython.operator cimport dereference as deref
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t
+from libcpp.memory cimport unique_ptr, make_unique
+
+# The declarations come from _core.pxd (cimported implicitly).
+
+COMPILER = PWCONV_COMPILER_STR
+OPENMP_VERSION = PWCONV_OPENMP_VERSION_STR
+NATIVE_BUILD = bool(PWCONV_NATIVE_BUILD_INT)
+
+cdef extern from *:
+    """
+    static const char* PWCONV_COMPILER_STR = PWCONV_COMPILER;
+    static const char* PWCONV_OPENMP_VERSION_STR = PWCONV_OPENMP_VERSION;
+    static const int PWCONV_NATIVE_BUILD_INT = PWCONV_NATIVE_BUILD;
+    """
+    const char* PWCONV_COMPILER_STR
+    const char* PWCONV_OPENMP_VERSION_STR
+    const int PWCONV_NATIVE_BUILD_INT
+
+
+def has_openmp():
+    """True when the compiled core uses OpenMP."""
+    return bool(openmp_enabled())
+
+
+def omp_default_threads():
+    """The OpenMP default thread count (honours OMP_NUM_THREADS and threadpoolctl)."""
+    return default_threads()
+
+
+cdef inline Batch _batch(const int64_t[::1] offsets):
+    cdef Batch batch
+    batch.offsets = &offsets[0]
+    batch.n_clouds = offsets.shape[0] - 1
+    return batch
+
+
+cdef inline Queries[double] _queries(const double[:, ::1] queries,
+                                     const int64_t[::1] query_offsets):
+    cdef Queries[double] q
+    q.xyz = NULL
+    q.m = 0
+    if queries is not None:
+        q.m = queries.shape[0]
+        # A valid pointer even for m == 0 (the core never dereferences it then).
+        q.xyz = &queries[0, 0] if q.m > 0 else <const double*>&query_offsets[0]
+        q.batch = _batch(query_offsets)
+    return q
+
+
+cdef class SearchIndex:
+    """A built grid or kd-tree over a packed batch of clouds (see neighbors.NeighborIndex)."""
+    cdef unique_ptr[Grid] _grid
+    cdef unique_ptr[KdTree] _tree
+    cdef readonly str method
+    cdef readonly int64_t n_points
+    cdef readonly int64_t n_clouds
+
+    def __init__(self, points, const int64_t[::1] offsets, double cell_size, str method,
+                 int leaf_size, int threads):
+        cdef Batch batch = _batch(offsets)
+        cdef const float[:, ::1] p32
+        cdef const double[:, ::1] p64
+        cdef int64_t n = points.shape[0]
+        cdef double dummy = 0
+        self.method = method
+        self.n_points = n
+        self.n_clouds = batch.n_clouds
+        if method == "grid":
+            self._grid = make_unique[Grid]()
+        else:
+            self._tree = make_unique[KdTree]()
+        if points.dtype == np.float32:
+            p32 = points
+            with nogil:
+                if self._grid:
+                    build_grid[float](deref(self._grid), &p32[0, 0] if n else <float*>&dummy, n,
+                                      batch, cell_size, threads)
+                else:
+                    build_kdtree[float](deref(self._tree), &p32[0, 0] if n else <float*>&dummy,
+                                        n, batch, leaf_size, threads)
+        else:
+            p64 = points
+            with nogil:
+                if self._grid:
+                    build_grid[double](deref(self._grid), &p64[0, 0] if n else &dummy, n, batch,
+                                       cell_size, threads)
+                else:
+                    build_kdtree[double](deref(self._tree), &p64[0, 0] if n else &dummy, n,
+                                         batch, leaf_size, threads)
+
+    @property
+    def memory_bytes(self):
+        return deref(self._grid).memory_bytes() if self._grid else deref(self._tree).memory_bytes()
+
+    @property
+    def n_cells(self):
+        return deref(self._grid).n_cells() if self._grid else 0
+
+    def radius_gather(self, const double[:, ::1] queries, const int64_t[::1] query_offsets,
+                      double radius, int metric, int64_t max_pairs, int threads):
+        """Pass 1 of a radius search; returns a Pairs handle (n_pairs, complete)."""
+        cdef Queries[double] q = _queries(queries, query_offsets)
+        cdef Metric met = Metric.chebyshev if metric == 0 else Metric.euclidean
+        cdef Pairs pairs = Pairs()
+        pairs.kernel_size = 0
+        with nogil:
+            if self._grid:
+                radius_search_gather[Grid, double](deref(self._grid), q, radius, met, max_pairs,
+                                                   pairs._blocks, threads)
+            else:
+                radius_search_gather[KdTree, double](deref(self._tree), q, radius, met,
+                                                     max_pairs, pairs._blocks, threads)
+        return pairs
+
+    def kernel_gather(self, const double[:, ::1] queries, const int64_t[::1] query_offsets,
+                      double voxel_size, int kernel_size, int dilation, int64_t max_pairs,
+                      int threads):
+        """Pass 1 of a kernel map; returns a Pairs handle (n_pairs, complete)."""
+        cdef Queries[double] q = _queries(queries, query_offsets)
+        cdef KernelSpec spec
+        spec.voxel_size = voxel_size
+        spec.kernel_size = kernel_size
+        spec.dilation = dilation
+        cdef Pairs pairs = Pairs()
+        pairs.kernel_size = kernel_size
+        with nogil:
+            if self._grid:
+                kernel_map_gather[Grid, double](deref(self._grid), q, spec, max_pairs,
+                                                pairs._blocks, threads)
+            else:
+                kernel_map_gather[KdTree, double](deref(self._tree), q, spec, max_pairs,
+                                                  pairs._blocks, threads)
+        return pairs
+
+
+cdef class Pairs:
+    """Gathered neighbour pairs (pass 1), emitted into exactly-sized NumPy arrays (pass 2)."""
+    cdef PairBlocks _blocks
+    cdef public int kernel_size
+
+    @property
+    def n_pairs(self):
+        return self._blocks.n_pairs
+
+    @property
+    def complete(self):
+        return self._blocks.complete
+
+    @property
+    def memory_bytes(self):
+        return self._blocks.memory_bytes()
+
+    def splits(self):
+        splits = np.empty(self._blocks.n_queries + 1, dtype=np.int64)
+        cdef int64_t[::1] s = splits
+        with nogil:
+            pair_splits(self._blocks, &s[0])
+        return splits
+
+    def emit_radius(self, const int64_t[::1] splits, int threads):
+        cdef int64_t total = splits[splits.shape[0] - 1]
+        index = np.empty(total, dtype=np.int64)
+        cdef int64_t[::1] idx = index
+        cdef int64_t dummy = 0
+        cdef int64_t* out = &idx[0] if total else &dummy
+        with nogil:
+            radius_search_emit(self._blocks, &splits[0], out, threads)
+        return index
+
+    def emit_kernel(self, const int64_t[::1] splits, cell_dtype, int threads):
+        cdef int64_t m = splits.shape[0] - 1
+        cdef int64_t total = splits[m]
+        cdef int k = self.kernel_size
+        index = np.empty(total, dtype=np.int64)
+        cell = np.empty(total, dtype=cell_dtype)
+        counts = np.empty((m, k * k * k), dtype=np.int32)
+        cdef int64_t[::1] idx = index
+        cdef int32_t[:, ::1] cnt = counts
+        cdef int64_t dummy_i = 0
+        cdef int32_t dummy_c = 0
+        cdef int64_t* idx_p = &idx[0] if total else &dummy_i
+        cdef int32_t* cnt_p = &cnt[0, 0] if m else &dummy_c
+        cdef uint8_t[::1] c8
+        cdef int16_t[::1] c16
+        cdef int32_t[::1] c32
+        cdef uint8_t d8 = 0
+        cdef int16_t d16 = 0
+        if cell.dtype == np.uint8:
+            c8 = cell
+            with nogil:
+                kernel_map_emit[uint8_t](self._blocks, &splits[0], k, idx_p,
+                                         &c8[0] if total else &d8, cnt_p, threads)
+        elif cell.dtype == np.int16:
+            c16 = cell
+            with nogil:
+                kernel_map_emit[int16_t](self._blocks, &splits[0], k, idx_p,
+                                         &c16[0] if total else &d16, cnt_p, threads)
+        else:
+            c32 = cell
+            with nogil:
+                kernel_map_emit[int32_t](self._blocks, &splits[0], k, idx_p,
+                                         &c32[0] if total else &dummy_c, cnt_p, threads)
+        return index, cell, counts

@@ -1,0 +1,177 @@
+"""Input checks, one helper per concept.  Each returns canonical arrays (C-contiguous, canonical
+dtype) or raises TypeError (dtypes) / ValueError (shapes, values) saying what was found and what
+is required.  Nothing downstream re-validates."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "as_numpy", "check_points", "check_offsets", "check_queries", "check_positive",
+    "check_kernel_size", "check_dilation", "check_num_threads", "check_choice", "PointBatch",
+]
+
+
+def as_numpy(x, name: str) -> np.ndarray:
+    """A NumPy view of `x` (NumPy, array-likes, DLPack producers on the CPU), without copying."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__cuda_array_interface__"):
+        raise TypeError(f"{name} is a GPU array ({type(x).__module__}.{type(x).__name__}); "
+                        "the CPU path needs a host array (NumPy or a CPU DLPack tensor)")
+    if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
+        try:
+            return np.from_dlpack(x)
+        except (TypeError, RuntimeError, BufferError) as exc:
+            raise TypeError(f"{name}: cannot read {type(x).__name__} through DLPack on the CPU "
+                            f"({exc})") from None
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - report whatever the conversion said
+        raise TypeError(f"{name} must be an array, got {type(x).__name__} ({exc})") from None
+
+
+class PointBatch(NamedTuple):
+    points: np.ndarray       # (n, 3) float32 or float64, C-contiguous
+    offsets: np.ndarray      # (B + 1,) int64
+    dense_shape: tuple | None  # (B, n_per_cloud) when given in the dense (B, n, 3) form
+
+
+def _check_coordinates(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind not in "f" or arr.dtype.itemsize not in (2, 4, 8):
+        raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), "
+                        f"got {arr.dtype}")
+    if arr.dtype == np.float16:
+        arr = arr.astype(np.float32)  # exact
+    arr = np.ascontiguousarray(arr)
+    if arr.size and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr.reshape(-1, 3)).all(axis=1))[0, 0]
+        raise ValueError(f"{name} must be finite, got NaN or infinite coordinates "
+                         f"(first at row {bad}: {arr.reshape(-1, 3)[bad].tolist()})")
+    return arr
+
+
+def check_offsets(offsets, n: int, name: str = "offsets") -> np.ndarray:
+    """Row splits (B + 1,) of any integer dtype -> int64: starts at 0, non-decreasing, ends at n."""
+    arr = as_numpy(offsets, name)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype, got {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (n_clouds + 1,), got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {arr[0]}")
+    steps = np.diff(arr)
+    if (steps < 0).any():
+        k = int(np.argmax(steps < 0))
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{k}] = {arr[k]} > "
+                         f"{name}[{k + 1}] = {arr[k + 1]}")
+    if arr[-1] != n:
+        raise ValueError(f"{name} must end at the number of points ({n}), got {name}[-1] = "
+                         f"{arr[-1]}")
+    return arr
+
+
+def check_points(points, offsets=None, name: str = "points",
+                 offsets_name: str = "offsets") -> PointBatch:
+    """Coordinates (n, 3) packed with `offsets`, or dense (B, n, 3) with offsets=None."""
+    arr = as_numpy(points, name)
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        if offsets is not None:
+            raise ValueError(f"{offsets_name} must be None when {name} is dense (B, n, 3), got "
+                             f"{name} of shape {arr.shape} and {offsets_name}")
+        b, n_per = arr.shape[0], arr.shape[1]
+        arr = _check_coordinates(arr, name).reshape(b * n_per, 3)
+        offs = np.arange(b + 1, dtype=np.int64) * n_per
+        return PointBatch(arr, offs, (b, n_per))
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (n, 3) or (B, n, 3), got {arr.shape}")
+    arr = _check_coordinates(arr, name)
+    if offsets is None:
+        offs = np.array([0, arr.shape[0]], dtype=np.int64)
+    else:
+        offs = check_offsets(offsets, arr.shape[0], offsets_name)
+    return PointBatch(arr, offs, None)
+
+
+def check_queries(queries, query_offsets, batch: PointBatch):
+    """Query points for `batch`: returns (queries float64 (m, 3) or None, query offsets or None,
+    dense shape or None).  None means 'the points themselves'."""
+    if queries is None:
+        if query_offsets is not None:
+            raise ValueError("query_offsets was given without queries; pass queries=(m, 3) "
+                             "points, or neither")
+        return None, None, None
+    n_clouds = batch.offsets.shape[0] - 1
+    arr = as_numpy(queries, "queries")
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        if batch.dense_shape is None or arr.shape[0] != batch.dense_shape[0]:
+            raise ValueError(f"dense queries (B, m, 3) need dense points with the same B, got "
+                             f"queries of shape {arr.shape} and points packed in {n_clouds} "
+                             f"cloud(s)")
+        q = check_points(arr, None, "queries", "query_offsets")
+        if query_offsets is not None:
+            raise ValueError("query_offsets must be None when queries are dense (B, m, 3)")
+    else:
+        if query_offsets is None and n_clouds != 1:
+            raise ValueError(f"queries need query_offsets with {n_clouds + 1} entries, one cloud "
+                             f"per cloud of points ({n_clouds} clouds), got query_offsets=None")
+        q = check_points(arr, query_offsets, "queries", "query_offsets")
+    if q.offsets.shape[0] != batch.offsets.shape[0]:
+        raise ValueError(f"query_offsets must describe as many clouds as offsets ({n_clouds}), "
+                         f"got {q.offsets.shape[0] - 1}")
+    return np.ascontiguousarray(q.points, dtype=np.float64), q.offsets, q.dense_shape
+
+
+def check_positive(value, name: str) -> float:
+    """A positive, finite real number (voxel_size, radius, cell_size)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive real number, got {type(value).__name__} "
+                        f"{value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return v
+
+
+def _check_int(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_kernel_size(value) -> int:
+    k = _check_int(value, "kernel_size")
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 1, got {k}")
+    if k > 1023:
+        raise ValueError(f"kernel_size must be at most 1023, got {k}")
+    return k
+
+
+def check_dilation(value) -> int:
+    s = _check_int(value, "dilation")
+    if s < 1:
+        raise ValueError(f"dilation must be >= 1, got {s}")
+    if s > 1 << 20:
+        raise ValueError(f"dilation must be at most {1 << 20}, got {s}")
+    return s
+
+
+def check_num_threads(value) -> int:
+    """None -> 0 (the OpenMP default, honouring OMP_NUM_THREADS/threadpoolctl); else >= 1."""
+    if value is None:
+        return 0
+    t = _check_int(value, "num_threads")
+    if t < 1:
+        raise ValueError(f"num_threads must be None (the OpenMP default) or >= 1, got {t}")
+    return t
+
+
+def check_choice(value, name: str, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

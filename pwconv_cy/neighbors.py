@@ -1,0 +1,296 @@
+"""Neighbour search: fixed-radius search and the kernel map of pointwise convolution.
+
+Both run on a reusable :class:`NeighborIndex` (a uniform grid or a kd-tree over a packed batch of
+clouds) and return CSR arrays whose rows list neighbours in ascending index order — the same
+result for every method and thread count.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pwconv_cy import _core
+from pwconv_cy._config import check_budget, max_pairs_within, resolve_budget
+from pwconv_cy._validation import (
+    PointBatch, check_choice, check_dilation, check_kernel_size, check_num_threads, check_points,
+    check_positive, check_queries)
+
+__all__ = ["KernelMap", "NeighborIndex", "kernel_map", "radius_search", "AUTO_KDTREE_MIN_POINTS"]
+
+METRICS = ("chebyshev", "euclidean")
+METHODS = ("grid", "kdtree", "auto")
+
+#: ``method="auto"`` picks the kd-tree from this many points per cloud on (None: never).  Set from
+#: the crossover benchmark (benchmarks/crossover.py, benchmarks/RESULTS.md).
+AUTO_KDTREE_MIN_POINTS: int | None = None
+
+
+def _cell_dtype(kernel_size: int):
+    n_cells = kernel_size ** 3
+    if n_cells <= 256:
+        return np.uint8
+    if n_cells <= 32767:
+        return np.int16
+    return np.int32
+
+
+def cloud_digest(points: np.ndarray, offsets: np.ndarray) -> str:
+    """A cheap fingerprint of a packed batch (sizes, offsets, coordinate sum, sampled rows), kept in
+    a KernelMap so that reusing it with other points is caught."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(points.shape, dtype=np.int64).tobytes())
+    h.update(offsets.tobytes())
+    if points.size:
+        pts = points.astype(np.float64, copy=False)
+        h.update(np.float64(pts.sum()).tobytes())
+        step = max(1, points.shape[0] // 256)
+        h.update(np.ascontiguousarray(pts[::step]).tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class KernelMap:
+    """Neighbours of every query point in the K^3 cells of its kernel (SPEC §1).
+
+    Attributes
+    ----------
+    splits : (m + 1,) int64
+        CSR row splits: the neighbours of query i are ``index[splits[i]:splits[i+1]]``.
+    index : (E,) int64
+        Global (packed) indices of the neighbours, ascending within each row.
+    cell : (E,) uint8, int16 or int32
+        Kernel cell ``f = (kz*K + ky)*K + kx`` of each neighbour (holes excluded).
+    counts : (m, K**3) int32
+        ``counts[i, f] = |Omega_i(f)|``, the number of neighbours of i in cell f.
+    voxel_size, kernel_size, dilation
+        The geometry the map was built for.
+    n_points : int
+        Number of data points the indices refer to.
+    """
+
+    splits: np.ndarray
+    index: np.ndarray
+    cell: np.ndarray
+    counts: np.ndarray
+    voxel_size: float
+    kernel_size: int
+    dilation: int
+    n_points: int
+    offsets: np.ndarray = field(repr=False)
+    query_offsets: np.ndarray = field(repr=False)
+    points_digest: str = field(default="", repr=False)
+    queries_digest: str | None = field(default=None, repr=False)
+
+    @property
+    def n_queries(self) -> int:
+        return self.splits.shape[0] - 1
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.splits[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.splits, self.index, self.cell, self.counts))
+
+    def __repr__(self) -> str:
+        return (f"KernelMap(n_queries={self.n_queries}, n_points={self.n_points}, "
+                f"n_pairs={self.n_pairs}, voxel_size={self.voxel_size}, "
+                f"kernel_size={self.kernel_size}, dilation={self.dilation})")
+
+
+class NeighborIndex:
+    """A grid or kd-tree built once over a packed batch of clouds, queried many times.
+
+    The grid's cell edge does not depend on the dilation, so one index serves all the layers of
+    a network (the paper's four layers share one grid).
+
+    Parameters
+    ----------
+    points : (n, 3) or (B, n, 3) float16/32/64
+        Coordinates; any array NumPy can read (DLPack producers on the CPU without a copy).
+    cell_size : float
+        Grid cell edge in coordinate units (use the voxel size, or the search radius).
+    offsets : (B + 1,) integer, optional
+        Row splits of the packed clouds (SPEC §2); None for one cloud or the dense form.
+    method : {"grid", "kdtree", "auto"}
+    leaf_size : int
+        Points per kd-tree leaf.
+    num_threads : int, optional
+        None = the OpenMP default (OMP_NUM_THREADS, threadpoolctl).
+    """
+
+    def __init__(self, points, cell_size, *, offsets=None, method="grid", leaf_size=16,
+                 num_threads=None):
+        self._batch = check_points(points, offsets)
+        self.cell_size = check_positive(cell_size, "cell_size")
+        method = check_choice(method, "method", METHODS)
+        if isinstance(leaf_size, bool) or not isinstance(leaf_size, (int, np.integer)) \
+                or leaf_size < 1:
+            raise ValueError(f"leaf_size must be an integer >= 1, got {leaf_size!r}")
+        threads = check_num_threads(num_threads)
+        self.method = _resolve_method(method, self._batch)
+        self._digest = None
+        self._index = _core.SearchIndex(self._batch.points, self._batch.offsets, self.cell_size,
+                                        self.method, int(leaf_size), threads)
+
+    @property
+    def n_points(self) -> int:
+        return self._batch.points.shape[0]
+
+    @property
+    def n_clouds(self) -> int:
+        return self._batch.offsets.shape[0] - 1
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self._batch.offsets
+
+    @property
+    def points(self) -> np.ndarray:
+        """The (n, 3) coordinates the index was built over (packed)."""
+        return self._batch.points
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._index.memory_bytes
+
+    @property
+    def points_digest(self) -> str:
+        if self._digest is None:
+            self._digest = cloud_digest(self._batch.points, self._batch.offsets)
+        return self._digest
+
+    def __repr__(self) -> str:
+        return (f"NeighborIndex(n_points={self.n_points}, n_clouds={self.n_clouds}, "
+                f"cell_size={self.cell_size}, method={self.method!r})")
+
+    def radius_search(self, radius, queries=None, *, query_offsets=None, metric="chebyshev",
+                      num_threads=None, memory_budget=None):
+        """Neighbours within `radius` of each query (closed cube or ball), as CSR.
+
+        Returns
+        -------
+        splits : (m + 1,) int64
+        index : (E,) int64
+            Global point indices, ascending within each row.  Queries default to the points
+            (each point then finds itself).
+        """
+        radius = check_positive(radius, "radius")
+        metric_id = METRICS.index(check_choice(metric, "metric", METRICS))
+        threads = check_num_threads(num_threads)
+        q, q_offsets, _ = check_queries(queries, query_offsets, self._batch)
+        budget = resolve_budget(memory_budget)
+        # Pass 1 keeps 8 bytes per pair; pass 2 writes 8 more.
+        pairs = self._index.radius_gather(q, q_offsets, radius, metric_id,
+                                          max_pairs_within(budget, 16), threads)
+        check_budget("radius_search", pairs.n_pairs, 16 * pairs.n_pairs, budget,
+                     "reduce the radius, search fewer queries per call or split the batch",
+                     pairs.complete)
+        splits = pairs.splits()
+        return splits, pairs.emit_radius(splits, threads)
+
+    def kernel_map(self, kernel_size=3, dilation=1, *, voxel_size=None, queries=None,
+                   query_offsets=None, num_threads=None, memory_budget=None) -> KernelMap:
+        """The kernel map of SPEC §1 (voxel_size defaults to the index's cell size)."""
+        v = self.cell_size if voxel_size is None else check_positive(voxel_size, "voxel_size")
+        k = check_kernel_size(kernel_size)
+        s = check_dilation(dilation)
+        threads = check_num_threads(num_threads)
+        q, q_offsets, _ = check_queries(queries, query_offsets, self._batch)
+        budget = resolve_budget(memory_budget)
+        cell_dtype = _cell_dtype(k)
+        m = self.n_points if q is None else q.shape[0]
+        counts_bytes = 4 * m * k ** 3
+        # Pass 1 keeps 8 bytes per pair; pass 2 writes the index (8) and cell of each pair.
+        pair_bytes = 16 + np.dtype(cell_dtype).itemsize
+        pairs = self._index.kernel_gather(q, q_offsets, v, k, s,
+                                          max_pairs_within(budget - counts_bytes, pair_bytes),
+                                          threads)
+        check_budget("kernel_map", pairs.n_pairs, pair_bytes * pairs.n_pairs + counts_bytes,
+                     budget, "reduce voxel_size, kernel_size or dilation, or split the batch",
+                     pairs.complete)
+        splits = pairs.splits()
+        index, cell, counts = pairs.emit_kernel(splits, cell_dtype, threads)
+        return KernelMap(
+            splits=splits, index=index, cell=cell, counts=counts, voxel_size=v, kernel_size=k,
+            dilation=s, n_points=self.n_points, offsets=self._batch.offsets,
+            query_offsets=self._batch.offsets if q is None else q_offsets,
+            points_digest=self.points_digest,
+            queries_digest=None if q is None else cloud_digest(q, q_offsets))
+
+
+def _resolve_method(method: str, batch: PointBatch) -> str:
+    if method != "auto":
+        return method
+    if AUTO_KDTREE_MIN_POINTS is None:
+        return "grid"
+    sizes = np.diff(batch.offsets)
+    largest = int(sizes.max()) if sizes.size else 0
+    return "kdtree" if largest >= AUTO_KDTREE_MIN_POINTS else "grid"
+
+
+def radius_search(points, radius, queries=None, *, offsets=None, query_offsets=None,
+                  metric="chebyshev", method="grid", num_threads=None, memory_budget=None):
+    """Fixed-radius neighbour search over a packed batch of clouds.
+
+    Parameters
+    ----------
+    points : (n, 3) or (B, n, 3) float16/32/64
+    radius : float
+        Closed search radius (coordinate units): ``|p - q|_inf <= r`` for "chebyshev",
+        ``|p - q|_2 <= r`` for "euclidean", evaluated in float64.
+    queries : (m, 3) or (B, m, 3), optional
+        Query points (default: the points themselves).
+    offsets, query_offsets : (B + 1,) integer, optional
+        Row splits of points and queries; clouds never see each other's points.
+    metric : {"chebyshev", "euclidean"}
+    method : {"grid", "kdtree", "auto"}
+    num_threads : int, optional
+    memory_budget : int, optional
+        Bytes the result may take (default: pwconv_cy.get_memory_budget()).
+
+    Returns
+    -------
+    splits : (m + 1,) int64
+    index : (E,) int64
+        Global point indices of each query's neighbours, ascending within each row.
+    """
+    radius = check_positive(radius, "radius")
+    index = NeighborIndex(points, radius, offsets=offsets, method=method, num_threads=num_threads)
+    return index.radius_search(radius, queries, query_offsets=query_offsets, metric=metric,
+                               num_threads=num_threads, memory_budget=memory_budget)
+
+
+def kernel_map(points, voxel_size, *, kernel_size=3, dilation=1, queries=None, offsets=None,
+               query_offsets=None, method="grid", num_threads=None,
+               memory_budget=None) -> KernelMap:
+    """The kernel map of pointwise convolution (SPEC §1).
+
+    For every query point i: its neighbours j in the closed cube of half-width
+    ``(s*(K-1)+1)*v/2``, the kernel cell f of each (holes excluded) and the per-cell counts.
+
+    Parameters
+    ----------
+    points : (n, 3) or (B, n, 3) float16/32/64
+    voxel_size : float
+        Kernel cell edge v (coordinate units).
+    kernel_size : int
+        Odd K >= 1 (the paper: 3).
+    dilation : int
+        À-trous stride s >= 1.
+    queries, offsets, query_offsets, method, num_threads, memory_budget
+        As in :func:`radius_search`.
+
+    Returns
+    -------
+    KernelMap
+    """
+    v = check_positive(voxel_size, "voxel_size")
+    k = check_kernel_size(kernel_size)
+    s = check_dilation(dilation)
+    index = NeighborIndex(points, v, offsets=offsets, method=method, num_threads=num_threads)
+    return index.kernel_map(k, s, voxel_size=v, queries=queries, query_offsets=query_offsets,
+                            num_threads=num_threads, memory_budget=memory_budget)
