@@ -4,11 +4,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from pwconv_cy._config import MemoryBudgetError, get_memory_budget, set_memory_budget
+from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import KernelMap, NeighborIndex, kernel_map, radius_search
 
 __all__ = [
     "__version__", "show_config", "KernelMap", "NeighborIndex", "kernel_map", "radius_search",
-    "MemoryBudgetError", "get_memory_budget", "set_memory_budget",
+    "MemoryBudgetError", "get_memory_budget", "set_memory_budget", "pointwise_conv",
+    "pointwise_conv_backward",
 ]
 
 

@@ -72,3 +72,27 @@ cdef extern from "pwconv/kernel_map.hpp" namespace "pwconv" nogil:
     void kernel_map_emit[C](const PairBlocks& pairs, const int64_t* splits, int kernel_size,
                             int64_t* index_e, C* cell_e, int32_t* counts_mf,
                             int threads) except +
+
+
+cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:
+    cdef cppclass KernelMapView[C]:
+        int64_t m
+        int64_t n
+        int kernel_size
+        const int64_t* splits
+        const int64_t* index
+        const C* cell
+        const int32_t* counts
+
+    void transpose_kernel_map[C](const KernelMapView[C]& map, int64_t* tsplits, int64_t* trow,
+                                 C* tcell, int threads) except +
+    void conv_forward[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
+                            const F* weight, int64_t c_out, cbool depthwise, F* y,
+                            int threads) except +
+    void conv_backward_input[F, C](const KernelMapView[C]& map, const int64_t* tsplits,
+                                   const int64_t* trow, const C* tcell, const F* grad_y,
+                                   int64_t c_out, const F* weight, int64_t c_in, cbool depthwise,
+                                   F* grad_x, int threads) except +
+    void conv_backward_weight[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
+                                    const F* grad_y, int64_t c_out, cbool depthwise,
+                                    F* grad_weight, int threads) except +

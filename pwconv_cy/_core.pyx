@@ -209,3 +209,89 @@ cdef class Pairs:
                 kernel_map_emit[int32_t](self._blocks, &splits[0], k, idx_p,
                                          &c32[0] if total else &dummy_c, cnt_p, threads)
         return index, cell, counts
+
+
+# --- Pointwise convolution -------------------------------------------------------------------
+
+ctypedef fused real_t:
+    float
+    double
+
+ctypedef fused cell_t:
+    uint8_t
+    int16_t
+    int32_t
+
+
+cdef inline KernelMapView[cell_t] _map_view(const int64_t[::1] splits, const int64_t[::1] index,
+                                            const cell_t[::1] cell,
+                                            const int32_t[:, ::1] counts, int64_t n_points,
+                                            int kernel_size):
+    cdef KernelMapView[cell_t] view
+    view.m = splits.shape[0] - 1
+    view.n = n_points
+    view.kernel_size = kernel_size
+    view.splits = &splits[0]
+    view.index = &index[0] if index.shape[0] else NULL
+    view.cell = &cell[0] if cell.shape[0] else NULL
+    view.counts = &counts[0, 0] if counts.shape[0] else NULL
+    return view
+
+
+def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
+                  const int32_t[:, ::1] counts, int64_t n_points, int kernel_size, int threads):
+    """Transposed kernel map: (tsplits (n+1,), trow (E,), tcell (E,))."""
+    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, n_points, kernel_size)
+    cdef int64_t n_entries = index.shape[0]
+    tsplits = np.empty(n_points + 1, dtype=np.int64)
+    trow = np.empty(n_entries, dtype=np.int64)
+    tcell = np.empty(n_entries, dtype=np.asarray(cell).dtype)
+    cdef int64_t[::1] ts = tsplits
+    cdef int64_t[::1] tr = trow
+    cdef cell_t[::1] tc = tcell
+    with nogil:
+        transpose_kernel_map(view, &ts[0], &tr[0] if n_entries else NULL,
+                             &tc[0] if n_entries else NULL, threads)
+    return tsplits, trow, tcell
+
+
+def conv_forward_(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
+                  const int32_t[:, ::1] counts, int kernel_size, const real_t[:, ::1] x,
+                  const real_t[::1] weight, int64_t c_out, bint depthwise, real_t[:, ::1] y,
+                  int threads):
+    """y (m, c_out) = pointwise convolution of x (n, c_in) with the flattened weight."""
+    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
+                                                kernel_size)
+    with nogil:
+        conv_forward(view, &x[0, 0] if x.shape[0] else NULL, x.shape[1], &weight[0], c_out,
+                     depthwise, &y[0, 0] if y.shape[0] else NULL, threads)
+
+
+def conv_backward_input_(const int64_t[::1] splits, const int64_t[::1] index,
+                         const cell_t[::1] cell, const int32_t[:, ::1] counts, int kernel_size,
+                         const int64_t[::1] tsplits, const int64_t[::1] trow,
+                         const cell_t[::1] tcell, const real_t[:, ::1] grad_y,
+                         const real_t[::1] weight, bint depthwise, real_t[:, ::1] grad_x,
+                         int threads):
+    """grad_x (n, c_in) from grad_y (m, c_out) over the transposed map."""
+    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, grad_x.shape[0],
+                                                kernel_size)
+    with nogil:
+        conv_backward_input(view, &tsplits[0], &trow[0] if trow.shape[0] else NULL,
+                            &tcell[0] if tcell.shape[0] else NULL,
+                            &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
+                            &weight[0], grad_x.shape[1], depthwise,
+                            &grad_x[0, 0] if grad_x.shape[0] else NULL, threads)
+
+
+def conv_backward_weight_(const int64_t[::1] splits, const int64_t[::1] index,
+                          const cell_t[::1] cell, const int32_t[:, ::1] counts, int kernel_size,
+                          const real_t[:, ::1] x, const real_t[:, ::1] grad_y, bint depthwise,
+                          real_t[::1] grad_weight, int threads):
+    """grad_weight (flattened like the weight) from x (n, c_in) and grad_y (m, c_out)."""
+    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
+                                                kernel_size)
+    with nogil:
+        conv_backward_weight(view, &x[0, 0] if x.shape[0] else NULL, x.shape[1],
+                             &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
+                             depthwise, &grad_weight[0], threads)

@@ -82,6 +82,7 @@ class KernelMap:
     query_offsets: np.ndarray = field(repr=False)
     points_digest: str = field(default="", repr=False)
     queries_digest: str | None = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_queries(self) -> int:
@@ -94,6 +95,16 @@ class KernelMap:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.splits, self.index, self.cell, self.counts))
+
+    def transposed(self, num_threads=None):
+        """For every point j, the rows i (ascending) with j in Omega_i(f) and the cell f of each:
+        ``(tsplits (n_points + 1,) int64, trow (E,) int64, tcell (E,))``.  Computed once, cached;
+        the input gradient gathers over it."""
+        if "transposed" not in self._cache:
+            self._cache["transposed"] = _core.transpose_map(
+                self.splits, self.index, self.cell, self.counts, self.n_points, self.kernel_size,
+                check_num_threads(num_threads))
+        return self._cache["transposed"]
 
     def __repr__(self) -> str:
         return (f"KernelMap(n_queries={self.n_queries}, n_points={self.n_points}, "
@@ -124,7 +135,18 @@ class NeighborIndex:
 
     def __init__(self, points, cell_size, *, offsets=None, method="grid", leaf_size=16,
                  num_threads=None):
-        self._batch = check_points(points, offsets)
+        self._build(check_points(points, offsets), cell_size, method, leaf_size, num_threads)
+
+    @classmethod
+    def from_batch(cls, batch: PointBatch, cell_size, *, method="grid", leaf_size=16,
+                   num_threads=None) -> "NeighborIndex":
+        """An index over an already validated batch (see _validation.check_points)."""
+        self = cls.__new__(cls)
+        self._build(batch, cell_size, method, leaf_size, num_threads)
+        return self
+
+    def _build(self, batch, cell_size, method, leaf_size, num_threads):
+        self._batch = batch
         self.cell_size = check_positive(cell_size, "cell_size")
         method = check_choice(method, "method", METHODS)
         if isinstance(leaf_size, bool) or not isinstance(leaf_size, (int, np.integer)) \

@@ -1,0 +1,302 @@
+"""Shared helpers of the benchmarks: machine record, timing, seeded data, parameter calibration,
+peer implementations (SciPy, Open3D) and result files.  Not a benchmark itself."""
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+DATA_DIR = Path(os.environ.get("PWCONV_DATA", BENCH_DIR.parent.parent / "shared" / "data"))
+LIDAR_TILE = DATA_DIR / "lidar_als_labelled" / "ign_lambert93_tile_698k.npz"
+
+
+# --- machine record -------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module_name: str):
+    try:
+        module = __import__(module_name)
+    except Exception:  # noqa: BLE001 - an absent or broken peer is recorded, not fatal
+        return None
+    return getattr(module, "__version__", "unknown")
+
+
+def machine_info() -> dict:
+    """CPU, cores, memory, library versions and the date, stored with every result file."""
+    import pwconv_cy
+
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory().total
+    except ImportError:
+        memory = None
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": affinity,
+        "memory_bytes": memory,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": _version("scipy"),
+        "open3d": open3d_version(),
+        "pwconv_cy": getattr(pwconv_cy, "__version__", "unknown"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    }
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=_json_default)
+        f.write("\n")
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+def time_calls(fn, *, repeats: int = 5, min_repeats: int = 3, budget_s: float = 2.0,
+               warmup: bool = True):
+    """Median wall time of fn() after one untimed warm-up call.
+
+    Runs `repeats` timed calls, stopping early (after at least `min_repeats`) once the timed
+    calls have used `budget_s`; a warm-up slower than `budget_s` leaves a single timed call.
+    The result of every call is dropped before the next one starts, so a call's peak memory
+    never includes the previous call's output.  Returns (median_s, all_times_s).
+    """
+    if warmup:
+        t0 = time.perf_counter()
+        fn()
+        if time.perf_counter() - t0 > budget_s:
+            min_repeats = 1
+    times = []
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= min_repeats and sum(times) >= budget_s:
+            break
+    return statistics.median(times), times
+
+
+def fmt_s(seconds) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
+
+
+def print_table(header, rows) -> None:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for k, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    sys.stdout.flush()
+
+
+# --- seeded data ----------------------------------------------------------------------------
+
+def sphere(n: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    """n points uniformly on the unit sphere."""
+    p = np.random.default_rng(seed).standard_normal((n, 3))
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    return p.astype(dtype)
+
+
+def cube(n: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    """n points uniformly in the unit cube."""
+    return np.random.default_rng(seed).random((n, 3)).astype(dtype)
+
+
+def clustered(n: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    """A strongly non-uniform synthetic cloud in the unit cube: 64 Gaussian clusters whose
+    widths span two decades (0.002 to 0.2) and whose sizes follow a power law, plus 5 % uniform
+    background points.  Local densities differ by several orders of magnitude."""
+    rng = np.random.default_rng(seed)
+    n_clusters = 64
+    centres = rng.random((n_clusters, 3))
+    sigma = 10.0 ** rng.uniform(np.log10(0.002), np.log10(0.2), n_clusters)
+    weight = 1.0 / np.arange(1, n_clusters + 1) ** 1.2
+    weight /= weight.sum()
+    n_background = n // 20
+    which = rng.choice(n_clusters, size=n - n_background, p=weight)
+    p = centres[which] + rng.standard_normal((n - n_background, 3)) * sigma[which, None]
+    p = np.concatenate([p, rng.random((n_background, 3))])
+    return p[rng.permutation(n)].astype(dtype)
+
+
+_LIDAR_CACHE: dict = {}
+
+
+def lidar_tile() -> np.ndarray:
+    """The 697,721-point IGN ALS tile (float32 metres, local coordinates), read from shared data."""
+    if "tile" not in _LIDAR_CACHE:
+        if not LIDAR_TILE.exists():
+            raise FileNotFoundError(
+                f"{LIDAR_TILE} not found; set PWCONV_DATA to the shared data folder")
+        with np.load(LIDAR_TILE) as z:
+            _LIDAR_CACHE["tile"] = np.ascontiguousarray(z["points"], dtype=np.float32)
+    return _LIDAR_CACHE["tile"]
+
+
+def lidar_crop(n: int, seed: int = 0) -> np.ndarray:
+    """The n points of the real LiDAR tile nearest (in x, y) to the tile's centre: a disc crop
+    that keeps the real, uneven point spacing (scan lines, vegetation, buildings).  n at or
+    above the tile size returns the whole tile.  The order is shuffled with `seed`."""
+    tile = lidar_tile()
+    if n >= tile.shape[0]:
+        return tile
+    centre = 0.5 * (tile[:, :2].min(axis=0) + tile[:, :2].max(axis=0))
+    d2 = ((tile[:, :2] - centre) ** 2).sum(axis=1)
+    keep = np.argpartition(d2, n - 1)[:n]
+    keep = keep[np.random.default_rng(seed).permutation(n)]
+    return np.ascontiguousarray(tile[keep])
+
+
+# --- parameter calibration ------------------------------------------------------------------
+
+def mean_count(tree, queries: np.ndarray, r: float, p: float) -> float:
+    return float(np.mean(tree.query_ball_point(queries, r, p=p, return_length=True, workers=-1)))
+
+
+def calibrate_radius(tree, points64: np.ndarray, target: float, *, p: float, sample: int = 4000,
+                     seed: int = 0, rtol: float = 0.03, max_iter: int = 25) -> float:
+    """A radius whose mean neighbour count (self included, metric p) is about `target`.
+
+    Estimated on a seeded sample of query points with SciPy (setup, never timed): start at the
+    median distance to the target-th nearest neighbour, then a secant search on log(count) versus
+    log(r), kept inside a bracket.  The achieved mean is measured again on the real results."""
+    n = points64.shape[0]
+    rng = np.random.default_rng(seed)
+    q = points64 if n <= sample else points64[rng.choice(n, sample, replace=False)]
+    k = int(min(max(1, round(target)), n))
+    dist, _ = tree.query(q, k=k, p=p, workers=-1)
+    dist = dist.reshape(len(q), -1)[:, -1]
+    r = float(np.median(dist[np.isfinite(dist)]))
+    if not r > 0:
+        r = 1e-6
+    lo = hi = None  # bracket in log r: f(lo) < 0 < f(hi)
+    prev = None
+    for _ in range(max_iter):
+        c = mean_count(tree, q, r, p)
+        f = np.log(c / target)
+        if abs(c / target - 1) <= rtol:
+            return r
+        if f < 0:
+            lo = r if lo is None else max(lo, r)
+        else:
+            hi = r if hi is None else min(hi, r)
+        slope = 2.0
+        if prev is not None and prev[0] != r and prev[1] != f:
+            slope = (f - prev[1]) / (np.log(r) - np.log(prev[0]))
+            slope = float(np.clip(slope, 0.3, 6.0))
+        prev = (r, f)
+        r_new = float(np.exp(np.log(r) - f / slope))
+        if lo is not None and hi is not None and not lo < r_new < hi:
+            r_new = float(np.sqrt(lo * hi))
+        r = r_new
+    return r
+
+
+# --- peers ----------------------------------------------------------------------------------
+
+def csr_from_lists(lists, n: int):
+    """CSR (splits, index) from cKDTree.query_ball_point's object array of lists."""
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=n)
+    splits = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=splits[1:])
+    index = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64,
+                        count=int(splits[-1]))
+    return splits, index
+
+
+def csr_from_pairs(pairs: np.ndarray, n: int):
+    """CSR of a symmetric neighbour relation from query_pairs' (i < j) array: both directions,
+    self added, rows sorted by neighbour index."""
+    ar = np.arange(n, dtype=np.int64)
+    i = np.concatenate([pairs[:, 0], pairs[:, 1], ar])
+    j = np.concatenate([pairs[:, 1], pairs[:, 0], ar])
+    order = np.argsort(i * n + j)
+    index = j[order]
+    splits = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(i, minlength=n), out=splits[1:])
+    return splits, index
+
+
+_O3D: dict = {}
+
+
+def open3d_version():
+    o3d = open3d_module()
+    return None if o3d is None else o3d.__version__
+
+
+def open3d_module():
+    """open3d, or None (the note saying why is printed once)."""
+    if "module" not in _O3D:
+        try:
+            import open3d  # noqa: F401
+            import open3d.core  # noqa: F401
+
+            _O3D["module"] = open3d
+        except Exception as exc:  # noqa: BLE001 - any import failure just skips the peer
+            _O3D["module"] = None
+            print(f"note: Open3D peer skipped ({type(exc).__name__}: {exc}); "
+                  "pip install open3d-cpu (needs Debian's libusb-1.0-0) to include it")
+    return _O3D["module"]
+
+
+def open3d_threads(n: int) -> None:
+    o3d = open3d_module()
+    if o3d is not None:
+        o3d.utility.set_max_threads(int(n))
+
+
+def rss_peak_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss, KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

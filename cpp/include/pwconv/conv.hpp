@@ -1,0 +1,62 @@
+// Pointwise convolution (SPEC §1): forward, and the exact adjoint (input and weight gradients),
+// dense (weight K^3 x c_in x c_out) and depthwise (weight K^3 x c), over a kernel map.
+//
+// All kernels have the same shape: for every output row, average the source rows of each non-empty
+// kernel cell into a small per-block buffer ("slots"), then apply the cell's matrix.  The input
+// gradient runs the same gather over the *transposed* kernel map (for every point j, the (i, f)
+// pairs with j in Omega_i(f)), so no scatter and no atomics; the weight gradient is reduced from
+// fixed-size blocks of rows in a fixed order.  Results are bit-identical for every thread count.
+#ifndef PWCONV_CONV_HPP
+#define PWCONV_CONV_HPP
+
+#include <cstdint>
+
+#include "pwconv/common.hpp"
+
+namespace pwconv {
+
+/// A kernel map as produced by kernel_map_emit (not owned).
+/// splits (m + 1,), index (E,) point indices in [0, n), cell (E,) flat cells in [0, K^3),
+/// counts (m, K^3) with counts[i, f] = number of entries of row i in cell f.
+template <class CellT>
+struct KernelMapView {
+    int64_t m = 0;  ///< rows (query points)
+    int64_t n = 0;  ///< points the indices refer to
+    int kernel_size = 3;
+    const int64_t* splits = nullptr;
+    const int64_t* index = nullptr;
+    const CellT* cell = nullptr;
+    const int32_t* counts = nullptr;
+
+    int64_t n_cells() const { return (int64_t)kernel_size * kernel_size * kernel_size; }
+};
+
+/// The transposed kernel map: for every point j, the rows i (ascending) with j in Omega_i(f) and
+/// the cell f of each.  tsplits (n + 1,), trow (E,), tcell (E,), caller-allocated.
+template <class CellT>
+void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int64_t* trow,
+                          CellT* tcell, int threads);
+
+/// Forward: y (m, c_out) = sum_f mean_{Omega_i(f)} x · W_f.  x (n, c_in), weight (K^3, c_in, c_out)
+/// (K^3 x c when depthwise, then c_out = c_in = c).  F is float or double.
+template <class F, class CellT>
+void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, const F* weight,
+                  int64_t c_out, bool depthwise, F* y, int threads);
+
+/// Input gradient: dx (n, c_in) = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f), gathered over
+/// the transposed map (tsplits, trow, tcell from transpose_kernel_map of the same map).
+template <class F, class CellT>
+void conv_backward_input(const KernelMapView<CellT>& map, const int64_t* tsplits,
+                         const int64_t* trow, const CellT* tcell, const F* grad_y, int64_t c_out,
+                         const F* weight, int64_t c_in, bool depthwise, F* grad_x, int threads);
+
+/// Weight gradient: dW_f = sum_i (mean_{Omega_i(f)} x)^T dy_i, shaped like the weight.  Reduced
+/// from fixed blocks of rows in a fixed order (independent of the thread count).
+template <class F, class CellT>
+void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c_in,
+                          const F* grad_y, int64_t c_out, bool depthwise, F* grad_weight,
+                          int threads);
+
+}  // namespace pwconv
+
+#endif  // PWCONV_CONV_HPP

@@ -1,0 +1,280 @@
+// Forward and backward kernels of pointwise convolution; see conv.hpp for the scheme.
+#include "pwconv/conv.hpp"
+
+#include <algorithm>
+#include <vector>
+
+namespace pwconv {
+
+namespace {
+
+constexpr int64_t kRowBlock = 64;      // rows per task of the gather kernels
+constexpr int64_t kWeightBlock = 256;  // rows per partial sum of the weight gradient
+constexpr double kWaveBytes = 64.0 * 1024 * 1024;  // partial sums held at once (weight gradient)
+
+template <class CellT>
+void check_map(const KernelMapView<CellT>& map) {
+    require(map.m >= 0 && map.n >= 0, "kernel map sizes must be non-negative");
+    require(map.kernel_size >= 1 && map.kernel_size % 2 == 1, "kernel_size must be odd and >= 1");
+    require(map.splits != nullptr && map.splits[0] == 0, "kernel map splits must start at 0");
+}
+
+// Per-thread buffers of one block of rows: the weighted sums ("slots") of every non-empty
+// (row, cell) pair, grouped by cell.
+template <class F>
+struct SlotBuffer {
+    std::vector<int32_t> slot_of;   // (kRowBlock * n_cells) slot of (local row, cell) or -1
+    std::vector<int32_t> slot_row;  // slot -> local row
+    std::vector<int32_t> slot_cell; // slot -> cell
+    std::vector<F> sums;            // (slots, channels)
+    std::vector<int32_t> by_cell;   // slots ordered by cell, then by creation
+    std::vector<int64_t> cell_begin;  // (n_cells + 1,) into by_cell
+    int64_t n_slots = 0;
+
+    void reset(int64_t rows, int64_t n_cells) {
+        if ((int64_t)slot_of.size() < rows * n_cells) slot_of.assign(rows * n_cells, -1);
+        cell_begin.assign(n_cells + 1, 0);
+        n_slots = 0;
+    }
+};
+
+// Sums w(row, e, f) * src[col[e]] per (row, cell) for rows [r0, r1) into buf's slots, then groups
+// the slots by cell.  Entries are visited in CSR order: the summation order is fixed.
+template <class F, class CellT, class Weight>
+void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const int64_t* col,
+                  const CellT* cell, int64_t n_cells, const F* src, int64_t ch, Weight weight,
+                  SlotBuffer<F>& buf) {
+    buf.reset(r1 - r0, n_cells);
+    for (int64_t r = r0; r < r1; ++r) {
+        int32_t* slot_of = &buf.slot_of[(r - r0) * n_cells];
+        for (int64_t e = splits[r]; e < splits[r + 1]; ++e) {
+            const int64_t f = (int64_t)cell[e];
+            int32_t s = slot_of[f];
+            if (s < 0) {
+                s = slot_of[f] = (int32_t)buf.n_slots++;
+                if ((int64_t)buf.slot_row.size() < buf.n_slots) {
+                    const int64_t grow = std::max<int64_t>(2 * buf.slot_row.size(), 64);
+                    buf.slot_row.resize(grow);
+                    buf.slot_cell.resize(grow);
+                    buf.sums.resize(grow * ch);
+                }
+                buf.slot_row[s] = (int32_t)(r - r0);
+                buf.slot_cell[s] = (int32_t)f;
+                std::fill(&buf.sums[s * ch], &buf.sums[s * ch] + ch, F(0));
+                ++buf.cell_begin[f + 1];
+            }
+            const F w = weight(r, e, f);
+            const F* x = src + col[e] * ch;
+            F* sum = &buf.sums[s * ch];
+            for (int64_t c = 0; c < ch; ++c) sum[c] += w * x[c];
+        }
+    }
+    // Reset the slot table for the next block, and group slots by cell (stable counting sort).
+    for (int64_t s = 0; s < buf.n_slots; ++s)
+        buf.slot_of[buf.slot_row[s] * n_cells + buf.slot_cell[s]] = -1;
+    for (int64_t f = 0; f < n_cells; ++f) buf.cell_begin[f + 1] += buf.cell_begin[f];
+    buf.by_cell.resize(buf.n_slots);
+    std::vector<int64_t>& cursor = buf.cell_begin;  // advanced while filling, then restored
+    for (int64_t s = 0; s < buf.n_slots; ++s) buf.by_cell[cursor[buf.slot_cell[s]]++] = (int32_t)s;
+    for (int64_t f = n_cells; f > 0; --f) cursor[f] = cursor[f - 1];
+    cursor[0] = 0;
+}
+
+// out rows [r0, r1) (zeroed here) += slot sums times the cell matrices M_f (a x b, row-major), or
+// times the cell vectors M_f (b = a) when depthwise.  Cells in ascending order: fixed order.
+template <class F>
+void apply_cells(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, int64_t n_cells, const F* M,
+                 int64_t a, int64_t b, bool depthwise, F* out) {
+    std::fill(out + r0 * b, out + r1 * b, F(0));
+    for (int64_t f = 0; f < n_cells; ++f) {
+        const F* Mf = depthwise ? M + f * a : M + f * a * b;
+        for (int64_t k = buf.cell_begin[f]; k < buf.cell_begin[f + 1]; ++k) {
+            const int32_t s = buf.by_cell[k];
+            const F* sum = &buf.sums[s * a];
+            F* o = out + (r0 + buf.slot_row[s]) * b;
+            if (depthwise) {
+                for (int64_t c = 0; c < a; ++c) o[c] += sum[c] * Mf[c];
+            } else {
+                for (int64_t ci = 0; ci < a; ++ci) {
+                    const F v = sum[ci];
+                    const F* row = Mf + ci * b;
+                    for (int64_t co = 0; co < b; ++co) o[co] += v * row[co];
+                }
+            }
+        }
+    }
+}
+
+// Rows of a gather kernel, in blocks of kRowBlock.  schedule(dynamic): rows differ in size.
+template <class F, class CellT, class Weight>
+void gather_apply(int64_t rows, const int64_t* splits, const int64_t* col, const CellT* cell,
+                  int64_t n_cells, const F* src, int64_t a, Weight weight, const F* M, int64_t b,
+                  bool depthwise, F* out, int threads) {
+    const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel num_threads(threads)
+    {
+        SlotBuffer<F> buf;
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t blk = 0; blk < n_blocks; ++blk) {
+            const int64_t r0 = blk * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+            gather_slots(r0, r1, splits, col, cell, n_cells, src, a, weight, buf);
+            apply_cells(r0, r1, buf, n_cells, M, a, b, depthwise, out);
+        }
+    }
+}
+
+template <class F, class CellT>
+struct RowMeanWeight {  // forward map: entry of row r in cell f weighs 1 / n_r(f)
+    const int32_t* counts;
+    int64_t n_cells;
+    F operator()(int64_t r, int64_t, int64_t f) const {
+        return F(1) / (F)counts[r * n_cells + f];
+    }
+};
+
+template <class F, class CellT>
+struct TransposedMeanWeight {  // transposed map: entry (i = trow[e], f) weighs 1 / n_i(f)
+    const int32_t* counts;
+    const int64_t* trow;
+    int64_t n_cells;
+    F operator()(int64_t, int64_t e, int64_t f) const {
+        return F(1) / (F)counts[trow[e] * n_cells + f];
+    }
+};
+
+}  // namespace
+
+template <class CellT>
+void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int64_t* trow,
+                          CellT* tcell, int threads) {
+    check_map(map);
+    (void)threads;  // a stable counting sort: O(E), memory bound, kept serial
+    const int64_t n = map.n, m = map.m;
+    std::fill(tsplits, tsplits + n + 1, 0);
+    const int64_t n_entries = map.splits[m];
+    for (int64_t e = 0; e < n_entries; ++e) {
+        const int64_t j = map.index[e];
+        require(j >= 0 && j < n, "kernel map index out of range");
+        ++tsplits[j + 1];
+    }
+    for (int64_t j = 0; j < n; ++j) tsplits[j + 1] += tsplits[j];
+    std::vector<int64_t> cursor(tsplits, tsplits + n);
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e) {
+            const int64_t pos = cursor[map.index[e]]++;
+            trow[pos] = i;
+            tcell[pos] = map.cell[e];
+        }
+}
+
+template <class F, class CellT>
+void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, const F* weight,
+                  int64_t c_out, bool depthwise, F* y, int threads) {
+    check_map(map);
+    require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
+    const int64_t n_cells = map.n_cells();
+    gather_apply(map.m, map.splits, map.index, map.cell, n_cells, x, c_in,
+                 RowMeanWeight<F, CellT>{map.counts, n_cells}, weight, c_out, depthwise, y,
+                 resolve_threads(threads));
+}
+
+template <class F, class CellT>
+void conv_backward_input(const KernelMapView<CellT>& map, const int64_t* tsplits,
+                         const int64_t* trow, const CellT* tcell, const F* grad_y, int64_t c_out,
+                         const F* weight, int64_t c_in, bool depthwise, F* grad_x, int threads) {
+    check_map(map);
+    require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
+    require(tsplits[map.n] == map.splits[map.m], "transposed map does not match the kernel map");
+    const int64_t n_cells = map.n_cells();
+    const F* M = weight;
+    std::vector<F> weight_t;
+    if (!depthwise) {  // W_f^T, so that the product is a row update like the forward's
+        weight_t.resize(n_cells * c_in * c_out);
+        for (int64_t f = 0; f < n_cells; ++f)
+            for (int64_t ci = 0; ci < c_in; ++ci)
+                for (int64_t co = 0; co < c_out; ++co)
+                    weight_t[(f * c_out + co) * c_in + ci] = weight[(f * c_in + ci) * c_out + co];
+        M = weight_t.data();
+    }
+    gather_apply(map.n, tsplits, trow, tcell, n_cells, grad_y, c_out,
+                 TransposedMeanWeight<F, CellT>{map.counts, trow, n_cells}, M, c_in, depthwise,
+                 grad_x, resolve_threads(threads));
+}
+
+template <class F, class CellT>
+void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c_in,
+                          const F* grad_y, int64_t c_out, bool depthwise, F* grad_weight,
+                          int threads) {
+    check_map(map);
+    require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
+    threads = resolve_threads(threads);
+    const int64_t n_cells = map.n_cells();
+    const int64_t w_size = depthwise ? n_cells * c_in : n_cells * c_in * c_out;
+    const int64_t n_blocks = (map.m + kWeightBlock - 1) / kWeightBlock;
+    // Blocks are summed wave by wave; the wave length depends only on the sizes, never on the
+    // thread count, and partial sums are added in block order: a fixed summation order.
+    const int64_t wave = std::max<int64_t>(
+        1, std::min<int64_t>(n_blocks, (int64_t)(kWaveBytes / (double)(w_size * sizeof(F)))));
+    std::vector<F> partial(wave * w_size);
+    std::fill(grad_weight, grad_weight + w_size, F(0));
+    const RowMeanWeight<F, CellT> mean{map.counts, n_cells};
+    for (int64_t first = 0; first < n_blocks; first += wave) {
+        const int64_t count = std::min(wave, n_blocks - first);
+#pragma omp parallel num_threads(threads)
+        {
+            SlotBuffer<F> buf;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t k = 0; k < count; ++k) {
+                const int64_t r0 = (first + k) * kWeightBlock;
+                const int64_t r1 = std::min(map.m, r0 + kWeightBlock);
+                F* dw = &partial[k * w_size];
+                std::fill(dw, dw + w_size, F(0));
+                gather_slots(r0, r1, map.splits, map.index, map.cell, n_cells, x, c_in, mean, buf);
+                for (int64_t f = 0; f < n_cells; ++f) {
+                    for (int64_t q = buf.cell_begin[f]; q < buf.cell_begin[f + 1]; ++q) {
+                        const int32_t s = buf.by_cell[q];
+                        const F* sum = &buf.sums[s * c_in];
+                        const F* dy = grad_y + (r0 + buf.slot_row[s]) * c_out;
+                        if (depthwise) {
+                            F* d = dw + f * c_in;
+                            for (int64_t c = 0; c < c_in; ++c) d[c] += sum[c] * dy[c];
+                        } else {
+                            for (int64_t ci = 0; ci < c_in; ++ci) {
+                                const F v = sum[ci];
+                                F* d = dw + (f * c_in + ci) * c_out;
+                                for (int64_t co = 0; co < c_out; ++co) d[co] += v * dy[co];
+                            }
+                        }
+                    }
+                }
+            }
+            // Fixed-order reduction of this wave, parallel over the weight's elements.
+#pragma omp for schedule(static)
+            for (int64_t w = 0; w < w_size; ++w) {
+                F acc = grad_weight[w];
+                for (int64_t k = 0; k < count; ++k) acc += partial[k * w_size + w];
+                grad_weight[w] = acc;
+            }
+        }
+    }
+}
+
+#define PWCONV_INSTANTIATE_CONV(F, C)                                                              \
+    template void conv_forward<F, C>(const KernelMapView<C>&, const F*, int64_t, const F*,        \
+                                     int64_t, bool, F*, int);                                      \
+    template void conv_backward_input<F, C>(const KernelMapView<C>&, const int64_t*,              \
+                                            const int64_t*, const C*, const F*, int64_t,          \
+                                            const F*, int64_t, bool, F*, int);                     \
+    template void conv_backward_weight<F, C>(const KernelMapView<C>&, const F*, int64_t,          \
+                                             const F*, int64_t, bool, F*, int);
+
+#define PWCONV_INSTANTIATE_CELL(C)                                                                 \
+    template void transpose_kernel_map<C>(const KernelMapView<C>&, int64_t*, int64_t*, C*, int);  \
+    PWCONV_INSTANTIATE_CONV(float, C)                                                              \
+    PWCONV_INSTANTIATE_CONV(double, C)
+
+PWCONV_INSTANTIATE_CELL(uint8_t)
+PWCONV_INSTANTIATE_CELL(int16_t)
+PWCONV_INSTANTIATE_CELL(int32_t)
+
+}  // namespace pwconv

@@ -1,0 +1,153 @@
+"""Pointwise convolution as functions: forward and its exact adjoint (SPEC §1).
+
+Both take either a precomputed :class:`~pwconv_cy.KernelMap` (built once, shared by forward and
+backward and by every layer with the same geometry) or compute it from the points.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pwconv_cy import _core
+from pwconv_cy._validation import (
+    check_choice, check_dilation, check_features, check_grad_out, check_num_threads, check_points,
+    check_positive, check_queries, check_weight)
+from pwconv_cy.neighbors import METHODS, KernelMap, NeighborIndex, cloud_digest
+
+__all__ = ["pointwise_conv", "pointwise_conv_backward"]
+
+
+def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offsets, kernel_map,
+                 method, threads) -> tuple[KernelMap, tuple | None]:
+    """The kernel map to use (computed, or the caller's after checking it fits) and the dense
+    output shape (B, m) or None."""
+    q, q_offsets, q_dense = check_queries(queries, query_offsets, batch)
+    out_dense = q_dense if q is not None else batch.dense_shape
+    if kernel_map is None:
+        num_threads = threads or None  # 0 is the core's "OpenMP default"
+        index = NeighborIndex.from_batch(batch, voxel_size, method=method,
+                                         num_threads=num_threads)
+        km = index.kernel_map(kernel_size, dilation, voxel_size=voxel_size, queries=q,
+                              query_offsets=q_offsets, num_threads=num_threads)
+        return km, out_dense
+    if not isinstance(kernel_map, KernelMap):
+        raise TypeError(f"kernel_map must be a pwconv_cy.KernelMap (from pwconv_cy.kernel_map or "
+                        f"NeighborIndex.kernel_map), got {type(kernel_map).__name__}")
+    km = kernel_map
+    for name, have, want in (("voxel_size", km.voxel_size, voxel_size),
+                             ("kernel_size", km.kernel_size, kernel_size),
+                             ("dilation", km.dilation, dilation)):
+        if have != want:
+            raise ValueError(f"kernel_map was built for {name}={have}, but this call has "
+                             f"{name}={want}; rebuild it or pass matching arguments")
+    n = batch.points.shape[0]
+    if km.n_points != n or not np.array_equal(km.offsets, batch.offsets) \
+            or km.points_digest != cloud_digest(batch.points, batch.offsets):
+        raise ValueError(f"kernel_map was built for other points ({km.n_points} points in "
+                         f"{km.offsets.shape[0] - 1} cloud(s)), not for these ({n} points in "
+                         f"{batch.offsets.shape[0] - 1} cloud(s)); rebuild it for these points")
+    q_digest = None if q is None else cloud_digest(q, q_offsets)
+    if km.queries_digest != q_digest:
+        raise ValueError("kernel_map was built for other query points than this call's "
+                         f"(queries {'None' if q is None else q.shape}); rebuild it or pass the "
+                         "same queries")
+    return km, out_dense
+
+
+def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
+             kernel_map, depthwise, method, num_threads, check_finite):
+    batch = check_points(points, offsets)
+    v = check_positive(voxel_size, "voxel_size")
+    s = check_dilation(dilation)
+    threads = check_num_threads(num_threads)
+    check_choice(method, "method", METHODS)
+    if not isinstance(depthwise, (bool, np.bool_)):
+        raise TypeError(f"depthwise must be True or False, got {depthwise!r}")
+    x = check_features(feats, batch, "feats", check_finite)
+    w, k, c_out = check_weight(weight, x.shape[1], x.dtype, bool(depthwise), check_finite)
+    km, out_dense = _resolve_map(batch, v, k, s, queries, query_offsets, kernel_map, method,
+                                 threads)
+    return x, w, k, c_out, km, out_dense, threads
+
+
+def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=None, queries=None,
+                   query_offsets=None, kernel_map=None, depthwise=False, method="grid",
+                   num_threads=None, check_finite=True):
+    """Pointwise convolution (Hua et al., CVPR 2018), exactly as SPEC §1 defines it.
+
+    ``y_i = sum_f sum_{j in Omega_i(f)} x_j W_f / n_i(f)``: the features of the neighbours in each
+    of the K^3 cells of the cube around point i are averaged and the cell's matrix applied; empty
+    cells contribute nothing.
+
+    Parameters
+    ----------
+    points : (n, 3) or (B, n, 3) float16/32/64
+        Coordinates (any units; ``voxel_size`` in the same units).
+    feats : (n, c_in) or (B, n, c_in) float32/float64
+        Input features.
+    weight : (K, K, K, c_in, c_out), or (K, K, K, c_in) with ``depthwise=True``
+        Cell matrices ``W_f = weight[kz, ky, kx]``; same dtype as ``feats``.
+    voxel_size : float
+        Edge v of a kernel cell.
+    dilation : int
+        À-trous stride s: cells sit s*v apart.
+    offsets, queries, query_offsets
+        Packed batches and query points (default: every point is a query), as in
+        :func:`pwconv_cy.kernel_map`.
+    kernel_map : KernelMap, optional
+        A precomputed map for exactly these points, queries, voxel size, K and dilation (checked);
+        skips the neighbour search.
+    depthwise : bool
+        Per-channel weights without channel mixing: ``y_i[c] = sum_f W_f[c] mean_{Omega_i(f)} x[c]``.
+    method, num_threads
+        Neighbour-search method and OpenMP threads (None: the OpenMP default).
+    check_finite : bool
+        Reject NaN/Inf in features and weights (default); False skips the scan.
+
+    Returns
+    -------
+    y : (m, c_out), or (B, m, c_out) for dense input, in the features' dtype.
+    """
+    x, w, k, c_out, km, out_dense, threads = _prepare(
+        points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
+        depthwise, method, num_threads, check_finite)
+    y = np.empty((km.n_queries, c_out), dtype=x.dtype)
+    _core.conv_forward_(km.splits, km.index, km.cell, km.counts, k, x, w.reshape(-1), c_out,
+                        bool(depthwise), y, threads)
+    return y.reshape(*out_dense, c_out) if out_dense is not None else y
+
+
+def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dilation=1,
+                            offsets=None, queries=None, query_offsets=None, kernel_map=None,
+                            depthwise=False, method="grid", num_threads=None, check_finite=True):
+    """Gradients of :func:`pointwise_conv` (its exact adjoint; no gradient for coordinates).
+
+    ``dx_j = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f)`` (a gather over the transposed
+    kernel map) and ``dW_f = sum_i (mean_{Omega_i(f)} x)^T dy_i`` (reduced in a fixed order):
+    bit-identical for every run and thread count.
+
+    Parameters
+    ----------
+    grad_out : (m, c_out) or (B, m, c_out)
+        Gradient of the loss with respect to the output.
+    points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
+    depthwise, method, num_threads, check_finite
+        As in :func:`pointwise_conv`.
+
+    Returns
+    -------
+    d_feats : shaped like ``feats`` (packed (n, c_in) or dense (B, n, c_in))
+    d_weight : shaped like ``weight``
+    """
+    x, w, k, c_out, km, out_dense, threads = _prepare(
+        points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
+        depthwise, method, num_threads, check_finite)
+    dy = check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite)
+    tsplits, trow, tcell = km.transposed(threads or None)
+    dx = np.empty_like(x)
+    _core.conv_backward_input_(km.splits, km.index, km.cell, km.counts, k, tsplits, trow, tcell,
+                               dy, w.reshape(-1), bool(depthwise), dx, threads)
+    dw = np.empty(w.size, dtype=x.dtype)
+    _core.conv_backward_weight_(km.splits, km.index, km.cell, km.counts, k, x, dy,
+                                bool(depthwise), dw, threads)
+    feats_shape = np.shape(feats) if hasattr(feats, "shape") else x.shape
+    return dx.reshape(feats_shape), dw.reshape(w.shape)

@@ -1,0 +1,540 @@
+"""Kernel map and radius search against the float64 brute-force oracles (tests/oracles.py), and
+the invariants the SPEC promises: grid == kd-tree, 1 thread == 2 threads bit for bit, rows
+ascending, clouds never mixed, the centre point in the centre cell, memory that does not grow
+with the bounding box."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import oracles
+import pwconv_cy as pc
+import strategies as S
+
+PROPERTY = settings(max_examples=30, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FEW = settings(max_examples=15, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _first_bad_row(splits_a, index_a, splits_b, index_b, cell_a=None, cell_b=None):
+    m = min(len(splits_a), len(splits_b)) - 1
+    for i in range(m):
+        ra = index_a[splits_a[i]:splits_a[i + 1]]
+        rb = index_b[splits_b[i]:splits_b[i + 1]]
+        same = np.array_equal(ra, rb)
+        if same and cell_a is not None:
+            same = np.array_equal(cell_a[splits_a[i]:splits_a[i + 1]],
+                                  cell_b[splits_b[i]:splits_b[i + 1]])
+        if not same:
+            msg = f"row {i}: got index {ra.tolist()}, expected {rb.tolist()}"
+            if cell_a is not None:
+                msg += (f"; got cells {cell_a[splits_a[i]:splits_a[i + 1]].tolist()}, expected "
+                        f"{cell_b[splits_b[i]:splits_b[i + 1]].tolist()}")
+            return msg
+    return f"row counts differ: {len(splits_a) - 1} vs {len(splits_b) - 1}"
+
+
+def assert_kernel_map_matches(km, ref, kernel_size):
+    """A library KernelMap equals an oracle map exactly (values and the documented dtypes)."""
+    K3 = kernel_size ** 3
+    m = len(ref.splits) - 1
+    assert km.splits.dtype == np.int64 and km.splits.shape == (m + 1,)
+    assert km.index.dtype == np.int64
+    assert km.cell.dtype == (np.uint8 if K3 <= 256 else np.int16 if K3 <= 32767 else np.int32)
+    assert km.counts.dtype == np.int32 and km.counts.shape == (m, K3)
+    assert km.kernel_size == kernel_size
+    if not (np.array_equal(km.splits, ref.splits) and np.array_equal(km.index, ref.index)
+            and np.array_equal(km.cell.astype(np.int64), ref.cell)):
+        pytest.fail("kernel map differs from the SPEC §1 oracle: " + _first_bad_row(
+            km.splits, km.index, ref.splits, ref.index, km.cell.astype(np.int64), ref.cell))
+    np.testing.assert_array_equal(km.counts, ref.counts)
+
+
+def assert_same_csr(splits, index, ref_splits, ref_index, what="radius search"):
+    assert splits.dtype == np.int64 and index.dtype == np.int64
+    assert splits.shape == ref_splits.shape
+    if not (np.array_equal(splits, ref_splits) and np.array_equal(index, ref_index)):
+        pytest.fail(f"{what} differs from the reference: "
+                    + _first_bad_row(splits, index, ref_splits, ref_index))
+
+
+def assert_kernel_maps_identical(a, b):
+    """Bit-identical kernel maps (arrays, dtypes)."""
+    for name in ("splits", "index", "cell", "counts"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype, name
+        assert np.array_equal(x, y), f"{name} differs"
+
+
+def check_kernel_map_invariants(km, offsets, query_offsets=None, self_query=True):
+    """counts.sum(1) == row lengths, counts == per-row histogram of cells, rows strictly
+    ascending, every neighbour in the query's own cloud, the centre point in the centre cell."""
+    K = km.kernel_size
+    splits, index, cell = km.splits, km.index, km.cell.astype(np.int64)
+    m = len(splits) - 1
+    q_offsets = offsets if query_offsets is None else query_offsets
+    assert splits[0] == 0 and (np.diff(splits) >= 0).all()
+    assert splits[-1] == len(index) == len(cell)
+    np.testing.assert_array_equal(km.counts.sum(axis=1), np.diff(splits))
+    assert ((cell >= 0) & (cell < K ** 3)).all()
+    rows = np.repeat(np.arange(m), np.diff(splits))
+    hist = np.zeros((m, K ** 3), dtype=np.int64)
+    np.add.at(hist, (rows, cell), 1)
+    np.testing.assert_array_equal(km.counts, hist)
+    if len(index):
+        same_row = rows[1:] == rows[:-1]
+        assert (np.diff(index)[same_row] > 0).all(), "a row is not strictly ascending"
+    # clouds never mix: query i of cloud b only sees points offsets[b] <= j < offsets[b+1]
+    cloud_of_query = np.searchsorted(q_offsets, np.arange(m), side="right") - 1
+    cloud_of_point = np.searchsorted(offsets, index, side="right") - 1
+    np.testing.assert_array_equal(cloud_of_point, cloud_of_query[rows])
+    if self_query:
+        centre = ((K // 2) * K + K // 2) * K + K // 2
+        for i in range(m):
+            row = index[splits[i]:splits[i + 1]]
+            pos = np.searchsorted(row, i)
+            assert pos < len(row) and row[pos] == i, f"point {i} is not its own neighbour"
+            assert cell[splits[i] + pos] == centre, f"point {i} is not in its centre cell"
+
+
+def prepared(points64, dtype, shift=0.0):
+    """Cast (and for float32/float64 translate) a unit-scale cloud."""
+    if np.dtype(dtype) == np.float16:
+        shift = 0.0
+    return S.cast(points64 + shift, dtype)
+
+
+# --------------------------------------------------------------------------- kernel map vs oracle
+
+@PROPERTY
+@given(cloud=S.clouds(), voxel=S.voxel_sizes, K=S.kernel_sizes, s=S.dilations,
+       dtype=S.coord_dtypes, method=S.methods, shift=S.shifts)
+def test_kernel_map_matches_bruteforce(cloud, voxel, K, s, dtype, method, shift):
+    points = prepared(cloud, dtype, shift)
+    km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, method=method)
+    assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s), K)
+    check_kernel_map_invariants(km, oracles.single_cloud_offsets(len(points)))
+
+
+@PROPERTY
+@given(cloud=S.clouds(max_points=120, kinds=S.EXACT_KINDS), voxel=st.sampled_from(S.DYADIC_VOXELS),
+       K=S.kernel_sizes, s=S.dilations, dtype=S.coord_dtypes, method=S.methods,
+       shift=st.sampled_from((0.0, 1024.0, -2.0 ** 20)), data=st.data())
+def test_kernel_map_matches_bruteforce_on_lattice(cloud, voxel, K, s, dtype, method, shift, data):
+    """Points (and queries) exactly on cell faces: every step of the rule is exact, so the faces
+    must be assigned exactly as the SPEC says (closed cube, upper face in the last cell, holes)."""
+    points = prepared(cloud, dtype, shift)
+    queries = data.draw(st.one_of(st.none(), S.clouds(kinds=S.EXACT_KINDS, max_points=40)))
+    if queries is not None:
+        queries = prepared(queries, dtype, shift)
+    km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, queries=queries, method=method)
+    assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s, queries=queries), K)
+
+
+def test_kernel_map_on_cell_faces_worked_example():
+    """A hand-checked case of the face rules (K=3, s=2, v=1, h=2.5): t = x + 2.5 per axis.
+    x = -2.5 (t=0, lower face: cell 0), -1.5 (t=1: hole), -0.5 (t=2: cell 1), 0.5 (t=3: hole),
+    1.5 (t=4: cell 2), 2.5 (t=5 = span: upper face, min() puts it in the last unit cell 4 ->
+    cell 2), 2.5 + 1 ulp (outside)."""
+    xs = np.array([-2.5, -1.5, -0.5, 0.0, 0.5, 1.5, 2.5, np.nextafter(2.5, 3)])
+    points = np.zeros((len(xs) + 1, 3))
+    points[1:, 0] = xs
+    km = pc.kernel_map(points, 1.0, kernel_size=3, dilation=2,
+                       queries=np.zeros((1, 3)))
+    centre_yz = (1 * 3 + 1) * 3
+    assert km.index.tolist() == [1, 3, 4, 6, 7]
+    assert km.cell.tolist() == [centre_yz + 0, centre_yz + 1, centre_yz + 1, centre_yz + 2,
+                                centre_yz + 2]
+    assert 0 not in km.index.tolist()  # the query's own coordinates are not a point here
+    assert km.counts[0, centre_yz + 1] == 2
+
+
+@PROPERTY
+@given(batch=S.batches(), voxel=S.voxel_sizes, K=S.kernel_sizes, s=S.dilations,
+       dtype=S.coord_dtypes, qdtype=S.coord_dtypes, method=S.methods, data=st.data())
+def test_kernel_map_batches_with_queries_match_bruteforce(batch, voxel, K, s, dtype, qdtype,
+                                                          method, data):
+    points = S.cast(batch.points, dtype)
+    qb = data.draw(S.queries_for(batch))
+    queries = S.cast(qb.points, qdtype)
+    km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, offsets=batch.offsets,
+                       queries=queries, query_offsets=qb.offsets, method=method)
+    ref = oracles.kernel_map(points, voxel, K, s, offsets=batch.offsets, queries=queries,
+                             query_offsets=qb.offsets)
+    assert_kernel_map_matches(km, ref, K)
+    check_kernel_map_invariants(km, batch.offsets, qb.offsets, self_query=False)
+
+
+@PROPERTY
+@given(batch=S.batches(min_clouds=0, max_clouds=5), voxel=S.voxel_sizes, K=S.kernel_sizes,
+       s=S.dilations, dtype=S.coord_dtypes, method=S.methods)
+def test_kernel_map_packed_batches_with_empty_clouds_match_bruteforce(batch, voxel, K, s, dtype,
+                                                                      method):
+    points = S.cast(batch.points, dtype)
+    km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, offsets=batch.offsets,
+                       method=method)
+    assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s, batch.offsets), K)
+    check_kernel_map_invariants(km, batch.offsets)
+
+
+@PROPERTY
+@given(B=st.integers(1, 3), n=st.integers(0, 40), m=st.integers(0, 20), kind=st.sampled_from(
+       S.CLOUD_KINDS), seed=S.seeds, voxel=S.voxel_sizes, K=S.kernel_sizes, s=S.dilations,
+       dtype=S.coord_dtypes, method=S.methods)
+def test_dense_kernel_map_equals_packed_and_bruteforce(B, n, m, kind, seed, voxel, K, s, dtype,
+                                                       method):
+    rng = np.random.default_rng(seed)
+    dense = S.cast(S.make_cloud(kind, B * n, rng).reshape(B, n, 3), dtype)
+    packed = dense.reshape(B * n, 3)
+    offsets = oracles.dense_offsets(B, n)
+    km_dense = pc.kernel_map(dense, voxel, kernel_size=K, dilation=s, method=method)
+    km_packed = pc.kernel_map(packed, voxel, kernel_size=K, dilation=s, offsets=offsets,
+                              method=method)
+    assert_kernel_maps_identical(km_dense, km_packed)
+    assert_kernel_map_matches(km_dense, oracles.kernel_map(packed, voxel, K, s, offsets), K)
+    # dense queries (B, m, 3) == packed queries with query_offsets [0, m, 2m, ...]
+    dq = S.cast(S.make_cloud(kind, B * m, rng).reshape(B, m, 3), dtype)
+    km_dq = pc.kernel_map(dense, voxel, kernel_size=K, dilation=s, queries=dq, method=method)
+    ref = oracles.kernel_map(packed, voxel, K, s, offsets, dq.reshape(-1, 3),
+                             oracles.dense_offsets(B, m))
+    assert_kernel_map_matches(km_dq, ref, K)
+
+
+@pytest.mark.parametrize("K, cell_dtype", [(7, np.int16), (33, np.int32)])
+def test_large_kernels_use_wider_cell_dtype_and_match_bruteforce(rng, K, cell_dtype):
+    points = rng.uniform(-1, 1, size=(40, 3))
+    km = pc.kernel_map(points, 0.1, kernel_size=K, dilation=1)
+    assert km.cell.dtype == cell_dtype
+    assert_kernel_map_matches(km, oracles.kernel_map(points, 0.1, K, 1), K)
+    check_kernel_map_invariants(km, oracles.single_cloud_offsets(40))
+
+
+# --------------------------------------------------------------------------- consistency
+
+@FEW
+@given(cloud=S.clouds(min_points=200, max_points=1500), voxel=S.voxel_sizes, K=S.kernel_sizes,
+       s=S.dilations, dtype=st.sampled_from((np.float32, np.float64)), shift=S.shifts,
+       leaf_size=st.sampled_from((1, 3, 16, 64)))
+def test_grid_matches_kdtree_kernel_map(cloud, voxel, K, s, dtype, shift, leaf_size):
+    points = prepared(cloud * 2, dtype, shift)
+    grid = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, method="grid")
+    tree = pc.NeighborIndex(points, voxel, method="kdtree", leaf_size=leaf_size).kernel_map(
+        K, s)
+    auto = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, method="auto")
+    assert_kernel_maps_identical(grid, tree)
+    assert_kernel_maps_identical(grid, auto)
+    check_kernel_map_invariants(grid, oracles.single_cloud_offsets(len(points)))
+
+
+@FEW
+@given(cloud=S.clouds(min_points=200, max_points=1500), radius=S.radii, metric=S.metrics,
+       dtype=st.sampled_from((np.float32, np.float64)), shift=S.shifts,
+       leaf_size=st.sampled_from((1, 3, 16, 64)))
+def test_grid_matches_kdtree_radius_search(cloud, radius, metric, dtype, shift, leaf_size):
+    points = prepared(cloud * 2, dtype, shift)
+    splits_g, index_g = pc.radius_search(points, radius, metric=metric, method="grid")
+    splits_t, index_t = pc.NeighborIndex(points, radius, method="kdtree",
+                                         leaf_size=leaf_size).radius_search(radius, metric=metric)
+    assert_same_csr(splits_t, index_t, splits_g, index_g, "kd-tree vs grid radius search")
+
+
+@pytest.mark.parametrize("method", ["grid", "kdtree"])
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_one_thread_matches_two_threads_bit_for_bit(rng, method, dilation):
+    """Large enough for the work to be split between threads (several clouds, uneven sizes)."""
+    sizes = [3000, 0, 1700, 5]
+    points = np.concatenate([S.make_cloud(k, n, rng) for k, n in
+                             zip(("sphere", "volume", "clustered", "line"), sizes)])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    queries = S.make_cloud("volume", 2500, rng)
+    q_offsets = np.array([0, 1000, 1500, 2400, 2500])
+    for kwargs in ({}, {"queries": queries, "query_offsets": q_offsets}):
+        one = pc.kernel_map(points, 0.1, dilation=dilation, offsets=offsets, method=method,
+                            num_threads=1, **kwargs)
+        two = pc.kernel_map(points, 0.1, dilation=dilation, offsets=offsets, method=method,
+                            num_threads=2, **kwargs)
+        assert_kernel_maps_identical(one, two)
+        for metric in ("chebyshev", "euclidean"):
+            r1 = pc.radius_search(points, 0.15, offsets=offsets, metric=metric, method=method,
+                                  num_threads=1, **kwargs)
+            r2 = pc.radius_search(points, 0.15, offsets=offsets, metric=metric, method=method,
+                                  num_threads=2, **kwargs)
+            assert np.array_equal(r1[0], r2[0]) and np.array_equal(r1[1], r2[1])
+
+
+@PROPERTY
+@given(cloud=S.clouds(min_points=1, max_points=150), voxel=S.voxel_sizes, K=S.kernel_sizes,
+       s=S.dilations, dtype=S.coord_dtypes, shift=S.shifts, method=S.methods)
+def test_self_query_has_centre_point_in_centre_cell(cloud, voxel, K, s, dtype, shift, method):
+    points = prepared(cloud, dtype, shift)
+    km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, method=method)
+    check_kernel_map_invariants(km, oracles.single_cloud_offsets(len(points)), self_query=True)
+
+
+@FEW
+@given(cloud=S.clouds(min_points=1, max_points=120), voxel=S.voxel_sizes,
+       cell_factor=st.sampled_from((1.0, 0.37, 2.5)), K=st.sampled_from((3, 5)),
+       method=S.methods, dtype=S.coord_dtypes)
+def test_neighbor_index_reused_for_dilations_equals_fresh_kernel_maps(cloud, voxel, cell_factor,
+                                                                      K, method, dtype):
+    """One index (cell edge independent of the dilation) serves the four layers of the paper;
+    an index built with another cell size still gives the exact map for voxel_size=v."""
+    points = S.cast(cloud, dtype)
+    index = pc.NeighborIndex(points, voxel * cell_factor, method=method)
+    for s in (1, 2, 3, 4):
+        reused = index.kernel_map(kernel_size=K, dilation=s, voxel_size=voxel)
+        fresh = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, method=method)
+        assert_kernel_maps_identical(reused, fresh)
+        assert_kernel_map_matches(reused, oracles.kernel_map(points, voxel, K, s), K)
+        assert reused.dilation == s and reused.voxel_size == voxel
+    again = index.kernel_map(kernel_size=K, dilation=1, voxel_size=voxel)
+    assert_kernel_maps_identical(again, pc.kernel_map(points, voxel, kernel_size=K, method=method))
+
+
+def test_neighbor_index_default_voxel_is_cell_size_and_queries_work(rng):
+    points = rng.uniform(-1, 1, size=(300, 3))
+    queries = rng.uniform(-1.2, 1.2, size=(50, 3))
+    index = pc.NeighborIndex(points, 0.2)
+    assert index.n_points == 300 and index.n_clouds == 1
+    km = index.kernel_map(3, 2, queries=queries)
+    assert km.voxel_size == 0.2
+    assert_kernel_map_matches(km, oracles.kernel_map(points, 0.2, 3, 2, queries=queries), 3)
+    splits, idx = index.radius_search(0.33, queries, metric="euclidean")
+    assert_same_csr(splits, idx, *oracles.radius_search(points, 0.33, queries,
+                                                        metric="euclidean"))
+
+
+def test_non_contiguous_and_other_integer_offsets_give_the_same_map(rng):
+    base = rng.uniform(-1, 1, size=(400, 3))
+    strided = base[::2]                      # a strided view
+    fortran = np.asfortranarray(strided)
+    offsets = np.array([0, 70, 70, 200])
+    expected = pc.kernel_map(np.ascontiguousarray(strided), 0.2, offsets=offsets)
+    for pts in (strided, fortran):
+        for offs in (offsets.astype(np.int32), offsets.astype(np.uint16), offsets.tolist()):
+            assert_kernel_maps_identical(pc.kernel_map(pts, 0.2, offsets=offs), expected)
+    assert_kernel_map_matches(expected, oracles.kernel_map(strided, 0.2, 3, 1, offsets), 3)
+
+
+# --------------------------------------------------------------------------- radius search
+
+@PROPERTY
+@given(batch=S.batches(), radius=S.radii, metric=S.metrics, dtype=S.coord_dtypes,
+       method=S.methods, with_queries=st.booleans(), data=st.data())
+def test_radius_search_matches_bruteforce(batch, radius, metric, dtype, method, with_queries,
+                                          data):
+    points = S.cast(batch.points, dtype)
+    kwargs = {}
+    if with_queries:
+        qb = data.draw(S.queries_for(batch))
+        kwargs = dict(queries=S.cast(qb.points, data.draw(S.coord_dtypes)),
+                      query_offsets=qb.offsets)
+    splits, index = pc.radius_search(points, radius, offsets=batch.offsets, metric=metric,
+                                     method=method, **kwargs)
+    ref = oracles.radius_search(points, radius, kwargs.get("queries"), batch.offsets,
+                                kwargs.get("query_offsets"), metric)
+    assert_same_csr(splits, index, *ref)
+    if not with_queries:  # every point finds itself
+        for i in range(len(points)):
+            assert i in index[splits[i]:splits[i + 1]]
+
+
+@PROPERTY
+@given(cloud=S.clouds(kinds=S.EXACT_KINDS, max_points=120),
+       radius=st.sampled_from((1 / 8, 1 / 4, 3 / 8, 1 / 2)), metric=S.metrics,
+       dtype=S.coord_dtypes, method=S.methods)
+def test_radius_search_matches_bruteforce_on_lattice(cloud, radius, metric, dtype, method):
+    """Neighbours exactly at distance r (both metrics) must be included: the ball is closed."""
+    points = S.cast(cloud, dtype)
+    splits, index = pc.radius_search(points, radius, metric=metric, method=method)
+    assert_same_csr(splits, index, *oracles.radius_search(points, radius, metric=metric))
+
+
+@PROPERTY
+@given(cloud=S.clouds(min_points=1, max_points=300, kinds=("sphere", "volume", "clustered")),
+       queries=S.clouds(min_points=0, max_points=60, kinds=("volume", "sphere")),
+       radius=S.radii, metric=S.metrics, dtype=st.sampled_from((np.float32, np.float64)),
+       method=S.methods)
+def test_radius_search_matches_ckdtree(cloud, queries, radius, metric, dtype, method):
+    from scipy.spatial import cKDTree
+
+    points = S.cast(cloud, dtype)
+    q = S.cast(queries, dtype)
+    splits, index = pc.radius_search(points, radius, q, metric=metric, method=method)
+    p_norm = np.inf if metric == "chebyshev" else 2
+    lists = cKDTree(points.astype(np.float64)).query_ball_point(q.astype(np.float64), radius,
+                                                                p=p_norm)
+    ref_index = np.array([j for row in lists for j in sorted(row)], dtype=np.int64)
+    ref_splits = np.concatenate([[0], np.cumsum([len(r) for r in lists])]).astype(np.int64)
+    assert_same_csr(splits, index, ref_splits, ref_index, "radius search vs cKDTree")
+
+
+def test_radius_search_closed_ball_boundaries():
+    """Distance exactly r is inside for both metrics; one ulp further is outside."""
+    r = 0.5
+    q = np.zeros((1, 3))
+    points = np.array([[0.5, 0, 0], [0, -0.5, 0], [0, 0, np.nextafter(0.5, 1)],
+                       [0.3, 0.4, 0.0],                      # exactly 0.5 in float64? see below
+                       [0.5, 0.5, 0.5], [0.5, 0.5, np.nextafter(0.5, 1)]])
+    for method in ("grid", "kdtree"):
+        s_c, i_c = pc.radius_search(points, r, q, metric="chebyshev", method=method)
+        assert i_c.tolist() == [0, 1, 3, 4]
+        s_e, i_e = pc.radius_search(points, r, q, metric="euclidean", method=method)
+        ref = oracles.radius_search(points, r, q, metric="euclidean")
+        assert i_e.tolist() == ref[1].tolist()
+        assert {0, 1} <= set(i_e.tolist()) and not {2, 4, 5} & set(i_e.tolist())
+
+
+# --------------------------------------------------------------------------- empty & tiny inputs
+
+@pytest.mark.parametrize("dtype", S.COORD_DTYPES)
+@pytest.mark.parametrize("method", ["grid", "kdtree"])
+def test_empty_inputs_give_empty_results(dtype, method):
+    empty = np.zeros((0, 3), dtype=dtype)
+    km = pc.kernel_map(empty, 0.1, method=method)
+    assert km.splits.tolist() == [0] and km.index.shape == (0,) and km.cell.shape == (0,)
+    assert km.counts.shape == (0, 27) and km.counts.dtype == np.int32
+    splits, index = pc.radius_search(empty, 0.1, method=method)
+    assert splits.tolist() == [0] and index.shape == (0,) and index.dtype == np.int64
+    # queries against no points: every row is empty
+    q = np.ones((4, 3), dtype=dtype)
+    km = pc.kernel_map(empty, 0.1, queries=q, method=method)
+    assert km.splits.tolist() == [0] * 5 and km.counts.shape == (4, 27) and not km.counts.any()
+    splits, index = pc.radius_search(empty, 0.1, q, method=method)
+    assert splits.tolist() == [0] * 5 and index.size == 0
+    # dense forms with no points per cloud, and with no clouds at all
+    for shape in ((3, 0, 3), (0, 5, 3)):
+        km = pc.kernel_map(np.zeros(shape, dtype=dtype), 0.1, method=method)
+        assert km.splits.tolist() == [0] and km.counts.shape == (0, 27)
+    # packed clouds that are all empty, with queries in one of them
+    km = pc.kernel_map(empty, 0.1, offsets=[0, 0, 0], queries=q, query_offsets=[0, 0, 4],
+                       method=method)
+    assert km.splits.tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("K", [1, 3, 5])
+@pytest.mark.parametrize("dtype", S.COORD_DTYPES)
+@pytest.mark.parametrize("method", ["grid", "kdtree"])
+def test_single_point_is_its_own_only_neighbour(K, dtype, method):
+    point = np.array([[0.25, -1.5, 3.0]], dtype=dtype)
+    for s in (1, 2, 4):
+        km = pc.kernel_map(point, 0.2, kernel_size=K, dilation=s, method=method)
+        centre = ((K // 2) * K + K // 2) * K + K // 2
+        assert km.splits.tolist() == [0, 1] and km.index.tolist() == [0]
+        assert km.cell.tolist() == [centre]
+        expected = np.zeros((1, K ** 3), dtype=np.int32)
+        expected[0, centre] = 1
+        np.testing.assert_array_equal(km.counts, expected)
+    for metric in ("chebyshev", "euclidean"):
+        splits, index = pc.radius_search(point, 1e-9, metric=metric, method=method)
+        assert splits.tolist() == [0, 1] and index.tolist() == [0]
+
+
+def test_kernel_size_one_is_a_single_cell_of_edge_v():
+    """K=1: the support is the cube of edge v centred on the query, whatever the dilation."""
+    q = np.zeros((1, 3))
+    points = np.array([[0.05, 0.05, -0.05], [0.0500001, 0, 0], [0.049, -0.049, 0.0]])
+    for s in (1, 2, 4):
+        km = pc.kernel_map(points, 0.1, kernel_size=1, dilation=s, queries=q)
+        assert km.index.tolist() == [0, 2] and km.cell.tolist() == [0, 0]
+        assert km.counts.tolist() == [[2]]
+
+
+# --------------------------------------------------------------------------- far and huge coordinates
+
+_RSS_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, time
+    import numpy as np
+    import pwconv_cy as pc
+    points = np.array([[0.0, 0.0, 0.0], [1e-3, 0.0, 0.0], [1e9, 0.0, 0.0]])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    result = {}
+    if sys.argv[1] == "work":
+        for method in ("grid", "kdtree"):
+            for s in (1, 4):
+                km = pc.kernel_map(points, 1e-3, kernel_size=5, dilation=s, method=method)
+                result[f"{method}-{s}"] = km.index.tolist()
+            splits, index = pc.radius_search(points, 1e-3, method=method)
+            result[f"{method}-radius"] = index.tolist()
+        index = pc.NeighborIndex(points, 1e-3)
+        result["index-km"] = index.kernel_map(3, 4).index.tolist()
+    elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"before_kib": before, "after_kib": after, "seconds": elapsed,
+                      "result": result}))
+""")
+
+
+def _run_rss(mode):
+    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, mode], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_far_outlier_needs_no_dense_grid():
+    """Three points, one at 1e9, voxel 1e-3 (a 1e12-cell bounding box per axis): the maps finish
+    at once and the peak RSS stays within a few MB of a process that only imports pwconv_cy."""
+    baseline = _run_rss("import-only")
+    work = _run_rss("work")
+    grown_mib = (work["after_kib"] - baseline["after_kib"]) / 1024
+    assert grown_mib < 8, f"peak RSS grew by {grown_mib:.1f} MiB for a 3-point kernel map"
+    assert work["seconds"] < 2.0, f"took {work['seconds']:.2f} s for 3 points"
+    res = work["result"]
+    for key in ("grid-1", "grid-4", "kdtree-1", "kdtree-4"):
+        # K=5: h = 2.5e-3 (s=1) / 8.5e-3 (s=4); 0 and 1e-3 see each other, 1e9 only itself
+        assert res[key] == [0, 1, 0, 1, 2], key
+    assert res["grid-radius"] == res["kdtree-radius"] == [0, 1, 0, 1, 2]
+    assert res["index-km"] == [0, 1, 0, 1, 2]
+
+
+def _huge_cloud(rng, scale, voxel):
+    """Clusters at +-scale on every axis (cell coordinates far beyond 40 bits), points a few
+    voxels apart inside each cluster, and points whose cell coordinates differ by exactly
+    2**k cells (k = 16..52) from a cluster — a packed or truncated key would alias them."""
+    corners = np.array([[1, 1, 1], [-1, -1, -1], [1, -1, 1], [-1, 1, -1], [0, 0, 0]]) * scale
+    parts = [c + rng.integers(-4, 5, size=(12, 3)) * voxel * 0.5 for c in corners]
+    base = corners[0]
+    for k in range(16, 53, 3):
+        for axis in range(3):
+            p = base.copy()
+            p[axis] -= (2.0 ** k) * voxel
+            parts.append(p[None, :])
+    parts.append(rng.uniform(-scale, scale, size=(10, 3)))
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("method", ["grid", "kdtree"])
+@pytest.mark.parametrize("scale, voxel", [(1e13, 1e-2), (3e15, 1e-2)])
+def test_huge_cell_coordinates_match_bruteforce(rng, method, scale, voxel):
+    points = _huge_cloud(rng, scale, voxel)
+    assert (np.abs(points).max() / voxel) > 2.0 ** 40
+    for K, s in ((3, 1), (3, 4), (5, 2)):
+        km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, method=method)
+        assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s), K)
+        assert km.n_pairs > len(points)  # the clusters really have neighbours
+    for metric in ("chebyshev", "euclidean"):
+        splits, index = pc.radius_search(points, 2 * voxel, metric=metric, method=method)
+        assert_same_csr(splits, index, *oracles.radius_search(points, 2 * voxel, metric=metric))
+
+
+@pytest.mark.parametrize("method", ["grid", "kdtree"])
+def test_cell_coordinates_beyond_int64_match_bruteforce(method):
+    """Coordinates ~1e18 with voxel 1e-3: cell numbers ~1e21 overflow int64; the rule still
+    defines the map (neighbours are the points at equal coordinates) and it must be followed."""
+    base = np.array([[1e18, -1e18, 5e17], [1e18, -1e18, 5e17], [1e18 + 256, -1e18, 5e17],
+                     [-1e18, 1e18, 0.0], [0.0, 0.0, 0.0], [1e-3, 0.0, 0.0]])
+    for K, s in ((3, 1), (3, 2)):
+        km = pc.kernel_map(base, 1e-3, kernel_size=K, dilation=s, method=method)
+        assert_kernel_map_matches(km, oracles.kernel_map(base, 1e-3, K, s), K)
