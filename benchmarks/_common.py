@@ -1,5 +1,6 @@
 """Shared helpers of the benchmarks: machine record, timing, seeded data, parameter calibration,
 peer implementations (SciPy, Open3D) and result files.  Not a benchmark itself."""
+
 from __future__ import annotations
 
 import datetime
@@ -21,6 +22,7 @@ LIDAR_TILE = DATA_DIR / "lidar_als_labelled" / "ign_lambert93_tile_698k.npz"
 
 
 # --- machine record -------------------------------------------------------------------------
+
 
 def _cpu_model() -> str:
     try:
@@ -68,6 +70,7 @@ def machine_info() -> dict:
         "open3d": open3d_version(),
         "pwconv_cy": getattr(pwconv_cy, "__version__", "unknown"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "threadpools": threadpools(),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
     }
 
@@ -93,20 +96,32 @@ def _json_default(obj):
 
 # --- timing ---------------------------------------------------------------------------------
 
-def time_calls(fn, *, repeats: int = 5, min_repeats: int = 3, budget_s: float = 2.0,
-               warmup: bool = True):
+
+def time_calls(
+    fn,
+    *,
+    repeats: int = 5,
+    min_repeats: int = 3,
+    budget_s: float = 2.0,
+    warmup: bool = True,
+    first_s: float | None = None,
+):
     """Median wall time of fn() after one untimed warm-up call.
 
-    Runs `repeats` timed calls, stopping early (after at least `min_repeats`) once the timed
-    calls have used `budget_s`; a warm-up slower than `budget_s` leaves a single timed call.
-    The result of every call is dropped before the next one starts, so a call's peak memory
-    never includes the previous call's output.  Returns (median_s, all_times_s).
+    Cheap calls (warm-up at most budget_s / 3) are repeated until at least `min_repeats` timed
+    runs and `budget_s` of timed runs, at most `repeats`; an expensive call gets
+    round(budget_s / warm-up) timed runs (at least one).  `first_s` is the duration of a warm-up
+    call made by the caller (then pass warmup=False).  The result of every call is dropped before
+    the next one starts, so a call's peak memory never includes the previous call's output.
+    Returns (median_s, all_times_s).
     """
     if warmup:
         t0 = time.perf_counter()
         fn()
-        if time.perf_counter() - t0 > budget_s:
-            min_repeats = 1
+        first_s = time.perf_counter() - t0
+    if first_s is not None and 3 * first_s > budget_s:
+        repeats = int(min(repeats, max(1, round(budget_s / first_s))))
+        min_repeats = repeats
     times = []
     while len(times) < repeats:
         t0 = time.perf_counter()
@@ -137,7 +152,15 @@ def print_table(header, rows) -> None:
     sys.stdout.flush()
 
 
+def print_row(cells, widths, rule: bool = False) -> None:
+    """One right-aligned row of a table printed as it is measured (cells may overflow)."""
+    print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths)), flush=True)
+    if rule:
+        print("  ".join("-" * w for w in widths), flush=True)
+
+
 # --- seeded data ----------------------------------------------------------------------------
+
 
 def sphere(n: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
     """n points uniformly on the unit sphere."""
@@ -176,7 +199,8 @@ def lidar_tile() -> np.ndarray:
     if "tile" not in _LIDAR_CACHE:
         if not LIDAR_TILE.exists():
             raise FileNotFoundError(
-                f"{LIDAR_TILE} not found; set PWCONV_DATA to the shared data folder")
+                f"{LIDAR_TILE} not found; set PWCONV_DATA to the shared data folder"
+            )
         with np.load(LIDAR_TILE) as z:
             _LIDAR_CACHE["tile"] = np.ascontiguousarray(z["points"], dtype=np.float32)
     return _LIDAR_CACHE["tile"]
@@ -198,12 +222,22 @@ def lidar_crop(n: int, seed: int = 0) -> np.ndarray:
 
 # --- parameter calibration ------------------------------------------------------------------
 
+
 def mean_count(tree, queries: np.ndarray, r: float, p: float) -> float:
     return float(np.mean(tree.query_ball_point(queries, r, p=p, return_length=True, workers=-1)))
 
 
-def calibrate_radius(tree, points64: np.ndarray, target: float, *, p: float, sample: int = 4000,
-                     seed: int = 0, rtol: float = 0.03, max_iter: int = 25) -> float:
+def calibrate_radius(
+    tree,
+    points64: np.ndarray,
+    target: float,
+    *,
+    p: float,
+    sample: int = 4000,
+    seed: int = 0,
+    rtol: float = 0.03,
+    max_iter: int = 25,
+) -> float:
     """A radius whose mean neighbour count (self included, metric p) is about `target`.
 
     Estimated on a seeded sample of query points with SciPy (setup, never timed): start at the
@@ -215,7 +249,9 @@ def calibrate_radius(tree, points64: np.ndarray, target: float, *, p: float, sam
     k = int(min(max(1, round(target)), n))
     dist, _ = tree.query(q, k=k, p=p, workers=-1)
     dist = dist.reshape(len(q), -1)[:, -1]
-    r = float(np.median(dist[np.isfinite(dist)]))
+    # Nudged off the median: a radius equal to an actual pairwise distance (common with the
+    # quantised coordinates of LiDAR) puts neighbours exactly on the sphere, where peers differ.
+    r = float(np.median(dist[np.isfinite(dist)])) * (1 + 1.234567e-6)
     if not r > 0:
         r = 1e-6
     lo = hi = None  # bracket in log r: f(lo) < 0 < f(hi)
@@ -243,13 +279,13 @@ def calibrate_radius(tree, points64: np.ndarray, target: float, *, p: float, sam
 
 # --- peers ----------------------------------------------------------------------------------
 
+
 def csr_from_lists(lists, n: int):
     """CSR (splits, index) from cKDTree.query_ball_point's object array of lists."""
     lengths = np.fromiter(map(len, lists), dtype=np.int64, count=n)
     splits = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=splits[1:])
-    index = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64,
-                        count=int(splits[-1]))
+    index = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(splits[-1]))
     return splits, index
 
 
@@ -278,15 +314,35 @@ def open3d_module():
     """open3d, or None (the note saying why is printed once)."""
     if "module" not in _O3D:
         try:
-            import open3d  # noqa: F401
-            import open3d.core  # noqa: F401
+            import open3d
+            import open3d.core
 
             _O3D["module"] = open3d
-        except Exception as exc:  # noqa: BLE001 - any import failure just skips the peer
+        except Exception as exc:  # noqa: BLE001 - any import failure skips the peer
             _O3D["module"] = None
-            print(f"note: Open3D peer skipped ({type(exc).__name__}: {exc}); "
-                  "pip install open3d-cpu (needs Debian's libusb-1.0-0) to include it")
+            print(
+                f"note: Open3D peer skipped ({type(exc).__name__}: {exc}); "
+                "pip install open3d-cpu (needs Debian's libusb-1.0-0) to include it"
+            )
     return _O3D["module"]
+
+
+def limit_threads(n: int) -> None:
+    """Cap every native thread pool threadpoolctl knows (OpenMP, BLAS) and Open3D's at n threads
+    for what follows (the libraries' own num_threads= / workers= arguments are passed as well)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=int(n))
+    open3d_threads(n)
+
+
+def threadpools() -> list:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    keys = ("user_api", "internal_api", "prefix", "version", "num_threads")
+    return [{k: p.get(k) for k in keys} for p in threadpool_info()]
 
 
 def open3d_threads(n: int) -> None:
@@ -296,7 +352,26 @@ def open3d_threads(n: int) -> None:
 
 
 def rss_peak_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss, KiB on Linux)."""
+    """Peak resident set size of this process: VmHWM from /proc/self/status (Linux; reset by
+    rss_peak_reset), else ru_maxrss.  Note that ru_maxrss of a subprocess starts at its parent's
+    RSS at fork time, so it cannot measure a small child of a big parent; VmHWM can."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_peak_reset() -> bool:
+    """Reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

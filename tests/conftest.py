@@ -31,3 +31,11 @@ def shared_data():
     if not DATA.is_dir():
         pytest.skip(f"real point clouds not available: {DATA} is absent")
     return DATA
+
+
+@pytest.fixture
+def memory_budget_reset():
+    """Restores the process-wide memory budget to its default after the test."""
+    pwconv_cy.set_memory_budget(None)
+    yield pwconv_cy.get_memory_budget()
+    pwconv_cy.set_memory_budget(None)

@@ -70,25 +70,33 @@ def make_cloud(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
 seeds = st.integers(0, 2**32 - 1)
 
 
+def sizes(min_size, max_size):
+    """Cloud sizes biased towards the large end (hypothesis otherwise favours tiny clouds, which
+    have no neighbours to get wrong); the small ones, 0 and 1 included, still come up."""
+    return st.one_of(st.integers(min_size, max_size),
+                     st.integers(max(min_size, max_size // 2), max_size),
+                     st.just(max_size))
+
+
 @st.composite
-def clouds(draw, min_points=0, max_points=100, kinds=CLOUD_KINDS):
+def clouds(draw, min_points=0, max_points=150, kinds=CLOUD_KINDS):
     """One cloud (n, 3) float64."""
     kind = draw(st.sampled_from(kinds))
-    n = draw(st.integers(min_points, max_points))
+    n = draw(sizes(min_points, max_points))
     return make_cloud(kind, n, np.random.default_rng(draw(seeds)))
 
 
 @st.composite
-def batches(draw, min_clouds=1, max_clouds=4, max_points=60, kinds=CLOUD_KINDS):
+def batches(draw, min_clouds=1, max_clouds=4, max_points=80, kinds=CLOUD_KINDS):
     """A packed batch: clouds of one kind (so they overlap in space: mixing them would show),
     any of them possibly empty."""
     kind = draw(st.sampled_from(kinds))
-    sizes = draw(st.lists(st.integers(0, max_points), min_size=min_clouds, max_size=max_clouds))
+    counts = draw(st.lists(sizes(0, max_points), min_size=min_clouds, max_size=max_clouds))
     rng = np.random.default_rng(draw(seeds))
-    parts = [make_cloud(kind, n, rng) for n in sizes]
+    parts = [make_cloud(kind, n, rng) for n in counts]
     points = np.concatenate(parts) if parts else np.zeros((0, 3))
-    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(sizes)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(counts)
     return Batch(points.reshape(-1, 3), offsets)
 
 
@@ -97,10 +105,10 @@ def queries_for(draw, batch: Batch, max_per_cloud=30):
     """Query points for a batch (one query cloud per point cloud, possibly empty): copies of
     points of the cloud, copies nudged by one ulp, fresh points of any kind, lattice points."""
     rng = np.random.default_rng(draw(seeds))
-    sizes = draw(st.lists(st.integers(0, max_per_cloud), min_size=len(batch.offsets) - 1,
-                          max_size=len(batch.offsets) - 1))
+    counts = draw(st.lists(sizes(0, max_per_cloud), min_size=len(batch.offsets) - 1,
+                           max_size=len(batch.offsets) - 1))
     parts = []
-    for b, m in enumerate(sizes):
+    for b, m in enumerate(counts):
         cloud = batch.points[batch.offsets[b]:batch.offsets[b + 1]]
         how = draw(st.sampled_from(("copies", "nudged", "fresh", "lattice")))
         if how in ("copies", "nudged") and len(cloud):
@@ -113,9 +121,45 @@ def queries_for(draw, batch: Batch, max_per_cloud=30):
             q = make_cloud(str(rng.choice(CLOUD_KINDS)), m, rng)
         parts.append(q.reshape(-1, 3))
     queries = np.concatenate(parts) if parts else np.zeros((0, 3))
-    q_offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-    q_offsets[1:] = np.cumsum(sizes)
+    q_offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    q_offsets[1:] = np.cumsum(counts)
     return Batch(queries.reshape(-1, 3), q_offsets)
+
+
+def nudge(x: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """x moved by `steps` ulps (element-wise, either direction)."""
+    x = np.array(x, dtype=np.float64)
+    for k in range(int(np.abs(steps).max(initial=0))):
+        x = np.where(steps > k, np.nextafter(x, np.inf), x)
+        x = np.where(steps < -k, np.nextafter(x, -np.inf), x)
+    return x
+
+
+def near_cell_faces(queries, voxel, kernel_size, dilation, n, rng, ulps=3):
+    """n points whose coordinates lie within a few ulps of the rule's cell faces of the given
+    queries (lo + k*v, k = 0..span, on each axis): where a different order of operations, a
+    reciprocal, a fused multiply-add or an integer-cell shortcut would bin differently."""
+    span = dilation * (kernel_size - 1) + 1
+    h = span * voxel / 2
+    q = np.asarray(queries, dtype=np.float64)[rng.integers(0, len(queries), n)]
+    k = rng.integers(0, span + 1, size=(n, 3))
+    x = (q - h) + k * voxel
+    inside = rng.random((n, 3)) < 0.2      # some coordinates well inside a cell instead
+    x = np.where(inside, q - h + (k + 0.5) * voxel, x)
+    return nudge(x, rng.integers(-ulps, ulps + 1, size=(n, 3)))
+
+
+def near_spheres(queries, radius, n, rng, ulps=3):
+    """n points within a few ulps of the cube (chebyshev) or sphere (euclidean) of the given
+    radius around the queries."""
+    q = np.asarray(queries, dtype=np.float64)[rng.integers(0, len(queries), n)]
+    u = rng.normal(size=(n, 3))
+    sphere = q + radius * u / np.linalg.norm(u, axis=1, keepdims=True)
+    cube = q + rng.uniform(-radius, radius, size=(n, 3))
+    axis = rng.integers(0, 3, n)
+    cube[np.arange(n), axis] = q[np.arange(n), axis] + rng.choice([-radius, radius], n)
+    pts = np.where((rng.random(n) < 0.5)[:, None], sphere, cube)
+    return nudge(pts, rng.integers(-ulps, ulps + 1, size=(n, 3)))
 
 
 voxel_sizes = st.one_of(st.sampled_from((1 / 8, 1 / 4, 1 / 2, 0.1, 0.15, 0.3)),

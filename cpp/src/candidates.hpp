@@ -82,89 +82,115 @@ inline void kernel_box(QueryBox& box, const KernelBounds& bounds) {
                 box.add(a, bounds.start[a][k], bounds.end[a][k]);
 }
 
-/// Cell-coordinate ranges of the box's intervals on one axis, merged; returns the number of
-/// cells covered (as double: saturated coordinates can span 2^63).
-inline double cell_ranges(const QueryBox& box, int axis, double origin, double cell_size,
-                          double inv_cell_size, std::vector<int64_t>& first,
-                          std::vector<int64_t>& last) {
-    first.clear();
-    last.clear();
-    double total = 0;
-    for (int k = 0; k < box.count[axis]; ++k) {
-        const int64_t c0 = grid_coord(box.lo[axis][k], origin, cell_size, inv_cell_size);
-        const int64_t c1 = grid_coord(box.hi[axis][k], origin, cell_size, inv_cell_size);
-        if (!first.empty() && c0 <= last.back() + 1) {
+/// Grid-cell ranges along one axis, each tagged with the kernel index it serves (-1: any).
+struct AxisRanges {
+    std::vector<int64_t> first, last;
+    std::vector<int> tag;
+    double n_cells = 0;  // cells covered, as double: saturated coordinates can span 2^63
+
+    void clear() {
+        first.clear();
+        last.clear();
+        tag.clear();
+        n_cells = 0;
+    }
+    /// Appends [c0, c1]; untagged ranges (tag -1) that touch the previous one are merged.
+    void add(int64_t c0, int64_t c1, int k) {
+        if (k < 0 && !first.empty() && tag.back() < 0 && c0 <= last.back() + 1) {
             if (c1 > last.back()) {
-                total += (double)c1 - (double)last.back();
+                n_cells += (double)c1 - (double)last.back();
                 last.back() = c1;
             }
-            continue;
+            return;
         }
         first.push_back(c0);
         last.push_back(c1);
-        total += (double)c1 - (double)c0 + 1.0;
+        tag.push_back(k);
+        n_cells += (double)c1 - (double)c0 + 1.0;
     }
-    return total;
-}
-
-inline bool in_ranges(int64_t c, const std::vector<int64_t>& first,
-                      const std::vector<int64_t>& last) {
-    for (size_t k = 0; k < first.size(); ++k)
-        if (c >= first[k] && c <= last[k]) return true;
-    return false;
-}
-
-/// Scratch space of one thread for grid enumeration.  Consecutive queries (in spatial order)
-/// usually cover the same grid rows, so the rows of the previous query are kept.
-struct GridScratch {
-    std::vector<int64_t> first[3], last[3];
-    int64_t cached_cloud = -1;
-    std::vector<int64_t> cached_first[2], cached_last[2];  // y and z ranges of the cached rows
-    std::vector<int64_t> rows;
-
-    bool rows_cached(int64_t cloud) const {
-        return cloud == cached_cloud && first[1] == cached_first[0] &&
-               last[1] == cached_last[0] && first[2] == cached_first[1] &&
-               last[2] == cached_last[1];
+    bool operator==(const AxisRanges& o) const {
+        return first == o.first && last == o.last && tag == o.tag;
     }
-    void remember(int64_t cloud) {
-        cached_cloud = cloud;
-        cached_first[0] = first[1];
-        cached_last[0] = last[1];
-        cached_first[1] = first[2];
-        cached_last[1] = last[2];
+    bool contains(int64_t c) const {
+        for (size_t k = 0; k < first.size(); ++k)
+            if (c >= first[k] && c <= last[k]) return true;
+        return false;
     }
 };
 
-/// Calls fn(begin, end) for runs of internal point positions of cloud `cloud` that may lie in box.
-template <class Fn>
-void for_each_candidate(const Grid& grid, int64_t cloud, const QueryBox& box, GridScratch& s,
-                        Fn&& fn) {
-    const double* origin = &grid.origin[3 * cloud];
-    const double g = grid.cell_size;
-    double n_cells[3];
-    for (int a = 0; a < 3; ++a) n_cells[a] = cell_ranges(box, a, origin[a], g, grid.inv_cell_size, s.first[a], s.last[a]);
+/// Scratch space of one thread for grid enumeration.  Consecutive queries (in spatial order)
+/// often cover the same grid rows, so the rows of the previous query are kept.
+struct GridScratch {
+    AxisRanges axis[3];
+    int64_t cached_cloud = -1;
+    AxisRanges cached_z, cached_y;
+    std::vector<int64_t> rows;      // row ids, -1 for an empty row
+    std::vector<int> row_tag_z, row_tag_y;
+};
 
+/// Untagged, merged cell ranges of a query box (radius search, dilation 1, kd-tree parity).
+inline void box_ranges(const Grid& grid, int64_t cloud, const QueryBox& box, GridScratch& s) {
+    const double* origin = &grid.origin[3 * cloud];
+    for (int a = 0; a < 3; ++a) {
+        s.axis[a].clear();
+        for (int k = 0; k < box.count[a]; ++k)
+            s.axis[a].add(grid_coord(box.lo[a][k], origin[a], grid.cell_size, grid.inv_cell_size),
+                          grid_coord(box.hi[a][k], origin[a], grid.cell_size, grid.inv_cell_size),
+                          -1);
+    }
+}
+
+/// Cell ranges of each kernel cell separately, tagged with its kernel index (dilation > 1: the
+/// candidates of a run then need no per-point classification).
+inline void kernel_cell_ranges(const Grid& grid, int64_t cloud, const KernelBounds& bounds,
+                               GridScratch& s) {
+    const double* origin = &grid.origin[3 * cloud];
+    for (int a = 0; a < 3; ++a) {
+        s.axis[a].clear();
+        for (int k = 0; k < bounds.kernel_size; ++k)
+            if (bounds.start[a][k] < bounds.end[a][k])
+                s.axis[a].add(
+                    grid_coord(bounds.start[a][k], origin[a], grid.cell_size, grid.inv_cell_size),
+                    grid_coord(bounds.end[a][k], origin[a], grid.cell_size, grid.inv_cell_size), k);
+    }
+}
+
+/// Calls fn(tag_z, tag_y, tag_x, begin, end) for the internal point ranges of cloud `cloud` that
+/// lie in the cells of s.axis[] (set by box_ranges or kernel_cell_ranges).
+template <class Fn>
+void for_each_tagged_run(const Grid& grid, int64_t cloud, GridScratch& s, Fn&& fn) {
+    const AxisRanges &rx = s.axis[0], &ry = s.axis[1], &rz = s.axis[2];
     const int64_t cube = grid.cube_base[cloud];
-    if (cube >= 0) {  // compact cloud: each x-range of a row is one point range
-        const int64_t nx = grid.cube_nx[cloud], ny = grid.dense_ny[cloud], nz = grid.dense_nz[cloud];
+    if (cube >= 0) {  // compact cloud: each x-range of a row is one point range (two loads)
+        const int64_t nx = grid.cube_nx[cloud], ny = grid.dense_ny[cloud];
+        const int64_t nz = grid.dense_nz[cloud];
         const int32_t* table = &grid.cube_start[cube];
-        const int64_t point_base = grid.cloud_offsets[cloud];
-        for (size_t kz = 0; kz < s.first[2].size(); ++kz) {
-            const int64_t z0 = std::max<int64_t>(s.first[2][kz], 0);
-            const int64_t z1 = std::min<int64_t>(s.last[2][kz], nz - 1);
+        const int32_t* rows = &grid.dense_rows[grid.dense_base[cloud]];
+        const int64_t base = grid.cloud_offsets[cloud];
+        // Clamp the x-ranges to the table once; empty rows are skipped with one load.
+        int64_t x0[64], x1[64];
+        const size_t n_x = std::min<size_t>(rx.first.size(), 64);
+        for (size_t kx = 0; kx < n_x; ++kx) {
+            x0[kx] = std::max<int64_t>(rx.first[kx], 0);
+            x1[kx] = std::min<int64_t>(rx.last[kx], nx - 1);
+        }
+        for (size_t kz = 0; kz < rz.first.size(); ++kz) {
+            const int64_t z0 = std::max<int64_t>(rz.first[kz], 0);
+            const int64_t z1 = std::min<int64_t>(rz.last[kz], nz - 1);
             for (int64_t cz = z0; cz <= z1; ++cz)
-                for (size_t ky = 0; ky < s.first[1].size(); ++ky) {
-                    const int64_t y0 = std::max<int64_t>(s.first[1][ky], 0);
-                    const int64_t y1 = std::min<int64_t>(s.last[1][ky], ny - 1);
+                for (size_t ky = 0; ky < ry.first.size(); ++ky) {
+                    const int64_t y0 = std::max<int64_t>(ry.first[ky], 0);
+                    const int64_t y1 = std::min<int64_t>(ry.last[ky], ny - 1);
                     for (int64_t cy = y0; cy <= y1; ++cy) {
+                        if (rows[cz * ny + cy] < 0) continue;
                         const int32_t* row = table + (cz * ny + cy) * nx;
-                        for (size_t kx = 0; kx < s.first[0].size(); ++kx) {
-                            const int64_t x0 = std::max<int64_t>(s.first[0][kx], 0);
-                            const int64_t x1 = std::min<int64_t>(s.last[0][kx], nx - 1);
-                            if (x0 > x1) continue;
-                            const int64_t b = row[x0], e = row[x1 + 1];
-                            if (e > b) fn(point_base + b, point_base + e);
+                        for (size_t kx = 0; kx < rx.first.size(); ++kx) {
+                            const int64_t a0 = kx < n_x ? x0[kx] : std::max<int64_t>(rx.first[kx], 0);
+                            const int64_t a1 =
+                                kx < n_x ? x1[kx] : std::min<int64_t>(rx.last[kx], nx - 1);
+                            if (a0 > a1) continue;
+                            const int64_t b = row[a0], e = row[a1 + 1];
+                            if (e > b) fn(rz.tag[kz], ry.tag[ky], rx.tag[kx], base + b, base + e);
                         }
                     }
                 }
@@ -172,45 +198,69 @@ void for_each_candidate(const Grid& grid, int64_t cloud, const QueryBox& box, Gr
         return;
     }
 
-    auto visit_row = [&](int64_t r) {
-        const int64_t cb = grid.row_cell_begin[r], ce = grid.row_cell_begin[r + 1];
-        int64_t c = cb;
-        for (size_t k = 0; k < s.first[0].size() && c < ce; ++k) {
-            while (c < ce && grid.cell_x[c] < s.first[0][k]) ++c;
-            const int64_t run_first = c;
-            while (c < ce && grid.cell_x[c] <= s.last[0][k]) ++c;
-            if (c > run_first) fn(grid.cell_begin[run_first], grid.cell_begin[c]);
-        }
-    };
-
-    if (!s.rows_cached(cloud)) {
+    if (!(cloud == s.cached_cloud && rz == s.cached_z && ry == s.cached_y)) {
         s.rows.clear();
+        s.row_tag_z.clear();
+        s.row_tag_y.clear();
         const int64_t row_begin = grid.cloud_row_begin[cloud];
         const int64_t row_end = grid.cloud_row_begin[cloud + 1];
-        if (n_cells[1] * n_cells[2] > (double)(row_end - row_begin)) {
-            // The box spans more grid rows than the cloud has: walk the cloud's rows instead.
+        if (rz.n_cells * ry.n_cells > (double)(row_end - row_begin)) {
+            // The ranges span more grid rows than the cloud has: walk the cloud's rows instead.
             // This bounds the work by the cloud's size whatever the ratio of box to cell.
             for (int64_t r = row_begin; r < row_end; ++r) {
-                const int64_t* key = &grid.row_key[3 * r];
-                if (in_ranges(key[1], s.first[2], s.last[2]) &&
-                    in_ranges(key[2], s.first[1], s.last[1]))
-                    s.rows.push_back(r);
+                const int64_t cz = grid.row_key[3 * r + 1], cy = grid.row_key[3 * r + 2];
+                for (size_t kz = 0; kz < rz.first.size(); ++kz) {
+                    if (cz < rz.first[kz] || cz > rz.last[kz]) continue;
+                    for (size_t ky = 0; ky < ry.first.size(); ++ky) {
+                        if (cy < ry.first[ky] || cy > ry.last[ky]) continue;
+                        s.rows.push_back(r);
+                        s.row_tag_z.push_back(rz.tag[kz]);
+                        s.row_tag_y.push_back(ry.tag[ky]);
+                    }
+                }
             }
         } else {
-            for (size_t kz = 0; kz < s.first[2].size(); ++kz)
-                for (int64_t cz = s.first[2][kz];; ++cz) {
-                    for (size_t ky = 0; ky < s.first[1].size(); ++ky)
-                        for (int64_t cy = s.first[1][ky];; ++cy) {
+            for (size_t kz = 0; kz < rz.first.size(); ++kz)
+                for (int64_t cz = rz.first[kz];; ++cz) {
+                    for (size_t ky = 0; ky < ry.first.size(); ++ky)
+                        for (int64_t cy = ry.first[ky];; ++cy) {
                             const int64_t r = grid.find_row(cloud, cz, cy);
-                            if (r >= 0) s.rows.push_back(r);
-                            if (cy == s.last[1][ky]) break;
+                            if (r >= 0) {
+                                s.rows.push_back(r);
+                                s.row_tag_z.push_back(rz.tag[kz]);
+                                s.row_tag_y.push_back(ry.tag[ky]);
+                            }
+                            if (cy == ry.last[ky]) break;
                         }
-                    if (cz == s.last[2][kz]) break;
+                    if (cz == rz.last[kz]) break;
                 }
         }
-        s.remember(cloud);
+        s.cached_cloud = cloud;
+        s.cached_z = rz;
+        s.cached_y = ry;
     }
-    for (const int64_t r : s.rows) visit_row(r);
+    for (size_t q = 0; q < s.rows.size(); ++q) {
+        const int64_t r = s.rows[q];
+        const int64_t cb = grid.row_cell_begin[r], ce = grid.row_cell_begin[r + 1];
+        int64_t c = cb;
+        for (size_t kx = 0; kx < rx.first.size(); ++kx) {
+            if (rx.tag[kx] >= 0) c = cb;  // tagged ranges may share cells: rescan from the start
+            while (c < ce && grid.cell_x[c] < rx.first[kx]) ++c;
+            const int64_t run_first = c;
+            while (c < ce && grid.cell_x[c] <= rx.last[kx]) ++c;
+            if (c > run_first)
+                fn(s.row_tag_z[q], s.row_tag_y[q], rx.tag[kx], grid.cell_begin[run_first],
+                   grid.cell_begin[c]);
+        }
+    }
+}
+
+/// Calls fn(begin, end) for runs of internal point positions of cloud `cloud` that may lie in box.
+template <class Fn>
+void for_each_candidate(const Grid& grid, int64_t cloud, const QueryBox& box, GridScratch& s,
+                        Fn&& fn) {
+    box_ranges(grid, cloud, box, s);
+    for_each_tagged_run(grid, cloud, s, [&](int, int, int, int64_t b, int64_t e) { fn(b, e); });
 }
 
 inline bool axis_overlaps(const QueryBox& box, int axis, double node_lo, double node_hi) {

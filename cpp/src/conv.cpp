@@ -2,6 +2,7 @@
 #include "pwconv/conv.hpp"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace pwconv {
@@ -29,23 +30,50 @@ struct SlotBuffer {
     std::vector<F> sums;            // (slots, channels)
     std::vector<int32_t> by_cell;   // slots ordered by cell, then by creation
     std::vector<int64_t> cell_begin;  // (n_cells + 1,) into by_cell
+    std::vector<int64_t> row_slot_begin;  // (rows + 1,) slots are created row by row
     int64_t n_slots = 0;
 
     void reset(int64_t rows, int64_t n_cells) {
         if ((int64_t)slot_of.size() < rows * n_cells) slot_of.assign(rows * n_cells, -1);
         cell_begin.assign(n_cells + 1, 0);
+        row_slot_begin.resize(rows + 1);
         n_slots = 0;
     }
 };
 
+// Channel loops with the count fixed at compile time for the common small sizes (the paper's
+// layers have 3 and 9 channels): fully unrolled, accumulators kept in registers.  C = 0: runtime.
+template <int C, class F>
+inline void axpy(int64_t ch, F alpha, const F* x, F* y) {
+    const int64_t n = C > 0 ? C : ch;
+    for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
+}
+
+template <class Fn>
+inline void dispatch_channels(int64_t ch, Fn&& fn) {
+    switch (ch) {
+        case 1: return fn(std::integral_constant<int, 1>());
+        case 2: return fn(std::integral_constant<int, 2>());
+        case 3: return fn(std::integral_constant<int, 3>());
+        case 4: return fn(std::integral_constant<int, 4>());
+        case 6: return fn(std::integral_constant<int, 6>());
+        case 8: return fn(std::integral_constant<int, 8>());
+        case 9: return fn(std::integral_constant<int, 9>());
+        case 12: return fn(std::integral_constant<int, 12>());
+        case 16: return fn(std::integral_constant<int, 16>());
+        default: return fn(std::integral_constant<int, 0>());
+    }
+}
+
 // Sums w(row, e, f) * src[col[e]] per (row, cell) for rows [r0, r1) into buf's slots, then groups
 // the slots by cell.  Entries are visited in CSR order: the summation order is fixed.
-template <class F, class CellT, class Weight>
+template <int A, class F, class CellT, class Weight>
 void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const int64_t* col,
                   const CellT* cell, int64_t n_cells, const F* src, int64_t ch, Weight weight,
                   SlotBuffer<F>& buf) {
     buf.reset(r1 - r0, n_cells);
     for (int64_t r = r0; r < r1; ++r) {
+        buf.row_slot_begin[r - r0] = buf.n_slots;
         int32_t* slot_of = &buf.slot_of[(r - r0) * n_cells];
         for (int64_t e = splits[r]; e < splits[r + 1]; ++e) {
             const int64_t f = (int64_t)cell[e];
@@ -63,12 +91,10 @@ void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const int64_t* 
                 std::fill(&buf.sums[s * ch], &buf.sums[s * ch] + ch, F(0));
                 ++buf.cell_begin[f + 1];
             }
-            const F w = weight(r, e, f);
-            const F* x = src + col[e] * ch;
-            F* sum = &buf.sums[s * ch];
-            for (int64_t c = 0; c < ch; ++c) sum[c] += w * x[c];
+            axpy<A>(ch, weight(r, e, f), src + col[e] * ch, &buf.sums[s * ch]);
         }
     }
+    buf.row_slot_begin[r1 - r0] = buf.n_slots;
     // Reset the slot table for the next block, and group slots by cell (stable counting sort).
     for (int64_t s = 0; s < buf.n_slots; ++s)
         buf.slot_of[buf.slot_row[s] * n_cells + buf.slot_cell[s]] = -1;
@@ -105,20 +131,60 @@ void apply_cells(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, int64_t n_cel
     }
 }
 
+// Small weights (they stay in L1/L2): rows one at a time, each row's slots in creation order,
+// the output row accumulated in registers (B output channels fixed at compile time when small).
+template <int B, class F>
+void apply_rows(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, const F* M, int64_t a,
+                int64_t b_runtime, bool depthwise, F* out) {
+    const int64_t b = B > 0 ? B : b_runtime;
+    constexpr int kAcc = B > 0 ? B : 1;
+    for (int64_t r = r0; r < r1; ++r) {
+        F* o = out + r * b;
+        F acc[kAcc];
+        F* dst = B > 0 ? acc : o;
+        for (int64_t c = 0; c < b; ++c) dst[c] = F(0);
+        for (int64_t s = buf.row_slot_begin[r - r0]; s < buf.row_slot_begin[r - r0 + 1]; ++s) {
+            const F* sum = &buf.sums[s * a];
+            const int64_t f = buf.slot_cell[s];
+            if (depthwise) {
+                const F* Mf = M + f * a;
+                for (int64_t c = 0; c < b; ++c) dst[c] += sum[c] * Mf[c];
+            } else {
+                const F* Mf = M + f * a * b;
+                for (int64_t ci = 0; ci < a; ++ci) axpy<B>(b, sum[ci], Mf + ci * b, dst);
+            }
+        }
+        if (B > 0)
+            for (int64_t c = 0; c < b; ++c) o[c] = acc[c];
+    }
+}
+
+constexpr int64_t kSmallWeightBytes = 256 * 1024;
+
 // Rows of a gather kernel, in blocks of kRowBlock.  schedule(dynamic): rows differ in size.
 template <class F, class CellT, class Weight>
 void gather_apply(int64_t rows, const int64_t* splits, const int64_t* col, const CellT* cell,
                   int64_t n_cells, const F* src, int64_t a, Weight weight, const F* M, int64_t b,
                   bool depthwise, F* out, int threads) {
     const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
+    const bool small = (double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes;
 #pragma omp parallel num_threads(threads)
     {
         SlotBuffer<F> buf;
 #pragma omp for schedule(dynamic, 4)
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
             const int64_t r0 = blk * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
-            gather_slots(r0, r1, splits, col, cell, n_cells, src, a, weight, buf);
-            apply_cells(r0, r1, buf, n_cells, M, a, b, depthwise, out);
+            dispatch_channels(a, [&](auto A) {
+                gather_slots<decltype(A)::value>(r0, r1, splits, col, cell, n_cells, src, a,
+                                                 weight, buf);
+            });
+            if (small) {
+                dispatch_channels(b, [&](auto B) {
+                    apply_rows<decltype(B)::value>(r0, r1, buf, M, a, b, depthwise, out);
+                });
+            } else {
+                apply_cells(r0, r1, buf, n_cells, M, a, b, depthwise, out);
+            }
         }
     }
 }
@@ -148,23 +214,42 @@ template <class CellT>
 void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int64_t* trow,
                           CellT* tcell, int threads) {
     check_map(map);
-    (void)threads;  // a stable counting sort: O(E), memory bound, kept serial
     const int64_t n = map.n, m = map.m;
-    std::fill(tsplits, tsplits + n + 1, 0);
     const int64_t n_entries = map.splits[m];
-    for (int64_t e = 0; e < n_entries; ++e) {
-        const int64_t j = map.index[e];
-        require(j >= 0 && j < n, "kernel map index out of range");
-        ++tsplits[j + 1];
-    }
-    for (int64_t j = 0; j < n; ++j) tsplits[j + 1] += tsplits[j];
-    std::vector<int64_t> cursor(tsplits, tsplits + n);
-    for (int64_t i = 0; i < m; ++i)
-        for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e) {
-            const int64_t pos = cursor[map.index[e]]++;
-            trow[pos] = i;
-            tcell[pos] = map.cell[e];
+    for (int64_t e = 0; e < n_entries; ++e)
+        require(map.index[e] >= 0 && map.index[e] < n, "kernel map index out of range");
+    // A stable counting sort by point.  Each thread owns a range of points and scans all entries
+    // in row order, writing only its own: the output is the unique stable order (rows ascending
+    // within a point) whatever the number of threads, and the scattered writes are split.
+    threads = resolve_threads(threads);
+    const int64_t owners = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+    std::fill(tsplits, tsplits + n + 1, 0);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static, 1)
+        for (int64_t t = 0; t < owners; ++t) {
+            const int64_t j0 = n * t / owners, j1 = n * (t + 1) / owners;
+            for (int64_t e = 0; e < n_entries; ++e) {
+                const int64_t j = map.index[e];
+                if (j >= j0 && j < j1) ++tsplits[j + 1];
+            }
         }
+#pragma omp single
+        for (int64_t j = 0; j < n; ++j) tsplits[j + 1] += tsplits[j];
+#pragma omp for schedule(static, 1)
+        for (int64_t t = 0; t < owners; ++t) {
+            const int64_t j0 = n * t / owners, j1 = n * (t + 1) / owners;
+            std::vector<int64_t> cursor(tsplits + j0, tsplits + j1);
+            for (int64_t i = 0; i < m; ++i)
+                for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e) {
+                    const int64_t j = map.index[e];
+                    if (j < j0 || j >= j1) continue;
+                    const int64_t pos = cursor[j - j0]++;
+                    trow[pos] = i;
+                    tcell[pos] = map.cell[e];
+                }
+        }
+    }
 }
 
 template <class F, class CellT>
@@ -229,24 +314,27 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
                 const int64_t r1 = std::min(map.m, r0 + kWeightBlock);
                 F* dw = &partial[k * w_size];
                 std::fill(dw, dw + w_size, F(0));
-                gather_slots(r0, r1, map.splits, map.index, map.cell, n_cells, x, c_in, mean, buf);
-                for (int64_t f = 0; f < n_cells; ++f) {
-                    for (int64_t q = buf.cell_begin[f]; q < buf.cell_begin[f + 1]; ++q) {
-                        const int32_t s = buf.by_cell[q];
+                dispatch_channels(c_in, [&](auto A) {
+                    gather_slots<decltype(A)::value>(r0, r1, map.splits, map.index, map.cell,
+                                                     n_cells, x, c_in, mean, buf);
+                });
+                dispatch_channels(c_out, [&](auto B) {
+                    constexpr int kB = decltype(B)::value;
+                    // Slots in creation order (row by row): a fixed order.
+                    for (int64_t s = 0; s < buf.n_slots; ++s) {
+                        const int64_t f = buf.slot_cell[s];
                         const F* sum = &buf.sums[s * c_in];
                         const F* dy = grad_y + (r0 + buf.slot_row[s]) * c_out;
                         if (depthwise) {
                             F* d = dw + f * c_in;
                             for (int64_t c = 0; c < c_in; ++c) d[c] += sum[c] * dy[c];
                         } else {
-                            for (int64_t ci = 0; ci < c_in; ++ci) {
-                                const F v = sum[ci];
-                                F* d = dw + (f * c_in + ci) * c_out;
-                                for (int64_t co = 0; co < c_out; ++co) d[co] += v * dy[co];
-                            }
+                            F* d = dw + f * c_in * c_out;
+                            for (int64_t ci = 0; ci < c_in; ++ci)
+                                axpy<kB>(c_out, sum[ci], dy, d + ci * c_out);
                         }
                     }
-                }
+                });
             }
             // Fixed-order reduction of this wave, parallel over the weight's elements.
 #pragma omp for schedule(static)

@@ -1,6 +1,7 @@
 // Count and fill passes of the radius search and the kernel map, for the grid and the kd-tree.
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -107,9 +108,48 @@ int64_t count_kernel_run(const Index& index, int64_t b, int64_t e, const KernelB
     return count;
 }
 
+// Candidates of one kernel cell f (dilation > 1, grid): only that cell's box to test.
+template <class Index>
+void fill_cell_run(const Index& index, int64_t b, int64_t e, const KernelBounds& kb, int kx,
+                   int ky, int kz, int cell_bits, KeyBuffer& out) {
+    const double* X = index.coord[0].data();
+    const double* Y = index.coord[1].data();
+    const double* Z = index.coord[2].data();
+    const int64_t* order = index.order.data();
+    const int K = kb.kernel_size;
+    const double x0 = kb.start[0][kx], x1 = kb.end[0][kx];
+    const double y0 = kb.start[1][ky], y1 = kb.end[1][ky];
+    const double z0 = kb.start[2][kz], z1 = kb.end[2][kz];
+    const int64_t f = ((int64_t)kz * K + ky) * K + kx;
+    int64_t* keys = out.reserve(e - b);
+    int64_t n = out.size;
+    for (int64_t p = b; p < e; ++p) {
+        keys[n] = (order[p] << cell_bits) | f;
+        n += (X[p] >= x0) & (X[p] < x1) & (Y[p] >= y0) & (Y[p] < y1) & (Z[p] >= z0) &
+             (Z[p] < z1);
+    }
+    out.size = n;
+}
+
+template <class Index>
+int64_t count_cell_run(const Index& index, int64_t b, int64_t e, const KernelBounds& kb, int kx,
+                       int ky, int kz) {
+    const double* X = index.coord[0].data();
+    const double* Y = index.coord[1].data();
+    const double* Z = index.coord[2].data();
+    const double x0 = kb.start[0][kx], x1 = kb.end[0][kx];
+    const double y0 = kb.start[1][ky], y1 = kb.end[1][ky];
+    const double z0 = kb.start[2][kz], z1 = kb.end[2][kz];
+    int64_t count = 0;
+    for (int64_t p = b; p < e; ++p)
+        count += (X[p] >= x0) & (X[p] < x1) & (Y[p] >= y0) & (Y[p] < y1) & (Z[p] >= z0) &
+                 (Z[p] < z1);
+    return count;
+}
+
 template <int KC, class Index>
 void fill_kernel_run(const Index& index, int64_t b, int64_t e, const KernelBounds& kb,
-                     int cell_bits, KeyBuffer& out) {
+                     int cell_bits, bool contiguous, KeyBuffer& out) {
     const double* X = index.coord[0].data();
     const double* Y = index.coord[1].data();
     const double* Z = index.coord[2].data();
@@ -119,6 +159,19 @@ void fill_kernel_run(const Index& index, int64_t b, int64_t e, const KernelBound
     const double *ex = kb.end[0].data(), *ey = kb.end[1].data(), *ez = kb.end[2].data();
     int64_t* keys = out.reserve(e - b);
     int64_t n = out.size;
+    if (contiguous) {  // dilation 1: the K cells tile [start[0], end[K-1]) on every axis
+        const double x0 = sx[0], x1 = ex[K - 1], y0 = sy[0], y1 = ey[K - 1];
+        const double z0 = sz[0], z1 = ez[K - 1];
+        for (int64_t p = b; p < e; ++p) {
+            const int kx = kernel_index(X[p], sx, K), ky = kernel_index(Y[p], sy, K),
+                      kz = kernel_index(Z[p], sz, K);
+            keys[n] = (order[p] << cell_bits) | (((int64_t)kz * K + ky) * K + kx);
+            n += (X[p] >= x0) & (X[p] < x1) & (Y[p] >= y0) & (Y[p] < y1) & (Z[p] >= z0) &
+                 (Z[p] < z1);
+        }
+        out.size = n;
+        return;
+    }
     for (int64_t p = b; p < e; ++p) {
         const int kx = kernel_index(X[p], sx, K), ky = kernel_index(Y[p], sy, K),
                   kz = kernel_index(Z[p], sz, K);
@@ -188,8 +241,19 @@ struct KernelPolicy {
     void collect_k(const Index& index, const double q[3], int64_t cloud, QueryBox& box,
                    Scratch& scratch, State& state, KeyBuffer& out) const {
         prepare(q, state, box);
+        if constexpr (std::is_same<Index, Grid>::value) {
+            if (spec.dilation > 1) {  // cell by cell: the grid ranges of each kernel cell
+                detail::kernel_cell_ranges(index, cloud, state.bounds, scratch);
+                detail::for_each_tagged_run(
+                    index, cloud, scratch, [&](int kz, int ky, int kx, int64_t b, int64_t e) {
+                        fill_cell_run(index, b, e, state.bounds, kx, ky, kz, cell_bits, out);
+                    });
+                return;
+            }
+        }
+        const bool contiguous = spec.dilation == 1;
         detail::for_each_candidate(index, cloud, box, scratch, [&](int64_t b, int64_t e) {
-            fill_kernel_run<KC>(index, b, e, state.bounds, cell_bits, out);
+            fill_kernel_run<KC>(index, b, e, state.bounds, cell_bits, contiguous, out);
         });
     }
     template <class Index, class Scratch>
@@ -206,8 +270,18 @@ struct KernelPolicy {
     int64_t count(const Index& index, const double q[3], int64_t cloud, QueryBox& box,
                   Scratch& scratch, State& state) const {
         prepare(q, state, box);
-        const bool contiguous = spec.dilation == 1;
         int64_t n = 0;
+        if constexpr (std::is_same<Index, Grid>::value) {
+            if (spec.dilation > 1) {
+                detail::kernel_cell_ranges(index, cloud, state.bounds, scratch);
+                detail::for_each_tagged_run(
+                    index, cloud, scratch, [&](int kz, int ky, int kx, int64_t b, int64_t e) {
+                        n += count_cell_run(index, b, e, state.bounds, kx, ky, kz);
+                    });
+                return n;
+            }
+        }
+        const bool contiguous = spec.dilation == 1;
         detail::for_each_candidate(index, cloud, box, scratch, [&](int64_t b, int64_t e) {
             n += count_kernel_run<0>(index, b, e, state.bounds, contiguous);
         });

@@ -67,6 +67,15 @@ PWCONV_HD double first_true(const Pred& pred, double guess) {
     const long long ord_max = 0x7ff0000000000000LL;  // +inf
     const long long ord_min = -ord_max;               // -inf
     long long o = ordered_from_double(guess);
+    // Fast path: the answer is almost always the guess or a neighbour of it; the three predicate
+    // evaluations are independent, so their divisions overlap.
+    if (o > ord_min + 1 && o < ord_max - 1) {
+        const bool below = pred(double_from_ordered(o - 1));
+        const bool at = pred(double_from_ordered(o));
+        const bool above = pred(double_from_ordered(o + 1));
+        if (!below && at) return double_from_ordered(o);
+        if (!at && above) return double_from_ordered(o + 1);
+    }
     if (o < ord_min) o = ord_min;
     if (o > ord_max) o = ord_max;
     long long lo_o, hi_o;  // pred(lo_o) false, pred(hi_o) true
@@ -124,7 +133,11 @@ PWCONV_HD void kernel_axis_bounds(double lo, double voxel_size, int kernel_size,
     const double span = (double)kernel_span(kernel_size, dilation);
     for (int k = 0; k < kernel_size; ++k) {
         const double c0 = (double)k * (double)dilation;  // first unit cell of kernel cell k
-        start[k] = first_true(TAtLeast{lo, voxel_size, c0}, lo + c0 * voxel_size);
+        if (k > 0 && dilation == 1) {
+            start[k] = end[k - 1];  // the same threshold, t >= k
+        } else {
+            start[k] = first_true(TAtLeast{lo, voxel_size, c0}, lo + c0 * voxel_size);
+        }
         if (k + 1 < kernel_size) {
             end[k] = first_true(TAtLeast{lo, voxel_size, c0 + 1.0},
                                 lo + (c0 + 1.0) * voxel_size);
