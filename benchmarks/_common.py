@@ -35,12 +35,27 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _version(module_name: str):
+def _version(*dists: str):
+    """Installed version of the first of these distributions (no import), else None."""
+    from importlib import metadata
+
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _pwconv_build(pwconv_cy) -> dict | None:
+    """pwconv_cy.show_config()'s dict (compiler, OpenMP, native build), printed to nowhere."""
+    import io
+
     try:
-        module = __import__(module_name)
-    except Exception:  # noqa: BLE001 - an absent or broken peer is recorded, not fatal
+        info = pwconv_cy.show_config(file=io.StringIO())
+    except Exception:  # noqa: BLE001 - older builds without show_config
         return None
-    return getattr(module, "__version__", "unknown")
+    return {k: str(v) for k, v in info.items()}
 
 
 def machine_info() -> dict:
@@ -67,8 +82,10 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "scipy": _version("scipy"),
-        "open3d": open3d_version(),
+        "open3d": _version("open3d-cpu", "open3d"),
+        "matplotlib": _version("matplotlib"),
         "pwconv_cy": getattr(pwconv_cy, "__version__", "unknown"),
+        "pwconv_build": _pwconv_build(pwconv_cy),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "threadpools": threadpools(),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
@@ -305,11 +322,6 @@ def csr_from_pairs(pairs: np.ndarray, n: int):
 _O3D: dict = {}
 
 
-def open3d_version():
-    o3d = open3d_module()
-    return None if o3d is None else o3d.__version__
-
-
 def open3d_module():
     """open3d, or None (the note saying why is printed once)."""
     if "module" not in _O3D:
@@ -346,7 +358,8 @@ def threadpools() -> list:
 
 
 def open3d_threads(n: int) -> None:
-    o3d = open3d_module()
+    """Open3D's thread cap, only if a script already imported it (no import here)."""
+    o3d = _O3D.get("module")
     if o3d is not None:
         o3d.utility.set_max_threads(int(n))
 

@@ -11,8 +11,9 @@ build and query separately, at every thread count:
   (``NearestNeighborSearch.fixed_radius_index`` / ``fixed_radius_search``);
 * the kernel map (K = 3, dilation 1): pwconv grid versus pwconv kd-tree.
 
-Writes ``benchmarks/results/crossover.json`` and ``crossover.png`` and prints the crossover: the
-smallest N from which the kd-tree is faster than the grid at every larger N of the sweep.
+Writes ``benchmarks/results/crossover.json`` and ``crossover.png`` (``crossover_quick.*`` with
+--quick) and prints the crossover: the smallest N from which the kd-tree is faster than the grid
+(by more than --margin, 5 %) at every larger N of the sweep, or "none".
 
     python benchmarks/crossover.py            # full sweep, ~10 min on 2 cores
     python benchmarks/crossover.py --quick    # N <= 16K, < 30 s
@@ -355,6 +356,7 @@ def plot(records, path, densities, threads, plot_k):
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set(
                 xscale="log",
+                yscale="log",
                 xlabel="N points",
                 ylabel="kd-tree / grid time",
                 title=f"{density}: {op.replace('_', ' ')}, kd/grid (<1: kd faster)",
@@ -380,7 +382,7 @@ def main(argv=None):
         default=None,
         help="seconds of timed runs per measurement: >= 3 runs of a cheap call, "
         "round(budget / warm-up) (>= 1) of an expensive one; the peers get half (default 1.0, "
-        "--quick 0.3)",
+        "--quick 0.2)",
     )
     ap.add_argument(
         "--margin",
@@ -411,10 +413,16 @@ def main(argv=None):
     )
     ap.add_argument("--plot-k", type=int, default=32, help="neighbour target of the time panels")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default="crossover", help="result file stem")
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="result file stem (default crossover, crossover_quick with --quick)",
+    )
     args = ap.parse_args(argv)
+    if args.name is None:
+        args.name = "crossover_quick" if args.quick else "crossover"
     if args.budget is None:
-        args.budget = 0.3 if args.quick else 1.0
+        args.budget = 0.2 if args.quick else 1.0
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     neighbors = args.neighbors or (QUICK_NEIGHBORS if args.quick else NEIGHBORS)
     o3d = C.open3d_module()

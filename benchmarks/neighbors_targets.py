@@ -7,10 +7,12 @@ b. Euclidean radius search on 262,144 sphere points with ~32 neighbours (self in
    CSR with sorted rows, versus cKDTree + query_pairs + CSR assembly.  Target: >= 5x faster.
    Also shown: query_pairs alone, SciPy query_ball_point(workers=t) and Open3D when installed.
 c. The kernel map (dilation 1) of 1 M sphere points (~20-30 neighbours) and of the real 0.7 M-point
-   LiDAR tile at v = 0.5 m: time (target < 1 s), peak memory (each case in its own subprocess,
-   ru_maxrss), mean neighbours per point.
+   LiDAR tile at v = 0.5 m: time (target < 1 s), peak memory (each case in its own subprocess:
+   peak RSS from /proc/self/status VmHWM, reset after loading the points; ru_maxrss is recorded
+   too but starts at the parent's RSS), mean neighbours per point.
 
-All at 1 and 2 threads; results in ``benchmarks/results/neighbors_targets.json``.
+All at 1 and 2 threads; results in ``benchmarks/results/neighbors_targets.json``
+(``neighbors_targets_quick.json`` with --quick).
 
     python benchmarks/neighbors_targets.py            # full size, a few minutes on 2 cores
     python benchmarks/neighbors_targets.py --quick    # reduced sizes, < 30 s
@@ -636,8 +638,14 @@ def main(argv=None):
         help="seconds of timed runs per measurement before stopping early (default 3, --quick 0.5)",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default="neighbors_targets", help="result file stem")
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="result file stem (default neighbors_targets, neighbors_targets_quick with --quick)",
+    )
     args = ap.parse_args(argv)
+    if args.name is None:
+        args.name = "neighbors_targets_quick" if args.quick else "neighbors_targets"
     if args.budget is None:
         args.budget = 0.5 if args.quick else 3.0
     o3d = C.open3d_module() if "b" in args.targets else None

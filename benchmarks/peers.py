@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["PeerMap", "bin_pairs", "ScipyPeer", "TorchPeer"]
+__all__ = ["PeerMap", "ScipyPeer", "TorchPeer", "bin_pairs"]
 
 # Candidate pairs are searched with a radius this much larger than h, then filtered by the exact
 # SPEC §1 rule: the rule, not the tree's distance test, decides membership at the boundary.
@@ -187,7 +187,7 @@ class TorchPeer:
         return TorchPeer.Map(slot, cols, scale, counts.view(n, n_cells), n, n_cells)
 
     @staticmethod
-    def forward(km: "TorchPeer.Map", x, weight):
+    def forward(km: TorchPeer.Map, x, weight):
         """x (N, c_in) tensor, weight (K, K, K, c_in, c_out) tensor; differentiable in both."""
         import torch
 

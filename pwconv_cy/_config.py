@@ -1,7 +1,10 @@
 """Process-wide settings: the memory budget of variable-size results."""
 from __future__ import annotations
 
+import numbers
 import os
+
+import numpy as np
 
 __all__ = ["MemoryBudgetError", "get_memory_budget", "set_memory_budget", "check_budget",
            "resolve_budget", "max_pairs_within"]
@@ -39,12 +42,16 @@ def get_memory_budget() -> int:
 def set_memory_budget(nbytes: int | None) -> None:
     """Set the process-wide budget in bytes (a positive int), or ``None`` for the default."""
     global _budget_bytes
-    if nbytes is None:
-        _budget_bytes = None
-        return
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
-        raise ValueError(f"memory budget must be a positive number of bytes or None, got {nbytes!r}")
-    _budget_bytes = int(nbytes)
+    _budget_bytes = None if nbytes is None else _check_bytes(nbytes, "memory budget")
+
+
+def _check_bytes(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer number of bytes or None, got "
+                        f"{value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes or None, got {value!r}")
+    return int(value)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -59,9 +66,7 @@ def resolve_budget(budget) -> int:
     """The per-call budget in bytes: `budget` when given (a positive int), else the global one."""
     if budget is None:
         return get_memory_budget()
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes or None, got {budget!r}")
-    return budget
+    return _check_bytes(budget, "memory_budget")
 
 
 def max_pairs_within(budget_bytes: int, bytes_per_pair: int) -> int:

@@ -1,6 +1,7 @@
 # Declarations of the C++ core (cpp/include/pwconv).  Translation only: no logic here.
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t
 from libcpp cimport bool as cbool
+from libcpp.vector cimport vector
 
 
 cdef extern from "pwconv/common.hpp" namespace "pwconv" nogil:
@@ -47,6 +48,7 @@ cdef extern from "pwconv/radius_search.hpp" namespace "pwconv" nogil:
         Batch batch
 
     cdef cppclass PairBlocks:
+        vector[int64_t] query_of
         int64_t n_queries
         int64_t n_pairs
         cbool complete
@@ -84,8 +86,9 @@ cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:
         const C* cell
         const int32_t* counts
 
-    void transpose_kernel_map[C](const KernelMapView[C]& map, int64_t* tsplits, int64_t* trow,
-                                 C* tcell, int threads) except +
+    void transpose_kernel_map[C](const KernelMapView[C]& map, const int64_t* row_order,
+                                 int64_t* tsplits, int64_t* trow, C* tcell,
+                                 int threads) except +
     void conv_forward[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
                             const F* weight, int64_t c_out, cbool depthwise, F* y,
                             int threads) except +

@@ -158,6 +158,17 @@ cdef class Pairs:
     def memory_bytes(self):
         return self._blocks.memory_bytes()
 
+    def visit_order(self):
+        """Queries in the order the search visited them (spatial), or None for caller order."""
+        if self._blocks.query_of.size() == 0:
+            return None
+        order = np.empty(self._blocks.query_of.size(), dtype=np.int64)
+        cdef int64_t[::1] o = order
+        cdef int64_t k
+        for k in range(o.shape[0]):
+            o[k] = self._blocks.query_of[k]
+        return order
+
     def splits(self):
         splits = np.empty(self._blocks.n_queries + 1, dtype=np.int64)
         cdef int64_t[::1] s = splits
@@ -239,9 +250,13 @@ cdef inline KernelMapView[cell_t] _map_view(const int64_t[::1] splits, const int
 
 
 def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
-                  const int32_t[:, ::1] counts, int64_t n_points, int kernel_size, int threads):
-    """Transposed kernel map: (tsplits (n+1,), trow (E,), tcell (E,))."""
+                  const int32_t[:, ::1] counts, int64_t n_points, int kernel_size,
+                  const int64_t[::1] row_order, int threads):
+    """Transposed kernel map: (tsplits (n+1,), trow (E,), tcell (E,)); row_order may be None."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, n_points, kernel_size)
+    cdef const int64_t* order = NULL
+    if row_order is not None and row_order.shape[0] > 0:
+        order = &row_order[0]
     cdef int64_t n_entries = index.shape[0]
     tsplits = np.empty(n_points + 1, dtype=np.int64)
     trow = np.empty(n_entries, dtype=np.int64)
@@ -250,7 +265,7 @@ def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cel
     cdef int64_t[::1] tr = trow
     cdef cell_t[::1] tc = tcell
     with nogil:
-        transpose_kernel_map(view, &ts[0], &tr[0] if n_entries else NULL,
+        transpose_kernel_map(view, order, &ts[0], &tr[0] if n_entries else NULL,
                              &tc[0] if n_entries else NULL, threads)
     return tsplits, trow, tcell
 

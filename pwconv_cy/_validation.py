@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
-    "as_numpy", "check_points", "check_offsets", "check_queries", "check_positive",
+    "check_leaf_size", "check_extent", "as_numpy", "check_points", "check_offsets", "check_queries", "check_positive",
     "check_kernel_size", "check_dilation", "check_num_threads", "check_choice", "PointBatch",
 ]
 
@@ -19,6 +19,8 @@ def as_numpy(x, name: str) -> np.ndarray:
     """A NumPy view of `x` (NumPy, array-likes, DLPack producers on the CPU), without copying."""
     if isinstance(x, np.ndarray):
         return x
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
     if hasattr(x, "__cuda_array_interface__"):
         raise TypeError(f"{name} is a GPU array ({type(x).__module__}.{type(x).__name__}); "
                         "the CPU path needs a host array (NumPy or a CPU DLPack tensor)")
@@ -54,13 +56,15 @@ def _check_coordinates(arr: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
-def check_offsets(offsets, n: int, name: str = "offsets") -> np.ndarray:
-    """Row splits (B + 1,) of any integer dtype -> int64: starts at 0, non-decreasing, ends at n."""
+def check_offsets(offsets, n: int, name: str = "offsets", what: str = "points") -> np.ndarray:
+    """Row splits (B + 1,) of any integer dtype -> int64: starts at 0, non-decreasing, ends at n
+    (the number of `what`)."""
     arr = as_numpy(offsets, name)
+    if arr.ndim != 1 or arr.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (n_clouds + 1,), got {arr.shape}: row splits "
+                         "start with 0 and end with the number of " + what)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must have an integer dtype, got {arr.dtype}")
-    if arr.ndim != 1 or arr.shape[0] < 1:
-        raise ValueError(f"{name} must have shape (n_clouds + 1,), got {arr.shape}")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if arr[0] != 0:
         raise ValueError(f"{name} must start at 0, got {name}[0] = {arr[0]}")
@@ -70,13 +74,13 @@ def check_offsets(offsets, n: int, name: str = "offsets") -> np.ndarray:
         raise ValueError(f"{name} must be non-decreasing, got {name}[{k}] = {arr[k]} > "
                          f"{name}[{k + 1}] = {arr[k + 1]}")
     if arr[-1] != n:
-        raise ValueError(f"{name} must end at the number of points ({n}), got {name}[-1] = "
+        raise ValueError(f"{name} must end at the number of {what} ({n}), got {name}[-1] = "
                          f"{arr[-1]}")
     return arr
 
 
 def check_points(points, offsets=None, name: str = "points",
-                 offsets_name: str = "offsets") -> PointBatch:
+                 offsets_name: str = "offsets", what: str = "points") -> PointBatch:
     """Coordinates (n, 3) packed with `offsets`, or dense (B, n, 3) with offsets=None."""
     arr = as_numpy(points, name)
     if arr.ndim == 3 and arr.shape[-1] == 3:
@@ -93,7 +97,7 @@ def check_points(points, offsets=None, name: str = "points",
     if offsets is None:
         offs = np.array([0, arr.shape[0]], dtype=np.int64)
     else:
-        offs = check_offsets(offsets, arr.shape[0], offsets_name)
+        offs = check_offsets(offsets, arr.shape[0], offsets_name, what)
     return PointBatch(arr, offs, None)
 
 
@@ -117,9 +121,10 @@ def check_queries(queries, query_offsets, batch: PointBatch):
             raise ValueError("query_offsets must be None when queries are dense (B, m, 3)")
     else:
         if query_offsets is None and n_clouds != 1:
-            raise ValueError(f"queries need query_offsets with {n_clouds + 1} entries, one cloud "
-                             f"per cloud of points ({n_clouds} clouds), got query_offsets=None")
-        q = check_points(arr, query_offsets, "queries", "query_offsets")
+            raise ValueError(f"queries need query_offsets with {n_clouds + 1} entries, the "
+                             "queries' row splits over the same clouds as the points "
+                             f"({n_clouds} clouds), got query_offsets=None")
+        q = check_points(arr, query_offsets, "queries", "query_offsets", "queries")
     if q.offsets.shape[0] != batch.offsets.shape[0]:
         raise ValueError(f"query_offsets must describe as many clouds as offsets ({n_clouds}), "
                          f"got {q.offsets.shape[0] - 1}")
@@ -141,6 +146,21 @@ def _check_int(value, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     return int(value)
+
+
+def check_leaf_size(value) -> int:
+    leaf = _check_int(value, "leaf_size")
+    if leaf < 1:
+        raise ValueError(f"leaf_size must be an integer >= 1, got {leaf}")
+    return leaf
+
+
+def check_extent(voxel_size: float, kernel_size: int, dilation: int) -> None:
+    """The support's edge (dilation*(kernel_size-1)+1)*voxel_size must be a finite number."""
+    extent = (dilation * (kernel_size - 1) + 1) * voxel_size
+    if not math.isfinite(extent):
+        raise ValueError(f"the kernel's extent (dilation*(kernel_size-1)+1)*voxel_size must be "
+                         f"finite, got ({dilation}*({kernel_size}-1)+1)*{voxel_size!r} = {extent}")
 
 
 def check_kernel_size(value) -> int:

@@ -14,8 +14,8 @@ import numpy as np
 from pwconv_cy import _core
 from pwconv_cy._config import check_budget, max_pairs_within, resolve_budget
 from pwconv_cy._validation import (
-    PointBatch, check_choice, check_dilation, check_kernel_size, check_num_threads, check_points,
-    check_positive, check_queries)
+    PointBatch, check_choice, check_dilation, check_extent, check_kernel_size, check_leaf_size,
+    check_num_threads, check_points, check_positive, check_queries)
 
 __all__ = ["KernelMap", "NeighborIndex", "kernel_map", "radius_search", "AUTO_KDTREE_MIN_POINTS"]
 
@@ -43,10 +43,9 @@ def cloud_digest(points: np.ndarray, offsets: np.ndarray) -> str:
     h.update(np.asarray(points.shape, dtype=np.int64).tobytes())
     h.update(offsets.tobytes())
     if points.size:
-        pts = points.astype(np.float64, copy=False)
-        h.update(np.float64(pts.sum()).tobytes())
+        h.update(np.float64(points.sum(dtype=np.float64)).tobytes())
         step = max(1, points.shape[0] // 256)
-        h.update(np.ascontiguousarray(pts[::step]).tobytes())
+        h.update(np.ascontiguousarray(points[::step], dtype=np.float64).tobytes())
     return h.hexdigest()
 
 
@@ -68,6 +67,9 @@ class KernelMap:
         The geometry the map was built for.
     n_points : int
         Number of data points the indices refer to.
+    row_order : (m,) int64 or None
+        The order in which the rows were computed (spatially coherent); only used to build the
+        transposed map cache-efficiently.
     """
 
     splits: np.ndarray
@@ -82,6 +84,7 @@ class KernelMap:
     query_offsets: np.ndarray = field(repr=False)
     points_digest: str = field(default="", repr=False)
     queries_digest: str | None = field(default=None, repr=False)
+    row_order: np.ndarray | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -103,7 +106,7 @@ class KernelMap:
         if "transposed" not in self._cache:
             self._cache["transposed"] = _core.transpose_map(
                 self.splits, self.index, self.cell, self.counts, self.n_points, self.kernel_size,
-                check_num_threads(num_threads))
+                self.row_order, check_num_threads(num_threads))
         return self._cache["transposed"]
 
     def __repr__(self) -> str:
@@ -149,9 +152,7 @@ class NeighborIndex:
         self._batch = batch
         self.cell_size = check_positive(cell_size, "cell_size")
         method = check_choice(method, "method", METHODS)
-        if isinstance(leaf_size, bool) or not isinstance(leaf_size, (int, np.integer)) \
-                or leaf_size < 1:
-            raise ValueError(f"leaf_size must be an integer >= 1, got {leaf_size!r}")
+        leaf_size = check_leaf_size(leaf_size)
         threads = check_num_threads(num_threads)
         self.method = _resolve_method(method, self._batch)
         self._digest = None
@@ -220,6 +221,7 @@ class NeighborIndex:
         v = self.cell_size if voxel_size is None else check_positive(voxel_size, "voxel_size")
         k = check_kernel_size(kernel_size)
         s = check_dilation(dilation)
+        check_extent(v, k, s)
         threads = check_num_threads(num_threads)
         q, q_offsets, _ = check_queries(queries, query_offsets, self._batch)
         budget = resolve_budget(memory_budget)
@@ -241,7 +243,8 @@ class NeighborIndex:
             dilation=s, n_points=self.n_points, offsets=self._batch.offsets,
             query_offsets=self._batch.offsets if q is None else q_offsets,
             points_digest=self.points_digest,
-            queries_digest=None if q is None else cloud_digest(q, q_offsets))
+            queries_digest=None if q is None else cloud_digest(q, q_offsets),
+            row_order=pairs.visit_order())
 
 
 def _resolve_method(method: str, batch: PointBatch) -> str:

@@ -10,6 +10,7 @@ reductions) uses the array module of the input, so they work unchanged on any ar
 functional operator accepts.  The context holds references to the caller's arrays, not copies:
 do not modify ``feats`` in place between ``forward`` and ``backward``.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ from pwconv_cy._validation import check_dilation, check_kernel_size, check_posit
 from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import kernel_map as _kernel_map
 
-__all__ = ["PointwiseConv", "SeparablePointwiseConv", "glorot_uniform", "array_module"]
+__all__ = ["PointwiseConv", "SeparablePointwiseConv", "array_module", "glorot_uniform"]
 
 
 def array_module(*arrays):
@@ -100,8 +101,10 @@ class _PointwiseBase:
         return None if self._ctx is None else self._ctx["kernel_map"]
 
     def _geometry_repr(self) -> str:
-        return (f"voxel_size={self.voxel_size}, dilation={self.dilation}, "
-                f"kernel_size={self.kernel_size}, bias={self.use_bias}, dtype={self.dtype.name}")
+        return (
+            f"voxel_size={self.voxel_size}, dilation={self.dilation}, "
+            f"kernel_size={self.kernel_size}, bias={self.use_bias}, dtype={self.dtype.name}"
+        )
 
     # -- forward context -------------------------------------------------------------------
 
@@ -109,23 +112,37 @@ class _PointwiseBase:
         """The caller's kernel map (checked by the operator) or one computed once, here."""
         if kernel_map is not None:
             return kernel_map
-        return _kernel_map(points, self.voxel_size, kernel_size=self.kernel_size,
-                           dilation=self.dilation, offsets=offsets, queries=queries,
-                           query_offsets=query_offsets, num_threads=num_threads)
+        return _kernel_map(
+            points,
+            self.voxel_size,
+            kernel_size=self.kernel_size,
+            dilation=self.dilation,
+            offsets=offsets,
+            queries=queries,
+            query_offsets=query_offsets,
+            num_threads=num_threads,
+        )
 
     def _save(self, **ctx) -> None:
         self._ctx = ctx
 
     def _context(self) -> dict:
         if self._ctx is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward: there is "
-                               "no context to differentiate")
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called before forward: there is "
+                "no context to differentiate"
+            )
         return self._ctx
 
     def _op_kwargs(self, ctx) -> dict:
-        return dict(dilation=self.dilation, offsets=ctx["offsets"], queries=ctx["queries"],
-                    query_offsets=ctx["query_offsets"], kernel_map=ctx["kernel_map"],
-                    num_threads=ctx["num_threads"])
+        return {
+            "dilation": self.dilation,
+            "offsets": ctx["offsets"],
+            "queries": ctx["queries"],
+            "query_offsets": ctx["query_offsets"],
+            "kernel_map": ctx["kernel_map"],
+            "num_threads": ctx["num_threads"],
+        }
 
 
 class PointwiseConv(_PointwiseBase):
@@ -156,27 +173,54 @@ class PointwiseConv(_PointwiseBase):
         Gradients of the last backward call, same keys and shapes as ``params``.
     """
 
-    def __init__(self, c_in, c_out, voxel_size, dilation=1, kernel_size=3, bias=False,
-                 dtype=np.float32, rng=None):
+    def __init__(
+        self,
+        c_in,
+        c_out,
+        voxel_size,
+        dilation=1,
+        kernel_size=3,
+        bias=False,
+        dtype=np.float32,
+        rng=None,
+    ):
         super().__init__(c_in, c_out, voxel_size, dilation, kernel_size, bias, dtype, rng)
-        k3 = self.kernel_size ** 3
+        k3 = self.kernel_size**3
         shape = (self.kernel_size,) * 3 + (self.c_in, self.c_out)
-        self.params["weight"] = glorot_uniform(shape, k3 * self.c_in, k3 * self.c_out, self._rng,
-                                               self.dtype)
+        self.params["weight"] = glorot_uniform(
+            shape, k3 * self.c_in, k3 * self.c_out, self._rng, self.dtype
+        )
         if self.use_bias:
             self.params["bias"] = np.zeros(self.c_out, dtype=self.dtype)
 
-    def forward(self, points, feats, *, offsets=None, kernel_map=None, queries=None,
-                query_offsets=None, num_threads=None):
+    def forward(
+        self,
+        points,
+        feats,
+        *,
+        offsets=None,
+        kernel_map=None,
+        queries=None,
+        query_offsets=None,
+        num_threads=None,
+    ):
         """Output (m, c_out) (or (B, m, c_out) for dense input) for features (n, c_in) on
         `points`; the kernel map (the caller's or computed here) is kept for backward.
 
         Arguments as in :func:`pwconv_cy.pointwise_conv`."""
         km = self._map_for(points, offsets, kernel_map, queries, query_offsets, num_threads)
-        self._save(points=points, feats=feats, offsets=offsets, queries=queries,
-                   query_offsets=query_offsets, kernel_map=km, num_threads=num_threads)
-        y = pointwise_conv(points, feats, self.params["weight"], self.voxel_size,
-                           **self._op_kwargs(self._ctx))
+        self._save(
+            points=points,
+            feats=feats,
+            offsets=offsets,
+            queries=queries,
+            query_offsets=query_offsets,
+            kernel_map=km,
+            num_threads=num_threads,
+        )
+        y = pointwise_conv(
+            points, feats, self.params["weight"], self.voxel_size, **self._op_kwargs(self._ctx)
+        )
         if self.use_bias:
             y = y + self.params["bias"]
         return y
@@ -188,11 +232,17 @@ class PointwiseConv(_PointwiseBase):
         ``params``.  Overwrites ``self.grads``."""
         ctx = self._context()
         d_feats, d_weight = pointwise_conv_backward(
-            grad_out, ctx["points"], ctx["feats"], self.params["weight"], self.voxel_size,
-            **self._op_kwargs(ctx))
+            grad_out,
+            ctx["points"],
+            ctx["feats"],
+            self.params["weight"],
+            self.voxel_size,
+            **self._op_kwargs(ctx),
+        )
         grads = {"weight": d_weight}
         if self.use_bias:
-            grads["bias"] = _sum_rows(grad_out, array_module(grad_out))
+            xp = array_module(grad_out)
+            grads["bias"] = _sum_rows(xp.asarray(grad_out), xp)
         self.grads = grads
         return d_feats, grads
 
@@ -211,25 +261,58 @@ class SeparablePointwiseConv(_PointwiseBase):
     ``"bias"`` (c_out,) zeros when ``bias=True``.
     """
 
-    def __init__(self, c_in, c_out, voxel_size, dilation=1, kernel_size=3, bias=False,
-                 dtype=np.float32, rng=None):
+    def __init__(
+        self,
+        c_in,
+        c_out,
+        voxel_size,
+        dilation=1,
+        kernel_size=3,
+        bias=False,
+        dtype=np.float32,
+        rng=None,
+    ):
         super().__init__(c_in, c_out, voxel_size, dilation, kernel_size, bias, dtype, rng)
-        k3 = self.kernel_size ** 3
-        self.params["depthwise"] = glorot_uniform((self.kernel_size,) * 3 + (self.c_in,), k3, k3,
-                                                  self._rng, self.dtype)
-        self.params["pointwise"] = glorot_uniform((self.c_in, self.c_out), self.c_in, self.c_out,
-                                                  self._rng, self.dtype)
+        k3 = self.kernel_size**3
+        self.params["depthwise"] = glorot_uniform(
+            (self.kernel_size,) * 3 + (self.c_in,), k3, k3, self._rng, self.dtype
+        )
+        self.params["pointwise"] = glorot_uniform(
+            (self.c_in, self.c_out), self.c_in, self.c_out, self._rng, self.dtype
+        )
         if self.use_bias:
             self.params["bias"] = np.zeros(self.c_out, dtype=self.dtype)
 
-    def forward(self, points, feats, *, offsets=None, kernel_map=None, queries=None,
-                query_offsets=None, num_threads=None):
+    def forward(
+        self,
+        points,
+        feats,
+        *,
+        offsets=None,
+        kernel_map=None,
+        queries=None,
+        query_offsets=None,
+        num_threads=None,
+    ):
         """Output (m, c_out) (or (B, m, c_out)); arguments as in :meth:`PointwiseConv.forward`."""
         km = self._map_for(points, offsets, kernel_map, queries, query_offsets, num_threads)
-        self._save(points=points, feats=feats, offsets=offsets, queries=queries,
-                   query_offsets=query_offsets, kernel_map=km, num_threads=num_threads)
-        z = pointwise_conv(points, feats, self.params["depthwise"], self.voxel_size,
-                           depthwise=True, **self._op_kwargs(self._ctx))
+        self._save(
+            points=points,
+            feats=feats,
+            offsets=offsets,
+            queries=queries,
+            query_offsets=query_offsets,
+            kernel_map=km,
+            num_threads=num_threads,
+        )
+        z = pointwise_conv(
+            points,
+            feats,
+            self.params["depthwise"],
+            self.voxel_size,
+            depthwise=True,
+            **self._op_kwargs(self._ctx),
+        )
         self._ctx["depthwise_out"] = z
         y = z @ self.params["pointwise"]
         if self.use_bias:
@@ -246,16 +329,24 @@ class SeparablePointwiseConv(_PointwiseBase):
         pointwise = self.params["pointwise"]
         dy = xp.asarray(grad_out)
         if dy.shape != z.shape[:-1] + (self.c_out,):
-            raise ValueError(f"grad_out must have the output's shape "
-                             f"{z.shape[:-1] + (self.c_out,)}, got {dy.shape}")
+            raise ValueError(
+                f"grad_out must have the output's shape "
+                f"{z.shape[:-1] + (self.c_out,)}, got {dy.shape}"
+            )
         if dy.dtype != z.dtype:
             raise TypeError(f"grad_out must have the features' dtype {z.dtype}, got {dy.dtype}")
         dy2 = dy.reshape(-1, self.c_out)
         d_pointwise = z.reshape(-1, self.c_in).T @ dy2
         dz = (dy2 @ pointwise.T).reshape(z.shape)
         d_feats, d_depthwise = pointwise_conv_backward(
-            dz, ctx["points"], ctx["feats"], self.params["depthwise"], self.voxel_size,
-            depthwise=True, **self._op_kwargs(ctx))
+            dz,
+            ctx["points"],
+            ctx["feats"],
+            self.params["depthwise"],
+            self.voxel_size,
+            depthwise=True,
+            **self._op_kwargs(ctx),
+        )
         grads = {"depthwise": d_depthwise, "pointwise": d_pointwise}
         if self.use_bias:
             grads["bias"] = _sum_rows(dy, xp)

@@ -5,6 +5,7 @@ The oracle below is written from SPEC §1 alone: it builds the operator as K^3 d
 then ``y = sum_f A_f x W_f``, ``dx = sum_f A_f^T dy W_f^T`` and ``dW_f = (A_f x)^T dy`` (and the
 depthwise analogues).  It is O(K^3 m n) in memory: keep the clouds small.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,13 +16,14 @@ from hypothesis import strategies as st
 import pwconv_cy
 from pwconv_cy import pointwise_conv, pointwise_conv_backward
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 
 # --- the float64 oracle ---------------------------------------------------------------------
 
 
-def dense_operator(points, voxel_size, kernel_size, dilation, offsets=None, queries=None,
-                   query_offsets=None) -> np.ndarray:
+def dense_operator(
+    points, voxel_size, kernel_size, dilation, offsets=None, queries=None, query_offsets=None
+) -> np.ndarray:
     """``A`` of shape (K^3, m, n), float64: ``A[f, i, j] = 1 / n_i(f)`` if point j lies in kernel
     cell f of query i by the SPEC §1 rule, else 0; clouds never see each other."""
     p = np.asarray(points).astype(np.float64).reshape(-1, 3)
@@ -30,21 +32,24 @@ def dense_operator(points, voxel_size, kernel_size, dilation, offsets=None, quer
         q, q_offsets = p, offsets
     else:
         q = np.asarray(queries).astype(np.float64).reshape(-1, 3)
-        q_offsets = (np.array([0, len(q)]) if query_offsets is None
-                     else np.asarray(query_offsets, dtype=np.int64))
+        q_offsets = (
+            np.array([0, len(q)])
+            if query_offsets is None
+            else np.asarray(query_offsets, dtype=np.int64)
+        )
     k, s, v = int(kernel_size), int(dilation), float(voxel_size)
     span = s * (k - 1) + 1
     h = span * v / 2
-    a = np.zeros((k ** 3, len(q), len(p)))
+    a = np.zeros((k**3, len(q), len(p)))
     for b in range(len(offsets) - 1):
         pa, pb, qa, qb = offsets[b], offsets[b + 1], q_offsets[b], q_offsets[b + 1]
         if pa == pb or qa == qb:
             continue
-        lower = q[qa:qb] - h                                   # p_i - h first ...
-        t = (p[None, pa:pb, :] - lower[:, None, :]) / v        # ... then subtract, then divide
-        inside = ((t >= 0) & (t <= span)).all(axis=2)          # closed cube
+        lower = q[qa:qb] - h  # p_i - h first ...
+        t = (p[None, pa:pb, :] - lower[:, None, :]) / v  # ... then subtract, then divide
+        inside = ((t >= 0) & (t <= span)).all(axis=2)  # closed cube
         c = np.minimum(s * (k - 1), np.floor(np.where(inside[..., None], t, 0))).astype(np.int64)
-        in_cell = inside & (c % s == 0).all(axis=2)            # holes are ignored
+        in_cell = inside & (c % s == 0).all(axis=2)  # holes are ignored
         cell = c // s
         f = (cell[..., 2] * k + cell[..., 1]) * k + cell[..., 0]  # z slowest, x fastest
         ii, jj = np.nonzero(in_cell)
@@ -55,7 +60,7 @@ def dense_operator(points, voxel_size, kernel_size, dilation, offsets=None, quer
 
 def oracle_forward(a, x, w, depthwise=False):
     n_cells = a.shape[0]
-    means = np.einsum("fij,jc->fic", a, x)                     # (K^3, m, c_in) per-cell means
+    means = np.einsum("fij,jc->fic", a, x)  # (K^3, m, c_in) per-cell means
     if depthwise:
         return np.einsum("fic,fc->ic", means, w.reshape(n_cells, -1))
     c_in, c_out = w.shape[-2:]
@@ -121,13 +126,13 @@ def voxel_for(n_per_cloud, kernel_size, dilation, layout):
         return 0.125  # two lattice steps: many points lie exactly on cell faces
     # about 16 points in the K^3 cells, the whole cube at most 1.5 wide
     span = dilation * (kernel_size - 1) + 1
-    v = (16.0 / (max(n_per_cloud, 1) * kernel_size ** 3)) ** (1 / 3)
+    v = (16.0 / (max(n_per_cloud, 1) * kernel_size**3)) ** (1 / 3)
     return min(v, 1.5 / span)
 
 
 @st.composite
 def conv_cases(draw, allow_queries=False):
-    seed = draw(st.integers(0, 2 ** 32 - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
     k = draw(st.sampled_from([1, 3, 5]))
     s = draw(st.integers(1, 4))
     layout = draw(st.sampled_from(["uniform", "lattice", "clustered"]))
@@ -138,19 +143,29 @@ def conv_cases(draw, allow_queries=False):
     depthwise = draw(st.booleans())
     q_sizes = None
     if allow_queries and draw(st.booleans()):
-        q_sizes = draw(st.lists(st.integers(0, max_n), min_size=len(sizes),
-                                max_size=len(sizes)))
+        q_sizes = draw(st.lists(st.integers(0, max_n), min_size=len(sizes), max_size=len(sizes)))
     rng = np.random.default_rng(seed)
     points = np.concatenate([make_cloud(rng, n, layout) for n in sizes] or [np.zeros((0, 3))])
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     v = voxel_for(max(sizes), k, s, layout)
     x = rng.standard_normal((len(points), c_in))
     w = rng.standard_normal((k, k, k, c_in) if depthwise else (k, k, k, c_in, c_out))
-    case = dict(points=points, offsets=offsets, voxel_size=v, kernel_size=k, dilation=s,
-                depthwise=depthwise, x=x, w=w, queries=None, query_offsets=None)
+    case = {
+        "points": points,
+        "offsets": offsets,
+        "voxel_size": v,
+        "kernel_size": k,
+        "dilation": s,
+        "depthwise": depthwise,
+        "x": x,
+        "w": w,
+        "queries": None,
+        "query_offsets": None,
+    }
     if q_sizes is not None:
         case["queries"] = np.concatenate(
-            [make_cloud(rng, m, layout) for m in q_sizes] or [np.zeros((0, 3))])
+            [make_cloud(rng, m, layout) for m in q_sizes] or [np.zeros((0, 3))]
+        )
         case["query_offsets"] = np.concatenate([[0], np.cumsum(q_sizes)]).astype(np.int64)
     m = len(points) if case["queries"] is None else len(case["queries"])
     case["dy"] = rng.standard_normal((m, c_in if depthwise else c_out))
@@ -159,18 +174,31 @@ def conv_cases(draw, allow_queries=False):
 
 def run(case, **extra):
     """Forward and backward of the library on a case dict; returns (y, dx, dw)."""
-    kw = dict(dilation=case["dilation"], offsets=case["offsets"], queries=case["queries"],
-              query_offsets=case["query_offsets"], depthwise=case["depthwise"])
+    kw = {
+        "dilation": case["dilation"],
+        "offsets": case["offsets"],
+        "queries": case["queries"],
+        "query_offsets": case["query_offsets"],
+        "depthwise": case["depthwise"],
+    }
     kw.update(extra)
     y = pointwise_conv(case["points"], case["x"], case["w"], case["voxel_size"], **kw)
-    dx, dw = pointwise_conv_backward(case["dy"], case["points"], case["x"], case["w"],
-                                     case["voxel_size"], **kw)
+    dx, dw = pointwise_conv_backward(
+        case["dy"], case["points"], case["x"], case["w"], case["voxel_size"], **kw
+    )
     return y, dx, dw
 
 
 def oracle(case):
-    a = dense_operator(case["points"], case["voxel_size"], case["kernel_size"], case["dilation"],
-                       case["offsets"], case["queries"], case["query_offsets"])
+    a = dense_operator(
+        case["points"],
+        case["voxel_size"],
+        case["kernel_size"],
+        case["dilation"],
+        case["offsets"],
+        case["queries"],
+        case["query_offsets"],
+    )
     y = oracle_forward(a, case["x"], case["w"], case["depthwise"])
     dx, dw = oracle_backward(a, case["x"], case["w"], case["dy"], case["depthwise"])
     return y, dx, dw, a
@@ -205,10 +233,19 @@ def test_oracle_and_library_agree_with_paper_layer_sizes(rng, depthwise):
     p /= np.linalg.norm(p, axis=1, keepdims=True)
     for s, c_in in ((1, 3), (2, 9), (3, 9), (4, 9)):
         c_out = c_in if depthwise else 9
-        case = dict(points=p, offsets=None, voxel_size=0.15, kernel_size=3, dilation=s,
-                    depthwise=depthwise, x=rng.standard_normal((250, c_in)),
-                    w=rng.standard_normal((3, 3, 3, c_in) if depthwise else (3, 3, 3, c_in, 9)),
-                    dy=rng.standard_normal((250, c_out)), queries=None, query_offsets=None)
+        case = {
+            "points": p,
+            "offsets": None,
+            "voxel_size": 0.15,
+            "kernel_size": 3,
+            "dilation": s,
+            "depthwise": depthwise,
+            "x": rng.standard_normal((250, c_in)),
+            "w": rng.standard_normal((3, 3, 3, c_in) if depthwise else (3, 3, 3, c_in, 9)),
+            "dy": rng.standard_normal((250, c_out)),
+            "queries": None,
+            "query_offsets": None,
+        }
         y, dx, dw = run(case)
         y_ref, dx_ref, dw_ref, a = oracle(case)
         assert (a.sum(axis=(0, 2)) > 0).all()  # every point sees at least itself
@@ -225,15 +262,21 @@ def test_dense_form_matches_packed_form_and_oracle(rng, depthwise):
     w = rng.standard_normal((3, 3, 3, c_in) if depthwise else (3, 3, 3, c_in, c_out))
     c_y = c_in if depthwise else c_out
     dy = rng.standard_normal((b, n, c_y))
-    kw = dict(dilation=2, depthwise=depthwise)
+    kw = {"dilation": 2, "depthwise": depthwise}
     y = pointwise_conv(points, x, w, 0.15, **kw)
     dx, dw = pointwise_conv_backward(dy, points, x, w, 0.15, **kw)
     assert y.shape == (b, n, c_y) and dx.shape == (b, n, c_in) and dw.shape == w.shape
     offsets = np.arange(b + 1, dtype=np.int32) * n  # any integer dtype
-    y_p = pointwise_conv(points.reshape(-1, 3), x.reshape(-1, c_in), w, 0.15, offsets=offsets,
-                         **kw)
-    dx_p, dw_p = pointwise_conv_backward(dy.reshape(-1, c_y), points.reshape(-1, 3),
-                                         x.reshape(-1, c_in), w, 0.15, offsets=offsets, **kw)
+    y_p = pointwise_conv(points.reshape(-1, 3), x.reshape(-1, c_in), w, 0.15, offsets=offsets, **kw)
+    dx_p, dw_p = pointwise_conv_backward(
+        dy.reshape(-1, c_y),
+        points.reshape(-1, 3),
+        x.reshape(-1, c_in),
+        w,
+        0.15,
+        offsets=offsets,
+        **kw,
+    )
     assert np.array_equal(y.reshape(-1, c_y), y_p)
     assert np.array_equal(dx.reshape(-1, c_in), dx_p)
     assert np.array_equal(dw, dw_p)
@@ -262,13 +305,22 @@ def test_dense_queries_match_packed_queries(rng):
 
 def test_queries_with_empty_query_cloud_and_empty_point_cloud(rng):
     points = rng.random((50, 3))
-    offsets = np.array([0, 20, 20, 50])          # the middle cloud has no points
+    offsets = np.array([0, 20, 20, 50])  # the middle cloud has no points
     queries = rng.random((25, 3))
-    query_offsets = np.array([0, 0, 10, 25])    # the first cloud has no queries
-    case = dict(points=points, offsets=offsets, voxel_size=0.2, kernel_size=3, dilation=1,
-                depthwise=False, x=rng.standard_normal((50, 2)),
-                w=rng.standard_normal((3, 3, 3, 2, 4)), dy=rng.standard_normal((25, 4)),
-                queries=queries, query_offsets=query_offsets)
+    query_offsets = np.array([0, 0, 10, 25])  # the first cloud has no queries
+    case = {
+        "points": points,
+        "offsets": offsets,
+        "voxel_size": 0.2,
+        "kernel_size": 3,
+        "dilation": 1,
+        "depthwise": False,
+        "x": rng.standard_normal((50, 2)),
+        "w": rng.standard_normal((3, 3, 3, 2, 4)),
+        "dy": rng.standard_normal((25, 4)),
+        "queries": queries,
+        "query_offsets": query_offsets,
+    }
     y, dx, dw = run(case)
     y_ref, dx_ref, dw_ref, a = oracle(case)
     assert np.all(y[:10] == 0)  # queries of the middle cloud have no points to see
@@ -294,12 +346,19 @@ def test_empty_batch_gives_empty_outputs():
 def lattice_case(rng, scale, voxel_size, kernel_size, dilation, depthwise, n=150):
     points = rng.integers(0, 12, size=(n, 3)) / scale
     c_in, c_out = 3, 4
-    return dict(points=points, offsets=None, voxel_size=voxel_size, kernel_size=kernel_size,
-                dilation=dilation, depthwise=depthwise, x=rng.standard_normal((n, c_in)),
-                w=rng.standard_normal((kernel_size,) * 3 + ((c_in,) if depthwise else
-                                                            (c_in, c_out))),
-                dy=rng.standard_normal((n, c_in if depthwise else c_out)),
-                queries=None, query_offsets=None)
+    return {
+        "points": points,
+        "offsets": None,
+        "voxel_size": voxel_size,
+        "kernel_size": kernel_size,
+        "dilation": dilation,
+        "depthwise": depthwise,
+        "x": rng.standard_normal((n, c_in)),
+        "w": rng.standard_normal((kernel_size,) * 3 + ((c_in,) if depthwise else (c_in, c_out))),
+        "dy": rng.standard_normal((n, c_in if depthwise else c_out)),
+        "queries": None,
+        "query_offsets": None,
+    }
 
 
 def asymmetric_pairs(a) -> int:
@@ -308,14 +367,21 @@ def asymmetric_pairs(a) -> int:
     return int((related & ~related.T).sum())
 
 
-LATTICES = [(8.0, 0.25, 3, 2), (8.0, 0.25, 3, 3), (16.0, 0.125, 3, 2), (16.0, 0.125, 3, 3),
-            (8.0, 0.25, 5, 2), (8.0, 0.125, 3, 2)]
+LATTICES = [
+    (8.0, 0.25, 3, 2),
+    (8.0, 0.25, 3, 3),
+    (16.0, 0.125, 3, 2),
+    (16.0, 0.125, 3, 3),
+    (8.0, 0.25, 5, 2),
+    (8.0, 0.125, 3, 2),
+]
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("scale,voxel,k,s", LATTICES)
-def test_dyadic_lattice_on_cell_faces_matches_oracle_and_adjoint(rng, scale, voxel, k, s,
-                                                                  depthwise):
+def test_dyadic_lattice_on_cell_faces_matches_oracle_and_adjoint(
+    rng, scale, voxel, k, s, depthwise
+):
     case = lattice_case(rng, scale, voxel, k, s, depthwise, n=100 if k == 5 else 150)
     y, dx, dw = run(case)
     y_ref, dx_ref, dw_ref, a = oracle(case)
@@ -343,8 +409,16 @@ def test_adjoint_identity_for_input_and_weight_gradients(case):
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
-@pytest.mark.parametrize("layout,k,s", [("uniform", 3, 1), ("clustered", 3, 3),
-                                        ("lattice", 3, 2), ("uniform", 5, 2), ("uniform", 1, 1)])
+@pytest.mark.parametrize(
+    "layout,k,s",
+    [
+        ("uniform", 3, 1),
+        ("clustered", 3, 3),
+        ("lattice", 3, 2),
+        ("uniform", 5, 2),
+        ("uniform", 1, 1),
+    ],
+)
 def test_gradients_match_central_finite_differences(layout, k, s, depthwise):
     """Loss L = <g, y> + 0.5 |y|^2, so dL/dy = g + y; directional derivatives along random
     directions of feats and weight agree with central differences."""
@@ -362,8 +436,9 @@ def test_gradients_match_central_finite_differences(layout, k, s, depthwise):
         return float(np.sum(g * y) + 0.5 * np.sum(y * y))
 
     y = pointwise_conv(points, x, w, v, dilation=s, kernel_map=km, depthwise=depthwise)
-    dx, dw = pointwise_conv_backward(g + y, points, x, w, v, dilation=s, kernel_map=km,
-                                     depthwise=depthwise)
+    dx, dw = pointwise_conv_backward(
+        g + y, points, x, w, v, dilation=s, kernel_map=km, depthwise=depthwise
+    )
     eps = 1e-4
     for _ in range(3):
         d = rng.standard_normal(x.shape)
@@ -383,8 +458,11 @@ def test_float32_agrees_with_float64(case):
     y64, dx64, dw64 = run(case)
     y32, dx32, dw32 = run(cast(case, np.float32))
     assert y32.dtype == dx32.dtype == dw32.dtype == np.float32
-    for a32, a64, what in ((y32, y64, "forward"), (dx32, dx64, "input gradient"),
-                           (dw32, dw64, "weight gradient")):
+    for a32, a64, what in (
+        (y32, y64, "forward"),
+        (dx32, dx64, "input gradient"),
+        (dw32, dw64, "weight gradient"),
+    ):
         scale = np.linalg.norm(a64)
         if scale == 0:
             assert not a32.any(), what
@@ -402,12 +480,21 @@ def test_one_and_two_threads_are_bit_identical(dtype, depthwise):
     points = np.concatenate([rng.random((m, 3)) for m in sizes]).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     c_in, c_out = 9, 9
-    case = dict(points=points, offsets=offsets, voxel_size=0.06, kernel_size=3, dilation=2,
-                depthwise=depthwise, x=rng.standard_normal((len(points), c_in)).astype(dtype),
-                w=rng.standard_normal((3, 3, 3, c_in) if depthwise
-                                      else (3, 3, 3, c_in, c_out)).astype(dtype),
-                dy=rng.standard_normal((len(points), c_out)).astype(dtype),
-                queries=None, query_offsets=None)
+    case = {
+        "points": points,
+        "offsets": offsets,
+        "voxel_size": 0.06,
+        "kernel_size": 3,
+        "dilation": 2,
+        "depthwise": depthwise,
+        "x": rng.standard_normal((len(points), c_in)).astype(dtype),
+        "w": rng.standard_normal((3, 3, 3, c_in) if depthwise else (3, 3, 3, c_in, c_out)).astype(
+            dtype
+        ),
+        "dy": rng.standard_normal((len(points), c_out)).astype(dtype),
+        "queries": None,
+        "query_offsets": None,
+    }
     one = run(case, num_threads=1)
     two = run(case, num_threads=2)
     again = run(case, num_threads=2)
@@ -429,12 +516,19 @@ def test_reusing_a_kernel_map_gives_identical_results(rng, depthwise):
     w = rng.standard_normal((3, 3, 3, 4) if depthwise else (3, 3, 3, 4, 6))
     c_y = 4 if depthwise else 6
     for q, qo in ((None, None), (queries, query_offsets)):
-        kw = dict(dilation=2, offsets=offsets, queries=q, query_offsets=qo, depthwise=depthwise)
+        kw = {
+            "dilation": 2,
+            "offsets": offsets,
+            "queries": q,
+            "query_offsets": qo,
+            "depthwise": depthwise,
+        }
         dy = rng.standard_normal((300 if q is None else 40, c_y))
         y = pointwise_conv(points, x, w, 0.1, **kw)
         dx, dw = pointwise_conv_backward(dy, points, x, w, 0.1, **kw)
-        km = pwconv_cy.kernel_map(points, 0.1, kernel_size=3, dilation=2, offsets=offsets,
-                                  queries=q, query_offsets=qo)
+        km = pwconv_cy.kernel_map(
+            points, 0.1, kernel_size=3, dilation=2, offsets=offsets, queries=q, query_offsets=qo
+        )
         index = pwconv_cy.NeighborIndex(points, 0.1, offsets=offsets)
         km2 = index.kernel_map(3, 2, queries=q, query_offsets=qo)
         for m in (km, km2, km):  # the cached transposed map is reused the second time
@@ -451,16 +545,27 @@ def _mismatch_cases():
     offsets = np.array([0, 25, 60])
     queries = rng.random((10, 3))
     query_offsets = np.array([0, 4, 10])
-    base = dict(points=points, offsets=offsets, voxel_size=0.2, kernel_size=3, dilation=2,
-                queries=None, query_offsets=None)
+    base = {
+        "points": points,
+        "offsets": offsets,
+        "voxel_size": 0.2,
+        "kernel_size": 3,
+        "dilation": 2,
+        "queries": None,
+        "query_offsets": None,
+    }
     with_q = dict(base, queries=queries, query_offsets=query_offsets)
     other_points = points.copy()
     other_points[7, 1] += 0.01
     return [
         ("other points", base, dict(base, points=other_points), "other points"),
         ("other offsets", base, dict(base, offsets=np.array([0, 30, 60])), "other points"),
-        ("fewer points", base, dict(base, points=points[:50], offsets=np.array([0, 25, 50])),
-         "other points"),
+        (
+            "fewer points",
+            base,
+            dict(base, points=points[:50], offsets=np.array([0, 25, 50])),
+            "other points",
+        ),
         ("voxel size", base, dict(base, voxel_size=0.25), "voxel_size=0.2"),
         ("dilation", base, dict(base, dilation=3), "dilation=2"),
         ("kernel size", base, dict(base, kernel_size=5), "kernel_size=3"),
@@ -470,34 +575,49 @@ def _mismatch_cases():
     ]
 
 
-@pytest.mark.parametrize("built,used,match", [c[1:] for c in _mismatch_cases()],
-                         ids=[c[0] for c in _mismatch_cases()])
+@pytest.mark.parametrize(
+    "built,used,match", [c[1:] for c in _mismatch_cases()], ids=[c[0] for c in _mismatch_cases()]
+)
 @pytest.mark.parametrize("which", ["forward", "backward"])
 def test_kernel_map_for_other_geometry_raises(built, used, match, which):
-    km = pwconv_cy.kernel_map(built["points"], built["voxel_size"],
-                              kernel_size=built["kernel_size"], dilation=built["dilation"],
-                              offsets=built["offsets"], queries=built["queries"],
-                              query_offsets=built["query_offsets"])
+    km = pwconv_cy.kernel_map(
+        built["points"],
+        built["voxel_size"],
+        kernel_size=built["kernel_size"],
+        dilation=built["dilation"],
+        offsets=built["offsets"],
+        queries=built["queries"],
+        query_offsets=built["query_offsets"],
+    )
     k = used["kernel_size"]
     n = len(used["points"])
     x = np.ones((n, 2))
     w = np.ones((k, k, k, 2, 3))
-    kw = dict(dilation=used["dilation"], offsets=used["offsets"], queries=used["queries"],
-              query_offsets=used["query_offsets"], kernel_map=km)
+    kw = {
+        "dilation": used["dilation"],
+        "offsets": used["offsets"],
+        "queries": used["queries"],
+        "query_offsets": used["query_offsets"],
+        "kernel_map": km,
+    }
     with pytest.raises(ValueError, match=match):
         if which == "forward":
             pointwise_conv(used["points"], x, w, used["voxel_size"], **kw)
         else:
             m = n if used["queries"] is None else len(used["queries"])
-            pointwise_conv_backward(np.ones((m, 3)), used["points"], x, w, used["voxel_size"],
-                                    **kw)
+            pointwise_conv_backward(np.ones((m, 3)), used["points"], x, w, used["voxel_size"], **kw)
 
 
 def test_kernel_map_of_wrong_type_raises(rng):
     points = rng.random((10, 3))
     with pytest.raises(TypeError, match="kernel_map must be a pwconv_cy.KernelMap"):
-        pointwise_conv(points, np.ones((10, 2)), np.ones((3, 3, 3, 2, 2)), 0.1,
-                       kernel_map=(np.zeros(11), np.zeros(0)))
+        pointwise_conv(
+            points,
+            np.ones((10, 2)),
+            np.ones((3, 3, 3, 2, 2)),
+            0.1,
+            kernel_map=(np.zeros(11), np.zeros(0)),
+        )
 
 
 # --- bad inputs -----------------------------------------------------------------------------
@@ -507,8 +627,11 @@ N = 10
 
 def _good(dtype=np.float64):
     rng = np.random.default_rng(0)
-    return (rng.random((N, 3)), rng.standard_normal((N, 4)).astype(dtype),
-            rng.standard_normal((3, 3, 3, 4, 5)).astype(dtype))
+    return (
+        rng.random((N, 3)),
+        rng.standard_normal((N, 4)).astype(dtype),
+        rng.standard_normal((3, 3, 3, 4, 5)).astype(dtype),
+    )
 
 
 def _with_nan(a, value=np.nan):
@@ -518,48 +641,132 @@ def _with_nan(a, value=np.nan):
 
 
 BAD_FORWARD = [
-    ("feature rows != points", lambda p, x, w: (p, x[:-1], w, {}), ValueError,
-     r"feats must have shape \(n_points=10, c\), got \(9, 4\)"),
-    ("features 1-D", lambda p, x, w: (p, x[:, 0], w, {}), ValueError,
-     r"feats must have shape \(n_points=10, c\), got \(10,\)"),
-    ("weight rank 4 without depthwise", lambda p, x, w: (p, x, w[..., 0], {}), ValueError,
-     r"weight must have shape \(K, K, K, c_in, c_out\), got \(3, 3, 3, 4\) \(a 4-D weight is "
-     r"for depthwise=True\)"),
-    ("weight rank 5 with depthwise", lambda p, x, w: (p, x, w, {"depthwise": True}), ValueError,
-     r"weight must have shape \(K, K, K, c\), got \(3, 3, 3, 4, 5\) \(a 5-D weight is for "
-     r"depthwise=False\)"),
-    ("weight not a cube", lambda p, x, w: (p, x, w[:, :, :1], {}), ValueError,
-     r"weight must have shape \(K, K, K, c_in, c_out\) with K odd, got \(3, 3, 1, 4, 5\)"),
-    ("even K", lambda p, x, w: (p, x, w[:2, :2, :2], {}), ValueError,
-     r"with K odd, got \(2, 2, 2, 4, 5\)"),
-    ("c_in != feature channels", lambda p, x, w: (p, x[:, :3], w, {}), ValueError,
-     r"with c_in = 3 \(the features' channels\), got \(3, 3, 3, 4, 5\)"),
-    ("depthwise channels", lambda p, x, w: (p, x[:, :3], w[..., 0], {"depthwise": True}),
-     ValueError, r"with c = 3 \(the features' channels\), got \(3, 3, 3, 4\)"),
-    ("mixed dtypes", lambda p, x, w: (p, x.astype(np.float32), w, {}), TypeError,
-     r"weight and feats must have the same dtype, got weight float64 and feats float32"),
-    ("integer features", lambda p, x, w: (p, x.astype(np.int64), w, {}), TypeError,
-     r"feats must have dtype float32 or float64, got int64"),
-    ("integer weight", lambda p, x, w: (p, x, w.astype(np.int32), {}), TypeError,
-     r"weight must have dtype float32 or float64, got int32"),
-    ("NaN in weight", lambda p, x, w: (p, x, _with_nan(w), {}), ValueError,
-     r"weight must be finite, got nan at index \(1, 1, 1, 2, 0\) \(pass check_finite=False"),
-    ("Inf in features", lambda p, x, w: (p, _with_nan(x, np.inf), w, {}), ValueError,
-     r"feats must be finite, got inf at index \(5, 0\)"),
-    ("NaN in coordinates", lambda p, x, w: (_with_nan(p), x, w, {}), ValueError,
-     r"points must be finite"),
-    ("offsets with dense points", lambda p, x, w: (p[None], x[None], w, {"offsets": [0, N]}),
-     ValueError, r"offsets must be None when points is dense"),
-    ("offsets not ending at n", lambda p, x, w: (p, x, w, {"offsets": [0, 4, 9]}), ValueError,
-     r"offsets must end at the number of points \(10\), got offsets\[-1\] = 9"),
-    ("voxel size zero", lambda p, x, w: (p, x, w, {"voxel_size": 0.0}), ValueError,
-     r"voxel_size must be positive and finite, got 0.0"),
-    ("dilation zero", lambda p, x, w: (p, x, w, {"dilation": 0}), ValueError,
-     r"dilation must be >= 1, got 0"),
-    ("num_threads zero", lambda p, x, w: (p, x, w, {"num_threads": 0}), ValueError,
-     r"num_threads must be None \(the OpenMP default\) or >= 1, got 0"),
-    ("depthwise not bool", lambda p, x, w: (p, x, w, {"depthwise": 1}), TypeError,
-     r"depthwise must be True or False, got 1"),
+    (
+        "feature rows != points",
+        lambda p, x, w: (p, x[:-1], w, {}),
+        ValueError,
+        r"feats must have shape \(n_points=10, c\), got \(9, 4\)",
+    ),
+    (
+        "features 1-D",
+        lambda p, x, w: (p, x[:, 0], w, {}),
+        ValueError,
+        r"feats must have shape \(n_points=10, c\), got \(10,\)",
+    ),
+    (
+        "weight rank 4 without depthwise",
+        lambda p, x, w: (p, x, w[..., 0], {}),
+        ValueError,
+        (
+            r"weight must have shape \(K, K, K, c_in, c_out\), got \(3, 3, 3, 4\) \(a 4-D weight is "
+            r"for depthwise=True\)"
+        ),
+    ),
+    (
+        "weight rank 5 with depthwise",
+        lambda p, x, w: (p, x, w, {"depthwise": True}),
+        ValueError,
+        (
+            r"weight must have shape \(K, K, K, c\), got \(3, 3, 3, 4, 5\) \(a 5-D weight is for "
+            r"depthwise=False\)"
+        ),
+    ),
+    (
+        "weight not a cube",
+        lambda p, x, w: (p, x, w[:, :, :1], {}),
+        ValueError,
+        r"weight must have shape \(K, K, K, c_in, c_out\) with K odd, got \(3, 3, 1, 4, 5\)",
+    ),
+    (
+        "even K",
+        lambda p, x, w: (p, x, w[:2, :2, :2], {}),
+        ValueError,
+        r"with K odd, got \(2, 2, 2, 4, 5\)",
+    ),
+    (
+        "c_in != feature channels",
+        lambda p, x, w: (p, x[:, :3], w, {}),
+        ValueError,
+        r"with c_in = 3 \(the features' channels\), got \(3, 3, 3, 4, 5\)",
+    ),
+    (
+        "depthwise channels",
+        lambda p, x, w: (p, x[:, :3], w[..., 0], {"depthwise": True}),
+        ValueError,
+        r"with c = 3 \(the features' channels\), got \(3, 3, 3, 4\)",
+    ),
+    (
+        "mixed dtypes",
+        lambda p, x, w: (p, x.astype(np.float32), w, {}),
+        TypeError,
+        r"weight and feats must have the same dtype, got weight float64 and feats float32",
+    ),
+    (
+        "integer features",
+        lambda p, x, w: (p, x.astype(np.int64), w, {}),
+        TypeError,
+        r"feats must have dtype float32 or float64, got int64",
+    ),
+    (
+        "integer weight",
+        lambda p, x, w: (p, x, w.astype(np.int32), {}),
+        TypeError,
+        r"weight must have dtype float32 or float64, got int32",
+    ),
+    (
+        "NaN in weight",
+        lambda p, x, w: (p, x, _with_nan(w), {}),
+        ValueError,
+        r"weight must be finite, got nan at index \(1, 1, 1, 2, 0\) \(pass check_finite=False",
+    ),
+    (
+        "Inf in features",
+        lambda p, x, w: (p, _with_nan(x, np.inf), w, {}),
+        ValueError,
+        r"feats must be finite, got inf at index \(5, 0\)",
+    ),
+    (
+        "NaN in coordinates",
+        lambda p, x, w: (_with_nan(p), x, w, {}),
+        ValueError,
+        r"points must be finite",
+    ),
+    (
+        "offsets with dense points",
+        lambda p, x, w: (p[None], x[None], w, {"offsets": [0, N]}),
+        ValueError,
+        r"offsets must be None when points is dense",
+    ),
+    (
+        "offsets not ending at n",
+        lambda p, x, w: (p, x, w, {"offsets": [0, 4, 9]}),
+        ValueError,
+        r"offsets must end at the number of points \(10\), got offsets\[-1\] = 9",
+    ),
+    (
+        "voxel size zero",
+        lambda p, x, w: (p, x, w, {"voxel_size": 0.0}),
+        ValueError,
+        r"voxel_size must be positive and finite, got 0.0",
+    ),
+    (
+        "dilation zero",
+        lambda p, x, w: (p, x, w, {"dilation": 0}),
+        ValueError,
+        r"dilation must be >= 1, got 0",
+    ),
+    (
+        "num_threads zero",
+        lambda p, x, w: (p, x, w, {"num_threads": 0}),
+        ValueError,
+        r"num_threads must be None \(the OpenMP default\) or >= 1, got 0",
+    ),
+    (
+        "depthwise not bool",
+        lambda p, x, w: (p, x, w, {"depthwise": 1}),
+        TypeError,
+        r"depthwise must be True or False, got 1",
+    ),
 ]
 
 
@@ -575,8 +782,9 @@ def _call(fn_name, p, x, w, extra, grad_out=None):
 
 
 @pytest.mark.parametrize("which", ["forward", "backward"])
-@pytest.mark.parametrize("make,error,match", [c[1:] for c in BAD_FORWARD],
-                         ids=[c[0] for c in BAD_FORWARD])
+@pytest.mark.parametrize(
+    "make,error,match", [c[1:] for c in BAD_FORWARD], ids=[c[0] for c in BAD_FORWARD]
+)
 def test_bad_inputs_raise_with_clear_message(make, error, match, which):
     p, x, w, extra = make(*_good())
     with pytest.raises(error, match=match):
@@ -600,21 +808,38 @@ def test_check_finite_false_skips_the_scan(where, value):
 
 
 BAD_GRAD = [
-    ("too few rows", lambda y: y[:-1], ValueError,
-     r"grad_out must have the output's shape \(10, 5\), got \(9, 5\)"),
-    ("wrong channels", lambda y: y[:, :4], ValueError,
-     r"grad_out must have the output's shape \(10, 5\), got \(10, 4\)"),
+    (
+        "too few rows",
+        lambda y: y[:-1],
+        ValueError,
+        r"grad_out must have the output's shape \(10, 5\), got \(9, 5\)",
+    ),
+    (
+        "wrong channels",
+        lambda y: y[:, :4],
+        ValueError,
+        r"grad_out must have the output's shape \(10, 5\), got \(10, 4\)",
+    ),
     ("1-D", lambda y: y.ravel(), ValueError, r"grad_out must have the output's shape \(10, 5\)"),
-    ("float32 for float64", lambda y: y.astype(np.float32), TypeError,
-     r"grad_out must have the features' dtype float64, got float32"),
-    ("integer", lambda y: y.astype(np.int64), TypeError,
-     r"grad_out must have dtype float32 or float64, got int64"),
+    (
+        "float32 for float64",
+        lambda y: y.astype(np.float32),
+        TypeError,
+        r"grad_out must have the features' dtype float64, got float32",
+    ),
+    (
+        "integer",
+        lambda y: y.astype(np.int64),
+        TypeError,
+        r"grad_out must have dtype float32 or float64, got int64",
+    ),
     ("NaN", lambda y: _with_nan(y), ValueError, r"grad_out must be finite"),
 ]
 
 
-@pytest.mark.parametrize("make,error,match", [c[1:] for c in BAD_GRAD],
-                         ids=[c[0] for c in BAD_GRAD])
+@pytest.mark.parametrize(
+    "make,error,match", [c[1:] for c in BAD_GRAD], ids=[c[0] for c in BAD_GRAD]
+)
 def test_bad_grad_out_raises_with_clear_message(make, error, match):
     p, x, w = _good()
     grad_out = make(np.ones((N, 5)))
@@ -625,6 +850,9 @@ def test_bad_grad_out_raises_with_clear_message(make, error, match):
 def test_dense_grad_out_of_wrong_shape_raises():
     rng = np.random.default_rng(1)
     p, x, w = rng.random((2, 6, 3)), rng.standard_normal((2, 6, 4)), np.ones((3, 3, 3, 4, 5))
-    with pytest.raises(ValueError, match=r"grad_out must have the output's shape \(2, 6, 5\), "
-                                         r"got \(2, 5, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"grad_out must have the output's shape \(2, 6, 5\), "
+        r"got \(2, 5, 5\)",
+    ):
         pointwise_conv_backward(np.ones((2, 5, 5)), p, x, w, 0.3)

@@ -5,6 +5,7 @@ with the bounding box."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,98 +14,24 @@ import numpy as np
 import oracles
 import pytest
 import strategies as S
+from checks import (
+    assert_kernel_map_matches,
+    assert_kernel_maps_identical,
+    assert_same_csr,
+    check_kernel_map_invariants,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pwconv_cy as pc
 
-PROPERTY = settings(max_examples=30, deadline=None,
+# PWCONV_TEST_EXAMPLES=<factor> scales the number of examples for a deeper search
+# (the default keeps the whole suite within a few minutes on two cores).
+_SCALE = float(os.environ.get("PWCONV_TEST_EXAMPLES", "1"))
+PROPERTY = settings(max_examples=max(1, int(30 * _SCALE)), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FEW = settings(max_examples=15, deadline=None,
+FEW = settings(max_examples=max(1, int(15 * _SCALE)), deadline=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-# --------------------------------------------------------------------------- helpers
-
-def _first_bad_row(splits_a, index_a, splits_b, index_b, cell_a=None, cell_b=None):
-    m = min(len(splits_a), len(splits_b)) - 1
-    for i in range(m):
-        ra = index_a[splits_a[i]:splits_a[i + 1]]
-        rb = index_b[splits_b[i]:splits_b[i + 1]]
-        same = np.array_equal(ra, rb)
-        if same and cell_a is not None:
-            same = np.array_equal(cell_a[splits_a[i]:splits_a[i + 1]],
-                                  cell_b[splits_b[i]:splits_b[i + 1]])
-        if not same:
-            msg = f"row {i}: got index {ra.tolist()}, expected {rb.tolist()}"
-            if cell_a is not None:
-                msg += (f"; got cells {cell_a[splits_a[i]:splits_a[i + 1]].tolist()}, expected "
-                        f"{cell_b[splits_b[i]:splits_b[i + 1]].tolist()}")
-            return msg
-    return f"row counts differ: {len(splits_a) - 1} vs {len(splits_b) - 1}"
-
-
-def assert_kernel_map_matches(km, ref, kernel_size):
-    """A library KernelMap equals an oracle map exactly (values and the documented dtypes)."""
-    K3 = kernel_size ** 3
-    m = len(ref.splits) - 1
-    assert km.splits.dtype == np.int64 and km.splits.shape == (m + 1,)
-    assert km.index.dtype == np.int64
-    assert km.cell.dtype == (np.uint8 if K3 <= 256 else np.int16 if K3 <= 32767 else np.int32)
-    assert km.counts.dtype == np.int32 and km.counts.shape == (m, K3)
-    assert km.kernel_size == kernel_size
-    if not (np.array_equal(km.splits, ref.splits) and np.array_equal(km.index, ref.index)
-            and np.array_equal(km.cell.astype(np.int64), ref.cell)):
-        pytest.fail("kernel map differs from the SPEC §1 oracle: " + _first_bad_row(
-            km.splits, km.index, ref.splits, ref.index, km.cell.astype(np.int64), ref.cell))
-    np.testing.assert_array_equal(km.counts, ref.counts)
-
-
-def assert_same_csr(splits, index, ref_splits, ref_index, what="radius search"):
-    assert splits.dtype == np.int64 and index.dtype == np.int64
-    assert splits.shape == ref_splits.shape
-    if not (np.array_equal(splits, ref_splits) and np.array_equal(index, ref_index)):
-        pytest.fail(f"{what} differs from the reference: "
-                    + _first_bad_row(splits, index, ref_splits, ref_index))
-
-
-def assert_kernel_maps_identical(a, b):
-    """Bit-identical kernel maps (arrays, dtypes)."""
-    for name in ("splits", "index", "cell", "counts"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert x.dtype == y.dtype, name
-        assert np.array_equal(x, y), f"{name} differs"
-
-
-def check_kernel_map_invariants(km, offsets, query_offsets=None, self_query=True):
-    """counts.sum(1) == row lengths, counts == per-row histogram of cells, rows strictly
-    ascending, every neighbour in the query's own cloud, the centre point in the centre cell."""
-    K = km.kernel_size
-    splits, index, cell = km.splits, km.index, km.cell.astype(np.int64)
-    m = len(splits) - 1
-    q_offsets = offsets if query_offsets is None else query_offsets
-    assert splits[0] == 0 and (np.diff(splits) >= 0).all()
-    assert splits[-1] == len(index) == len(cell)
-    np.testing.assert_array_equal(km.counts.sum(axis=1), np.diff(splits))
-    assert ((cell >= 0) & (cell < K ** 3)).all()
-    rows = np.repeat(np.arange(m), np.diff(splits))
-    hist = np.zeros((m, K ** 3), dtype=np.int64)
-    np.add.at(hist, (rows, cell), 1)
-    np.testing.assert_array_equal(km.counts, hist)
-    if len(index):
-        same_row = rows[1:] == rows[:-1]
-        assert (np.diff(index)[same_row] > 0).all(), "a row is not strictly ascending"
-    # clouds never mix: query i of cloud b only sees points offsets[b] <= j < offsets[b+1]
-    cloud_of_query = np.searchsorted(q_offsets, np.arange(m), side="right") - 1
-    cloud_of_point = np.searchsorted(offsets, index, side="right") - 1
-    np.testing.assert_array_equal(cloud_of_point, cloud_of_query[rows])
-    if self_query:
-        centre = ((K // 2) * K + K // 2) * K + K // 2
-        for i in range(m):
-            row = index[splits[i]:splits[i + 1]]
-            pos = np.searchsorted(row, i)
-            assert pos < len(row) and row[pos] == i, f"point {i} is not its own neighbour"
-            assert cell[splits[i] + pos] == centre, f"point {i} is not in its centre cell"
 
 
 def prepared(points64, dtype, shift=0.0):
@@ -285,6 +212,10 @@ def test_one_thread_matches_two_threads_bit_for_bit(rng, method, dilation):
         two = pc.kernel_map(points, 0.1, dilation=dilation, offsets=offsets, method=method,
                             num_threads=2, **kwargs)
         assert_kernel_maps_identical(one, two)
+        # more threads than cores (and than some clouds have blocks): still the same bits
+        five = pc.kernel_map(points, 0.1, dilation=dilation, offsets=offsets, method=method,
+                             num_threads=5, **kwargs)
+        assert_kernel_maps_identical(one, five)
         for metric in ("chebyshev", "euclidean"):
             r1 = pc.radius_search(points, 0.15, offsets=offsets, metric=metric, method=method,
                                   num_threads=1, **kwargs)
@@ -492,8 +423,19 @@ _RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys, time
     import numpy as np
     import pwconv_cy as pc
+    def peak_kib():
+        # VmHWM: the peak RSS of this process image.  (ru_maxrss would also carry the peak of
+        # the forked parent - pytest, hundreds of MB - across exec, masking what we measure.)
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     points = np.array([[0.0, 0.0, 0.0], [1e-3, 0.0, 0.0], [1e9, 0.0, 0.0]])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_kib()
     t0 = time.perf_counter()
     result = {}
     if sys.argv[1] == "work":
@@ -506,7 +448,7 @@ _RSS_SCRIPT = textwrap.dedent("""
         index = pc.NeighborIndex(points, 1e-3)
         result["index-km"] = index.kernel_map(3, 4).index.tolist()
     elapsed = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_kib()
     print(json.dumps({"before_kib": before, "after_kib": after, "seconds": elapsed,
                       "result": result}))
 """)
@@ -589,3 +531,24 @@ def test_index_memory_grows_with_points_not_with_the_bounding_box(rng, method):
     big = pc.NeighborIndex(spread, 1e-3, method=method).memory_bytes
     assert 0 < big <= 1.5 * small + 4096, (small, big)
     assert big < 2000 * 3 * 8 * 16            # a small multiple of the coordinates themselves
+
+
+def test_dlpack_producers_are_read_like_numpy_arrays(rng):
+    """README: anything exposing DLPack on the CPU is accepted (here a bare DLPack producer)."""
+    class Producer:
+        def __init__(self, array):
+            self._array = array
+
+        def __dlpack__(self, **kwargs):
+            return self._array.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self._array.__dlpack_device__()
+
+    points = rng.uniform(-1, 1, size=(200, 3)).astype(np.float32)
+    queries = rng.uniform(-1, 1, size=(30, 3))
+    expected = pc.kernel_map(points, 0.2, queries=queries)
+    got = pc.kernel_map(Producer(points), 0.2, queries=Producer(queries))
+    assert_kernel_maps_identical(got, expected)
+    splits, index = pc.radius_search(Producer(points), 0.2, Producer(queries))
+    assert_same_csr(splits, index, *pc.radius_search(points, 0.2, queries))

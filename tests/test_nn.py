@@ -1,5 +1,6 @@
 """The layers of pwconv_cy.nn: parameters, initialisation, forward/backward protocol, gradients of
 small composites by finite differences in float64."""
+
 from __future__ import annotations
 
 import math
@@ -43,9 +44,9 @@ def test_parameter_shapes_dtypes_and_counts(cls, c_in, c_out, k, bias):
     assert {name: p.shape for name, p in layer.params.items()} == shapes
     assert all(p.dtype == np.float64 for p in layer.params.values())
     if cls is nn.PointwiseConv:
-        count = k ** 3 * c_in * c_out
+        count = k**3 * c_in * c_out
     else:
-        count = k ** 3 * c_in + c_in * c_out
+        count = k**3 * c_in + c_in * c_out
     assert layer.n_params == count + (c_out if bias else 0)
     if bias:
         assert not layer.params["bias"].any()
@@ -62,22 +63,22 @@ def test_separable_has_fewer_parameters_than_dense_for_the_paper_layer():
 def test_pointwise_conv_glorot_uniform_bounds_and_spread(c_in, c_out, k):
     layer = nn.PointwiseConv(c_in, c_out, 0.1, kernel_size=k, rng=123)
     w = layer.params["weight"].astype(np.float64)
-    limit = math.sqrt(6.0 / (k ** 3 * c_in + k ** 3 * c_out))
+    limit = math.sqrt(6.0 / (k**3 * c_in + k**3 * c_out))
     assert np.abs(w).max() <= limit * (1 + 1e-6)
-    assert np.abs(w).max() >= 0.95 * limit          # the samples fill the interval
+    assert np.abs(w).max() >= 0.95 * limit  # the samples fill the interval
     assert abs(w.mean()) <= 0.1 * limit
-    assert w.var() == pytest.approx(limit ** 2 / 3, rel=0.15)  # variance of U(-a, a)
+    assert w.var() == pytest.approx(limit**2 / 3, rel=0.15)  # variance of U(-a, a)
 
 
 def test_separable_glorot_uniform_bounds():
     c_in, c_out, k = 16, 32, 3
     layer = nn.SeparablePointwiseConv(c_in, c_out, 0.1, kernel_size=k, rng=5)
-    for name, fan_in, fan_out in (("depthwise", k ** 3, k ** 3), ("pointwise", c_in, c_out)):
+    for name, fan_in, fan_out in (("depthwise", k**3, k**3), ("pointwise", c_in, c_out)):
         w = layer.params[name].astype(np.float64)
         limit = math.sqrt(6.0 / (fan_in + fan_out))
         assert np.abs(w).max() <= limit * (1 + 1e-6), name
         assert np.abs(w).max() >= 0.9 * limit, name
-        assert w.var() == pytest.approx(limit ** 2 / 3, rel=0.2), name
+        assert w.var() == pytest.approx(limit**2 / 3, rel=0.2), name
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -87,7 +88,7 @@ def test_seeded_rng_gives_identical_parameters(cls):
     c = cls(4, 6, 0.1, bias=True, rng=43)
     for name in a.params:
         assert np.array_equal(a.params[name], b.params[name])
-    assert not np.array_equal(a.params[list(a.params)[0]], c.params[list(c.params)[0]])
+    assert not np.array_equal(a.params[next(iter(a.params))], c.params[next(iter(c.params))])
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -120,10 +121,12 @@ def test_separable_forward_equals_depthwise_then_linear_map(rng):
     points, offsets = sphere_batch(rng, [40, 25])
     x = rng.standard_normal((65, 4))
     y = layer.forward(points, x, offsets=offsets)
-    z = pointwise_conv(points, x, layer.params["depthwise"], 0.3, dilation=3, offsets=offsets,
-                       depthwise=True)
-    np.testing.assert_allclose(y, z @ layer.params["pointwise"] + layer.params["bias"],
-                               rtol=1e-13, atol=1e-15)
+    z = pointwise_conv(
+        points, x, layer.params["depthwise"], 0.3, dilation=3, offsets=offsets, depthwise=True
+    )
+    np.testing.assert_allclose(
+        y, z @ layer.params["pointwise"] + layer.params["bias"], rtol=1e-13, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -155,8 +158,12 @@ def test_callers_kernel_map_is_used_and_checked(cls, rng):
     km = index.kernel_map(3, 2)
     y = layer.forward(points, points, offsets=offsets, kernel_map=km)
     assert layer.kernel_map is km
-    assert np.array_equal(y, cls(3, 4, 0.3, dilation=2, dtype=np.float64, rng=0)
-                          .forward(points, points, offsets=offsets))
+    assert np.array_equal(
+        y,
+        cls(3, 4, 0.3, dilation=2, dtype=np.float64, rng=0).forward(
+            points, points, offsets=offsets
+        ),
+    )
     with pytest.raises(ValueError, match="kernel_map was built for dilation=1"):
         layer.forward(points, points, offsets=offsets, kernel_map=index.kernel_map(3, 1))
 
@@ -187,7 +194,7 @@ def test_queries_give_one_output_row_per_query(cls, rng):
 
 
 def tanh_backward(y_tanh, grad):
-    return grad * (1.0 - y_tanh ** 2)
+    return grad * (1.0 - y_tanh**2)
 
 
 class Composite:
@@ -200,8 +207,15 @@ class Composite:
         self.queries, self.query_offsets = queries, query_offsets
 
     def loss(self, x):
-        h = np.tanh(self.first.forward(self.points, x, offsets=self.offsets,
-                                       queries=self.queries, query_offsets=self.query_offsets))
+        h = np.tanh(
+            self.first.forward(
+                self.points,
+                x,
+                offsets=self.offsets,
+                queries=self.queries,
+                query_offsets=self.query_offsets,
+            )
+        )
         if self.queries is None:
             y = self.second.forward(self.points, h, offsets=self.offsets)
         else:
@@ -239,8 +253,9 @@ def _fd_check(model: Composite, x, rng, n_dirs=3, eps=1e-5, rtol=1e-6):
                 minus = model.loss(x)
                 layer.params[name] = base
                 fd = (plus - minus) / (2 * eps)
-                assert np.sum(grads[name] * d) == pytest.approx(fd, rel=rtol, abs=1e-9), \
+                assert np.sum(grads[name] * d) == pytest.approx(fd, rel=rtol, abs=1e-9), (
                     f"{tag}.{name}"
+                )
             checked.append(f"{tag}.{name}")
     return checked
 
@@ -252,8 +267,9 @@ COMPOSITES = [
 ]
 
 
-@pytest.mark.parametrize("first_cls,second_cls", [c[1:] for c in COMPOSITES],
-                         ids=[c[0] for c in COMPOSITES])
+@pytest.mark.parametrize(
+    "first_cls,second_cls", [c[1:] for c in COMPOSITES], ids=[c[0] for c in COMPOSITES]
+)
 @pytest.mark.parametrize("with_queries", [False, True], ids=["points", "queries"])
 def test_composite_gradients_match_finite_differences(first_cls, second_cls, with_queries):
     rng = np.random.default_rng(2024)
@@ -303,8 +319,8 @@ def test_backward_overwrites_and_never_accumulates(cls, rng):
     assert layer.grads is grads1
     snapshot = {k: v.copy() for k, v in grads1.items()}
     d1_again, grads1_again = layer.backward(g1)
-    for name in snapshot:
-        assert np.array_equal(grads1_again[name], snapshot[name]), name
+    for name, value in snapshot.items():
+        assert np.array_equal(grads1_again[name], value), name
     assert np.array_equal(d1_again, d1)
     layer.forward(points, x2, offsets=offsets)
     _, grads2 = layer.backward(g2)
@@ -356,20 +372,20 @@ def test_repr_names_the_layer_and_its_geometry(cls):
 
 
 BAD_ARGS = [
-    (dict(c_in=0), ValueError, "c_in must be a positive integer, got 0"),
-    (dict(c_out=2.5), TypeError, "c_out must be a positive integer, got float 2.5"),
-    (dict(voxel_size=-1.0), ValueError, "voxel_size must be positive and finite"),
-    (dict(dilation=0), ValueError, "dilation must be >= 1"),
-    (dict(kernel_size=4), ValueError, "kernel_size must be odd"),
-    (dict(bias="yes"), TypeError, "bias must be True or False"),
-    (dict(dtype=np.int32), TypeError, "dtype must be float32 or float64, got int32"),
+    ({"c_in": 0}, ValueError, "c_in must be a positive integer, got 0"),
+    ({"c_out": 2.5}, TypeError, "c_out must be a positive integer, got float 2.5"),
+    ({"voxel_size": -1.0}, ValueError, "voxel_size must be positive and finite"),
+    ({"dilation": 0}, ValueError, "dilation must be >= 1"),
+    ({"kernel_size": 4}, ValueError, "kernel_size must be odd"),
+    ({"bias": "yes"}, TypeError, "bias must be True or False"),
+    ({"dtype": np.int32}, TypeError, "dtype must be float32 or float64, got int32"),
 ]
 
 
 @pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("bad,error,match", BAD_ARGS, ids=[next(iter(b[0])) for b in BAD_ARGS])
 def test_bad_constructor_arguments_raise(cls, bad, error, match):
-    args = dict(c_in=3, c_out=4, voxel_size=0.1)
+    args = {"c_in": 3, "c_out": 4, "voxel_size": 0.1}
     args.update(bad)
     with pytest.raises(error, match=match):
         cls(**args)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import oracles
 import pytest
-from test_neighbors import (
+from checks import (
     assert_kernel_map_matches,
     assert_kernel_maps_identical,
     assert_same_csr,

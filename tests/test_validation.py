@@ -221,6 +221,13 @@ def test_non_integer_kernel_size_is_rejected(value, shown):
         pc.kernel_map(P5, 0.1, kernel_size=value)
 
 
+@pytest.mark.parametrize("voxel, K, s", [(1e308, 3, 1), (1e303, 5, 1 << 20)])
+def test_kernel_extent_overflowing_float64_is_rejected(voxel, K, s):
+    """(s*(K-1)+1)*v overflows to inf: the support is not a finite cube, say so."""
+    with pytest.raises(ValueError, match=r"extent .*voxel_size must be finite"):
+        pc.kernel_map(P5, voxel, kernel_size=K, dilation=s)
+
+
 def test_absurd_kernel_size_is_rejected():
     with pytest.raises(ValueError, match=r"kernel_size must be at most 1023, got 1025"):
         pc.kernel_map(P5, 0.1, kernel_size=1025)

@@ -1,6 +1,8 @@
 // Forward and backward kernels of pointwise convolution; see conv.hpp for the scheme.
 #include "pwconv/conv.hpp"
 
+#include "sort.hpp"
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -211,19 +213,28 @@ struct TransposedMeanWeight {  // transposed map: entry (i = trow[e], f) weighs 
 }  // namespace
 
 template <class CellT>
-void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int64_t* trow,
-                          CellT* tcell, int threads) {
+void transpose_kernel_map(const KernelMapView<CellT>& map, const int64_t* row_order,
+                          int64_t* tsplits, int64_t* trow, CellT* tcell, int threads) {
     check_map(map);
     const int64_t n = map.n, m = map.m;
     const int64_t n_entries = map.splits[m];
     for (int64_t e = 0; e < n_entries; ++e)
         require(map.index[e] >= 0 && map.index[e] < n, "kernel map index out of range");
-    // A stable counting sort by point.  Each thread owns a range of points and scans all entries
-    // in row order, writing only its own: the output is the unique stable order (rows ascending
-    // within a point) whatever the number of threads, and the scattered writes are split.
+    if (row_order != nullptr)
+        for (int64_t p = 0; p < m; ++p)
+            require(row_order[p] >= 0 && row_order[p] < m, "row_order out of range");
+    // A counting sort by point.  Rows are visited in row_order (spatially coherent: the scattered
+    // writes then hit cache) and each point's list is sorted by row afterwards, so the result is
+    // the unique ascending order whatever the visit order and the number of threads.  Each thread
+    // owns a range of points and writes only those.
     threads = resolve_threads(threads);
     const int64_t owners = std::max<int64_t>(1, std::min<int64_t>(threads, n));
     std::fill(tsplits, tsplits + n + 1, 0);
+    const int bits = [&] {
+        int b = 0;
+        while ((int64_t(1) << b) < map.n_cells()) ++b;
+        return b;
+    }();
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static, 1)
@@ -240,7 +251,8 @@ void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int
         for (int64_t t = 0; t < owners; ++t) {
             const int64_t j0 = n * t / owners, j1 = n * (t + 1) / owners;
             std::vector<int64_t> cursor(tsplits + j0, tsplits + j1);
-            for (int64_t i = 0; i < m; ++i)
+            for (int64_t p = 0; p < m; ++p) {
+                const int64_t i = row_order ? row_order[p] : p;
                 for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e) {
                     const int64_t j = map.index[e];
                     if (j < j0 || j >= j1) continue;
@@ -248,6 +260,24 @@ void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int
                     trow[pos] = i;
                     tcell[pos] = map.cell[e];
                 }
+            }
+        }
+        if (row_order != nullptr) {
+            std::vector<int64_t> keys;
+            RankScratch scratch;
+            const bool fit32 = (m >> (31 - std::min(bits, 31))) == 0;
+#pragma omp for schedule(dynamic, 1024)
+            for (int64_t j = 0; j < n; ++j) {
+                const int64_t b = tsplits[j], len = tsplits[j + 1] - b;
+                keys.resize(len);
+                for (int64_t k = 0; k < len; ++k)
+                    keys[k] = (trow[b + k] << bits) | (int64_t)tcell[b + k];
+                sort_unique_keys(keys.data(), len, fit32, scratch);  // (row, cell) are distinct
+                for (int64_t k = 0; k < len; ++k) {
+                    trow[b + k] = keys[k] >> bits;
+                    tcell[b + k] = (CellT)(keys[k] & ((int64_t(1) << bits) - 1));
+                }
+            }
         }
     }
 }
@@ -357,7 +387,8 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
                                              const F*, int64_t, bool, F*, int);
 
 #define PWCONV_INSTANTIATE_CELL(C)                                                                 \
-    template void transpose_kernel_map<C>(const KernelMapView<C>&, int64_t*, int64_t*, C*, int);  \
+    template void transpose_kernel_map<C>(const KernelMapView<C>&, const int64_t*, int64_t*,      \
+                                          int64_t*, C*, int);  \
     PWCONV_INSTANTIATE_CONV(float, C)                                                              \
     PWCONV_INSTANTIATE_CONV(double, C)
 

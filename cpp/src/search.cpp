@@ -1,11 +1,14 @@
 // Count and fill passes of the radius search and the kernel map, for the grid and the kd-tree.
 #include <algorithm>
 #include <atomic>
+#include <climits>
+#include <memory>
 #include <type_traits>
 #include <cmath>
 #include <vector>
 
 #include "candidates.hpp"
+#include "sort.hpp"
 #include "pwconv/kernel_map.hpp"
 #include "pwconv/radius_search.hpp"
 
@@ -16,15 +19,29 @@ namespace {
 using detail::KernelBounds;
 using detail::QueryBox;
 
-// Growable key buffer whose hot loops write without value-initialising first.
+// Growable key buffer.  Its storage is never value-initialised (untouched capacity costs no
+// memory), and it grows by at most `growth_cap` keys beyond what is asked, so that a search near
+// its pair budget does not double its footprint.
 struct KeyBuffer {
-    std::vector<int64_t> data;
+    std::unique_ptr<int64_t[]> data;
+    int64_t capacity = 0;
     int64_t size = 0;
+    int64_t growth_cap = INT64_MAX;
 
     int64_t* reserve(int64_t extra) {
-        if (size + extra > (int64_t)data.size())
-            data.resize(std::max<int64_t>(2 * (int64_t)data.size(), size + extra));
-        return data.data();
+        if (size + extra > capacity) {
+            const int64_t want = size + extra;
+            const int64_t grown = std::max(want, std::min(2 * capacity, want + growth_cap));
+            std::unique_ptr<int64_t[]> bigger(new int64_t[grown]);
+            std::copy(data.get(), data.get() + size, bigger.get());
+            data = std::move(bigger);
+            capacity = grown;
+        }
+        return data.get();
+    }
+    void release() {
+        data.reset();
+        capacity = size = 0;
     }
 };
 
@@ -50,22 +67,6 @@ void check_spec(const KernelSpec& spec) {
             "the kernel's extent (dilation*(kernel_size-1)+1)*voxel_size must be finite");
 }
 
-template <class V>
-void sort_row(V* begin, V* end) {
-    if (end - begin <= 24) {  // insertion sort: rows are short and arrive in sorted runs
-        for (V* a = begin + 1; a < end; ++a) {
-            const V value = *a;
-            V* b = a;
-            while (b > begin && value < *(b - 1)) {
-                *b = *(b - 1);
-                --b;
-            }
-            *b = value;
-        }
-    } else {
-        std::sort(begin, end);
-    }
-}
 
 
 // The candidate loops below are branch-free (the accept decisions are data-dependent and
@@ -322,7 +323,9 @@ struct RadiusPolicy {
 // integer atomic (no floating point): once it passes max_pairs, later blocks only count.
 template <class Policy, class Index, class T>
 void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& policy,
-                  int64_t max_pairs, PairBlocks& out, int threads) {
+                  int cell_bits, int64_t max_pairs, PairBlocks& out, int threads) {
+    // Keys (point index << cell_bits | cell) are distinct within a row; 31-bit keys sort faster.
+    const bool fit32 = (index.n_points >> (31 - std::min(cell_bits, 31))) == 0;
     const bool self = queries.xyz == nullptr;
     const int64_t m = check_queries(index, queries);
     const int64_t* offsets = self ? index.cloud_offsets.data() : queries.batch.offsets;
@@ -342,13 +345,12 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
         typename detail::ScratchOf<Index>::type scratch;
         typename Policy::State state;
         KeyBuffer buffer;
+        RankScratch rank_scratch;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
             const int64_t p0 = blk * PairBlocks::kBlockSize;
             const int64_t p1 = std::min(m, p0 + PairBlocks::kBlockSize);
-            const bool keep = !over.load(std::memory_order_relaxed);
             buffer.size = 0;
-            int64_t block_pairs = 0;
             for (int64_t p = p0; p < p1; ++p) {
                 double q[3];
                 if (self) {
@@ -359,20 +361,27 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
                 const int64_t cloud =
                     (int64_t)(std::upper_bound(offsets, offsets + n_clouds + 1, p) - offsets) - 1;
                 int64_t n;
-                if (keep) {
+                if (!over.load(std::memory_order_relaxed)) {
+                    // Keep the row while the running total stays within the budget (checked per
+                    // row, so no thread holds much more than the budget); past it, only count.
+                    buffer.growth_cap = std::max<int64_t>(
+                        0, max_pairs - total.load(std::memory_order_relaxed));
                     const int64_t row_begin = buffer.size;
                     policy.collect(index, q, cloud, box, scratch, state, buffer);
-                    sort_row(buffer.data.data() + row_begin, buffer.data.data() + buffer.size);
                     n = buffer.size - row_begin;
+                    if (total.fetch_add(n) + n > max_pairs) {
+                        over.store(true);
+                        buffer.release();
+                    } else {
+                        sort_unique_keys(buffer.data.get() + row_begin, n, fit32, rank_scratch);
+                    }
                 } else {
                     n = policy.count(index, q, cloud, box, scratch, state);
+                    total.fetch_add(n);
                 }
                 out.row_len[p] = n;
-                block_pairs += n;
             }
-            if (keep) out.keys[blk].assign(buffer.data.begin(), buffer.data.begin() + buffer.size);
-            if (total.fetch_add(block_pairs) + block_pairs > max_pairs)
-                over.store(true, std::memory_order_relaxed);
+            if (!over.load()) out.keys[blk].assign(buffer.data.get(), buffer.data.get() + buffer.size);
         }
     }
     out.n_pairs = total.load();
@@ -428,7 +437,7 @@ template <class Index, class T>
 void radius_search_gather(const Index& index, const Queries<T>& queries, double radius,
                           Metric metric, int64_t max_pairs, PairBlocks& out, int threads) {
     check_radius(radius);
-    gather_pairs(index, queries, RadiusPolicy{radius, metric}, max_pairs, out, threads);
+    gather_pairs(index, queries, RadiusPolicy{radius, metric}, 0, max_pairs, out, threads);
 }
 
 void radius_search_emit(const PairBlocks& pairs, const int64_t* splits, int64_t* index_e,
@@ -448,7 +457,7 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
     KernelPolicy policy;
     policy.spec = spec;
     policy.cell_bits = bits;
-    gather_pairs(index, queries, policy, max_pairs, out, threads);
+    gather_pairs(index, queries, policy, bits, max_pairs, out, threads);
     out.cell_bits = bits;
 }
 

@@ -32,10 +32,12 @@ struct KernelMapView {
 };
 
 /// The transposed kernel map: for every point j, the rows i (ascending) with j in Omega_i(f) and
-/// the cell f of each.  tsplits (n + 1,), trow (E,), tcell (E,), caller-allocated.
+/// the cell f of each.  tsplits (n + 1,), trow (E,), tcell (E,), caller-allocated.  row_order
+/// (m,), optional: a permutation of the rows to visit them in (a spatially coherent order, e.g.
+/// the search's visit order, makes the scattered writes cache-friendly; the result is the same).
 template <class CellT>
-void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int64_t* trow,
-                          CellT* tcell, int threads);
+void transpose_kernel_map(const KernelMapView<CellT>& map, const int64_t* row_order,
+                          int64_t* tsplits, int64_t* trow, CellT* tcell, int threads);
 
 /// Forward: y (m, c_out) = sum_f mean_{Omega_i(f)} x · W_f.  x (n, c_in), weight (K^3, c_in, c_out)
 /// (K^3 x c when depthwise, then c_out = c_in = c).  F is float or double.
