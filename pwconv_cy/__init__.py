@@ -6,11 +6,12 @@ __version__ = "0.1.0"
 from pwconv_cy._config import MemoryBudgetError, get_memory_budget, set_memory_budget
 from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import KernelMap, NeighborIndex, kernel_map, radius_search
+from pwconv_cy import nn  # noqa: E402  (layers use the names above)
 
 __all__ = [
     "__version__", "show_config", "KernelMap", "NeighborIndex", "kernel_map", "radius_search",
     "MemoryBudgetError", "get_memory_budget", "set_memory_budget", "pointwise_conv",
-    "pointwise_conv_backward",
+    "pointwise_conv_backward", "nn",
 ]
 
 

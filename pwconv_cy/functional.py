@@ -11,7 +11,7 @@ from pwconv_cy import _core
 from pwconv_cy._validation import (
     check_choice, check_dilation, check_features, check_grad_out, check_num_threads, check_points,
     check_positive, check_queries, check_weight)
-from pwconv_cy.neighbors import METHODS, KernelMap, NeighborIndex, cloud_digest
+from pwconv_cy.neighbors import METHODS, KernelMap, NeighborIndex, digest_matches
 
 __all__ = ["pointwise_conv", "pointwise_conv_backward"]
 
@@ -41,12 +41,12 @@ def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offset
                              f"{name}={want}; rebuild it or pass matching arguments")
     n = batch.points.shape[0]
     if km.n_points != n or not np.array_equal(km.offsets, batch.offsets) \
-            or km.points_digest != cloud_digest(batch.points, batch.offsets):
+            or not digest_matches(km.points_digest, batch.points, batch.offsets):
         raise ValueError(f"kernel_map was built for other points ({km.n_points} points in "
                          f"{km.offsets.shape[0] - 1} cloud(s)), not for these ({n} points in "
                          f"{batch.offsets.shape[0] - 1} cloud(s)); rebuild it for these points")
-    q_digest = None if q is None else cloud_digest(q, q_offsets)
-    if km.queries_digest != q_digest:
+    if (km.queries_digest is None) != (q is None) or (
+            q is not None and not digest_matches(km.queries_digest, q, q_offsets)):
         raise ValueError("kernel_map was built for other query points than this call's "
                          f"(queries {'None' if q is None else q.shape}); rebuild it or pass the "
                          "same queries")

@@ -608,6 +608,27 @@ def test_kernel_map_for_other_geometry_raises(built, used, match, which):
             pointwise_conv_backward(np.ones((m, 3)), used["points"], x, w, used["voxel_size"], **kw)
 
 
+@pytest.mark.parametrize("change", ["swap two rows", "opposite moves"])
+def test_kernel_map_for_subtly_other_points_raises(change):
+    """A large cloud changed so that its size, offsets and coordinate sum stay the same: the map
+    no longer describes these points and must be refused, not silently used."""
+    rng = np.random.default_rng(5)
+    points = rng.random((1000, 3))
+    km = pwconv_cy.kernel_map(points, 0.1)
+    other = points.copy()
+    if change == "swap two rows":
+        other[[1, 2]] = other[[2, 1]]
+    else:
+        other[1, 0] += 0.25
+        other[2, 0] -= 0.25
+    x, w = rng.standard_normal((1000, 2)), rng.standard_normal((3, 3, 3, 2, 2))
+    assert not np.array_equal(
+        pointwise_conv(other, x, w, 0.1), pointwise_conv(points, x, w, 0.1)
+    )  # the change matters
+    with pytest.raises(ValueError, match="kernel_map was built for other points"):
+        pointwise_conv(other, x, w, 0.1, kernel_map=km)
+
+
 def test_kernel_map_of_wrong_type_raises(rng):
     points = rng.random((10, 3))
     with pytest.raises(TypeError, match="kernel_map must be a pwconv_cy.KernelMap"):

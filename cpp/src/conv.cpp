@@ -191,13 +191,25 @@ void gather_apply(int64_t rows, const int64_t* splits, const int64_t* col, const
     }
 }
 
+// 1 / k for the small counts that dominate (a lookup instead of a division per entry); larger
+// counts are divided.  Both give the correctly rounded reciprocal.
+template <class F>
+struct Reciprocals {
+    static constexpr int kSize = 1024;
+    F table[kSize];
+    Reciprocals() {
+        table[0] = F(0);
+        for (int k = 1; k < kSize; ++k) table[k] = F(1) / (F)k;
+    }
+    F operator()(int32_t k) const { return k < kSize ? table[k] : F(1) / (F)k; }
+};
+
 template <class F, class CellT>
 struct RowMeanWeight {  // forward map: entry of row r in cell f weighs 1 / n_r(f)
     const int32_t* counts;
     int64_t n_cells;
-    F operator()(int64_t r, int64_t, int64_t f) const {
-        return F(1) / (F)counts[r * n_cells + f];
-    }
+    const Reciprocals<F>* inv;
+    F operator()(int64_t r, int64_t, int64_t f) const { return (*inv)(counts[r * n_cells + f]); }
 };
 
 template <class F, class CellT>
@@ -205,8 +217,9 @@ struct TransposedMeanWeight {  // transposed map: entry (i = trow[e], f) weighs 
     const int32_t* counts;
     const int64_t* trow;
     int64_t n_cells;
+    const Reciprocals<F>* inv;
     F operator()(int64_t, int64_t e, int64_t f) const {
-        return F(1) / (F)counts[trow[e] * n_cells + f];
+        return (*inv)(counts[trow[e] * n_cells + f]);
     }
 };
 
@@ -288,8 +301,9 @@ void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, con
     check_map(map);
     require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     const int64_t n_cells = map.n_cells();
+    const Reciprocals<F> inv;
     gather_apply(map.m, map.splits, map.index, map.cell, n_cells, x, c_in,
-                 RowMeanWeight<F, CellT>{map.counts, n_cells}, weight, c_out, depthwise, y,
+                 RowMeanWeight<F, CellT>{map.counts, n_cells, &inv}, weight, c_out, depthwise, y,
                  resolve_threads(threads));
 }
 
@@ -311,8 +325,9 @@ void conv_backward_input(const KernelMapView<CellT>& map, const int64_t* tsplits
                     weight_t[(f * c_out + co) * c_in + ci] = weight[(f * c_in + ci) * c_out + co];
         M = weight_t.data();
     }
+    const Reciprocals<F> inv;
     gather_apply(map.n, tsplits, trow, tcell, n_cells, grad_y, c_out,
-                 TransposedMeanWeight<F, CellT>{map.counts, trow, n_cells}, M, c_in, depthwise,
+                 TransposedMeanWeight<F, CellT>{map.counts, trow, n_cells, &inv}, M, c_in, depthwise,
                  grad_x, resolve_threads(threads));
 }
 
@@ -332,7 +347,8 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
         1, std::min<int64_t>(n_blocks, (int64_t)(kWaveBytes / (double)(w_size * sizeof(F)))));
     std::vector<F> partial(wave * w_size);
     std::fill(grad_weight, grad_weight + w_size, F(0));
-    const RowMeanWeight<F, CellT> mean{map.counts, n_cells};
+    const Reciprocals<F> inv;
+    const RowMeanWeight<F, CellT> mean{map.counts, n_cells, &inv};
     for (int64_t first = 0; first < n_blocks; first += wave) {
         const int64_t count = std::min(wave, n_blocks - first);
 #pragma omp parallel num_threads(threads)
