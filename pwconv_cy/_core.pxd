@@ -1,7 +1,6 @@
 # Declarations of the C++ core (cpp/include/pwconv).  Translation only: no logic here.
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t
 from libcpp cimport bool as cbool
-from libcpp.vector cimport vector
 
 
 cdef extern from "pwconv/common.hpp" namespace "pwconv" nogil:
@@ -48,7 +47,6 @@ cdef extern from "pwconv/radius_search.hpp" namespace "pwconv" nogil:
         Batch batch
 
     cdef cppclass PairBlocks:
-        vector[int64_t] query_of
         int64_t n_queries
         int64_t n_pairs
         cbool complete
@@ -86,16 +84,15 @@ cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:
         const C* cell
         const int32_t* counts
 
-    void transpose_kernel_map[C](const KernelMapView[C]& map, const int64_t* row_order,
-                                 int64_t* tsplits, int64_t* trow, C* tcell,
+    void transpose_kernel_map[C](const KernelMapView[C]& map, int64_t* tsplits, int64_t* tkeys,
                                  int threads) except +
     void conv_forward[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
                             const F* weight, int64_t c_out, cbool depthwise, F* y,
                             int threads) except +
     void conv_backward_input[F, C](const KernelMapView[C]& map, const int64_t* tsplits,
-                                   const int64_t* trow, const C* tcell, const F* grad_y,
-                                   int64_t c_out, const F* weight, int64_t c_in, cbool depthwise,
-                                   F* grad_x, int threads) except +
+                                   const int64_t* tkeys, const F* grad_y, int64_t c_out,
+                                   const F* weight, int64_t c_in, cbool depthwise, F* grad_x,
+                                   int threads) except +
     void conv_backward_weight[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
                                     const F* grad_y, int64_t c_out, cbool depthwise,
                                     F* grad_weight, int threads) except +

@@ -158,17 +158,6 @@ cdef class Pairs:
     def memory_bytes(self):
         return self._blocks.memory_bytes()
 
-    def visit_order(self):
-        """Queries in the order the search visited them (spatial), or None for caller order."""
-        if self._blocks.query_of.size() == 0:
-            return None
-        order = np.empty(self._blocks.query_of.size(), dtype=np.int64)
-        cdef int64_t[::1] o = order
-        cdef int64_t k
-        for k in range(o.shape[0]):
-            o[k] = self._blocks.query_of[k]
-        return order
-
     def splits(self):
         splits = np.empty(self._blocks.n_queries + 1, dtype=np.int64)
         cdef int64_t[::1] s = splits
@@ -250,24 +239,17 @@ cdef inline KernelMapView[cell_t] _map_view(const int64_t[::1] splits, const int
 
 
 def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
-                  const int32_t[:, ::1] counts, int64_t n_points, int kernel_size,
-                  const int64_t[::1] row_order, int threads):
-    """Transposed kernel map: (tsplits (n+1,), trow (E,), tcell (E,)); row_order may be None."""
+                  const int32_t[:, ::1] counts, int64_t n_points, int kernel_size, int threads):
+    """Transposed kernel map: (tsplits (n+1,), tkeys (E,) = row << bits | cell)."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, n_points, kernel_size)
-    cdef const int64_t* order = NULL
-    if row_order is not None and row_order.shape[0] > 0:
-        order = &row_order[0]
     cdef int64_t n_entries = index.shape[0]
     tsplits = np.empty(n_points + 1, dtype=np.int64)
-    trow = np.empty(n_entries, dtype=np.int64)
-    tcell = np.empty(n_entries, dtype=np.asarray(cell).dtype)
+    tkeys = np.empty(n_entries, dtype=np.int64)
     cdef int64_t[::1] ts = tsplits
-    cdef int64_t[::1] tr = trow
-    cdef cell_t[::1] tc = tcell
+    cdef int64_t[::1] tk = tkeys
     with nogil:
-        transpose_kernel_map(view, order, &ts[0], &tr[0] if n_entries else NULL,
-                             &tc[0] if n_entries else NULL, threads)
-    return tsplits, trow, tcell
+        transpose_kernel_map(view, &ts[0], &tk[0] if n_entries else NULL, threads)
+    return tsplits, tkeys
 
 
 def conv_forward_(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
@@ -284,16 +266,14 @@ def conv_forward_(const int64_t[::1] splits, const int64_t[::1] index, const cel
 
 def conv_backward_input_(const int64_t[::1] splits, const int64_t[::1] index,
                          const cell_t[::1] cell, const int32_t[:, ::1] counts, int kernel_size,
-                         const int64_t[::1] tsplits, const int64_t[::1] trow,
-                         const cell_t[::1] tcell, const real_t[:, ::1] grad_y,
-                         const real_t[::1] weight, bint depthwise, real_t[:, ::1] grad_x,
-                         int threads):
+                         const int64_t[::1] tsplits, const int64_t[::1] tkeys,
+                         const real_t[:, ::1] grad_y, const real_t[::1] weight, bint depthwise,
+                         real_t[:, ::1] grad_x, int threads):
     """grad_x (n, c_in) from grad_y (m, c_out) over the transposed map."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, grad_x.shape[0],
                                                 kernel_size)
     with nogil:
-        conv_backward_input(view, &tsplits[0], &trow[0] if trow.shape[0] else NULL,
-                            &tcell[0] if tcell.shape[0] else NULL,
+        conv_backward_input(view, &tsplits[0], &tkeys[0] if tkeys.shape[0] else NULL,
                             &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
                             &weight[0], grad_x.shape[1], depthwise,
                             &grad_x[0, 0] if grad_x.shape[0] else NULL, threads)

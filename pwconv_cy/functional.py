@@ -142,10 +142,10 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
         points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
         depthwise, method, num_threads, check_finite)
     dy = check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite)
-    tsplits, trow, tcell = km.transposed(threads or None)
+    tsplits, tkeys = km.transposed(threads or None)
     dx = np.empty_like(x)
-    _core.conv_backward_input_(km.splits, km.index, km.cell, km.counts, k, tsplits, trow, tcell,
-                               dy, w.reshape(-1), bool(depthwise), dx, threads)
+    _core.conv_backward_input_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys, dy,
+                               w.reshape(-1), bool(depthwise), dx, threads)
     dw = np.empty(w.size, dtype=x.dtype)
     _core.conv_backward_weight_(km.splits, km.index, km.cell, km.counts, k, x, dy,
                                 bool(depthwise), dw, threads)

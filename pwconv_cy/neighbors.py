@@ -73,9 +73,6 @@ class KernelMap:
         The geometry the map was built for.
     n_points : int
         Number of data points the indices refer to.
-    row_order : (m,) int64 or None
-        The order in which the rows were computed (spatially coherent); only used to build the
-        transposed map cache-efficiently.
     """
 
     splits: np.ndarray
@@ -90,7 +87,6 @@ class KernelMap:
     query_offsets: np.ndarray = field(repr=False)
     points_digest: str = field(default="", repr=False)
     queries_digest: str | None = field(default=None, repr=False)
-    row_order: np.ndarray | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -111,12 +107,13 @@ class KernelMap:
 
     def transposed(self, num_threads=None):
         """For every point j, the rows i (ascending) with j in Omega_i(f) and the cell f of each:
-        ``(tsplits (n_points + 1,) int64, trow (E,) int64, tcell (E,))``.  Computed once, cached;
+        ``(tsplits (n_points + 1,) int64, tkeys (E,) int64)`` with ``tkeys = row << bits | cell``
+        (``bits = ceil(log2(K**3))``).  Computed once, cached;
         the input gradient gathers over it."""
         if "transposed" not in self._cache:
             self._cache["transposed"] = _core.transpose_map(
                 self.splits, self.index, self.cell, self.counts, self.n_points, self.kernel_size,
-                self.row_order, check_num_threads(num_threads))
+                check_num_threads(num_threads))
         return self._cache["transposed"]
 
     def __repr__(self) -> str:
@@ -253,8 +250,7 @@ class NeighborIndex:
             dilation=s, n_points=self.n_points, offsets=self._batch.offsets,
             query_offsets=self._batch.offsets if q is None else q_offsets,
             points_digest=self.points_digest,
-            queries_digest=None if q is None else cloud_digest(q, q_offsets),
-            row_order=pairs.visit_order())
+            queries_digest=None if q is None else cloud_digest(q, q_offsets))
 
 
 def _resolve_method(method: str, batch: PointBatch) -> str:

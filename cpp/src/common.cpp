@@ -25,12 +25,14 @@ int default_threads() {
 int resolve_threads(int requested) { return requested > 0 ? requested : default_threads(); }
 
 void check_batch(const Batch& batch, int64_t n, const char* name) {
-    const std::string arg(name);
-    require(batch.offsets != nullptr && batch.n_clouds >= 0, arg + " is missing");
-    require(batch.offsets[0] == 0, arg + "[0] must be 0");
+    auto fail = [name](const char* what) {
+        throw std::invalid_argument(std::string(name) + what);
+    };
+    if (batch.offsets == nullptr || batch.n_clouds < 0) fail(" is missing");
+    if (batch.offsets[0] != 0) fail("[0] must be 0");
     for (int64_t b = 0; b < batch.n_clouds; ++b)
-        require(batch.offsets[b] <= batch.offsets[b + 1], arg + " must be non-decreasing");
-    require(batch.offsets[batch.n_clouds] == n, arg + "[-1] must equal the number of points");
+        if (batch.offsets[b] > batch.offsets[b + 1]) fail(" must be non-decreasing");
+    if (batch.offsets[batch.n_clouds] != n) fail("[-1] must equal the number of points");
 }
 
 }  // namespace pwconv

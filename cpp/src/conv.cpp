@@ -1,8 +1,6 @@
 // Forward and backward kernels of pointwise convolution; see conv.hpp for the scheme.
 #include "pwconv/conv.hpp"
 
-#include "sort.hpp"
-
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -69,16 +67,33 @@ inline void dispatch_channels(int64_t ch, Fn&& fn) {
 
 // Sums w(row, e, f) * src[col[e]] per (row, cell) for rows [r0, r1) into buf's slots, then groups
 // the slots by cell.  Entries are visited in CSR order: the summation order is fixed.
-template <int A, class F, class CellT, class Weight>
-void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const int64_t* col,
-                  const CellT* cell, int64_t n_cells, const F* src, int64_t ch, Weight weight,
+// Entries of a kernel map: point index and cell of entry e.
+template <class CellT>
+struct MapEntries {
+    const int64_t* index;
+    const CellT* cell;
+    int64_t col(int64_t e) const { return index[e]; }
+    int64_t cell_of(int64_t e) const { return (int64_t)cell[e]; }
+};
+
+// Entries of a transposed map: packed (row << bits) | cell keys.
+struct PackedEntries {
+    const int64_t* keys;
+    int bits;
+    int64_t col(int64_t e) const { return keys[e] >> bits; }
+    int64_t cell_of(int64_t e) const { return keys[e] & ((int64_t(1) << bits) - 1); }
+};
+
+template <int A, class F, class Entries, class Weight>
+void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const Entries& entries,
+                  int64_t n_cells, const F* src, int64_t ch, Weight weight,
                   SlotBuffer<F>& buf) {
     buf.reset(r1 - r0, n_cells);
     for (int64_t r = r0; r < r1; ++r) {
         buf.row_slot_begin[r - r0] = buf.n_slots;
         int32_t* slot_of = &buf.slot_of[(r - r0) * n_cells];
         for (int64_t e = splits[r]; e < splits[r + 1]; ++e) {
-            const int64_t f = (int64_t)cell[e];
+            const int64_t f = entries.cell_of(e);
             int32_t s = slot_of[f];
             if (s < 0) {
                 s = slot_of[f] = (int32_t)buf.n_slots++;
@@ -93,7 +108,7 @@ void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const int64_t* 
                 std::fill(&buf.sums[s * ch], &buf.sums[s * ch] + ch, F(0));
                 ++buf.cell_begin[f + 1];
             }
-            axpy<A>(ch, weight(r, e, f), src + col[e] * ch, &buf.sums[s * ch]);
+            axpy<A>(ch, weight(r, e, f), src + entries.col(e) * ch, &buf.sums[s * ch]);
         }
     }
     buf.row_slot_begin[r1 - r0] = buf.n_slots;
@@ -164,10 +179,10 @@ void apply_rows(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, const F* M, in
 constexpr int64_t kSmallWeightBytes = 256 * 1024;
 
 // Rows of a gather kernel, in blocks of kRowBlock.  schedule(dynamic): rows differ in size.
-template <class F, class CellT, class Weight>
-void gather_apply(int64_t rows, const int64_t* splits, const int64_t* col, const CellT* cell,
-                  int64_t n_cells, const F* src, int64_t a, Weight weight, const F* M, int64_t b,
-                  bool depthwise, F* out, int threads) {
+template <class F, class Entries, class Weight>
+void gather_apply(int64_t rows, const int64_t* splits, const Entries& entries, int64_t n_cells,
+                  const F* src, int64_t a, Weight weight, const F* M, int64_t b, bool depthwise,
+                  F* out, int threads) {
     const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
     const bool small = (double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes;
 #pragma omp parallel num_threads(threads)
@@ -177,8 +192,8 @@ void gather_apply(int64_t rows, const int64_t* splits, const int64_t* col, const
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
             const int64_t r0 = blk * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
             dispatch_channels(a, [&](auto A) {
-                gather_slots<decltype(A)::value>(r0, r1, splits, col, cell, n_cells, src, a,
-                                                 weight, buf);
+                gather_slots<decltype(A)::value>(r0, r1, splits, entries, n_cells, src, a, weight,
+                                                 buf);
             });
             if (small) {
                 dispatch_channels(b, [&](auto B) {
@@ -212,85 +227,72 @@ struct RowMeanWeight {  // forward map: entry of row r in cell f weighs 1 / n_r(
     F operator()(int64_t r, int64_t, int64_t f) const { return (*inv)(counts[r * n_cells + f]); }
 };
 
-template <class F, class CellT>
-struct TransposedMeanWeight {  // transposed map: entry (i = trow[e], f) weighs 1 / n_i(f)
+template <class F>
+struct TransposedMeanWeight {  // transposed map: entry (row i, cell f) weighs 1 / n_i(f)
     const int32_t* counts;
-    const int64_t* trow;
+    PackedEntries entries;
     int64_t n_cells;
     const Reciprocals<F>* inv;
     F operator()(int64_t, int64_t e, int64_t f) const {
-        return (*inv)(counts[trow[e] * n_cells + f]);
+        return (*inv)(counts[entries.col(e) * n_cells + f]);
     }
 };
+
+int cell_bits_of(int64_t n_cells) {
+    int bits = 0;
+    while ((int64_t(1) << bits) < n_cells) ++bits;
+    return bits;
+}
 
 }  // namespace
 
 template <class CellT>
-void transpose_kernel_map(const KernelMapView<CellT>& map, const int64_t* row_order,
-                          int64_t* tsplits, int64_t* trow, CellT* tcell, int threads) {
+void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int64_t* tkeys,
+                          int threads) {
     check_map(map);
     const int64_t n = map.n, m = map.m;
     const int64_t n_entries = map.splits[m];
     for (int64_t e = 0; e < n_entries; ++e)
         require(map.index[e] >= 0 && map.index[e] < n, "kernel map index out of range");
-    if (row_order != nullptr)
-        for (int64_t p = 0; p < m; ++p)
-            require(row_order[p] >= 0 && row_order[p] < m, "row_order out of range");
-    // A counting sort by point.  Rows are visited in row_order (spatially coherent: the scattered
-    // writes then hit cache) and each point's list is sorted by row afterwards, so the result is
-    // the unique ascending order whatever the visit order and the number of threads.  Each thread
-    // owns a range of points and writes only those.
+    // A stable counting sort by point, parallel over chunks of rows: chunk c writes its entries
+    // for point j after those of chunks < c, so the result is the unique stable order (rows
+    // ascending within a point) whatever the number of chunks or threads.
+    const int bits = cell_bits_of(map.n_cells());
+    require(m == 0 || ((m - 1) >> (62 - bits)) == 0, "too many rows to pack with their cells");
     threads = resolve_threads(threads);
-    const int64_t owners = std::max<int64_t>(1, std::min<int64_t>(threads, n));
-    std::fill(tsplits, tsplits + n + 1, 0);
-    const int bits = [&] {
-        int b = 0;
-        while ((int64_t(1) << b) < map.n_cells()) ++b;
-        return b;
-    }();
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({threads, 8, m}));
+    std::vector<int64_t> chunk_count(chunks * (n + 1), 0);  // per chunk: entries per point
+    auto row_of_chunk = [&](int64_t c) { return m * c / chunks; };
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static, 1)
-        for (int64_t t = 0; t < owners; ++t) {
-            const int64_t j0 = n * t / owners, j1 = n * (t + 1) / owners;
-            for (int64_t e = 0; e < n_entries; ++e) {
-                const int64_t j = map.index[e];
-                if (j >= j0 && j < j1) ++tsplits[j + 1];
-            }
+        for (int64_t c = 0; c < chunks; ++c) {
+            int64_t* count = &chunk_count[c * (n + 1)];
+            for (int64_t e = map.splits[row_of_chunk(c)]; e < map.splits[row_of_chunk(c + 1)]; ++e)
+                ++count[map.index[e]];
         }
+        // Offsets: tsplits[j] = entries of points < j; chunk c starts after chunks < c.
 #pragma omp single
-        for (int64_t j = 0; j < n; ++j) tsplits[j + 1] += tsplits[j];
-#pragma omp for schedule(static, 1)
-        for (int64_t t = 0; t < owners; ++t) {
-            const int64_t j0 = n * t / owners, j1 = n * (t + 1) / owners;
-            std::vector<int64_t> cursor(tsplits + j0, tsplits + j1);
-            for (int64_t p = 0; p < m; ++p) {
-                const int64_t i = row_order ? row_order[p] : p;
-                for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e) {
-                    const int64_t j = map.index[e];
-                    if (j < j0 || j >= j1) continue;
-                    const int64_t pos = cursor[j - j0]++;
-                    trow[pos] = i;
-                    tcell[pos] = map.cell[e];
-                }
-            }
-        }
-        if (row_order != nullptr) {
-            std::vector<int64_t> keys;
-            RankScratch scratch;
-            const bool fit32 = (m >> (31 - std::min(bits, 31))) == 0;
-#pragma omp for schedule(dynamic, 1024)
+        {
+            int64_t running = 0;
             for (int64_t j = 0; j < n; ++j) {
-                const int64_t b = tsplits[j], len = tsplits[j + 1] - b;
-                keys.resize(len);
-                for (int64_t k = 0; k < len; ++k)
-                    keys[k] = (trow[b + k] << bits) | (int64_t)tcell[b + k];
-                sort_unique_keys(keys.data(), len, fit32, scratch);  // (row, cell) are distinct
-                for (int64_t k = 0; k < len; ++k) {
-                    trow[b + k] = keys[k] >> bits;
-                    tcell[b + k] = (CellT)(keys[k] & ((int64_t(1) << bits) - 1));
+                tsplits[j] = running;
+                for (int64_t c = 0; c < chunks; ++c) {
+                    const int64_t k = chunk_count[c * (n + 1) + j];
+                    chunk_count[c * (n + 1) + j] = running;
+                    running += k;
                 }
             }
+            tsplits[n] = running;
+        }
+#pragma omp for schedule(static, 1)
+        for (int64_t c = 0; c < chunks; ++c) {
+            int64_t* cursor = &chunk_count[c * (n + 1)];
+            for (int64_t i = row_of_chunk(c); i < row_of_chunk(c + 1); ++i)
+                for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e) {
+                    // One scattered write per entry: the row and its cell packed together.
+                    tkeys[cursor[map.index[e]]++] = (i << bits) | (int64_t)map.cell[e];
+                }
         }
     }
 }
@@ -302,15 +304,15 @@ void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, con
     require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     const int64_t n_cells = map.n_cells();
     const Reciprocals<F> inv;
-    gather_apply(map.m, map.splits, map.index, map.cell, n_cells, x, c_in,
+    gather_apply(map.m, map.splits, MapEntries<CellT>{map.index, map.cell}, n_cells, x, c_in,
                  RowMeanWeight<F, CellT>{map.counts, n_cells, &inv}, weight, c_out, depthwise, y,
                  resolve_threads(threads));
 }
 
 template <class F, class CellT>
 void conv_backward_input(const KernelMapView<CellT>& map, const int64_t* tsplits,
-                         const int64_t* trow, const CellT* tcell, const F* grad_y, int64_t c_out,
-                         const F* weight, int64_t c_in, bool depthwise, F* grad_x, int threads) {
+                         const int64_t* tkeys, const F* grad_y, int64_t c_out, const F* weight,
+                         int64_t c_in, bool depthwise, F* grad_x, int threads) {
     check_map(map);
     require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     require(tsplits[map.n] == map.splits[map.m], "transposed map does not match the kernel map");
@@ -326,8 +328,9 @@ void conv_backward_input(const KernelMapView<CellT>& map, const int64_t* tsplits
         M = weight_t.data();
     }
     const Reciprocals<F> inv;
-    gather_apply(map.n, tsplits, trow, tcell, n_cells, grad_y, c_out,
-                 TransposedMeanWeight<F, CellT>{map.counts, trow, n_cells, &inv}, M, c_in, depthwise,
+    const PackedEntries entries{tkeys, cell_bits_of(n_cells)};
+    gather_apply(map.n, tsplits, entries, n_cells, grad_y, c_out,
+                 TransposedMeanWeight<F>{map.counts, entries, n_cells, &inv}, M, c_in, depthwise,
                  grad_x, resolve_threads(threads));
 }
 
@@ -361,7 +364,8 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
                 F* dw = &partial[k * w_size];
                 std::fill(dw, dw + w_size, F(0));
                 dispatch_channels(c_in, [&](auto A) {
-                    gather_slots<decltype(A)::value>(r0, r1, map.splits, map.index, map.cell,
+                    gather_slots<decltype(A)::value>(r0, r1, map.splits,
+                                                     MapEntries<CellT>{map.index, map.cell},
                                                      n_cells, x, c_in, mean, buf);
                 });
                 dispatch_channels(c_out, [&](auto B) {
@@ -397,14 +401,13 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
     template void conv_forward<F, C>(const KernelMapView<C>&, const F*, int64_t, const F*,        \
                                      int64_t, bool, F*, int);                                      \
     template void conv_backward_input<F, C>(const KernelMapView<C>&, const int64_t*,              \
-                                            const int64_t*, const C*, const F*, int64_t,          \
-                                            const F*, int64_t, bool, F*, int);                     \
+                                            const int64_t*, const F*, int64_t, const F*, int64_t, \
+                                            bool, F*, int);                                        \
     template void conv_backward_weight<F, C>(const KernelMapView<C>&, const F*, int64_t,          \
                                              const F*, int64_t, bool, F*, int);
 
 #define PWCONV_INSTANTIATE_CELL(C)                                                                 \
-    template void transpose_kernel_map<C>(const KernelMapView<C>&, const int64_t*, int64_t*,      \
-                                          int64_t*, C*, int);  \
+    template void transpose_kernel_map<C>(const KernelMapView<C>&, int64_t*, int64_t*, int);       \
     PWCONV_INSTANTIATE_CONV(float, C)                                                              \
     PWCONV_INSTANTIATE_CONV(double, C)
 

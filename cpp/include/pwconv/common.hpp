@@ -27,8 +27,9 @@ int default_threads();
 /// Throws std::invalid_argument unless offsets is a valid row-split array ending at n.
 void check_batch(const Batch& batch, int64_t n, const char* name);
 
-/// Throws std::invalid_argument with `what` when cond is false.
-inline void require(bool cond, const std::string& what) {
+/// Throws std::invalid_argument with `what` when cond is false.  Takes a C string so that a
+/// check inside a loop builds no message unless it fails.
+inline void require(bool cond, const char* what) {
     if (!cond) throw std::invalid_argument(what);
 }
 

@@ -31,13 +31,12 @@ struct KernelMapView {
     int64_t n_cells() const { return (int64_t)kernel_size * kernel_size * kernel_size; }
 };
 
-/// The transposed kernel map: for every point j, the rows i (ascending) with j in Omega_i(f) and
-/// the cell f of each.  tsplits (n + 1,), trow (E,), tcell (E,), caller-allocated.  row_order
-/// (m,), optional: a permutation of the rows to visit them in (a spatially coherent order, e.g.
-/// the search's visit order, makes the scattered writes cache-friendly; the result is the same).
+/// The transposed kernel map: for every point j, the rows i (ascending) with j in Omega_i(f),
+/// packed with the cell: tkeys[e] = (i << bits) | f with bits = ceil(log2(K^3)).
+/// tsplits (n + 1,), tkeys (E,), caller-allocated.
 template <class CellT>
-void transpose_kernel_map(const KernelMapView<CellT>& map, const int64_t* row_order,
-                          int64_t* tsplits, int64_t* trow, CellT* tcell, int threads);
+void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int64_t* tkeys,
+                          int threads);
 
 /// Forward: y (m, c_out) = sum_f mean_{Omega_i(f)} x · W_f.  x (n, c_in), weight (K^3, c_in, c_out)
 /// (K^3 x c when depthwise, then c_out = c_in = c).  F is float or double.
@@ -46,11 +45,11 @@ void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, con
                   int64_t c_out, bool depthwise, F* y, int threads);
 
 /// Input gradient: dx (n, c_in) = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f), gathered over
-/// the transposed map (tsplits, trow, tcell from transpose_kernel_map of the same map).
+/// the transposed map (tsplits, tkeys from transpose_kernel_map of the same map).
 template <class F, class CellT>
 void conv_backward_input(const KernelMapView<CellT>& map, const int64_t* tsplits,
-                         const int64_t* trow, const CellT* tcell, const F* grad_y, int64_t c_out,
-                         const F* weight, int64_t c_in, bool depthwise, F* grad_x, int threads);
+                         const int64_t* tkeys, const F* grad_y, int64_t c_out, const F* weight,
+                         int64_t c_in, bool depthwise, F* grad_x, int threads);
 
 /// Weight gradient: dW_f = sum_i (mean_{Omega_i(f)} x)^T dy_i, shaped like the weight.  Reduced
 /// from fixed blocks of rows in a fixed order (independent of the thread count).
