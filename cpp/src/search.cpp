@@ -221,6 +221,107 @@ void fill_radius_run(const Index& index, int64_t b, int64_t e, const double q[3]
     out.size = n;
 }
 
+// Compact clouds (the grid has a dense cell table, e.g. the paper's 2,048-point clouds) with a
+// kernel size known at compile time: the whole query in stack arrays, loops unrolled.  Returns the
+// same keys as the generic path (every accepted candidate once; rows are sorted afterwards).
+template <int KC>
+void collect_compact(const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
+                     int cell_bits, KeyBuffer& out) {
+    const double v = spec.voxel_size;
+    const int s = spec.dilation;
+    const double h = kernel_half_width(v, KC, s);
+    double start[3][KC], end[3][KC];
+    for (int a = 0; a < 3; ++a) kernel_axis_bounds(support_lower(q[a], h), v, KC, s, start[a], end[a]);
+
+    const int64_t nx = grid.cube_nx[cloud], ny = grid.dense_ny[cloud], nz = grid.dense_nz[cloud];
+    const int64_t n_axis[3] = {nx, ny, nz};
+    const double* origin = &grid.origin[3 * cloud];
+    const int32_t* table = &grid.cube_start[grid.cube_base[cloud]];
+    const int32_t* rows = &grid.dense_rows[grid.dense_base[cloud]];
+    const int64_t base = grid.cloud_offsets[cloud];
+    const double* X = grid.coord[0].data();
+    const double* Y = grid.coord[1].data();
+    const double* Z = grid.coord[2].data();
+    const int64_t* order = grid.order.data();
+
+    // Grid-cell range of each kernel cell per axis, clamped to the cloud's table (empty: c0 > c1).
+    int64_t c0[3][KC], c1[3][KC];
+    for (int a = 0; a < 3; ++a)
+        for (int k = 0; k < KC; ++k) {
+            const int64_t first =
+                grid_coord(start[a][k], origin[a], grid.cell_size, grid.inv_cell_size);
+            const int64_t last = grid_coord(end[a][k], origin[a], grid.cell_size, grid.inv_cell_size);
+            c0[a][k] = std::max<int64_t>(first, 0);
+            c1[a][k] = start[a][k] < end[a][k] ? std::min<int64_t>(last, n_axis[a] - 1) : -1;
+        }
+
+    if (s == 1) {  // the K cells tile the support: one range per axis, cells told apart per point
+        const int64_t x0 = c0[0][0], x1 = c1[0][KC - 1];
+        if (x0 > x1) return;
+        const double bx0 = start[0][0], bx1 = end[0][KC - 1], by0 = start[1][0],
+                     by1 = end[1][KC - 1], bz0 = start[2][0], bz1 = end[2][KC - 1];
+        for (int64_t cz = c0[2][0]; cz <= c1[2][KC - 1]; ++cz)
+            for (int64_t cy = c0[1][0]; cy <= c1[1][KC - 1]; ++cy) {
+                if (rows[cz * ny + cy] < 0) continue;
+                const int32_t* row = table + (cz * ny + cy) * nx;
+                const int64_t b = base + row[x0], e = base + row[x1 + 1];
+                int64_t* keys = out.reserve(e - b);
+                int64_t n = out.size;
+                for (int64_t p = b; p < e; ++p) {
+                    int kx = 0, ky = 0, kz = 0;
+                    for (int k = 1; k < KC; ++k) {
+                        kx += X[p] >= start[0][k];
+                        ky += Y[p] >= start[1][k];
+                        kz += Z[p] >= start[2][k];
+                    }
+                    keys[n] = (order[p] << cell_bits) | ((kz * KC + ky) * KC + kx);
+                    n += (X[p] >= bx0) & (X[p] < bx1) & (Y[p] >= by0) & (Y[p] < by1) &
+                         (Z[p] >= bz0) & (Z[p] < bz1);
+                }
+                out.size = n;
+            }
+        return;
+    }
+    // Dilated: visit each kernel cell's own grid cells; its candidates need only its box.  The
+    // x-ranges that are not empty are listed once, outside the row loops.
+    int n_x = 0, kx_of[KC];
+    int64_t x_first[KC], x_end[KC];
+    for (int kx = 0; kx < KC; ++kx)
+        if (c0[0][kx] <= c1[0][kx]) {
+            kx_of[n_x] = kx;
+            x_first[n_x] = c0[0][kx];
+            x_end[n_x] = c1[0][kx] + 1;
+            ++n_x;
+        }
+    if (n_x == 0) return;
+    for (int kz = 0; kz < KC; ++kz) {
+        const double bz0 = start[2][kz], bz1 = end[2][kz];
+        for (int64_t cz = c0[2][kz]; cz <= c1[2][kz]; ++cz)
+            for (int ky = 0; ky < KC; ++ky) {
+                const double by0 = start[1][ky], by1 = end[1][ky];
+                for (int64_t cy = c0[1][ky]; cy <= c1[1][ky]; ++cy) {
+                    if (rows[cz * ny + cy] < 0) continue;
+                    const int32_t* row = table + (cz * ny + cy) * nx;
+                    for (int t = 0; t < n_x; ++t) {
+                        const int64_t b = base + row[x_first[t]], e = base + row[x_end[t]];
+                        if (b == e) continue;
+                        const int kx = kx_of[t];
+                        const double bx0 = start[0][kx], bx1 = end[0][kx];
+                        const int64_t f = (kz * KC + ky) * KC + kx;
+                        int64_t* keys = out.reserve(e - b);
+                        int64_t n = out.size;
+                        for (int64_t p = b; p < e; ++p) {
+                            keys[n] = (order[p] << cell_bits) | f;
+                            n += (X[p] >= bx0) & (X[p] < bx1) & (Y[p] >= by0) & (Y[p] < by1) &
+                                 (Z[p] >= bz0) & (Z[p] < bz1);
+                        }
+                        out.size = n;
+                    }
+                }
+            }
+    }
+}
+
 // Search policies: how one query's pairs are collected (sorted keys appended to a buffer) or only
 // counted (after the pair budget is exhausted).
 struct KernelPolicy {
@@ -241,6 +342,12 @@ struct KernelPolicy {
     template <int KC, class Index, class Scratch>
     void collect_k(const Index& index, const double q[3], int64_t cloud, QueryBox& box,
                    Scratch& scratch, State& state, KeyBuffer& out) const {
+        if constexpr (std::is_same<Index, Grid>::value && KC > 0) {
+            if (index.cube_base[cloud] >= 0) {
+                collect_compact<KC>(index, q, cloud, spec, cell_bits, out);
+                return;
+            }
+        }
         prepare(q, state, box);
         if constexpr (std::is_same<Index, Grid>::value) {
             if (spec.dilation > 1) {  // cell by cell: the grid ranges of each kernel cell
