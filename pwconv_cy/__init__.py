@@ -6,27 +6,27 @@ __version__ = "0.1.0"
 from pwconv_cy._config import MemoryBudgetError, get_memory_budget, set_memory_budget
 from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import KernelMap, NeighborIndex, kernel_map, radius_search
-from pwconv_cy import nn  # noqa: E402  (layers use the names above)
+from pwconv_cy import cuda, nn  # noqa: E402  (they use the names above)
 
 __all__ = [
     "__version__", "show_config", "KernelMap", "NeighborIndex", "kernel_map", "radius_search",
     "MemoryBudgetError", "get_memory_budget", "set_memory_budget", "pointwise_conv",
-    "pointwise_conv_backward", "nn",
+    "pointwise_conv_backward", "nn", "cuda",
 ]
 
 
 def _cuda_status() -> str:
-    import importlib.util
+    from pwconv_cy import cuda
 
-    if importlib.util.find_spec("cupy") is None:
-        return "CuPy not installed (GPU path unavailable)"
-    try:
-        import cupy
+    reason = cuda.unavailable_reason()
+    if reason is not None:
+        return f"GPU path unavailable: {reason}"
+    import cupy
 
-        n = cupy.cuda.runtime.getDeviceCount()
-        return f"CuPy {cupy.__version__}, {n} CUDA device(s)"
-    except Exception as exc:  # noqa: BLE001 - any failure means "no usable GPU"
-        return f"CuPy installed but no usable device ({type(exc).__name__}: {exc})"
+    n = cupy.cuda.runtime.getDeviceCount()
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    return f"CuPy {cupy.__version__}, {n} CUDA device(s) ({name})"
 
 
 def show_config(file=None) -> dict:

@@ -11,9 +11,18 @@ from pwconv_cy import _core
 from pwconv_cy._validation import (
     check_choice, check_dilation, check_features, check_grad_out, check_num_threads, check_points,
     check_positive, check_queries, check_weight)
+from pwconv_cy.cuda import is_device_array
 from pwconv_cy.neighbors import METHODS, KernelMap, NeighborIndex, digest_matches
 
 __all__ = ["pointwise_conv", "pointwise_conv_backward"]
+
+
+def _on_device(*arrays, kernel_map=None) -> bool:
+    """Whether the call goes to the GPU path: any array (or the kernel map) in GPU memory.  The
+    GPU path then refuses host arrays among the rest (no silent copies either way)."""
+    if kernel_map is not None and is_device_array(getattr(kernel_map, "splits", None)):
+        return True
+    return any(is_device_array(a) for a in arrays)
 
 
 def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offsets, kernel_map,
@@ -107,6 +116,13 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
     -------
     y : (m, c_out), or (B, m, c_out) for dense input, in the features' dtype.
     """
+    if _on_device(points, feats, weight, kernel_map=kernel_map):
+        from pwconv_cy import cuda
+
+        return cuda.pointwise_conv(
+            points, feats, weight, voxel_size, dilation=dilation, offsets=offsets, queries=queries,
+            query_offsets=query_offsets, kernel_map=kernel_map, depthwise=depthwise, method=method,
+            num_threads=num_threads, check_finite=check_finite)
     x, w, k, c_out, km, out_dense, threads = _prepare(
         points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
         depthwise, method, num_threads, check_finite)
@@ -138,6 +154,14 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     d_feats : shaped like ``feats`` (packed (n, c_in) or dense (B, n, c_in))
     d_weight : shaped like ``weight``
     """
+    if _on_device(grad_out, points, feats, weight, kernel_map=kernel_map):
+        from pwconv_cy import cuda
+
+        return cuda.pointwise_conv_backward(
+            grad_out, points, feats, weight, voxel_size, dilation=dilation, offsets=offsets,
+            queries=queries, query_offsets=query_offsets, kernel_map=kernel_map,
+            depthwise=depthwise, method=method, num_threads=num_threads,
+            check_finite=check_finite)
     x, w, k, c_out, km, out_dense, threads = _prepare(
         points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
         depthwise, method, num_threads, check_finite)

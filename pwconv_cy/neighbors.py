@@ -13,6 +13,7 @@ import numpy as np
 
 from pwconv_cy import _core
 from pwconv_cy._config import check_budget, max_pairs_within, resolve_budget
+from pwconv_cy.cuda import is_device_array
 from pwconv_cy._validation import (
     PointBatch, check_choice, check_dilation, check_extent, check_kernel_size, check_leaf_size,
     check_num_threads, check_points, check_positive, check_queries)
@@ -110,6 +111,10 @@ class KernelMap:
         ``(tsplits (n_points + 1,) int64, tkeys (E,) int64)`` with ``tkeys = row << bits | cell``
         (``bits = ceil(log2(K**3))``).  Computed once, cached;
         the input gradient gathers over it."""
+        if is_device_array(self.splits):
+            from pwconv_cy import cuda
+
+            return cuda.transpose_map(self)
         if "transposed" not in self._cache:
             self._cache["transposed"] = _core.transpose_map(
                 self.splits, self.index, self.cell, self.counts, self.n_points, self.kernel_size,
@@ -289,6 +294,12 @@ def radius_search(points, radius, queries=None, *, offsets=None, query_offsets=N
     index : (E,) int64
         Global point indices of each query's neighbours, ascending within each row.
     """
+    if is_device_array(points):
+        from pwconv_cy import cuda
+
+        return cuda.radius_search(points, radius, queries, offsets=offsets,
+                                  query_offsets=query_offsets, metric=metric, method=method,
+                                  num_threads=num_threads, memory_budget=memory_budget)
     radius = check_positive(radius, "radius")
     index = NeighborIndex(points, radius, offsets=offsets, method=method, num_threads=num_threads)
     return index.radius_search(radius, queries, query_offsets=query_offsets, metric=metric,
@@ -319,6 +330,13 @@ def kernel_map(points, voxel_size, *, kernel_size=3, dilation=1, queries=None, o
     -------
     KernelMap
     """
+    if is_device_array(points):
+        from pwconv_cy import cuda
+
+        return cuda.kernel_map(points, voxel_size, kernel_size=kernel_size, dilation=dilation,
+                               queries=queries, offsets=offsets, query_offsets=query_offsets,
+                               method=method, num_threads=num_threads,
+                               memory_budget=memory_budget)
     v = check_positive(voxel_size, "voxel_size")
     k = check_kernel_size(kernel_size)
     s = check_dilation(dilation)

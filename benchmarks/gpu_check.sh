@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
+#   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1) -> GPU benchmark.
+# Every step runs even if an earlier one failed (the benchmark result is useful on its own);
+# logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
+# last.  No network needed: the build dependencies must be installed already.
+#   bash benchmarks/gpu_check.sh
+# Env: PWCONV_PYTEST_FLAGS (default "-x"), PWCONV_BENCH_FLAGS (default ""), timeouts below.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+LOG_DIR="${OUT:-benchmarks/out}"
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+STATUS=()
+
+step() {  # step NAME TIMEOUT_S LOGFILE COMMAND...
+    local name="$1" limit="$2" log="$3"
+    shift 3
+    echo
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s) ==="
+    local start=$SECONDS
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG_DIR/$log"
+    local rc=${PIPESTATUS[0]}
+    local took=$((SECONDS - start))
+    [ "$rc" -eq 124 ] && echo "!!! $name timed out after ${limit}s"
+    STATUS+=("$(printf '%-14s rc=%-4s %4ss' "$name" "$rc" "$took")")
+    return 0
+}
+
+{
+    echo "date: $(date -u --iso-8601=seconds)"
+    echo "host: $(uname -a)"
+    nvidia-smi || echo "nvidia-smi failed"
+    command -v nvcc >/dev/null && nvcc --version | tail -2
+    "$PY" - <<'PYVERSIONS'
+import platform
+print("python", platform.python_version())
+def show(label, fn):
+    try:
+        print(label, fn())
+    except Exception as exc:  # report and go on
+        print(label, "FAILED:", type(exc).__name__, exc)
+show("numpy", lambda: __import__("numpy").__version__)
+show("cupy", lambda: __import__("cupy").__version__)
+show("cuda runtime / driver", lambda: (__import__("cupy").cuda.runtime.runtimeGetVersion(),
+                                       __import__("cupy").cuda.runtime.driverGetVersion()))
+show("nvrtc", lambda: __import__("cupy").cuda.nvrtc.getVersion())
+show("device", lambda: __import__("cupy").cuda.runtime.getDeviceProperties(0)["name"])
+show("torch", lambda: (__import__("torch").__version__, __import__("torch").version.cuda,
+                       __import__("torch").cuda.is_available()))
+for mod in ("cython", "scikit_build_core", "cmake", "ninja", "pytest"):
+    show(mod, lambda mod=mod: getattr(__import__(mod), "__version__", "?"))
+PYVERSIONS
+} 2>&1 | tee "$LOG_DIR/versions.log"
+
+step install 150 install.log \
+    "$PY" -m pip install --no-build-isolation --no-deps -q .
+
+# From outside the source tree: `python -c` run here would import the uncompiled pwconv_cy/.
+step show_config 60 versions.log \
+    bash -c 'cd "${TMPDIR:-/tmp}" && exec "$@"' _ "$PY" -c "import pwconv_cy; pwconv_cy.show_config(); \
+import pwconv_cy.cuda as c; print('pwconv_cy.cuda available:', c.is_available(), c.unavailable_reason() or ''); \
+import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/loaded in {time.time() - t:.1f} s')"
+
+# shellcheck disable=SC2086
+step gpu_tests 150 pytest.log \
+    env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:--x} tests/test_cuda.py -m gpu \
+    -p no:cacheprovider
+
+# shellcheck disable=SC2086
+step benchmark 110 bench.log \
+    "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
+
+echo
+echo "=== summary ($(date -u +%H:%M:%S)) ==="
+printf '%s\n' "${STATUS[@]}" | tee "$LOG_DIR/summary.txt"
+grep -E "passed|failed|error|skipped" "$LOG_DIR/pytest.log" | tail -1 | tee -a "$LOG_DIR/summary.txt"
+if ! grep -qE "[0-9]+ passed" "$LOG_DIR/pytest.log"; then
+    echo "!!! no GPU test passed: see the skip reasons / errors in $LOG_DIR/pytest.log" \
+        | tee -a "$LOG_DIR/summary.txt"
+fi
+echo "logs: $LOG_DIR"

@@ -1,0 +1,498 @@
+"""The paper workload (SPEC §7) on the GPU: pwconv's CUDA path side by side with plain PyTorch.
+
+128 clouds x 2,048 points uniformly on the unit sphere (seeded), the paper's four layers 3->9 (s=1),
+9->9 (s=2), 9->9 (s=3), 9->9 (s=4), v = 0.1, K = 3, float32, SELU after each layer, outputs
+concatenated (n x 36); the backward pass starts from a seeded normal gradient of that output.
+Timed with CUDA events after a warm-up, medians of several runs, per stage:
+
+* kernel maps -- pwconv: one shared GPU grid (``pwconv_cy.cuda.NeighborIndex``) + four
+  ``.kernel_map`` calls; PyTorch: brute force per cloud (``torch.cdist(p=inf)`` candidates, then
+  SPEC §1's exact binning in float64), as benchmarks/peers.py does on the CPU;
+* forward -- the four layers (pwconv builds its by-cell orders here: map caches are dropped
+  before every run); PyTorch: ``index_add_`` of scaled neighbour features + one matmul per layer;
+* backward -- input and weight gradients of the four layers (pwconv builds its transposed maps
+  here); PyTorch: autograd.
+
+Both are checked first: identical pair counts per layer and outputs / weight gradients equal
+within float32 rounding.  Also timed: the kernel map of one 1,000,000-point sphere-surface cloud
+(dilation 1, v = 0.005: about 20-30 neighbours per point), grid included.
+
+Writes ``$OUT/gpu_results.json`` when $OUT is set, else
+``benchmarks/results/gpu_paper_workload.json``, with the GPU, driver, CUDA/CuPy/PyTorch versions
+and the date, and prints a table.
+
+    python benchmarks/gpu_paper_workload.py            # about a minute on an H100
+    python benchmarks/gpu_paper_workload.py --quick    # 16 clouds, fewer runs
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+LAYERS = [(3, 9, 1), (9, 9, 2), (9, 9, 3), (9, 9, 4)]  # (c_in, c_out, dilation)
+VOXEL = 0.1
+K = 3
+SELU_LAMBDA = 1.0507009873554805
+SELU_ALPHA = 1.6732632423543772
+BIG_N = 1_000_000
+BIG_VOXEL = 0.005
+MARGIN = 1e-9  # candidate slack of the brute-force peer (the exact rule decides)
+
+
+def sphere(n: int, seed: int) -> np.ndarray:
+    """n points uniformly on the unit sphere (as benchmarks/_common.sphere)."""
+    p = np.random.default_rng(seed).standard_normal((n, 3))
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    return p.astype(np.float32)
+
+
+def glorot(rng, c_in: int, c_out: int) -> np.ndarray:
+    fan_in, fan_out = K ** 3 * c_in, K ** 3 * c_out
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=(K, K, K, c_in, c_out)).astype(np.float32)
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+def _summary(times) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times),
+            "all_s": times}
+
+
+def time_cuda(fn, warmup: int, runs: int) -> dict:
+    """Median / min / all of `runs` CUDA-event timings (seconds) of fn() after `warmup` calls,
+    on CuPy's current stream."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return _summary(times)
+
+
+def time_torch(fn, warmup: int, runs: int) -> dict:
+    """As time_cuda, with torch.cuda events on PyTorch's current stream."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return _summary(times)
+
+
+# --- pwconv on the GPU ----------------------------------------------------------------------
+
+
+class PwconvGPU:
+    name = "pwconv (CUDA)"
+
+    def __init__(self, points, offsets, weights, grad):
+        import cupy
+
+        self.cp = cupy
+        self.points = cupy.asarray(points)
+        self.offsets = offsets
+        self.weights = [cupy.asarray(w) for w in weights]
+        self.grad = cupy.asarray(grad)
+
+    def kernel_maps(self):
+        from pwconv_cy import cuda
+
+        index = cuda.NeighborIndex(self.points, VOXEL, offsets=self.offsets)
+        return [index.kernel_map(K, s) for _, _, s in LAYERS]
+
+    def _selu(self, z):
+        cp = self.cp
+        return SELU_LAMBDA * cp.where(z > 0, z, SELU_ALPHA * cp.expm1(z))
+
+    def _selu_grad(self, z):
+        cp = self.cp
+        return SELU_LAMBDA * cp.where(z > 0, cp.float32(1), SELU_ALPHA * cp.exp(z))
+
+    def forward(self, kms):
+        from pwconv_cy import cuda
+
+        xs, zs = [self.points], []
+        for (_, _, s), w, km in zip(LAYERS, self.weights, kms):
+            z = cuda.pointwise_conv(self.points, xs[-1], w, VOXEL, dilation=s,
+                                    offsets=self.offsets, kernel_map=km, check_finite=False)
+            zs.append(z)
+            xs.append(self._selu(z))
+        return xs, zs
+
+    def output(self, xs):
+        return self.cp.concatenate(xs[1:], axis=1)
+
+    def backward(self, kms, xs, zs):
+        from pwconv_cy import cuda
+
+        c = [c_out for _, c_out, _ in LAYERS]
+        splits = np.cumsum([0] + c)
+        d_h = [self.grad[:, splits[i]:splits[i + 1]] for i in range(len(LAYERS))]
+        d_w = [None] * len(LAYERS)
+        for i in reversed(range(len(LAYERS))):
+            dz = self.cp.ascontiguousarray(d_h[i] * self._selu_grad(zs[i]))
+            dx, d_w[i] = cuda.pointwise_conv_backward(
+                dz, self.points, xs[i], self.weights[i], VOXEL, dilation=LAYERS[i][2],
+                offsets=self.offsets, kernel_map=kms[i], check_finite=False)
+            if i > 0:
+                d_h[i - 1] = d_h[i - 1] + dx
+        return d_w
+
+
+# --- plain PyTorch on the same GPU ----------------------------------------------------------
+
+
+class TorchGPU:
+    name = "PyTorch (same GPU)"
+
+    def __init__(self, points, offsets, weights, grad, chunk_clouds=32):
+        import torch
+
+        self.torch = torch
+        self.dev = torch.device("cuda")
+        self.points64 = torch.as_tensor(points, device=self.dev).to(torch.float64)
+        self.points = torch.as_tensor(points, device=self.dev)
+        self.offsets = [int(o) for o in offsets]
+        self.weights = [torch.as_tensor(w, device=self.dev).requires_grad_(True) for w in weights]
+        self.grad = torch.as_tensor(grad, device=self.dev)
+        self.chunk = chunk_clouds
+
+    def kernel_map(self, dilation):
+        """(slot = row * K^3 + cell, cols, scale = 1 / n_i(f), n_pairs) for equal-size clouds."""
+        torch = self.torch
+        s, span, n_cells = dilation, dilation * (K - 1) + 1, K ** 3
+        h = span * VOXEL / 2
+        n_per = self.offsets[1] - self.offsets[0]
+        n_clouds = len(self.offsets) - 1
+        p_all = self.points64.view(n_clouds, n_per, 3)
+        rows, cols, cells = [], [], []
+        for c0 in range(0, n_clouds, self.chunk):
+            p = p_all[c0:c0 + self.chunk]
+            cand = torch.cdist(p, p, p=float("inf")) <= h * (1 + MARGIN)
+            b, i, j = torch.nonzero(cand, as_tuple=True)
+            t = (p[b, j] - (p[b, i] - h)) / VOXEL  # SPEC §1: subtract h, subtract, divide
+            inside = ((t >= 0) & (t <= span)).all(dim=1)
+            b, i, j, t = b[inside], i[inside], j[inside], t[inside]
+            c = torch.clamp(torch.floor(t), max=s * (K - 1)).to(torch.int64)
+            keep = (c % s == 0).all(dim=1)
+            c = c[keep] // s
+            base = (b[keep] + c0) * n_per
+            rows.append(base + i[keep])
+            cols.append(base + j[keep])
+            cells.append((c[:, 2] * K + c[:, 1]) * K + c[:, 0])
+        rows, cols, cells = torch.cat(rows), torch.cat(cols), torch.cat(cells)
+        slot = rows * n_cells + cells
+        n = self.points.shape[0]
+        counts = torch.bincount(slot, minlength=n * n_cells)
+        scale = (1.0 / counts[slot].to(torch.float64)).to(torch.float32)
+        return slot, cols, scale, int(rows.shape[0])
+
+    def kernel_maps(self):
+        return [self.kernel_map(s) for _, _, s in LAYERS]
+
+    def forward(self, kms):
+        torch = self.torch
+        n = self.points.shape[0]
+        x = self.points
+        outs = []
+        for (c_in, c_out, _), w, (slot, cols, scale, _) in zip(LAYERS, self.weights, kms):
+            msg = x.index_select(0, cols) * scale[:, None]
+            sums = torch.zeros(n * K ** 3, c_in, device=self.dev).index_add_(0, slot, msg)
+            x = torch.selu(sums.view(n, K ** 3 * c_in) @ w.reshape(K ** 3 * c_in, c_out))
+            outs.append(x)
+        return torch.cat(outs, dim=1)
+
+    def backward(self, out):
+        for w in self.weights:
+            w.grad = None
+        out.backward(self.grad)
+        return [w.grad for w in self.weights]
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+def machine_record() -> dict:
+    import cupy
+
+    rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "python": platform.python_version(), "platform": platform.platform(),
+           "cupy": cupy.__version__, "cpu_count": os.cpu_count()}
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"]
+        rec["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+        rec["gpu_memory_bytes"] = int(props["totalGlobalMem"])
+        rec["compute_capability"] = f"{props['major']}.{props['minor']}"
+        rec["cuda_driver_api"] = cupy.cuda.runtime.driverGetVersion()
+        rec["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+    except Exception as exc:  # noqa: BLE001 - record what failed rather than die
+        rec["gpu_error"] = repr(exc)
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30,
+                             check=False)
+        rec["nvidia_smi"] = smi.stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        rec["nvidia_smi"] = repr(exc)
+    try:
+        import torch
+
+        rec["torch"] = torch.__version__
+        rec["torch_cuda"] = torch.version.cuda
+    except Exception as exc:  # noqa: BLE001
+        rec["torch"] = f"unavailable: {exc!r}"
+    try:
+        import pwconv_cy
+
+        rec["pwconv_cy"] = pwconv_cy.__version__
+    except Exception as exc:  # noqa: BLE001
+        rec["pwconv_cy"] = f"unavailable: {exc!r}"
+    return rec
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def fmt_ms(s) -> str:
+    return "-" if s is None else f"{s * 1e3:9.2f} ms"
+
+
+def results_path() -> Path:
+    out = os.environ.get("OUT")
+    if out:
+        return Path(out) / "gpu_results.json"
+    return Path(__file__).resolve().parent / "results" / "gpu_paper_workload.json"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 clouds, fewer runs")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per stage")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    parser.add_argument("--big-points", type=int, default=BIG_N,
+                        help="points of the single sphere-surface cloud (default 1,000,000)")
+    opts = parser.parse_args(argv)
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+
+    if not cuda.is_available():
+        print(f"GPU path unavailable: {cuda.unavailable_reason()}", file=sys.stderr)
+        return 2
+    import cupy
+    n_clouds = 16 if opts.quick else 128
+    n_points = 2048
+    runs = opts.runs or (5 if opts.quick else 20)
+    warmup = 2 if opts.quick else 3
+    record = {"workload": {"clouds": n_clouds, "points_per_cloud": n_points, "layers": LAYERS,
+                           "voxel_size": VOXEL, "kernel_size": K, "dtype": "float32",
+                           "runs": runs, "warmup": warmup, "seed": opts.seed},
+              "machine": machine_record(), "stages": {}, "checks": {}}
+    print("machine:", json.dumps({k: v for k, v in record["machine"].items()}, default=str))
+
+    points = sphere(n_clouds * n_points, opts.seed)
+    offsets = np.arange(n_clouds + 1, dtype=np.int64) * n_points
+    rng = np.random.default_rng(opts.seed + 1)
+    weights = [glorot(rng, c_in, c_out) for c_in, c_out, _ in LAYERS]
+    grad = rng.standard_normal((points.shape[0], sum(c for _, c, _ in LAYERS))).astype(np.float32)
+
+    t0 = time.perf_counter()
+    cuda.compile_kernels()
+    record["compile_or_cache_load_s"] = time.perf_counter() - t0
+
+    pw = PwconvGPU(points, offsets, weights, grad)
+    impls = [pw]
+    torch_peer = None
+    if not opts.no_torch:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch_peer = TorchGPU(points, offsets, weights, grad)
+                impls.append(torch_peer)
+            else:
+                record["torch_skipped"] = "torch.cuda.is_available() is False"
+        except Exception as exc:  # noqa: BLE001
+            record["torch_skipped"] = repr(exc)
+
+    # --- correctness first ------------------------------------------------------------------
+    kms = pw.kernel_maps()
+    xs, zs = pw.forward(kms)
+    d_w = pw.backward(kms, xs, zs)
+    pairs = [km.n_pairs for km in kms]
+    record["checks"]["pairs_per_layer"] = pairs
+    record["checks"]["mean_neighbours_per_layer"] = [e / points.shape[0] for e in pairs]
+    cpu_km = pwconv_cy.kernel_map(points[:4 * n_points], VOXEL, kernel_size=K, dilation=2,
+                                  offsets=offsets[:5])
+    gpu_km = cuda.kernel_map(cupy.asarray(points[:4 * n_points]), VOXEL, kernel_size=K,
+                             dilation=2, offsets=offsets[:5])
+    same = all(np.array_equal(cupy.asnumpy(getattr(gpu_km, a)), getattr(cpu_km, a))
+               for a in ("splits", "index", "cell", "counts"))
+    record["checks"]["kernel_map_identical_to_cpu_4_clouds_s2"] = bool(same)
+    if torch_peer is not None:
+        try:
+            tkms = torch_peer.kernel_maps()
+            record["checks"]["torch_pairs_per_layer"] = [t[3] for t in tkms]
+            record["checks"]["pairs_match_torch"] = [t[3] for t in tkms] == pairs
+            out_t = torch_peer.forward(tkms)
+            tdw = torch_peer.backward(out_t)
+            record["checks"]["forward_rel_err_vs_torch"] = rel_err(
+                cupy.asnumpy(pw.output(xs)), out_t.detach().cpu().numpy())
+            record["checks"]["d_weight_rel_err_vs_torch"] = [
+                rel_err(cupy.asnumpy(a), b.cpu().numpy()) for a, b in zip(d_w, tdw)]
+            del tkms, out_t, tdw
+        except Exception as exc:  # noqa: BLE001 - keep pwconv's results
+            record["torch_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"PyTorch peer failed, timing pwconv alone: {record['torch_error']}")
+            torch_peer = None
+    print("checks:", json.dumps(record["checks"]))
+
+    # --- timings ----------------------------------------------------------------------------
+    def pw_forward_fresh():
+        for km in kms:  # by-cell orders are built per batch: include them
+            km._cache.clear()
+        pw.forward(kms)
+
+    state = {}
+
+    def pw_backward_fresh():
+        for km in kms:  # the transposed maps are built per batch: include them
+            km._cache.pop("cuda_transposed_by_cell", None)
+            km._cache.pop("cuda_row_of", None)
+        pw.backward(kms, state["xs"], state["zs"])
+
+    for km in kms:
+        km._cache.clear()
+    state["xs"], state["zs"] = pw.forward(kms)
+    stages = {"pwconv": {
+        "kernel_maps": time_cuda(pw.kernel_maps, warmup, runs),
+        "forward": time_cuda(pw_forward_fresh, warmup, runs),
+        "backward": time_cuda(pw_backward_fresh, warmup, runs),
+    }}
+    if torch_peer is not None:
+        try:
+            tkms = torch_peer.kernel_maps()
+
+            def torch_forward():
+                torch_peer.forward(tkms)
+
+            def torch_backward():
+                torch_peer.backward(torch_peer.forward(tkms))
+
+            t_runs = max(3, runs // 2)
+            fwd = time_torch(torch_forward, warmup, t_runs)
+            fwd_bwd = time_torch(torch_backward, warmup, t_runs)
+            stages["pytorch"] = {
+                "kernel_maps": time_torch(torch_peer.kernel_maps, 1, t_runs),
+                "forward": fwd,
+                # autograd needs its own forward: backward = (forward + backward) - forward
+                "backward": {"median_s": max(0.0, fwd_bwd["median_s"] - fwd["median_s"]),
+                             "forward_plus_backward_median_s": fwd_bwd["median_s"],
+                             "runs": fwd_bwd["runs"]},
+            }
+            del tkms
+        except Exception as exc:  # noqa: BLE001 - keep pwconv's results
+            record["torch_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"PyTorch peer failed while timing: {record['torch_error']}")
+    for st in stages.values():
+        st["total_median_s"] = sum(st[k]["median_s"] for k in ("kernel_maps", "forward",
+                                                                "backward"))
+    record["stages"] = stages
+
+    # --- one 1M-point cloud ---------------------------------------------------------------
+    big_n = opts.big_points
+    big_voxel = BIG_VOXEL * (BIG_N / big_n) ** 0.5  # the same neighbour count
+    big = cupy.asarray(sphere(big_n, opts.seed + 7))
+    holder = {}
+
+    def big_grid():
+        holder["index"] = cuda.NeighborIndex(big, big_voxel)
+
+    def big_map():
+        holder["km"] = holder["index"].kernel_map(K, 1)
+
+    def big_both():
+        cuda.NeighborIndex(big, big_voxel).kernel_map(K, 1)
+
+    big_runs = max(3, runs // 2)
+    record["sphere_1m"] = {
+        "points": big_n, "voxel_size": big_voxel, "kernel_size": K, "dilation": 1,
+        "grid_build": time_cuda(big_grid, 1, big_runs),
+        "kernel_map": time_cuda(big_map, 1, big_runs),
+        "grid_plus_kernel_map": time_cuda(big_both, 1, big_runs),
+    }
+    km = holder["km"]
+    record["sphere_1m"]["pairs"] = km.n_pairs
+    record["sphere_1m"]["mean_neighbours"] = km.n_pairs / big_n
+    record["sphere_1m"]["map_bytes"] = km.nbytes
+    record["sphere_1m"]["pool_used_bytes"] = int(cupy.get_default_memory_pool().used_bytes())
+
+    # --- report ---------------------------------------------------------------------------
+    print()
+    print(f"paper workload on {record['machine'].get('gpu', '?')}: {n_clouds} clouds x "
+          f"{n_points} points, 4 layers, float32; median of {runs} runs (CUDA events)")
+    header = f"{'stage':<14}{'pwconv (CUDA)':>16}{'PyTorch':>16}{'PyTorch/pwconv':>16}"
+    print(header)
+    print("-" * len(header))
+    for key in ("kernel_maps", "forward", "backward", "total"):
+        a = stages["pwconv"]["total_median_s"] if key == "total" else \
+            stages["pwconv"][key]["median_s"]
+        b = None
+        if "pytorch" in stages:
+            b = stages["pytorch"]["total_median_s"] if key == "total" else \
+                stages["pytorch"][key]["median_s"]
+        ratio = f"{b / a:15.1f}x" if b is not None and a > 0 else f"{'-':>16}"
+        print(f"{key:<14}{fmt_ms(a):>16}{fmt_ms(b):>16}{ratio}")
+    s1m = record["sphere_1m"]
+    print(f"\n{big_n:,}-point sphere, v={big_voxel:.4g}, K=3, s=1: {s1m['mean_neighbours']:.1f} "
+          "neighbours "
+          f"per point; grid {fmt_ms(s1m['grid_build']['median_s']).strip()}, kernel map "
+          f"{fmt_ms(s1m['kernel_map']['median_s']).strip()}, both "
+          f"{fmt_ms(s1m['grid_plus_kernel_map']['median_s']).strip()}")
+    print("paper (CPU, 16 threads): forward 1272 ms, backward 2423 ms")
+
+    path = results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str))
+    print(f"\nwrote {path}")
+    ok = record["checks"]["kernel_map_identical_to_cpu_4_clouds_s2"] and \
+        record["checks"].get("pairs_match_torch", True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

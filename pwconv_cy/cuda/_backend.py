@@ -1,0 +1,241 @@
+"""Loading and launching the CUDA kernels of ``kernels.cu`` through CuPy (NVRTC at run time).
+
+The module is compiled once per device on first use (``cupy.RawModule``; CuPy also keeps the
+binary in its on-disk kernel cache) and every launch goes through :meth:`CupyBackend.launch`.
+Setting the environment variable ``PWCONV_CUDA_DEBUG=1`` synchronises after each launch so that a
+failing kernel is reported, by name, where it ran.
+
+The search and convolution code (``_search.py``, ``_conv.py``) only talks to a backend object:
+its array module ``xp``, ``launch`` and a few sorting / transfer helpers.  That keeps the data flow
+in one place and lets the test suite run the very same orchestration with the kernels compiled
+for the host (tests/test_cuda.py, no GPU needed).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "NAME_EXPRESSIONS",
+    "CudaKernelError",
+    "CupyBackend",
+    "compile_options",
+    "debug_enabled",
+    "get_backend",
+    "include_dir",
+    "kernel_source",
+]
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "kernels.cu"
+HEADER = Path("pwconv") / "binning.hpp"
+
+#: Kernel sizes compiled as constants in the kernel map (0: any other size, up to MAX_KERNEL_SIZE).
+#: Empty for now: on an H200 (CUDA 13.0, NVRTC 13.0) the fill pass compiled with KC = 3 stopped
+#: with an illegal address on a 300-point cloud while the runtime-K instantiation of the same
+#: template (KC = 0) ran correctly, and compute-sanitizer's memcheck saw no error (2026-11-26,
+#: benchmarks/gpu_diag.py).  Until that is understood every size uses the runtime-K kernels.
+SPECIALISED_K = ()
+#: Largest kernel size of the GPU kernel map (per-thread bound arrays in kernels.cu).
+MAX_KERNEL_SIZE = 15
+#: Rows up to this length are sorted by the thread that fills them (PWCONV_CUDA_SHORT_ROW).
+SHORT_ROW = 64
+CELL_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int16): "short",
+               np.dtype(np.int32): "int"}
+FLOAT_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def kernel_map_name(kernel_size: int, fill: bool) -> str:
+    k = kernel_size if kernel_size in SPECIALISED_K else 0
+    return f"kernel_map_pass<{k}, {int(fill)}>"
+
+
+def radius_name(fill: bool) -> str:
+    return f"radius_pass<{int(fill)}>"
+
+
+def split_name(cell_dtype) -> str:
+    return f"split_kernel_keys<{CELL_CTYPES[np.dtype(cell_dtype)]}>"
+
+
+def order_name(cell_dtype) -> str:
+    return f"order_rows_by_cell<{CELL_CTYPES[np.dtype(cell_dtype)]}>"
+
+
+def conv_name(kernel: str, dtype) -> str:
+    return f"{kernel}<{FLOAT_CTYPES[np.dtype(dtype)]}>"
+
+
+CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
+                "conv_weight_partial_depthwise", "sum_partials")
+
+#: Template instantiations requested from NVRTC (get_function needs these exact strings).
+NAME_EXPRESSIONS = tuple(
+    [kernel_map_name(k, fill) for k in SPECIALISED_K + (0,) for fill in (False, True)]
+    + [radius_name(fill) for fill in (False, True)]
+    + [split_name(dt) for dt in CELL_CTYPES]
+    + [order_name(dt) for dt in CELL_CTYPES]
+    + [conv_name(k, dt) for k in CONV_KERNELS for dt in FLOAT_CTYPES])
+
+#: Kernels declared extern "C" (looked up by their plain name).
+PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "expand_rows")
+
+#: Kernels that use __syncthreads / __syncwarp (the host emulation runs them with real threads).
+BARRIER_KERNELS = ("cloud_lower_corner", "conv_gather_dense", "conv_weight_partial_dense")
+
+
+class CudaKernelError(RuntimeError):
+    """A CUDA kernel of pwconv failed to compile, to launch or to run."""
+
+
+def debug_enabled() -> bool:
+    """True when ``PWCONV_CUDA_DEBUG`` is set to a true value (1, true, yes, on)."""
+    return os.environ.get("PWCONV_CUDA_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def include_dir() -> Path:
+    """The folder holding ``pwconv/binning.hpp``: the installed copy next to kernels.cu
+    (``pwconv_cy/cuda/include``), else the source tree's ``cpp/include``."""
+    for candidate in (HERE / "include", HERE.parent.parent / "cpp" / "include"):
+        if (candidate / HEADER).is_file():
+            return candidate
+    raise CudaKernelError(
+        f"cannot find {HEADER} for the CUDA kernels: looked in {HERE / 'include'} (installed "
+        f"package) and {HERE.parent.parent / 'cpp' / 'include'} (source tree); reinstall pwconv")
+
+
+def kernel_source() -> str:
+    """kernels.cu, preceded by a comment with the hash of binning.hpp: CuPy's kernel cache is keyed
+    by the source text, so a changed header must change the text."""
+    if not SOURCE.is_file():
+        raise CudaKernelError(f"the CUDA source {SOURCE} is missing from the installed package; "
+                              "reinstall pwconv (kernels.cu is package data)")
+    header = (include_dir() / HEADER).read_bytes()
+    digest = hashlib.sha256(header).hexdigest()
+    return f"// binning.hpp sha256 {digest}\n" + SOURCE.read_text()
+
+
+def compile_options() -> tuple:
+    """NVRTC options: C++17, no FMA contraction (SPEC §1's binning), the shared header's folder;
+    line information for compute-sanitizer when PWCONV_CUDA_DEBUG is set."""
+    options = ("--std=c++17", "--fmad=false", f"-I{include_dir()}")
+    return options + ("--generate-line-info",) if debug_enabled() else options
+
+
+def _is_python_scalar(a) -> bool:
+    return isinstance(a, (bool, int, float)) and not isinstance(a, np.generic)
+
+
+class CupyBackend:
+    """CuPy arrays and the kernels of kernels.cu on the current device."""
+
+    name = "cupy"
+
+    def __init__(self):
+        import cupy
+
+        self.xp = cupy
+        self._cupy = cupy
+
+    # --- compilation ------------------------------------------------------------------------
+
+    @staticmethod
+    @functools.cache
+    def _module(device_id: int):
+        import cupy
+
+        code, options = kernel_source(), compile_options()
+        try:
+            module = cupy.RawModule(code=code, options=options, name_expressions=NAME_EXPRESSIONS)
+            if hasattr(module, "compile"):  # else compiled by the first get_function
+                module.compile()
+        except Exception as exc:  # noqa: BLE001 - CompileException, NVRTCError, driver errors
+            raise CudaKernelError(
+                f"NVRTC could not compile {SOURCE} for device {device_id} (options {options}):\n"
+                f"{type(exc).__name__}: {exc}") from None
+        return module
+
+    @functools.cache  # noqa: B019 - one backend object per process
+    def _function(self, device_id: int, name: str):
+        module = self._module(device_id)
+        try:
+            return module.get_function(name)
+        except Exception as exc:  # noqa: BLE001 - report which kernel and why
+            raise CudaKernelError(f"kernel {name!r} not found in the compiled module of {SOURCE}: "
+                                  f"{type(exc).__name__}: {exc}") from None
+
+    def compile(self) -> None:
+        """Compile (or load from CuPy's cache) the module for the current device now."""
+        self._module(self._cupy.cuda.Device().id)
+
+    # --- launching --------------------------------------------------------------------------
+
+    def launch(self, name: str, grid, block, args, shared_mem: int = 0) -> None:
+        """Launch kernel `name` on the current stream.  Every argument must be a CuPy array or a
+        NumPy scalar of the kernel parameter's exact type (a Python int would be ambiguous)."""
+        grid = tuple(int(g) for g in grid)
+        block = tuple(int(b) for b in block)
+        if min(grid) == 0:
+            return  # nothing to do (empty input)
+        if max(grid[1:], default=1) > 65535 or grid[0] > 2**31 - 1:
+            raise CudaKernelError(f"kernel {name}: grid {grid} exceeds CUDA's limits; the input is "
+                                  "too large for one launch")
+        for k, a in enumerate(args):
+            if _is_python_scalar(a) or a is None:
+                raise TypeError(f"internal error: argument {k} of kernel {name} is "
+                                f"{type(a).__name__} {a!r}; pass a NumPy scalar of the exact type")
+        fn = self._function(self._cupy.cuda.Device().id, name)
+        try:
+            fn(grid, block, tuple(args), shared_mem=shared_mem)
+        except Exception as exc:
+            raise CudaKernelError(f"launching kernel {name} (grid {grid}, block {block}) failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        if debug_enabled():
+            self.synchronize(f"kernel {name} (grid {grid}, block {block})")
+
+    def synchronize(self, what: str = "the GPU work") -> None:
+        try:
+            self._cupy.cuda.get_current_stream().synchronize()
+        except Exception as exc:
+            raise CudaKernelError(f"{what} failed on the device: {type(exc).__name__}: {exc}") \
+                from exc
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def argsort(self, a):
+        """Stable argsort (CuPy sorts with Thrust's stable sort)."""
+        return self._cupy.argsort(a)
+
+    def sort(self, a):
+        return self._cupy.sort(a)
+
+    def lexsort(self, keys):
+        """Indices sorting by keys[-1], then keys[-2], ... ((k, N) array)."""
+        return self._cupy.lexsort(keys)
+
+    def to_host(self, a) -> np.ndarray:
+        """An explicit device -> host copy (only ever used for small metadata)."""
+        return self._cupy.asnumpy(a)
+
+    def to_device(self, a):
+        """An explicit host -> device copy (small metadata: offsets)."""
+        return self._cupy.asarray(a)
+
+    def device_memory_bytes(self) -> int:
+        return int(self._cupy.cuda.Device().mem_info[1])
+
+    def check_status(self, status, what: str) -> None:
+        """Raise when a kernel flagged an inconsistency in its status word."""
+        code = int(self.to_host(status)[0])
+        if code != 0:
+            raise CudaKernelError(f"{what}: a kernel reported an internal inconsistency (status "
+                                  f"{code}); please report this with the input that caused it")
+
+
+@functools.cache
+def get_backend() -> CupyBackend:
+    return CupyBackend()

@@ -1,0 +1,211 @@
+"""GPU pointwise convolution over a kernel map: forward, input gradient, weight gradient.
+
+The kernels (kernels.cu) read the map "by cell": each row's entries ordered by (cell, index), so
+that every Omega_i(f) is one run (a counting sort per row, one thread per row).  The input gradient
+gathers over the transposed map ordered by (point, cell, row) (one stable radix sort).  Both are
+cached on the KernelMap (``_cache``), so a layer's forward and backward share them.  The weight gradient is
+reduced deterministically: blocks of a fixed number of rows write partial sums, a second kernel
+adds them in block order.  No floating-point atomics: bit-identical results from run to run.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pwconv_cy.cuda._backend import conv_name, order_name
+from pwconv_cy.cuda._search import THREADS, blocks, cell_bits_for, expand_rows
+
+__all__ = [
+    "backward_input",
+    "backward_weight",
+    "by_cell",
+    "forward",
+    "rows_per_partial",
+    "transposed",
+    "transposed_by_cell",
+]
+
+i64 = np.int64
+i32 = np.int32
+
+#: Rows per partial sum of the weight gradient (grown for huge weights, see rows_per_partial).
+WEIGHT_BLOCK_ROWS = 256
+#: Partial sums held at once by the weight gradient.
+PARTIAL_BYTES = 256 * 1024 * 1024
+
+
+def _row_of(be, km):
+    if "cuda_row_of" not in km._cache:
+        km._cache["cuda_row_of"] = expand_rows(be, km.splits, int(km.index.shape[0]))
+    return km._cache["cuda_row_of"]
+
+
+def by_cell(be, km) -> dict:
+    """The map's rows ordered by (cell, index): col (E,) int64, cell (E,) int32, and run_start
+    (m, K^3) int32, the offset of Omega_i(f)'s run within row i (a counting sort per row)."""
+    if "cuda_by_cell" not in km._cache:
+        xp = be.xp
+        m = km.n_queries
+        n_cells = km.kernel_size ** 3
+        n_entries = int(km.index.shape[0])
+        counts = km.counts
+        run_start = xp.ascontiguousarray(xp.cumsum(counts, axis=1, dtype=xp.int32) - counts,
+                                         dtype=xp.int32)
+        cursor = run_start.copy()
+        col = xp.empty(n_entries, dtype=xp.int64)
+        cell = xp.empty(n_entries, dtype=xp.int32)
+        be.launch(order_name(km.cell.dtype), (blocks(m),), (THREADS,),
+                  (i64(m), km.splits, km.index, km.cell, i32(n_cells), cursor, col, cell))
+        km._cache["cuda_by_cell"] = {"col": col, "cell": cell, "run_start": run_start}
+    return km._cache["cuda_by_cell"]
+
+
+def _sort_key(be, major, minor, n_minor: int, n_major: int):
+    """major * n_minor + minor as the narrowest unsigned integer type that holds it (a 32-bit
+    radix sort is about twice as fast as a 64-bit one)."""
+    xp = be.xp
+    key = major * n_minor + minor.astype(xp.int64)
+    if n_major * n_minor <= np.iinfo(np.uint32).max:
+        return key.astype(xp.uint32)
+    return key
+
+
+def _point_splits(be, km):
+    xp = be.xp
+    n = km.n_points
+    if km.index.shape[0]:
+        per_point = xp.bincount(km.index, minlength=n)
+    else:
+        per_point = xp.zeros(n, dtype=xp.int64)
+    tsplits = xp.zeros(n + 1, dtype=xp.int64)
+    tsplits[1:] = xp.cumsum(per_point)
+    return tsplits
+
+
+def transposed_by_cell(be, km) -> dict:
+    """For every point j the entries (i, f) with j in Omega_i(f), ordered by (f, i):
+    splits (n+1,) int64, row (E,) int64, cell (E,) int32."""
+    if "cuda_transposed_by_cell" not in km._cache:
+        xp = be.xp
+        n_cells = km.kernel_size ** 3
+        key = _sort_key(be, km.index, km.cell, n_cells, km.n_points)
+        order = be.argsort(key)  # stable: rows ascend within each (point, cell)
+        km._cache["cuda_transposed_by_cell"] = {
+            "splits": _point_splits(be, km),
+            "row": xp.ascontiguousarray(_row_of(be, km)[order]),
+            "cell": xp.ascontiguousarray(km.cell[order].astype(xp.int32)),
+        }
+    return km._cache["cuda_transposed_by_cell"]
+
+
+def transposed(be, km):
+    """The CPU's KernelMap.transposed(): (tsplits (n+1,) int64, tkeys (E,) int64) with
+    tkeys = row << bits | cell, rows ascending within each point."""
+    if "transposed" not in km._cache:
+        xp = be.xp
+        bits = cell_bits_for(km.kernel_size)
+        order = be.argsort(km.index)  # stable: rows ascend within each point
+        tkeys = (_row_of(be, km)[order] << bits) | km.cell[order].astype(xp.int64)
+        km._cache["transposed"] = (_point_splits(be, km), xp.ascontiguousarray(tkeys))
+    return km._cache["transposed"]
+
+
+def _group(a: int, b: int) -> int:
+    """Lanes per row of conv_gather_dense: a power of two >= max(a, b), at most 32."""
+    g = 1
+    while g < min(max(a, b), 32):
+        g *= 2
+    return g
+
+
+def _gather(be, dtype, rows, splits, col, cell, weight_row, counts, n_cells, src, a, M, b,
+            depthwise, out):
+    use_weight_row = i32(0 if weight_row is None else 1)
+    weight_row = col if weight_row is None else weight_row  # unused when use_weight_row == 0
+    if depthwise:
+        be.launch(conv_name("conv_gather_depthwise", dtype), (blocks(rows * a),), (THREADS,),
+                  (i64(rows), splits, col, cell, use_weight_row, weight_row, counts, i32(n_cells),
+                   src, i64(a), M, out))
+        return
+    g = _group(a, b)
+    rows_per_block = THREADS // g
+    be.launch(conv_name("conv_gather_dense", dtype),
+              (blocks(rows, rows_per_block), (b + g - 1) // g), (THREADS,),
+              (i64(rows), splits, col, cell, use_weight_row, weight_row, counts, i32(n_cells), src,
+               i64(a), M, i64(b), out, i32(g)))
+
+
+def forward(be, km, x, w, c_out: int, depthwise: bool):
+    """y (m, c_out) = sum_f mean_{Omega_i(f)} x . W_f (x (n, c_in), w C-contiguous)."""
+    xp = be.xp
+    m = km.n_queries
+    n_cells = km.kernel_size ** 3
+    c_in = int(x.shape[1])
+    y = xp.empty((m, c_out), dtype=x.dtype)
+    if m == 0:
+        return y
+    bc = by_cell(be, km)
+    _gather(be, x.dtype, m, km.splits, bc["col"], bc["cell"], None, km.counts, n_cells, x, c_in,
+            w, c_out, depthwise, y)
+    return y
+
+
+def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
+    """dx (n, c_in) = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f), a gather over the
+    transposed map."""
+    xp = be.xp
+    n = km.n_points
+    n_cells = km.kernel_size ** 3
+    c_out = int(dy.shape[1])
+    dx = xp.empty((n, c_in), dtype=dy.dtype)
+    if n == 0:
+        return dx
+    tb = transposed_by_cell(be, km)
+    if depthwise:
+        M = w
+    else:  # W_f^T: (K^3, c_out, c_in)
+        M = xp.ascontiguousarray(w.reshape(n_cells, c_in, c_out).transpose(0, 2, 1))
+    _gather(be, dy.dtype, n, tb["splits"], tb["row"], tb["cell"], tb["row"], km.counts, n_cells,
+            dy, c_out, M, c_in, depthwise, dx)
+    return dx
+
+
+def rows_per_partial(m: int, w_size: int, itemsize: int) -> int:
+    """Rows per partial sum of the weight gradient: WEIGHT_BLOCK_ROWS, more when the partial sums
+    of that many blocks would exceed PARTIAL_BYTES.  A function of the sizes only, so the summation
+    order (and the result) never depends on the device."""
+    max_blocks = max(1, PARTIAL_BYTES // max(1, w_size * itemsize))
+    return max(WEIGHT_BLOCK_ROWS, -(-m // max_blocks))
+
+
+def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
+    """dW (flat, weight.size) = sum_i mean_{Omega_i(f)}(x)^T dy_i, reduced in a fixed order."""
+    xp = be.xp
+    m = km.n_queries
+    n_cells = km.kernel_size ** 3
+    c_in = int(x.shape[1])
+    w_size = n_cells * c_in if depthwise else n_cells * c_in * c_out
+    dw = xp.zeros(w_size, dtype=x.dtype)
+    if m == 0:
+        return dw
+    bc = by_cell(be, km)
+    rpb = rows_per_partial(m, w_size, x.dtype.itemsize)
+    n_blocks = -(-m // rpb)
+    partial = xp.empty(n_blocks * w_size, dtype=x.dtype)
+    if depthwise:
+        be.launch(conv_name("conv_weight_partial_depthwise", x.dtype),
+                  (n_blocks, blocks(n_cells * c_in)), (THREADS,),
+                  (i64(m), km.splits, bc["col"], bc["run_start"], km.counts, i32(n_cells), x,
+                   i64(c_in), dy, i64(rpb), partial))
+    else:
+        co_tile = min(c_out, 32)
+        ci_tile = min(c_in, THREADS // co_tile)
+        n_co_tiles = -(-c_out // co_tile)
+        n_ci_tiles = -(-c_in // ci_tile)
+        be.launch(conv_name("conv_weight_partial_dense", x.dtype),
+                  (n_blocks, n_cells, n_ci_tiles * n_co_tiles), (ci_tile * co_tile,),
+                  (i64(m), km.splits, bc["col"], bc["run_start"], km.counts, i32(n_cells), x,
+                   i64(c_in), dy, i64(c_out), i64(rpb), i32(ci_tile), i32(co_tile),
+                   i64(n_co_tiles), partial))
+    be.launch(conv_name("sum_partials", x.dtype), (blocks(w_size),), (THREADS,),
+              (i64(n_blocks), i64(w_size), partial, dw))
+    return dw

@@ -1,0 +1,269 @@
+"""GPU neighbour search: the grid, the kernel map (count -> scan -> fill) and the radius search.
+
+Works on canonical arrays (validated by the caller) through a backend (``_backend.py``): ``be.xp``
+is the array module, ``be.launch`` runs a kernel of kernels.cu.  The results are the CPU's, bit for
+bit: the same rows, neighbours in ascending index order, the same cells and counts.
+
+The grid: points sorted by (cloud, cz, cy, cx) cell (edge ``cell_size``, origin at each cloud's
+lower corner, as the C++ grid), the occupied cells in that order with their first point, and the
+first cell of each cloud.  The sort key packs the four integers into one int64 when they fit
+(mixed radix), else the four int64 columns are sorted with ``lexsort``: cell coordinates may need
+over 40 bits per axis.  Nothing is sized by the bounding box.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pwconv_cy.cuda._backend import SHORT_ROW, kernel_map_name, radius_name, split_name
+
+__all__ = [
+    "DeviceGrid",
+    "blocks",
+    "build_grid",
+    "cell_bits_for",
+    "expand_rows",
+    "kernel_map_arrays",
+    "radius_search_arrays",
+]
+
+SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
+THREADS = 256
+
+i64 = np.int64
+i32 = np.int32
+f64 = np.float64
+
+
+def blocks(n: int, threads: int = THREADS) -> int:
+    return (int(n) + threads - 1) // threads
+
+
+def cell_bits_for(kernel_size: int) -> int:
+    """Bits of the flat cell index f < K^3 (as the C++ core's cell_bits_for)."""
+    n_cells = kernel_size ** 3
+    bits = 0
+    while (1 << bits) < n_cells:
+        bits += 1
+    return bits
+
+
+def inverse_cell_size(cell_size: float) -> float:
+    """1 / cell_size, or 0 when that is not finite (as pwconv::inverse_cell_size)."""
+    with np.errstate(over="ignore", divide="ignore"):
+        inv = float(np.float64(1.0) / np.float64(cell_size))
+    return inv if np.isfinite(inv) else 0.0
+
+
+@dataclass
+class DeviceGrid:
+    """A uniform grid over a packed batch on the device (see the module docstring)."""
+
+    n_points: int
+    n_clouds: int
+    cell_size: float
+    inv_cell_size: float
+    offsets: np.ndarray        # (B + 1,) int64, host
+    offsets_dev: object        # (B + 1,) int64, device
+    x: object                  # (n,) float64, sorted
+    y: object
+    z: object
+    order: object              # (n,) int64, sorted position -> point index
+    cell_start: object         # (n_cells + 1,) int64
+    cell_x: object             # (n_cells,) int64
+    cell_y: object
+    cell_z: object
+    cloud_cell_begin: object   # (B + 1,) int64
+    origin: object             # (B, 3) float64
+    cmax: tuple                # largest cell coordinate per axis (x, y, z)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.cell_x.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in (
+            self.x, self.y, self.z, self.order, self.cell_start, self.cell_x, self.cell_y,
+            self.cell_z, self.cloud_cell_begin, self.origin))
+
+    def grid_args(self) -> tuple:
+        """The grid's part of the search kernels' arguments, in kernels.cu's order."""
+        return (self.x, self.y, self.z, self.order, self.cell_start, self.cell_x, self.cell_y,
+                self.cell_z, self.cloud_cell_begin, self.origin, f64(self.cell_size),
+                f64(self.inv_cell_size), i64(self.cmax[0]), i64(self.cmax[1]), i64(self.cmax[2]))
+
+
+def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
+    """Grid over points (n, 3) float64 (device, C-contiguous) packed by offsets (host int64)."""
+    xp = be.xp
+    n = int(points.shape[0])
+    n_clouds = int(offsets.shape[0]) - 1
+    cell_size = float(cell_size)
+    inv = inverse_cell_size(cell_size)
+    offsets_dev = be.to_device(np.ascontiguousarray(offsets, dtype=np.int64))
+    origin = xp.zeros((max(n_clouds, 0), 3), dtype=xp.float64)
+    be.launch("cloud_lower_corner", (n_clouds if n else 0,), (256,),
+              (points, offsets_dev, i64(n_clouds), origin))
+    cloud = xp.empty(n, dtype=xp.int64)
+    cxyz = xp.empty((n, 3), dtype=xp.int64)
+    be.launch("grid_cell_coords", (blocks(n),), (THREADS,),
+              (points, i64(n), offsets_dev, i64(n_clouds), origin, f64(cell_size), f64(inv),
+               cloud, cxyz))
+    if n == 0:
+        empty_f = xp.zeros(0, dtype=xp.float64)
+        empty_i = xp.zeros(0, dtype=xp.int64)
+        return DeviceGrid(0, n_clouds, cell_size, inv, offsets, offsets_dev, empty_f, empty_f,
+                          empty_f, empty_i, xp.zeros(1, dtype=xp.int64), empty_i, empty_i, empty_i,
+                          xp.zeros(n_clouds + 1, dtype=xp.int64), origin, (0, 0, 0))
+    # Cell coordinates are >= 0 (the origin is the cloud's minimum); their maxima size the key.
+    cmax = tuple(int(c) for c in be.to_host(cxyz.max(axis=0)))
+    cx, cy, cz = cxyz[:, 0], cxyz[:, 1], cxyz[:, 2]
+    rx, ry, rz = cmax[0] + 1, cmax[1] + 1, cmax[2] + 1
+    if n_clouds * rz * ry * rx <= np.iinfo(np.int64).max:  # exact Python integers
+        key = ((cloud * rz + cz) * ry + cy) * rx + cx
+        order = be.argsort(key)
+        sorted_key = key[order]
+        new = sorted_key[1:] != sorted_key[:-1]
+    else:  # cell coordinates too wide to pack: sort the four columns
+        order = be.lexsort(xp.stack([cx, cy, cz, cloud]))
+        s = [a[order] for a in (cloud, cz, cy, cx)]
+        new = s[0][1:] != s[0][:-1]
+        for a in s[1:]:
+            new |= a[1:] != a[:-1]
+    first = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), new]))
+    sorted_points = points[order]
+    sorted_cells = cxyz[order]
+    cell_first = sorted_cells[first]
+    cell_cloud = cloud[order][first]
+    cloud_cell_begin = xp.searchsorted(cell_cloud, xp.arange(n_clouds + 1, dtype=xp.int64),
+                                       side="left").astype(xp.int64)
+    return DeviceGrid(
+        n_points=n, n_clouds=n_clouds, cell_size=cell_size, inv_cell_size=inv, offsets=offsets,
+        offsets_dev=offsets_dev,
+        x=xp.ascontiguousarray(sorted_points[:, 0]), y=xp.ascontiguousarray(sorted_points[:, 1]),
+        z=xp.ascontiguousarray(sorted_points[:, 2]), order=xp.ascontiguousarray(order, dtype=xp.int64),
+        cell_start=xp.concatenate([first.astype(xp.int64), xp.full(1, n, dtype=xp.int64)]),
+        cell_x=xp.ascontiguousarray(cell_first[:, 0]), cell_y=xp.ascontiguousarray(cell_first[:, 1]),
+        cell_z=xp.ascontiguousarray(cell_first[:, 2]),
+        cloud_cell_begin=xp.ascontiguousarray(cloud_cell_begin), origin=origin, cmax=cmax)
+
+
+def _queries(be, grid: DeviceGrid, queries, query_offsets):
+    """(m, qrow, qx, qy, qz, query offsets on the device) for the search kernels."""
+    xp = be.xp
+    if queries is None:  # the points themselves, in grid order (spatially coherent threads)
+        return grid.n_points, grid.order, grid.x, grid.y, grid.z, grid.offsets_dev
+    m = int(queries.shape[0])
+    cols = [xp.ascontiguousarray(queries[:, a]) for a in range(3)]
+    q_offsets = be.to_device(np.ascontiguousarray(query_offsets, dtype=np.int64))
+    return (m, xp.arange(m, dtype=xp.int64), *cols, q_offsets)
+
+
+def expand_rows(be, splits, n_entries: int):
+    """row_of (E,) int64: the row of every entry of a CSR."""
+    xp = be.xp
+    m = int(splits.shape[0]) - 1
+    row_of = xp.empty(n_entries, dtype=xp.int64)
+    be.launch("expand_rows", (blocks(m),), (THREADS,), (i64(m), splits, row_of))
+    return row_of
+
+
+def _scan(be, row_len):
+    """splits (m + 1,) int64 and, on the host, (total, longest row)."""
+    xp = be.xp
+    m = int(row_len.shape[0])
+    splits = xp.zeros(m + 1, dtype=xp.int64)
+    if m == 0:
+        return splits, 0, 0
+    splits[1:] = xp.cumsum(row_len)
+    total, longest = (int(v) for v in be.to_host(xp.stack([splits[-1], row_len.max()])))
+    return splits, total, longest
+
+
+def _sort_long_rows(be, splits, keys, key_bits: int):
+    """Sorts every row of keys (rows longer than SHORT_ROW were left unsorted by the fill)."""
+    xp = be.xp
+    m = int(splits.shape[0]) - 1
+    n_entries = int(keys.shape[0])
+    row_of = expand_rows(be, splits, n_entries)
+    row_bits = max(1, int(m - 1).bit_length())
+    if row_bits + key_bits <= 63:  # one int64 composite key (row, key): unique, any sort will do
+        composite = be.sort((row_of << key_bits) | keys)
+        return composite & ((1 << key_bits) - 1)
+    order = be.lexsort(xp.stack([keys, row_of]))
+    return keys[order]
+
+
+def _budget_check(n_pairs: int, nbytes: int, budget: int, what: str, remedy: str) -> None:
+    from pwconv_cy._config import check_budget
+
+    check_budget(what, n_pairs, nbytes, budget, remedy)
+
+
+def kernel_map_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int, dilation: int,
+                      cell_dtype, budget: int, queries=None, query_offsets=None):
+    """(splits (m+1,) int64, index (E,) int64, cell (E,) cell_dtype, counts (m, K^3) int32).
+
+    queries: (m, 3) float64 on the device with host query_offsets, or None for the points."""
+    xp = be.xp
+    k, s = int(kernel_size), int(dilation)
+    n_cells = k ** 3
+    bits = cell_bits_for(k)
+    n = grid.n_points
+    if not (bits < 62 and (n >> (62 - bits)) == 0):
+        raise ValueError("n_points * kernel_size**3 must fit in 62 bits")
+    m, qrow, qx, qy, qz, q_offsets = _queries(be, grid, queries, query_offsets)
+    head = (i64(m), qrow, qx, qy, qz, q_offsets, i64(grid.n_clouds)) + grid.grid_args() + (
+        f64(voxel_size), i32(k), i32(s), i32(bits))
+    row_len = xp.zeros(m, dtype=xp.int64)
+    status = xp.zeros(1, dtype=xp.int32)
+    dummy = xp.zeros(1, dtype=xp.int64)
+    grid_dim = (blocks(m, SEARCH_THREADS),)
+    be.launch(kernel_map_name(k, False), grid_dim, (SEARCH_THREADS,),
+              head + (row_len, dummy, dummy, i64(SHORT_ROW), status))
+    splits, n_pairs, longest = _scan(be, row_len)
+    del row_len
+    counts_bytes = 4 * m * n_cells
+    pair_bytes = 16 + np.dtype(cell_dtype).itemsize
+    _budget_check(n_pairs, pair_bytes * n_pairs + counts_bytes, budget, "kernel_map (GPU)",
+                  "reduce voxel_size, kernel_size or dilation, or split the batch")
+    keys = xp.empty(n_pairs, dtype=xp.int64)
+    be.launch(kernel_map_name(k, True), grid_dim, (SEARCH_THREADS,),
+              head + (dummy, splits, keys, i64(SHORT_ROW), status))
+    be.check_status(status, "kernel_map fill pass")
+    if longest > SHORT_ROW:
+        keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
+    index = xp.empty(n_pairs, dtype=xp.int64)
+    cell = xp.empty(n_pairs, dtype=cell_dtype)
+    counts = xp.zeros((m, n_cells), dtype=xp.int32)
+    be.launch(split_name(cell_dtype), (blocks(m),), (THREADS,),
+              (i64(m), splits, keys, i32(bits), i32(n_cells), index, cell, counts))
+    return splits, index, cell, counts
+
+
+def radius_search_arrays(be, grid: DeviceGrid, radius: float, euclidean: bool, budget: int,
+                         queries=None, query_offsets=None):
+    """(splits (m+1,) int64, index (E,) int64): neighbours within radius, ascending per row."""
+    xp = be.xp
+    m, qrow, qx, qy, qz, q_offsets = _queries(be, grid, queries, query_offsets)
+    head = (i64(m), qrow, qx, qy, qz, q_offsets, i64(grid.n_clouds)) + grid.grid_args() + (
+        f64(radius), i32(1 if euclidean else 0))
+    row_len = xp.zeros(m, dtype=xp.int64)
+    status = xp.zeros(1, dtype=xp.int32)
+    dummy = xp.zeros(1, dtype=xp.int64)
+    grid_dim = (blocks(m, SEARCH_THREADS),)
+    be.launch(radius_name(False), grid_dim, (SEARCH_THREADS,),
+              head + (row_len, dummy, dummy, i64(SHORT_ROW), status))
+    splits, n_pairs, longest = _scan(be, row_len)
+    del row_len
+    _budget_check(n_pairs, 16 * n_pairs, budget, "radius_search (GPU)",
+                  "reduce the radius, search fewer queries per call or split the batch")
+    keys = xp.empty(n_pairs, dtype=xp.int64)
+    be.launch(radius_name(True), grid_dim, (SEARCH_THREADS,),
+              head + (dummy, splits, keys, i64(SHORT_ROW), status))
+    be.check_status(status, "radius_search fill pass")
+    if longest > SHORT_ROW:
+        keys = _sort_long_rows(be, splits, keys, max(1, grid.n_points).bit_length())
+    return splits, keys

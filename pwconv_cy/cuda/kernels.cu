@@ -1,0 +1,626 @@
+// CUDA kernels of pwconv, compiled at run time by NVRTC through cupy.RawModule (see _backend.py).
+//
+// Neighbour search and the kernel map of SPEC §1, and the forward/backward of pointwise
+// convolution over it.  The binning arithmetic is the C++ core's own (pwconv/binning.hpp, shared
+// host/device code), so CPU and GPU produce the same kernel map bit for bit.  NVRTC is given
+// --fmad=false: no multiply-add is contracted anywhere in this file, so the search predicates
+// evaluate exactly as on the CPU (built with -ffp-contract=off), and the operator's sums are
+// formed in the same way (products rounded, then added) in a fixed order: results are
+// bit-identical from run to run.  No floating-point atomics anywhere.
+//
+// No standard headers (NVRTC without jitify has none): sizes are `long long` (int64 in Python),
+// counts and cells `int`.  Every kernel is launched from Python with exactly these argument
+// types (numpy scalars); a mismatch would be silent, so keep _backend.py's NAME_EXPRESSIONS and
+// the launch sites in _search.py / _conv.py in step with the signatures below.
+//
+// Layout of the search structures (built in _search.py): the points of a packed batch sorted by
+// (cloud, cz, cy, cx) grid cell (cell edge `cell_size`, origin at each cloud's lower corner);
+// the occupied cells in that order with the first sorted point of each (cell_start, n_cells + 1
+// entries) and their coordinates cell_x/y/z; the first cell of each cloud (cloud_cell_begin,
+// n_clouds + 1 entries).  A query finds the cells of a grid row (cz, cy) with a binary search
+// over its cloud's cells; memory is O(points) whatever the bounding box.
+
+#include "pwconv/binning.hpp"
+
+namespace pwconv_cuda {
+
+typedef long long i64;
+
+/// Largest kernel size the search kernels support (per-thread bound arrays).
+#define PWCONV_CUDA_MAX_K 15
+
+/// Rows up to this length are sorted by the thread that filled them (insertion sort); longer
+/// rows are sorted afterwards by one global sort (see _search.py).
+#define PWCONV_CUDA_SHORT_ROW 64
+
+/// Relative widening of radius-search candidate bounds: 2^-48, as detail::kBoundSlack in
+/// cpp/src/candidates.hpp (the exact predicate decides; the bounds only have to contain it).
+#define PWCONV_CUDA_BOUND_SLACK 3.552713678800501e-15
+
+/// Grid cell coordinate floor((x - origin) * inv_cell_size), saturated to [-2^62, 2^62]; as
+/// pwconv::grid_coord (grid.hpp).  Monotone in x: a candidate filter only.
+__device__ __forceinline__ i64 grid_coord(double x, double origin, double cell_size,
+                                          double inv_cell_size) {
+    const double limit = 4611686018427387904.0;  // 2^62
+    const double t = inv_cell_size != 0 ? (x - origin) * inv_cell_size : (x - origin) / cell_size;
+    if (!(t < limit)) return (i64)1 << 62;
+    if (!(t > -limit)) return -((i64)1 << 62);
+    const i64 c = (i64)t;  // truncation; fixed up to floor below
+    return c - (i64)((double)c > t);
+}
+
+/// Cloud of packed row i: the largest c in [0, n_clouds) with offsets[c] <= i.
+__device__ __forceinline__ i64 cloud_of(const i64* offsets, i64 n_clouds, i64 i) {
+    i64 lo = 0, hi = n_clouds;
+    while (hi - lo > 1) {
+        const i64 mid = lo + (hi - lo) / 2;
+        if (offsets[mid] <= i)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/// The grid as the kernels read it (pointers into CuPy arrays, see the file comment).
+struct GridView {
+    const double* x;  // (n,) sorted coordinates
+    const double* y;
+    const double* z;
+    const i64* order;             // (n,) sorted position -> caller's point index
+    const i64* cell_start;        // (n_cells + 1,)
+    const i64* cell_x;            // (n_cells,)
+    const i64* cell_y;
+    const i64* cell_z;
+    const i64* cloud_cell_begin;  // (n_clouds + 1,)
+    const double* origin;         // (n_clouds, 3)
+    double cell_size, inv_cell_size;
+    i64 cmax[3];                  // largest cell coordinate of any point, per axis
+};
+
+/// First cell in [b, e) not ordered before (cz, cy, cx).
+__device__ __forceinline__ i64 lower_bound_cell(const GridView& g, i64 b, i64 e, i64 cz, i64 cy,
+                                                i64 cx) {
+    while (b < e) {
+        const i64 mid = b + (e - b) / 2;
+        const i64 mz = g.cell_z[mid], my = g.cell_y[mid], mx = g.cell_x[mid];
+        const bool before = mz < cz || (mz == cz && (my < cy || (my == cy && mx < cx)));
+        if (before)
+            b = mid + 1;
+        else
+            e = mid;
+    }
+    return b;
+}
+
+/// Closed grid-cell ranges along one axis, each tagged with the kernel index it serves (-1: any).
+template <int N>
+struct AxisRanges {
+    i64 first[N], last[N];
+    int tag[N];
+    int count;
+};
+
+/// Adds [grid_coord(a), grid_coord(b)] clamped to [0, cmax], if not empty.
+template <int N>
+__device__ __forceinline__ void add_range(AxisRanges<N>& r, double a, double b, double origin,
+                                          const GridView& g, i64 cmax, int tag) {
+    i64 c0 = grid_coord(a, origin, g.cell_size, g.inv_cell_size);
+    i64 c1 = grid_coord(b, origin, g.cell_size, g.inv_cell_size);
+    if (c0 < 0) c0 = 0;
+    if (c1 > cmax) c1 = cmax;
+    if (c0 > c1) return;
+    r.first[r.count] = c0;
+    r.last[r.count] = c1;
+    r.tag[r.count] = tag;
+    ++r.count;
+}
+
+/// Calls visit(tag_z, tag_y, tag_x, begin, end) for the runs of sorted point positions of cloud
+/// `cloud` lying in the grid cells of the ranges rz x ry x rx.  Deterministic order.
+template <int N, class Visit>
+__device__ __forceinline__ void for_each_run(const GridView& g, i64 cloud, const AxisRanges<N>& rx,
+                                             const AxisRanges<N>& ry, const AxisRanges<N>& rz,
+                                             Visit& visit) {
+    const i64 cb = g.cloud_cell_begin[cloud], ce = g.cloud_cell_begin[cloud + 1];
+    if (cb == ce) return;
+    for (int kz = 0; kz < rz.count; ++kz)
+        for (i64 cz = rz.first[kz]; cz <= rz.last[kz]; ++cz)
+            for (int ky = 0; ky < ry.count; ++ky)
+                for (i64 cy = ry.first[ky]; cy <= ry.last[ky]; ++cy) {
+                    i64 lo = cb;  // x ranges ascend: each search starts where the last one did
+                    for (int kx = 0; kx < rx.count; ++kx) {
+                        const i64 c0 = lower_bound_cell(g, lo, ce, cz, cy, rx.first[kx]);
+                        lo = c0;
+                        i64 c1 = c0;
+                        while (c1 < ce && g.cell_z[c1] == cz && g.cell_y[c1] == cy &&
+                               g.cell_x[c1] <= rx.last[kx])
+                            ++c1;
+                        if (c1 > c0)
+                            visit(rz.tag[kz], ry.tag[ky], rx.tag[kx], g.cell_start[c0],
+                                  g.cell_start[c1]);
+                    }
+                }
+}
+
+/// Sorts keys[0, len) ascending (insertion sort: rows of a few tens).
+__device__ __forceinline__ void sort_short(i64* keys, i64 len) {
+    for (i64 a = 1; a < len; ++a) {
+        const i64 k = keys[a];
+        i64 b = a - 1;
+        while (b >= 0 && keys[b] > k) {
+            keys[b + 1] = keys[b];
+            --b;
+        }
+        keys[b + 1] = k;
+    }
+}
+
+/// Collects one query's accepted candidates: counts them, or writes their keys into its row
+/// (never more than the row's length; a mismatch is reported through *status).
+struct RowSink {
+    i64* keys;  // the row's first key (fill), or null (count)
+    i64 capacity;
+    i64 n;
+    __device__ __forceinline__ void push(i64 key) {
+        if (keys != 0 && n < capacity) keys[n] = key;
+        ++n;
+    }
+};
+
+template <int KMAX>
+struct KernelVisit {
+    const GridView* g;
+    const double *sx, *ex, *sy, *ey, *sz, *ez;  // per-axis exact kernel-cell bounds
+    int K;
+    int cell_bits;
+    RowSink* sink;
+    __device__ __forceinline__ void operator()(int tz, int ty, int tx, i64 b, i64 e) const {
+        const double* X = g->x;
+        const double* Y = g->y;
+        const double* Z = g->z;
+        if (tx < 0) {  // dilation 1: one box, every candidate classified exactly (binning.hpp)
+            for (i64 p = b; p < e; ++p) {
+                const int f = pwconv::kernel_cell(X[p], Y[p], Z[p], sx, ex, sy, ey, sz, ez, K);
+                if (f >= 0) sink->push((g->order[p] << cell_bits) | (i64)f);
+            }
+            return;
+        }
+        // dilation > 1: the run serves kernel cell (tz, ty, tx) only; test its exact box
+        const double x0 = sx[tx], x1 = ex[tx], y0 = sy[ty], y1 = ey[ty], z0 = sz[tz], z1 = ez[tz];
+        const i64 f = ((i64)tz * K + ty) * K + tx;
+        for (i64 p = b; p < e; ++p) {
+            const double x = X[p], y = Y[p], z = Z[p];
+            if (x >= x0 && x < x1 && y >= y0 && y < y1 && z >= z0 && z < z1)
+                sink->push((g->order[p] << cell_bits) | f);
+        }
+    }
+};
+
+struct RadiusVisit {
+    const GridView* g;
+    double qx, qy, qz, radius, radius_sq;
+    int euclidean;
+    RowSink* sink;
+    __device__ __forceinline__ void operator()(int, int, int, i64 b, i64 e) const {
+        for (i64 p = b; p < e; ++p) {
+            const bool ok =
+                euclidean ? pwconv::within_euclidean(g->x[p], g->y[p], g->z[p], qx, qy, qz, radius_sq)
+                          : pwconv::within_chebyshev(g->x[p], g->y[p], g->z[p], qx, qy, qz, radius);
+            if (ok) sink->push(g->order[p]);
+        }
+    }
+};
+
+__device__ __forceinline__ i64 global_thread() {
+    return (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x;
+}
+
+}  // namespace pwconv_cuda
+
+// ============================================================================================
+// Grid construction
+// ============================================================================================
+
+/// origin (n_clouds, 3) = per-axis minimum of each cloud's points (0 for an empty cloud).
+/// One block of 256 threads per cloud.
+extern "C" __global__ void cloud_lower_corner(const double* points, const long long* offsets,
+                                              long long n_clouds, double* origin) {
+    __shared__ double low[3][256];
+    const long long c = blockIdx.x;
+    const int t = threadIdx.x;
+    const long long b = offsets[c], e = offsets[c + 1];
+    const double big = 1.7976931348623157e308;  // points are finite
+    double m0 = big, m1 = big, m2 = big;
+    for (long long p = b + t; p < e; p += blockDim.x) {
+        const double x = points[3 * p], y = points[3 * p + 1], z = points[3 * p + 2];
+        m0 = x < m0 ? x : m0;
+        m1 = y < m1 ? y : m1;
+        m2 = z < m2 ? z : m2;
+    }
+    low[0][t] = m0;
+    low[1][t] = m1;
+    low[2][t] = m2;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (t < half)
+            for (int a = 0; a < 3; ++a)
+                low[a][t] = low[a][t + half] < low[a][t] ? low[a][t + half] : low[a][t];
+        __syncthreads();
+    }
+    if (t < 3) origin[3 * c + t] = e > b ? low[t][0] : 0.0;
+    (void)n_clouds;
+}
+
+/// For every point p: its cloud and grid cell (cx, cy, cz) relative to its cloud's origin.
+extern "C" __global__ void grid_cell_coords(const double* points, long long n,
+                                            const long long* offsets, long long n_clouds,
+                                            const double* origin, double cell_size,
+                                            double inv_cell_size, long long* cloud,
+                                            long long* cell_xyz) {
+    using namespace pwconv_cuda;
+    const i64 p = global_thread();
+    if (p >= n) return;
+    const i64 c = cloud_of(offsets, n_clouds, p);
+    cloud[p] = c;
+    for (int a = 0; a < 3; ++a)
+        cell_xyz[3 * p + a] = grid_coord(points[3 * p + a], origin[3 * c + a], cell_size,
+                                         inv_cell_size);
+}
+
+// ============================================================================================
+// Kernel map (SPEC §1): count pass, scan (in Python), fill pass
+// ============================================================================================
+
+/// One thread per query.  Thread t handles query row qrow[t] at (qx[t], qy[t], qz[t]) (for the
+/// points themselves: the sorted grid order, which keeps neighbouring threads on neighbouring
+/// cells); its cloud is found in query_offsets.
+/// FILL = 0: row_len[row] = number of neighbours.  FILL = 1: writes the keys
+/// (index << cell_bits) | cell of the row at keys[splits[row]...], sorted ascending when the row
+/// has at most short_row entries; *status = 1 if a row's count differs from its length.
+/// KC: the kernel size at compile time (0: runtime, up to PWCONV_CUDA_MAX_K).
+template <int KC, int FILL>
+__global__ void kernel_map_pass(
+    long long m, const long long* qrow, const double* qx, const double* qy, const double* qz,
+    const long long* query_offsets, long long n_clouds,
+    // grid
+    const double* gx, const double* gy, const double* gz, const long long* gorder,
+    const long long* cell_start, const long long* cell_x, const long long* cell_y,
+    const long long* cell_z, const long long* cloud_cell_begin, const double* origin,
+    double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y, long long cmax_z,
+    // kernel
+    double voxel_size, int kernel_size, int dilation, int cell_bits,
+    // outputs
+    long long* row_len, const long long* splits, long long* keys, long long short_row,
+    int* status) {
+    using namespace pwconv_cuda;
+    constexpr int KMAX = KC > 0 ? KC : PWCONV_CUDA_MAX_K;
+    const i64 t = global_thread();
+    if (t >= m) return;
+    const int K = KC > 0 ? KC : kernel_size;
+    const GridView g{gx,         gy,         gz,     gorder,    cell_start,
+                     cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
+                     cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z}};
+    const i64 row = qrow[t];
+    const double q[3] = {qx[t], qy[t], qz[t]};
+    const i64 cloud = cloud_of(query_offsets, n_clouds, row);
+
+    // Exact per-axis bounds of the K kernel cells (binning.hpp), as the CPU computes them.
+    const double h = pwconv::kernel_half_width(voxel_size, K, dilation);
+    double start[3][KMAX], end[3][KMAX];
+    for (int a = 0; a < 3; ++a)
+        pwconv::kernel_axis_bounds(pwconv::support_lower(q[a], h), voxel_size, K, dilation,
+                                   start[a], end[a]);
+
+    // Grid-cell ranges: one box for dilation 1, each kernel cell's own cells otherwise.
+    AxisRanges<KMAX> r[3];
+    for (int a = 0; a < 3; ++a) {
+        r[a].count = 0;
+        const double o = g.origin[3 * cloud + a];
+        if (dilation == 1) {
+            if (start[a][0] < end[a][K - 1])
+                add_range(r[a], start[a][0], end[a][K - 1], o, g, g.cmax[a], -1);
+        } else {
+            for (int k = 0; k < K; ++k)
+                if (start[a][k] < end[a][k])
+                    add_range(r[a], start[a][k], end[a][k], o, g, g.cmax[a], k);
+        }
+    }
+
+    RowSink sink;
+    i64 base = 0, len = 0;
+    if (FILL) {
+        base = splits[row];
+        len = splits[row + 1] - base;
+        sink.keys = keys + base;
+        sink.capacity = len;
+    } else {
+        sink.keys = 0;
+        sink.capacity = 0;
+    }
+    sink.n = 0;
+    KernelVisit<KMAX> visit{&g,       start[0], end[0],    start[1], end[1],
+                            start[2], end[2],   K,         cell_bits, &sink};
+    for_each_run(g, cloud, r[0], r[1], r[2], visit);
+
+    if (!FILL) {
+        row_len[row] = sink.n;
+        return;
+    }
+    if (sink.n != len) {
+        *status = 1;
+        return;
+    }
+    if (len <= short_row) sort_short(keys + base, len);
+}
+
+/// Radius search (closed cube or ball, binning.hpp's predicates), same scheme as
+/// kernel_map_pass; keys are the neighbour indices.
+template <int FILL>
+__global__ void radius_pass(
+    long long m, const long long* qrow, const double* qx, const double* qy, const double* qz,
+    const long long* query_offsets, long long n_clouds,
+    // grid
+    const double* gx, const double* gy, const double* gz, const long long* gorder,
+    const long long* cell_start, const long long* cell_x, const long long* cell_y,
+    const long long* cell_z, const long long* cloud_cell_begin, const double* origin,
+    double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y, long long cmax_z,
+    // search
+    double radius, int euclidean,
+    // outputs
+    long long* row_len, const long long* splits, long long* keys, long long short_row,
+    int* status) {
+    using namespace pwconv_cuda;
+    const i64 t = global_thread();
+    if (t >= m) return;
+    const GridView g{gx,         gy,         gz,     gorder,    cell_start,
+                     cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
+                     cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z}};
+    const i64 row = qrow[t];
+    const double q[3] = {qx[t], qy[t], qz[t]};
+    const i64 cloud = cloud_of(query_offsets, n_clouds, row);
+
+    AxisRanges<1> r[3];
+    for (int a = 0; a < 3; ++a) {  // as detail::radius_box
+        r[a].count = 0;
+        const double mag = q[a] < 0 ? -q[a] : q[a];
+        const double slack = (mag + radius) * PWCONV_CUDA_BOUND_SLACK;
+        add_range(r[a], (q[a] - radius) - slack, (q[a] + radius) + slack, g.origin[3 * cloud + a],
+                  g, g.cmax[a], -1);
+    }
+
+    RowSink sink;
+    i64 base = 0, len = 0;
+    if (FILL) {
+        base = splits[row];
+        len = splits[row + 1] - base;
+        sink.keys = keys + base;
+        sink.capacity = len;
+    } else {
+        sink.keys = 0;
+        sink.capacity = 0;
+    }
+    sink.n = 0;
+    RadiusVisit visit{&g, q[0], q[1], q[2], radius, radius * radius, euclidean, &sink};
+    for_each_run(g, cloud, r[0], r[1], r[2], visit);
+
+    if (!FILL) {
+        row_len[row] = sink.n;
+        return;
+    }
+    if (sink.n != len) {
+        *status = 1;
+        return;
+    }
+    if (len <= short_row) sort_short(keys + base, len);
+}
+
+/// row_of[e] = the row of entry e of a CSR (one thread per row).
+extern "C" __global__ void expand_rows(long long m, const long long* splits, long long* row_of) {
+    const long long i = pwconv_cuda::global_thread();
+    if (i >= m) return;
+    for (long long e = splits[i]; e < splits[i + 1]; ++e) row_of[e] = i;
+}
+
+/// Splits sorted keys into index and cell, and counts the cells of each row (counts zeroed by the
+/// caller; one thread per row, so no atomics).
+template <class CellT>
+__global__ void split_kernel_keys(long long m, const long long* splits, const long long* keys,
+                                  int cell_bits, int n_cells, long long* index, CellT* cell,
+                                  int* counts) {
+    const long long i = pwconv_cuda::global_thread();
+    if (i >= m) return;
+    const long long mask = ((long long)1 << cell_bits) - 1;
+    int* row_counts = counts + i * (long long)n_cells;
+    for (long long e = splits[i]; e < splits[i + 1]; ++e) {
+        const long long key = keys[e];
+        const int f = (int)(key & mask);
+        index[e] = key >> cell_bits;
+        cell[e] = (CellT)f;
+        row_counts[f] += 1;
+    }
+}
+
+/// Reorders every row of a kernel map by (cell, index): a counting sort per row (one thread per
+/// row, entries visited in index order, so each cell's run keeps ascending indices).  cursor
+/// (m, n_cells) starts as the runs' offsets within their rows and is advanced here.
+template <class CellT>
+__global__ void order_rows_by_cell(long long m, const long long* splits, const long long* index,
+                                   const CellT* cell, int n_cells, int* cursor, long long* col_out,
+                                   int* cell_out) {
+    const long long i = pwconv_cuda::global_thread();
+    if (i >= m) return;
+    int* row_cursor = cursor + i * (long long)n_cells;
+    const long long base = splits[i];
+    for (long long e = base; e < splits[i + 1]; ++e) {
+        const int f = (int)cell[e];
+        const long long pos = base + row_cursor[f]++;
+        col_out[pos] = index[e];
+        cell_out[pos] = f;
+    }
+}
+
+// ============================================================================================
+// Pointwise convolution over a kernel map whose rows are ordered by (cell, index) ("by cell":
+// each Omega_i(f) is one run of entries).  The input gradient runs the same gather over the
+// transposed map ordered by (cell, row).  Sums are formed as `s = s + w * v` (no FMA: --fmad=false)
+// in entry order, then multiplied by the cell matrices in ascending cell order: a fixed order.
+// ============================================================================================
+
+/// out (rows, b) = sum over the runs (f, e0..e1) of each row of
+/// (sum_e w_e * src[col[e]]) . M_f, with M (n_cells, a, b) row-major and w_e = 1 / counts[r, f]
+/// where r = weight_row[e] when use_weight_row, else the row itself.
+/// Block: 256 threads = 256 / group groups of `group` lanes (group a power of two <= 32); a group
+/// handles one row and `group` output channels (grid.y tiles the outputs).  The cell mean is
+/// shared through shared memory, `group` input channels at a time.
+template <class F>
+__global__ void conv_gather_dense(long long rows, const long long* splits, const long long* col,
+                                  const int* cell, int use_weight_row,
+                                  const long long* weight_row, const int* counts, int n_cells,
+                                  const F* src, long long a, const F* M, long long b, F* out,
+                                  int group) {
+    __shared__ F tile[256];
+    const int lane = threadIdx.x % group;
+    const int g = threadIdx.x / group;
+    const long long row = (long long)blockIdx.x * (blockDim.x / group) + g;
+    if (row >= rows) return;  // the whole group leaves together
+    const long long co = (long long)blockIdx.y * group + lane;
+    const int warp_lane = threadIdx.x % 32;
+    const unsigned mask = group == 32 ? 0xffffffffu
+                                      : (((1u << group) - 1u) << ((warp_lane / group) * group));
+    F* mean = tile + g * group;
+    F acc = F(0);
+    long long e = splits[row];
+    const long long end = splits[row + 1];
+    while (e < end) {
+        const int f = cell[e];
+        long long run_end = e + 1;
+        while (run_end < end && cell[run_end] == f) ++run_end;
+        const F w_run = use_weight_row ? F(0) : F(1) / (F)counts[row * n_cells + f];
+        for (long long ci0 = 0; ci0 < a; ci0 += group) {
+            const long long ci = ci0 + lane;
+            if (ci < a) {
+                F s = F(0);
+                for (long long k = e; k < run_end; ++k) {
+                    const F w = use_weight_row ? F(1) / (F)counts[weight_row[k] * n_cells + f]
+                                               : w_run;
+                    s = s + w * src[col[k] * a + ci];
+                }
+                mean[lane] = s;
+            }
+            __syncwarp(mask);
+            if (co < b) {
+                const long long width = a - ci0 < group ? a - ci0 : group;
+                const F* Mf = M + ((long long)f * a + ci0) * b + co;
+                for (long long t = 0; t < width; ++t) acc = acc + mean[t] * Mf[t * b];
+            }
+            __syncwarp(mask);
+        }
+        e = run_end;
+    }
+    if (co < b) out[row * b + co] = acc;
+}
+
+/// Depthwise: out (rows, c) = sum over the runs of (sum_e w_e * src[col[e], ch]) * M[f, ch].
+/// One thread per (row, channel).
+template <class F>
+__global__ void conv_gather_depthwise(long long rows, const long long* splits,
+                                      const long long* col, const int* cell, int use_weight_row,
+                                      const long long* weight_row, const int* counts,
+                                      int n_cells, const F* src, long long c, const F* M,
+                                      F* out) {
+    const long long t = pwconv_cuda::global_thread();
+    if (t >= rows * c) return;
+    const long long row = t / c, ch = t % c;
+    F acc = F(0);
+    long long e = splits[row];
+    const long long end = splits[row + 1];
+    while (e < end) {
+        const int f = cell[e];
+        const F w_run = use_weight_row ? F(0) : F(1) / (F)counts[row * n_cells + f];
+        F s = F(0);
+        for (; e < end && cell[e] == f; ++e) {
+            const F w = use_weight_row ? F(1) / (F)counts[weight_row[e] * n_cells + f] : w_run;
+            s = s + w * src[col[e] * c + ch];
+        }
+        acc = acc + s * M[(long long)f * c + ch];
+    }
+    out[row * c + ch] = acc;
+}
+
+/// Weight gradient, dense, pass 1: partial[blk, f, ci, co] = sum over the rows i of block blk
+/// (rows_per_block rows, ascending) of mean_{Omega_i(f)}(x)[ci] * dy[i, co].
+/// Grid (n_blocks, n_cells, n_ci_tiles * n_co_tiles); block ci_tile * co_tile threads (<= 256).
+/// run_start (m, n_cells): offset of Omega_i(f)'s run in the by-cell row i.
+template <class F>
+__global__ void conv_weight_partial_dense(long long m, const long long* splits,
+                                          const long long* col, const int* run_start,
+                                          const int* counts, int n_cells, const F* x,
+                                          long long c_in, const F* dy, long long c_out,
+                                          long long rows_per_block, int ci_tile, int co_tile,
+                                          long long n_co_tiles, F* partial) {
+    __shared__ F mean[256];
+    const long long blk = blockIdx.x;
+    const int f = blockIdx.y;
+    const long long ci0 = (long long)(blockIdx.z / n_co_tiles) * ci_tile;
+    const long long co0 = (long long)(blockIdx.z % n_co_tiles) * co_tile;
+    const int tid = threadIdx.x;
+    const long long ci = ci0 + tid / co_tile, co = co0 + tid % co_tile;
+    const bool valid = ci < c_in && co < c_out;
+    const long long r0 = blk * rows_per_block;
+    const long long r1 = r0 + rows_per_block < m ? r0 + rows_per_block : m;
+    F acc = F(0);
+    for (long long i = r0; i < r1; ++i) {
+        const int n = counts[i * n_cells + f];
+        if (n == 0) continue;  // uniform over the block
+        if (tid < ci_tile && ci0 + tid < c_in) {
+            const long long s0 = splits[i] + run_start[i * n_cells + f];
+            const F w = F(1) / (F)n;
+            F s = F(0);
+            for (long long k = s0; k < s0 + n; ++k) s = s + w * x[col[k] * c_in + ci0 + tid];
+            mean[tid] = s;
+        }
+        __syncthreads();
+        if (valid) acc = acc + mean[tid / co_tile] * dy[i * c_out + co];
+        __syncthreads();
+    }
+    if (valid) partial[((blk * n_cells + f) * c_in + ci) * c_out + co] = acc;
+}
+
+/// Weight gradient, depthwise, pass 1: partial[blk, f, ch] = sum over the rows i of block blk of
+/// mean_{Omega_i(f)}(x)[ch] * dy[i, ch].  Grid (n_blocks, ceil(n_cells * c / 256)), 256 threads,
+/// one (f, ch) per thread.
+template <class F>
+__global__ void conv_weight_partial_depthwise(long long m, const long long* splits,
+                                              const long long* col, const int* run_start,
+                                              const int* counts, int n_cells, const F* x,
+                                              long long c, const F* dy, long long rows_per_block,
+                                              F* partial) {
+    const long long blk = blockIdx.x;
+    const long long fc = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    if (fc >= (long long)n_cells * c) return;
+    const long long f = fc / c, ch = fc % c;
+    const long long r0 = blk * rows_per_block;
+    const long long r1 = r0 + rows_per_block < m ? r0 + rows_per_block : m;
+    F acc = F(0);
+    for (long long i = r0; i < r1; ++i) {
+        const int n = counts[i * n_cells + f];
+        if (n == 0) continue;
+        const long long s0 = splits[i] + run_start[i * n_cells + f];
+        const F w = F(1) / (F)n;
+        F s = F(0);
+        for (long long k = s0; k < s0 + n; ++k) s = s + w * x[col[k] * c + ch];
+        acc = acc + s * dy[i * c + ch];
+    }
+    partial[(blk * n_cells + f) * c + ch] = acc;
+}
+
+/// Weight gradient, pass 2: out[w] = sum over blocks b = 0, 1, ... of partial[b, w] (block order).
+template <class F>
+__global__ void sum_partials(long long n_blocks, long long size, const F* partial, F* out) {
+    const long long w = pwconv_cuda::global_thread();
+    if (w >= size) return;
+    F acc = F(0);
+    for (long long b = 0; b < n_blocks; ++b) acc = acc + partial[b * size + w];
+    out[w] = acc;
+}

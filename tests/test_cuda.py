@@ -1,0 +1,821 @@
+"""The GPU path (pwconv_cy.cuda): CUDA kernels compiled by CuPy, results identical to the CPU.
+
+Three layers of checks, so that CI (nvcc, no GPU) catches most mistakes before a GPU sees them:
+
+* ``test_kernels_compile_with_nvcc`` compiles kernels.cu with nvcc (PTX only), instantiating every
+  kernel the loader asks NVRTC for: a syntax or type error fails here.
+* ``test_emulated_*`` compile kernels.cu *for the host* (g++, an emulation of the CUDA thread model:
+  threads one after the other, or cooperative fibers where kernels synchronise) and run the real orchestration
+  (pwconv_cy.cuda._search / _conv, with NumPy as the array module) against the float64 oracles:
+  kernel maps identical, operator values within rounding.  Each runs in a subprocess (a kernel bug
+  may crash or hang it: the test then fails with the output instead of taking pytest down).
+* ``@pytest.mark.gpu`` tests run on a CUDA device with CuPy (skipped otherwise, with the reason):
+  kernel maps and radius search identical to the CPU library, forward and both gradients equal to
+  the CPU within 1e-5 (float32) / 1e-12 (float64) norm-wise, bit-identical across two GPU runs.
+
+Run the emulation by hand: ``python tests/test_cuda.py --emulate all``.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+KERNELS_CU = ROOT / "pwconv_cy" / "cuda" / "kernels.cu"
+INCLUDE = ROOT / "cpp" / "include"
+
+if str(TESTS) not in sys.path:  # oracles.py, also when run as a script
+    sys.path.insert(0, str(TESTS))
+
+
+def _names():
+    from pwconv_cy.cuda._backend import NAME_EXPRESSIONS, PLAIN_KERNELS
+
+    return list(PLAIN_KERNELS) + list(NAME_EXPRESSIONS)
+
+
+# =============================================================================================
+# 1. nvcc compile check (CI has nvcc, no GPU)
+# =============================================================================================
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_kernels_compile_with_nvcc(tmp_path):
+    """kernels.cu compiles to PTX with every kernel the loader requests instantiated."""
+    wrapper = tmp_path / "all_kernels.cu"
+    refs = ",\n".join(f"    (void*)&{name}" for name in _names())
+    wrapper.write_text(f'#include "{KERNELS_CU}"\nvoid* pwconv_all_kernels[] = {{\n{refs}\n}};\n')
+    cmd = ["nvcc", "-std=c++17", "--ptx", "-fmad=false", f"-I{INCLUDE}", str(wrapper), "-o",
+           str(tmp_path / "all_kernels.ptx")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    ptx = (tmp_path / "all_kernels.ptx").read_text()
+    assert ptx.count(".entry") == len(_names()), "a kernel is missing from the PTX"
+
+
+def test_loader_imports_without_cupy_and_finds_sources():
+    """pwconv_cy.cuda imports without CuPy or a GPU; the source and the shared header are found;
+    is_available() answers without raising."""
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _backend
+
+    assert isinstance(cuda.is_available(), bool)
+    source = _backend.kernel_source()
+    assert "binning.hpp sha256" in source.splitlines()[0]
+    assert (_backend.include_dir() / "pwconv" / "binning.hpp").is_file()
+    options = _backend.compile_options()
+    assert "--fmad=false" in options and "--std=c++17" in options
+    for name in _backend.NAME_EXPRESSIONS + _backend.PLAIN_KERNELS:
+        assert name.split("<")[0] in source, name
+
+
+# =============================================================================================
+# 2. Host emulation of the kernels (g++), driven by the real orchestration code
+# =============================================================================================
+
+EMULATOR_CPP = r"""
+// Host emulation of the CUDA thread model for pwconv's kernels.cu (tests only).  Kernels without
+// barriers run their threads one after the other; kernels with __syncthreads / __syncwarp run
+// each block's threads as cooperative fibers (ucontext) that yield at every barrier: the
+// schedule is deterministic, and a barrier that can never be passed is reported, not hung on.
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+[[noreturn]] static void emu_fail(const char* what) {
+    std::fprintf(stderr, "pwconv CUDA emulator: %s (block %u,%u,%u thread %u,%u,%u)\n", what,
+                 blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+    std::fflush(stderr);
+    std::abort();
+}
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    dim3 idx;
+    bool done = false;
+    int wait = 0;  // 0 running, 1 __syncthreads, 2 __syncwarp
+    unsigned mask = 0;
+};
+static ucontext_t scheduler;
+static Fiber* current = nullptr;
+static std::function<void(void**)>* current_fn = nullptr;
+static void** current_params = nullptr;
+
+static void yield_on(int kind, unsigned mask) {
+    if (!current) emu_fail("a barrier in a kernel not listed in BARRIER_KERNELS");
+    current->wait = kind;
+    current->mask = mask;
+    swapcontext(&current->ctx, &scheduler);
+}
+inline void __syncthreads() { yield_on(1, 0); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if (!((mask >> (tid % 32)) & 1u)) emu_fail("__syncwarp(mask): the calling lane is not in mask");
+    yield_on(2, mask);
+}
+static void trampoline() {
+    (*current_fn)(current_params);
+    current->done = true;
+    swapcontext(&current->ctx, &scheduler);
+}
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+
+#include "KERNELS_CU"
+
+template <class... A, std::size_t... I>
+static void call_impl(void (*k)(A...), void** p, std::index_sequence<I...>) {
+    k(*static_cast<typename std::remove_cv<typename std::remove_reference<A>::type>::type*>(p[I])...);
+}
+template <class... A>
+static void call(void (*k)(A...), void** p) { call_impl(k, p, std::index_sequence_for<A...>{}); }
+
+static std::map<std::string, std::function<void(void**)>>& registry() {
+    static std::map<std::string, std::function<void(void**)>> r;
+    return r;
+}
+static void register_all() {
+REGISTRY
+}
+
+static void run_block_fibers(std::vector<Fiber>& fibers) {
+    const unsigned n = (unsigned)fibers.size();
+    for (unsigned t = 0; t < n; ++t) {
+        Fiber& f = fibers[t];
+        f.done = false;
+        f.wait = 0;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.data();
+        f.ctx.uc_stack.ss_size = f.stack.size();
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, trampoline, 0);
+    }
+    while (true) {
+        bool ran = false;
+        for (unsigned t = 0; t < n; ++t) {
+            Fiber& f = fibers[t];
+            if (f.done || f.wait) continue;
+            current = &f;
+            threadIdx = f.idx;
+            swapcontext(&scheduler, &f.ctx);
+            ran = true;
+        }
+        current = nullptr;
+        bool alive = false, released = false;
+        for (auto& f : fibers) alive |= !f.done;
+        if (!alive) return;
+        // __syncthreads: passes once every live thread of the block waits there.
+        bool all_block = true;
+        for (auto& f : fibers)
+            if (!f.done && f.wait != 1) all_block = false;
+        if (all_block) {
+            for (auto& f : fibers) f.wait = 0;
+            released = true;
+        }
+        // __syncwarp(mask): passes once every live lane of the mask waits with that mask.
+        for (unsigned t = 0; t < n; ++t) {
+            Fiber& f = fibers[t];
+            if (f.done || f.wait != 2) continue;
+            const unsigned warp = t / 32;
+            bool ready = true;
+            for (unsigned l = 0; l < 32; ++l) {
+                if (!((f.mask >> l) & 1u)) continue;
+                const unsigned u = warp * 32 + l;
+                if (u >= n) continue;
+                const Fiber& g = fibers[u];
+                if (!g.done && !(g.wait == 2 && g.mask == f.mask)) ready = false;
+            }
+            if (!ready) continue;
+            for (unsigned l = 0; l < 32; ++l) {
+                const unsigned u = warp * 32 + l;
+                if (((f.mask >> l) & 1u) && u < n && fibers[u].wait == 2) fibers[u].wait = 0;
+            }
+            released = true;
+        }
+        if (!ran && !released) emu_fail("deadlock: threads wait at barriers that cannot pass");
+    }
+}
+
+extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                          unsigned by, unsigned bz, int threaded, void** params) {
+    if (registry().empty()) register_all();
+    auto it = registry().find(name);
+    if (it == registry().end()) return 1;
+    std::function<void(void**)>& fn = it->second;
+    gridDim = {gx, gy, gz};
+    blockDim = {bx, by, bz};
+    const unsigned n_threads = bx * by * bz;
+    static std::vector<Fiber> fibers;
+    if (threaded && fibers.size() < n_threads) {
+        fibers.resize(n_threads);
+        for (auto& f : fibers)
+            if (f.stack.empty()) f.stack.resize(256 * 1024);
+    }
+    std::vector<Fiber> block_fibers;
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned y = 0; y < gy; ++y)
+            for (unsigned x = 0; x < gx; ++x) {
+                blockIdx = {x, y, z};
+                if (!threaded) {
+                    current = nullptr;
+                    for (unsigned t = 0; t < n_threads; ++t) {
+                        threadIdx = {t % bx, (t / bx) % by, t / (bx * by)};
+                        fn(params);
+                    }
+                    continue;
+                }
+                current_fn = &fn;
+                current_params = params;
+                if (block_fibers.size() != n_threads) {
+                    block_fibers.clear();
+                    block_fibers.resize(n_threads);
+                    for (unsigned t = 0; t < n_threads; ++t)
+                        block_fibers[t].stack.swap(fibers[t].stack);
+                }
+                for (unsigned t = 0; t < n_threads; ++t)
+                    block_fibers[t].idx = {t % bx, (t / bx) % by, t / (bx * by)};
+                run_block_fibers(block_fibers);
+            }
+    for (unsigned t = 0; t < block_fibers.size(); ++t) fibers[t].stack.swap(block_fibers[t].stack);
+    return 0;
+}
+"""
+
+
+def build_emulator(out_dir: Path) -> Path:
+    """Compile kernels.cu for the host with the emulator around it; returns the shared library."""
+    registry = "\n".join(
+        f'    registry().emplace("{name}", [](void** p) {{ call(&{name}, p); }});'
+        for name in _names())
+    source = EMULATOR_CPP.replace("KERNELS_CU", str(KERNELS_CU)).replace("REGISTRY", registry)
+    cpp = out_dir / "pwconv_cuda_emulator.cpp"
+    lib = out_dir / "pwconv_cuda_emulator.so"
+    cpp.write_text(source)
+    cxx = os.environ.get("CXX", "g++")
+    cmd = [cxx, "-std=c++17", "-O1", "-g", "-ffp-contract=off", "-fPIC", "-shared",
+           f"-I{INCLUDE}", str(cpp), "-o", str(lib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+    return lib
+
+
+class EmulatedBackend:
+    """The backend interface of pwconv_cy.cuda._backend.CupyBackend over NumPy arrays, with the
+    kernels run by the host emulation (same argument marshalling as cuLaunchKernel)."""
+
+    name = "emulator"
+
+    def __init__(self, lib_path):
+        self.xp = np
+        self.lib = ctypes.CDLL(str(lib_path))
+        self.lib.emu_launch.restype = ctypes.c_int
+        self.lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
+            ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+        self.launches = []
+
+    def launch(self, name, grid, block, args, shared_mem=0):
+        from pwconv_cy.cuda._backend import BARRIER_KERNELS
+
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
+        if min(grid) == 0:
+            return
+        holders = []
+        params = (ctypes.c_void_p * max(1, len(args)))()
+        for k, a in enumerate(args):
+            if isinstance(a, np.ndarray):
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"argument {k} of {name} is not C-contiguous")
+                ptr = ctypes.c_void_p(a.ctypes.data)
+                holders.append(ptr)
+                params[k] = ctypes.cast(ctypes.pointer(ptr), ctypes.c_void_p)
+            elif isinstance(a, np.generic):
+                box = np.array(a)
+                holders.append(box)
+                params[k] = box.ctypes.data
+            else:
+                raise TypeError(f"argument {k} of {name} is {type(a).__name__} {a!r}: pass "
+                                "NumPy scalars of the kernel parameter's type")
+        threaded = int(name.split("<")[0] in BARRIER_KERNELS)
+        self.launches.append(name)
+        rc = self.lib.emu_launch(name.encode(), *grid, *block, threaded, params)
+        if rc != 0:
+            raise AssertionError(f"kernel {name!r} is not registered in the emulator")
+
+    def synchronize(self, what=""):
+        pass
+
+    def compile(self):
+        pass
+
+    def argsort(self, a):
+        return np.argsort(a, kind="stable")
+
+    def sort(self, a):
+        return np.sort(a)
+
+    def lexsort(self, keys):
+        return np.lexsort(keys)
+
+    def to_host(self, a):
+        return np.asarray(a)
+
+    def to_device(self, a):
+        return np.asarray(a)
+
+    def device_memory_bytes(self):
+        return 1 << 34
+
+    def check_status(self, status, what):
+        assert int(status[0]) == 0, f"{what}: status {int(status[0])}"
+
+
+# --- scenarios shared by the emulation and the GPU tests ----------------------------------------
+
+
+def lattice_cloud(rng, n, spacing=0.05, extent=6):
+    """Points on a dyadic lattice: many of them exactly on kernel-cell faces (v = 2 * spacing)."""
+    return (rng.integers(0, extent, size=(n, 3)) * spacing).astype(np.float64)
+
+
+def scenario_clouds(name, rng):
+    """(points float64 (n, 3), offsets, queries or None, query_offsets or None, v, K, s)."""
+    if name == "random":
+        p = rng.random((300, 3))
+        return p, None, None, None, 0.15, 3, 1
+    if name == "lattice_s2":
+        return lattice_cloud(rng, 250), None, None, None, 0.1, 3, 2
+    if name == "lattice_s3_k5":
+        return lattice_cloud(rng, 250, extent=9), None, None, None, 0.05, 5, 3
+    if name == "lattice_s4":
+        return lattice_cloud(rng, 300, extent=10), None, None, None, 0.05, 3, 4
+    if name == "k1":
+        return lattice_cloud(rng, 200), None, None, None, 0.1, 1, 1
+    if name == "batch_empty_clouds":
+        p = rng.random((260, 3)) * 0.6
+        offsets = np.array([0, 0, 100, 100, 180, 260, 260])
+        return p, offsets, None, None, 0.12, 3, 2
+    if name == "queries":
+        p = rng.random((240, 3))
+        q = np.concatenate([rng.random((70, 3)), lattice_cloud(rng, 30, spacing=0.1)])
+        offsets = np.array([0, 120, 120, 240])
+        q_offsets = np.array([0, 40, 60, 100])
+        return p, offsets, q, q_offsets, 0.15, 3, 2
+    if name == "long_rows":  # rows far longer than SHORT_ROW: the global row sort
+        p = np.repeat(rng.random((30, 3)) * 0.2, 6, axis=0)
+        return p, None, None, None, 0.1, 3, 1
+    if name == "wide_coordinates":  # cell keys that do not fit 64 bits: the lexsort grid
+        p = rng.random((150, 3)) * 0.5
+        p[:3] += np.array([[1e13, 0, 0], [0, 1e13, 0], [0, 0, 1e13]])
+        return p, None, None, None, 0.1, 3, 1
+    if name == "k7_runtime":  # a kernel size compiled at run time
+        return rng.random((150, 3)), None, None, None, 0.1, 7, 1
+    raise KeyError(name)
+
+
+SCENARIOS = ["random", "lattice_s2", "lattice_s3_k5", "lattice_s4", "k1", "batch_empty_clouds",
+             "queries", "long_rows", "wide_coordinates", "k7_runtime"]
+
+
+def conv_oracle(om, x, w, depthwise, dy):
+    """float64 forward, input and weight gradients from an oracle kernel map (SPEC §1)."""
+    x = x.astype(np.float64)
+    w = w.astype(np.float64)
+    dy = dy.astype(np.float64)
+    n_cells = om.counts.shape[1]
+    m = len(om.splits) - 1
+    rows = np.repeat(np.arange(m), np.diff(om.splits))
+    scale = 1.0 / om.counts[rows, om.cell]
+    w_f = w.reshape(n_cells, *w.shape[3:])
+    if depthwise:
+        contrib = x[om.index] * w_f[om.cell] * scale[:, None]
+        y = np.zeros((m, x.shape[1]))
+        np.add.at(y, rows, contrib)
+        dx = np.zeros_like(x)
+        np.add.at(dx, om.index, dy[rows] * w_f[om.cell] * scale[:, None])
+        dw = np.zeros_like(w_f)
+        np.add.at(dw, om.cell, x[om.index] * dy[rows] * scale[:, None])
+    else:
+        contrib = np.einsum("ec,eco->eo", x[om.index], w_f[om.cell]) * scale[:, None]
+        y = np.zeros((m, w_f.shape[2]))
+        np.add.at(y, rows, contrib)
+        dx = np.zeros_like(x)
+        np.add.at(dx, om.index, np.einsum("eo,eco->ec", dy[rows], w_f[om.cell]) * scale[:, None])
+        dw = np.zeros_like(w_f)
+        np.add.at(dw, om.cell, np.einsum("ec,eo->eco", x[om.index] * scale[:, None], dy[rows]))
+    return y, dx, dw.reshape(w.shape)
+
+
+def rel_err(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    scale = max(np.linalg.norm(b), 1e-300)
+    return float(np.linalg.norm(a - b) / scale)
+
+
+def _emulate_scenario(be, name):
+    """Runs one scenario through the GPU orchestration on the emulator; returns a report."""
+    import oracles
+
+    from pwconv_cy.cuda import _conv, _search
+    from pwconv_cy.neighbors import KernelMap, _cell_dtype
+
+    rng = np.random.default_rng(sum(map(ord, name)))
+    p, offsets, q, q_offsets, v, k, s = scenario_clouds(name, rng)
+    offsets = np.array([0, len(p)]) if offsets is None else np.asarray(offsets)
+    grid = _search.build_grid(be, np.ascontiguousarray(p), offsets.astype(np.int64), v)
+    splits, index, cell, counts = _search.kernel_map_arrays(
+        be, grid, v, k, s, _cell_dtype(k), 1 << 40, None if q is None else np.ascontiguousarray(q),
+        q_offsets)
+    om = oracles.kernel_map(p, v, k, s, offsets, q, q_offsets)
+    report = {"scenario": name, "pairs": int(splits[-1]), "oracle_pairs": int(om.splits[-1])}
+    np.testing.assert_array_equal(splits, om.splits, err_msg=f"{name}: splits")
+    np.testing.assert_array_equal(index, om.index, err_msg=f"{name}: index")
+    np.testing.assert_array_equal(cell.astype(np.int64), om.cell, err_msg=f"{name}: cell")
+    np.testing.assert_array_equal(counts, om.counts, err_msg=f"{name}: counts")
+    assert cell.dtype == _cell_dtype(k)
+
+    # radius search (both metrics) against brute force
+    r = v * 1.5
+    for euclidean in (False, True):
+        rs, ri = _search.radius_search_arrays(
+            be, _search.build_grid(be, np.ascontiguousarray(p), offsets.astype(np.int64), r), r,
+            euclidean, 1 << 40, None if q is None else np.ascontiguousarray(q), q_offsets)
+        o_splits, o_index = oracles.radius_search(p, r, q, offsets, q_offsets,
+                                                  "euclidean" if euclidean else "chebyshev")
+        np.testing.assert_array_equal(rs, o_splits, err_msg=f"{name}: radius splits")
+        np.testing.assert_array_equal(ri, o_index, err_msg=f"{name}: radius index")
+
+    # the operator, dense and depthwise, float32 and float64
+    m = len(splits) - 1
+    km = KernelMap(splits=splits, index=index, cell=cell, counts=counts, voxel_size=v,
+                   kernel_size=k, dilation=s, n_points=len(p), offsets=offsets,
+                   query_offsets=offsets if q is None else np.asarray(q_offsets))
+    errors = {}
+    for dtype in (np.float32, np.float64):
+        for depthwise, (c_in, c_out) in ((False, (3, 5)), (False, (40, 3)), (True, (6, 6))):
+            x = rng.standard_normal((len(p), c_in)).astype(dtype)
+            w_shape = (k, k, k, c_in) if depthwise else (k, k, k, c_in, c_out)
+            w = rng.standard_normal(w_shape).astype(dtype)
+            dy = rng.standard_normal((m, c_out)).astype(dtype)
+            y = _conv.forward(be, km, x, w, c_out, depthwise)
+            dx = _conv.backward_input(be, km, dy, w, c_in, depthwise)
+            dw = _conv.backward_weight(be, km, x, dy, c_out, depthwise).reshape(w.shape)
+            ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
+            tol = 1e-5 if dtype == np.float32 else 1e-12
+            key = f"{np.dtype(dtype).name} {'depthwise' if depthwise else 'dense'} {c_in}->{c_out}"
+            errors[key] = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
+            assert y.dtype == dx.dtype == dw.dtype == dtype
+            assert max(errors[key]) <= tol, f"{name} {key}: relative errors {errors[key]} > {tol}"
+    # the public transposed map: rows ascending within each point
+    tsplits, tkeys = _conv.transposed(be, km)
+    rows = np.repeat(np.arange(m), np.diff(splits))
+    order = np.lexsort((rows, index))
+    bits = _search.cell_bits_for(k)
+    np.testing.assert_array_equal(tsplits[1:], np.cumsum(np.bincount(index, minlength=len(p))))
+    np.testing.assert_array_equal(tkeys, (rows[order] << bits) | cell[order].astype(np.int64))
+    report["max_rel_error"] = max(max(e) for e in errors.values())
+    return report
+
+
+def _run_emulation(names, lib=None):
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = lib or build_emulator(Path(tmp))
+        be = EmulatedBackend(lib)
+        for name in names:
+            print(json.dumps(_emulate_scenario(be, name)), flush=True)
+
+
+@pytest.fixture(scope="module")
+def emulator_lib(tmp_path_factory):
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no host C++ compiler ({cxx}) to emulate the kernels")
+    return build_emulator(tmp_path_factory.mktemp("emulator"))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_emulated_kernels_match_oracles(emulator_lib, scenario):
+    """The GPU orchestration + kernels (run on the host) reproduce the float64 oracles: kernel map
+    and radius search identical, forward/backward within rounding."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--emulate", scenario, "--lib",
+           str(emulator_lib)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(TESTS),
+                              check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"emulation of {scenario} hung (deadlock in a kernel barrier?):\n"
+                    f"{exc.stdout}\n{exc.stderr}")
+    assert proc.returncode == 0, (f"emulation of {scenario} failed (rc {proc.returncode}):\n"
+                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+# =============================================================================================
+# 3. On a CUDA device
+# =============================================================================================
+
+
+def _gpu_skip_reason():
+    try:
+        from pwconv_cy import cuda
+    except Exception as exc:  # noqa: BLE001
+        return f"pwconv_cy.cuda does not import ({exc})"
+    return cuda.unavailable_reason()
+
+
+_GPU_REASON = _gpu_skip_reason()
+gpu = pytest.mark.skipif(_GPU_REASON is not None, reason=f"needs CuPy and a CUDA device: "
+                                                          f"{_GPU_REASON}")
+
+
+def _assert_same_map(gk, ck, what):
+    import cupy
+
+    np.testing.assert_array_equal(cupy.asnumpy(gk.splits), ck.splits, err_msg=f"{what}: splits")
+    np.testing.assert_array_equal(cupy.asnumpy(gk.index), ck.index, err_msg=f"{what}: index")
+    np.testing.assert_array_equal(cupy.asnumpy(gk.cell), ck.cell, err_msg=f"{what}: cell")
+    np.testing.assert_array_equal(cupy.asnumpy(gk.counts), ck.counts, err_msg=f"{what}: counts")
+    assert gk.cell.dtype == ck.cell.dtype and gk.counts.dtype == ck.counts.dtype
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_gpu_kernel_map_identical_to_cpu(scenario):
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+
+    rng = np.random.default_rng(sum(map(ord, scenario)))
+    p, offsets, q, q_offsets, v, k, s = scenario_clouds(scenario, rng)
+    for dtype in (np.float32, np.float64):
+        pd = p.astype(dtype)
+        qd = None if q is None else q.astype(dtype)
+        cpu = pwconv_cy.kernel_map(pd, v, kernel_size=k, dilation=s, offsets=offsets, queries=qd,
+                                   query_offsets=q_offsets)
+        dev = cuda.kernel_map(cupy.asarray(pd), v, kernel_size=k, dilation=s, offsets=offsets,
+                              queries=None if qd is None else cupy.asarray(qd),
+                              query_offsets=q_offsets)
+        _assert_same_map(dev, cpu, f"{scenario} {np.dtype(dtype).name}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dilation", [1, 2, 3, 4])
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_gpu_kernel_map_identical_on_dyadic_lattice(kernel_size, dilation):
+    """Points exactly on cell faces (dyadic coordinates, v a power of two) in a packed batch with
+    empty clouds: the hardest case for the binning rule."""
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+
+    rng = np.random.default_rng(100 * kernel_size + dilation)
+    p = (rng.integers(-8, 8, size=(900, 3)) * 0.125).astype(np.float32)
+    offsets = np.array([0, 300, 300, 700, 900, 900])
+    cpu = pwconv_cy.kernel_map(p, 0.25, kernel_size=kernel_size, dilation=dilation,
+                               offsets=offsets)
+    dev = cuda.kernel_map(cupy.asarray(p), 0.25, kernel_size=kernel_size, dilation=dilation,
+                          offsets=cupy.asarray(offsets))
+    _assert_same_map(dev, cpu, f"lattice K={kernel_size} s={dilation}")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_kernel_map_identical_on_sphere_batch():
+    """The paper's layers on a batch of sphere clouds (one shared GPU index)."""
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+
+    rng = np.random.default_rng(7)
+    p = rng.standard_normal((16 * 2048, 3))
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    p = p.astype(np.float32)
+    offsets = np.arange(17) * 2048
+    index = cuda.NeighborIndex(cupy.asarray(p), 0.1, offsets=offsets)
+    cpu_index = pwconv_cy.NeighborIndex(p, 0.1, offsets=offsets)
+    for s in (1, 2, 3, 4):
+        _assert_same_map(index.kernel_map(3, s), cpu_index.kernel_map(3, s), f"sphere s={s}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("metric", ["chebyshev", "euclidean"])
+def test_gpu_radius_search_identical_to_cpu(metric):
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+
+    rng = np.random.default_rng(3)
+    p = rng.random((5000, 3)).astype(np.float32)
+    q = rng.random((700, 3)).astype(np.float32)
+    offsets = np.array([0, 2000, 2000, 5000])
+    q_offsets = np.array([0, 300, 400, 700])
+    for queries, qo in ((None, None), (q, q_offsets)):
+        cs, ci = pwconv_cy.radius_search(p, 0.07, queries, offsets=offsets, query_offsets=qo,
+                                         metric=metric)
+        gs, gi = cuda.radius_search(cupy.asarray(p), 0.07,
+                                    None if queries is None else cupy.asarray(queries),
+                                    offsets=offsets, query_offsets=qo, metric=metric)
+        np.testing.assert_array_equal(cupy.asnumpy(gs), cs)
+        np.testing.assert_array_equal(cupy.asnumpy(gi), ci)
+
+
+def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
+    p = rng.random((3000, 3)).astype(np.float32)
+    offsets = np.array([0, 1000, 1000, 2200, 3000])
+    q = q_off = None
+    if queries:
+        q = rng.random((500, 3)).astype(np.float32)
+        q_off = np.array([0, 100, 250, 400, 500])
+    m = len(p) if q is None else len(q)
+    x = rng.standard_normal((len(p), c_in)).astype(dtype)
+    w = rng.standard_normal((3, 3, 3, c_in) if depthwise else (3, 3, 3, c_in, c_out)).astype(dtype)
+    dy = rng.standard_normal((m, c_in if depthwise else c_out)).astype(dtype)
+    return p, offsets, q, q_off, x, w, dy
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("depthwise,c_in,c_out,queries", [
+    (False, 3, 9, False), (False, 9, 9, False), (False, 64, 48, False), (False, 5, 7, True),
+    (True, 9, 9, False), (True, 40, 40, True)])
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation):
+    """Forward, input and weight gradients equal to the CPU within rounding (norm-wise)."""
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+
+    rng = np.random.default_rng(c_in * 31 + c_out + dilation)
+    p, offsets, q, q_off, x, w, dy = _conv_case(rng, dtype, depthwise, c_in, c_out, queries)
+    v = 0.09
+    kw = {"dilation": dilation, "offsets": offsets, "queries": q, "query_offsets": q_off,
+          "depthwise": depthwise}
+    y_cpu = pwconv_cy.pointwise_conv(p, x, w, v, **kw)
+    dx_cpu, dw_cpu = pwconv_cy.pointwise_conv_backward(dy, p, x, w, v, **kw)
+    g = cupy.asarray
+    gkw = dict(kw, queries=None if q is None else g(q))
+    y = cuda.pointwise_conv(g(p), g(x), g(w), v, **gkw)
+    dx, dw = cuda.pointwise_conv_backward(g(dy), g(p), g(x), g(w), v, **gkw)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for what, a, b in (("forward", y, y_cpu), ("d_feats", dx, dx_cpu), ("d_weight", dw, dw_cpu)):
+        assert a.dtype == dtype and a.shape == b.shape, what
+        err = rel_err(cupy.asnumpy(a), b)
+        assert err <= tol, f"{what}: norm-wise relative difference {err:.3g} > {tol}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_gpu_results_bit_identical_across_runs(depthwise):
+    """Two runs (fresh kernel maps, fresh caches) give the same bits."""
+    import cupy
+
+    from pwconv_cy import cuda
+
+    rng = np.random.default_rng(11)
+    p, offsets, _, _, x, w, dy = _conv_case(rng, np.float32, depthwise, 9, 9, False)
+    g = cupy.asarray
+    runs = []
+    for _ in range(2):
+        km = cuda.kernel_map(g(p), 0.09, kernel_size=3, dilation=2, offsets=offsets)
+        y = cuda.pointwise_conv(g(p), g(x), g(w), 0.09, dilation=2, offsets=offsets,
+                                kernel_map=km, depthwise=depthwise)
+        dx, dw = cuda.pointwise_conv_backward(g(dy), g(p), g(x), g(w), 0.09, dilation=2,
+                                              offsets=offsets, kernel_map=km, depthwise=depthwise)
+        runs.append([cupy.asnumpy(a) for a in (km.index, km.cell, km.counts, y, dx, dw)])
+    for a, b in zip(*runs):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_dense_batch_and_shared_map():
+    """Dense (B, n, 3) input keeps its shape; a map built once serves forward and backward."""
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+
+    rng = np.random.default_rng(5)
+    p = rng.random((4, 500, 3)).astype(np.float32)
+    x = rng.standard_normal((4, 500, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 3, 3, 9)).astype(np.float32)
+    g = cupy.asarray
+    km = cuda.kernel_map(g(p), 0.1, dilation=2)
+    y = cuda.pointwise_conv(g(p), g(x), g(w), 0.1, dilation=2, kernel_map=km)
+    assert y.shape == (4, 500, 9)
+    y_cpu = pwconv_cy.pointwise_conv(p, x, w, 0.1, dilation=2)
+    assert rel_err(cupy.asnumpy(y), y_cpu) <= 1e-5
+    dx, dw = cuda.pointwise_conv_backward(g(y), g(p), g(x), g(w), 0.1, dilation=2, kernel_map=km)
+    assert dx.shape == x.shape and dw.shape == w.shape
+    c_t = pwconv_cy.kernel_map(p, 0.1, dilation=2).transposed()
+    for a, b in zip(cuda.transpose_map(km), c_t):
+        np.testing.assert_array_equal(cupy.asnumpy(a), b)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_empty_inputs():
+    """No points, empty clouds only, no queries: empty results shaped like the CPU's."""
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+
+    for p, offsets in ((np.zeros((0, 3), np.float32), None),
+                       (np.zeros((0, 3), np.float32), np.array([0, 0, 0]))):
+        cpu = pwconv_cy.kernel_map(p, 0.1, dilation=2, offsets=offsets)
+        dev = cuda.kernel_map(cupy.asarray(p), 0.1, dilation=2, offsets=offsets)
+        _assert_same_map(dev, cpu, f"empty, offsets={offsets}")
+    p = np.random.default_rng(0).random((50, 3)).astype(np.float32)
+    q = np.zeros((0, 3), np.float32)
+    dev = cuda.kernel_map(cupy.asarray(p), 0.1, queries=cupy.asarray(q))
+    assert dev.n_queries == 0 and dev.n_pairs == 0
+    x = cupy.ones((0, 4), cupy.float32)
+    w = cupy.ones((3, 3, 3, 4, 2), cupy.float32)
+    y = cuda.pointwise_conv(cupy.zeros((0, 3), cupy.float32), x, w, 0.1)
+    dx, dw = cuda.pointwise_conv_backward(cupy.zeros((0, 2), cupy.float32),
+                                          cupy.zeros((0, 3), cupy.float32), x, w, 0.1)
+    assert y.shape == (0, 2) and dx.shape == (0, 4) and dw.shape == w.shape
+    assert not cupy.asnumpy(dw).any()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_errors_are_clear():
+    import cupy
+
+    from pwconv_cy import cuda
+
+    p = cupy.random.random((100, 3)).astype(cupy.float32)
+    host = cupy.asnumpy(p)
+    if not isinstance(host, cupy.ndarray):  # host arrays are refused, never copied
+        with pytest.raises(TypeError, match="must be a CuPy array"):
+            cuda.kernel_map(host, 0.1)
+    with pytest.raises(ValueError, match="at most 15 on the GPU"):
+        cuda.kernel_map(p, 0.1, kernel_size=17)
+    bad = p.copy()
+    bad[7, 1] = cupy.nan
+    with pytest.raises(ValueError, match="first at row 7"):
+        cuda.kernel_map(bad, 0.1)
+    with pytest.raises(ValueError, match="kdtree"):
+        cuda.kernel_map(p, 0.1, method="kdtree")
+    x = cupy.ones((100, 3), cupy.float32)
+    w = cupy.ones((3, 3, 3, 3, 4), cupy.float64)
+    with pytest.raises(TypeError, match="same dtype"):
+        cuda.pointwise_conv(p, x, w, 0.1)
+    with pytest.raises(pwconv_cy_memory_error()):
+        cuda.kernel_map(p, 0.5, memory_budget=1000)
+
+
+def pwconv_cy_memory_error():
+    from pwconv_cy import MemoryBudgetError
+
+    return MemoryBudgetError
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--emulate", required=True, help="scenario name, or 'all'")
+    parser.add_argument("--lib", default=None, help="a prebuilt emulator library")
+    opts = parser.parse_args()
+    _run_emulation(SCENARIOS if opts.emulate == "all" else [opts.emulate], opts.lib)
