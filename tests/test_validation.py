@@ -397,11 +397,21 @@ def test_non_integer_leaf_size_is_a_type_error(value, shown):
 
 # --------------------------------------------------------------------------- GPU arrays on the CPU path
 
-def test_gpu_arrays_are_rejected_with_a_clear_message():
+def test_gpu_arrays_go_to_the_gpu_path_which_says_why_it_cannot_run():
+    """A GPU array is never copied to the host: it is sent to the GPU path, which, on a machine
+    without CuPy or a device, says so (on a GPU machine tests/test_cuda.py covers the real path)."""
+    from pwconv_cy import cuda
+
+    if cuda.is_available():
+        pytest.skip("a usable GPU is present: the GPU path runs (see tests/test_cuda.py)")
+
     class FakeCupyArray:
         @property
         def __cuda_array_interface__(self):
             return {"shape": (5, 3), "typestr": "<f4", "data": (0, False), "version": 3}
 
-    with pytest.raises(TypeError, match=r"points is a GPU array .*needs a host array"):
-        pc.kernel_map(FakeCupyArray(), 0.1)
+    for call in (lambda a: pc.kernel_map(a, 0.1), lambda a: pc.radius_search(a, 0.1),
+                 lambda a: pc.pointwise_conv(a, np.zeros((5, 1), np.float32),
+                                             np.zeros((3, 3, 3, 1, 1), np.float32), 0.1)):
+        with pytest.raises(RuntimeError, match=r"GPU path of pwconv is not available: "):
+            call(FakeCupyArray())

@@ -31,7 +31,8 @@ struct KeyBuffer {
     int64_t* reserve(int64_t extra) {
         if (size + extra > capacity) {
             const int64_t want = size + extra;
-            const int64_t grown = std::max(want, std::min(2 * capacity, want + growth_cap));
+            const int64_t cap = std::min(growth_cap, INT64_MAX - want);  // no overflow
+            const int64_t grown = std::max(want, std::min(2 * capacity, want + cap));
             std::unique_ptr<int64_t[]> bigger(new int64_t[grown]);
             std::copy(data.get(), data.get() + size, bigger.get());
             data = std::move(bigger);
