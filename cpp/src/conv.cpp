@@ -185,25 +185,29 @@ void gather_apply(int64_t rows, const int64_t* splits, const Entries& entries, i
                   F* out, int threads) {
     const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
     const bool small = (double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes;
+    RegionErrors errors;
 #pragma omp parallel num_threads(threads)
     {
         SlotBuffer<F> buf;
 #pragma omp for schedule(dynamic, 4)
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
-            const int64_t r0 = blk * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
-            dispatch_channels(a, [&](auto A) {
-                gather_slots<decltype(A)::value>(r0, r1, splits, entries, n_cells, src, a, weight,
-                                                 buf);
-            });
-            if (small) {
-                dispatch_channels(b, [&](auto B) {
-                    apply_rows<decltype(B)::value>(r0, r1, buf, M, a, b, depthwise, out);
+            errors.run([&] {
+                const int64_t r0 = blk * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+                dispatch_channels(a, [&](auto A) {
+                    gather_slots<decltype(A)::value>(r0, r1, splits, entries, n_cells, src, a,
+                                                     weight, buf);
                 });
-            } else {
-                apply_cells(r0, r1, buf, n_cells, M, a, b, depthwise, out);
-            }
+                if (small) {
+                    dispatch_channels(b, [&](auto B) {
+                        apply_rows<decltype(B)::value>(r0, r1, buf, M, a, b, depthwise, out);
+                    });
+                } else {
+                    apply_cells(r0, r1, buf, n_cells, M, a, b, depthwise, out);
+                }
+            });
         }
     }
+    errors.rethrow();
 }
 
 // 1 / k for the small counts that dominate (a lookup instead of a division per entry); larger
@@ -350,6 +354,7 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
         1, std::min<int64_t>(n_blocks, (int64_t)(kWaveBytes / (double)(w_size * sizeof(F)))));
     std::vector<F> partial(wave * w_size);
     std::fill(grad_weight, grad_weight + w_size, F(0));
+    RegionErrors errors;
     const Reciprocals<F> inv;
     const RowMeanWeight<F, CellT> mean{map.counts, n_cells, &inv};
     for (int64_t first = 0; first < n_blocks; first += wave) {
@@ -359,31 +364,33 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
             SlotBuffer<F> buf;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t k = 0; k < count; ++k) {
-                const int64_t r0 = (first + k) * kWeightBlock;
-                const int64_t r1 = std::min(map.m, r0 + kWeightBlock);
-                F* dw = &partial[k * w_size];
-                std::fill(dw, dw + w_size, F(0));
-                dispatch_channels(c_in, [&](auto A) {
-                    gather_slots<decltype(A)::value>(r0, r1, map.splits,
-                                                     MapEntries<CellT>{map.index, map.cell},
-                                                     n_cells, x, c_in, mean, buf);
-                });
-                dispatch_channels(c_out, [&](auto B) {
-                    constexpr int kB = decltype(B)::value;
-                    // Slots in creation order (row by row): a fixed order.
-                    for (int64_t s = 0; s < buf.n_slots; ++s) {
-                        const int64_t f = buf.slot_cell[s];
-                        const F* sum = &buf.sums[s * c_in];
-                        const F* dy = grad_y + (r0 + buf.slot_row[s]) * c_out;
-                        if (depthwise) {
-                            F* d = dw + f * c_in;
-                            for (int64_t c = 0; c < c_in; ++c) d[c] += sum[c] * dy[c];
-                        } else {
-                            F* d = dw + f * c_in * c_out;
-                            for (int64_t ci = 0; ci < c_in; ++ci)
-                                axpy<kB>(c_out, sum[ci], dy, d + ci * c_out);
+                errors.run([&] {
+                    const int64_t r0 = (first + k) * kWeightBlock;
+                    const int64_t r1 = std::min(map.m, r0 + kWeightBlock);
+                    F* dw = &partial[k * w_size];
+                    std::fill(dw, dw + w_size, F(0));
+                    dispatch_channels(c_in, [&](auto A) {
+                        gather_slots<decltype(A)::value>(r0, r1, map.splits,
+                                                         MapEntries<CellT>{map.index, map.cell},
+                                                         n_cells, x, c_in, mean, buf);
+                    });
+                    dispatch_channels(c_out, [&](auto B) {
+                        constexpr int kB = decltype(B)::value;
+                        // Slots in creation order (row by row): a fixed order.
+                        for (int64_t s = 0; s < buf.n_slots; ++s) {
+                            const int64_t f = buf.slot_cell[s];
+                            const F* sum = &buf.sums[s * c_in];
+                            const F* dy = grad_y + (r0 + buf.slot_row[s]) * c_out;
+                            if (depthwise) {
+                                F* d = dw + f * c_in;
+                                for (int64_t c = 0; c < c_in; ++c) d[c] += sum[c] * dy[c];
+                            } else {
+                                F* d = dw + f * c_in * c_out;
+                                for (int64_t ci = 0; ci < c_in; ++ci)
+                                    axpy<kB>(c_out, sum[ci], dy, d + ci * c_out);
+                            }
                         }
-                    }
+                    });
                 });
             }
             // Fixed-order reduction of this wave, parallel over the weight's elements.
@@ -394,6 +401,7 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
                 grad_weight[w] = acc;
             }
         }
+        errors.rethrow();
     }
 }
 

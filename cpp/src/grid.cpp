@@ -68,10 +68,11 @@ void build_grid(Grid& grid, const T* points, int64_t n, const Batch& batch, doub
 
     // Per cloud: lower corner, cell coordinates, then a stable sort of the points by (cz, cy, cx).
     // schedule(dynamic): clouds may differ wildly in size.
+    RegionErrors errors;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t b = 0; b < n_clouds; ++b) {
+    for (int64_t b = 0; b < n_clouds; ++b) errors.run([&] {
         const int64_t begin = batch.offsets[b], end = batch.offsets[b + 1];
-        if (begin == end) continue;
+        if (begin == end) return;
         double lo[3] = {(double)points[3 * begin], (double)points[3 * begin + 1],
                         (double)points[3 * begin + 2]};
         for (int64_t i = begin + 1; i < end; ++i)
@@ -82,7 +83,8 @@ void build_grid(Grid& grid, const T* points, int64_t n, const Batch& batch, doub
                 coords[3 * i + a] = grid_coord((double)points[3 * i + a], lo[a], cell_size,
                                               grid.inv_cell_size);
         sort_by_cell(coords.data(), begin, end, grid.order.data() + begin);
-    }
+    });
+    errors.rethrow();
 
     // Gather coordinates into internal order (parallel, contiguous writes).
 #pragma omp parallel for schedule(static) num_threads(threads)

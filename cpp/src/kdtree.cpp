@@ -81,20 +81,22 @@ void build_kdtree(KdTree& tree, const T* points, int64_t n, const Batch& batch, 
         for (int a = 0; a < 3; ++a) xyz[3 * i + a] = (double)points[3 * i + a];
     }
     std::vector<std::vector<KdNode>> cloud_nodes(n_clouds);
+    RegionErrors errors;
     // schedule(dynamic): clouds may differ wildly in size.
 #pragma omp parallel num_threads(threads)
     {
         std::vector<int64_t> perm;
         std::vector<double> scratch;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < n_clouds; ++b) {
+        for (int64_t b = 0; b < n_clouds; ++b) errors.run([&] {
             const int64_t begin = batch.offsets[b], end = batch.offsets[b + 1];
-            if (begin == end) continue;
+            if (begin == end) return;
             cloud_nodes[b].reserve(2 * ((end - begin) / leaf_size + 1));
             build_node(cloud_nodes[b], xyz.data(), tree.order.data(), begin, end, leaf_size,
                        perm, scratch);
-        }
+        });
     }
+    errors.rethrow();
     for (int a = 0; a < 3; ++a) {
         tree.coord[a].resize(n);
         for (int64_t i = 0; i < n; ++i) tree.coord[a][i] = xyz[3 * i + a];

@@ -447,6 +447,7 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
     out.keys.resize(n_blocks);
     std::atomic<int64_t> total{0};
     std::atomic<bool> over{false};
+    RegionErrors errors;
 #pragma omp parallel num_threads(resolve_threads(threads))
     {
         QueryBox box;
@@ -456,42 +457,45 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
         RankScratch rank_scratch;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
-            const int64_t p0 = blk * PairBlocks::kBlockSize;
-            const int64_t p1 = std::min(m, p0 + PairBlocks::kBlockSize);
-            buffer.size = 0;
-            for (int64_t p = p0; p < p1; ++p) {
-                double q[3];
-                if (self) {
-                    for (int a = 0; a < 3; ++a) q[a] = index.coord[a][p];
-                } else {
-                    for (int a = 0; a < 3; ++a) q[a] = (double)queries.xyz[3 * p + a];
-                }
-                const int64_t cloud =
-                    (int64_t)(std::upper_bound(offsets, offsets + n_clouds + 1, p) - offsets) - 1;
-                int64_t n;
-                if (!over.load(std::memory_order_relaxed)) {
-                    // Keep the row while the running total stays within the budget (checked per
-                    // row, so no thread holds much more than the budget); past it, only count.
-                    buffer.growth_cap = std::max<int64_t>(
-                        0, max_pairs - total.load(std::memory_order_relaxed));
-                    const int64_t row_begin = buffer.size;
-                    policy.collect(index, q, cloud, box, scratch, state, buffer);
-                    n = buffer.size - row_begin;
-                    if (total.fetch_add(n) + n > max_pairs) {
-                        over.store(true);
-                        buffer.release();
+            errors.run([&] {
+                const int64_t p0 = blk * PairBlocks::kBlockSize;
+                const int64_t p1 = std::min(m, p0 + PairBlocks::kBlockSize);
+                buffer.size = 0;
+                for (int64_t p = p0; p < p1; ++p) {
+                    double q[3];
+                    if (self) {
+                        for (int a = 0; a < 3; ++a) q[a] = index.coord[a][p];
                     } else {
-                        sort_unique_keys(buffer.data.get() + row_begin, n, fit32, rank_scratch);
+                        for (int a = 0; a < 3; ++a) q[a] = (double)queries.xyz[3 * p + a];
                     }
-                } else {
-                    n = policy.count(index, q, cloud, box, scratch, state);
-                    total.fetch_add(n);
+                    const int64_t cloud =
+                        (int64_t)(std::upper_bound(offsets, offsets + n_clouds + 1, p) - offsets) - 1;
+                    int64_t n;
+                    if (!over.load(std::memory_order_relaxed)) {
+                        // Keep the row while the running total stays within the budget (checked per
+                        // row, so no thread holds much more than the budget); past it, only count.
+                        buffer.growth_cap = std::max<int64_t>(
+                            0, max_pairs - total.load(std::memory_order_relaxed));
+                        const int64_t row_begin = buffer.size;
+                        policy.collect(index, q, cloud, box, scratch, state, buffer);
+                        n = buffer.size - row_begin;
+                        if (total.fetch_add(n) + n > max_pairs) {
+                            over.store(true);
+                            buffer.release();
+                        } else {
+                            sort_unique_keys(buffer.data.get() + row_begin, n, fit32, rank_scratch);
+                        }
+                    } else {
+                        n = policy.count(index, q, cloud, box, scratch, state);
+                        total.fetch_add(n);
+                    }
+                    out.row_len[p] = n;
                 }
-                out.row_len[p] = n;
-            }
-            if (!over.load()) out.keys[blk].assign(buffer.data.get(), buffer.data.get() + buffer.size);
+                if (!over.load()) out.keys[blk].assign(buffer.data.get(), buffer.data.get() + buffer.size);
+            });
         }
     }
+    errors.rethrow();
     out.n_pairs = total.load();
     out.complete = !over.load();
     if (!out.complete) std::vector<std::vector<int64_t>>().swap(out.keys);

@@ -2,7 +2,9 @@
 #ifndef PWCONV_COMMON_HPP
 #define PWCONV_COMMON_HPP
 
+#include <atomic>
 #include <cstdint>
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -32,6 +34,33 @@ void check_batch(const Batch& batch, int64_t n, const char* name);
 inline void require(bool cond, const char* what) {
     if (!cond) throw std::invalid_argument(what);
 }
+
+/// Keeps exceptions (std::bad_alloc from a buffer that grows, say) from escaping an OpenMP
+/// region, which would terminate the process: run() records the first one and makes the other
+/// iterations return at once; rethrow() after the region raises it in the calling thread.
+class RegionErrors {
+  public:
+    template <class Body>
+    void run(Body&& body) noexcept {
+        if (failed_.load(std::memory_order_relaxed)) return;
+        try {
+            body();
+        } catch (...) {
+#pragma omp critical(pwconv_region_errors)
+            {
+                if (!error_) error_ = std::current_exception();
+            }
+            failed_.store(true, std::memory_order_relaxed);
+        }
+    }
+    void rethrow() const {
+        if (error_) std::rethrow_exception(error_);
+    }
+
+  private:
+    std::atomic<bool> failed_{false};
+    std::exception_ptr error_;
+};
 
 }  // namespace pwconv
 
