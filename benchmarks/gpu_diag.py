@@ -2,8 +2,8 @@
 MODE: base | stack | generic | block32 | nosort"""
 import sys
 
-import numpy as np
 import cupy
+import numpy as np
 
 import pwconv_cy
 from pwconv_cy.cuda import _search as S

@@ -3,15 +3,25 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from pwconv_cy import cuda, nn
 from pwconv_cy._config import MemoryBudgetError, get_memory_budget, set_memory_budget
 from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import KernelMap, NeighborIndex, kernel_map, radius_search
-from pwconv_cy import cuda, nn  # noqa: E402  (they use the names above)
 
 __all__ = [
-    "__version__", "show_config", "KernelMap", "NeighborIndex", "kernel_map", "radius_search",
-    "MemoryBudgetError", "get_memory_budget", "set_memory_budget", "pointwise_conv",
-    "pointwise_conv_backward", "nn", "cuda",
+    "KernelMap",
+    "MemoryBudgetError",
+    "NeighborIndex",
+    "__version__",
+    "cuda",
+    "get_memory_budget",
+    "kernel_map",
+    "nn",
+    "pointwise_conv",
+    "pointwise_conv_backward",
+    "radius_search",
+    "set_memory_budget",
+    "show_config",
 ]
 
 

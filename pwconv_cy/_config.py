@@ -6,8 +6,14 @@ import os
 
 import numpy as np
 
-__all__ = ["MemoryBudgetError", "get_memory_budget", "set_memory_budget", "check_budget",
-           "resolve_budget", "max_pairs_within"]
+__all__ = [
+    "MemoryBudgetError",
+    "check_budget",
+    "get_memory_budget",
+    "max_pairs_within",
+    "resolve_budget",
+    "set_memory_budget",
+]
 
 _budget_bytes: int | None = None
 

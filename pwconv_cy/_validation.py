@@ -10,8 +10,18 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
-    "check_leaf_size", "check_extent", "as_numpy", "check_points", "check_offsets", "check_queries", "check_positive",
-    "check_kernel_size", "check_dilation", "check_num_threads", "check_choice", "PointBatch",
+    "PointBatch",
+    "as_numpy",
+    "check_choice",
+    "check_dilation",
+    "check_extent",
+    "check_kernel_size",
+    "check_leaf_size",
+    "check_num_threads",
+    "check_offsets",
+    "check_points",
+    "check_positive",
+    "check_queries",
 ]
 
 

@@ -9,8 +9,16 @@ import numpy as np
 
 from pwconv_cy import _core
 from pwconv_cy._validation import (
-    check_choice, check_dilation, check_features, check_grad_out, check_num_threads, check_points,
-    check_positive, check_queries, check_weight)
+    check_choice,
+    check_dilation,
+    check_features,
+    check_grad_out,
+    check_num_threads,
+    check_points,
+    check_positive,
+    check_queries,
+    check_weight,
+)
 from pwconv_cy.cuda import is_device_array
 from pwconv_cy.neighbors import METHODS, KernelMap, NeighborIndex, digest_matches
 

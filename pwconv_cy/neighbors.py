@@ -13,12 +13,21 @@ import numpy as np
 
 from pwconv_cy import _core
 from pwconv_cy._config import check_budget, max_pairs_within, resolve_budget
-from pwconv_cy.cuda import is_device_array
 from pwconv_cy._validation import (
-    PointBatch, check_choice, check_dilation, check_extent, check_kernel_size, check_leaf_size,
-    check_num_threads, check_points, check_positive, check_queries)
+    PointBatch,
+    check_choice,
+    check_dilation,
+    check_extent,
+    check_kernel_size,
+    check_leaf_size,
+    check_num_threads,
+    check_points,
+    check_positive,
+    check_queries,
+)
+from pwconv_cy.cuda import is_device_array
 
-__all__ = ["KernelMap", "NeighborIndex", "kernel_map", "radius_search", "AUTO_KDTREE_MIN_POINTS"]
+__all__ = ["AUTO_KDTREE_MIN_POINTS", "KernelMap", "NeighborIndex", "kernel_map", "radius_search"]
 
 METRICS = ("chebyshev", "euclidean")
 METHODS = ("grid", "kdtree", "auto")
@@ -157,7 +166,7 @@ class NeighborIndex:
 
     @classmethod
     def from_batch(cls, batch: PointBatch, cell_size, *, method="grid", leaf_size=16,
-                   num_threads=None) -> "NeighborIndex":
+                   num_threads=None) -> NeighborIndex:
         """An index over an already validated batch (see _validation.check_points)."""
         self = cls.__new__(cls)
         self._build(batch, cell_size, method, leaf_size, num_threads)

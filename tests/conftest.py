@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(os.path.abspath(p or os.curdir)) != ROOT]
 
 try:
-    import pwconv_cy  # noqa: F401
+    import pwconv_cy
 except ImportError as exc:  # pragma: no cover - a set-up error, reported once, clearly
     raise ImportError(f"pwconv_cy is not installed ({exc}); run `pip install \".[test]\"` "
                       "from the repository root first") from None

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _quick_start_code() -> str:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Quick start", 1)[1]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
     assert blocks, "README.md has no python block under '## Quick start'"
     return blocks[0]
 
@@ -19,7 +19,7 @@ def _quick_start_code() -> str:
 def test_readme_quick_start_runs_on_real_data(shared_data, monkeypatch):
     monkeypatch.chdir(ROOT)  # the README's paths are relative to the repository root
     namespace: dict = {}
-    exec(compile(_quick_start_code(), "README.md", "exec"), namespace)
+    exec(compile(_quick_start_code(), "README.md", "exec"), namespace)  # noqa: S102 - our own README
     km, maps, points = namespace["km"], namespace["maps"], namespace["points"]
     assert km.n_queries == points.shape[0] == 697_721
     assert np.array_equal(km.counts.sum(axis=1), np.diff(km.splits))
