@@ -22,7 +22,22 @@ from pwconv_cy._validation import check_dilation, check_kernel_size, check_posit
 from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import kernel_map as _kernel_map
 
-__all__ = ["PointwiseConv", "SeparablePointwiseConv", "array_module", "glorot_uniform"]
+__all__ = [
+    "SELU",
+    "AlphaDropout",
+    "Concat",
+    "Dropout",
+    "Linear",
+    "PointwiseConv",
+    "ReLU",
+    "SeparablePointwiseConv",
+    "SoftmaxCrossEntropy",
+    "SortFlatten",
+    "array_module",
+    "glorot_uniform",
+    "param_count",
+    "summary",
+]
 
 
 def array_module(*arrays):
@@ -355,3 +370,478 @@ class SeparablePointwiseConv(_PointwiseBase):
 
     def __repr__(self) -> str:
         return f"SeparablePointwiseConv({self.c_in} -> {self.c_out}, {self._geometry_repr()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense layers, activations, dropout, reshaping and the loss of the paper's classifier (SPEC §1)
+# ---------------------------------------------------------------------------------------------
+
+SELU_ALPHA = 1.6732632423543772
+SELU_SCALE = 1.0507009873554805
+
+
+def _check_rate(rate) -> float:
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(
+        rate, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"rate must be a number in [0, 1), got {type(rate).__name__} {rate!r}")
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    return rate
+
+
+class _Layer:
+    """Flags, bookkeeping and the forward context of the layers below."""
+
+    def __init__(self):
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.training = True
+        self.last_output_shape: tuple | None = None
+        self._ctx: dict | None = None
+
+    def train(self, mode: bool = True):
+        """Set the training flag; returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(int(np.prod(p.shape)) for p in self.params.values()))
+
+    def _save(self, **ctx) -> None:
+        self._ctx = ctx
+
+    def _context(self) -> dict:
+        if self._ctx is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called before forward: there is "
+                "no context to differentiate"
+            )
+        return self._ctx
+
+    def _check_grad(self, grad_out, shape):
+        xp = array_module(grad_out)
+        dy = xp.asarray(grad_out)
+        if tuple(dy.shape) != tuple(shape):
+            raise ValueError(
+                f"grad_out must have the output's shape {tuple(shape)}, got {dy.shape}"
+            )
+        return dy, xp
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+class Linear(_Layer):
+    """Fully connected layer on the last axis: ``y = x W [+ b]`` for x (..., c_in).
+
+    ``params``: ``"weight"`` (c_in, c_out), Glorot-uniform with fan-in c_in and fan-out c_out;
+    ``"bias"`` (c_out,) zeros when ``bias=True`` (the default).
+    """
+
+    def __init__(self, c_in, c_out, bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        self.c_in = _check_channels(c_in, "c_in")
+        self.c_out = _check_channels(c_out, "c_out")
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be True or False, got {bias!r}")
+        self.use_bias = bool(bias)
+        self.dtype = _check_dtype(dtype)
+        self._rng = np.random.default_rng(rng)
+        self.params["weight"] = glorot_uniform(
+            (self.c_in, self.c_out), self.c_in, self.c_out, self._rng, self.dtype
+        )
+        if self.use_bias:
+            self.params["bias"] = np.zeros(self.c_out, dtype=self.dtype)
+
+    def forward(self, x):
+        """Output (..., c_out) for x (..., c_in); x is kept for backward."""
+        xp = array_module(x)
+        x = xp.asarray(x)
+        if x.ndim < 1 or x.shape[-1] != self.c_in:
+            raise ValueError(f"input must have shape (..., {self.c_in}), got {x.shape}")
+        self._save(x=x)
+        y = x @ self.params["weight"]
+        if self.use_bias:
+            y = y + self.params["bias"]
+        self.last_output_shape = tuple(y.shape)
+        return y
+
+    def backward(self, grad_out):
+        """``(d_x, grads)`` with grads keyed like ``params``; overwrites ``self.grads``."""
+        x = self._context()["x"]
+        dy, xp = self._check_grad(grad_out, x.shape[:-1] + (self.c_out,))
+        dy2 = dy.reshape(-1, self.c_out)
+        grads = {"weight": x.reshape(-1, self.c_in).T @ dy2}
+        if self.use_bias:
+            grads["bias"] = _sum_rows(dy, xp)
+        d_x = (dy2 @ self.params["weight"].T).reshape(x.shape)
+        self.grads = grads
+        return d_x, grads
+
+    def __repr__(self) -> str:
+        return f"Linear({self.c_in} -> {self.c_out}, bias={self.use_bias}, dtype={self.dtype.name})"
+
+
+class SELU(_Layer):
+    """Scaled exponential linear unit (Klambauer et al. 2017):
+    ``scale * x`` for x > 0, ``scale * alpha * (exp(x) - 1)`` otherwise."""
+
+    alpha = SELU_ALPHA
+    scale = SELU_SCALE
+
+    def forward(self, x):
+        xp = array_module(x)
+        x = xp.asarray(x)
+        self._save(x=x)
+        neg = self.scale * self.alpha * xp.expm1(xp.minimum(x, 0))
+        y = xp.where(x > 0, self.scale * x, neg).astype(x.dtype, copy=False)
+        self.last_output_shape = tuple(y.shape)
+        return y
+
+    def backward(self, grad_out):
+        x = self._context()["x"]
+        dy, xp = self._check_grad(grad_out, x.shape)
+        slope = xp.where(x > 0, self.scale, self.scale * self.alpha * xp.exp(xp.minimum(x, 0)))
+        self.grads = {}
+        return (dy * slope).astype(x.dtype, copy=False), self.grads
+
+    def __repr__(self) -> str:
+        return "SELU()"
+
+
+class ReLU(_Layer):
+    """``max(x, 0)`` (gradient 0 at x = 0)."""
+
+    def forward(self, x):
+        xp = array_module(x)
+        x = xp.asarray(x)
+        self._save(x=x)
+        y = xp.maximum(x, 0).astype(x.dtype, copy=False)
+        self.last_output_shape = tuple(y.shape)
+        return y
+
+    def backward(self, grad_out):
+        x = self._context()["x"]
+        dy, xp = self._check_grad(grad_out, x.shape)
+        self.grads = {}
+        return xp.where(x > 0, dy, 0).astype(x.dtype, copy=False), self.grads
+
+    def __repr__(self) -> str:
+        return "ReLU()"
+
+
+class _DropoutBase(_Layer):
+    def __init__(self, rate, rng=None):
+        super().__init__()
+        self.rate = _check_rate(rate)
+        self._rng = np.random.default_rng(rng)
+
+    def _keep_mask(self, x, mask, xp):
+        """Boolean keep-mask: the caller's (checked) or drawn from the layer's Generator."""
+        if mask is None:
+            return xp.asarray(self._rng.random(x.shape) >= self.rate)
+        mask = xp.asarray(mask)
+        if tuple(mask.shape) != tuple(x.shape):
+            raise ValueError(f"mask must have the input's shape {x.shape}, got {mask.shape}")
+        return mask.astype(bool)
+
+    @property
+    def mask(self):
+        """The keep-mask of the last training-mode forward (None otherwise)."""
+        return None if self._ctx is None else self._ctx.get("keep")
+
+
+class AlphaDropout(_DropoutBase):
+    """Alpha-dropout (Klambauer et al. 2017), keeps mean 0 and variance 1 of SELU activations.
+
+    Training: each unit is kept with probability ``1 - rate``; dropped units are set to
+    ``alpha' = -scale * alpha``; then ``a * x + b`` with ``a = ((1-rate)(1 + rate alpha'^2))^-1/2``,
+    ``b = -a alpha' rate``.  Evaluation: the identity.  The mask comes from the layer's seeded
+    Generator (or ``forward(x, mask=...)``, True = keep) and is kept for backward.
+    """
+
+    alpha_prime = -SELU_SCALE * SELU_ALPHA
+
+    @property
+    def a(self) -> float:
+        r, ap = self.rate, self.alpha_prime
+        return ((1.0 - r) * (1.0 + r * ap * ap)) ** -0.5
+
+    @property
+    def b(self) -> float:
+        return -self.a * self.alpha_prime * self.rate
+
+    def forward(self, x, mask=None):
+        xp = array_module(x)
+        x = xp.asarray(x)
+        if not self.training:
+            self._save(shape=x.shape, keep=None)
+            self.last_output_shape = tuple(x.shape)
+            return x
+        keep = self._keep_mask(x, mask, xp)
+        self._save(shape=x.shape, keep=keep)
+        y = self.a * xp.where(keep, x, self.alpha_prime) + self.b
+        y = y.astype(x.dtype, copy=False)
+        self.last_output_shape = tuple(y.shape)
+        return y
+
+    def backward(self, grad_out):
+        ctx = self._context()
+        dy, xp = self._check_grad(grad_out, ctx["shape"])
+        self.grads = {}
+        if ctx["keep"] is None:
+            return dy, self.grads
+        return xp.where(ctx["keep"], self.a * dy, 0).astype(dy.dtype, copy=False), self.grads
+
+    def __repr__(self) -> str:
+        return f"AlphaDropout(rate={self.rate})"
+
+
+class Dropout(_DropoutBase):
+    """Inverted dropout: training keeps each unit with probability ``1 - rate`` and scales it by
+    ``1 / (1 - rate)``; evaluation is the identity."""
+
+    def forward(self, x, mask=None):
+        xp = array_module(x)
+        x = xp.asarray(x)
+        if not self.training:
+            self._save(shape=x.shape, keep=None)
+            self.last_output_shape = tuple(x.shape)
+            return x
+        keep = self._keep_mask(x, mask, xp)
+        self._save(shape=x.shape, keep=keep)
+        y = xp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype, copy=False)
+        self.last_output_shape = tuple(y.shape)
+        return y
+
+    def backward(self, grad_out):
+        ctx = self._context()
+        dy, xp = self._check_grad(grad_out, ctx["shape"])
+        self.grads = {}
+        if ctx["keep"] is None:
+            return dy, self.grads
+        d_x = xp.where(ctx["keep"], dy / (1.0 - self.rate), 0).astype(dy.dtype, copy=False)
+        return d_x, self.grads
+
+    def __repr__(self) -> str:
+        return f"Dropout(rate={self.rate})"
+
+
+class Concat(_Layer):
+    """Concatenation along `axis`: ``forward([x1, x2, ...])``; ``backward(grad)`` returns
+    ``([d_x1, d_x2, ...], {})``."""
+
+    def __init__(self, axis=-1):
+        super().__init__()
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis must be an integer, got {axis!r}")
+        self.axis = int(axis)
+
+    def forward(self, xs):
+        if isinstance(xs, (str, bytes)) or not hasattr(xs, "__len__") or len(xs) == 0:
+            raise ValueError("Concat.forward expects a non-empty list of arrays")
+        xp = array_module(*xs)
+        xs = [xp.asarray(x) for x in xs]
+        y = xp.concatenate(xs, axis=self.axis)
+        axis = self.axis % y.ndim
+        self._save(sizes=[x.shape[axis] for x in xs], axis=axis, shape=y.shape)
+        self.last_output_shape = tuple(y.shape)
+        return y
+
+    def backward(self, grad_out):
+        ctx = self._context()
+        dy, xp = self._check_grad(grad_out, ctx["shape"])
+        splits = np.cumsum(ctx["sizes"])[:-1].tolist()
+        self.grads = {}
+        return list(xp.split(dy, splits, axis=ctx["axis"])), self.grads
+
+    def __repr__(self) -> str:
+        return f"Concat(axis={self.axis})"
+
+
+class SortFlatten(_Layer):
+    """Order-making flatten of the paper's classifier: ``forward(points (B, n, 3), feats (B, n, c))``
+    sorts each cloud's points by x, then y, then z (x the primary key; stable:
+    ``np.lexsort((z, y, x))``) and returns the permuted features flattened to (B, n*c).
+    ``backward`` un-permutes: ``(d_feats (B, n, c), {})`` (no gradient w.r.t. coordinates)."""
+
+    def forward(self, points, feats):
+        xp = array_module(points, feats)
+        points = xp.asarray(points)
+        feats = xp.asarray(feats)
+        if points.ndim != 3 or points.shape[-1] != 3:
+            raise ValueError(f"points must have shape (B, n, 3), got {points.shape}")
+        if feats.ndim != 3 or feats.shape[:2] != points.shape[:2]:
+            raise ValueError(
+                f"feats must have shape (B, n, c) with (B, n) = {points.shape[:2]}, got {feats.shape}"
+            )
+        B, n, c = feats.shape
+        perm = xp.lexsort((points[..., 2], points[..., 1], points[..., 0]), axis=-1)
+        rows = xp.arange(B)[:, None]
+        y = feats[rows, perm].reshape(B, n * c)
+        self._save(perm=perm, shape=feats.shape)
+        self.last_output_shape = tuple(y.shape)
+        return y
+
+    @property
+    def permutation(self):
+        """(B, n) sort order of the last forward: output position k holds input point perm[b, k]."""
+        return None if self._ctx is None else self._ctx["perm"]
+
+    def backward(self, grad_out):
+        ctx = self._context()
+        B, n, c = ctx["shape"]
+        dy, xp = self._check_grad(grad_out, (B, n * c))
+        d_feats = xp.empty((B, n, c), dtype=dy.dtype)
+        d_feats[xp.arange(B)[:, None], ctx["perm"]] = dy.reshape(B, n, c)
+        self.grads = {}
+        return d_feats, self.grads
+
+    def __repr__(self) -> str:
+        return "SortFlatten()"
+
+
+class SoftmaxCrossEntropy(_Layer):
+    """Softmax cross-entropy from logits (N, C) or (B, n, C) and integer labels of shape
+    ``logits.shape[:-1]``, numerically stable (log-sum-exp).
+
+    The loss is the mean over the samples whose label is not `ignore_index`; with
+    `class_weights` (C,) it is the weighted mean ``sum w[y_i] nll_i / sum w[y_i]``, as PyTorch's
+    ``CrossEntropyLoss``.  When every sample is ignored (or has weight 0) the loss is 0 and the
+    gradient zero (PyTorch gives NaN).  ``backward(grad=1.0)`` returns d_logits.
+    """
+
+    def __init__(self, class_weights=None, ignore_index=None):
+        super().__init__()
+        if class_weights is not None:
+            w = np.asarray(class_weights) if array_module(class_weights) is np else class_weights
+            if w.ndim != 1:
+                raise ValueError(f"class_weights must be one-dimensional (C,), got shape {w.shape}")
+            if not np.issubdtype(np.dtype(w.dtype), np.number) or np.dtype(w.dtype) == np.bool_:
+                raise TypeError(f"class_weights must be numeric, got dtype {w.dtype}")
+            if bool((w < 0).any()):
+                raise ValueError("class_weights must be non-negative")
+            class_weights = w
+        if ignore_index is not None and (
+            isinstance(ignore_index, (bool, np.bool_))
+            or not isinstance(ignore_index, (int, np.integer))
+        ):
+            raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
+        self.class_weights = class_weights
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+
+    def forward(self, logits, labels):
+        """Scalar (0-d, logits' dtype) loss."""
+        xp = array_module(logits, labels)
+        z = xp.asarray(logits)
+        y = xp.asarray(labels)
+        if z.ndim not in (2, 3):
+            raise ValueError(f"logits must have shape (N, C) or (B, n, C), got {z.shape}")
+        if np.dtype(z.dtype) not in (np.float32, np.float64):
+            raise TypeError(f"logits must be float32 or float64, got {z.dtype}")
+        C = z.shape[-1]
+        if tuple(y.shape) != tuple(z.shape[:-1]):
+            raise ValueError(
+                f"labels must have shape {tuple(z.shape[:-1])} (the logits' shape without the "
+                f"class axis), got {tuple(y.shape)}"
+            )
+        if not np.issubdtype(np.dtype(y.dtype), np.integer):
+            raise TypeError(f"labels must be integers, got dtype {y.dtype}")
+        if self.class_weights is not None and self.class_weights.shape[0] != C:
+            raise ValueError(
+                f"class_weights has {self.class_weights.shape[0]} entries but logits have {C} classes"
+            )
+        z2 = z.reshape(-1, C)
+        y2 = y.reshape(-1).astype(np.int64)
+        valid = (
+            xp.ones(y2.shape, dtype=bool) if self.ignore_index is None else y2 != self.ignore_index
+        )
+        bad = valid & ((y2 < 0) | (y2 >= C))
+        if bool(bad.any()):
+            value = int(y2[xp.argmax(bad)])
+            raise ValueError(
+                f"label {value} is out of range: labels must be in [0, {C - 1}]"
+                + (
+                    ""
+                    if self.ignore_index is None
+                    else f" or equal ignore_index {self.ignore_index}"
+                )
+            )
+        safe = xp.where(valid, y2, 0)
+        shifted = z2 - z2.max(axis=1, keepdims=True)
+        lse = xp.log(xp.exp(shifted).sum(axis=1))
+        nll = lse - shifted[xp.arange(z2.shape[0]), safe]
+        if self.class_weights is None:
+            w = valid.astype(z.dtype)
+        else:
+            cw = xp.asarray(self.class_weights).astype(z.dtype)
+            w = xp.where(valid, cw[safe], 0).astype(z.dtype)
+        total = w.sum()
+        denom = xp.where(total > 0, total, 1)
+        loss = ((w * nll).sum() / denom).astype(z.dtype)
+        self._save(shifted=shifted, lse=lse, safe=safe, w=w, denom=denom, shape=z.shape)
+        self.last_output_shape = ()
+        return loss
+
+    def backward(self, grad=1.0):
+        """d_logits, shaped like the forward's logits (``grad`` scales it: the upstream dL)."""
+        ctx = self._context()
+        xp = array_module(ctx["shifted"])
+        p = xp.exp(ctx["shifted"] - ctx["lse"][:, None])
+        p[xp.arange(p.shape[0]), ctx["safe"]] -= 1
+        d = p * (ctx["w"] / ctx["denom"] * grad)[:, None]
+        self.grads = {}
+        return d.astype(ctx["shifted"].dtype, copy=False).reshape(ctx["shape"])
+
+    def __repr__(self) -> str:
+        parts = []
+        if self.class_weights is not None:
+            parts.append(f"class_weights=({self.class_weights.shape[0]},)")
+        if self.ignore_index is not None:
+            parts.append(f"ignore_index={self.ignore_index}")
+        return f"SoftmaxCrossEntropy({', '.join(parts)})"
+
+
+def param_count(layers) -> int:
+    """Total number of parameters of `layers` (objects without ``n_params`` count 0)."""
+    return int(sum(getattr(layer, "n_params", 0) for layer in layers))
+
+
+def _output_description(layer) -> str:
+    shape = getattr(layer, "last_output_shape", None)
+    if shape is not None:
+        return "scalar" if shape == () else "(" + ", ".join(str(d) for d in shape) + ")"
+    c_out = getattr(layer, "c_out", None)
+    return f"(..., {c_out})" if c_out is not None else "-"
+
+
+def summary(layers) -> str:
+    """A table: index, layer, output (the last forward's shape, else what the layer fixes), and
+    parameter count, with the total on the last line."""
+    rows = [
+        (str(i), repr(layer), _output_description(layer), f"{getattr(layer, 'n_params', 0):,}")
+        for i, layer in enumerate(layers)
+    ]
+    header = ("#", "layer", "output", "params")
+    widths = [max(len(r[k]) for r in rows + [header]) for k in range(4)]
+
+    def fmt(r):
+        return "  ".join(
+            [
+                r[0].rjust(widths[0]),
+                r[1].ljust(widths[1]),
+                r[2].ljust(widths[2]),
+                r[3].rjust(widths[3]),
+            ]
+        ).rstrip()
+
+    rule = "-" * len(fmt(header))
+    lines = [fmt(header), rule] + [fmt(r) for r in rows] + [rule]
+    lines.append(f"total parameters: {param_count(layers):,}")
+    return "\n".join(lines)
