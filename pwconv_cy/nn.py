@@ -77,10 +77,68 @@ def _sum_rows(grad_out, xp):
     return xp.sum(grad_out.reshape(-1, grad_out.shape[-1]), axis=0)
 
 
-class _PointwiseBase:
-    """Geometry, flags and the forward context shared by the two layers."""
+def _check_rate(rate) -> float:
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(
+        rate, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"rate must be a number in [0, 1), got {type(rate).__name__} {rate!r}")
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    return rate
+
+
+class _Layer:
+    """Flags, bookkeeping and the forward context of the layers below."""
+
+    def __init__(self):
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.training = True
+        self.last_output_shape: tuple | None = None
+        self._ctx: dict | None = None
+
+    def train(self, mode: bool = True):
+        """Set the training flag; returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(int(np.prod(p.shape)) for p in self.params.values()))
+
+    def _save(self, **ctx) -> None:
+        self._ctx = ctx
+
+    def _context(self) -> dict:
+        if self._ctx is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called before forward: there is "
+                "no context to differentiate"
+            )
+        return self._ctx
+
+    def _check_grad(self, grad_out, shape):
+        xp = array_module(grad_out)
+        dy = xp.asarray(grad_out)
+        if tuple(dy.shape) != tuple(shape):
+            raise ValueError(
+                f"grad_out must have the output's shape {tuple(shape)}, got {dy.shape}"
+            )
+        return dy, xp
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+class _PointwiseBase(_Layer):
+    """Geometry and the kernel map shared by the two pointwise-convolution layers."""
 
     def __init__(self, c_in, c_out, voxel_size, dilation, kernel_size, bias, dtype, rng):
+        super().__init__()
         self.c_in = _check_channels(c_in, "c_in")
         self.c_out = _check_channels(c_out, "c_out")
         self.voxel_size = check_positive(voxel_size, "voxel_size")
@@ -91,24 +149,6 @@ class _PointwiseBase:
         self.use_bias = bool(bias)
         self.dtype = _check_dtype(dtype)
         self._rng = np.random.default_rng(rng)
-        self.params: dict = {}
-        self.grads: dict = {}
-        self.training = True
-        self._ctx: dict | None = None
-
-    # -- flags and bookkeeping -------------------------------------------------------------
-
-    def train(self, mode: bool = True):
-        """Set the training flag (no effect on this layer's arithmetic); returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    @property
-    def n_params(self) -> int:
-        return int(sum(int(np.prod(p.shape)) for p in self.params.values()))
 
     @property
     def kernel_map(self):
@@ -137,17 +177,6 @@ class _PointwiseBase:
             query_offsets=query_offsets,
             num_threads=num_threads,
         )
-
-    def _save(self, **ctx) -> None:
-        self._ctx = ctx
-
-    def _context(self) -> dict:
-        if self._ctx is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.backward called before forward: there is "
-                "no context to differentiate"
-            )
-        return self._ctx
 
     def _op_kwargs(self, ctx) -> dict:
         return {
@@ -378,63 +407,6 @@ class SeparablePointwiseConv(_PointwiseBase):
 
 SELU_ALPHA = 1.6732632423543772
 SELU_SCALE = 1.0507009873554805
-
-
-def _check_rate(rate) -> float:
-    if isinstance(rate, (bool, np.bool_)) or not isinstance(
-        rate, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"rate must be a number in [0, 1), got {type(rate).__name__} {rate!r}")
-    rate = float(rate)
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"rate must be in [0, 1), got {rate}")
-    return rate
-
-
-class _Layer:
-    """Flags, bookkeeping and the forward context of the layers below."""
-
-    def __init__(self):
-        self.params: dict = {}
-        self.grads: dict = {}
-        self.training = True
-        self.last_output_shape: tuple | None = None
-        self._ctx: dict | None = None
-
-    def train(self, mode: bool = True):
-        """Set the training flag; returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    @property
-    def n_params(self) -> int:
-        return int(sum(int(np.prod(p.shape)) for p in self.params.values()))
-
-    def _save(self, **ctx) -> None:
-        self._ctx = ctx
-
-    def _context(self) -> dict:
-        if self._ctx is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.backward called before forward: there is "
-                "no context to differentiate"
-            )
-        return self._ctx
-
-    def _check_grad(self, grad_out, shape):
-        xp = array_module(grad_out)
-        dy = xp.asarray(grad_out)
-        if tuple(dy.shape) != tuple(shape):
-            raise ValueError(
-                f"grad_out must have the output's shape {tuple(shape)}, got {dy.shape}"
-            )
-        return dy, xp
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
 
 class Linear(_Layer):
