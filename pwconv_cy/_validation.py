@@ -207,23 +207,30 @@ def check_choice(value, name: str, choices) -> str:
     return value
 
 
-def _check_real(arr: np.ndarray, name: str) -> None:
+# The checkers of the operator's arrays serve the CPU and the GPU path (pwconv_cy/cuda): `to_array`
+# turns the argument into an array of module `xp` (NumPy here, CuPy there) without copying it
+# across devices; the rules and messages are the same on both.
+
+def _check_real(arr, name: str) -> None:
     if arr.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype}")
 
 
-def _check_finite_values(arr: np.ndarray, name: str) -> None:
-    if arr.size and not np.isfinite(arr).all():
-        bad = np.unravel_index(np.argmax(~np.isfinite(arr)), arr.shape)
-        raise ValueError(f"{name} must be finite, got {arr[bad]} at index {tuple(map(int, bad))} "
+def _check_finite_values(arr, name: str, xp=np) -> None:
+    """A reduction on the array's device; only the first bad value comes to the host."""
+    if arr.size and not bool(xp.isfinite(arr).all()):
+        flat = int(xp.flatnonzero(~xp.isfinite(arr.ravel()))[0])
+        bad = np.unravel_index(flat, arr.shape)
+        value = arr.ravel()[flat].item()
+        raise ValueError(f"{name} must be finite, got {value} at index {tuple(map(int, bad))} "
                          "(pass check_finite=False to skip this check)")
 
 
-def check_features(feats, batch: PointBatch, name: str = "feats",
-                   check_finite: bool = True) -> np.ndarray:
+def check_features(feats, batch: PointBatch, name: str = "feats", check_finite: bool = True,
+                   *, to_array=as_numpy, xp=np):
     """Per-point features for `batch`: (n, c) packed, or (B, n, c) when the points are dense.
     Returns a C-contiguous (n, c) float32/float64 array."""
-    arr = as_numpy(feats, name)
+    arr = to_array(feats, name)
     n = batch.points.shape[0]
     if batch.dense_shape is not None and arr.ndim == 3:
         if arr.shape[:2] != batch.dense_shape:
@@ -238,16 +245,17 @@ def check_features(feats, batch: PointBatch, name: str = "feats",
     if arr.shape[1] < 1:
         raise ValueError(f"{name} must have at least one channel, got shape {arr.shape}")
     _check_real(arr, name)
-    arr = np.ascontiguousarray(arr)
+    arr = xp.ascontiguousarray(arr)
     if check_finite:
-        _check_finite_values(arr, name)
+        _check_finite_values(arr, name, xp)
     return arr
 
 
-def check_weight(weight, c_in: int, dtype, depthwise: bool, check_finite: bool = True):
+def check_weight(weight, c_in: int, dtype, depthwise: bool, check_finite: bool = True, *,
+                 to_array=as_numpy, xp=np):
     """Weight (K, K, K, c_in, c_out), or (K, K, K, c) when depthwise, with K odd and the features'
     dtype.  Returns (C-contiguous weight, K, c_out)."""
-    arr = as_numpy(weight, "weight")
+    arr = to_array(weight, "weight")
     want = "(K, K, K, c)" if depthwise else "(K, K, K, c_in, c_out)"
     ndim = 4 if depthwise else 5
     if arr.ndim != ndim:
@@ -267,15 +275,16 @@ def check_weight(weight, c_in: int, dtype, depthwise: bool, check_finite: bool =
     if arr.dtype != dtype:
         raise TypeError(f"weight and feats must have the same dtype, got weight {arr.dtype} and "
                         f"feats {np.dtype(dtype)}")
-    arr = np.ascontiguousarray(arr)
+    arr = xp.ascontiguousarray(arr)
     if check_finite:
-        _check_finite_values(arr, "weight")
-    return arr, k, c_out
+        _check_finite_values(arr, "weight", xp)
+    return arr, k, int(c_out)
 
 
-def check_grad_out(grad_out, m: int, c_out: int, dtype, dense_shape, check_finite: bool = True):
+def check_grad_out(grad_out, m: int, c_out: int, dtype, dense_shape, check_finite: bool = True,
+                   *, to_array=as_numpy, xp=np):
     """Gradient of the output: (m, c_out), or (B, m, c_out) for dense outputs."""
-    arr = as_numpy(grad_out, "grad_out")
+    arr = to_array(grad_out, "grad_out")
     if dense_shape is not None and arr.ndim == 3:
         if arr.shape != (*dense_shape, c_out):
             raise ValueError(f"grad_out must have the output's shape {(*dense_shape, c_out)}, "
@@ -287,7 +296,7 @@ def check_grad_out(grad_out, m: int, c_out: int, dtype, dense_shape, check_finit
     _check_real(arr, "grad_out")
     if arr.dtype != dtype:
         raise TypeError(f"grad_out must have the features' dtype {np.dtype(dtype)}, got {arr.dtype}")
-    arr = np.ascontiguousarray(arr)
+    arr = xp.ascontiguousarray(arr)
     if check_finite:
-        _check_finite_values(arr, "grad_out")
+        _check_finite_values(arr, "grad_out", xp)
     return arr

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pwconv_cy import _validation as _host
 from pwconv_cy._validation import check_offsets
 
 __all__ = [
@@ -141,90 +142,19 @@ def check_queries(queries, query_offsets, batch: DeviceBatch):
     return q.points, q.offsets, q.dense_shape
 
 
-def _check_real(arr, name: str) -> None:
-    if arr.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype}")
-
-
-def _check_finite_values(arr, name: str) -> None:
-    cupy = _cupy()
-    if arr.size and not bool(cupy.isfinite(arr).all()):
-        flat = int(cupy.flatnonzero(~cupy.isfinite(arr.ravel()))[0])
-        bad = np.unravel_index(flat, arr.shape)
-        value = cupy.asnumpy(arr.ravel()[flat:flat + 1])[0]
-        raise ValueError(f"{name} must be finite, got {value} at index {tuple(map(int, bad))} "
-                         "(pass check_finite=False to skip this check)")
-
-
 def check_features(feats, batch: DeviceBatch, name: str = "feats", check_finite: bool = True):
-    """Per-point features (n, c) packed, or (B, n, c) for dense points -> C-contiguous (n, c)."""
-    cupy = _cupy()
-    arr = as_device(feats, name)
-    n = batch.points.shape[0]
-    if batch.dense_shape is not None and arr.ndim == 3:
-        if arr.shape[:2] != batch.dense_shape:
-            raise ValueError(f"{name} must have shape (B={batch.dense_shape[0]}, "
-                             f"n={batch.dense_shape[1]}, c) like the points, got {arr.shape}")
-        arr = arr.reshape(n, arr.shape[2])
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must have shape (n_points={n}, c), got {arr.shape}")
-    if arr.shape[0] != n:
-        raise ValueError(f"{name} must have shape (n_points={n}, c), got {arr.shape}: one row of "
-                         "features per point")
-    if arr.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one channel, got shape {arr.shape}")
-    _check_real(arr, name)
-    arr = cupy.ascontiguousarray(arr)
-    if check_finite:
-        _check_finite_values(arr, name)
-    return arr
+    """Per-point features (n, c) packed, or (B, n, c) for dense points -> C-contiguous (n, c);
+    the CPU's rules and messages (pwconv_cy._validation.check_features) on CuPy arrays."""
+    return _host.check_features(feats, batch, name, check_finite, to_array=as_device, xp=_cupy())
 
 
 def check_weight(weight, c_in: int, dtype, depthwise: bool, check_finite: bool = True):
     """Weight (K, K, K, c_in, c_out), or (K, K, K, c) when depthwise -> (weight, K, c_out)."""
-    cupy = _cupy()
-    arr = as_device(weight, "weight")
-    want = "(K, K, K, c)" if depthwise else "(K, K, K, c_in, c_out)"
-    ndim = 4 if depthwise else 5
-    if arr.ndim != ndim:
-        hint = (" (a 5-D weight is for depthwise=False)" if depthwise and arr.ndim == 5 else
-                " (a 4-D weight is for depthwise=True)" if not depthwise and arr.ndim == 4 else "")
-        raise ValueError(f"weight must have shape {want}, got {arr.shape}{hint}")
-    k = arr.shape[0]
-    if arr.shape[1] != k or arr.shape[2] != k or k < 1 or k % 2 == 0:
-        raise ValueError(f"weight must have shape {want} with K odd, got {arr.shape}")
-    if arr.shape[3] != c_in:
-        raise ValueError(f"weight must have shape {want} with c{'' if depthwise else '_in'} = "
-                         f"{c_in} (the features' channels), got {arr.shape}")
-    c_out = c_in if depthwise else arr.shape[4]
-    if c_out < 1:
-        raise ValueError(f"weight must have at least one output channel, got {arr.shape}")
-    _check_real(arr, "weight")
-    if arr.dtype != dtype:
-        raise TypeError(f"weight and feats must have the same dtype, got weight {arr.dtype} and "
-                        f"feats {np.dtype(dtype)}")
-    arr = cupy.ascontiguousarray(arr)
-    if check_finite:
-        _check_finite_values(arr, "weight")
-    return arr, k, int(c_out)
+    return _host.check_weight(weight, c_in, dtype, depthwise, check_finite, to_array=as_device,
+                              xp=_cupy())
 
 
 def check_grad_out(grad_out, m: int, c_out: int, dtype, dense_shape, check_finite: bool = True):
     """Gradient of the output: (m, c_out), or (B, m, c_out) for dense outputs."""
-    cupy = _cupy()
-    arr = as_device(grad_out, "grad_out")
-    if dense_shape is not None and arr.ndim == 3:
-        if arr.shape != (*dense_shape, c_out):
-            raise ValueError(f"grad_out must have the output's shape {(*dense_shape, c_out)}, "
-                             f"got {arr.shape}")
-        arr = arr.reshape(m, c_out)
-    if arr.shape != (m, c_out):
-        want = (*dense_shape, c_out) if dense_shape is not None else (m, c_out)
-        raise ValueError(f"grad_out must have the output's shape {want}, got {arr.shape}")
-    _check_real(arr, "grad_out")
-    if arr.dtype != dtype:
-        raise TypeError(f"grad_out must have the features' dtype {np.dtype(dtype)}, got {arr.dtype}")
-    arr = cupy.ascontiguousarray(arr)
-    if check_finite:
-        _check_finite_values(arr, "grad_out")
-    return arr
+    return _host.check_grad_out(grad_out, m, c_out, dtype, dense_shape, check_finite,
+                                to_array=as_device, xp=_cupy())
