@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pwconv_cy import cuda, nn, optim
+from pwconv_cy import cuda, models, nn, optim
 from pwconv_cy._config import MemoryBudgetError, get_memory_budget, set_memory_budget
 from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import KernelMap, NeighborIndex, kernel_map, radius_search
@@ -16,6 +16,7 @@ __all__ = [
     "cuda",
     "get_memory_budget",
     "kernel_map",
+    "models",
     "nn",
     "optim",
     "pointwise_conv",

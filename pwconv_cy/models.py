@@ -1,0 +1,401 @@
+"""The networks of the paper (SPEC §1): a pointwise-CNN classifier and a segmenter.
+
+Both stack four :class:`~pwconv_cy.nn.PointwiseConv` layers (``in_channels -> channels`` at
+à-trous stride 1, then ``channels -> channels`` at strides 2, 3 and 4, all with voxel size v and
+no bias), each followed by SELU, and concatenate the four outputs (n x 4*channels).  The first
+layer's input features are the xyz coordinates unless other features are given.
+
+* :class:`PointwiseCNNClassifier`: points sorted by x, then y, then z; flatten n*4*channels ->
+  FC ``hidden`` (SELU) -> alpha-dropout -> FC ``n_classes`` (optionally SELU on the logits, as
+  the paper does; off by default) -> logits for a softmax cross-entropy.
+* :class:`PointwiseCNNSegmenter`: a fifth pointwise layer ``4*channels -> n_classes`` (stride 1)
+  gives per-point logits.
+
+One :class:`~pwconv_cy.neighbors.NeighborIndex` is built per forward call and one kernel map is
+computed per distinct dilation, shared by every layer with that geometry.
+
+Models expose ``params`` (flat dict ``"conv0.weight"`` -> the layer's own array), ``set_params``
+(writes an optimiser's new values back), ``forward``/``backward`` (backward returns a dict of
+gradients keyed like ``params``; the gradient with respect to the input features is kept as
+``model.input_grad``), ``train()``/``eval()``, ``n_params`` and ``summary()``.
+
+:func:`save` / :func:`load` store the parameters, the configuration (JSON) and a format version in
+an ``.npz`` file that is read back without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from pwconv_cy import nn
+from pwconv_cy.neighbors import NeighborIndex
+
+__all__ = ["PointwiseCNNClassifier", "PointwiseCNNSegmenter", "format_version", "load", "save"]
+
+format_version = 1
+
+_PARAM_PREFIX = "param/"
+_CONFIG_KEY = "__config__"
+_VERSION_KEY = "__format_version__"
+
+
+def _check_dilations(dilations):
+    if isinstance(dilations, (str, bytes)) or not hasattr(dilations, "__len__") or not dilations:
+        raise ValueError(f"dilations must be a non-empty sequence of integers, got {dilations!r}")
+    return tuple(int(d) for d in dilations)
+
+
+class _PointwiseNet:
+    """Shared machinery: the pointwise trunk, parameter dicts, modes and the summary."""
+
+    def _build_trunk(self, in_channels, channels, voxel_size, dilations, dtype, rng):
+        self.dtype = nn._check_dtype(dtype)
+        self.in_channels = nn._check_channels(in_channels, "in_channels")
+        self.channels = nn._check_channels(channels, "channels")
+        self.voxel_size = float(voxel_size)
+        self.dilations = _check_dilations(dilations)
+        self._layers: dict = {}  # name -> layer with parameters (in order)
+        self.convs = []
+        self.conv_selus = []
+        c_in = self.in_channels
+        for i, s in enumerate(self.dilations):
+            conv = nn.PointwiseConv(c_in, self.channels, self.voxel_size, dilation=s,
+                                    dtype=self.dtype, rng=rng)
+            self._layers[f"conv{i}"] = conv
+            self.convs.append(conv)
+            self.conv_selus.append(nn.SELU())
+            c_in = self.channels
+        self.concat = nn.Concat(axis=-1)
+        self.input_grad = None
+
+    @property
+    def _all_layers(self) -> list:
+        raise NotImplementedError
+
+    # -- parameters -----------------------------------------------------------------------------
+
+    @property
+    def params(self) -> dict:
+        """Flat dict ``"layer.param"`` -> the layer's own array (not a copy)."""
+        return {f"{name}.{k}": v for name, layer in self._layers.items()
+                for k, v in layer.params.items()}
+
+    def set_params(self, new_params: dict) -> None:
+        """Write new values (e.g. an optimiser's update) into the layers' arrays, in place.
+
+        `new_params` must have exactly the keys of ``params`` and the same shapes."""
+        current = self.params
+        missing = sorted(set(current) - set(new_params))
+        extra = sorted(set(new_params) - set(current))
+        if missing or extra:
+            raise ValueError(f"set_params: missing parameters {missing}, unexpected {extra}")
+        for key, arr in current.items():
+            value = np.asarray(new_params[key])
+            if value.shape != arr.shape:
+                raise ValueError(f"set_params: {key!r} must have shape {arr.shape}, "
+                                 f"got {value.shape}")
+        for key, arr in current.items():
+            arr[...] = np.asarray(new_params[key], dtype=arr.dtype)
+
+    @property
+    def n_params(self) -> int:
+        return nn.param_count(self._layers.values())
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        for layer in self._all_layers:
+            layer.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def summary(self) -> str:
+        return nn.summary(self._all_layers)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # -- trunk ------------------------------------------------------------------------------------
+
+    def _prepare(self, points, feats, offsets):
+        pts = np.ascontiguousarray(points, dtype=self.dtype)
+        if feats is None:
+            if self.in_channels != 3:
+                raise ValueError(f"feats are required: the model has in_channels="
+                                 f"{self.in_channels} (the default features, xyz, have 3)")
+            x = pts
+        else:
+            x = np.asarray(feats)
+            if x.dtype != self.dtype:
+                x = x.astype(self.dtype)
+            if x.shape[:-1] != pts.shape[:-1] or x.shape[-1] != self.in_channels:
+                raise ValueError(f"feats must have shape {pts.shape[:-1] + (self.in_channels,)}, "
+                                 f"got {x.shape}")
+        index = NeighborIndex(pts, self.voxel_size, offsets=offsets)
+        self.kernel_maps = {s: index.kernel_map(3, s) for s in sorted(set(self.dilations))}
+        return pts, x
+
+    def _trunk_forward(self, pts, x, offsets):
+        outs = []
+        h = x
+        for conv, selu in zip(self.convs, self.conv_selus):
+            h = conv.forward(pts, h, offsets=offsets, kernel_map=self.kernel_maps[conv.dilation])
+            h = selu.forward(h)
+            outs.append(h)
+        return self.concat.forward(outs)
+
+    def _trunk_backward(self, d_cat, grads):
+        d_outs, _ = self.concat.backward(d_cat)
+        carry = None
+        for i in reversed(range(len(self.convs))):
+            d = d_outs[i] if carry is None else d_outs[i] + carry
+            d, _ = self.conv_selus[i].backward(d)
+            carry, g = self.convs[i].backward(d)
+            for k, v in g.items():
+                grads[f"conv{i}.{k}"] = v
+        self.input_grad = carry
+        return grads
+
+    def _ordered(self, grads):
+        return {k: grads[k] for k in self.params}
+
+
+class PointwiseCNNClassifier(_PointwiseNet):
+    """The paper's classification network (SPEC §1) on dense batches (B, n_points, 3).
+
+    Parameters
+    ----------
+    n_points : int
+        Points per cloud (the flatten fixes it).
+    n_classes, in_channels, channels, hidden : int
+    voxel_size : float
+        Kernel cell edge v of every pointwise layer.
+    dilations : sequence of int
+        À-trous strides of the pointwise layers.
+    dropout : float
+        Alpha-dropout rate after the hidden layer (training mode only).
+    logits_selu : bool
+        Apply SELU to the logits (the paper does; off by default).
+    dtype : float32 or float64
+    seed : int
+        Seed of the initialisation and of the dropout masks.
+    """
+
+    def __init__(self, n_points=1024, n_classes=40, in_channels=3, channels=9, voxel_size=0.1,
+                 dilations=(1, 2, 3, 4), hidden=512, dropout=0.5, logits_selu=False,
+                 dtype=np.float32, seed=0):
+        rng = np.random.default_rng(seed)
+        self.n_points = nn._check_channels(n_points, "n_points")
+        self.n_classes = nn._check_channels(n_classes, "n_classes")
+        self.hidden = nn._check_channels(hidden, "hidden")
+        self.dropout_rate = float(dropout)
+        self.logits_selu = bool(logits_selu)
+        self.seed = seed
+        self._build_trunk(in_channels, channels, voxel_size, dilations, dtype, rng)
+        width = self.n_points * self.channels * len(self.dilations)
+        self.sort_flatten = nn.SortFlatten()
+        self.fc1 = nn.Linear(width, self.hidden, dtype=self.dtype, rng=rng)
+        self.fc1_selu = nn.SELU()
+        self.dropout = nn.AlphaDropout(self.dropout_rate, rng=rng)
+        self.fc2 = nn.Linear(self.hidden, self.n_classes, dtype=self.dtype, rng=rng)
+        self.out_selu = nn.SELU() if self.logits_selu else None
+        self._layers["fc1"] = self.fc1
+        self._layers["fc2"] = self.fc2
+        self.train()
+
+    @property
+    def config(self) -> dict:
+        return {"class": type(self).__name__, "n_points": self.n_points,
+                "n_classes": self.n_classes, "in_channels": self.in_channels,
+                "channels": self.channels, "voxel_size": self.voxel_size,
+                "dilations": list(self.dilations), "hidden": self.hidden,
+                "dropout": self.dropout_rate, "logits_selu": self.logits_selu,
+                "dtype": self.dtype.name, "seed": self.seed}
+
+    @property
+    def _all_layers(self) -> list:
+        layers = []
+        for conv, selu in zip(self.convs, self.conv_selus):
+            layers += [conv, selu]
+        layers += [self.concat, self.sort_flatten, self.fc1, self.fc1_selu, self.dropout,
+                   self.fc2]
+        if self.out_selu is not None:
+            layers.append(self.out_selu)
+        return layers
+
+    def forward(self, points, feats=None):
+        """Logits (B, n_classes) for a dense batch `points` (B, n_points, 3); `feats`
+        (B, n_points, in_channels) default to the coordinates."""
+        shape = np.shape(points)
+        if len(shape) != 3 or shape[-1] != 3:
+            raise ValueError(f"points must be a dense batch of shape (B, n_points, 3), "
+                             f"got {shape}")
+        if shape[1] != self.n_points:
+            raise ValueError(f"the classifier was built for n_points={self.n_points} points per "
+                             f"cloud, got clouds of {shape[1]} points (shape {shape}); resample "
+                             "the clouds or build the model with a matching n_points")
+        pts, x = self._prepare(points, feats, None)
+        h = self._trunk_forward(pts, x, None)
+        h = self.sort_flatten.forward(pts, h)
+        h = self.fc1_selu.forward(self.fc1.forward(h))
+        h = self.dropout.forward(h)
+        z = self.fc2.forward(h)
+        if self.out_selu is not None:
+            z = self.out_selu.forward(z)
+        return z
+
+    def backward(self, d_logits) -> dict:
+        """Gradients of all parameters (keyed like ``params``) for the upstream gradient
+        `d_logits` (B, n_classes); also sets ``input_grad`` (d feats)."""
+        grads = {}
+        d = d_logits
+        if self.out_selu is not None:
+            d, _ = self.out_selu.backward(d)
+        d, g = self.fc2.backward(d)
+        grads.update({f"fc2.{k}": v for k, v in g.items()})
+        d, _ = self.dropout.backward(d)
+        d, _ = self.fc1_selu.backward(d)
+        d, g = self.fc1.backward(d)
+        grads.update({f"fc1.{k}": v for k, v in g.items()})
+        d, _ = self.sort_flatten.backward(d)
+        self._trunk_backward(d, grads)
+        return self._ordered(grads)
+
+    def predict_proba(self, points, feats=None):
+        """Class probabilities (B, n_classes), computed in evaluation mode (the mode is restored)."""
+        was_training = self.training
+        self.eval()
+        try:
+            z = self.forward(points, feats)
+        finally:
+            self.train(was_training)
+        z = z - z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def __repr__(self) -> str:
+        return (f"PointwiseCNNClassifier(n_points={self.n_points}, n_classes={self.n_classes}, "
+                f"channels={self.channels}, hidden={self.hidden}, n_params={self.n_params})")
+
+
+class PointwiseCNNSegmenter(_PointwiseNet):
+    """The paper's segmentation network (SPEC §1): the pointwise trunk, then a fifth pointwise
+    layer ``4*channels -> n_classes`` (stride 1, no activation) giving per-point logits.
+
+    ``forward(points, feats=None, offsets=None)``: packed points (N, 3) with `offsets` (B + 1,)
+    (or one cloud without) give logits (N, n_classes); dense points (B, n, 3) give (B, n,
+    n_classes).  ``backward`` takes the gradient of that shape.
+    """
+
+    def __init__(self, n_classes, in_channels=3, channels=9, voxel_size=0.1,
+                 dilations=(1, 2, 3, 4), dtype=np.float32, seed=0):
+        rng = np.random.default_rng(seed)
+        self.n_classes = nn._check_channels(n_classes, "n_classes")
+        self.seed = seed
+        self._build_trunk(in_channels, channels, voxel_size, dilations, dtype, rng)
+        self.head = nn.PointwiseConv(self.channels * len(self.dilations), self.n_classes,
+                                     self.voxel_size, dilation=1, dtype=self.dtype, rng=rng)
+        self._layers[f"conv{len(self.dilations)}"] = self.head
+        self.train()
+
+    @property
+    def config(self) -> dict:
+        return {"class": type(self).__name__, "n_classes": self.n_classes,
+                "in_channels": self.in_channels, "channels": self.channels,
+                "voxel_size": self.voxel_size, "dilations": list(self.dilations),
+                "dtype": self.dtype.name, "seed": self.seed}
+
+    @property
+    def _all_layers(self) -> list:
+        layers = []
+        for conv, selu in zip(self.convs, self.conv_selus):
+            layers += [conv, selu]
+        return layers + [self.concat, self.head]
+
+    def _prepare(self, points, feats, offsets):
+        pts, x = super()._prepare(points, feats, offsets)
+        if 1 not in self.kernel_maps:  # the head's stride-1 map
+            self.kernel_maps[1] = NeighborIndex(pts, self.voxel_size,
+                                                offsets=offsets).kernel_map(3, 1)
+        return pts, x
+
+    def forward(self, points, feats=None, offsets=None):
+        shape = np.shape(points)
+        if len(shape) not in (2, 3) or shape[-1] != 3:
+            raise ValueError(f"points must be packed (N, 3) or dense (B, n, 3), got {shape}")
+        if len(shape) == 3 and offsets is not None:
+            raise ValueError("offsets are for packed (N, 3) points; dense (B, n, 3) points "
+                             "take none")
+        self._offsets = offsets
+        pts, x = self._prepare(points, feats, offsets)
+        h = self._trunk_forward(pts, x, offsets)
+        return self.head.forward(pts, h, offsets=offsets, kernel_map=self.kernel_maps[1])
+
+    def backward(self, d_logits) -> dict:
+        """Gradients of all parameters (keyed like ``params``); also sets ``input_grad``."""
+        grads = {}
+        d, g = self.head.backward(d_logits)
+        grads.update({f"conv{len(self.dilations)}.{k}": v for k, v in g.items()})
+        self._trunk_backward(d, grads)
+        return self._ordered(grads)
+
+    def __repr__(self) -> str:
+        return (f"PointwiseCNNSegmenter(n_classes={self.n_classes}, channels={self.channels}, "
+                f"n_params={self.n_params})")
+
+
+_CLASSES = {"PointwiseCNNClassifier": PointwiseCNNClassifier,
+            "PointwiseCNNSegmenter": PointwiseCNNSegmenter}
+
+
+def save(model, path) -> None:
+    """Write `model`'s parameters, configuration (JSON) and the format version to ``.npz``."""
+    if type(model).__name__ not in _CLASSES:
+        raise TypeError(f"save expects a PointwiseCNNClassifier or PointwiseCNNSegmenter, "
+                        f"got {type(model).__name__}")
+    arrays = {_PARAM_PREFIX + k: np.asarray(v) for k, v in model.params.items()}
+    arrays[_CONFIG_KEY] = np.array(json.dumps(model.config))
+    arrays[_VERSION_KEY] = np.array(format_version, dtype=np.int64)
+    np.savez(path, **arrays)
+
+
+def load(path):
+    """Rebuild the model saved by :func:`save` (no pickle).  Raises ValueError for a file of
+    another format version, without a configuration, or with missing, extra or mis-shaped
+    parameters."""
+    with np.load(path, allow_pickle=False) as f:
+        keys = set(f.files)
+        if _VERSION_KEY not in keys:
+            raise ValueError(f"{path}: not a pwconv model file (no {_VERSION_KEY!r} entry)")
+        version = f[_VERSION_KEY]
+        if version.shape != () or int(version) != format_version:
+            raise ValueError(f"{path}: unsupported model format version {version.tolist()!r} "
+                             f"(this pwconv reads version {format_version})")
+        if _CONFIG_KEY not in keys:
+            raise ValueError(f"{path}: the model configuration ({_CONFIG_KEY!r}) is missing")
+        try:
+            config = json.loads(str(f[_CONFIG_KEY]))
+            cls = _CLASSES[config.pop("class")]
+            if "dilations" in config:
+                config["dilations"] = tuple(config["dilations"])
+            model = cls(**config)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: invalid model configuration ({exc})") from None
+        stored = {k[len(_PARAM_PREFIX):]: f[k] for k in keys if k.startswith(_PARAM_PREFIX)}
+        others = sorted(keys - {_VERSION_KEY, _CONFIG_KEY}
+                        - {_PARAM_PREFIX + k for k in stored})
+        expected = model.params
+        missing = sorted(set(expected) - set(stored))
+        extra = sorted(set(stored) - set(expected)) + others
+        if missing or extra:
+            raise ValueError(f"{path}: parameters do not match the {cls.__name__} configuration:"
+                             f" missing {missing}, unexpected {extra}")
+        for k, arr in expected.items():
+            if stored[k].shape != arr.shape:
+                raise ValueError(f"{path}: parameter {k!r} has shape {stored[k].shape}, the "
+                                 f"model expects {arr.shape}")
+        model.set_params(stored)
+    return model

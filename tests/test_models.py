@@ -1,0 +1,214 @@
+"""The paper's networks (pwconv_cy.models): gradients, save/load, and short training runs."""
+import numpy as np
+import pytest
+
+from pwconv_cy import models, nn, optim
+
+
+def _cloud_batch(rng, B, n):
+    return rng.uniform(-0.5, 0.5, size=(B, n, 3))
+
+
+def _tiny_classifier(**kw):
+    cfg = {"n_points": 16, "n_classes": 3, "channels": 2, "hidden": 4, "voxel_size": 0.3,
+           "dropout": 0.0, "dtype": np.float64, "seed": 1}
+    cfg.update(kw)
+    return models.PointwiseCNNClassifier(**cfg)
+
+
+def _loss(model, ce, points, labels, feats=None, **kw):
+    return float(ce.forward(model.forward(points, feats, **kw), labels))
+
+
+def _check_grads(model, points, labels, rng, feats, fwd_kw=None, eps=1e-6, per_array=3):
+    fwd_kw = fwd_kw or {}
+    ce = nn.SoftmaxCrossEntropy()
+    ce.forward(model.forward(points, feats, **fwd_kw), labels)
+    grads = model.backward(ce.backward())
+    d_feats = model.input_grad.copy()
+    assert set(grads) == set(model.params)
+    for name, arr in model.params.items():
+        assert grads[name].shape == arr.shape, name
+        assert np.any(grads[name] != 0), name
+        for flat in rng.choice(arr.size, size=min(per_array, arr.size), replace=False):
+            idx = np.unravel_index(flat, arr.shape)
+            old = arr[idx]
+            arr[idx] = old + eps
+            up = _loss(model, ce, points, labels, feats, **fwd_kw)
+            arr[idx] = old - eps
+            down = _loss(model, ce, points, labels, feats, **fwd_kw)
+            arr[idx] = old
+            num = (up - down) / (2 * eps)
+            assert abs(num - grads[name][idx]) <= 1e-6 + 1e-5 * abs(num), (name, idx, num,
+                                                                             grads[name][idx])
+    # input features (the coordinates as features; geometry fixed)
+    for flat in rng.choice(feats.size, size=6, replace=False):
+        idx = np.unravel_index(flat, feats.shape)
+        f = feats.copy()
+        f[idx] += eps
+        up = _loss(model, ce, points, labels, f, **fwd_kw)
+        f[idx] -= 2 * eps
+        down = _loss(model, ce, points, labels, f, **fwd_kw)
+        num = (up - down) / (2 * eps)
+        assert abs(num - d_feats[idx]) <= 1e-6 + 1e-5 * abs(num), (idx, num, d_feats[idx])
+
+
+def test_classifier_gradients_match_finite_differences(rng):
+    model = _tiny_classifier().eval()
+    points = _cloud_batch(rng, 2, 16)
+    labels = np.array([0, 2])
+    feats = points.copy()
+    _check_grads(model, points, labels, rng, feats)
+    # several neighbours per point at this voxel size (not a degenerate identity-only map)
+    assert model.convs[0].kernel_map.n_pairs > 2 * 32
+
+
+def test_classifier_gradients_with_logits_selu_and_dropout_mask(rng):
+    model = _tiny_classifier(logits_selu=True, dropout=0.5, seed=3)
+    # training mode with a fixed mask: reuse the same mask on every forward
+    mask = np.random.default_rng(0).random((2, 4)) >= 0.5
+    fwd = model.dropout.forward
+    model.dropout.forward = lambda x, mask_=None: fwd(x, mask=mask)
+    points = _cloud_batch(rng, 2, 16)
+    _check_grads(model, points, np.array([1, 0]), rng, points.copy())
+
+
+def test_segmenter_gradients_packed_and_dense(rng):
+    model = models.PointwiseCNNSegmenter(n_classes=3, channels=2, voxel_size=0.3,
+                                         dtype=np.float64, seed=2)
+    points = rng.uniform(-0.5, 0.5, size=(30, 3))
+    offsets = np.array([0, 14, 30])
+    labels = rng.integers(0, 3, size=30)
+    _check_grads(model, points, labels, rng, points.copy(), fwd_kw={"offsets": offsets})
+    dense = _cloud_batch(rng, 2, 12)
+    out = model.forward(dense)
+    assert out.shape == (2, 12, 3)
+    _check_grads(model, dense, rng.integers(0, 3, size=(2, 12)), rng, dense.copy())
+
+
+def test_classifier_shapes_and_errors(rng):
+    model = models.PointwiseCNNClassifier(n_points=32, n_classes=5, hidden=8, seed=0)
+    pts = _cloud_batch(rng, 3, 32).astype(np.float32)
+    logits = model.forward(pts)
+    assert logits.shape == (3, 5) and logits.dtype == np.float32
+    names = list(model.params)
+    assert names == ["conv0.weight", "conv1.weight", "conv2.weight", "conv3.weight",
+                     "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert model.params["conv0.weight"].shape == (3, 3, 3, 3, 9)
+    assert model.params["fc1.weight"].shape == (32 * 36, 8)
+    assert model.n_params == sum(a.size for a in model.params.values())
+    assert "total parameters" in model.summary()
+    p = model.predict_proba(pts)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+    assert model.training  # restored
+    with pytest.raises(ValueError, match="n_points=32"):
+        model.forward(_cloud_batch(rng, 3, 31))
+    with pytest.raises(ValueError, match="shape"):
+        model.forward(pts[0])
+    # params are views: set_params writes back into the layers
+    new = {k: v + 1 for k, v in model.params.items()}
+    model.set_params(new)
+    np.testing.assert_array_equal(model.fc2.params["bias"], new["fc2.bias"])
+    with pytest.raises(ValueError, match="missing"):
+        model.set_params({k: v for k, v in new.items() if k != "fc2.bias"})
+
+
+def test_save_load_round_trip(tmp_path, rng):
+    clf = models.PointwiseCNNClassifier(n_points=24, n_classes=4, hidden=6, logits_selu=True,
+                                        seed=7)
+    pts = _cloud_batch(rng, 2, 24).astype(np.float32)
+    models.save(clf, tmp_path / "clf.npz")
+    back = models.load(tmp_path / "clf.npz")
+    assert type(back) is models.PointwiseCNNClassifier and back.config == clf.config
+    np.testing.assert_array_equal(back.eval().forward(pts), clf.eval().forward(pts))
+
+    seg = models.PointwiseCNNSegmenter(n_classes=5, channels=4, dilations=(2, 3), seed=3,
+                                       dtype=np.float64)
+    packed = rng.uniform(-0.5, 0.5, size=(40, 3))
+    offsets = np.array([0, 25, 40])
+    models.save(seg, tmp_path / "seg.npz")
+    back = models.load(tmp_path / "seg.npz")
+    assert type(back) is models.PointwiseCNNSegmenter
+    np.testing.assert_array_equal(back.forward(packed, offsets=offsets),
+                                  seg.forward(packed, offsets=offsets))
+
+
+def _rewrite(src, dst, edit):
+    with np.load(src, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    edit(arrays)
+    np.savez(dst, **arrays)
+
+
+def test_load_refuses_corrupted_files(tmp_path):
+    model = models.PointwiseCNNSegmenter(n_classes=3, channels=2, seed=0)
+    src = tmp_path / "m.npz"
+    models.save(model, src)
+
+    def wrong_version(a):
+        a["__format_version__"] = np.array(2)
+
+    def missing(a):
+        del a["param/conv1.weight"]
+
+    def extra(a):
+        a["param/conv9.weight"] = np.zeros(3, np.float32)
+
+    def wrong_shape(a):
+        a["param/conv4.weight"] = np.zeros((3, 3, 3, 8, 4), np.float32)
+
+    def no_version(a):
+        del a["__format_version__"]
+
+    cases = [(wrong_version, "format version 2"), (missing, r"missing \['conv1.weight'\]"),
+             (extra, r"unexpected \['conv9.weight'\]"),
+             (wrong_shape, r"'conv4.weight' has shape \(3, 3, 3, 8, 4\)"),
+             (no_version, "not a pwconv model file")]
+    for i, (edit, message) in enumerate(cases):
+        dst = tmp_path / f"bad{i}.npz"
+        _rewrite(src, dst, edit)
+        with pytest.raises(ValueError, match=message):
+            models.load(dst)
+
+
+def _train(model, points, labels, steps, lr):
+    ce = nn.SoftmaxCrossEntropy()
+    opt = optim.Adam(lr=lr)
+    state = opt.init(model.params)
+    losses = []
+    for _ in range(steps):
+        loss = ce.forward(model.forward(points), labels)
+        grads = model.backward(ce.backward())
+        new, state = opt.update(model.params, grads, state)
+        model.set_params(new)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses))
+    return losses
+
+
+def test_training_spheres_vs_cubes(rng):
+    B, n = 16, 64
+    d = rng.normal(size=(B, n, 3))
+    spheres = 0.45 * d / np.linalg.norm(d, axis=-1, keepdims=True)
+    cubes = rng.uniform(-0.4, 0.4, size=(B, n, 3))
+    face = rng.integers(0, 3, size=(B, n))
+    np.put_along_axis(cubes, face[..., None], 0.4 * rng.choice([-1.0, 1.0], size=(B, n, 1)),
+                      axis=-1)
+    labels = np.arange(B) % 2
+    points = np.where((labels == 0)[:, None, None], spheres, cubes).astype(np.float32)
+    model = models.PointwiseCNNClassifier(n_points=n, n_classes=2, hidden=32, voxel_size=0.15,
+                                          seed=0)
+    losses = _train(model, points, labels, steps=30, lr=1e-3)
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def test_training_modelnet40_subset(shared_data):
+    with np.load(shared_data / "modelnet40_1024" / "train.npz", allow_pickle=False) as f:
+        labels_all = f["labels"]
+        classes = np.unique(labels_all)[:4]
+        pick = np.concatenate([np.flatnonzero(labels_all == c)[:16] for c in classes])
+        points = f["points"][pick][:, ::4].astype(np.float32)  # 64 shapes x 256 points
+    labels = np.searchsorted(classes, labels_all[pick])
+    model = models.PointwiseCNNClassifier(n_points=256, n_classes=4, hidden=64, seed=0)
+    losses = _train(model, points, labels, steps=20, lr=1e-3)
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
