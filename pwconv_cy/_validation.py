@@ -47,7 +47,7 @@ def as_numpy(x, name: str) -> np.ndarray:
 
 
 class PointBatch(NamedTuple):
-    points: np.ndarray       # (n, 3) float32 or float64, C-contiguous
+    points: np.ndarray       # (n, 3) C-contiguous: float32/float64 (CPU), float64 CuPy (GPU)
     offsets: np.ndarray      # (B + 1,) int64
     dense_shape: tuple | None  # (B, n_per_cloud) when given in the dense (B, n, 3) form
 
@@ -89,21 +89,24 @@ def check_offsets(offsets, n: int, name: str = "offsets", what: str = "points") 
     return arr
 
 
-def check_points(points, offsets=None, name: str = "points",
-                 offsets_name: str = "offsets", what: str = "points") -> PointBatch:
-    """Coordinates (n, 3) packed with `offsets`, or dense (B, n, 3) with offsets=None."""
-    arr = as_numpy(points, name)
+def check_points(points, offsets=None, name: str = "points", offsets_name: str = "offsets",
+                 what: str = "points", *, to_array=as_numpy,
+                 coordinates=_check_coordinates) -> PointBatch:
+    """Coordinates (n, 3) packed with `offsets`, or dense (B, n, 3) with offsets=None.
+    `to_array` and `coordinates` (dtype, finiteness, canonical copy) are the GPU path's own
+    there; offsets are host metadata on both paths."""
+    arr = to_array(points, name)
     if arr.ndim == 3 and arr.shape[-1] == 3:
         if offsets is not None:
             raise ValueError(f"{offsets_name} must be None when {name} is dense (B, n, 3), got "
                              f"{name} of shape {arr.shape} and {offsets_name}")
         b, n_per = arr.shape[0], arr.shape[1]
-        arr = _check_coordinates(arr, name).reshape(b * n_per, 3)
+        arr = coordinates(arr, name).reshape(b * n_per, 3)
         offs = np.arange(b + 1, dtype=np.int64) * n_per
         return PointBatch(arr, offs, (b, n_per))
     if arr.ndim != 2 or arr.shape[1] != 3:
         raise ValueError(f"{name} must have shape (n, 3) or (B, n, 3), got {arr.shape}")
-    arr = _check_coordinates(arr, name)
+    arr = coordinates(arr, name)
     if offsets is None:
         offs = np.array([0, arr.shape[0]], dtype=np.int64)
     else:
@@ -111,34 +114,38 @@ def check_points(points, offsets=None, name: str = "points",
     return PointBatch(arr, offs, None)
 
 
-def check_queries(queries, query_offsets, batch: PointBatch):
+def check_queries(queries, query_offsets, batch: PointBatch, *, to_array=as_numpy,
+                  coordinates=_check_coordinates, xp=np):
     """Query points for `batch`: returns (queries float64 (m, 3) or None, query offsets or None,
-    dense shape or None).  None means 'the points themselves'."""
+    dense shape or None).  None means 'the points themselves'.  The keyword arguments are the
+    GPU path's (see check_points)."""
     if queries is None:
         if query_offsets is not None:
             raise ValueError("query_offsets was given without queries; pass queries=(m, 3) "
                              "points, or neither")
         return None, None, None
     n_clouds = batch.offsets.shape[0] - 1
-    arr = as_numpy(queries, "queries")
+    arr = to_array(queries, "queries")
     if arr.ndim == 3 and arr.shape[-1] == 3:
         if batch.dense_shape is None or arr.shape[0] != batch.dense_shape[0]:
             raise ValueError(f"dense queries (B, m, 3) need dense points with the same B, got "
                              f"queries of shape {arr.shape} and points packed in {n_clouds} "
                              f"cloud(s)")
-        q = check_points(arr, None, "queries", "query_offsets")
         if query_offsets is not None:
             raise ValueError("query_offsets must be None when queries are dense (B, m, 3)")
+        q = check_points(arr, None, "queries", "query_offsets", to_array=to_array,
+                         coordinates=coordinates)
     else:
         if query_offsets is None and n_clouds != 1:
             raise ValueError(f"queries need query_offsets with {n_clouds + 1} entries, the "
                              "queries' row splits over the same clouds as the points "
                              f"({n_clouds} clouds), got query_offsets=None")
-        q = check_points(arr, query_offsets, "queries", "query_offsets", "queries")
+        q = check_points(arr, query_offsets, "queries", "query_offsets", "queries",
+                         to_array=to_array, coordinates=coordinates)
     if q.offsets.shape[0] != batch.offsets.shape[0]:
         raise ValueError(f"query_offsets must describe as many clouds as offsets ({n_clouds}), "
                          f"got {q.offsets.shape[0] - 1}")
-    return np.ascontiguousarray(q.points, dtype=np.float64), q.offsets, q.dense_shape
+    return xp.ascontiguousarray(q.points, dtype=xp.float64), q.offsets, q.dense_shape
 
 
 def check_positive(value, name: str) -> float:

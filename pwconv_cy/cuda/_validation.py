@@ -4,12 +4,7 @@ array objects; the NaN/Inf checks reduce on the device and bring back one boolea
 small host metadata (NumPy, lists, or CuPy arrays copied explicitly) checked by the CPU helper."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import numpy as np
-
 from pwconv_cy import _validation as _host
-from pwconv_cy._validation import check_offsets
 
 __all__ = [
     "DeviceBatch",
@@ -63,10 +58,8 @@ def host_offsets(offsets):
     return offsets
 
 
-class DeviceBatch(NamedTuple):
-    points: object             # (n, 3) float64 CuPy array, C-contiguous (binned in float64)
-    offsets: np.ndarray        # (B + 1,) int64, host
-    dense_shape: tuple | None  # (B, n_per_cloud) for the dense (B, n, 3) form
+#: A validated batch on the device: the CPU's PointBatch with CuPy float64 coordinates.
+DeviceBatch = _host.PointBatch
 
 
 def _first_bad_row(arr):
@@ -91,55 +84,17 @@ def _check_coordinates(arr, name: str):
 
 def check_points(points, offsets=None, name: str = "points", offsets_name: str = "offsets",
                  what: str = "points") -> DeviceBatch:
-    """Coordinates (n, 3) packed with `offsets`, or dense (B, n, 3) with offsets=None."""
-    arr = as_device(points, name)
-    offsets = host_offsets(offsets)
-    if arr.ndim == 3 and arr.shape[-1] == 3:
-        if offsets is not None:
-            raise ValueError(f"{offsets_name} must be None when {name} is dense (B, n, 3), got "
-                             f"{name} of shape {arr.shape} and {offsets_name}")
-        b, n_per = arr.shape[0], arr.shape[1]
-        arr = _check_coordinates(arr, name).reshape(b * n_per, 3)
-        return DeviceBatch(arr, np.arange(b + 1, dtype=np.int64) * n_per, (b, n_per))
-    if arr.ndim != 2 or arr.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (n, 3) or (B, n, 3), got {arr.shape}")
-    arr = _check_coordinates(arr, name)
-    if offsets is None:
-        offs = np.array([0, arr.shape[0]], dtype=np.int64)
-    else:
-        offs = check_offsets(offsets, arr.shape[0], offsets_name, what)
-    return DeviceBatch(arr, offs, None)
+    """Coordinates (n, 3) packed with `offsets`, or dense (B, n, 3) with offsets=None: the CPU's
+    rules and messages (pwconv_cy._validation.check_points) on CuPy arrays, binned in float64."""
+    return _host.check_points(points, host_offsets(offsets), name, offsets_name, what,
+                              to_array=as_device, coordinates=_check_coordinates)
 
 
 def check_queries(queries, query_offsets, batch: DeviceBatch):
     """(queries float64 (m, 3) on the device or None, host query offsets or None, dense shape or
     None), as the CPU's check_queries."""
-    query_offsets = host_offsets(query_offsets)
-    if queries is None:
-        if query_offsets is not None:
-            raise ValueError("query_offsets was given without queries; pass queries=(m, 3) "
-                             "points, or neither")
-        return None, None, None
-    n_clouds = batch.offsets.shape[0] - 1
-    arr = as_device(queries, "queries")
-    if arr.ndim == 3 and arr.shape[-1] == 3:
-        if batch.dense_shape is None or arr.shape[0] != batch.dense_shape[0]:
-            raise ValueError(f"dense queries (B, m, 3) need dense points with the same B, got "
-                             f"queries of shape {arr.shape} and points packed in {n_clouds} "
-                             f"cloud(s)")
-        if query_offsets is not None:
-            raise ValueError("query_offsets must be None when queries are dense (B, m, 3)")
-        q = check_points(arr, None, "queries", "query_offsets")
-    else:
-        if query_offsets is None and n_clouds != 1:
-            raise ValueError(f"queries need query_offsets with {n_clouds + 1} entries, the "
-                             "queries' row splits over the same clouds as the points "
-                             f"({n_clouds} clouds), got query_offsets=None")
-        q = check_points(arr, query_offsets, "queries", "query_offsets", "queries")
-    if q.offsets.shape[0] != batch.offsets.shape[0]:
-        raise ValueError(f"query_offsets must describe as many clouds as offsets ({n_clouds}), "
-                         f"got {q.offsets.shape[0] - 1}")
-    return q.points, q.offsets, q.dense_shape
+    return _host.check_queries(queries, host_offsets(query_offsets), batch, to_array=as_device,
+                               coordinates=_check_coordinates, xp=_cupy())
 
 
 def check_features(feats, batch: DeviceBatch, name: str = "feats", check_finite: bool = True):
