@@ -85,3 +85,22 @@ def check_kernel_map_invariants(km, offsets, query_offsets=None, self_query=True
             pos = np.searchsorted(row, i)
             assert pos < len(row) and row[pos] == i, f"point {i} is not its own neighbour"
             assert cell[splits[i] + pos] == centre, f"point {i} is not in its centre cell"
+
+
+#: Start of a script run in a fresh subprocess to measure peak memory: imports and peak_kib(),
+#: the peak RSS of that process image in KiB (VmHWM; ru_maxrss would also carry the forked
+#: parent's peak - pytest, hundreds of MB - across exec, masking what is measured).
+PEAK_RSS_PRELUDE = """\
+import json, resource, sys, time
+import numpy as np
+import pwconv_cy as pc
+def peak_kib():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""

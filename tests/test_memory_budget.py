@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from checks import PEAK_RSS_PRELUDE
 
 import pwconv_cy as pc
 
@@ -137,21 +138,7 @@ def test_numpy_integer_budgets_are_accepted(memory_budget_reset):
     assert km.n_pairs == 9
 
 
-_PEAK_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, time
-    import numpy as np
-    import pwconv_cy as pc
-    def peak_kib():
-        # VmHWM: the peak RSS of this process image.  (ru_maxrss would also carry the peak of
-        # the forked parent - pytest, hundreds of MB - across exec, masking what we measure.)
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_PEAK_SCRIPT = PEAK_RSS_PRELUDE + textwrap.dedent("""
     mode, method, threads, n, m, budget = sys.argv[1:]
     threads, n, m, budget = int(threads), int(n), int(m), int(budget)
     points = np.zeros((n, 3))                 # all coincident: every query sees every point

@@ -15,6 +15,7 @@ import oracles
 import pytest
 import strategies as S
 from checks import (
+    PEAK_RSS_PRELUDE,
     assert_kernel_map_matches,
     assert_kernel_maps_identical,
     assert_same_csr,
@@ -419,21 +420,7 @@ def test_kernel_size_one_is_a_single_cell_of_edge_v():
 
 # --------------------------------------------------------------------------- far and huge coordinates
 
-_RSS_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, time
-    import numpy as np
-    import pwconv_cy as pc
-    def peak_kib():
-        # VmHWM: the peak RSS of this process image.  (ru_maxrss would also carry the peak of
-        # the forked parent - pytest, hundreds of MB - across exec, masking what we measure.)
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_RSS_SCRIPT = PEAK_RSS_PRELUDE + textwrap.dedent("""
     points = np.array([[0.0, 0.0, 0.0], [1e-3, 0.0, 0.0], [1e9, 0.0, 0.0]])
     before = peak_kib()
     t0 = time.perf_counter()
