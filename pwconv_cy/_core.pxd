@@ -11,6 +11,12 @@ cdef extern from "pwconv/common.hpp" namespace "pwconv" nogil:
     cbool openmp_enabled()
     int default_threads()
 
+    cbool interrupt_requested()
+    void request_interrupt()
+    void clear_interrupt()
+    cdef cppclass SigintScope:
+        SigintScope() except +
+
 
 cdef extern from "pwconv/grid.hpp" namespace "pwconv" nogil:
     cdef cppclass Grid:

@@ -1,7 +1,10 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 # distutils: language = c++
 """Thin bindings of the C++ core.  Inputs arrive validated and canonical (see _validation.py);
 this module only translates arrays to pointers, releases the GIL and maps C++ exceptions."""
+import signal
+import threading
+
 import numpy as np
 
 from cython.operator cimport dereference as deref
@@ -19,10 +22,12 @@ cdef extern from *:
     static const char* PWCONV_COMPILER_STR = PWCONV_COMPILER;
     static const char* PWCONV_OPENMP_VERSION_STR = PWCONV_OPENMP_VERSION;
     static const int PWCONV_NATIVE_BUILD_INT = PWCONV_NATIVE_BUILD;
+    static const char* PWCONV_INTERRUPTED_STR = pwconv::Interrupted::kMessage;
     """
     const char* PWCONV_COMPILER_STR
     const char* PWCONV_OPENMP_VERSION_STR
     const int PWCONV_NATIVE_BUILD_INT
+    const char* PWCONV_INTERRUPTED_STR
 
 
 def has_openmp():
@@ -33,6 +38,46 @@ def has_openmp():
 def omp_default_threads():
     """The OpenMP default thread count (honours OMP_NUM_THREADS and threadpoolctl)."""
     return default_threads()
+
+
+cdef class interruptible:
+    """Context manager around a long call of the core: Ctrl-C stops it between blocks of work
+    and raises KeyboardInterrupt.  On the main thread, while Python's default SIGINT handler is in
+    place, a C-level handler is swapped in for the duration of the call (the GIL is released, so
+    Python's own handler could not run until the call returned).  Elsewhere the call runs as is."""
+    cdef unique_ptr[SigintScope] _scope
+    cdef bint _owner
+
+    def __enter__(self):
+        self._owner = (threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self._owner:
+            clear_interrupt()
+            self._scope.reset(new SigintScope())
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._scope.reset()
+        stopped = exc_type is RuntimeError and str(exc) == INTERRUPTED_MESSAGE
+        if self._owner and interrupt_requested():
+            clear_interrupt()
+            stopped = True  # Ctrl-C during the call, even if it finished its last block
+        if stopped:
+            raise KeyboardInterrupt from None
+        return False
+
+
+INTERRUPTED_MESSAGE = PWCONV_INTERRUPTED_STR.decode()
+
+
+def _request_interrupt():
+    """Testing hook: requests an interrupt as Ctrl-C would."""
+    request_interrupt()
+
+
+def _clear_interrupt():
+    """Testing hook: clears a requested interrupt."""
+    clear_interrupt()
 
 
 cdef inline Batch _batch(const int64_t[::1] offsets):
@@ -79,22 +124,24 @@ cdef class SearchIndex:
             self._tree = make_unique[KdTree]()
         if points.dtype == np.float32:
             p32 = points
-            with nogil:
-                if self._grid:
-                    build_grid[float](deref(self._grid), &p32[0, 0] if n else <float*>&dummy, n,
-                                      batch, cell_size, threads)
-                else:
-                    build_kdtree[float](deref(self._tree), &p32[0, 0] if n else <float*>&dummy,
-                                        n, batch, leaf_size, threads)
+            with interruptible():
+                with nogil:
+                    if self._grid:
+                        build_grid[float](deref(self._grid), &p32[0, 0] if n else <float*>&dummy, n,
+                                          batch, cell_size, threads)
+                    else:
+                        build_kdtree[float](deref(self._tree), &p32[0, 0] if n else <float*>&dummy,
+                                            n, batch, leaf_size, threads)
         else:
             p64 = points
-            with nogil:
-                if self._grid:
-                    build_grid[double](deref(self._grid), &p64[0, 0] if n else &dummy, n, batch,
-                                       cell_size, threads)
-                else:
-                    build_kdtree[double](deref(self._tree), &p64[0, 0] if n else &dummy, n,
-                                         batch, leaf_size, threads)
+            with interruptible():
+                with nogil:
+                    if self._grid:
+                        build_grid[double](deref(self._grid), &p64[0, 0] if n else &dummy, n, batch,
+                                           cell_size, threads)
+                    else:
+                        build_kdtree[double](deref(self._tree), &p64[0, 0] if n else &dummy, n,
+                                             batch, leaf_size, threads)
 
     @property
     def memory_bytes(self):
@@ -111,13 +158,14 @@ cdef class SearchIndex:
         cdef Metric met = Metric.chebyshev if metric == 0 else Metric.euclidean
         cdef Pairs pairs = Pairs()
         pairs.kernel_size = 0
-        with nogil:
-            if self._grid:
-                radius_search_gather[Grid, double](deref(self._grid), q, radius, met, max_pairs,
-                                                   pairs._blocks, threads)
-            else:
-                radius_search_gather[KdTree, double](deref(self._tree), q, radius, met,
-                                                     max_pairs, pairs._blocks, threads)
+        with interruptible():
+            with nogil:
+                if self._grid:
+                    radius_search_gather[Grid, double](deref(self._grid), q, radius, met, max_pairs,
+                                                       pairs._blocks, threads)
+                else:
+                    radius_search_gather[KdTree, double](deref(self._tree), q, radius, met,
+                                                         max_pairs, pairs._blocks, threads)
         return pairs
 
     def kernel_gather(self, const double[:, ::1] queries, const int64_t[::1] query_offsets,
@@ -131,13 +179,14 @@ cdef class SearchIndex:
         spec.dilation = dilation
         cdef Pairs pairs = Pairs()
         pairs.kernel_size = kernel_size
-        with nogil:
-            if self._grid:
-                kernel_map_gather[Grid, double](deref(self._grid), q, spec, max_pairs,
-                                                pairs._blocks, threads)
-            else:
-                kernel_map_gather[KdTree, double](deref(self._tree), q, spec, max_pairs,
-                                                  pairs._blocks, threads)
+        with interruptible():
+            with nogil:
+                if self._grid:
+                    kernel_map_gather[Grid, double](deref(self._grid), q, spec, max_pairs,
+                                                    pairs._blocks, threads)
+                else:
+                    kernel_map_gather[KdTree, double](deref(self._tree), q, spec, max_pairs,
+                                                      pairs._blocks, threads)
         return pairs
 
 
@@ -171,8 +220,9 @@ cdef class Pairs:
         cdef int64_t[::1] idx = index
         cdef int64_t dummy = 0
         cdef int64_t* out = &idx[0] if total else &dummy
-        with nogil:
-            radius_search_emit(self._blocks, &splits[0], out, threads)
+        with interruptible():
+            with nogil:
+                radius_search_emit(self._blocks, &splits[0], out, threads)
         return index
 
     def emit_kernel(self, const int64_t[::1] splits, cell_dtype, int threads):
@@ -195,19 +245,22 @@ cdef class Pairs:
         cdef int16_t d16 = 0
         if cell.dtype == np.uint8:
             c8 = cell
-            with nogil:
-                kernel_map_emit[uint8_t](self._blocks, &splits[0], k, idx_p,
-                                         &c8[0] if total else &d8, cnt_p, threads)
+            with interruptible():
+                with nogil:
+                    kernel_map_emit[uint8_t](self._blocks, &splits[0], k, idx_p,
+                                             &c8[0] if total else &d8, cnt_p, threads)
         elif cell.dtype == np.int16:
             c16 = cell
-            with nogil:
-                kernel_map_emit[int16_t](self._blocks, &splits[0], k, idx_p,
-                                         &c16[0] if total else &d16, cnt_p, threads)
+            with interruptible():
+                with nogil:
+                    kernel_map_emit[int16_t](self._blocks, &splits[0], k, idx_p,
+                                             &c16[0] if total else &d16, cnt_p, threads)
         else:
             c32 = cell
-            with nogil:
-                kernel_map_emit[int32_t](self._blocks, &splits[0], k, idx_p,
-                                         &c32[0] if total else &dummy_c, cnt_p, threads)
+            with interruptible():
+                with nogil:
+                    kernel_map_emit[int32_t](self._blocks, &splits[0], k, idx_p,
+                                             &c32[0] if total else &dummy_c, cnt_p, threads)
         return index, cell, counts
 
 
@@ -247,8 +300,9 @@ def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cel
     tkeys = np.empty(n_entries, dtype=np.int64)
     cdef int64_t[::1] ts = tsplits
     cdef int64_t[::1] tk = tkeys
-    with nogil:
-        transpose_kernel_map(view, &ts[0], &tk[0] if n_entries else NULL, threads)
+    with interruptible():
+        with nogil:
+            transpose_kernel_map(view, &ts[0], &tk[0] if n_entries else NULL, threads)
     return tsplits, tkeys
 
 
@@ -259,9 +313,10 @@ def conv_forward_(const int64_t[::1] splits, const int64_t[::1] index, const cel
     """y (m, c_out) = pointwise convolution of x (n, c_in) with the flattened weight."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
                                                 kernel_size)
-    with nogil:
-        conv_forward(view, &x[0, 0] if x.shape[0] else NULL, x.shape[1], &weight[0], c_out,
-                     depthwise, &y[0, 0] if y.shape[0] else NULL, threads)
+    with interruptible():
+        with nogil:
+            conv_forward(view, &x[0, 0] if x.shape[0] else NULL, x.shape[1], &weight[0], c_out,
+                         depthwise, &y[0, 0] if y.shape[0] else NULL, threads)
 
 
 def conv_backward_input_(const int64_t[::1] splits, const int64_t[::1] index,
@@ -272,11 +327,12 @@ def conv_backward_input_(const int64_t[::1] splits, const int64_t[::1] index,
     """grad_x (n, c_in) from grad_y (m, c_out) over the transposed map."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, grad_x.shape[0],
                                                 kernel_size)
-    with nogil:
-        conv_backward_input(view, &tsplits[0], &tkeys[0] if tkeys.shape[0] else NULL,
-                            &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
-                            &weight[0], grad_x.shape[1], depthwise,
-                            &grad_x[0, 0] if grad_x.shape[0] else NULL, threads)
+    with interruptible():
+        with nogil:
+            conv_backward_input(view, &tsplits[0], &tkeys[0] if tkeys.shape[0] else NULL,
+                                &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
+                                &weight[0], grad_x.shape[1], depthwise,
+                                &grad_x[0, 0] if grad_x.shape[0] else NULL, threads)
 
 
 def conv_backward_weight_(const int64_t[::1] splits, const int64_t[::1] index,
@@ -286,7 +342,8 @@ def conv_backward_weight_(const int64_t[::1] splits, const int64_t[::1] index,
     """grad_weight (flattened like the weight) from x (n, c_in) and grad_y (m, c_out)."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
                                                 kernel_size)
-    with nogil:
-        conv_backward_weight(view, &x[0, 0] if x.shape[0] else NULL, x.shape[1],
-                             &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
-                             depthwise, &grad_weight[0], threads)
+    with interruptible():
+        with nogil:
+            conv_backward_weight(view, &x[0, 0] if x.shape[0] else NULL, x.shape[1],
+                                 &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
+                                 depthwise, &grad_weight[0], threads)

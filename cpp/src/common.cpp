@@ -1,5 +1,7 @@
 #include "pwconv/common.hpp"
 
+#include <csignal>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -21,6 +23,41 @@ int default_threads() {
     return 1;
 #endif
 }
+
+namespace {
+std::atomic<int> g_interrupt{0};  // lock-free, hence usable from a signal handler
+static_assert(std::atomic<int>::is_always_lock_free, "the interrupt flag must be lock-free");
+
+extern "C" void pwconv_on_sigint(int) { g_interrupt.store(1, std::memory_order_relaxed); }
+}  // namespace
+
+bool interrupt_requested() { return g_interrupt.load(std::memory_order_relaxed) != 0; }
+void request_interrupt() { g_interrupt.store(1, std::memory_order_relaxed); }
+void clear_interrupt() { g_interrupt.store(0, std::memory_order_relaxed); }
+
+#if defined(_WIN32)
+SigintScope::SigintScope() {
+    previous_ = reinterpret_cast<void*>(std::signal(SIGINT, pwconv_on_sigint));
+}
+SigintScope::~SigintScope() {
+    std::signal(SIGINT, reinterpret_cast<void (*)(int)>(previous_));
+}
+#else
+// sigaction keeps the previous handler's flags (CPython installs its own with SA_ONSTACK).
+SigintScope::SigintScope() {
+    auto* saved = new struct sigaction();
+    struct sigaction action = {};
+    action.sa_handler = pwconv_on_sigint;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, saved);
+    previous_ = saved;
+}
+SigintScope::~SigintScope() {
+    auto* saved = static_cast<struct sigaction*>(previous_);
+    sigaction(SIGINT, saved, nullptr);
+    delete saved;
+}
+#endif
 
 int resolve_threads(int requested) { return requested > 0 ? requested : default_threads(); }
 

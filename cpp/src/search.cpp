@@ -518,12 +518,14 @@ void for_each_row(const PairBlocks& pairs, int threads, Row&& row) {
         const int64_t p0 = blk * PairBlocks::kBlockSize;
         const int64_t p1 = std::min(pairs.n_queries, p0 + PairBlocks::kBlockSize);
         const int64_t* keys = pairs.keys[blk].data();
+        if (interrupt_requested()) continue;  // skip the remaining blocks
         for (int64_t p = p0; p < p1; ++p) {
             const int64_t i = pairs.query_of.empty() ? p : pairs.query_of[p];
             row(i, keys, pairs.row_len[p]);
             keys += pairs.row_len[p];
         }
     }
+    if (interrupt_requested()) throw Interrupted();
 }
 
 }  // namespace

@@ -35,14 +35,47 @@ inline void require(bool cond, const char* what) {
     if (!cond) throw std::invalid_argument(what);
 }
 
+// --- Cooperative interruption ---------------------------------------------------------------
+// A long call can be stopped between blocks of work: once an interrupt is requested (by the SIGINT
+// handler of SigintScope, or by request_interrupt), the parallel loops skip their remaining blocks
+// and the call throws Interrupted.  Outputs of an interrupted call are incomplete.
+
+/// Thrown by a call that stopped because an interrupt was requested.
+struct Interrupted : std::runtime_error {
+    Interrupted() : std::runtime_error(kMessage) {}
+    static constexpr const char* kMessage = "pwconv: interrupted";
+};
+
+/// Whether an interrupt has been requested (and not cleared).
+bool interrupt_requested();
+/// Requests an interrupt (async-signal-safe).
+void request_interrupt();
+/// Clears a request.
+void clear_interrupt();
+
+/// Installs, for its lifetime, a SIGINT handler that requests an interrupt, and restores the
+/// previous handler afterwards.  Meant for the thread that receives Ctrl-C (Python's main thread);
+/// scopes must not be nested or overlap in time.
+class SigintScope {
+  public:
+    SigintScope();
+    ~SigintScope();
+    SigintScope(const SigintScope&) = delete;
+    SigintScope& operator=(const SigintScope&) = delete;
+
+  private:
+    void* previous_;  // the saved handler (platform-specific)
+};
+
 /// Keeps exceptions (std::bad_alloc from a buffer that grows, say) from escaping an OpenMP
 /// region, which would terminate the process: run() records the first one and makes the other
-/// iterations return at once; rethrow() after the region raises it in the calling thread.
+/// iterations return at once; rethrow() after the region raises it in the calling thread.  An
+/// interrupt request also makes run() skip its body, and rethrow() then throws Interrupted.
 class RegionErrors {
   public:
     template <class Body>
     void run(Body&& body) noexcept {
-        if (failed_.load(std::memory_order_relaxed)) return;
+        if (failed_.load(std::memory_order_relaxed) || interrupt_requested()) return;
         try {
             body();
         } catch (...) {
@@ -55,6 +88,7 @@ class RegionErrors {
     }
     void rethrow() const {
         if (error_) std::rethrow_exception(error_);
+        if (interrupt_requested()) throw Interrupted();
     }
 
   private:
