@@ -29,10 +29,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from pwconv_cy.cuda import _backend as _installed
+
 TESTS = Path(__file__).resolve().parent
-KERNELS_CU = ROOT / "pwconv_cy" / "cuda" / "kernels.cu"
-INCLUDE = ROOT / "cpp" / "include"
+# The installed package's copies, i.e. what the wheel ships (also when tests/ runs outside the
+# checkout, as CI does against the installed wheel).
+KERNELS_CU = _installed.SOURCE
+INCLUDE = _installed.include_dir()
 
 if str(TESTS) not in sys.path:  # oracles.py, also when run as a script
     sys.path.insert(0, str(TESTS))
