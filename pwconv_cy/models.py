@@ -20,25 +20,35 @@ gradients keyed like ``params``; the gradient with respect to the input features
 ``model.input_grad``), ``train()``/``eval()``, ``n_params`` and ``summary()``.
 
 :func:`save` / :func:`load` store the parameters, the configuration (JSON) and a format version in
-an ``.npz`` file that is read back without pickle.
+an ``.npz`` file that is read back without pickle; the file is written atomically (a temporary
+file in the same folder, then ``os.replace``), so an interrupted save never leaves a truncated
+file.  Extra arrays (a training checkpoint's optimiser and random-generator state) ride along
+under ``extra/`` and are read back by :func:`load_checkpoint`.
+
+:meth:`PointwiseCNNClassifier.predict` classifies clouds of any size: each is normalised like the
+training data and resampled to the model's ``n_points`` (:mod:`pwconv_cy.data`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
-from pwconv_cy import nn
+from pwconv_cy import data, nn
+from pwconv_cy._atomic import atomic_open
 from pwconv_cy.neighbors import NeighborIndex
 
-__all__ = ["PointwiseCNNClassifier", "PointwiseCNNSegmenter", "format_version", "load", "save"]
+__all__ = ["PointwiseCNNClassifier", "PointwiseCNNSegmenter", "format_version", "load",
+           "load_checkpoint", "save"]
 
 format_version = 1
 
 _PARAM_PREFIX = "param/"
 _CONFIG_KEY = "__config__"
 _VERSION_KEY = "__format_version__"
+_EXTRA_PREFIX = "extra/"
 
 
 def _check_dilations(dilations):
@@ -276,6 +286,63 @@ class PointwiseCNNClassifier(_PointwiseNet):
         e = np.exp(z)
         return e / e.sum(axis=-1, keepdims=True)
 
+    def predict(self, clouds, *, seed=0, batch_size=32):
+        """Class probabilities for clouds of any size.
+
+        Each cloud is normalised like the training data (centred on its centroid, farthest
+        point at distance 1: :func:`pwconv_cy.data.normalize_clouds`), then resampled to
+        ``n_points`` (:func:`pwconv_cy.data.resample`: a random subset, or every point plus
+        random duplicates when the cloud is smaller) with ``numpy.random.default_rng(seed)``,
+        drawn cloud by cloud in order, so the result depends only on the clouds and `seed`.
+
+        Parameters
+        ----------
+        clouds : (B, m, 3) array, or a sequence of (m_i, 3) arrays (sizes may differ, m_i >= 1)
+        seed : int
+            Seed of the resampling.
+        batch_size : int
+            Clouds per forward pass.
+
+        Returns
+        -------
+        (B, n_classes) float array
+            Probabilities (rows sum to 1); ``argmax(axis=1)`` gives the labels.
+        """
+        if isinstance(clouds, np.ndarray) and clouds.ndim == 3:
+            clouds = list(clouds)
+        if isinstance(clouds, np.ndarray) or not hasattr(clouds, "__len__"):
+            raise ValueError(f"clouds must be a (B, m, 3) array or a sequence of (m, 3) arrays, "
+                             f"got {type(clouds).__name__} of shape {np.shape(clouds)}")
+        batch_size = nn._check_channels(batch_size, "batch_size")
+        rng = np.random.default_rng(seed)
+        fixed = np.empty((len(clouds), self.n_points, 3), dtype=self.dtype)
+        for i, cloud in enumerate(clouds):
+            cloud = np.asarray(cloud)
+            if cloud.ndim != 2 or cloud.shape[1] != 3 or cloud.shape[0] == 0:
+                raise ValueError(f"cloud {i} must have shape (m, 3) with m >= 1, got "
+                                 f"{cloud.shape}")
+            if not np.isfinite(cloud).all():
+                raise ValueError(f"cloud {i} has non-finite coordinates (NaN or Inf); every "
+                                 "coordinate must be finite")
+            fixed[i] = data.resample(data.normalize_clouds(cloud), self.n_points, rng)
+        probs = np.empty((len(clouds), self.n_classes), dtype=self.dtype)
+        for start in range(0, len(clouds), batch_size):
+            probs[start:start + batch_size] = self.predict_proba(fixed[start:start + batch_size])
+        return probs
+
+    @property
+    def dropout_rng(self) -> np.random.Generator:
+        """The Generator of the alpha-dropout masks (by default the initialisation's); a
+        trainer sets its own to replay a run from one saved generator state."""
+        return self.dropout._rng
+
+    @dropout_rng.setter
+    def dropout_rng(self, rng: np.random.Generator) -> None:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"dropout_rng must be a numpy.random.Generator, got "
+                            f"{type(rng).__name__}")
+        self.dropout._rng = rng
+
     def __repr__(self) -> str:
         return (f"PointwiseCNNClassifier(n_points={self.n_points}, n_classes={self.n_classes}, "
                 f"channels={self.channels}, hidden={self.hidden}, n_params={self.n_params})")
@@ -351,22 +418,60 @@ _CLASSES = {"PointwiseCNNClassifier": PointwiseCNNClassifier,
             "PointwiseCNNSegmenter": PointwiseCNNSegmenter}
 
 
-def save(model, path) -> None:
-    """Write `model`'s parameters, configuration (JSON) and the format version to ``.npz``."""
+def save(model, path, extra=None) -> None:
+    """Write `model`'s parameters, configuration (JSON) and the format version to ``.npz``.
+
+    The file is written atomically: to a temporary file in the same folder, then moved over
+    `path` with ``os.replace``, so `path` always holds a complete file (the old or the new).
+    As with ``np.savez``, ``.npz`` is appended to a path without it.
+
+    Parameters
+    ----------
+    model : PointwiseCNNClassifier or PointwiseCNNSegmenter
+    path : str or os.PathLike
+    extra : dict of str to array-like, optional
+        Arrays stored alongside (``"extra/<key>"``), returned by :func:`load_checkpoint`.
+    """
     if type(model).__name__ not in _CLASSES:
         raise TypeError(f"save expects a PointwiseCNNClassifier or PointwiseCNNSegmenter, "
                         f"got {type(model).__name__}")
     arrays = {_PARAM_PREFIX + k: np.asarray(v) for k, v in model.params.items()}
     arrays[_CONFIG_KEY] = np.array(json.dumps(model.config))
     arrays[_VERSION_KEY] = np.array(format_version, dtype=np.int64)
-    np.savez(path, **arrays)
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"extra keys must be str, got {type(key).__name__} {key!r}")
+        arrays[_EXTRA_PREFIX + key] = np.asarray(value)
+    path = os.fspath(path)
+    if not path.endswith(".npz"):
+        path += ".npz"
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load(path):
-    """Rebuild the model saved by :func:`save` (no pickle).  Raises ValueError for a file of
-    another format version, without a configuration, or with missing, extra or mis-shaped
-    parameters."""
-    with np.load(path, allow_pickle=False) as f:
+    """Rebuild the model saved by :func:`save` (no pickle); see :func:`load_checkpoint`."""
+    return load_checkpoint(path)[0]
+
+
+def load_checkpoint(path):
+    """The model saved by :func:`save` and its extra arrays.
+
+    Returns
+    -------
+    model : PointwiseCNNClassifier or PointwiseCNNSegmenter
+    extra : dict of str to numpy.ndarray
+        The `extra` given to :func:`save` (empty when none).
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        A file that is not an ``.npz``, or not a pwconv model file, of another format version,
+        without a configuration, or with missing, extra or mis-shaped parameters.
+    """
+    with data.open_npz(path, context="not a pwconv model file: ") as f:
         keys = set(f.files)
         if _VERSION_KEY not in keys:
             raise ValueError(f"{path}: not a pwconv model file (no {_VERSION_KEY!r} entry)")
@@ -385,17 +490,19 @@ def load(path):
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: invalid model configuration ({exc})") from None
         stored = {k[len(_PARAM_PREFIX):]: f[k] for k in keys if k.startswith(_PARAM_PREFIX)}
+        extra = {k[len(_EXTRA_PREFIX):]: f[k] for k in keys if k.startswith(_EXTRA_PREFIX)}
         others = sorted(keys - {_VERSION_KEY, _CONFIG_KEY}
-                        - {_PARAM_PREFIX + k for k in stored})
+                        - {_PARAM_PREFIX + k for k in stored}
+                        - {_EXTRA_PREFIX + k for k in extra})
         expected = model.params
         missing = sorted(set(expected) - set(stored))
-        extra = sorted(set(stored) - set(expected)) + others
-        if missing or extra:
+        unexpected = sorted(set(stored) - set(expected)) + others
+        if missing or unexpected:
             raise ValueError(f"{path}: parameters do not match the {cls.__name__} configuration:"
-                             f" missing {missing}, unexpected {extra}")
+                             f" missing {missing}, unexpected {unexpected}")
         for k, arr in expected.items():
             if stored[k].shape != arr.shape:
                 raise ValueError(f"{path}: parameter {k!r} has shape {stored[k].shape}, the "
                                  f"model expects {arr.shape}")
         model.set_params(stored)
-    return model
+    return model, extra

@@ -212,3 +212,71 @@ def test_training_modelnet40_subset(shared_data):
     model = models.PointwiseCNNClassifier(n_points=256, n_classes=4, hidden=64, seed=0)
     losses = _train(model, points, labels, steps=20, lr=1e-3)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_one_kernel_map_per_dilation_per_step_shared_by_the_layers(rng, monkeypatch):
+    from pwconv_cy import neighbors
+
+    calls = {"index": 0, "maps": []}
+    real_map = neighbors.NeighborIndex.kernel_map
+
+    class CountingIndex(neighbors.NeighborIndex):
+        def __init__(self, *args, **kwargs):
+            calls["index"] += 1
+            super().__init__(*args, **kwargs)
+
+        def kernel_map(self, kernel_size=3, dilation=1, **kwargs):
+            calls["maps"].append(dilation)
+            return real_map(self, kernel_size, dilation, **kwargs)
+
+    monkeypatch.setattr(models, "NeighborIndex", CountingIndex)
+    model = models.PointwiseCNNClassifier(n_points=32, n_classes=3, hidden=4,
+                                          dilations=(1, 2, 2, 3), seed=0)
+    points = _cloud_batch(rng, 2, 32).astype(np.float32)
+    ce = nn.SoftmaxCrossEntropy()
+    ce.forward(model.forward(points), np.array([0, 2]))
+    model.backward(ce.backward())
+    assert calls == {"index": 1, "maps": [1, 2, 3]}  # backward computes none
+    assert model.convs[1].kernel_map is model.convs[2].kernel_map
+
+
+def test_save_is_atomic_and_carries_extra_arrays(tmp_path, monkeypatch):
+    model = _tiny_classifier()
+    models.save(model, tmp_path / "m", extra={"note": np.array("hello"), "a/b": np.arange(3)})
+    back, extra = models.load_checkpoint(tmp_path / "m.npz")  # ".npz" appended, as np.savez
+    assert back.config == model.config
+    assert str(extra["note"]) == "hello" and extra["a/b"].tolist() == [0, 1, 2]
+    assert models.load_checkpoint(tmp_path / "m.npz")[0].config == model.config
+    before = (tmp_path / "m.npz").read_bytes()
+
+    def interrupted(file, **arrays):
+        file.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        models.save(_tiny_classifier(seed=2), tmp_path / "m.npz")
+    assert (tmp_path / "m.npz").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+    with pytest.raises(TypeError, match="extra keys must be str"):
+        models.save(model, tmp_path / "x.npz", extra={1: np.zeros(1)})
+
+
+def test_load_refuses_unreadable_files(tmp_path):
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ValueError, match="text.npz: not a pwconv model file: cannot be read"):
+        models.load(tmp_path / "text.npz")
+    with pytest.raises(FileNotFoundError, match="absent.npz: no such file"):
+        models.load(tmp_path / "absent.npz")
+
+
+def test_dropout_rng_drives_the_masks():
+    model = _tiny_classifier(dropout=0.5)
+    points = _cloud_batch(np.random.default_rng(0), 2, 16)
+    model.dropout_rng = np.random.default_rng(7)
+    first = model.forward(points)
+    model.dropout_rng = np.random.default_rng(7)
+    assert np.array_equal(model.forward(points), first)
+    assert not np.array_equal(model.forward(points), first)  # the generator moved on
+    with pytest.raises(TypeError, match="numpy.random.Generator, got int"):
+        model.dropout_rng = 7
