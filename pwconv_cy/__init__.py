@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pwconv_cy import cuda, models, nn, optim
+from pwconv_cy import cuda, data, metrics, models, nn, optim
 from pwconv_cy._config import MemoryBudgetError, get_memory_budget, set_memory_budget
 from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import KernelMap, NeighborIndex, kernel_map, radius_search
@@ -14,8 +14,10 @@ __all__ = [
     "NeighborIndex",
     "__version__",
     "cuda",
+    "data",
     "get_memory_budget",
     "kernel_map",
+    "metrics",
     "models",
     "nn",
     "optim",
@@ -25,6 +27,15 @@ __all__ = [
     "set_memory_budget",
     "show_config",
 ]
+
+
+def __getattr__(name: str):
+    """``pwconv_cy.torch`` and ``pwconv_cy.jax`` import their framework on first use only."""
+    if name in ("torch", "jax"):
+        import importlib
+
+        return importlib.import_module(f"pwconv_cy.{name}")
+    raise AttributeError(f"module 'pwconv_cy' has no attribute {name!r}")
 
 
 def _cuda_status() -> str:
@@ -48,6 +59,7 @@ def show_config(file=None) -> dict:
     import sys
 
     from pwconv_cy import _core
+    from pwconv_cy._validation import default_num_threads
 
     info = {
         "pwconv_cy": __version__,
@@ -56,7 +68,7 @@ def show_config(file=None) -> dict:
         "compiler": _core.COMPILER.decode() if isinstance(_core.COMPILER, bytes) else _core.COMPILER,
         "openmp": (f"yes (OpenMP {_core.OPENMP_VERSION.decode()})" if _core.has_openmp()
                    else "NO - serial build"),
-        "threads": _core.omp_default_threads(),
+        "threads": default_num_threads(),
         "native_build": _core.NATIVE_BUILD,
         "memory_budget_bytes": get_memory_budget(),
         "cuda": _cuda_status(),

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import warnings
 from typing import NamedTuple
 
 import numpy as np
+
+from pwconv_cy._arrays import to_host
 
 __all__ = [
     "PointBatch",
@@ -22,28 +26,14 @@ __all__ = [
     "check_points",
     "check_positive",
     "check_queries",
+    "default_num_threads",
 ]
 
 
 def as_numpy(x, name: str) -> np.ndarray:
-    """A NumPy view of `x` (NumPy, array-likes, DLPack producers on the CPU), without copying."""
-    if isinstance(x, np.ndarray):
-        return x
-    if x is None:
-        raise TypeError(f"{name} must be an array, got None")
-    if hasattr(x, "__cuda_array_interface__"):
-        raise TypeError(f"{name} is a GPU array ({type(x).__module__}.{type(x).__name__}); "
-                        "the CPU path needs a host array (NumPy or a CPU DLPack tensor)")
-    if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
-        try:
-            return np.from_dlpack(x)
-        except (TypeError, RuntimeError, BufferError) as exc:
-            raise TypeError(f"{name}: cannot read {type(x).__name__} through DLPack on the CPU "
-                            f"({exc})") from None
-    try:
-        return np.asarray(x)
-    except Exception as exc:  # noqa: BLE001 - report whatever the conversion said
-        raise TypeError(f"{name} must be an array, got {type(x).__name__} ({exc})") from None
+    """A NumPy view of `x` (NumPy, array-likes, DLPack producers on the CPU), without copying;
+    GPU arrays are refused, never copied (see pwconv_cy._arrays)."""
+    return to_host(x, name)
 
 
 class PointBatch(NamedTuple):
@@ -198,14 +188,56 @@ def check_dilation(value) -> int:
     return s
 
 
+# The one rule for threads, everywhere (functions, NeighborIndex, layers, the torch and JAX
+# adapters): num_threads=None is the OpenMP default of the calling thread in the runtime the core
+# is linked with (omp_get_max_threads: OMP_NUM_THREADS, threadpoolctl.threadpool_limits,
+# omp_set_num_threads - and torch.set_num_threads, since PyTorch and pwconv then share one
+# libgomp); a positive count overrides it.  The adapters resolve None in the thread that calls
+# them, as their callbacks and backward passes may run on other threads.  In a process forked
+# from another, pwconv runs on one thread: GNU OpenMP hangs when a forked child starts a thread
+# team after its parent ran one, and forked workers (DataLoader, multiprocessing) are the
+# parallelism there anyway.
+_forked_child = False
+_warned_fork = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def check_num_threads(value) -> int:
-    """None -> 0 (the OpenMP default, honouring OMP_NUM_THREADS/threadpoolctl); else >= 1."""
+    """None -> 0 (the OpenMP default, honouring OMP_NUM_THREADS/threadpoolctl); else >= 1.
+    1 in a forked child process (see the rule above; a request for more warns once)."""
     if value is None:
-        return 0
-    t = _check_int(value, "num_threads")
-    if t < 1:
-        raise ValueError(f"num_threads must be None (the OpenMP default) or >= 1, got {t}")
+        t = 0
+    else:
+        t = _check_int(value, "num_threads")
+        if t < 1:
+            raise ValueError(f"num_threads must be None (the OpenMP default) or >= 1, got {t}")
+    if _forked_child and t != 1:
+        global _warned_fork
+        if t > 1 and not _warned_fork:
+            _warned_fork = True
+            warnings.warn(f"num_threads={t} in a forked child process: pwconv runs on one thread "
+                          "there (GNU OpenMP cannot start threads after fork); use the 'spawn' "
+                          "or 'forkserver' start method for multithreaded children",
+                          RuntimeWarning, stacklevel=3)
+        return 1
     return t
+
+
+def default_num_threads() -> int:
+    """How many threads num_threads=None means here and now (the rule above)."""
+    if _forked_child:
+        return 1
+    from pwconv_cy import _core
+
+    return int(_core.omp_default_threads())
 
 
 def check_choice(value, name: str, choices) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from pwconv_cy import _core
+from pwconv_cy._arrays import CallArrays
 from pwconv_cy._validation import (
     check_choice,
     check_dilation,
@@ -19,18 +20,18 @@ from pwconv_cy._validation import (
     check_queries,
     check_weight,
 )
-from pwconv_cy.cuda import is_device_array
 from pwconv_cy.neighbors import METHODS, KernelMap, NeighborIndex, digest_matches
 
 __all__ = ["pointwise_conv", "pointwise_conv_backward"]
 
 
-def _on_device(*arrays, kernel_map=None) -> bool:
-    """Whether the call goes to the GPU path: any array (or the kernel map) in GPU memory.  The
-    GPU path then refuses host arrays among the rest (no silent copies either way)."""
-    if kernel_map is not None and is_device_array(getattr(kernel_map, "splits", None)):
-        return True
-    return any(is_device_array(a) for a in arrays)
+def _call_arrays(points, feats, weight, queries, offsets, query_offsets, kernel_map,
+                 **leading) -> CallArrays:
+    """The call's arrays on one device (CUDA data goes to the GPU path; nothing is copied between
+    host and device), viewed as NumPy or CuPy, and the kind the results take.  `leading`: arrays
+    before the points (grad_out)."""
+    data = {**leading, "points": points, "feats": feats, "weight": weight, "queries": queries}
+    return CallArrays(data, {"offsets": offsets, "query_offsets": query_offsets}, kernel_map)
 
 
 def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offsets, kernel_map,
@@ -98,7 +99,11 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
     Parameters
     ----------
     points : (n, 3) or (B, n, 3) float16/32/64
-        Coordinates (any units; ``voxel_size`` in the same units).
+        Coordinates (any units; ``voxel_size`` in the same units).  This and the other arrays:
+        NumPy or CuPy arrays, or torch/JAX/DLPack tensors on the CPU or a CUDA device, read
+        without a copy, all on one device (CUDA data runs on the GPU path); the result takes
+        the caller's kind (a torch tensor for torch input).  Gradients are not recorded: see
+        :mod:`pwconv_cy.torch` and :mod:`pwconv_cy.jax` for autograd.
     feats : (n, c_in) or (B, n, c_in) float32/float64
         Input features.
     weight : (K, K, K, c_in, c_out), or (K, K, K, c_in) with ``depthwise=True``
@@ -124,20 +129,23 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
     -------
     y : (m, c_out), or (B, m, c_out) for dense input, in the features' dtype.
     """
-    if _on_device(points, feats, weight, kernel_map=kernel_map):
+    call = _call_arrays(points, feats, weight, queries, offsets, query_offsets, kernel_map)
+    if call.on_gpu:
         from pwconv_cy import cuda
 
-        return cuda.pointwise_conv(
-            points, feats, weight, voxel_size, dilation=dilation, offsets=offsets, queries=queries,
-            query_offsets=query_offsets, kernel_map=kernel_map, depthwise=depthwise, method=method,
-            num_threads=num_threads, check_finite=check_finite)
+        return call.export(cuda.pointwise_conv(
+            call["points"], call["feats"], call["weight"], voxel_size, dilation=dilation,
+            offsets=offsets, queries=call["queries"], query_offsets=query_offsets,
+            kernel_map=call.kernel_map, depthwise=depthwise, method=method,
+            num_threads=num_threads, check_finite=check_finite))
     x, w, k, c_out, km, out_dense, threads = _prepare(
-        points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
-        depthwise, method, num_threads, check_finite)
+        call["points"], call["feats"], call["weight"], voxel_size, dilation, offsets,
+        call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
+        check_finite)
     y = np.empty((km.n_queries, c_out), dtype=x.dtype)
     _core.conv_forward_(km.splits, km.index, km.cell, km.counts, k, x, w.reshape(-1), c_out,
                         bool(depthwise), y, threads)
-    return y.reshape(*out_dense, c_out) if out_dense is not None else y
+    return call.export(y.reshape(*out_dense, c_out) if out_dense is not None else y)
 
 
 def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dilation=1,
@@ -162,18 +170,21 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     d_feats : shaped like ``feats`` (packed (n, c_in) or dense (B, n, c_in))
     d_weight : shaped like ``weight``
     """
-    if _on_device(grad_out, points, feats, weight, kernel_map=kernel_map):
+    call = _call_arrays(points, feats, weight, queries, offsets, query_offsets, kernel_map,
+                        grad_out=grad_out)
+    if call.on_gpu:
         from pwconv_cy import cuda
 
-        return cuda.pointwise_conv_backward(
-            grad_out, points, feats, weight, voxel_size, dilation=dilation, offsets=offsets,
-            queries=queries, query_offsets=query_offsets, kernel_map=kernel_map,
-            depthwise=depthwise, method=method, num_threads=num_threads,
-            check_finite=check_finite)
+        return call.export(cuda.pointwise_conv_backward(
+            call["grad_out"], call["points"], call["feats"], call["weight"], voxel_size,
+            dilation=dilation, offsets=offsets, queries=call["queries"],
+            query_offsets=query_offsets, kernel_map=call.kernel_map, depthwise=depthwise,
+            method=method, num_threads=num_threads, check_finite=check_finite))
     x, w, k, c_out, km, out_dense, threads = _prepare(
-        points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
-        depthwise, method, num_threads, check_finite)
-    dy = check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite)
+        call["points"], call["feats"], call["weight"], voxel_size, dilation, offsets,
+        call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
+        check_finite)
+    dy = check_grad_out(call["grad_out"], km.n_queries, c_out, x.dtype, out_dense, check_finite)
     tsplits, tkeys = km.transposed(threads or None)
     dx = np.empty_like(x)
     _core.conv_backward_input_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys, dy,
@@ -181,5 +192,4 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     dw = np.empty(w.size, dtype=x.dtype)
     _core.conv_backward_weight_(km.splits, km.index, km.cell, km.counts, k, x, dy,
                                 bool(depthwise), dw, threads)
-    feats_shape = np.shape(feats) if hasattr(feats, "shape") else x.shape
-    return dx.reshape(feats_shape), dw.reshape(w.shape)
+    return call.export((dx.reshape(call["feats"].shape), dw.reshape(w.shape)))

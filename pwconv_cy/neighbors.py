@@ -6,12 +6,14 @@ result for every method and thread count.
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pwconv_cy import _core
+from pwconv_cy._arrays import CallArrays, describe, export, kind_of
 from pwconv_cy._config import check_budget, max_pairs_within, resolve_budget
 from pwconv_cy._validation import (
     PointBatch,
@@ -25,7 +27,6 @@ from pwconv_cy._validation import (
     check_positive,
     check_queries,
 )
-from pwconv_cy.cuda import is_device_array
 
 __all__ = ["AUTO_KDTREE_MIN_POINTS", "KernelMap", "NeighborIndex", "kernel_map", "radius_search"]
 
@@ -86,6 +87,11 @@ class KernelMap:
         The geometry the map was built for.
     n_points : int
         Number of data points the indices refer to.
+
+    The four arrays are NumPy arrays on the host and CuPy arrays on a GPU; a map built from
+    PyTorch tensors holds torch tensors (zero-copy views of the same memory) on the tensors'
+    device, and every function taking ``kernel_map=`` accepts it back.  ``offsets`` and
+    ``query_offsets`` are host NumPy int64 metadata in every case.
     """
 
     splits: np.ndarray
@@ -114,6 +120,15 @@ class KernelMap:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.splits, self.index, self.cell, self.counts))
 
+    def _with_arrays(self, convert) -> KernelMap:
+        """The same map with ``convert(array, name)`` applied to splits, index, cell and counts
+        (self when nothing changes).  Both share the cache of the transposed map."""
+        arrays = {n: getattr(self, n) for n in ("splits", "index", "cell", "counts")}
+        changed = {n: convert(a, n) for n, a in arrays.items()}
+        if all(changed[n] is arrays[n] for n in arrays):
+            return self
+        return dataclasses.replace(self, **changed)
+
     def clear_cache(self) -> None:
         """Drop the cached transposed map (it is rebuilt by the next backward pass)."""
         self._cache.clear()
@@ -122,8 +137,11 @@ class KernelMap:
         """For every point j, the rows i (ascending) with j in Omega_i(f) and the cell f of each:
         ``(tsplits (n_points + 1,) int64, tkeys (E,) int64)`` with ``tkeys = row << bits | cell``
         (``bits = ceil(log2(K**3))``).  Computed once, cached;
-        the input gradient gathers over it."""
-        if is_device_array(self.splits):
+        the input gradient gathers over it.  Arrays of the map's own kind."""
+        native = CallArrays({}, kernel_map=self).kernel_map
+        if native is not self:
+            return export(native.transposed(num_threads), kind_of(self.splits))
+        if kind_of(self.splits) == "cupy":
             from pwconv_cy import cuda
 
             return cuda.transpose_map(self)
@@ -148,7 +166,9 @@ class NeighborIndex:
     Parameters
     ----------
     points : (n, 3) or (B, n, 3) float16/32/64
-        Coordinates; any array NumPy can read (DLPack producers on the CPU without a copy).
+        Coordinates: NumPy, CuPy (the index then lives on the GPU: pwconv_cy.cuda.NeighborIndex),
+        torch/JAX/DLPack tensors on the CPU or a CUDA device (read without a copy).  Results
+        (kernel maps, CSR arrays) take the kind of these points.
     cell_size : float
         Grid cell edge in coordinate units (use the voxel size, or the search radius).
     offsets : (B + 1,) integer, optional
@@ -162,7 +182,19 @@ class NeighborIndex:
 
     def __init__(self, points, cell_size, *, offsets=None, method="grid", leaf_size=16,
                  num_threads=None):
-        self._build(check_points(points, offsets), cell_size, method, leaf_size, num_threads)
+        call = CallArrays({"points": points}, {"offsets": offsets})
+        if call.on_gpu:
+            from pwconv_cy import cuda
+
+            check_leaf_size(leaf_size)
+            self._gpu = cuda.NeighborIndex(call["points"], cell_size, offsets=offsets,
+                                           method=method, num_threads=num_threads)
+            self._batch, self.cell_size = self._gpu._batch, self._gpu.cell_size
+            self.method, self._digest = self._gpu.method, None
+        else:
+            self._build(check_points(call["points"], offsets), cell_size, method, leaf_size,
+                        num_threads)
+        self._origin = (call.device, call.kind, describe(points))
 
     @classmethod
     def from_batch(cls, batch: PointBatch, cell_size, *, method="grid", leaf_size=16,
@@ -173,6 +205,8 @@ class NeighborIndex:
         return self
 
     def _build(self, batch, cell_size, method, leaf_size, num_threads):
+        self._gpu = None
+        self._origin = ("cpu", "numpy", "numpy.ndarray")
         self._batch = batch
         self.cell_size = check_positive(cell_size, "cell_size")
         method = check_choice(method, "method", METHODS)
@@ -196,23 +230,33 @@ class NeighborIndex:
         return self._batch.offsets
 
     @property
-    def points(self) -> np.ndarray:
-        """The (n, 3) coordinates the index was built over (packed)."""
-        return self._batch.points
+    def points(self):
+        """The (n, 3) coordinates the index was built over (packed; float64 on a GPU), in the
+        kind of the points given."""
+        return export(self._batch.points, self._origin[1])
 
     @property
     def memory_bytes(self) -> int:
-        return self._index.memory_bytes
+        return (self._gpu if self._gpu is not None else self._index).memory_bytes
 
     @property
     def points_digest(self) -> str:
+        if self._gpu is not None:
+            return self._gpu.points_digest
         if self._digest is None:
             self._digest = cloud_digest(self._batch.points, self._batch.offsets)
         return self._digest
 
     def __repr__(self) -> str:
+        where = "" if self._gpu is None else f", device={self._origin[0]!r}"
         return (f"NeighborIndex(n_points={self.n_points}, n_clouds={self.n_clouds}, "
-                f"cell_size={self.cell_size}, method={self.method!r})")
+                f"cell_size={self.cell_size}, method={self.method!r}{where})")
+
+    def _call(self, queries, query_offsets) -> CallArrays:
+        """The queries of a search, on the index's device; results in the kind of the index's
+        points (or of the queries, when those are torch/JAX/CuPy and the points NumPy)."""
+        return CallArrays({"queries": queries}, {"query_offsets": query_offsets},
+                          bound=("the index's points", *self._origin))
 
     def radius_search(self, radius, queries=None, *, query_offsets=None, metric="chebyshev",
                       num_threads=None, memory_budget=None):
@@ -225,6 +269,12 @@ class NeighborIndex:
             Global point indices, ascending within each row.  Queries default to the points
             (each point then finds itself).
         """
+        call = self._call(queries, query_offsets)
+        if self._gpu is not None:
+            return call.export(self._gpu.radius_search(
+                radius, call["queries"], query_offsets=query_offsets, metric=metric,
+                num_threads=num_threads, memory_budget=memory_budget))
+        queries = call["queries"]
         radius = check_positive(radius, "radius")
         metric_id = METRICS.index(check_choice(metric, "metric", METRICS))
         threads = check_num_threads(num_threads)
@@ -237,11 +287,18 @@ class NeighborIndex:
                      "reduce the radius, search fewer queries per call or split the batch",
                      pairs.complete)
         splits = pairs.splits()
-        return splits, pairs.emit_radius(splits, threads)
+        return call.export((splits, pairs.emit_radius(splits, threads)))
 
     def kernel_map(self, kernel_size=3, dilation=1, *, voxel_size=None, queries=None,
                    query_offsets=None, num_threads=None, memory_budget=None) -> KernelMap:
         """The kernel map of SPEC §1 (voxel_size defaults to the index's cell size)."""
+        call = self._call(queries, query_offsets)
+        if self._gpu is not None:
+            return call.export(self._gpu.kernel_map(
+                kernel_size, dilation, voxel_size=voxel_size, queries=call["queries"],
+                query_offsets=query_offsets, num_threads=num_threads,
+                memory_budget=memory_budget))
+        queries = call["queries"]
         v = self.cell_size if voxel_size is None else check_positive(voxel_size, "voxel_size")
         k = check_kernel_size(kernel_size)
         s = check_dilation(dilation)
@@ -262,12 +319,12 @@ class NeighborIndex:
                      pairs.complete)
         splits = pairs.splits()
         index, cell, counts = pairs.emit_kernel(splits, cell_dtype, threads)
-        return KernelMap(
+        return call.export(KernelMap(
             splits=splits, index=index, cell=cell, counts=counts, voxel_size=v, kernel_size=k,
             dilation=s, n_points=self.n_points, offsets=self._batch.offsets,
             query_offsets=self._batch.offsets if q is None else q_offsets,
             points_digest=self.points_digest,
-            queries_digest=None if q is None else cloud_digest(q, q_offsets))
+            queries_digest=None if q is None else cloud_digest(q, q_offsets)))
 
 
 def _resolve_method(method: str, batch: PointBatch) -> str:
@@ -287,6 +344,9 @@ def radius_search(points, radius, queries=None, *, offsets=None, query_offsets=N
     Parameters
     ----------
     points : (n, 3) or (B, n, 3) float16/32/64
+        NumPy or CuPy arrays, or torch/JAX/DLPack tensors on the CPU or a CUDA device (read
+        without a copy; CUDA data runs on the GPU path).  All arrays of a call on one device;
+        results in the caller's kind (see pwconv_cy._arrays).
     radius : float
         Closed search radius (coordinate units): ``|p - q|_inf <= r`` for "chebyshev",
         ``|p - q|_2 <= r`` for "euclidean", evaluated in float64.
@@ -306,16 +366,20 @@ def radius_search(points, radius, queries=None, *, offsets=None, query_offsets=N
     index : (E,) int64
         Global point indices of each query's neighbours, ascending within each row.
     """
-    if is_device_array(points):
+    call = CallArrays({"points": points, "queries": queries},
+                      {"offsets": offsets, "query_offsets": query_offsets})
+    if call.on_gpu:
         from pwconv_cy import cuda
 
-        return cuda.radius_search(points, radius, queries, offsets=offsets,
-                                  query_offsets=query_offsets, metric=metric, method=method,
-                                  num_threads=num_threads, memory_budget=memory_budget)
+        return call.export(cuda.radius_search(
+            call["points"], radius, call["queries"], offsets=offsets, query_offsets=query_offsets,
+            metric=metric, method=method, num_threads=num_threads, memory_budget=memory_budget))
     radius = check_positive(radius, "radius")
-    index = NeighborIndex(points, radius, offsets=offsets, method=method, num_threads=num_threads)
-    return index.radius_search(radius, queries, query_offsets=query_offsets, metric=metric,
-                               num_threads=num_threads, memory_budget=memory_budget)
+    index = NeighborIndex(call["points"], radius, offsets=offsets, method=method,
+                          num_threads=num_threads)
+    return call.export(index.radius_search(radius, call["queries"], query_offsets=query_offsets,
+                                           metric=metric, num_threads=num_threads,
+                                           memory_budget=memory_budget))
 
 
 def kernel_map(points, voxel_size, *, kernel_size=3, dilation=1, queries=None, offsets=None,
@@ -329,6 +393,7 @@ def kernel_map(points, voxel_size, *, kernel_size=3, dilation=1, queries=None, o
     Parameters
     ----------
     points : (n, 3) or (B, n, 3) float16/32/64
+        Any array kind, as in :func:`radius_search`.
     voxel_size : float
         Kernel cell edge v (coordinate units).
     kernel_size : int
@@ -341,17 +406,23 @@ def kernel_map(points, voxel_size, *, kernel_size=3, dilation=1, queries=None, o
     Returns
     -------
     KernelMap
+        Arrays in the caller's kind: NumPy, CuPy, or torch tensors (JAX callers get NumPy
+        arrays, see :class:`KernelMap`); accepted back by ``pointwise_conv(kernel_map=...)``.
     """
-    if is_device_array(points):
+    call = CallArrays({"points": points, "queries": queries},
+                      {"offsets": offsets, "query_offsets": query_offsets})
+    if call.on_gpu:
         from pwconv_cy import cuda
 
-        return cuda.kernel_map(points, voxel_size, kernel_size=kernel_size, dilation=dilation,
-                               queries=queries, offsets=offsets, query_offsets=query_offsets,
-                               method=method, num_threads=num_threads,
-                               memory_budget=memory_budget)
+        return call.export(cuda.kernel_map(
+            call["points"], voxel_size, kernel_size=kernel_size, dilation=dilation,
+            queries=call["queries"], offsets=offsets, query_offsets=query_offsets, method=method,
+            num_threads=num_threads, memory_budget=memory_budget))
     v = check_positive(voxel_size, "voxel_size")
     k = check_kernel_size(kernel_size)
     s = check_dilation(dilation)
-    index = NeighborIndex(points, v, offsets=offsets, method=method, num_threads=num_threads)
-    return index.kernel_map(k, s, voxel_size=v, queries=queries, query_offsets=query_offsets,
-                            num_threads=num_threads, memory_budget=memory_budget)
+    index = NeighborIndex(call["points"], v, offsets=offsets, method=method,
+                          num_threads=num_threads)
+    return call.export(index.kernel_map(k, s, voxel_size=v, queries=call["queries"],
+                                        query_offsets=query_offsets, num_threads=num_threads,
+                                        memory_budget=memory_budget))

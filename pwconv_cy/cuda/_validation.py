@@ -1,9 +1,10 @@
 """Input checks of the GPU path: the CPU helpers' rules and messages (pwconv_cy/_validation.py)
 for CuPy arrays.  Device data is never copied to the host: shapes and dtypes are read from the
 array objects; the NaN/Inf checks reduce on the device and bring back one boolean.  Offsets are
-small host metadata (NumPy, lists, or CuPy arrays copied explicitly) checked by the CPU helper."""
+small host metadata (NumPy, lists, or device arrays copied explicitly) checked by the CPU helper."""
 from __future__ import annotations
 
+from pwconv_cy import _arrays
 from pwconv_cy import _validation as _host
 
 __all__ = [
@@ -24,37 +25,20 @@ def _cupy():
     return cupy
 
 
-def as_device(x, name: str, host_alternative: str = "the CPU functions of pwconv_cy"):
-    """A CuPy view of `x` (CuPy arrays, or objects exposing __cuda_array_interface__ such as a
-    detached CUDA torch.Tensor), without copying.  Host arrays are refused, not copied."""
-    cupy = _cupy()
-    if isinstance(x, cupy.ndarray):
-        return x
-    if x is None:
-        raise TypeError(f"{name} must be a CuPy array, got None")
-    try:
-        on_device = hasattr(x, "__cuda_array_interface__")
-    except Exception as exc:  # noqa: BLE001 - e.g. a CUDA tensor that requires grad
-        raise TypeError(f"{name}: cannot read {type(x).__name__} as a CuPy array ({exc}); pass "
-                        f"{name}.detach() for a tensor that requires grad") from None
-    if on_device:
-        try:
-            return cupy.asarray(x)
-        except Exception as exc:  # noqa: BLE001 - say what failed
-            raise TypeError(f"{name}: cannot read {type(x).__name__} as a CuPy array ({exc})") \
-                from None
-    raise TypeError(f"{name} must be a CuPy array (GPU memory), got {type(x).__module__}."
-                    f"{type(x).__name__}; host arrays go to {host_alternative}, or move the data "
-                    f"with cupy.asarray({name}) first")
+def as_device(x, name: str):
+    """A CuPy view of `x` (CuPy arrays, CUDA DLPack producers such as torch CUDA tensors and JAX
+    GPU arrays, __cuda_array_interface__ objects), without copying.  Host arrays are refused, not
+    copied (pwconv_cy._arrays.to_device)."""
+    return _arrays.to_device(x, name)
 
 
-def host_offsets(offsets):
-    """Offsets as host metadata: CuPy arrays are copied to the host explicitly (B + 1 integers)."""
-    if offsets is None:
-        return None
-    cupy = _cupy()
-    if isinstance(offsets, cupy.ndarray) or hasattr(offsets, "__cuda_array_interface__"):
-        return cupy.asnumpy(cupy.asarray(offsets))
+def host_offsets(offsets, name: str = "offsets"):
+    """Offsets as host metadata: device arrays (CuPy, CUDA tensors) are copied to the host
+    explicitly (B + 1 integers)."""
+    if offsets is None or isinstance(offsets, (list, tuple)):
+        return offsets
+    if _arrays.device_of(offsets, name) != _arrays.CPU:
+        return _cupy().asnumpy(_arrays.to_device(offsets, name))
     return offsets
 
 
@@ -86,15 +70,15 @@ def check_points(points, offsets=None, name: str = "points", offsets_name: str =
                  what: str = "points") -> DeviceBatch:
     """Coordinates (n, 3) packed with `offsets`, or dense (B, n, 3) with offsets=None: the CPU's
     rules and messages (pwconv_cy._validation.check_points) on CuPy arrays, binned in float64."""
-    return _host.check_points(points, host_offsets(offsets), name, offsets_name, what,
-                              to_array=as_device, coordinates=_check_coordinates)
+    return _host.check_points(points, host_offsets(offsets, offsets_name), name, offsets_name,
+                              what, to_array=as_device, coordinates=_check_coordinates)
 
 
 def check_queries(queries, query_offsets, batch: DeviceBatch):
     """(queries float64 (m, 3) on the device or None, host query offsets or None, dense shape or
     None), as the CPU's check_queries."""
-    return _host.check_queries(queries, host_offsets(query_offsets), batch, to_array=as_device,
-                               coordinates=_check_coordinates, xp=_cupy())
+    return _host.check_queries(queries, host_offsets(query_offsets, "query_offsets"), batch,
+                               to_array=as_device, coordinates=_check_coordinates, xp=_cupy())
 
 
 def check_features(feats, batch: DeviceBatch, name: str = "feats", check_finite: bool = True):
