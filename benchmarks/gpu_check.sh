@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
-#   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1) -> GPU benchmark.
+#   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
+#   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark.
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
@@ -65,8 +66,9 @@ import pwconv_cy.cuda as c; print('pwconv_cy.cuda available:', c.is_available(),
 import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/loaded in {time.time() - t:.1f} s')"
 
 # shellcheck disable=SC2086
-step gpu_tests 150 pytest.log \
-    env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:--x} tests/test_cuda.py -m gpu \
+step gpu_tests 240 pytest.log \
+    env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:--x} -m gpu \
+    tests/test_cuda.py tests/test_interop.py tests/test_torch_adapter.py \
     -p no:cacheprovider
 
 # shellcheck disable=SC2086

@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_cli.nonneg_int, default=0,
                    help="seed of the split, the initialisation and the training randomness")
     g.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="no random rotation about z and jitter (sigma 0.01, clip 0.05)")
+                   # "%(default).0s" prints nothing: it only stops the formatter from
+                   # appending "(default: True)", which reads backwards for an off switch.
+                   help="turn off the augmentation (random rotation about z, jitter sigma 0.01 "
+                        "clipped at 0.05), which is on by default%(default).0s")
     g.add_argument("--limit", type=_cli.positive_int, default=None, metavar="N",
                    help="use only the first N shapes of every class (quick runs)")
     g.add_argument("--num-points", type=_cli.positive_int, default=None,

@@ -227,8 +227,10 @@ def test_evaluate_runs_as_a_module_and_console_scripts_are_declared(subset_npz, 
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert "overall_accuracy" in json.loads(proc.stdout.strip().splitlines()[-1])
-    scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")
-               if e.name.startswith("pwconv-")}
+    installed = metadata.entry_points()
+    console = (installed.select(group="console_scripts") if hasattr(installed, "select")
+               else installed.get("console_scripts", []))  # Python 3.9: a dict of groups
+    scripts = {e.name: e.value for e in console if e.name.startswith("pwconv-")}
     assert scripts == {"pwconv-train": "pwconv_cy.train:main",
                        "pwconv-evaluate": "pwconv_cy.evaluate:main",
                        "pwconv-predict": "pwconv_cy.predict:main"}
