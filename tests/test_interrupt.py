@@ -25,6 +25,10 @@ PRELUDE = textwrap.dedent("""\
     import numpy as np
     import pwconv_cy
 
+    # An interactive Python's SIGINT handler (a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then leaves it so).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def interrupt_after(seconds):
         def kick():
             time.sleep(seconds)
@@ -85,8 +89,9 @@ def test_ctrl_c_stops_a_long_convolution():
         feats = rng.standard_normal((20_000, 256), dtype=np.float32)
         weight = rng.standard_normal((3, 3, 3, 256, 256), dtype=np.float32)
         interrupt_after(0.3)
-        def many():
-            for _ in range(100):
+        def many():  # ~10 s a call; at most ~30 s if the interrupt were lost
+            start = time.perf_counter()
+            while time.perf_counter() - start < 30:
                 pwconv_cy.pointwise_conv(points, feats, weight, 0.1, kernel_map=km,
                                          check_finite=False)
         outcome, seconds = timed(many)
@@ -123,9 +128,15 @@ def test_a_request_stops_calls_on_other_threads_as_keyboard_interrupt():
 
 
 def test_main_thread_calls_clear_a_stale_request():
-    _core._request_interrupt()  # e.g. left by an earlier interrupted call on another thread
-    km = pwconv_cy.kernel_map(np.random.default_rng(3).random((500, 3)), 0.2)
-    assert km.n_pairs >= 500
+    # E.g. a request left by an interrupted call on another thread: the next call on the main
+    # thread starts afresh.  In a subprocess: a KeyboardInterrupt here would stop pytest itself.
+    out = run_script("""
+        pwconv_cy._core._request_interrupt()
+        outcome, _ = timed(lambda: pwconv_cy.kernel_map(np.random.default_rng(3).random((500, 3)),
+                                                        0.2))
+        print(json.dumps(dict(outcome=outcome)))
+    """)
+    assert out["outcome"] == "finished", out
 
 
 @pytest.mark.parametrize("kind", ["python handler", "ignored"])
