@@ -320,6 +320,29 @@ def check_weight(weight, c_in: int, dtype, depthwise: bool, check_finite: bool =
     return arr, k, int(c_out)
 
 
+def check_map_matches(km, voxel_size: float, kernel_size: int, dilation: int,
+                      batch: PointBatch, q, same_points, same_queries) -> None:
+    """A ``kernel_map`` argument was built for this call: its voxel size, kernel size and
+    dilation, its points (``same_points()``: the fingerprint check of the caller's path, run only
+    after the cheap checks pass) and its queries (``same_queries()``; ``q`` is the call's query
+    array or None).  Shared by the CPU and GPU paths; ValueError naming what differs."""
+    for name, have, want in (("voxel_size", km.voxel_size, voxel_size),
+                             ("kernel_size", km.kernel_size, kernel_size),
+                             ("dilation", km.dilation, dilation)):
+        if have != want:
+            raise ValueError(f"kernel_map was built for {name}={have}, but this call has "
+                             f"{name}={want}; rebuild it or pass matching arguments")
+    n = batch.points.shape[0]
+    if km.n_points != n or not np.array_equal(km.offsets, batch.offsets) or not same_points():
+        raise ValueError(f"kernel_map was built for other points ({km.n_points} points in "
+                         f"{km.offsets.shape[0] - 1} cloud(s)), not for these ({n} points in "
+                         f"{batch.offsets.shape[0] - 1} cloud(s)); rebuild it for these points")
+    if not same_queries():
+        raise ValueError("kernel_map was built for other query points than this call's "
+                         f"(queries {'None' if q is None else q.shape}); rebuild it or pass the "
+                         "same queries")
+
+
 def check_grad_out(grad_out, m: int, c_out: int, dtype, dense_shape, check_finite: bool = True,
                    *, to_array=as_numpy, xp=np):
     """Gradient of the output: (m, c_out), or (B, m, c_out) for dense outputs."""

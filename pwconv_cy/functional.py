@@ -14,6 +14,7 @@ from pwconv_cy._validation import (
     check_dilation,
     check_features,
     check_grad_out,
+    check_map_matches,
     check_num_threads,
     check_points,
     check_positive,
@@ -51,23 +52,11 @@ def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offset
         raise TypeError(f"kernel_map must be a pwconv_cy.KernelMap (from pwconv_cy.kernel_map or "
                         f"NeighborIndex.kernel_map), got {type(kernel_map).__name__}")
     km = kernel_map
-    for name, have, want in (("voxel_size", km.voxel_size, voxel_size),
-                             ("kernel_size", km.kernel_size, kernel_size),
-                             ("dilation", km.dilation, dilation)):
-        if have != want:
-            raise ValueError(f"kernel_map was built for {name}={have}, but this call has "
-                             f"{name}={want}; rebuild it or pass matching arguments")
-    n = batch.points.shape[0]
-    if km.n_points != n or not np.array_equal(km.offsets, batch.offsets) \
-            or not digest_matches(km.points_digest, batch.points, batch.offsets):
-        raise ValueError(f"kernel_map was built for other points ({km.n_points} points in "
-                         f"{km.offsets.shape[0] - 1} cloud(s)), not for these ({n} points in "
-                         f"{batch.offsets.shape[0] - 1} cloud(s)); rebuild it for these points")
-    if (km.queries_digest is None) != (q is None) or (
-            q is not None and not digest_matches(km.queries_digest, q, q_offsets)):
-        raise ValueError("kernel_map was built for other query points than this call's "
-                         f"(queries {'None' if q is None else q.shape}); rebuild it or pass the "
-                         "same queries")
+    check_map_matches(
+        km, voxel_size, kernel_size, dilation, batch, q,
+        same_points=lambda: digest_matches(km.points_digest, batch.points, batch.offsets),
+        same_queries=lambda: (km.queries_digest is None) == (q is None) and (
+            q is None or digest_matches(km.queries_digest, q, q_offsets)))
     return km, out_dense
 
 

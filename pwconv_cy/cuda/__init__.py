@@ -343,24 +343,13 @@ def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map):
         return index.kernel_map(k, s, voxel_size=v, queries=q, query_offsets=q_offsets), out_dense
     km = kernel_map
     _check_device_map(km)
-    import numpy as np
+    from pwconv_cy._validation import check_map_matches
 
-    for name, have, want in (("voxel_size", km.voxel_size, v), ("kernel_size", km.kernel_size, k),
-                             ("dilation", km.dilation, s)):
-        if have != want:
-            raise ValueError(f"kernel_map was built for {name}={have}, but this call has "
-                             f"{name}={want}; rebuild it or pass matching arguments")
-    n = batch.points.shape[0]
-    if km.n_points != n or not np.array_equal(km.offsets, batch.offsets) \
-            or km.points_digest != _device_digest(be, batch.points, batch.offsets):
-        raise ValueError(f"kernel_map was built for other points ({km.n_points} points in "
-                         f"{km.offsets.shape[0] - 1} cloud(s)), not for these ({n} points in "
-                         f"{batch.offsets.shape[0] - 1} cloud(s)); rebuild it for these points")
-    q_digest = None if q is None else _device_digest(be, q, q_offsets)
-    if km.queries_digest != q_digest:
-        raise ValueError("kernel_map was built for other query points than this call's "
-                         f"(queries {'None' if q is None else q.shape}); rebuild it or pass the "
-                         "same queries")
+    check_map_matches(
+        km, v, k, s, batch, q,
+        same_points=lambda: km.points_digest == _device_digest(be, batch.points, batch.offsets),
+        same_queries=lambda: km.queries_digest == (
+            None if q is None else _device_digest(be, q, q_offsets)))
     return km, out_dense
 
 
