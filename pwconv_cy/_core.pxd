@@ -102,3 +102,26 @@ cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:
     void conv_backward_weight[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
                                     const F* grad_y, int64_t c_out, cbool depthwise,
                                     F* grad_weight, int threads) except +
+
+
+cdef extern from "pwconv/optim.hpp" namespace "pwconv" nogil:
+    cdef cppclass SgdStep:
+        double lr
+        double momentum
+        double weight_decay
+        cbool nesterov
+
+    cdef cppclass AdamStep:
+        double step_size
+        double bias_correction2_sqrt
+        double beta1
+        double beta2
+        double eps
+        double weight_decay
+        double decay_factor
+        cbool decoupled
+
+    void sgd_update[F](F* param, const F* grad, F* momentum_buffer, int64_t n,
+                       const SgdStep& step, int threads) except +
+    void adam_update[F](F* param, const F* grad, F* exp_avg, F* exp_avg_sq, int64_t n,
+                        const AdamStep& step, int threads) except +

@@ -99,3 +99,15 @@ def conv_backward_weight_(
     counts: NDArray[np.int32], kernel_size: int, x: NDArray[_Real], grad_y: NDArray[_Real],
     depthwise: bool, grad_weight: NDArray[_Real], threads: int,
 ) -> None: ...
+
+# Optimiser updates, in place on flat C-contiguous arrays of one dtype.
+def sgd_update_(
+    param: NDArray[_Real], grad: NDArray[_Real], momentum_buffer: NDArray[_Real] | None,
+    lr: float, momentum: float, weight_decay: float, nesterov: bool, threads: int,
+) -> None: ...
+def adam_update_(
+    param: NDArray[_Real], grad: NDArray[_Real], exp_avg: NDArray[_Real],
+    exp_avg_sq: NDArray[_Real], step_size: float, bias_correction2_sqrt: float, beta1: float,
+    beta2: float, eps: float, weight_decay: float, decay_factor: float, decoupled: bool,
+    threads: int,
+) -> None: ...

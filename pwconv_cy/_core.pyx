@@ -347,3 +347,39 @@ def conv_backward_weight_(const int64_t[::1] splits, const int64_t[::1] index,
             conv_backward_weight(view, &x[0, 0] if x.shape[0] else NULL, x.shape[1],
                                  &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
                                  depthwise, &grad_weight[0], threads)
+
+
+# --- Optimiser updates ------------------------------------------------------------------------
+
+def sgd_update_(real_t[::1] param, const real_t[::1] grad, real_t[::1] momentum_buffer,
+                double lr, double momentum, double weight_decay, bint nesterov, int threads):
+    """In place: one SGD step on flat param (n,) and momentum_buffer (n,) (or None)."""
+    cdef SgdStep step
+    step.lr = lr
+    step.momentum = momentum
+    step.weight_decay = weight_decay
+    step.nesterov = nesterov
+    cdef int64_t n = param.shape[0]
+    cdef real_t* buf = &momentum_buffer[0] if momentum_buffer is not None and n else NULL
+    with nogil:
+        sgd_update(&param[0] if n else NULL, &grad[0] if n else NULL, buf, n, step, threads)
+
+
+def adam_update_(real_t[::1] param, const real_t[::1] grad, real_t[::1] exp_avg,
+                 real_t[::1] exp_avg_sq, double step_size, double bias_correction2_sqrt,
+                 double beta1, double beta2, double eps, double weight_decay,
+                 double decay_factor, bint decoupled, int threads):
+    """In place: one Adam/AdamW step on flat param, exp_avg, exp_avg_sq (n,)."""
+    cdef AdamStep step
+    step.step_size = step_size
+    step.bias_correction2_sqrt = bias_correction2_sqrt
+    step.beta1 = beta1
+    step.beta2 = beta2
+    step.eps = eps
+    step.weight_decay = weight_decay
+    step.decay_factor = decay_factor
+    step.decoupled = decoupled
+    cdef int64_t n = param.shape[0]
+    with nogil:
+        adam_update(&param[0] if n else NULL, &grad[0] if n else NULL,
+                    &exp_avg[0] if n else NULL, &exp_avg_sq[0] if n else NULL, n, step, threads)

@@ -248,13 +248,28 @@ def resample_batch(points, n_points: int, rng: np.random.Generator) -> np.ndarra
 
 
 def augment(points, rng: np.random.Generator, rotate: bool = True, jitter_sigma: float = 0.01,
-            jitter_clip: float = 0.05) -> np.ndarray:
+            jitter_clip: float = 0.05, scale_range=None, shift: float = 0.0) -> np.ndarray:
     """The paper's augmentation of a batch (B, n, 3): a rotation of each cloud by a uniform
     random angle about the up axis z, then independent Gaussian jitter of every coordinate
     (standard deviation `jitter_sigma`, clipped to +-`jitter_clip`, in the clouds' units).
 
+    Optionally first (before the rotation) the usual ModelNet augmentation of later work:
+    each cloud scaled per axis by factors uniform in ``scale_range = (low, high)`` and moved by
+    a shift uniform in [-`shift`, `shift`] per axis.
+
     Returns a new float32 array; `points` is not modified."""
     pts = np.asarray(points, dtype=np.float32)
+    if scale_range is not None:
+        low, high = scale_range
+        if not (0 < low <= high):
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got "
+                             f"{scale_range!r}")
+        scale = rng.uniform(low, high, size=(pts.shape[0], 1, 3)).astype(np.float32)
+        pts = pts * scale
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift!r}")
+    if shift > 0:
+        pts = pts + rng.uniform(-shift, shift, size=(pts.shape[0], 1, 3)).astype(np.float32)
     if rotate:
         theta = rng.uniform(0.0, 2.0 * np.pi, size=pts.shape[0])
         c, s = np.cos(theta), np.sin(theta)

@@ -139,7 +139,8 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
 
 def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dilation=1,
                             offsets=None, queries=None, query_offsets=None, kernel_map=None,
-                            depthwise=False, method="grid", num_threads=None, check_finite=True):
+                            depthwise=False, method="grid", num_threads=None, check_finite=True,
+                            feats_grad=True):
     """Gradients of :func:`pointwise_conv` (its exact adjoint; no gradient for coordinates).
 
     ``dx_j = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f)`` (a gather over the transposed
@@ -153,32 +154,41 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
     depthwise, method, num_threads, check_finite
         As in :func:`pointwise_conv`.
+    feats_grad : bool, default True
+        Compute ``d_feats``.  False skips it (``d_feats`` is None) and with it the transposed
+        kernel map: for a first layer, whose input features need no gradient.
 
     Returns
     -------
-    d_feats : shaped like ``feats`` (packed (n, c_in) or dense (B, n, c_in))
+    d_feats : shaped like ``feats`` (packed (n, c_in) or dense (B, n, c_in)), or None
     d_weight : shaped like ``weight``
     """
+    if not isinstance(feats_grad, (bool, np.bool_)):
+        raise TypeError(f"feats_grad must be True or False, got {feats_grad!r}")
     call = _call_arrays(points, feats, weight, queries, offsets, query_offsets, kernel_map,
                         grad_out=grad_out)
     if call.on_gpu:
         from pwconv_cy import cuda
 
-        return call.export(cuda.pointwise_conv_backward(
+        d_feats, d_weight = cuda.pointwise_conv_backward(
             call["grad_out"], call["points"], call["feats"], call["weight"], voxel_size,
             dilation=dilation, offsets=offsets, queries=call["queries"],
             query_offsets=query_offsets, kernel_map=call.kernel_map, depthwise=depthwise,
-            method=method, num_threads=num_threads, check_finite=check_finite))
+            method=method, num_threads=num_threads, check_finite=check_finite)
+        return call.export((d_feats if feats_grad else None, d_weight))
     x, w, k, c_out, km, out_dense, threads = _prepare(
         call["points"], call["feats"], call["weight"], voxel_size, dilation, offsets,
         call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
         check_finite)
     dy = check_grad_out(call["grad_out"], km.n_queries, c_out, x.dtype, out_dense, check_finite)
-    tsplits, tkeys = km.transposed(threads or None)
-    dx = np.empty_like(x)
-    _core.conv_backward_input_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys, dy,
-                               w.reshape(-1), bool(depthwise), dx, threads)
+    dx = None
+    if feats_grad:
+        tsplits, tkeys = km.transposed(threads or None)
+        dx = np.empty_like(x)
+        _core.conv_backward_input_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys,
+                                   dy, w.reshape(-1), bool(depthwise), dx, threads)
+        dx = dx.reshape(call["feats"].shape)
     dw = np.empty(w.size, dtype=x.dtype)
     _core.conv_backward_weight_(km.splits, km.index, km.cell, km.counts, k, x, dy,
                                 bool(depthwise), dw, threads)
-    return call.export((dx.reshape(call["feats"].shape), dw.reshape(w.shape)))
+    return call.export((dx, dw.reshape(w.shape)))

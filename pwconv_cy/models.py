@@ -157,13 +157,15 @@ class _PointwiseNet:
             outs.append(h)
         return self.concat.forward(outs)
 
-    def _trunk_backward(self, d_cat, grads):
+    def _trunk_backward(self, d_cat, grads, input_grad):
+        if not isinstance(input_grad, (bool, np.bool_)):
+            raise TypeError(f"input_grad must be True or False, got {input_grad!r}")
         d_outs, _ = self.concat.backward(d_cat)
         carry = None
         for i in reversed(range(len(self.convs))):
             d = d_outs[i] if carry is None else d_outs[i] + carry
             d, _ = self.conv_selus[i].backward(d)
-            carry, g = self.convs[i].backward(d)
+            carry, g = self.convs[i].backward(d, feats_grad=i > 0 or input_grad)
             for k, v in g.items():
                 grads[f"conv{i}.{k}"] = v
         self.input_grad = carry
@@ -257,9 +259,11 @@ class PointwiseCNNClassifier(_PointwiseNet):
             z = self.out_selu.forward(z)
         return z
 
-    def backward(self, d_logits) -> dict:
+    def backward(self, d_logits, *, input_grad=True) -> dict:
         """Gradients of all parameters (keyed like ``params``) for the upstream gradient
-        `d_logits` (B, n_classes); also sets ``input_grad`` (d feats)."""
+        `d_logits` (B, n_classes); also sets ``input_grad`` (d feats), unless
+        ``input_grad=False``, which skips computing it (training needs no input gradient) and
+        sets ``input_grad`` to None."""
         grads = {}
         d = d_logits
         if self.out_selu is not None:
@@ -271,7 +275,7 @@ class PointwiseCNNClassifier(_PointwiseNet):
         d, g = self.fc1.backward(d)
         grads.update({f"fc1.{k}": v for k, v in g.items()})
         d, _ = self.sort_flatten.backward(d)
-        self._trunk_backward(d, grads)
+        self._trunk_backward(d, grads, input_grad)
         return self._ordered(grads)
 
     def predict_proba(self, points, feats=None):
@@ -401,12 +405,13 @@ class PointwiseCNNSegmenter(_PointwiseNet):
         h = self._trunk_forward(pts, x, offsets)
         return self.head.forward(pts, h, offsets=offsets, kernel_map=self.kernel_maps[1])
 
-    def backward(self, d_logits) -> dict:
-        """Gradients of all parameters (keyed like ``params``); also sets ``input_grad``."""
+    def backward(self, d_logits, *, input_grad=True) -> dict:
+        """Gradients of all parameters (keyed like ``params``); also sets ``input_grad`` (d feats),
+        or skips it and sets None with ``input_grad=False``."""
         grads = {}
         d, g = self.head.backward(d_logits)
         grads.update({f"conv{len(self.dilations)}.{k}": v for k, v in g.items()})
-        self._trunk_backward(d, grads)
+        self._trunk_backward(d, grads, input_grad)
         return self._ordered(grads)
 
     def __repr__(self) -> str:

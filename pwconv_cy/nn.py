@@ -271,9 +271,10 @@ class PointwiseConv(_PointwiseBase):
 
     __call__ = forward
 
-    def backward(self, grad_out):
-        """``(d_feats, grads)``: d_feats shaped like the forward's feats, grads with the keys of
-        ``params``.  Overwrites ``self.grads``."""
+    def backward(self, grad_out, *, feats_grad=True):
+        """``(d_feats, grads)``: d_feats shaped like the forward's feats (None with
+        ``feats_grad=False``, which skips its computation: for a first layer), grads with the
+        keys of ``params``.  Overwrites ``self.grads``."""
         ctx = self._context()
         d_feats, d_weight = pointwise_conv_backward(
             grad_out,
@@ -281,6 +282,7 @@ class PointwiseConv(_PointwiseBase):
             ctx["feats"],
             self.params["weight"],
             self.voxel_size,
+            feats_grad=feats_grad,
             **self._op_kwargs(ctx),
         )
         grads = {"weight": d_weight}
@@ -365,8 +367,9 @@ class SeparablePointwiseConv(_PointwiseBase):
 
     __call__ = forward
 
-    def backward(self, grad_out):
-        """``(d_feats, grads)`` with grads keyed like ``params``; overwrites ``self.grads``."""
+    def backward(self, grad_out, *, feats_grad=True):
+        """``(d_feats, grads)`` with grads keyed like ``params`` (d_feats None with
+        ``feats_grad=False``, which skips its computation); overwrites ``self.grads``."""
         ctx = self._context()
         xp = array_module(grad_out)
         z = ctx["depthwise_out"]
@@ -389,6 +392,7 @@ class SeparablePointwiseConv(_PointwiseBase):
             self.params["depthwise"],
             self.voxel_size,
             depthwise=True,
+            feats_grad=feats_grad,
             **self._op_kwargs(ctx),
         )
         grads = {"depthwise": d_depthwise, "pointwise": d_pointwise}

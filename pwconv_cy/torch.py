@@ -127,7 +127,8 @@ class _PointwiseConvFunction(torch.autograd.Function):
         dy = grad_y.contiguous()
         with _current_stream(x):
             d_feats, d_weight = _functional.pointwise_conv_backward(
-                dy, geometry.points, x, w, geometry.voxel_size, **geometry.op_kwargs())
+                dy, geometry.points, x, w, geometry.voxel_size,
+                feats_grad=bool(ctx.needs_input_grad[0]), **geometry.op_kwargs())
         return (d_feats if ctx.needs_input_grad[0] else None,
                 d_weight if ctx.needs_input_grad[1] else None, None)
 

@@ -42,8 +42,11 @@ _OPTIM_PREFIX = "optimizer/"
 # Run options that decide the trajectory: --resume must get the same values.
 _TRAJECTORY_OPTIONS = ("batch_size", "lr", "optimizer", "momentum", "schedule", "decay_rate",
                        "decay_steps", "warmup_steps", "weight_decay", "clip_norm",
-                       "val_fraction", "seed", "augment", "limit", "num_points", "voxel_size",
-                       "dilations", "channels", "hidden", "dropout", "logits_selu")
+                       "val_fraction", "seed", "augment", "rotate", "scale_shift", "limit", "num_points",
+                       "voxel_size", "dilations", "channels", "hidden", "dropout", "logits_selu")
+# Options added later, with the value that checkpoints written before them were trained with.
+_OLD_CHECKPOINT_DEFAULTS = {"rotate": True, "scale_shift": False}
+SCALE_RANGE, SHIFT = (2.0 / 3.0, 1.5), 0.2  # --scale-shift
 
 
 class _UsageError(Exception):
@@ -100,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    # appending "(default: True)", which reads backwards for an off switch.
                    help="turn off the augmentation (random rotation about z, jitter sigma 0.01 "
                         "clipped at 0.05), which is on by default%(default).0s")
+    g.add_argument("--no-rotate", dest="rotate", action="store_false",
+                   help="augment with the jitter only, keeping the clouds' orientation (the "
+                        "paper also rotates them about z)%(default).0s")
+    g.add_argument("--scale-shift", action="store_true",
+                   help="also scale each cloud per axis by factors in [2/3, 3/2] and shift it by "
+                        "up to 0.2 per axis (the usual ModelNet augmentation of later work)")
     g.add_argument("--limit", type=_cli.positive_int, default=None, metavar="N",
                    help="use only the first N shapes of every class (quick runs)")
     g.add_argument("--num-points", type=_cli.positive_int, default=None,
@@ -138,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flag(option: str) -> str:
-    return {"augment": "--no-augment", "data": "--data"}.get(option,
-                                                             "--" + option.replace("_", "-"))
+    return {"augment": "--no-augment", "rotate": "--no-rotate", "data": "--data"}.get(
+        option, "--" + option.replace("_", "-"))
 
 
 def _fingerprint(ds: data.Dataset) -> dict:
@@ -158,9 +167,9 @@ def _run_config(args, ds: data.Dataset) -> dict:
 
 
 def _describe(option: str, value) -> str:
-    if option == "augment":
+    if option in ("augment", "rotate"):
         return "not given" if value else "given"
-    if option == "logits_selu":
+    if option in ("logits_selu", "scale_shift"):
         return "given" if value else "not given"
     if option == "data" and isinstance(value, dict):
         return (f"{value.get('n_shapes')} shapes of {value.get('n_points')} points, CRC-32 "
@@ -172,6 +181,7 @@ def _config_differences(saved: dict, now: dict) -> list:
     keys = list(_TRAJECTORY_OPTIONS) + ["data"]
     if now["schedule"] == "cosine":  # the cosine schedule's length is --epochs
         keys.append("epochs")
+    saved = {**_OLD_CHECKPOINT_DEFAULTS, **saved}
     return [f"{_flag(k)}: {_describe(k, saved.get(k))} in the checkpoint, "
             f"{_describe(k, now.get(k))} now" for k in keys if saved.get(k) != now.get(k)]
 
@@ -366,11 +376,11 @@ def train_step(model, loss_fn, optimizer, opt_state, points, labels, clip_norm=N
     """
     logits = model.forward(points)
     loss = float(loss_fn.forward(logits, labels))
-    grads = model.backward(loss_fn.backward())
+    grads = model.backward(loss_fn.backward(), input_grad=False)
     if clip_norm is not None:
         grads, _ = optim.clip_by_global_norm(grads, clip_norm)
-    new_params, opt_state = optimizer.update(model.params, grads, opt_state)
-    model.set_params(new_params)
+    # in place: the model's own arrays and the state's slots are overwritten, nothing allocated
+    _, opt_state = optimizer.update(model.params, grads, opt_state, inplace=True)
     return loss, int((logits.argmax(axis=1) == labels).sum()), opt_state
 
 
@@ -391,7 +401,10 @@ def _train_epoch(run: _Run):
         for index in data.batch_indices(len(train), args.batch_size, run.rng):
             points = data.resample_batch(train.points[index], run.config["num_points"], run.rng)
             if args.augment:
-                points = data.augment(points, run.rng)
+                points = data.augment(
+                    points, run.rng, rotate=args.rotate,
+                    scale_range=SCALE_RANGE if args.scale_shift else None,
+                    shift=SHIFT if args.scale_shift else 0.0)
             labels = train.labels[index]
             loss, n_ok, run.opt_state = train_step(model, loss_fn, run.optimizer, run.opt_state,
                                                    points, labels, args.clip_norm)

@@ -503,6 +503,23 @@ def test_one_and_two_threads_are_bit_identical(dtype, depthwise):
         assert np.array_equal(b, c), f"{what}: two runs differ"
 
 
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_gradient_alone_equals_the_full_backward(rng, depthwise, dtype):
+    points = rng.random((300, 3))
+    offsets = np.array([0, 120, 300])
+    x = rng.standard_normal((300, 4)).astype(dtype)
+    w = rng.standard_normal((3, 3, 3, 4) if depthwise else (3, 3, 3, 4, 6)).astype(dtype)
+    dy = rng.standard_normal((300, 4 if depthwise else 6)).astype(dtype)
+    kw = {"dilation": 2, "offsets": offsets, "depthwise": depthwise}
+    dx, dw = pointwise_conv_backward(dy, points, x, w, 0.1, **kw)
+    none, dw_only = pointwise_conv_backward(dy, points, x, w, 0.1, feats_grad=False, **kw)
+    assert none is None and dx.shape == x.shape
+    np.testing.assert_array_equal(dw_only, dw)
+    with pytest.raises(TypeError, match="feats_grad must be True or False, got 1"):
+        pointwise_conv_backward(dy, points, x, w, 0.1, feats_grad=1, **kw)
+
+
 # --- kernel maps ----------------------------------------------------------------------------
 
 

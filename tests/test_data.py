@@ -110,6 +110,26 @@ def test_augment_rotates_about_z_and_jitters_within_the_clip(rng):
     assert points.dtype == np.float32  # input untouched
 
 
+def test_augment_scale_and_shift_are_per_cloud_and_per_axis_within_their_ranges(rng):
+    points = rng.normal(size=(400, 50, 3)).astype(np.float32)
+    out = data.augment(points, np.random.default_rng(4), rotate=False, jitter_sigma=0,
+                       scale_range=(0.5, 2.0), shift=0.3)
+    # out = points * a + b per cloud and axis: recover a and b by least squares per cloud
+    p64, o64 = points.astype(np.float64), out.astype(np.float64)
+    pc, oc = p64 - p64.mean(axis=1, keepdims=True), o64 - o64.mean(axis=1, keepdims=True)
+    a = (pc * oc).sum(axis=1) / (pc * pc).sum(axis=1)
+    b = o64.mean(axis=1) - a * p64.mean(axis=1)
+    np.testing.assert_allclose(out, points * a[:, None] + b[:, None], rtol=1e-4, atol=1e-4)
+    assert a.min() >= 0.5 - 1e-4 and a.max() <= 2.0 + 1e-4
+    assert np.abs(b).max() <= 0.3 + 1e-4
+    assert a.std(axis=1).mean() > 0.1 and a.std(axis=0).mean() > 0.1  # per axis, per cloud
+    assert b.std(axis=0).mean() > 0.05
+    with pytest.raises(ValueError, match=r"scale_range must be \(low, high\) with 0 < low"):
+        data.augment(points, rng, scale_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match="shift must be >= 0, got -0.1"):
+        data.augment(points, rng, shift=-0.1)
+
+
 @settings(max_examples=30, deadline=None)
 @given(counts=st.lists(st.integers(1, 30), min_size=1, max_size=6),
        fraction=st.floats(0, 0.9), seed=st.integers(0, 1000))

@@ -63,6 +63,23 @@ def test_classifier_gradients_match_finite_differences(rng):
     assert model.convs[0].kernel_map.n_pairs > 2 * 32
 
 
+@pytest.mark.parametrize("make", [_tiny_classifier, lambda: models.PointwiseCNNSegmenter(
+    n_classes=3, channels=2, voxel_size=0.3, dtype=np.float64, seed=1)])
+def test_backward_without_input_grad_gives_the_same_parameter_gradients(rng, make):
+    model = make().eval()
+    points = _cloud_batch(rng, 2, 16)
+    logits = model.forward(points)
+    d_logits = rng.standard_normal(logits.shape)
+    full = model.backward(d_logits)
+    assert model.input_grad.shape == points.shape
+    grads = model.backward(d_logits, input_grad=False)
+    assert model.input_grad is None
+    for k in full:
+        np.testing.assert_array_equal(grads[k], full[k])
+    with pytest.raises(TypeError, match="input_grad must be True or False"):
+        model.backward(d_logits, input_grad=None)
+
+
 def test_classifier_gradients_with_logits_selu_and_dropout_mask(rng):
     model = _tiny_classifier(logits_selu=True, dropout=0.5, seed=3)
     # training mode with a fixed mask: reuse the same mask on every forward

@@ -494,3 +494,117 @@ def test_adam_matches_torch(rng, name, wd):
     )
     for k in params:
         np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-12, atol=1e-14)
+
+
+# --- the fused C++ update and inplace=True ----------------------------------------------------
+
+FUSED_CASES = [
+    lambda: SGD(0.1),
+    lambda: SGD(0.05, momentum=0.9, weight_decay=0.01),
+    lambda: SGD(0.05, momentum=0.9, nesterov=True),
+    lambda: Adam(1e-3),
+    lambda: Adam(cosine_with_warmup(1e-2, 10, 2), weight_decay=0.1),
+    lambda: AdamW(1e-2, weight_decay=0.05),
+]
+
+
+def big_problem(rng, dtype, n=70_001):
+    """Sizes above the fused kernel's OpenMP threshold, and a tiny one."""
+    params = {"w": rng.standard_normal((n,)).astype(dtype),
+              "b": rng.standard_normal((2, 3)).astype(dtype)}
+    grads_seq = [{k: rng.standard_normal(v.shape).astype(dtype) for k, v in params.items()}
+                 for _ in range(4)]
+    return params, grads_seq
+
+
+@pytest.mark.parametrize("make_opt", FUSED_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_update_is_bit_identical_to_the_array_expressions(rng, monkeypatch, make_opt,
+                                                                dtype):
+    import pwconv_cy.optim as optim_module
+
+    params, grads_seq = big_problem(rng, dtype)
+    calls = []
+    for name in ("sgd_update_", "adam_update_"):  # count the core calls: the fused path is taken
+        real = getattr(optim_module._core, name)
+        monkeypatch.setattr(optim_module._core, name,
+                            lambda *a, _real=real: (calls.append(1), _real(*a)))
+    fused, fused_state = run(make_opt(), params, grads_seq)
+    assert len(calls) == len(params) * len(grads_seq)
+    with monkeypatch.context() as m:
+        m.setattr(optim_module, "_fused_operands", lambda *a: None)
+        expr, expr_state = run(make_opt(), params, grads_seq)
+    for k in params:
+        assert fused[k].dtype == dtype
+        np.testing.assert_array_equal(fused[k], expr[k])
+    for slot in set(fused_state) - {"step"}:
+        for k in params:
+            np.testing.assert_array_equal(fused_state[slot][k], expr_state[slot][k])
+
+
+@pytest.mark.parametrize("make_opt", FUSED_CASES)
+def test_fused_update_same_for_one_and_two_threads(rng, make_opt):
+    from threadpoolctl import threadpool_limits
+
+    params, grads_seq = big_problem(rng, np.float32, n=300_000)
+    with threadpool_limits(1, user_api="openmp"):
+        one, _ = run(make_opt(), params, grads_seq)
+    with threadpool_limits(2, user_api="openmp"):
+        two, _ = run(make_opt(), params, grads_seq)
+    for k in params:
+        np.testing.assert_array_equal(one[k], two[k])
+
+
+@pytest.mark.parametrize("make_opt", FUSED_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_inplace_update_overwrites_the_given_arrays_with_the_functional_result(rng, make_opt,
+                                                                               layout):
+    params, grads_seq = big_problem(rng, np.float64, n=1000)
+    if layout == "strided":  # a non-contiguous parameter takes the array-expression path
+        params["b"] = np.asfortranarray(rng.standard_normal((3, 5)))
+        for g in grads_seq:
+            g["b"] = rng.standard_normal((3, 5))
+    expected, expected_state = run(make_opt(), params, grads_seq)
+
+    opt = make_opt()
+    live = {k: v.copy(order="K") for k, v in params.items()}
+    state = opt.init(live)
+    slots = {s: dict(state[s]) for s in state if s != "step"}
+    for grads in grads_seq:
+        new, state = opt.update(live, grads, state, inplace=True)
+        for k in live:
+            assert new[k] is live[k]
+        for s in slots:
+            for k in live:
+                assert state[s][k] is slots[s][k]
+    assert state["step"] == len(grads_seq)
+    for k in params:
+        np.testing.assert_array_equal(live[k], expected[k])
+        for s in slots:
+            np.testing.assert_array_equal(state[s][k], expected_state[s][k])
+
+
+@pytest.mark.parametrize("opt", [SGD(0.1, momentum=0.5), Adam(1e-3)])
+def test_inplace_update_refuses_read_only_parameters(rng, opt):
+    params, grads_seq = make_problem(rng)
+    state = opt.init(params)
+    params["bias"].flags.writeable = False
+    before = params["weight"].copy()
+    with pytest.raises(ValueError, match=r"inplace=True needs writeable arrays.*params\['bias'\]"):
+        opt.update(params, grads_seq[0], state, inplace=True)
+    np.testing.assert_array_equal(params["weight"], before)  # nothing was written
+    new, _ = opt.update(params, grads_seq[0], state)  # the functional form still works
+    assert new["bias"] is not params["bias"]
+
+
+def test_fused_update_casts_gradients_to_the_parameter_dtype(rng):
+    params, grads_seq = make_problem(rng, np.float32)
+    grads64 = [{k: g.astype(np.float64) for k, g in gs.items()} for gs in grads_seq]
+    a, _ = run(Adam(1e-2), params, grads_seq)
+    b, _ = run(Adam(1e-2), params, [{k: g.astype(np.float32) for k, g in gs.items()}
+                                    for gs in grads64])
+    c, _ = run(Adam(1e-2), params, grads64)
+    for k in params:
+        assert c[k].dtype == np.float32
+        np.testing.assert_array_equal(a[k], b[k])
+        np.testing.assert_array_equal(a[k], c[k])

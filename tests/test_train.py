@@ -336,6 +336,8 @@ def test_out_folder_and_resume_errors(tmp_path, capsys):
     status, _, err = run_command(train, argv, capsys)
     assert status == 2 and "--data: 12 shapes of 16 points, CRC-32" in err
     assert "in the checkpoint, 15 shapes of 16 points" in err
+    status, _, err = run_command(train, base + ["--epochs", 2, "--resume", "--no-rotate"], capsys)
+    assert status == 2 and "--no-rotate: not given in the checkpoint, given now" in err
     status, _, err = run_command(train, base + ["--epochs", 2, "--resume", "--schedule", "cosine"],
                           capsys)
     assert status == 2 and "--schedule: 'paper' in the checkpoint, 'cosine' now" in err
@@ -400,3 +402,13 @@ def test_evaluate_bad_inputs(subset_npz, straight_run, tmp_path, capsys):
         status, _, err = run_command(evaluate, ["--checkpoint", checkpoint, "--data", data], capsys)
         assert status == 2, err
         assert len(re.findall(message, err)) == 1, (message, err)
+
+
+def test_resume_treats_checkpoints_from_before_no_rotate_as_rotating():
+    from pwconv_cy.train import _config_differences
+
+    now = {k: None for k in train._TRAJECTORY_OPTIONS} | {"data": None, "schedule": "paper"}
+    saved = {k: v for k, v in now.items() if k != "rotate"}  # written before --no-rotate existed
+    assert _config_differences(saved, {**now, "rotate": True}) == []
+    assert _config_differences(saved, {**now, "rotate": False}) == [
+        "--no-rotate: not given in the checkpoint, given now"]
