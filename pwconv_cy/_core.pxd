@@ -90,7 +90,8 @@ cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:
         const C* cell
         const int32_t* counts
 
-    void transpose_kernel_map[C](const KernelMapView[C]& map, int64_t* tsplits, int64_t* tkeys,
+    void transpose_kernel_map[C](const KernelMapView[C]& map, const Batch& points,
+                                 const Batch& queries, int64_t* tsplits, int64_t* tkeys,
                                  int threads) except +
     void conv_forward[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
                             const F* weight, int64_t c_out, cbool depthwise, F* y,

@@ -81,7 +81,8 @@ class Pairs:
 # The kernel map in CSR form (splits, index, cell, counts) comes first in each of these.
 def transpose_map(
     splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
-    counts: NDArray[np.int32], n_points: int, kernel_size: int, threads: int,
+    counts: NDArray[np.int32], n_points: int, kernel_size: int,
+    offsets: NDArray[np.int64] | None, query_offsets: NDArray[np.int64] | None, threads: int,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
 def conv_forward_(
     splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],

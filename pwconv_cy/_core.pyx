@@ -292,17 +292,24 @@ cdef inline KernelMapView[cell_t] _map_view(const int64_t[::1] splits, const int
 
 
 def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
-                  const int32_t[:, ::1] counts, int64_t n_points, int kernel_size, int threads):
-    """Transposed kernel map: (tsplits (n+1,), tkeys (E,) = row << bits | cell)."""
+                  const int32_t[:, ::1] counts, int64_t n_points, int kernel_size,
+                  const int64_t[::1] offsets, const int64_t[::1] query_offsets, int threads):
+    """Transposed kernel map: (tsplits (n+1,), tkeys (E,) = row << bits | cell).  offsets and
+    query_offsets: the map's batches (or None)."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, n_points, kernel_size)
     cdef int64_t n_entries = index.shape[0]
+    cdef Batch points, queries
+    if offsets is not None and query_offsets is not None:
+        points = _batch(offsets)
+        queries = _batch(query_offsets)
     tsplits = np.empty(n_points + 1, dtype=np.int64)
     tkeys = np.empty(n_entries, dtype=np.int64)
     cdef int64_t[::1] ts = tsplits
     cdef int64_t[::1] tk = tkeys
     with interruptible():
         with nogil:
-            transpose_kernel_map(view, &ts[0], &tk[0] if n_entries else NULL, threads)
+            transpose_kernel_map(view, points, queries, &ts[0], &tk[0] if n_entries else NULL,
+                                 threads)
     return tsplits, tkeys
 
 

@@ -148,7 +148,7 @@ class KernelMap:
         if "transposed" not in self._cache:
             self._cache["transposed"] = _core.transpose_map(
                 self.splits, self.index, self.cell, self.counts, self.n_points, self.kernel_size,
-                check_num_threads(num_threads))
+                self.offsets, self.query_offsets, check_num_threads(num_threads))
         return self._cache["transposed"]
 
     def __repr__(self) -> str:

@@ -231,6 +231,42 @@ def _store(inplace: bool, target, value):
     return value
 
 
+_UPDATE_DOC = """One {name} step.
+
+Parameters
+----------
+params : dict of str to array
+    Current parameters.
+grads : dict of str to array
+    Gradients, with the keys and shapes of ``params``.
+state : dict
+    State from :meth:`init` or a previous :meth:`update`.
+inplace : bool, default False
+    Overwrite the arrays of ``params`` and of the state's slots (and return them)
+    instead of leaving every input unmodified.
+
+Returns
+-------
+new_params : dict of str to array
+    Updated parameters (new arrays, or those of ``params`` with ``inplace``; dtypes
+    of ``params``).
+new_state : dict
+    The state after this step (``step`` incremented).
+"""
+
+
+def _begin_update(optimizer, params, grads, state, inplace) -> tuple:
+    """The checks every ``update`` starts with; returns ``(step, lr, threads)``."""
+    _check_params(params)
+    _check_grads(params, grads)
+    step = _check_state(params, state, optimizer._slots)
+    if not isinstance(inplace, (bool, np.bool_)):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    if inplace:
+        _check_writeable(params, state, optimizer._slots)
+    return step, _lr_at(optimizer.lr, step), check_num_threads(None)
+
+
 # --------------------------------------------------------------------------------------------
 # optimisers
 
@@ -305,36 +341,8 @@ class SGD:
         return state
 
     def update(self, params: dict, grads: dict, state: dict, *, inplace: bool = False):
-        """One SGD step.
-
-        Parameters
-        ----------
-        params : dict of str to array
-            Current parameters.
-        grads : dict of str to array
-            Gradients, with the keys and shapes of ``params``.
-        state : dict
-            State from :meth:`init` or a previous :meth:`update`.
-        inplace : bool, default False
-            Overwrite the arrays of ``params`` and of the state's slots (and return them)
-            instead of leaving every input unmodified.
-
-        Returns
-        -------
-        new_params : dict of str to array
-            Updated parameters (new arrays, or those of ``params`` with ``inplace``; dtypes
-            of ``params``).
-        new_state : dict
-            The state after this step (``step`` incremented).
-        """
-        _check_params(params)
-        _check_grads(params, grads)
-        step = _check_state(params, state, self._slots)
-        if inplace:
-            _check_writeable(params, state, self._slots)
-        lr = _lr_at(self.lr, step)
+        step, lr, threads = _begin_update(self, params, grads, state, inplace)
         mu, wd = self.momentum, self.weight_decay
-        threads = check_num_threads(None)
         new_params, new_buf = {}, {}
         for key, p in params.items():
             slots = (state["momentum_buffer"][key],) if mu > 0 else ()
@@ -362,6 +370,8 @@ class SGD:
         if mu > 0:
             new_state["momentum_buffer"] = new_buf
         return new_params, new_state
+
+    update.__doc__ = _UPDATE_DOC.format(name="SGD")
 
     def __repr__(self) -> str:
         return (
@@ -436,40 +446,12 @@ class Adam:
         return {"step": 0, "exp_avg": _zeros_like(params), "exp_avg_sq": _zeros_like(params)}
 
     def update(self, params: dict, grads: dict, state: dict, *, inplace: bool = False):
-        """One Adam step.
-
-        Parameters
-        ----------
-        params : dict of str to array
-            Current parameters.
-        grads : dict of str to array
-            Gradients, with the keys and shapes of ``params``.
-        state : dict
-            State from :meth:`init` or a previous :meth:`update`.
-        inplace : bool, default False
-            Overwrite the arrays of ``params`` and of the state's slots (and return them)
-            instead of leaving every input unmodified.
-
-        Returns
-        -------
-        new_params : dict of str to array
-            Updated parameters (new arrays, or those of ``params`` with ``inplace``; dtypes
-            of ``params``).
-        new_state : dict
-            The state after this step (``step`` incremented).
-        """
-        _check_params(params)
-        _check_grads(params, grads)
-        step = _check_state(params, state, self._slots)
-        if inplace:
-            _check_writeable(params, state, self._slots)
-        lr = _lr_at(self.lr, step)
+        step, lr, threads = _begin_update(self, params, grads, state, inplace)
         t = step + 1
         beta1, beta2 = self.betas
         wd = self.weight_decay
         step_size = lr / (1.0 - beta1**t)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
-        threads = check_num_threads(None)
         new_params, new_m, new_v = {}, {}, {}
         for key, p in params.items():
             m0, v0 = state["exp_avg"][key], state["exp_avg_sq"][key]
@@ -495,6 +477,8 @@ class Adam:
             new_params[key] = _store(inplace, p_in, p - step_size * (m / denom))
             new_m[key], new_v[key] = _store(inplace, m0, m), _store(inplace, v0, v)
         return new_params, {"step": t, "exp_avg": new_m, "exp_avg_sq": new_v}
+
+    update.__doc__ = _UPDATE_DOC.format(name="Adam")
 
     def __repr__(self) -> str:
         return (

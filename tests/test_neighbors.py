@@ -539,3 +539,43 @@ def test_dlpack_producers_are_read_like_numpy_arrays(rng):
     assert_kernel_maps_identical(got, expected)
     splits, index = pc.radius_search(Producer(points), 0.2, Producer(queries))
     assert_same_csr(splits, index, *pc.radius_search(points, 0.2, queries))
+
+
+# --- the transposed kernel map ----------------------------------------------------------------
+
+
+def _transposed_by_definition(km):
+    """For every point j: keys (row << 5) | cell of the entries naming j, rows ascending."""
+    rows = np.repeat(np.arange(km.n_queries), np.diff(km.splits))
+    order = np.lexsort((rows, km.index))
+    tsplits = np.zeros(km.n_points + 1, dtype=np.int64)
+    np.cumsum(np.bincount(km.index, minlength=km.n_points), out=tsplits[1:])
+    return tsplits, (rows[order] << 5) | km.cell[order].astype(np.int64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), voxel=S.voxel_sizes, dilation=S.dilations)
+def test_transposed_map_cloud_by_cloud_equals_the_definition(data, voxel, dilation):
+    batch = data.draw(S.batches(max_clouds=6))
+    queries = data.draw(st.one_of(st.none(), S.queries_for(batch)))
+    km = pc.kernel_map(batch.points, voxel, dilation=dilation, offsets=batch.offsets,
+                              queries=None if queries is None else queries.points,
+                              query_offsets=None if queries is None else queries.offsets)
+    want = _transposed_by_definition(km)
+    for threads in (1, 2):  # 2 threads: cloud by cloud from 2 clouds, else the global sort
+        for offsets in ((km.offsets, km.query_offsets), (None, None)):
+            got = pc._core.transpose_map(km.splits, km.index, km.cell, km.counts,
+                                                km.n_points, 3, *offsets, threads)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_transposed_map_refuses_rows_that_name_another_clouds_points(rng):
+    points = rng.random((40, 3))
+    offsets = np.array([0, 20, 40])
+    km = pc.kernel_map(points, 0.3, offsets=offsets)
+    index = km.index.copy()
+    index[0] = 39  # a point of the second cloud in a row of the first
+    with pytest.raises(ValueError, match="kernel map refers to a point outside the query's cloud"):
+        pc._core.transpose_map(km.splits, index, km.cell, km.counts, 40, 3, km.offsets,
+                                      km.query_offsets, 2)

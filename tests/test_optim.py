@@ -595,6 +595,9 @@ def test_inplace_update_refuses_read_only_parameters(rng, opt):
     np.testing.assert_array_equal(params["weight"], before)  # nothing was written
     new, _ = opt.update(params, grads_seq[0], state)  # the functional form still works
     assert new["bias"] is not params["bias"]
+    with pytest.raises(TypeError, match="inplace must be True or False, got 'yes'"):
+        opt.update(params, grads_seq[0], state, inplace="yes")
+    assert "inplace : bool, default False" in type(opt).update.__doc__
 
 
 def test_fused_update_casts_gradients_to_the_parameter_dtype(rng):

@@ -113,6 +113,20 @@ def test_keyboard_interrupt_leaves_a_usable_checkpoint(subset_npz, straight_run,
     _assert_same_run(straight_run, out)
 
 
+def test_no_rotate_and_scale_shift_change_the_run_and_resume_bit_identically(
+        subset_npz, straight_run, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    options = ("--no-rotate", "--scale-shift")
+    _train(capsys, subset_npz, a, 2, *options)
+    _train(capsys, subset_npz, b, 2, *options, "--time-limit", 0)
+    _train(capsys, subset_npz, b, 2, *options, "--resume")
+    _assert_same_run(a, b)
+    config = _state(a / "last.npz")["run_config"]
+    assert config["rotate"] is False and config["scale_shift"] is True
+    other, base = _arrays(a / "last.npz"), _arrays(straight_run / "last.npz")
+    assert not np.array_equal(other["param/conv0.weight"], base["param/conv0.weight"])
+
+
 def test_resume_with_more_epochs_continues_the_paper_schedule(subset_npz, straight_run, tmp_path,
                                                               capsys):
     out = tmp_path / "run"

@@ -248,22 +248,76 @@ int cell_bits_of(int64_t n_cells) {
     return bits;
 }
 
+// The stable counting sort of transpose_kernel_map, one cloud at a time: the rows of cloud b
+// refer only to the points of cloud b, so those points' entries are exactly the cloud's entries,
+// at the same place (from splits[first row of b]), and the count array is cloud-sized.  Returns
+// false, with the output incomplete, if some row refers to a point outside its cloud.
+template <class CellT>
+bool transpose_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
+                        const Batch& queries, int bits, int64_t* tsplits, int64_t* tkeys,
+                        int threads) {
+    bool outside = false;
+#pragma omp parallel num_threads(threads) reduction(|| : outside)
+    {
+        std::vector<int64_t> cursor;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < points.n_clouds; ++b) {
+            const int64_t p0 = points.offsets[b], p1 = points.offsets[b + 1];
+            const int64_t r0 = queries.offsets[b], r1 = queries.offsets[b + 1];
+            const int64_t e0 = map.splits[r0], e1 = map.splits[r1];
+            cursor.assign(p1 - p0, 0);
+            bool inside = true;
+            for (int64_t e = e0; e < e1 && inside; ++e) {
+                const int64_t j = map.index[e];
+                inside = j >= p0 && j < p1;
+                if (inside) ++cursor[j - p0];
+            }
+            if (!inside) {
+                outside = true;
+                continue;
+            }
+            int64_t running = e0;
+            for (int64_t j = p0; j < p1; ++j) {
+                const int64_t k = cursor[j - p0];
+                tsplits[j] = cursor[j - p0] = running;
+                running += k;
+            }
+            for (int64_t i = r0; i < r1; ++i)
+                for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e)
+                    tkeys[cursor[map.index[e] - p0]++] = (i << bits) | (int64_t)map.cell[e];
+        }
+    }
+    return !outside;
+}
+
 }  // namespace
 
 template <class CellT>
-void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int64_t* tkeys,
-                          int threads) {
+void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
+                          const Batch& queries, int64_t* tsplits, int64_t* tkeys, int threads) {
     check_map(map);
     const int64_t n = map.n, m = map.m;
     const int64_t n_entries = map.splits[m];
+    const int bits = cell_bits_of(map.n_cells());
+    require(m == 0 || ((m - 1) >> (62 - bits)) == 0, "too many rows to pack with their cells");
+    require(points.n_clouds == queries.n_clouds,
+            "transpose_kernel_map: points and queries must have the same number of clouds");
+    if (points.n_clouds > 0) {
+        check_batch(points, n, "offsets");
+        check_batch(queries, m, "query_offsets");
+    }
+    threads = resolve_threads(threads);
+    if (points.n_clouds >= std::max(2, threads)) {
+        const bool ok = transpose_by_cloud(map, points, queries, bits, tsplits, tkeys, threads);
+        require(ok, "kernel map refers to a point outside the query's cloud");
+        tsplits[n] = n_entries;
+        return;
+    }
     for (int64_t e = 0; e < n_entries; ++e)
         require(map.index[e] >= 0 && map.index[e] < n, "kernel map index out of range");
     // A stable counting sort by point, parallel over chunks of rows: chunk c writes its entries
     // for point j after those of chunks < c, so the result is the unique stable order (rows
     // ascending within a point) whatever the number of chunks or threads.
-    const int bits = cell_bits_of(map.n_cells());
-    require(m == 0 || ((m - 1) >> (62 - bits)) == 0, "too many rows to pack with their cells");
-    threads = resolve_threads(threads);
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({threads, 8, m}));
     std::vector<int64_t> chunk_count(chunks * (n + 1), 0);  // per chunk: entries per point
     auto row_of_chunk = [&](int64_t c) { return m * c / chunks; };
@@ -415,7 +469,8 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
                                              const F*, int64_t, bool, F*, int);
 
 #define PWCONV_INSTANTIATE_CELL(C)                                                                 \
-    template void transpose_kernel_map<C>(const KernelMapView<C>&, int64_t*, int64_t*, int);       \
+    template void transpose_kernel_map<C>(const KernelMapView<C>&, const Batch&, const Batch&,     \
+                                          int64_t*, int64_t*, int);                                \
     PWCONV_INSTANTIATE_CONV(float, C)                                                              \
     PWCONV_INSTANTIATE_CONV(double, C)
 

@@ -33,10 +33,13 @@ struct KernelMapView {
 
 /// The transposed kernel map: for every point j, the rows i (ascending) with j in Omega_i(f),
 /// packed with the cell: tkeys[e] = (i << bits) | f with bits = ceil(log2(K^3)).
-/// tsplits (n + 1,), tkeys (E,), caller-allocated.
+/// tsplits (n + 1,), tkeys (E,), caller-allocated.  `points` and `queries` are the batches the
+/// map was built for (n_clouds = 0: not known); with many clouds, where rows of a cloud refer to
+/// points of that cloud only (checked), the transposition runs cloud by cloud, in cache.  The
+/// result is the same either way.
 template <class CellT>
-void transpose_kernel_map(const KernelMapView<CellT>& map, int64_t* tsplits, int64_t* tkeys,
-                          int threads);
+void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
+                          const Batch& queries, int64_t* tsplits, int64_t* tkeys, int threads);
 
 /// Forward: y (m, c_out) = sum_f mean_{Omega_i(f)} x · W_f.  x (n, c_in), weight (K^3, c_in, c_out)
 /// (K^3 x c when depthwise, then c_out = c_in = c).  F is float or double.
