@@ -17,7 +17,7 @@ One batch of 32 real ModelNet40 shapes (the first 32 of a seeded permutation of 
 
 Writes ``benchmarks/results/train_step.json`` and prints a table.
 
-    python benchmarks/train_step.py --threads 1 2
+    python benchmarks/train_step.py                # 1 and 2 threads, about 2 min on 2 cores
 """
 
 from __future__ import annotations
@@ -99,7 +99,11 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--budget-s", type=float, default=4.0,
                         help="timed seconds per stage (at least 3 runs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="0.3 s per stage (still at least 3 runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.budget_s = 0.3
     print(C.machine_info()["cpu_model"])
     results = {t: run(t, args.budget_s) for t in args.threads}
     stages = list(next(iter(results.values())))
@@ -108,7 +112,7 @@ def main():
     rows.append(["shapes/s (train step)"] + [f"{BATCH / step[t]:.0f}" for t in args.threads])
     C.print_table(["stage (batch of 32 x 1,024 points)"] + [f"{t} thr" for t in args.threads],
                   rows)
-    path = C.write_json("train_step", {"machine": C.machine_info(), "threads": args.threads,
+    path = C.write_json("train_step_quick" if args.quick else "train_step", {"machine": C.machine_info(), "threads": args.threads,
                                        "batch": BATCH, "n_points": N_POINTS,
                                        "seconds": {str(t): r for t, r in results.items()}})
     print(f"\nwrote {path}")

@@ -96,13 +96,10 @@ cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:
     void conv_forward[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
                             const F* weight, int64_t c_out, cbool depthwise, F* y,
                             int threads) except +
-    void conv_backward_input[F, C](const KernelMapView[C]& map, const int64_t* tsplits,
-                                   const int64_t* tkeys, const F* grad_y, int64_t c_out,
-                                   const F* weight, int64_t c_in, cbool depthwise, F* grad_x,
-                                   int threads) except +
-    void conv_backward_weight[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
-                                    const F* grad_y, int64_t c_out, cbool depthwise,
-                                    F* grad_weight, int threads) except +
+    void conv_backward[F, C](const KernelMapView[C]& map, const int64_t* tsplits,
+                             const int64_t* tkeys, const F* x, int64_t c_in, const F* grad_y,
+                             int64_t c_out, const F* weight, cbool depthwise, F* grad_x,
+                             F* grad_weight, int threads) except +
 
 
 cdef extern from "pwconv/optim.hpp" namespace "pwconv" nogil:

@@ -89,16 +89,11 @@ def conv_forward_(
     counts: NDArray[np.int32], kernel_size: int, x: NDArray[_Real], weight: NDArray[_Real],
     c_out: int, depthwise: bool, y: NDArray[_Real], threads: int,
 ) -> None: ...
-def conv_backward_input_(
+def conv_backward_(
     splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
     counts: NDArray[np.int32], kernel_size: int, tsplits: NDArray[np.int64],
-    tkeys: NDArray[np.int64], grad_y: NDArray[_Real], weight: NDArray[_Real], depthwise: bool,
-    grad_x: NDArray[_Real], threads: int,
-) -> None: ...
-def conv_backward_weight_(
-    splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
-    counts: NDArray[np.int32], kernel_size: int, x: NDArray[_Real], grad_y: NDArray[_Real],
-    depthwise: bool, grad_weight: NDArray[_Real], threads: int,
+    tkeys: NDArray[np.int64], x: NDArray[_Real], grad_y: NDArray[_Real], weight: NDArray[_Real],
+    depthwise: bool, grad_x: NDArray[_Real] | None, grad_weight: NDArray[_Real], threads: int,
 ) -> None: ...
 
 # Optimiser updates, in place on flat C-contiguous arrays of one dtype.

@@ -326,34 +326,24 @@ def conv_forward_(const int64_t[::1] splits, const int64_t[::1] index, const cel
                          depthwise, &y[0, 0] if y.shape[0] else NULL, threads)
 
 
-def conv_backward_input_(const int64_t[::1] splits, const int64_t[::1] index,
-                         const cell_t[::1] cell, const int32_t[:, ::1] counts, int kernel_size,
-                         const int64_t[::1] tsplits, const int64_t[::1] tkeys,
-                         const real_t[:, ::1] grad_y, const real_t[::1] weight, bint depthwise,
-                         real_t[:, ::1] grad_x, int threads):
-    """grad_x (n, c_in) from grad_y (m, c_out) over the transposed map."""
-    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, grad_x.shape[0],
-                                                kernel_size)
-    with interruptible():
-        with nogil:
-            conv_backward_input(view, &tsplits[0], &tkeys[0] if tkeys.shape[0] else NULL,
-                                &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
-                                &weight[0], grad_x.shape[1], depthwise,
-                                &grad_x[0, 0] if grad_x.shape[0] else NULL, threads)
-
-
-def conv_backward_weight_(const int64_t[::1] splits, const int64_t[::1] index,
-                          const cell_t[::1] cell, const int32_t[:, ::1] counts, int kernel_size,
-                          const real_t[:, ::1] x, const real_t[:, ::1] grad_y, bint depthwise,
-                          real_t[::1] grad_weight, int threads):
-    """grad_weight (flattened like the weight) from x (n, c_in) and grad_y (m, c_out)."""
+def conv_backward_(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
+                   const int32_t[:, ::1] counts, int kernel_size, const int64_t[::1] tsplits,
+                   const int64_t[::1] tkeys, const real_t[:, ::1] x, const real_t[:, ::1] grad_y,
+                   const real_t[::1] weight, bint depthwise, real_t[:, ::1] grad_x,
+                   real_t[::1] grad_weight, int threads):
+    """grad_x (n, c_in) (or None: not computed) and grad_weight (flattened like the weight) from
+    x (n, c_in) and grad_y (m, c_out), over the transposed map."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
                                                 kernel_size)
+    cdef real_t* gx = NULL
+    if grad_x is not None and grad_x.shape[0]:
+        gx = &grad_x[0, 0]
     with interruptible():
         with nogil:
-            conv_backward_weight(view, &x[0, 0] if x.shape[0] else NULL, x.shape[1],
-                                 &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
-                                 depthwise, &grad_weight[0], threads)
+            conv_backward(view, &tsplits[0], &tkeys[0] if tkeys.shape[0] else NULL,
+                          &x[0, 0] if x.shape[0] else NULL, x.shape[1],
+                          &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
+                          &weight[0], depthwise, gx, &grad_weight[0], threads)
 
 
 # --- Optimiser updates ------------------------------------------------------------------------

@@ -143,9 +143,10 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
                             feats_grad=True):
     """Gradients of :func:`pointwise_conv` (its exact adjoint; no gradient for coordinates).
 
-    ``dx_j = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f)`` (a gather over the transposed
-    kernel map) and ``dW_f = sum_i (mean_{Omega_i(f)} x)^T dy_i`` (reduced in a fixed order):
-    bit-identical for every run and thread count.
+    ``dx_j = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f)`` and
+    ``dW_f = sum_i (mean_{Omega_i(f)} x)^T dy_i``, both from one gather over the transposed kernel
+    map (``dW_f = sum_j x_j^T S_jf`` with the gathered ``S_jf = sum_{i: j in Omega_i(f)} dy_i /
+    n_i(f)``), reduced in a fixed order: bit-identical for every run and thread count.
 
     Parameters
     ----------
@@ -155,8 +156,8 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     depthwise, method, num_threads, check_finite
         As in :func:`pointwise_conv`.
     feats_grad : bool, default True
-        Compute ``d_feats``.  False skips it (``d_feats`` is None) and with it the transposed
-        kernel map: for a first layer, whose input features need no gradient.
+        Compute ``d_feats``.  False skips it (``d_feats`` is None; ``d_weight`` is the same):
+        for a first layer, whose input features need no gradient.
 
     Returns
     -------
@@ -181,14 +182,10 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
         call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
         check_finite)
     dy = check_grad_out(call["grad_out"], km.n_queries, c_out, x.dtype, out_dense, check_finite)
-    dx = None
-    if feats_grad:
-        tsplits, tkeys = km.transposed(threads or None)
-        dx = np.empty_like(x)
-        _core.conv_backward_input_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys,
-                                   dy, w.reshape(-1), bool(depthwise), dx, threads)
-        dx = dx.reshape(call["feats"].shape)
+    tsplits, tkeys = km.transposed(threads or None)
+    dx = np.empty_like(x) if feats_grad else None
     dw = np.empty(w.size, dtype=x.dtype)
-    _core.conv_backward_weight_(km.splits, km.index, km.cell, km.counts, k, x, dy,
-                                bool(depthwise), dw, threads)
-    return call.export((dx, dw.reshape(w.shape)))
+    _core.conv_backward_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys, x, dy,
+                         w.reshape(-1), bool(depthwise), dx, dw, threads)
+    return call.export((None if dx is None else dx.reshape(call["feats"].shape),
+                        dw.reshape(w.shape)))

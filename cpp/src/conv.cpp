@@ -368,49 +368,37 @@ void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, con
 }
 
 template <class F, class CellT>
-void conv_backward_input(const KernelMapView<CellT>& map, const int64_t* tsplits,
-                         const int64_t* tkeys, const F* grad_y, int64_t c_out, const F* weight,
-                         int64_t c_in, bool depthwise, F* grad_x, int threads) {
+void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, const int64_t* tkeys,
+                   const F* x, int64_t c_in, const F* grad_y, int64_t c_out, const F* weight,
+                   bool depthwise, F* grad_x, F* grad_weight, int threads) {
     check_map(map);
     require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     require(tsplits[map.n] == map.splits[map.m], "transposed map does not match the kernel map");
-    const int64_t n_cells = map.n_cells();
-    const F* M = weight;
-    std::vector<F> weight_t;
-    if (!depthwise) {  // W_f^T, so that the product is a row update like the forward's
-        weight_t.resize(n_cells * c_in * c_out);
-        for (int64_t f = 0; f < n_cells; ++f)
-            for (int64_t ci = 0; ci < c_in; ++ci)
-                for (int64_t co = 0; co < c_out; ++co)
-                    weight_t[(f * c_out + co) * c_in + ci] = weight[(f * c_in + ci) * c_out + co];
-        M = weight_t.data();
-    }
-    const Reciprocals<F> inv;
-    const PackedEntries entries{tkeys, cell_bits_of(n_cells)};
-    gather_apply(map.n, tsplits, entries, n_cells, grad_y, c_out,
-                 TransposedMeanWeight<F>{map.counts, entries, n_cells, &inv}, M, c_in, depthwise,
-                 grad_x, resolve_threads(threads));
-}
-
-template <class F, class CellT>
-void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c_in,
-                          const F* grad_y, int64_t c_out, bool depthwise, F* grad_weight,
-                          int threads) {
-    check_map(map);
-    require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     threads = resolve_threads(threads);
     const int64_t n_cells = map.n_cells();
     const int64_t w_size = depthwise ? n_cells * c_in : n_cells * c_in * c_out;
-    const int64_t n_blocks = (map.m + kWeightBlock - 1) / kWeightBlock;
+    const F* weight_t = weight;  // W_f^T, so that the input gradient is a row update
+    std::vector<F> transposed;
+    if (!depthwise && grad_x) {
+        transposed.resize(w_size);
+        for (int64_t f = 0; f < n_cells; ++f)
+            for (int64_t ci = 0; ci < c_in; ++ci)
+                for (int64_t co = 0; co < c_out; ++co)
+                    transposed[(f * c_out + co) * c_in + ci] = weight[(f * c_in + ci) * c_out + co];
+        weight_t = transposed.data();
+    }
+    const bool small = (double)w_size * sizeof(F) <= kSmallWeightBytes;
+    const int64_t n_blocks = (map.n + kWeightBlock - 1) / kWeightBlock;
     // Blocks are summed wave by wave; the wave length depends only on the sizes, never on the
     // thread count, and partial sums are added in block order: a fixed summation order.
     const int64_t wave = std::max<int64_t>(
         1, std::min<int64_t>(n_blocks, (int64_t)(kWaveBytes / (double)(w_size * sizeof(F)))));
     std::vector<F> partial(wave * w_size);
     std::fill(grad_weight, grad_weight + w_size, F(0));
-    RegionErrors errors;
     const Reciprocals<F> inv;
-    const RowMeanWeight<F, CellT> mean{map.counts, n_cells, &inv};
+    const PackedEntries entries{tkeys, cell_bits_of(n_cells)};
+    const TransposedMeanWeight<F> mean{map.counts, entries, n_cells, &inv};
+    RegionErrors errors;
     for (int64_t first = 0; first < n_blocks; first += wave) {
         const int64_t count = std::min(wave, n_blocks - first);
 #pragma omp parallel num_threads(threads)
@@ -420,28 +408,36 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
             for (int64_t k = 0; k < count; ++k) {
                 errors.run([&] {
                     const int64_t r0 = (first + k) * kWeightBlock;
-                    const int64_t r1 = std::min(map.m, r0 + kWeightBlock);
+                    const int64_t r1 = std::min(map.n, r0 + kWeightBlock);
+                    dispatch_channels(c_out, [&](auto A) {
+                        gather_slots<decltype(A)::value>(r0, r1, tsplits, entries, n_cells,
+                                                         grad_y, c_out, mean, buf);
+                    });
+                    if (grad_x && small) {
+                        dispatch_channels(c_in, [&](auto B) {
+                            apply_rows<decltype(B)::value>(r0, r1, buf, weight_t, c_out, c_in,
+                                                           depthwise, grad_x);
+                        });
+                    } else if (grad_x) {
+                        apply_cells(r0, r1, buf, n_cells, weight_t, c_out, c_in, depthwise,
+                                    grad_x);
+                    }
                     F* dw = &partial[k * w_size];
                     std::fill(dw, dw + w_size, F(0));
-                    dispatch_channels(c_in, [&](auto A) {
-                        gather_slots<decltype(A)::value>(r0, r1, map.splits,
-                                                         MapEntries<CellT>{map.index, map.cell},
-                                                         n_cells, x, c_in, mean, buf);
-                    });
                     dispatch_channels(c_out, [&](auto B) {
                         constexpr int kB = decltype(B)::value;
-                        // Slots in creation order (row by row): a fixed order.
+                        // Slots in creation order (point by point): a fixed order.
                         for (int64_t s = 0; s < buf.n_slots; ++s) {
                             const int64_t f = buf.slot_cell[s];
-                            const F* sum = &buf.sums[s * c_in];
-                            const F* dy = grad_y + (r0 + buf.slot_row[s]) * c_out;
+                            const F* sum = &buf.sums[s * c_out];
+                            const F* xj = x + (r0 + buf.slot_row[s]) * c_in;
                             if (depthwise) {
                                 F* d = dw + f * c_in;
-                                for (int64_t c = 0; c < c_in; ++c) d[c] += sum[c] * dy[c];
+                                for (int64_t c = 0; c < c_in; ++c) d[c] += xj[c] * sum[c];
                             } else {
                                 F* d = dw + f * c_in * c_out;
                                 for (int64_t ci = 0; ci < c_in; ++ci)
-                                    axpy<kB>(c_out, sum[ci], dy, d + ci * c_out);
+                                    axpy<kB>(c_out, xj[ci], sum, d + ci * c_out);
                             }
                         }
                     });
@@ -462,11 +458,9 @@ void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c
 #define PWCONV_INSTANTIATE_CONV(F, C)                                                              \
     template void conv_forward<F, C>(const KernelMapView<C>&, const F*, int64_t, const F*,        \
                                      int64_t, bool, F*, int);                                      \
-    template void conv_backward_input<F, C>(const KernelMapView<C>&, const int64_t*,              \
-                                            const int64_t*, const F*, int64_t, const F*, int64_t, \
-                                            bool, F*, int);                                        \
-    template void conv_backward_weight<F, C>(const KernelMapView<C>&, const F*, int64_t,          \
-                                             const F*, int64_t, bool, F*, int);
+    template void conv_backward<F, C>(const KernelMapView<C>&, const int64_t*, const int64_t*,    \
+                                      const F*, int64_t, const F*, int64_t, const F*, bool, F*,   \
+                                      F*, int);
 
 #define PWCONV_INSTANTIATE_CELL(C)                                                                 \
     template void transpose_kernel_map<C>(const KernelMapView<C>&, const Batch&, const Batch&,     \

@@ -1,11 +1,12 @@
 // Pointwise convolution (SPEC §1): forward, and the exact adjoint (input and weight gradients),
 // dense (weight K^3 x c_in x c_out) and depthwise (weight K^3 x c), over a kernel map.
 //
-// All kernels have the same shape: for every output row, average the source rows of each non-empty
-// kernel cell into a small per-block buffer ("slots"), then apply the cell's matrix.  The input
-// gradient runs the same gather over the *transposed* kernel map (for every point j, the (i, f)
-// pairs with j in Omega_i(f)), so no scatter and no atomics; the weight gradient is reduced from
-// fixed-size blocks of rows in a fixed order.  Results are bit-identical for every thread count.
+// Both passes have the same shape: for every output row, average the source rows of each non-empty
+// kernel cell into a small per-block buffer ("slots"), then apply the cell's matrix.  The backward
+// runs that gather over the *transposed* kernel map (for every point j, the (i, f) pairs with j in
+// Omega_i(f)), so no scatter and no atomics, and takes the weight gradient from the same slots,
+// reduced from fixed-size blocks of points in a fixed order.  Results are bit-identical for every
+// thread count.
 #ifndef PWCONV_CONV_HPP
 #define PWCONV_CONV_HPP
 
@@ -47,19 +48,16 @@ template <class F, class CellT>
 void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, const F* weight,
                   int64_t c_out, bool depthwise, F* y, int threads);
 
-/// Input gradient: dx (n, c_in) = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f), gathered over
-/// the transposed map (tsplits, tkeys from transpose_kernel_map of the same map).
+/// Both gradients from one gather over the transposed map (tsplits, tkeys from
+/// transpose_kernel_map of the same map): the slot sums S_{j,f} = sum_{i: j in Omega_i(f)}
+/// dy_i / n_i(f) give the input gradient dx_j = sum_f S_{j,f} W_f^T (n, c_in) and the weight
+/// gradient dW_f = sum_j x_j^T S_{j,f} (shaped like the weight; the same as
+/// sum_i (mean_{Omega_i(f)} x)^T dy_i).  grad_x may be null (weight gradient only).  dW is reduced
+/// from fixed blocks of points in a fixed order (independent of the thread count).
 template <class F, class CellT>
-void conv_backward_input(const KernelMapView<CellT>& map, const int64_t* tsplits,
-                         const int64_t* tkeys, const F* grad_y, int64_t c_out, const F* weight,
-                         int64_t c_in, bool depthwise, F* grad_x, int threads);
-
-/// Weight gradient: dW_f = sum_i (mean_{Omega_i(f)} x)^T dy_i, shaped like the weight.  Reduced
-/// from fixed blocks of rows in a fixed order (independent of the thread count).
-template <class F, class CellT>
-void conv_backward_weight(const KernelMapView<CellT>& map, const F* x, int64_t c_in,
-                          const F* grad_y, int64_t c_out, bool depthwise, F* grad_weight,
-                          int threads);
+void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, const int64_t* tkeys,
+                   const F* x, int64_t c_in, const F* grad_y, int64_t c_out, const F* weight,
+                   bool depthwise, F* grad_x, F* grad_weight, int threads);
 
 }  // namespace pwconv
 
