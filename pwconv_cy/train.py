@@ -42,8 +42,9 @@ _OPTIM_PREFIX = "optimizer/"
 # Run options that decide the trajectory: --resume must get the same values.
 _TRAJECTORY_OPTIONS = ("batch_size", "lr", "optimizer", "momentum", "schedule", "decay_rate",
                        "decay_steps", "warmup_steps", "weight_decay", "clip_norm",
-                       "val_fraction", "seed", "augment", "rotate", "scale_shift", "limit", "num_points",
-                       "voxel_size", "dilations", "channels", "hidden", "dropout", "logits_selu")
+                       "val_fraction", "seed", "augment", "rotate", "scale_shift", "limit",
+                       "num_points", "voxel_size", "dilations", "channels", "hidden", "dropout",
+                       "logits_selu")
 # Options added later, with the value that checkpoints written before them were trained with.
 _OLD_CHECKPOINT_DEFAULTS = {"rotate": True, "scale_shift": False}
 SCALE_RANGE, SHIFT = (2.0 / 3.0, 1.5), 0.2  # --scale-shift

@@ -178,13 +178,32 @@ void apply_rows(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, const F* M, in
 
 constexpr int64_t kSmallWeightBytes = 256 * 1024;
 
+// Rows [r0, r1) of a gather kernel: the weighted sums of src's rows per (row, cell) into buf's
+// slots, then, when out is given, out's rows = the slots times the cell matrices M (a x b) —
+// row by row with M held in cache when it is small, else cell by cell.
+template <class F, class Entries, class Weight>
+void gather_apply_rows(int64_t r0, int64_t r1, const int64_t* splits, const Entries& entries,
+                       int64_t n_cells, const F* src, int64_t a, Weight weight, const F* M,
+                       int64_t b, bool depthwise, F* out, SlotBuffer<F>& buf) {
+    dispatch_channels(a, [&](auto A) {
+        gather_slots<decltype(A)::value>(r0, r1, splits, entries, n_cells, src, a, weight, buf);
+    });
+    if (!out) return;
+    if ((double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes) {
+        dispatch_channels(b, [&](auto B) {
+            apply_rows<decltype(B)::value>(r0, r1, buf, M, a, b, depthwise, out);
+        });
+    } else {
+        apply_cells(r0, r1, buf, n_cells, M, a, b, depthwise, out);
+    }
+}
+
 // Rows of a gather kernel, in blocks of kRowBlock.  schedule(dynamic): rows differ in size.
 template <class F, class Entries, class Weight>
 void gather_apply(int64_t rows, const int64_t* splits, const Entries& entries, int64_t n_cells,
                   const F* src, int64_t a, Weight weight, const F* M, int64_t b, bool depthwise,
                   F* out, int threads) {
     const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
-    const bool small = (double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes;
     RegionErrors errors;
 #pragma omp parallel num_threads(threads)
     {
@@ -193,17 +212,8 @@ void gather_apply(int64_t rows, const int64_t* splits, const Entries& entries, i
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
             errors.run([&] {
                 const int64_t r0 = blk * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
-                dispatch_channels(a, [&](auto A) {
-                    gather_slots<decltype(A)::value>(r0, r1, splits, entries, n_cells, src, a,
-                                                     weight, buf);
-                });
-                if (small) {
-                    dispatch_channels(b, [&](auto B) {
-                        apply_rows<decltype(B)::value>(r0, r1, buf, M, a, b, depthwise, out);
-                    });
-                } else {
-                    apply_cells(r0, r1, buf, n_cells, M, a, b, depthwise, out);
-                }
+                gather_apply_rows(r0, r1, splits, entries, n_cells, src, a, weight, M, b,
+                                  depthwise, out, buf);
             });
         }
     }
@@ -387,7 +397,6 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
                     transposed[(f * c_out + co) * c_in + ci] = weight[(f * c_in + ci) * c_out + co];
         weight_t = transposed.data();
     }
-    const bool small = (double)w_size * sizeof(F) <= kSmallWeightBytes;
     const int64_t n_blocks = (map.n + kWeightBlock - 1) / kWeightBlock;
     // Blocks are summed wave by wave; the wave length depends only on the sizes, never on the
     // thread count, and partial sums are added in block order: a fixed summation order.
@@ -409,19 +418,9 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
                 errors.run([&] {
                     const int64_t r0 = (first + k) * kWeightBlock;
                     const int64_t r1 = std::min(map.n, r0 + kWeightBlock);
-                    dispatch_channels(c_out, [&](auto A) {
-                        gather_slots<decltype(A)::value>(r0, r1, tsplits, entries, n_cells,
-                                                         grad_y, c_out, mean, buf);
-                    });
-                    if (grad_x && small) {
-                        dispatch_channels(c_in, [&](auto B) {
-                            apply_rows<decltype(B)::value>(r0, r1, buf, weight_t, c_out, c_in,
-                                                           depthwise, grad_x);
-                        });
-                    } else if (grad_x) {
-                        apply_cells(r0, r1, buf, n_cells, weight_t, c_out, c_in, depthwise,
-                                    grad_x);
-                    }
+                    // The input gradient's rows, and the slot sums S_jf for the weight's.
+                    gather_apply_rows(r0, r1, tsplits, entries, n_cells, grad_y, c_out, mean,
+                                      weight_t, c_in, depthwise, grad_x, buf);
                     F* dw = &partial[k * w_size];
                     std::fill(dw, dw + w_size, F(0));
                     dispatch_channels(c_out, [&](auto B) {
