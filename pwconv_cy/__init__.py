@@ -52,9 +52,19 @@ def _cuda_status() -> str:
     return f"CuPy {cupy.__version__}, {n} CUDA device(s) ({name})"
 
 
+def _simd_status() -> str:
+    from pwconv_cy import _core
+
+    available, enabled = _core.simd_state()
+    if not available:
+        return "portable loops (no AVX-512 on this CPU)"
+    return ("AVX-512 kernel-map filters" if enabled
+            else "portable loops (AVX-512 turned off by set_simd_enabled)")
+
+
 def show_config(file=None) -> dict:
     """Print (and return) the build and runtime configuration: version, compiler, OpenMP and
-    thread count, CUDA/CuPy status."""
+    thread count, SIMD filters, CUDA/CuPy status."""
     import platform
     import sys
 
@@ -70,6 +80,7 @@ def show_config(file=None) -> dict:
                    else "NO - serial build"),
         "threads": default_num_threads(),
         "native_build": _core.NATIVE_BUILD,
+        "simd": _simd_status(),
         "memory_budget_bytes": get_memory_budget(),
         "cuda": _cuda_status(),
     }

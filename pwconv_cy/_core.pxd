@@ -10,6 +10,9 @@ cdef extern from "pwconv/common.hpp" namespace "pwconv" nogil:
 
     cbool openmp_enabled()
     int default_threads()
+    cbool simd_available()
+    cbool simd_enabled()
+    cbool set_simd_enabled(cbool enabled)
 
     cbool interrupt_requested()
     void request_interrupt()

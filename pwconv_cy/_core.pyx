@@ -40,6 +40,17 @@ def omp_default_threads():
     return default_threads()
 
 
+def simd_state():
+    """(available, enabled) of the kernel map's AVX-512 candidate filters."""
+    return bool(simd_available()), bool(simd_enabled())
+
+
+def set_simd(cbool enabled):
+    """Lets the AVX-512 filters run where available (True) or forces the portable ones (False);
+    returns the previous request."""
+    return bool(set_simd_enabled(enabled))
+
+
 cdef class interruptible:
     """Context manager around a long call of the core: Ctrl-C stops it between blocks of work
     and raises KeyboardInterrupt.  On the main thread, while Python's default SIGINT handler is in

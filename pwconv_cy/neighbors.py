@@ -28,7 +28,8 @@ from pwconv_cy._validation import (
     check_queries,
 )
 
-__all__ = ["AUTO_KDTREE_MIN_POINTS", "KernelMap", "NeighborIndex", "kernel_map", "radius_search"]
+__all__ = ["AUTO_KDTREE_MIN_POINTS", "KernelMap", "NeighborIndex", "kernel_map", "radius_search",
+           "set_simd_enabled", "simd_enabled"]
 
 METRICS = ("chebyshev", "euclidean")
 METHODS = ("grid", "kdtree", "auto")
@@ -39,6 +40,21 @@ METHODS = ("grid", "kdtree", "auto")
 #: grid was faster in 60 of 64 groups (1.2-2.9x on uniform data); the kd-tree led by at most 17%
 #: only on strongly clustered clouds of 256K+ points with few neighbours.  So auto = grid.
 AUTO_KDTREE_MIN_POINTS: int | None = None
+
+
+def simd_enabled() -> bool:
+    """Whether the kernel map's AVX-512 candidate filters run (the CPU has AVX-512F and they have
+    not been turned off)."""
+    return _core.simd_state()[1]
+
+
+def set_simd_enabled(enabled: bool) -> bool:
+    """Turn the kernel map's AVX-512 candidate filters on (the default, where the CPU has them) or
+    off, process-wide; returns the previous setting.  Results are bit-identical either way: this
+    exists to compare the two code paths and to time the portable one."""
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"enabled must be True or False, got {describe(enabled)}")
+    return _core.set_simd(bool(enabled))
 
 
 def _cell_dtype(kernel_size: int):

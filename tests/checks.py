@@ -2,6 +2,8 @@
 the first differing row), bit-identity of two kernel maps, and the invariants of SPEC §1-§3."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,30 @@ def peak_kib():
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 """
+
+
+# The kernel map's candidate filters exist twice (AVX-512 and portable C++); tests marked with
+# SIMD_MODES run under both, the AVX-512 one skipped on CPUs without it.
+def _simd_available() -> bool:
+    from pwconv_cy import _core
+
+    return _core.simd_state()[0]
+
+
+SIMD_MODES = pytest.mark.parametrize("simd", [
+    pytest.param(True, id="avx512", marks=pytest.mark.skipif(
+        not _simd_available(), reason="this CPU has no AVX-512: only the portable filters run")),
+    pytest.param(False, id="portable"),
+])
+
+
+@contextlib.contextmanager
+def simd_filters(enabled: bool):
+    """Run the block with the AVX-512 filters on or off, restoring the previous setting."""
+    from pwconv_cy import neighbors
+
+    previous = neighbors.set_simd_enabled(enabled)
+    try:
+        yield
+    finally:
+        neighbors.set_simd_enabled(previous)

@@ -16,10 +16,12 @@ import pytest
 import strategies as S
 from checks import (
     PEAK_RSS_PRELUDE,
+    SIMD_MODES,
     assert_kernel_map_matches,
     assert_kernel_maps_identical,
     assert_same_csr,
     check_kernel_map_invariants,
+    simd_filters,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,48 +46,56 @@ def prepared(points64, dtype, shift=0.0):
 
 # --------------------------------------------------------------------------- kernel map vs oracle
 
+@SIMD_MODES
 @PROPERTY
 @given(cloud=S.clouds(), voxel=S.voxel_sizes, K=S.kernel_sizes, s=S.dilations,
        dtype=S.coord_dtypes, method=S.methods, shift=S.shifts)
-def test_kernel_map_matches_bruteforce(cloud, voxel, K, s, dtype, method, shift):
+def test_kernel_map_matches_bruteforce(simd, cloud, voxel, K, s, dtype, method, shift):
     points = prepared(cloud, dtype, shift)
-    km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, method=method)
+    with simd_filters(simd):
+        km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, method=method)
     assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s), K)
     check_kernel_map_invariants(km, oracles.single_cloud_offsets(len(points)))
 
 
+@SIMD_MODES
 @PROPERTY
 @given(cloud=S.clouds(max_points=120, kinds=S.EXACT_KINDS), voxel=st.sampled_from(S.DYADIC_VOXELS),
        K=S.kernel_sizes, s=S.dilations, dtype=S.coord_dtypes, method=S.methods,
        shift=st.sampled_from((0.0, 1024.0, -2.0 ** 20)), data=st.data())
-def test_kernel_map_matches_bruteforce_on_lattice(cloud, voxel, K, s, dtype, method, shift, data):
+def test_kernel_map_matches_bruteforce_on_lattice(simd, cloud, voxel, K, s, dtype, method, shift,
+                                                  data):
     """Points (and queries) exactly on cell faces: every step of the rule is exact, so the faces
     must be assigned exactly as the SPEC says (closed cube, upper face in the last cell, holes)."""
     points = prepared(cloud, dtype, shift)
     queries = data.draw(st.one_of(st.none(), S.clouds(kinds=S.EXACT_KINDS, max_points=40)))
     if queries is not None:
         queries = prepared(queries, dtype, shift)
-    km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, queries=queries, method=method)
+    with simd_filters(simd):
+        km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, queries=queries,
+                           method=method)
     assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s, queries=queries), K)
 
 
+@SIMD_MODES
 @PROPERTY
 @given(queries=S.clouds(min_points=1, max_points=12, kinds=("volume", "sphere", "decimal")),
        voxel=st.one_of(st.sampled_from((0.1, 0.3, 0.7, 1 / 3)), S.voxel_sizes),
        K=S.kernel_sizes, s=S.dilations, shift=S.shifts, method=S.methods, seed=S.seeds)
-def test_kernel_map_matches_bruteforce_near_cell_faces(queries, voxel, K, s, shift, method, seed):
+def test_kernel_map_matches_bruteforce_near_cell_faces(simd, queries, voxel, K, s, shift, method,
+                                                       seed):
     """Points within a few ulps of the faces of the queries' kernel cells (non-dyadic voxels,
     coordinates far from the origin): only the exact float64 rule of SPEC §1 gets all of them
     right; a reordered subtraction, a reciprocal or an FMA misplaces some."""
     rng = np.random.default_rng(seed)
     q = queries + shift
     points = S.near_cell_faces(q, voxel, K, s, 200, rng)
-    km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, queries=q, method=method)
+    both = np.concatenate([points, q])  # the same points as self-queries, with the queries
+    with simd_filters(simd):
+        km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, queries=q, method=method)
+        km_both = pc.kernel_map(both, voxel, kernel_size=K, dilation=s, method=method)
     assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s, queries=q), K)
-    # the same points as self-queries, now with the queries among them
-    both = np.concatenate([points, q])
-    km = pc.kernel_map(both, voxel, kernel_size=K, dilation=s, method=method)
-    assert_kernel_map_matches(km, oracles.kernel_map(both, voxel, K, s), K)
+    assert_kernel_map_matches(km_both, oracles.kernel_map(both, voxel, K, s), K)
 
 
 def test_kernel_map_on_cell_faces_worked_example():
@@ -108,16 +118,18 @@ def test_kernel_map_on_cell_faces_worked_example():
         assert km.counts[0, centre_yz + 1] == 2
 
 
+@SIMD_MODES
 @PROPERTY
 @given(batch=S.batches(), voxel=S.voxel_sizes, K=S.kernel_sizes, s=S.dilations,
        dtype=S.coord_dtypes, qdtype=S.coord_dtypes, method=S.methods, data=st.data())
-def test_kernel_map_batches_with_queries_match_bruteforce(batch, voxel, K, s, dtype, qdtype,
+def test_kernel_map_batches_with_queries_match_bruteforce(simd, batch, voxel, K, s, dtype, qdtype,
                                                           method, data):
     points = S.cast(batch.points, dtype)
     qb = data.draw(S.queries_for(batch))
     queries = S.cast(qb.points, qdtype)
-    km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, offsets=batch.offsets,
-                       queries=queries, query_offsets=qb.offsets, method=method)
+    with simd_filters(simd):
+        km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, offsets=batch.offsets,
+                           queries=queries, query_offsets=qb.offsets, method=method)
     ref = oracles.kernel_map(points, voxel, K, s, offsets=batch.offsets, queries=queries,
                              query_offsets=qb.offsets)
     assert_kernel_map_matches(km, ref, K)
@@ -223,6 +235,41 @@ def test_one_thread_matches_two_threads_bit_for_bit(rng, method, dilation):
             r2 = pc.radius_search(points, 0.15, offsets=offsets, metric=metric, method=method,
                                   num_threads=2, **kwargs)
             assert np.array_equal(r1[0], r2[0]) and np.array_equal(r1[1], r2[1])
+
+
+@pytest.mark.skipif(not pc._core.simd_state()[0], reason="this CPU has no AVX-512: only the portable filters exist here")
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_avx512_filters_equal_portable_ones_bit_for_bit(rng, K):
+    """The paper's kind of batch (compact sphere clouds, the path the AVX-512 filters serve), with
+    self-queries and other queries, every dilation, and the voxel both equal to and smaller than
+    the index's cell: the two code paths give the same maps."""
+    sizes = [2048, 0, 700, 1, 2048]
+    points = np.concatenate([S.make_cloud("sphere", n, rng) for n in sizes]).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    queries = S.make_cloud("volume", 900, rng)
+    q_offsets = np.array([0, 300, 300, 600, 600, 900])
+    index = pc.NeighborIndex(points, 0.1, offsets=offsets)
+    for s in (1, 2, 3, 4):
+        for kwargs in ({}, {"queries": queries, "query_offsets": q_offsets},
+                       {"voxel_size": 0.07}):
+            maps = []
+            for enabled in (True, False):
+                with simd_filters(enabled):
+                    maps.append(index.kernel_map(K, s, **kwargs))
+            assert maps[0].index.size > 0
+            assert_kernel_maps_identical(*maps)
+
+
+def test_set_simd_enabled_reports_and_validates():
+    previous = pc.neighbors.set_simd_enabled(False)
+    try:
+        assert pc.neighbors.simd_enabled() is False
+        assert pc.neighbors.set_simd_enabled(True) is False
+        assert pc.neighbors.simd_enabled() is pc._core.simd_state()[0]
+        with pytest.raises(TypeError, match="enabled must be True or False, got int"):
+            pc.neighbors.set_simd_enabled(1)
+    finally:
+        pc.neighbors.set_simd_enabled(previous)
 
 
 @PROPERTY

@@ -58,17 +58,32 @@ inline void radius_box(QueryBox& box, const double q[3], double radius) {
 
 /// Per-query exact kernel bounds (binning.hpp): x lies in kernel cell k along axis a iff
 /// start[a][k] <= x < end[a][k].
+/// The query-independent stage of the bounds (kernel_axis_differences), once per search.
+struct KernelDifferences {
+    int kernel_size = 0;
+    int dilation = 1;
+    std::vector<double> start, end;
+
+    void compute(double voxel_size, int kernel_size_, int dilation_) {
+        kernel_size = kernel_size_;
+        dilation = dilation_;
+        start.resize(kernel_size);
+        end.resize(kernel_size);
+        kernel_axis_differences(voxel_size, kernel_size, dilation, start.data(), end.data());
+    }
+};
+
 struct KernelBounds {
     int kernel_size = 0;
     std::vector<double> start[3], end[3];
 
-    void compute(const double lo[3], double voxel_size, int kernel_size_, int dilation) {
-        kernel_size = kernel_size_;
+    void compute(const double lo[3], const KernelDifferences& diff) {
+        kernel_size = diff.kernel_size;
         for (int a = 0; a < 3; ++a) {
             start[a].resize(kernel_size);
             end[a].resize(kernel_size);
-            kernel_axis_bounds(lo[a], voxel_size, kernel_size, dilation, start[a].data(),
-                               end[a].data());
+            kernel_axis_bounds_from(lo[a], diff.start.data(), diff.end.data(), kernel_size,
+                                    diff.dilation, start[a].data(), end[a].data());
         }
     }
 };

@@ -8,11 +8,34 @@
 #include <vector>
 
 #include "candidates.hpp"
+#include "simd_filter.hpp"
 #include "sort.hpp"
 #include "pwconv/kernel_map.hpp"
 #include "pwconv/radius_search.hpp"
 
 namespace pwconv {
+
+namespace {
+// Whether the AVX-512 filters may run; read once per search.
+std::atomic<bool> simd_requested{true};
+}  // namespace
+
+bool simd_available() {
+#ifdef PWCONV_X86_SIMD
+    static const bool available = __builtin_cpu_supports("avx512f");
+    return available;
+#else
+    return false;
+#endif
+}
+
+bool set_simd_enabled(bool enabled) { return simd_requested.exchange(enabled); }
+
+bool simd_enabled() { return simd_requested.load() && simd_available(); }
+
+namespace detail {
+bool simd_filters_active() { return simd_enabled(); }
+}  // namespace detail
 
 namespace {
 
@@ -225,14 +248,19 @@ void fill_radius_run(const Index& index, int64_t b, int64_t e, const double q[3]
 // Compact clouds (the grid has a dense cell table, e.g. the paper's 2,048-point clouds) with a
 // kernel size known at compile time: the whole query in stack arrays, loops unrolled.  Returns the
 // same keys as the generic path (every accepted candidate once; rows are sorted afterwards).
-template <int KC>
-void collect_compact(const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
-                     int cell_bits, KeyBuffer& out) {
-    const double v = spec.voxel_size;
+template <int KC, bool SIMD>
+PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[3], int64_t cloud,
+                                               const KernelSpec& spec,
+                                               const detail::KernelDifferences& diff,
+                                               int cell_bits, KeyBuffer& out) {
     const int s = spec.dilation;
-    const double h = kernel_half_width(v, KC, s);
-    double start[3][KC], end[3][KC];
-    for (int a = 0; a < 3; ++a) kernel_axis_bounds(support_lower(q[a], h), v, KC, s, start[a], end[a]);
+    const double h = kernel_half_width(spec.voxel_size, KC, s);
+    detail::KernelFilter<KC> kf;
+    for (int a = 0; a < 3; ++a) kf.lo[a] = support_lower(q[a], h);
+    for (int k = 0; k < KC; ++k) {
+        kf.start_d[k] = diff.start[k];
+        kf.end_d[k] = diff.end[k];
+    }
 
     const int64_t nx = grid.cube_nx[cloud], ny = grid.dense_ny[cloud], nz = grid.dense_nz[cloud];
     const int64_t n_axis[3] = {nx, ny, nz};
@@ -246,88 +274,92 @@ void collect_compact(const Grid& grid, const double q[3], int64_t cloud, const K
     const int64_t* order = grid.order.data();
 
     // Grid-cell range of each kernel cell per axis, clamped to the cloud's table (empty: c0 > c1).
+    // An accepted x has fl(x - lo) in [D_start, D_end), so x lies within a few ulps of
+    // [lo + D_start, lo + D_end): widened by kBoundSlack, these bounds hold every candidate.
     int64_t c0[3][KC], c1[3][KC];
     for (int a = 0; a < 3; ++a)
         for (int k = 0; k < KC; ++k) {
-            const int64_t first =
-                grid_coord(start[a][k], origin[a], grid.cell_size, grid.inv_cell_size);
-            const int64_t last = grid_coord(end[a][k], origin[a], grid.cell_size, grid.inv_cell_size);
+            const double lo = kf.lo[a], ds = kf.start_d[k], de = kf.end_d[k];
+            const double x0 = (lo + ds) - (std::fabs(lo) + std::fabs(ds)) * detail::kBoundSlack;
+            const double x1 = (lo + de) + (std::fabs(lo) + std::fabs(de)) * detail::kBoundSlack;
+            const int64_t first = grid_coord(x0, origin[a], grid.cell_size, grid.inv_cell_size);
+            const int64_t last = grid_coord(x1, origin[a], grid.cell_size, grid.inv_cell_size);
             c0[a][k] = std::max<int64_t>(first, 0);
-            c1[a][k] = start[a][k] < end[a][k] ? std::min<int64_t>(last, n_axis[a] - 1) : -1;
+            c1[a][k] = ds < de ? std::min<int64_t>(last, n_axis[a] - 1) : -1;
         }
 
-    if (s == 1) {  // the K cells tile the support: one range per axis, cells told apart per point
+    if (s == 1) {  // the K cells tile the support: one range per grid row
         const int64_t x0 = c0[0][0], x1 = c1[0][KC - 1];
         if (x0 > x1) return;
-        const double bx0 = start[0][0], bx1 = end[0][KC - 1], by0 = start[1][0],
-                     by1 = end[1][KC - 1], bz0 = start[2][0], bz1 = end[2][KC - 1];
         for (int64_t cz = c0[2][0]; cz <= c1[2][KC - 1]; ++cz)
             for (int64_t cy = c0[1][0]; cy <= c1[1][KC - 1]; ++cy) {
                 if (rows[cz * ny + cy] < 0) continue;
                 const int32_t* row = table + (cz * ny + cy) * nx;
                 const int64_t b = base + row[x0], e = base + row[x1 + 1];
-                int64_t* keys = out.reserve(e - b);
-                int64_t n = out.size;
-                for (int64_t p = b; p < e; ++p) {
-                    int kx = 0, ky = 0, kz = 0;
-                    for (int k = 1; k < KC; ++k) {
-                        kx += X[p] >= start[0][k];
-                        ky += Y[p] >= start[1][k];
-                        kz += Z[p] >= start[2][k];
-                    }
-                    keys[n] = (order[p] << cell_bits) | ((kz * KC + ky) * KC + kx);
-                    n += (X[p] >= bx0) & (X[p] < bx1) & (Y[p] >= by0) & (Y[p] < by1) &
-                         (Z[p] >= bz0) & (Z[p] < bz1);
-                }
-                out.size = n;
+                int64_t* keys = out.reserve(e - b + detail::kFilterSlack);
+                out.size = detail::filter_support<KC, SIMD>(X, Y, Z, order, b, e, kf, cell_bits,
+                                                            keys, out.size);
             }
         return;
     }
-    // Dilated: visit each kernel cell's own grid cells; its candidates need only its box.  The
-    // x-ranges that are not empty are listed once, outside the row loops.
-    int n_x = 0, kx_of[KC];
-    int64_t x_first[KC], x_end[KC];
+    // Dilated: visit the grid rows of each kernel row (ky, kz); in each, one x-range from the
+    // first kernel column's grid cells to the last one's (holes included: one range per row costs
+    // less than K short ones), each candidate binned along x.
+    int64_t x_first = -1, x_end = -1;
     for (int kx = 0; kx < KC; ++kx)
         if (c0[0][kx] <= c1[0][kx]) {
-            kx_of[n_x] = kx;
-            x_first[n_x] = c0[0][kx];
-            x_end[n_x] = c1[0][kx] + 1;
-            ++n_x;
+            if (x_first < 0) x_first = c0[0][kx];
+            x_end = c1[0][kx] + 1;
         }
-    if (n_x == 0) return;
-    for (int kz = 0; kz < KC; ++kz) {
-        const double bz0 = start[2][kz], bz1 = end[2][kz];
+    if (x_first < 0) return;
+    for (int kz = 0; kz < KC; ++kz)
         for (int64_t cz = c0[2][kz]; cz <= c1[2][kz]; ++cz)
-            for (int ky = 0; ky < KC; ++ky) {
-                const double by0 = start[1][ky], by1 = end[1][ky];
+            for (int ky = 0; ky < KC; ++ky)
                 for (int64_t cy = c0[1][ky]; cy <= c1[1][ky]; ++cy) {
                     if (rows[cz * ny + cy] < 0) continue;
                     const int32_t* row = table + (cz * ny + cy) * nx;
-                    for (int t = 0; t < n_x; ++t) {
-                        const int64_t b = base + row[x_first[t]], e = base + row[x_end[t]];
-                        if (b == e) continue;
-                        const int kx = kx_of[t];
-                        const double bx0 = start[0][kx], bx1 = end[0][kx];
-                        const int64_t f = (kz * KC + ky) * KC + kx;
-                        int64_t* keys = out.reserve(e - b);
-                        int64_t n = out.size;
-                        for (int64_t p = b; p < e; ++p) {
-                            keys[n] = (order[p] << cell_bits) | f;
-                            n += (X[p] >= bx0) & (X[p] < bx1) & (Y[p] >= by0) & (Y[p] < by1) &
-                                 (Z[p] >= bz0) & (Z[p] < bz1);
-                        }
-                        out.size = n;
-                    }
+                    const int64_t b = base + row[x_first], e = base + row[x_end];
+                    if (b == e) continue;
+                    int64_t* keys = out.reserve(e - b + detail::kFilterSlack);
+                    out.size = detail::filter_row<KC, SIMD>(X, Y, Z, order, b, e, kf, ky, kz,
+                                                            cell_bits, keys, out.size);
                 }
-            }
-    }
+}
+
+template <int KC>
+void collect_compact_portable(const Grid& grid, const double q[3], int64_t cloud,
+                              const KernelSpec& spec, const detail::KernelDifferences& diff,
+                              int cell_bits, KeyBuffer& out) {
+    collect_compact_impl<KC, false>(grid, q, cloud, spec, diff, cell_bits, out);
+}
+
+#ifdef PWCONV_X86_SIMD
+template <int KC>
+__attribute__((target("avx512f"))) void collect_compact_avx512(
+    const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
+    const detail::KernelDifferences& diff, int cell_bits, KeyBuffer& out) {
+    collect_compact_impl<KC, true>(grid, q, cloud, spec, diff, cell_bits, out);
+}
+#endif
+
+template <int KC>
+void collect_compact(const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
+                     const detail::KernelDifferences& diff, int cell_bits, bool simd,
+                     KeyBuffer& out) {
+#ifdef PWCONV_X86_SIMD
+    if (simd) return collect_compact_avx512<KC>(grid, q, cloud, spec, diff, cell_bits, out);
+#endif
+    (void)simd;
+    collect_compact_portable<KC>(grid, q, cloud, spec, diff, cell_bits, out);
 }
 
 // Search policies: how one query's pairs are collected (sorted keys appended to a buffer) or only
 // counted (after the pair budget is exhausted).
 struct KernelPolicy {
     KernelSpec spec;
+    detail::KernelDifferences diff;
     int cell_bits = 0;
+    bool simd = false;
 
     struct State {
         KernelBounds bounds;
@@ -337,7 +369,7 @@ struct KernelPolicy {
         const double h = kernel_half_width(spec.voxel_size, spec.kernel_size, spec.dilation);
         double lo[3];
         for (int a = 0; a < 3; ++a) lo[a] = support_lower(q[a], h);
-        state.bounds.compute(lo, spec.voxel_size, spec.kernel_size, spec.dilation);
+        state.bounds.compute(lo, diff);
         detail::kernel_box(box, state.bounds);
     }
     template <int KC, class Index, class Scratch>
@@ -345,7 +377,7 @@ struct KernelPolicy {
                    Scratch& scratch, State& state, KeyBuffer& out) const {
         if constexpr (std::is_same<Index, Grid>::value && KC > 0) {
             if (index.cube_base[cloud] >= 0) {
-                collect_compact<KC>(index, q, cloud, spec, cell_bits, out);
+                collect_compact<KC>(index, q, cloud, spec, diff, cell_bits, simd, out);
                 return;
             }
         }
@@ -435,6 +467,7 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
     // Keys (point index << cell_bits | cell) are distinct within a row; 31-bit keys sort faster.
     const bool fit32 = (index.n_points >> (31 - std::min(cell_bits, 31))) == 0;
     const bool self = queries.xyz == nullptr;
+    const bool simd_sort = fit32 && detail::simd_filters_active();
     const int64_t m = check_queries(index, queries);
     const int64_t* offsets = self ? index.cloud_offsets.data() : queries.batch.offsets;
     const int64_t n_clouds = index.n_clouds;
@@ -445,8 +478,12 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
     out.row_len.assign(m, 0);
     const int64_t n_blocks = out.n_blocks();
     out.keys.resize(n_blocks);
-    std::atomic<int64_t> total{0};
-    std::atomic<bool> over{false};
+    // Shared by the threads, each on its own cache line; a thread adds its pairs to `total` in
+    // batches (kFlushPairs, and at the end of each block): an atomic add per row made the two
+    // cores fight over one line and cost a sixth of the search.
+    alignas(64) std::atomic<int64_t> total{0};
+    alignas(64) std::atomic<bool> over{false};
+    constexpr int64_t kFlushPairs = 4096;
     RegionErrors errors;
 #pragma omp parallel num_threads(resolve_threads(threads))
     {
@@ -455,6 +492,20 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
         typename Policy::State state;
         KeyBuffer buffer;
         RankScratch rank_scratch;
+        int64_t known_total = 0;  // total after this thread's last flush
+        int64_t pending = 0;      // this thread's pairs not yet added to total
+        auto sort_row = [&](int64_t* keys, int64_t n) {
+#ifdef PWCONV_X86_SIMD
+            if (simd_sort && n >= 2 && n <= 64) return detail::sort_short_row_avx512(keys, n);
+#endif
+            sort_unique_keys(keys, n, fit32, rank_scratch);
+        };
+        // Adds pending to total; true when the budget is exceeded.
+        auto flush = [&]() {
+            known_total = total.fetch_add(pending) + pending;
+            pending = 0;
+            return known_total > max_pairs;
+        };
 #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
             errors.run([&] {
@@ -472,25 +523,31 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
                         (int64_t)(std::upper_bound(offsets, offsets + n_clouds + 1, p) - offsets) - 1;
                     int64_t n;
                     if (!over.load(std::memory_order_relaxed)) {
-                        // Keep the row while the running total stays within the budget (checked per
-                        // row, so no thread holds much more than the budget); past it, only count.
-                        buffer.growth_cap = std::max<int64_t>(
-                            0, max_pairs - total.load(std::memory_order_relaxed));
+                        // Keep the row while the running total stays within the budget (checked
+                        // at each flush and whenever this thread alone would pass it, so no
+                        // thread holds much more than the budget); past it, only count.
+                        buffer.growth_cap =
+                            std::max<int64_t>(0, max_pairs - known_total - pending);
                         const int64_t row_begin = buffer.size;
                         policy.collect(index, q, cloud, box, scratch, state, buffer);
                         n = buffer.size - row_begin;
-                        if (total.fetch_add(n) + n > max_pairs) {
+                        pending += n;
+                        const bool exceeded =
+                            (pending >= kFlushPairs || known_total + pending > max_pairs) &&
+                            flush();
+                        if (exceeded) {
                             over.store(true);
                             buffer.release();
                         } else {
-                            sort_unique_keys(buffer.data.get() + row_begin, n, fit32, rank_scratch);
+                            sort_row(buffer.data.get() + row_begin, n);
                         }
                     } else {
                         n = policy.count(index, q, cloud, box, scratch, state);
-                        total.fetch_add(n);
+                        pending += n;
                     }
                     out.row_len[p] = n;
                 }
+                if (flush()) over.store(true);
                 if (!over.load()) out.keys[blk].assign(buffer.data.get(), buffer.data.get() + buffer.size);
             });
         }
@@ -570,7 +627,9 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
             "n_points * kernel_size**3 must fit in 62 bits");
     KernelPolicy policy;
     policy.spec = spec;
+    policy.diff.compute(spec.voxel_size, spec.kernel_size, spec.dilation);
     policy.cell_bits = bits;
+    policy.simd = detail::simd_filters_active();
     gather_pairs(index, queries, policy, bits, max_pairs, out, threads);
     out.cell_bits = bits;
 }

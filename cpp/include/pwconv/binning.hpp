@@ -147,6 +147,52 @@ PWCONV_HD void kernel_axis_bounds(double lo, double voxel_size, int kernel_size,
     }
 }
 
+// The same bounds in two stages, for the CPU's per-query loops.  t = fl(fl(x - lo) / v) is a
+// non-decreasing function of the difference d = fl(x - lo), so "t >= c" holds iff d >= D_c, the
+// smallest double with fl(D_c / v) >= c: D_c depends on v, K and s only (computed once per map,
+// with divisions), and per query only the threshold on x for "fl(x - lo) >= D_c" is searched,
+// with subtractions.  The result is bit for bit that of kernel_axis_bounds.
+
+struct QuotientAtLeast {  // fl(d / v) >= c
+    double v, c;
+    PWCONV_HD bool operator()(double d) const { return d / v >= c; }
+};
+
+struct QuotientAbove {  // fl(d / v) > c
+    double v, c;
+    PWCONV_HD bool operator()(double d) const { return d / v > c; }
+};
+
+struct DifferenceAtLeast {  // fl(x - lo) >= d
+    double lo, d;
+    PWCONV_HD bool operator()(double x) const { return x - lo >= d; }
+};
+
+/// Query-independent stage: start_d[k], end_d[k] are the smallest differences x - lo that reach
+/// kernel cell k's start and end (arrays of K doubles).
+PWCONV_HD void kernel_axis_differences(double voxel_size, int kernel_size, int dilation,
+                                       double* start_d, double* end_d) {
+    const double span = (double)kernel_span(kernel_size, dilation);
+    for (int k = 0; k < kernel_size; ++k) {
+        const double c0 = (double)k * (double)dilation;
+        start_d[k] = first_true(QuotientAtLeast{voxel_size, c0}, c0 * voxel_size);
+        end_d[k] = k + 1 < kernel_size
+                       ? first_true(QuotientAtLeast{voxel_size, c0 + 1.0}, (c0 + 1.0) * voxel_size)
+                       : first_true(QuotientAbove{voxel_size, span}, span * voxel_size);
+    }
+}
+
+/// Per-query stage: kernel_axis_bounds(lo, ...) from kernel_axis_differences' output.
+PWCONV_HD void kernel_axis_bounds_from(double lo, const double* start_d, const double* end_d,
+                                       int kernel_size, int dilation, double* start, double* end) {
+    for (int k = 0; k < kernel_size; ++k) {
+        start[k] = k > 0 && dilation == 1
+                       ? end[k - 1]
+                       : first_true(DifferenceAtLeast{lo, start_d[k]}, lo + start_d[k]);
+        end[k] = first_true(DifferenceAtLeast{lo, end_d[k]}, lo + end_d[k]);
+    }
+}
+
 /// Kernel index k of coordinate x along one axis given kernel_axis_bounds, or -1.
 PWCONV_HD int axis_kernel_index(double x, const double* start, const double* end,
                                 int kernel_size) {

@@ -26,6 +26,13 @@ bool openmp_enabled();
 /// The OpenMP default thread count (1 without OpenMP).
 int default_threads();
 
+/// Whether the CPU can run the AVX-512 twins of the kernel map's candidate filters.
+bool simd_available();
+/// Whether they run (default: whenever available).  Results are identical either way; turning
+/// them off (tests, comparisons) selects the portable loops.  Returns the previous setting.
+bool set_simd_enabled(bool enabled);
+bool simd_enabled();
+
 /// Throws std::invalid_argument unless offsets is a valid row-split array ending at n.
 void check_batch(const Batch& batch, int64_t n, const char* name);
 

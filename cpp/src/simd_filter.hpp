@@ -1,0 +1,244 @@
+// Internal: the candidate filters of the kernel map's inner loops on compact clouds, in portable
+// C++ and in AVX-512.
+//
+// A candidate coordinate x is binned through d = fl(x - lo), lo being the support's lower corner
+// on that axis (SPEC §1's first operation), compared with the query-independent thresholds of
+// kernel_axis_differences (binning.hpp): t = fl(d / v) >= c iff d >= D_c.  So no division and no
+// per-query threshold search is needed, and the partition is exactly the rule's.
+//
+// The wheel stays portable (no -march flags): the AVX-512 twins carry their own target attribute
+// and run only where the CPU reports AVX-512F (simd_filters_active).  Both twins perform the same
+// IEEE operations on the same float64 values and write the same keys in the same order, so results
+// are identical whichever runs; the tests run both (set_simd_enabled).
+#ifndef PWCONV_SIMD_FILTER_HPP
+#define PWCONV_SIMD_FILTER_HPP
+
+#include <cstdint>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__CUDACC__)
+#define PWCONV_X86_SIMD 1
+#include <immintrin.h>
+#endif
+
+// Callers instantiate their loops twice (SIMD true inside a function compiled for AVX-512, false
+// elsewhere); the dispatchers below are forced inline so that the filters inline into those loops.
+#define PWCONV_FILTER_INLINE inline __attribute__((always_inline))
+
+namespace pwconv {
+namespace detail {
+
+/// Keys may be written up to this many entries past the accepted ones (buffers reserve it).
+constexpr int64_t kFilterSlack = 8;
+
+/// One query's filter: the support's lower corner per axis and the thresholds D of its kernel
+/// cells' starts and ends (kernel_axis_differences, the same on every axis).
+template <int K>
+struct KernelFilter {
+    double lo[3];
+    double start_d[K], end_d[K];
+};
+
+/// Dilation 1: the K cells tile the support, so one range covers them; each p in [b, e) inside
+/// the support is appended as (order[p] << cell_bits) | f, its cell told apart per axis.
+template <int K>
+inline int64_t filter_support_scalar(const double* X, const double* Y, const double* Z,
+                                     const int64_t* order, int64_t b, int64_t e,
+                                     const KernelFilter<K>& kf, int cell_bits, int64_t* keys,
+                                     int64_t n) {
+    const double first = kf.start_d[0], last = kf.end_d[K - 1];
+    for (int64_t p = b; p < e; ++p) {
+        const double dx = X[p] - kf.lo[0], dy = Y[p] - kf.lo[1], dz = Z[p] - kf.lo[2];
+        int kx = 0, ky = 0, kz = 0;
+        for (int k = 1; k < K; ++k) {
+            kx += dx >= kf.start_d[k];
+            ky += dy >= kf.start_d[k];
+            kz += dz >= kf.start_d[k];
+        }
+        keys[n] = (order[p] << cell_bits) | ((kz * K + ky) * K + kx);
+        n += (dx >= first) & (dx < last) & (dy >= first) & (dy < last) & (dz >= first) &
+             (dz < last);  // written always, kept only when accepted: no branch
+    }
+    return n;
+}
+
+/// Dilated: the candidates of kernel row (ky, kz) in one grid row, from the first kernel column's
+/// grid cells to the last one's (holes included), binned along x.  f_yz = (kz * K + ky) * K.
+template <int K>
+inline int64_t filter_row_scalar(const double* X, const double* Y, const double* Z,
+                                 const int64_t* order, int64_t b, int64_t e,
+                                 const KernelFilter<K>& kf, int ky, int kz, int cell_bits,
+                                 int64_t* keys, int64_t n) {
+    const double y0 = kf.start_d[ky], y1 = kf.end_d[ky], z0 = kf.start_d[kz], z1 = kf.end_d[kz];
+    const int64_t f_yz = ((int64_t)kz * K + ky) * K;
+    for (int64_t p = b; p < e; ++p) {
+        const double dx = X[p] - kf.lo[0], dy = Y[p] - kf.lo[1], dz = Z[p] - kf.lo[2];
+        int kx = 0;
+        for (int k = 1; k < K; ++k) kx += dx >= kf.start_d[k];
+        keys[n] = (order[p] << cell_bits) | (f_yz + kx);
+        n += (dx >= kf.start_d[0]) & (dx < kf.end_d[kx]) & (dy >= y0) & (dy < y1) & (dz >= z0) &
+             (dz < z1);
+    }
+    return n;
+}
+
+#ifdef PWCONV_X86_SIMD
+
+#define PWCONV_AVX512 __attribute__((target("avx512f"))) inline
+
+// In [lo, hi): two independent compares (chains of masked compares are latency-bound).
+PWCONV_AVX512 __mmask8 within_avx512(__m512d d, double lo, double hi) {
+    return _mm512_cmp_pd_mask(d, _mm512_set1_pd(lo), _CMP_GE_OQ) &
+           _mm512_cmp_pd_mask(d, _mm512_set1_pd(hi), _CMP_LT_OQ);
+}
+
+PWCONV_AVX512 __mmask8 live_lanes(int64_t p, int64_t e) {
+    return e - p >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (e - p)) - 1);
+}
+
+// Appends the lanes of key selected by m at keys + n (8 lanes stored: kFilterSlack).
+PWCONV_AVX512 int64_t append_avx512(__mmask8 m, __m512i key, int64_t* keys, int64_t n) {
+    _mm512_storeu_si512((void*)(keys + n), _mm512_maskz_compress_epi64(m, key));
+    return n + __builtin_popcount((unsigned)m);
+}
+
+template <int K>
+PWCONV_AVX512 int64_t filter_support_avx512(const double* X, const double* Y, const double* Z,
+                                            const int64_t* order, int64_t b, int64_t e,
+                                            const KernelFilter<K>& kf, int cell_bits,
+                                            int64_t* keys, int64_t n) {
+    const double first = kf.start_d[0], last = kf.end_d[K - 1];
+    const __m512d lo_x = _mm512_set1_pd(kf.lo[0]), lo_y = _mm512_set1_pd(kf.lo[1]),
+                  lo_z = _mm512_set1_pd(kf.lo[2]);
+    const __m512i step_x = _mm512_set1_epi64(1), step_y = _mm512_set1_epi64(K),
+                  step_z = _mm512_set1_epi64(K * K);
+    for (int64_t p = b; p < e; p += 8) {
+        const __mmask8 live = live_lanes(p, e);
+        const __m512d dx = _mm512_sub_pd(_mm512_maskz_loadu_pd(live, X + p), lo_x);
+        const __m512d dy = _mm512_sub_pd(_mm512_maskz_loadu_pd(live, Y + p), lo_y);
+        const __m512d dz = _mm512_sub_pd(_mm512_maskz_loadu_pd(live, Z + p), lo_z);
+        const __mmask8 m = live & within_avx512(dx, first, last) & within_avx512(dy, first, last) &
+                           within_avx512(dz, first, last);
+        __m512i f = _mm512_setzero_si512();
+        for (int k = 1; k < K; ++k) {
+            const __m512d start = _mm512_set1_pd(kf.start_d[k]);
+            f = _mm512_mask_add_epi64(f, _mm512_cmp_pd_mask(dx, start, _CMP_GE_OQ), f, step_x);
+            f = _mm512_mask_add_epi64(f, _mm512_cmp_pd_mask(dy, start, _CMP_GE_OQ), f, step_y);
+            f = _mm512_mask_add_epi64(f, _mm512_cmp_pd_mask(dz, start, _CMP_GE_OQ), f, step_z);
+        }
+        const __m512i idx = _mm512_maskz_loadu_epi64(live, order + p);
+        n = append_avx512(m, _mm512_or_si512(_mm512_slli_epi64(idx, cell_bits), f), keys, n);
+    }
+    return n;
+}
+
+template <int K>
+PWCONV_AVX512 int64_t filter_row_avx512(const double* X, const double* Y, const double* Z,
+                                        const int64_t* order, int64_t b, int64_t e,
+                                        const KernelFilter<K>& kf, int ky, int kz, int cell_bits,
+                                        int64_t* keys, int64_t n) {
+    static_assert(K <= 8, "the kernel cells' ends are looked up in one 8-lane vector");
+    const double y0 = kf.start_d[ky], y1 = kf.end_d[ky], z0 = kf.start_d[kz], z1 = kf.end_d[kz];
+    const __m512d end_of = _mm512_maskz_loadu_pd((__mmask8)((1u << K) - 1), kf.end_d);
+    const __m512d lo_x = _mm512_set1_pd(kf.lo[0]), lo_y = _mm512_set1_pd(kf.lo[1]),
+                  lo_z = _mm512_set1_pd(kf.lo[2]), first = _mm512_set1_pd(kf.start_d[0]);
+    const __m512i one = _mm512_set1_epi64(1),
+                  f_yz = _mm512_set1_epi64(((int64_t)kz * K + ky) * K);
+    for (int64_t p = b; p < e; p += 8) {
+        const __mmask8 live = live_lanes(p, e);
+        const __m512d dx = _mm512_sub_pd(_mm512_maskz_loadu_pd(live, X + p), lo_x);
+        const __m512d dy = _mm512_sub_pd(_mm512_maskz_loadu_pd(live, Y + p), lo_y);
+        const __m512d dz = _mm512_sub_pd(_mm512_maskz_loadu_pd(live, Z + p), lo_z);
+        __m512i kx = _mm512_setzero_si512();
+        for (int k = 1; k < K; ++k)
+            kx = _mm512_mask_add_epi64(
+                kx, _mm512_cmp_pd_mask(dx, _mm512_set1_pd(kf.start_d[k]), _CMP_GE_OQ), kx, one);
+        const __mmask8 m = live & _mm512_cmp_pd_mask(dx, first, _CMP_GE_OQ) &
+                           _mm512_cmp_pd_mask(dx, _mm512_permutexvar_pd(kx, end_of), _CMP_LT_OQ) &
+                           within_avx512(dy, y0, y1) & within_avx512(dz, z0, z1);
+        const __m512i idx = _mm512_maskz_loadu_epi64(live, order + p);
+        const __m512i key = _mm512_or_si512(_mm512_slli_epi64(idx, cell_bits),
+                                            _mm512_add_epi64(f_yz, kx));
+        n = append_avx512(m, key, keys, n);
+    }
+    return n;
+}
+
+// Rank sort of a row of NV*16 or fewer distinct keys that fit in 31 bits (sort_unique_keys' fast
+// case): each key's position is the number of smaller keys, counted 16 lanes at a time.
+template <int NV>
+PWCONV_AVX512 void rank_sort_avx512(int64_t* keys, int64_t n) {
+    alignas(64) int32_t sorted[NV * 16];
+    __m512i key[NV], rank[NV];
+    __mmask16 live[NV];
+    for (int c = 0; c < NV; ++c) {
+        const int64_t left = n - 16 * c;  // > 0 for c < NV
+        const __mmask8 lo = live_lanes(0, left), hi = live_lanes(8, left > 8 ? left : 8);
+        const __m256i a = _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64(lo, keys + 16 * c));
+        const __m256i b =
+            _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64(hi, keys + 16 * c + 8));
+        key[c] = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+        rank[c] = _mm512_setzero_si512();
+        live[c] = (__mmask16)(lo | ((unsigned)hi << 8));
+    }
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t j = 0; j < n; ++j) {
+        const __m512i kj = _mm512_set1_epi32((int32_t)keys[j]);
+        for (int c = 0; c < NV; ++c)
+            rank[c] = _mm512_mask_add_epi32(rank[c], _mm512_cmpgt_epi32_mask(key[c], kj), rank[c],
+                                            one);
+    }
+    for (int c = 0; c < NV; ++c) _mm512_mask_i32scatter_epi32(sorted, live[c], rank[c], key[c], 4);
+    for (int c = 0; c < NV; ++c) {
+        const int64_t left = n - 16 * c;
+        const __m512i s = _mm512_load_si512((const void*)(sorted + 16 * c));
+        _mm512_mask_storeu_epi64(keys + 16 * c, live_lanes(0, left),
+                                 _mm512_cvtepu32_epi64(_mm512_castsi512_si256(s)));
+        if (left > 8)
+            _mm512_mask_storeu_epi64(keys + 16 * c + 8, live_lanes(8, left),
+                                     _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(s, 1)));
+    }
+}
+
+/// sort_unique_keys for 2 <= n <= 64 keys that fit in 31 bits.
+__attribute__((target("avx512f"))) inline void sort_short_row_avx512(int64_t* keys, int64_t n) {
+    if (n <= 16) return rank_sort_avx512<1>(keys, n);
+    if (n <= 32) return rank_sort_avx512<2>(keys, n);
+    if (n <= 48) return rank_sort_avx512<3>(keys, n);
+    return rank_sort_avx512<4>(keys, n);
+}
+
+#undef PWCONV_AVX512
+
+#endif  // PWCONV_X86_SIMD
+
+/// Whether the AVX-512 filters run: the CPU has them and set_simd_enabled has not turned them off.
+bool simd_filters_active();
+
+template <int K, bool SIMD>
+PWCONV_FILTER_INLINE int64_t filter_support(const double* X, const double* Y, const double* Z,
+                                            const int64_t* order, int64_t b, int64_t e,
+                                            const KernelFilter<K>& kf, int cell_bits,
+                                            int64_t* keys, int64_t n) {
+#ifdef PWCONV_X86_SIMD
+    if constexpr (SIMD)
+        return filter_support_avx512<K>(X, Y, Z, order, b, e, kf, cell_bits, keys, n);
+#endif
+    return filter_support_scalar<K>(X, Y, Z, order, b, e, kf, cell_bits, keys, n);
+}
+
+template <int K, bool SIMD>
+PWCONV_FILTER_INLINE int64_t filter_row(const double* X, const double* Y, const double* Z,
+                                        const int64_t* order, int64_t b, int64_t e,
+                                        const KernelFilter<K>& kf, int ky, int kz, int cell_bits,
+                                        int64_t* keys, int64_t n) {
+#ifdef PWCONV_X86_SIMD
+    if constexpr (SIMD && K <= 8)
+        return filter_row_avx512<K>(X, Y, Z, order, b, e, kf, ky, kz, cell_bits, keys, n);
+#endif
+    return filter_row_scalar<K>(X, Y, Z, order, b, e, kf, ky, kz, cell_bits, keys, n);
+}
+
+}  // namespace detail
+}  // namespace pwconv
+
+#endif  // PWCONV_SIMD_FILTER_HPP
