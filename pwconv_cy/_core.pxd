@@ -94,13 +94,15 @@ cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:
         const int32_t* counts
 
     void transpose_kernel_map[C](const KernelMapView[C]& map, const Batch& points,
-                                 const Batch& queries, int64_t* tsplits, int64_t* tkeys,
-                                 int threads) except +
+                                 const Batch& queries, int count_bits, int64_t* tsplits,
+                                 int64_t* tkeys, int threads) except +
+    int transposed_count_bits(int64_t m, int kernel_size)
     void conv_forward[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
                             const F* weight, int64_t c_out, cbool depthwise, F* y,
                             int threads) except +
     void conv_backward[F, C](const KernelMapView[C]& map, const int64_t* tsplits,
-                             const int64_t* tkeys, const F* x, int64_t c_in, const F* grad_y,
+                             const int64_t* tkeys, int count_bits, const F* x,
+                             int64_t c_in, const F* grad_y,
                              int64_t c_out, const F* weight, cbool depthwise, F* grad_x,
                              F* grad_weight, int threads) except +
 

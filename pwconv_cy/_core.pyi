@@ -84,8 +84,9 @@ class Pairs:
 def transpose_map(
     splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
     counts: NDArray[np.int32], n_points: int, kernel_size: int,
-    offsets: NDArray[np.int64] | None, query_offsets: NDArray[np.int64] | None, threads: int,
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
+    offsets: NDArray[np.int64] | None, query_offsets: NDArray[np.int64] | None,
+    with_counts: bool, threads: int,
+) -> tuple[NDArray[np.int64], NDArray[np.int64], int]: ...
 def conv_forward_(
     splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
     counts: NDArray[np.int32], kernel_size: int, x: NDArray[_Real], weight: NDArray[_Real],
@@ -94,8 +95,9 @@ def conv_forward_(
 def conv_backward_(
     splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
     counts: NDArray[np.int32], kernel_size: int, tsplits: NDArray[np.int64],
-    tkeys: NDArray[np.int64], x: NDArray[_Real], grad_y: NDArray[_Real], weight: NDArray[_Real],
-    depthwise: bool, grad_x: NDArray[_Real] | None, grad_weight: NDArray[_Real], threads: int,
+    tkeys: NDArray[np.int64], count_bits: int, x: NDArray[_Real],
+    grad_y: NDArray[_Real], weight: NDArray[_Real], depthwise: bool,
+    grad_x: NDArray[_Real] | None, grad_weight: NDArray[_Real], threads: int,
 ) -> None: ...
 
 # Optimiser updates, in place on flat C-contiguous arrays of one dtype.

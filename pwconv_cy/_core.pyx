@@ -304,11 +304,16 @@ cdef inline KernelMapView[cell_t] _map_view(const int64_t[::1] splits, const int
 
 def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
                   const int32_t[:, ::1] counts, int64_t n_points, int kernel_size,
-                  const int64_t[::1] offsets, const int64_t[::1] query_offsets, int threads):
-    """Transposed kernel map: (tsplits (n+1,), tkeys (E,) = row << bits | cell).  offsets and
-    query_offsets: the map's batches (or None)."""
+                  const int64_t[::1] offsets, const int64_t[::1] query_offsets, bint with_counts,
+                  int threads):
+    """Transposed kernel map: (tsplits (n+1,), tkeys (E,), count_bits) with
+    tkeys = ((row << bits | cell) << count_bits) | min(count, 2**count_bits - 1); count_bits 0
+    unless with_counts.  offsets and query_offsets: the map's batches (or None)."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, n_points, kernel_size)
     cdef int64_t n_entries = index.shape[0]
+    cdef int count_bits = 0
+    if with_counts:
+        count_bits = transposed_count_bits(splits.shape[0] - 1, kernel_size)
     cdef Batch points, queries
     if offsets is not None and query_offsets is not None:
         points = _batch(offsets)
@@ -319,9 +324,9 @@ def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cel
     cdef int64_t[::1] tk = tkeys
     with interruptible():
         with nogil:
-            transpose_kernel_map(view, points, queries, &ts[0], &tk[0] if n_entries else NULL,
-                                 threads)
-    return tsplits, tkeys
+            transpose_kernel_map(view, points, queries, count_bits, &ts[0],
+                                 &tk[0] if n_entries else NULL, threads)
+    return tsplits, tkeys, count_bits
 
 
 def conv_forward_(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
@@ -339,11 +344,12 @@ def conv_forward_(const int64_t[::1] splits, const int64_t[::1] index, const cel
 
 def conv_backward_(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
                    const int32_t[:, ::1] counts, int kernel_size, const int64_t[::1] tsplits,
-                   const int64_t[::1] tkeys, const real_t[:, ::1] x, const real_t[:, ::1] grad_y,
+                   const int64_t[::1] tkeys, int count_bits,
+                   const real_t[:, ::1] x, const real_t[:, ::1] grad_y,
                    const real_t[::1] weight, bint depthwise, real_t[:, ::1] grad_x,
                    real_t[::1] grad_weight, int threads):
     """grad_x (n, c_in) (or None: not computed) and grad_weight (flattened like the weight) from
-    x (n, c_in) and grad_y (m, c_out), over the transposed map."""
+    x (n, c_in) and grad_y (m, c_out), over the transposed map (keys with count_bits)."""
     cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
                                                 kernel_size)
     cdef real_t* gx = NULL
@@ -351,7 +357,7 @@ def conv_backward_(const int64_t[::1] splits, const int64_t[::1] index, const ce
         gx = &grad_x[0, 0]
     with interruptible():
         with nogil:
-            conv_backward(view, &tsplits[0], &tkeys[0] if tkeys.shape[0] else NULL,
+            conv_backward(view, &tsplits[0], &tkeys[0] if tkeys.shape[0] else NULL, count_bits,
                           &x[0, 0] if x.shape[0] else NULL, x.shape[1],
                           &grad_y[0, 0] if grad_y.shape[0] else NULL, grad_y.shape[1],
                           &weight[0], depthwise, gx, &grad_weight[0], threads)

@@ -182,10 +182,10 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
         call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
         check_finite)
     dy = check_grad_out(call["grad_out"], km.n_queries, c_out, x.dtype, out_dense, check_finite)
-    tsplits, tkeys = km.transposed(threads or None)
+    tsplits, tkeys, count_bits = km._transposed_packed(threads or None)
     dx = np.empty_like(x) if feats_grad else None
     dw = np.empty(w.size, dtype=x.dtype)
-    _core.conv_backward_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys, x, dy,
-                         w.reshape(-1), bool(depthwise), dx, dw, threads)
+    _core.conv_backward_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys, count_bits,
+                         x, dy, w.reshape(-1), bool(depthwise), dx, dw, threads)
     return call.export((None if dx is None else dx.reshape(call["feats"].shape),
                         dw.reshape(w.shape)))

@@ -152,8 +152,8 @@ class KernelMap:
     def transposed(self, num_threads=None):
         """For every point j, the rows i (ascending) with j in Omega_i(f) and the cell f of each:
         ``(tsplits (n_points + 1,) int64, tkeys (E,) int64)`` with ``tkeys = row << bits | cell``
-        (``bits = ceil(log2(K**3))``).  Computed once, cached;
-        the input gradient gathers over it.  Arrays of the map's own kind."""
+        (``bits = ceil(log2(K**3))``).  Computed once and cached (in the backward's form, see
+        _transposed_packed); the input gradient gathers over it.  Arrays of the map's own kind."""
         native = CallArrays({}, kernel_map=self).kernel_map
         if native is not self:
             return export(native.transposed(num_threads), kind_of(self.splits))
@@ -161,11 +161,19 @@ class KernelMap:
             from pwconv_cy import cuda
 
             return cuda.transpose_map(self)
-        if "transposed" not in self._cache:
-            self._cache["transposed"] = _core.transpose_map(
+        tsplits, tkeys, count_bits = self._transposed_packed(num_threads)
+        return tsplits, tkeys >> count_bits
+
+    def _transposed_packed(self, num_threads=None):
+        """The backward's form of a host map's transposed(): ``(tsplits, tkeys, count_bits)``
+        with each key also carrying its count, ``tkeys = ((row << bits | cell) << count_bits) |
+        min(n_row(cell), 2**count_bits - 1)`` (a saturated count is looked up), so that the
+        gather reads its weights in order.  Cached."""
+        if "host_transposed" not in self._cache:
+            self._cache["host_transposed"] = _core.transpose_map(
                 self.splits, self.index, self.cell, self.counts, self.n_points, self.kernel_size,
-                self.offsets, self.query_offsets, check_num_threads(num_threads))
-        return self._cache["transposed"]
+                self.offsets, self.query_offsets, True, check_num_threads(num_threads))
+        return self._cache["host_transposed"]
 
     def __repr__(self) -> str:
         return (f"KernelMap(n_queries={self.n_queries}, n_points={self.n_points}, "

@@ -503,6 +503,38 @@ def test_one_and_two_threads_are_bit_identical(dtype, depthwise):
         assert np.array_equal(b, c), f"{what}: two runs differ"
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_backward_with_packed_counts_equals_looked_up_counts(rng, dtype, depthwise):
+    """The backward's transposed keys carry each entry's n_i(f) (saturated at 2**16 - 1, then
+    looked up): the same bits as keys without counts, whose weights are all looked up.  A dense
+    clump gives cells with more than 65,535 points, so the saturated case is met too."""
+    clump = np.full((66_000, 3), 0.5) + rng.random((66_000, 3)) * 1e-3
+    a, b = rng.random((400, 3)), rng.random((300, 3))
+    points = np.concatenate([a, b, clump])
+    offsets = np.cumsum([0, len(a), 0, len(b), len(clump)])
+    queries = np.concatenate([a[:40], b[:30], clump[:2]])
+    c = 3
+    km = pwconv_cy.kernel_map(points, 0.15, dilation=2, offsets=offsets, queries=queries,
+                              query_offsets=np.cumsum([0, 40, 0, 30, 2]))
+    assert km.counts.max() > 0xFFFF
+    x = rng.standard_normal((len(points), c)).astype(dtype)
+    w = rng.standard_normal((27, c) if depthwise else (27, c, c)).astype(dtype).reshape(-1)
+    dy = rng.standard_normal((km.n_queries, c)).astype(dtype)
+    results = []
+    for with_counts in (True, False):
+        tsplits, tkeys, count_bits = pwconv_cy._core.transpose_map(
+            km.splits, km.index, km.cell, km.counts, km.n_points, 3, km.offsets,
+            km.query_offsets, with_counts, 2)
+        assert count_bits == (16 if with_counts else 0)
+        dx, dw = np.empty_like(x), np.empty_like(w)
+        pwconv_cy._core.conv_backward_(km.splits, km.index, km.cell, km.counts, 3, tsplits,
+                                       tkeys, count_bits, x, dy, w, depthwise, dx, dw, 2)
+        results.append((dx, dw))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_weight_gradient_alone_equals_the_full_backward(rng, depthwise, dtype):

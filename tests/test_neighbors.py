@@ -592,12 +592,14 @@ def test_dlpack_producers_are_read_like_numpy_arrays(rng):
 
 
 def _transposed_by_definition(km):
-    """For every point j: keys (row << 5) | cell of the entries naming j, rows ascending."""
+    """For every point j: keys (row << 5) | cell of the entries naming j, rows ascending, and the
+    count n_row(cell) of each (the backward's keys carry it in their low 16 bits)."""
     rows = np.repeat(np.arange(km.n_queries), np.diff(km.splits))
     order = np.lexsort((rows, km.index))
     tsplits = np.zeros(km.n_points + 1, dtype=np.int64)
     np.cumsum(np.bincount(km.index, minlength=km.n_points), out=tsplits[1:])
-    return tsplits, (rows[order] << 5) | km.cell[order].astype(np.int64)
+    cells = km.cell[order].astype(np.int64)
+    return tsplits, (rows[order] << 5) | cells, km.counts[rows[order], cells]
 
 
 @settings(max_examples=40, deadline=None)
@@ -611,10 +613,17 @@ def test_transposed_map_cloud_by_cloud_equals_the_definition(data, voxel, dilati
     want = _transposed_by_definition(km)
     for threads in (1, 2):  # 2 threads: cloud by cloud from 2 clouds, else the global sort
         for offsets in ((km.offsets, km.query_offsets), (None, None)):
-            got = pc._core.transpose_map(km.splits, km.index, km.cell, km.counts,
-                                                km.n_points, 3, *offsets, threads)
-            np.testing.assert_array_equal(got[0], want[0])
-            np.testing.assert_array_equal(got[1], want[1])
+            tsplits, tkeys, count_bits = pc._core.transpose_map(
+                km.splits, km.index, km.cell, km.counts, km.n_points, 3, *offsets, True, threads)
+            assert count_bits == 16
+            np.testing.assert_array_equal(tsplits, want[0])
+            np.testing.assert_array_equal(tkeys >> 16, want[1])
+            np.testing.assert_array_equal(tkeys & 0xFFFF, np.minimum(want[2], 0xFFFF))
+            plain = pc._core.transpose_map(km.splits, km.index, km.cell, km.counts, km.n_points,
+                                           3, *offsets, False, threads)
+            assert plain[2] == 0
+            np.testing.assert_array_equal(plain[1], want[1])
+    np.testing.assert_array_equal(km.transposed()[1], want[1])  # the public form
 
 
 def test_transposed_map_refuses_rows_that_name_another_clouds_points(rng):
@@ -625,4 +634,4 @@ def test_transposed_map_refuses_rows_that_name_another_clouds_points(rng):
     index[0] = 39  # a point of the second cloud in a row of the first
     with pytest.raises(ValueError, match="kernel map refers to a point outside the query's cloud"):
         pc._core.transpose_map(km.splits, index, km.cell, km.counts, 40, 3, km.offsets,
-                                      km.query_offsets, 2)
+                               km.query_offsets, True, 2)

@@ -76,12 +76,16 @@ struct MapEntries {
     int64_t cell_of(int64_t e) const { return (int64_t)cell[e]; }
 };
 
-// Entries of a transposed map: packed (row << bits) | cell keys.
+// Entries of a transposed map: packed ((row << bits) | cell) << count_bits | count keys.
 struct PackedEntries {
     const int64_t* keys;
     int bits;
-    int64_t col(int64_t e) const { return keys[e] >> bits; }
-    int64_t cell_of(int64_t e) const { return keys[e] & ((int64_t(1) << bits) - 1); }
+    int count_bits;
+    int64_t col(int64_t e) const { return keys[e] >> (bits + count_bits); }
+    int64_t cell_of(int64_t e) const {
+        return (keys[e] >> count_bits) & ((int64_t(1) << bits) - 1);
+    }
+    int64_t count_mask() const { return (int64_t(1) << count_bits) - 1; }
 };
 
 template <int A, class F, class Entries, class Weight>
@@ -248,7 +252,11 @@ struct TransposedMeanWeight {  // transposed map: entry (row i, cell f) weighs 1
     int64_t n_cells;
     const Reciprocals<F>* inv;
     F operator()(int64_t, int64_t e, int64_t f) const {
-        return (*inv)(counts[entries.col(e) * n_cells + f]);
+        // The count packed with the entry, unless saturated (or not packed: mask 0).
+        const int64_t mask = entries.count_mask();
+        const int64_t packed = entries.keys[e] & mask;
+        return (*inv)(packed != mask ? (int32_t)packed
+                                     : counts[entries.col(e) * n_cells + f]);
     }
 };
 
@@ -258,14 +266,29 @@ int cell_bits_of(int64_t n_cells) {
     return bits;
 }
 
+constexpr int kCountBits = 16;
+
+// The transposed key of entry e of row i (see transpose_kernel_map).
+template <class CellT>
+inline int64_t transposed_key(const KernelMapView<CellT>& map, int64_t i, int64_t e, int bits,
+                              int count_bits) {
+    const int64_t f = (int64_t)map.cell[e];
+    int64_t key = ((i << bits) | f) << count_bits;
+    if (count_bits > 0) {
+        const int64_t cap = (int64_t(1) << count_bits) - 1;
+        key |= std::min<int64_t>(map.counts[i * map.n_cells() + f], cap);
+    }
+    return key;
+}
+
 // The stable counting sort of transpose_kernel_map, one cloud at a time: the rows of cloud b
 // refer only to the points of cloud b, so those points' entries are exactly the cloud's entries,
 // at the same place (from splits[first row of b]), and the count array is cloud-sized.  Returns
 // false, with the output incomplete, if some row refers to a point outside its cloud.
 template <class CellT>
 bool transpose_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
-                        const Batch& queries, int bits, int64_t* tsplits, int64_t* tkeys,
-                        int threads) {
+                        const Batch& queries, int bits, int count_bits, int64_t* tsplits,
+                        int64_t* tkeys, int threads) {
     bool outside = false;
 #pragma omp parallel num_threads(threads) reduction(|| : outside)
     {
@@ -294,7 +317,7 @@ bool transpose_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
             }
             for (int64_t i = r0; i < r1; ++i)
                 for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e)
-                    tkeys[cursor[map.index[e] - p0]++] = (i << bits) | (int64_t)map.cell[e];
+                    tkeys[cursor[map.index[e] - p0]++] = transposed_key(map, i, e, bits, count_bits);
         }
     }
     return !outside;
@@ -304,12 +327,15 @@ bool transpose_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
 
 template <class CellT>
 void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
-                          const Batch& queries, int64_t* tsplits, int64_t* tkeys, int threads) {
+                          const Batch& queries, int count_bits, int64_t* tsplits, int64_t* tkeys,
+                          int threads) {
     check_map(map);
     const int64_t n = map.n, m = map.m;
     const int64_t n_entries = map.splits[m];
     const int bits = cell_bits_of(map.n_cells());
-    require(m == 0 || ((m - 1) >> (62 - bits)) == 0, "too many rows to pack with their cells");
+    require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
+    require(m == 0 || ((m - 1) >> (62 - bits - count_bits)) == 0,
+            "too many rows to pack with their cells");
     require(points.n_clouds == queries.n_clouds,
             "transpose_kernel_map: points and queries must have the same number of clouds");
     if (points.n_clouds > 0) {
@@ -318,7 +344,8 @@ void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
     }
     threads = resolve_threads(threads);
     if (points.n_clouds >= std::max(2, threads)) {
-        const bool ok = transpose_by_cloud(map, points, queries, bits, tsplits, tkeys, threads);
+        const bool ok = transpose_by_cloud(map, points, queries, bits, count_bits, tsplits,
+                                           tkeys, threads);
         require(ok, "kernel map refers to a point outside the query's cloud");
         tsplits[n] = n_entries;
         return;
@@ -358,11 +385,16 @@ void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
             int64_t* cursor = &chunk_count[c * (n + 1)];
             for (int64_t i = row_of_chunk(c); i < row_of_chunk(c + 1); ++i)
                 for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e) {
-                    // One scattered write per entry: the row and its cell packed together.
-                    tkeys[cursor[map.index[e]]++] = (i << bits) | (int64_t)map.cell[e];
+                    // One scattered write per entry: the row, its cell and count packed together.
+                    tkeys[cursor[map.index[e]]++] = transposed_key(map, i, e, bits, count_bits);
                 }
         }
     }
+}
+
+int transposed_count_bits(int64_t m, int kernel_size) {
+    const int bits = cell_bits_of((int64_t)kernel_size * kernel_size * kernel_size);
+    return m == 0 || ((m - 1) >> (62 - bits - kCountBits)) == 0 ? kCountBits : 0;
 }
 
 template <class F, class CellT>
@@ -379,8 +411,8 @@ void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, con
 
 template <class F, class CellT>
 void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, const int64_t* tkeys,
-                   const F* x, int64_t c_in, const F* grad_y, int64_t c_out, const F* weight,
-                   bool depthwise, F* grad_x, F* grad_weight, int threads) {
+                   int count_bits, const F* x, int64_t c_in, const F* grad_y, int64_t c_out,
+                   const F* weight, bool depthwise, F* grad_x, F* grad_weight, int threads) {
     check_map(map);
     require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     require(tsplits[map.n] == map.splits[map.m], "transposed map does not match the kernel map");
@@ -405,7 +437,8 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
     std::vector<F> partial(wave * w_size);
     std::fill(grad_weight, grad_weight + w_size, F(0));
     const Reciprocals<F> inv;
-    const PackedEntries entries{tkeys, cell_bits_of(n_cells)};
+    require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
+    const PackedEntries entries{tkeys, cell_bits_of(n_cells), count_bits};
     const TransposedMeanWeight<F> mean{map.counts, entries, n_cells, &inv};
     RegionErrors errors;
     for (int64_t first = 0; first < n_blocks; first += wave) {
@@ -424,19 +457,37 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
                     F* dw = &partial[k * w_size];
                     std::fill(dw, dw + w_size, F(0));
                     dispatch_channels(c_out, [&](auto B) {
+                        // Cell by cell, each cell's slots in creation order (point by point): a
+                        // fixed order.  A row of dW_f is accumulated in registers over the cell's
+                        // slots and stored once.
                         constexpr int kB = decltype(B)::value;
-                        // Slots in creation order (point by point): a fixed order.
-                        for (int64_t s = 0; s < buf.n_slots; ++s) {
-                            const int64_t f = buf.slot_cell[s];
-                            const F* sum = &buf.sums[s * c_out];
-                            const F* xj = x + (r0 + buf.slot_row[s]) * c_in;
+                        constexpr int kAcc = kB > 0 ? kB : 1;
+                        for (int64_t f = 0; f < n_cells; ++f) {
+                            const int64_t s0 = buf.cell_begin[f], s1 = buf.cell_begin[f + 1];
+                            if (s0 == s1) continue;
                             if (depthwise) {
                                 F* d = dw + f * c_in;
-                                for (int64_t c = 0; c < c_in; ++c) d[c] += xj[c] * sum[c];
-                            } else {
-                                F* d = dw + f * c_in * c_out;
-                                for (int64_t ci = 0; ci < c_in; ++ci)
-                                    axpy<kB>(c_out, xj[ci], sum, d + ci * c_out);
+                                for (int64_t t = s0; t < s1; ++t) {
+                                    const int32_t s = buf.by_cell[t];
+                                    const F* sum = &buf.sums[s * c_out];
+                                    const F* xj = x + (r0 + buf.slot_row[s]) * c_in;
+                                    for (int64_t c = 0; c < c_in; ++c) d[c] += xj[c] * sum[c];
+                                }
+                                continue;
+                            }
+                            for (int64_t ci = 0; ci < c_in; ++ci) {
+                                F* d = dw + (f * c_in + ci) * c_out;
+                                F acc[kAcc];
+                                F* dst = kB > 0 ? acc : d;
+                                if (kB > 0)
+                                    for (int c = 0; c < kB; ++c) acc[c] = d[c];
+                                for (int64_t t = s0; t < s1; ++t) {
+                                    const int32_t s = buf.by_cell[t];
+                                    const F xv = x[(r0 + buf.slot_row[s]) * c_in + ci];
+                                    axpy<kB>(c_out, xv, &buf.sums[s * c_out], dst);
+                                }
+                                if (kB > 0)
+                                    for (int c = 0; c < kB; ++c) d[c] = acc[c];
                             }
                         }
                     });
@@ -458,12 +509,12 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
     template void conv_forward<F, C>(const KernelMapView<C>&, const F*, int64_t, const F*,        \
                                      int64_t, bool, F*, int);                                      \
     template void conv_backward<F, C>(const KernelMapView<C>&, const int64_t*, const int64_t*,    \
-                                      const F*, int64_t, const F*, int64_t, const F*, bool, F*,   \
-                                      F*, int);
+                                      int, const F*, int64_t, const F*, int64_t, const F*, bool,  \
+                                      F*, F*, int);
 
 #define PWCONV_INSTANTIATE_CELL(C)                                                                 \
     template void transpose_kernel_map<C>(const KernelMapView<C>&, const Batch&, const Batch&,     \
-                                          int64_t*, int64_t*, int);                                \
+                                          int, int64_t*, int64_t*, int);                           \
     PWCONV_INSTANTIATE_CONV(float, C)                                                              \
     PWCONV_INSTANTIATE_CONV(double, C)
 

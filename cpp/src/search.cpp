@@ -641,17 +641,22 @@ void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, int kernel_
     const int bits = pairs.cell_bits;
     const int64_t mask = (int64_t(1) << bits) - 1;
     for_each_row(pairs, threads, [&](int64_t i, const int64_t* keys, int64_t len) {
-        int32_t* counts = counts_mf + i * n_cells;
-        std::fill(counts, counts + n_cells, 0);
         int64_t* out_index = index_e + splits[i];
         CellT* out_cell = cell_e + splits[i];
         for (int64_t k = 0; k < len; ++k) {
-            const int64_t f = keys[k] & mask;
             out_index[k] = keys[k] >> bits;
-            out_cell[k] = (CellT)f;
-            ++counts[f];
+            out_cell[k] = (CellT)(keys[k] & mask);
         }
     });
+    // The counts in a second pass, in row order: rows of the first pass come in the index's
+    // spatial order, and scattered writes of whole count rows cost more than reading the cells.
+    const int64_t m = pairs.n_queries;
+#pragma omp parallel for schedule(static, 1024) num_threads(resolve_threads(threads))
+    for (int64_t i = 0; i < m; ++i) {
+        int32_t* counts = counts_mf + i * n_cells;
+        std::fill(counts, counts + n_cells, 0);
+        for (int64_t e = splits[i]; e < splits[i + 1]; ++e) ++counts[(int64_t)cell_e[e]];
+    }
 }
 
 template void radius_search_gather<Grid, double>(const Grid&, const Queries<double>&, double,

@@ -33,14 +33,22 @@ struct KernelMapView {
 };
 
 /// The transposed kernel map: for every point j, the rows i (ascending) with j in Omega_i(f),
-/// packed with the cell: tkeys[e] = (i << bits) | f with bits = ceil(log2(K^3)).
-/// tsplits (n + 1,), tkeys (E,), caller-allocated.  `points` and `queries` are the batches the
-/// map was built for (n_clouds = 0: not known); with many clouds, where rows of a cloud refer to
-/// points of that cloud only (checked), the transposition runs cloud by cloud, in cache.  The
-/// result is the same either way.
+/// packed with the cell and, when count_bits > 0, with the count n_i(f) (saturated at
+/// 2^count_bits - 1, which then means "look it up in map.counts"):
+/// tkeys[e] = (((i << bits) | f) << count_bits) | min(n_i(f), 2^count_bits - 1), with
+/// bits = ceil(log2(K^3)).  The counts let the backward read each entry's weight in order instead
+/// of looking it up row by row.  tsplits (n + 1,), tkeys (E,), caller-allocated.  `points` and
+/// `queries` are the batches the map was built for (n_clouds = 0: not known); with many clouds,
+/// where rows of a cloud refer to points of that cloud only (checked), the transposition runs
+/// cloud by cloud, in cache.  The result is the same either way.
 template <class CellT>
 void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
-                          const Batch& queries, int64_t* tsplits, int64_t* tkeys, int threads);
+                          const Batch& queries, int count_bits, int64_t* tsplits, int64_t* tkeys,
+                          int threads);
+
+/// The count_bits transpose_kernel_map uses for m rows of kernel size K: 16, or 0 when the rows
+/// would not fit in the keys with them.
+int transposed_count_bits(int64_t m, int kernel_size);
 
 /// Forward: y (m, c_out) = sum_f mean_{Omega_i(f)} x · W_f.  x (n, c_in), weight (K^3, c_in, c_out)
 /// (K^3 x c when depthwise, then c_out = c_in = c).  F is float or double.
@@ -49,15 +57,15 @@ void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, con
                   int64_t c_out, bool depthwise, F* y, int threads);
 
 /// Both gradients from one gather over the transposed map (tsplits, tkeys from
-/// transpose_kernel_map of the same map): the slot sums S_{j,f} = sum_{i: j in Omega_i(f)}
-/// dy_i / n_i(f) give the input gradient dx_j = sum_f S_{j,f} W_f^T (n, c_in) and the weight
-/// gradient dW_f = sum_j x_j^T S_{j,f} (shaped like the weight; the same as
+/// transpose_kernel_map of the same map with count_bits): the slot sums S_{j,f} = sum_{i: j in
+/// Omega_i(f)} dy_i / n_i(f) give the input gradient dx_j = sum_f S_{j,f} W_f^T (n, c_in) and the
+/// weight gradient dW_f = sum_j x_j^T S_{j,f} (shaped like the weight; the same as
 /// sum_i (mean_{Omega_i(f)} x)^T dy_i).  grad_x may be null (weight gradient only).  dW is reduced
 /// from fixed blocks of points in a fixed order (independent of the thread count).
 template <class F, class CellT>
 void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, const int64_t* tkeys,
-                   const F* x, int64_t c_in, const F* grad_y, int64_t c_out, const F* weight,
-                   bool depthwise, F* grad_x, F* grad_weight, int threads);
+                   int count_bits, const F* x, int64_t c_in, const F* grad_y, int64_t c_out,
+                   const F* weight, bool depthwise, F* grad_x, F* grad_weight, int threads);
 
 }  // namespace pwconv
 
