@@ -241,8 +241,9 @@ def test_one_thread_matches_two_threads_bit_for_bit(rng, method, dilation):
 @pytest.mark.parametrize("K", [1, 3, 5])
 def test_avx512_filters_equal_portable_ones_bit_for_bit(rng, K):
     """The paper's kind of batch (compact sphere clouds, the path the AVX-512 filters serve), with
-    self-queries and other queries, every dilation, and the voxel both equal to and smaller than
-    the index's cell: the two code paths give the same maps."""
+    self-queries and other queries, every dilation, and the voxel equal to, smaller than and three
+    times the index's cell (then a dilated query spans more grid rows than the AVX-512 path lists
+    at once, and it falls back to row-by-row loops): the two code paths give the same maps."""
     sizes = [2048, 0, 700, 1, 2048]
     points = np.concatenate([S.make_cloud("sphere", n, rng) for n in sizes]).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -251,7 +252,7 @@ def test_avx512_filters_equal_portable_ones_bit_for_bit(rng, K):
     index = pc.NeighborIndex(points, 0.1, offsets=offsets)
     for s in (1, 2, 3, 4):
         for kwargs in ({}, {"queries": queries, "query_offsets": q_offsets},
-                       {"voxel_size": 0.07}):
+                       {"voxel_size": 0.07}, {"voxel_size": 0.3}):
             maps = []
             for enabled in (True, False):
                 with simd_filters(enabled):

@@ -266,7 +266,6 @@ PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[
     const int64_t n_axis[3] = {nx, ny, nz};
     const double* origin = &grid.origin[3 * cloud];
     const int32_t* table = &grid.cube_start[grid.cube_base[cloud]];
-    const int32_t* rows = &grid.dense_rows[grid.dense_base[cloud]];
     const int64_t base = grid.cloud_offsets[cloud];
     const double* X = grid.coord[0].data();
     const double* Y = grid.coord[1].data();
@@ -288,42 +287,69 @@ PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[
             c1[a][k] = ds < de ? std::min<int64_t>(last, n_axis[a] - 1) : -1;
         }
 
-    if (s == 1) {  // the K cells tile the support: one range per grid row
-        const int64_t x0 = c0[0][0], x1 = c1[0][KC - 1];
-        if (x0 > x1) return;
-        for (int64_t cz = c0[2][0]; cz <= c1[2][KC - 1]; ++cz)
-            for (int64_t cy = c0[1][0]; cy <= c1[1][KC - 1]; ++cy) {
-                if (rows[cz * ny + cy] < 0) continue;
-                const int32_t* row = table + (cz * ny + cy) * nx;
-                const int64_t b = base + row[x0], e = base + row[x1 + 1];
-                int64_t* keys = out.reserve(e - b + detail::kFilterSlack);
-                out.size = detail::filter_support<KC, SIMD>(X, Y, Z, order, b, e, kf, cell_bits,
-                                                            keys, out.size);
-            }
-        return;
-    }
-    // Dilated: visit the grid rows of each kernel row (ky, kz); in each, one x-range from the
-    // first kernel column's grid cells to the last one's (holes included: one range per row costs
-    // less than K short ones), each candidate binned along x.
-    int64_t x_first = -1, x_end = -1;
+    // The x-range (grid cells [x_lo, x_hi)) searched in every grid row: with s = 1 the K cells
+    // tile the support; dilated, from the first kernel column's grid cells to the last one's,
+    // holes included (one range per row costs less than K short ones), each candidate binned
+    // along x.
+    int64_t x_lo = -1, x_hi = -1;
     for (int kx = 0; kx < KC; ++kx)
         if (c0[0][kx] <= c1[0][kx]) {
-            if (x_first < 0) x_first = c0[0][kx];
-            x_end = c1[0][kx] + 1;
+            if (x_lo < 0) x_lo = c0[0][kx];
+            x_hi = c1[0][kx] + 1;
         }
-    if (x_first < 0) return;
-    for (int kz = 0; kz < KC; ++kz)
-        for (int64_t cz = c0[2][kz]; cz <= c1[2][kz]; ++cz)
-            for (int ky = 0; ky < KC; ++ky)
-                for (int64_t cy = c0[1][ky]; cy <= c1[1][ky]; ++cy) {
-                    if (rows[cz * ny + cy] < 0) continue;
-                    const int32_t* row = table + (cz * ny + cy) * nx;
-                    const int64_t b = base + row[x_first], e = base + row[x_end];
-                    if (b == e) continue;
-                    int64_t* keys = out.reserve(e - b + detail::kFilterSlack);
-                    out.size = detail::filter_row<KC, SIMD>(X, Y, Z, order, b, e, kf, ky, kz,
-                                                            cell_bits, keys, out.size);
-                }
+    if (x_lo < 0) return;
+    // Calls visit(cz, cy, tag) for each grid row of the query; tag = kz * K + ky, the kernel row
+    // whose y and z bounds apply (0 with s = 1, where each candidate's ky, kz are told apart).
+    auto for_each_grid_row = [&](auto&& visit) {
+        if (s == 1) {
+            for (int64_t cz = c0[2][0]; cz <= c1[2][KC - 1]; ++cz)
+                for (int64_t cy = c0[1][0]; cy <= c1[1][KC - 1]; ++cy) visit(cz, cy, 0);
+            return;
+        }
+        for (int kz = 0; kz < KC; ++kz)
+            for (int64_t cz = c0[2][kz]; cz <= c1[2][kz]; ++cz)
+                for (int ky = 0; ky < KC; ++ky)
+                    for (int64_t cy = c0[1][ky]; cy <= c1[1][ky]; ++cy) visit(cz, cy, kz * KC + ky);
+    };
+    auto filter = [&](int64_t b, int64_t e, int64_t tag) {
+        int64_t* keys = out.reserve(e - b + detail::kFilterSlack);
+        out.size = s == 1 ? detail::filter_support<KC, SIMD>(X, Y, Z, order, b, e, kf, cell_bits,
+                                                             keys, out.size)
+                          : detail::filter_row<KC, SIMD>(X, Y, Z, order, b, e, kf,
+                                                         (int)(tag % KC), (int)(tag / KC),
+                                                         cell_bits, keys, out.size);
+    };
+#ifdef PWCONV_X86_SIMD
+    if constexpr (SIMD) {
+        // The rows' ranges in one pass without a branch per row (nonempty_ranges_avx512), then
+        // the filters over the non-empty ones.  When the query spans more rows than the list
+        // holds (a grid much finer than the voxel), the row-by-row loop below runs instead.
+        detail::RowList list;
+        bool fits = true;
+        for_each_grid_row([&](int64_t cz, int64_t cy, int64_t tag) {
+            if (list.n == detail::RowList::kCapacity) {
+                fits = false;
+                return;
+            }
+            const int64_t row = (cz * ny + cy) * nx;
+            list.first[list.n] = row + x_lo;
+            list.end[list.n] = row + x_hi;
+            list.tag[list.n++] = tag;
+        });
+        if (fits) {
+            int64_t b[detail::RowList::kCapacity], e[detail::RowList::kCapacity],
+                tag[detail::RowList::kCapacity];
+            const int m = detail::nonempty_ranges_avx512(table, list, base, b, e, tag);
+            for (int t = 0; t < m; ++t) filter(b[t], e[t], tag[t]);
+            return;
+        }
+    }
+#endif
+    for_each_grid_row([&](int64_t cz, int64_t cy, int64_t tag) {
+        const int32_t* row = table + (cz * ny + cy) * nx;
+        const int64_t b = base + row[x_lo], e = base + row[x_hi];
+        if (b < e) filter(b, e, tag);
+    });
 }
 
 template <int KC>

@@ -163,6 +163,37 @@ PWCONV_AVX512 int64_t filter_row_avx512(const double* X, const double* Y, const 
     return n;
 }
 
+// The candidate ranges of one query's grid rows, found without a branch per row: for every row
+// i, table[first[i]] and table[end[i]] bound its x-range (cloud-local point positions); rows with
+// no point in it are dropped.  Writes base + those bounds and the rows' tags, compacted; returns
+// how many.  first, end, tag: n entries (n <= RowList::kCapacity).
+struct RowList {
+    static constexpr int kCapacity = 128;
+    int64_t first[kCapacity], end[kCapacity], tag[kCapacity];
+    int n = 0;
+};
+
+PWCONV_AVX512 int nonempty_ranges_avx512(const int32_t* table, const RowList& rows, int64_t base,
+                                         int64_t* b_out, int64_t* e_out, int64_t* tag_out) {
+    const __m512i base_v = _mm512_set1_epi64(base);
+    int m = 0;
+    for (int i = 0; i < rows.n; i += 8) {
+        const __mmask8 live = live_lanes(i, rows.n);
+        const __m512i fi = _mm512_maskz_loadu_epi64(live, rows.first + i);
+        const __m512i ei = _mm512_maskz_loadu_epi64(live, rows.end + i);
+        const __m256i zero = _mm256_setzero_si256();
+        const __m512i b = _mm512_cvtepi32_epi64(_mm512_mask_i64gather_epi32(zero, live, fi, table, 4));
+        const __m512i e = _mm512_cvtepi32_epi64(_mm512_mask_i64gather_epi32(zero, live, ei, table, 4));
+        const __mmask8 keep = live & _mm512_cmpgt_epi64_mask(e, b);
+        _mm512_mask_compressstoreu_epi64(b_out + m, keep, _mm512_add_epi64(b, base_v));
+        _mm512_mask_compressstoreu_epi64(e_out + m, keep, _mm512_add_epi64(e, base_v));
+        _mm512_mask_compressstoreu_epi64(tag_out + m, keep,
+                                         _mm512_maskz_loadu_epi64(live, rows.tag + i));
+        m += __builtin_popcount((unsigned)keep);
+    }
+    return m;
+}
+
 // Rank sort of a row of NV*16 or fewer distinct keys that fit in 31 bits (sort_unique_keys' fast
 // case): each key's position is the number of smaller keys, counted 16 lanes at a time.
 template <int NV>
