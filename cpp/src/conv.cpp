@@ -93,28 +93,39 @@ void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const Entries& 
                   int64_t n_cells, const F* src, int64_t ch, Weight weight,
                   SlotBuffer<F>& buf) {
     buf.reset(r1 - r0, n_cells);
+    // A block has at most one slot per entry: size the buffers once, so that the entry loop has
+    // no growth test.  Whether an entry opens a new slot is data-dependent (about one in two), so
+    // the loop takes both cases without a branch: a row's possible new slots are zeroed before
+    // the row, and an existing slot's row and cell are rewritten with the same values.
+    const int64_t max_slots = splits[r1] - splits[r0];
+    if ((int64_t)buf.slot_row.size() < max_slots) {
+        buf.slot_row.resize(max_slots);
+        buf.slot_cell.resize(max_slots);
+        buf.sums.resize(max_slots * ch);
+    }
+    int32_t* slot_row = buf.slot_row.data();
+    int32_t* slot_cell = buf.slot_cell.data();
+    int64_t* cell_begin = buf.cell_begin.data();
+    F* sums = buf.sums.data();
+    int64_t n_slots = 0;
     for (int64_t r = r0; r < r1; ++r) {
-        buf.row_slot_begin[r - r0] = buf.n_slots;
+        buf.row_slot_begin[r - r0] = n_slots;
         int32_t* slot_of = &buf.slot_of[(r - r0) * n_cells];
+        std::fill(sums + n_slots * ch, sums + (n_slots + splits[r + 1] - splits[r]) * ch, F(0));
         for (int64_t e = splits[r]; e < splits[r + 1]; ++e) {
             const int64_t f = entries.cell_of(e);
-            int32_t s = slot_of[f];
-            if (s < 0) {
-                s = slot_of[f] = (int32_t)buf.n_slots++;
-                if ((int64_t)buf.slot_row.size() < buf.n_slots) {
-                    const int64_t grow = std::max<int64_t>(2 * buf.slot_row.size(), 64);
-                    buf.slot_row.resize(grow);
-                    buf.slot_cell.resize(grow);
-                    buf.sums.resize(grow * ch);
-                }
-                buf.slot_row[s] = (int32_t)(r - r0);
-                buf.slot_cell[s] = (int32_t)f;
-                std::fill(&buf.sums[s * ch], &buf.sums[s * ch] + ch, F(0));
-                ++buf.cell_begin[f + 1];
-            }
-            axpy<A>(ch, weight(r, e, f), src + entries.col(e) * ch, &buf.sums[s * ch]);
+            const int32_t old = slot_of[f];
+            const bool opens = old < 0;
+            const int32_t s = opens ? (int32_t)n_slots : old;
+            slot_of[f] = s;
+            slot_row[s] = (int32_t)(r - r0);
+            slot_cell[s] = (int32_t)f;
+            cell_begin[f + 1] += opens;
+            n_slots += opens;
+            axpy<A>(ch, weight(r, e, f), src + entries.col(e) * ch, sums + s * ch);
         }
     }
+    buf.n_slots = n_slots;
     buf.row_slot_begin[r1 - r0] = buf.n_slots;
     // Reset the slot table for the next block, and group slots by cell (stable counting sort).
     for (int64_t s = 0; s < buf.n_slots; ++s)
