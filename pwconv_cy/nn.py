@@ -135,9 +135,20 @@ class _Layer:
 
 
 class _PointwiseBase(_Layer):
-    """Geometry and the kernel map shared by the two pointwise-convolution layers."""
+    """Geometry, parameters' set-up, the kernel map and the forward context shared by the two
+    pointwise-convolution layers; a subclass provides _init_params and _forward."""
 
-    def __init__(self, c_in, c_out, voxel_size, dilation, kernel_size, bias, dtype, rng):
+    def __init__(
+        self,
+        c_in,
+        c_out,
+        voxel_size,
+        dilation=1,
+        kernel_size=3,
+        bias=False,
+        dtype=np.float32,
+        rng=None,
+    ):
         super().__init__()
         self.c_in = _check_channels(c_in, "c_in")
         self.c_out = _check_channels(c_out, "c_out")
@@ -149,6 +160,48 @@ class _PointwiseBase(_Layer):
         self.use_bias = bool(bias)
         self.dtype = _check_dtype(dtype)
         self._rng = np.random.default_rng(rng)
+        self._init_params()
+        if self.use_bias:
+            self.params["bias"] = np.zeros(self.c_out, dtype=self.dtype)
+
+    def forward(
+        self,
+        points,
+        feats,
+        *,
+        offsets=None,
+        kernel_map=None,
+        queries=None,
+        query_offsets=None,
+        num_threads=None,
+    ):
+        """Output (m, c_out) (or (B, m, c_out) for dense input) for features (n, c_in) on
+        `points`; the kernel map (the caller's or computed here) is kept for backward.
+
+        Arguments as in :func:`pwconv_cy.pointwise_conv`."""
+        km = self._map_for(points, offsets, kernel_map, queries, query_offsets, num_threads)
+        self._save(
+            points=points,
+            feats=feats,
+            offsets=offsets,
+            queries=queries,
+            query_offsets=query_offsets,
+            kernel_map=km,
+            num_threads=num_threads,
+        )
+        y = self._forward(points, feats, self._op_kwargs(self._ctx))
+        if self.use_bias:
+            y = y + self.params["bias"]
+        return y
+
+    __call__ = forward
+
+    def _with_bias_grad(self, grads: dict, grad_out, xp) -> dict:
+        """grads plus the bias gradient (when the layer has a bias); becomes self.grads."""
+        if self.use_bias:
+            grads["bias"] = _sum_rows(xp.asarray(grad_out), xp)
+        self.grads = grads
+        return grads
 
     @property
     def kernel_map(self):
@@ -217,59 +270,15 @@ class PointwiseConv(_PointwiseBase):
         Gradients of the last backward call, same keys and shapes as ``params``.
     """
 
-    def __init__(
-        self,
-        c_in,
-        c_out,
-        voxel_size,
-        dilation=1,
-        kernel_size=3,
-        bias=False,
-        dtype=np.float32,
-        rng=None,
-    ):
-        super().__init__(c_in, c_out, voxel_size, dilation, kernel_size, bias, dtype, rng)
+    def _init_params(self):
         k3 = self.kernel_size**3
         shape = (self.kernel_size,) * 3 + (self.c_in, self.c_out)
         self.params["weight"] = glorot_uniform(
             shape, k3 * self.c_in, k3 * self.c_out, self._rng, self.dtype
         )
-        if self.use_bias:
-            self.params["bias"] = np.zeros(self.c_out, dtype=self.dtype)
 
-    def forward(
-        self,
-        points,
-        feats,
-        *,
-        offsets=None,
-        kernel_map=None,
-        queries=None,
-        query_offsets=None,
-        num_threads=None,
-    ):
-        """Output (m, c_out) (or (B, m, c_out) for dense input) for features (n, c_in) on
-        `points`; the kernel map (the caller's or computed here) is kept for backward.
-
-        Arguments as in :func:`pwconv_cy.pointwise_conv`."""
-        km = self._map_for(points, offsets, kernel_map, queries, query_offsets, num_threads)
-        self._save(
-            points=points,
-            feats=feats,
-            offsets=offsets,
-            queries=queries,
-            query_offsets=query_offsets,
-            kernel_map=km,
-            num_threads=num_threads,
-        )
-        y = pointwise_conv(
-            points, feats, self.params["weight"], self.voxel_size, **self._op_kwargs(self._ctx)
-        )
-        if self.use_bias:
-            y = y + self.params["bias"]
-        return y
-
-    __call__ = forward
+    def _forward(self, points, feats, op_kwargs):
+        return pointwise_conv(points, feats, self.params["weight"], self.voxel_size, **op_kwargs)
 
     def backward(self, grad_out, *, feats_grad=True):
         """``(d_feats, grads)``: d_feats shaped like the forward's feats (None with
@@ -285,12 +294,8 @@ class PointwiseConv(_PointwiseBase):
             feats_grad=feats_grad,
             **self._op_kwargs(ctx),
         )
-        grads = {"weight": d_weight}
-        if self.use_bias:
-            xp = array_module(grad_out)
-            grads["bias"] = _sum_rows(xp.asarray(grad_out), xp)
-        self.grads = grads
-        return d_feats, grads
+        return d_feats, self._with_bias_grad({"weight": d_weight}, grad_out,
+                                             array_module(grad_out))
 
     def __repr__(self) -> str:
         return f"PointwiseConv({self.c_in} -> {self.c_out}, {self._geometry_repr()})"
@@ -307,18 +312,7 @@ class SeparablePointwiseConv(_PointwiseBase):
     ``"bias"`` (c_out,) zeros when ``bias=True``.
     """
 
-    def __init__(
-        self,
-        c_in,
-        c_out,
-        voxel_size,
-        dilation=1,
-        kernel_size=3,
-        bias=False,
-        dtype=np.float32,
-        rng=None,
-    ):
-        super().__init__(c_in, c_out, voxel_size, dilation, kernel_size, bias, dtype, rng)
+    def _init_params(self):
         k3 = self.kernel_size**3
         self.params["depthwise"] = glorot_uniform(
             (self.kernel_size,) * 3 + (self.c_in,), k3, k3, self._rng, self.dtype
@@ -326,46 +320,13 @@ class SeparablePointwiseConv(_PointwiseBase):
         self.params["pointwise"] = glorot_uniform(
             (self.c_in, self.c_out), self.c_in, self.c_out, self._rng, self.dtype
         )
-        if self.use_bias:
-            self.params["bias"] = np.zeros(self.c_out, dtype=self.dtype)
 
-    def forward(
-        self,
-        points,
-        feats,
-        *,
-        offsets=None,
-        kernel_map=None,
-        queries=None,
-        query_offsets=None,
-        num_threads=None,
-    ):
-        """Output (m, c_out) (or (B, m, c_out)); arguments as in :meth:`PointwiseConv.forward`."""
-        km = self._map_for(points, offsets, kernel_map, queries, query_offsets, num_threads)
-        self._save(
-            points=points,
-            feats=feats,
-            offsets=offsets,
-            queries=queries,
-            query_offsets=query_offsets,
-            kernel_map=km,
-            num_threads=num_threads,
-        )
+    def _forward(self, points, feats, op_kwargs):
         z = pointwise_conv(
-            points,
-            feats,
-            self.params["depthwise"],
-            self.voxel_size,
-            depthwise=True,
-            **self._op_kwargs(self._ctx),
+            points, feats, self.params["depthwise"], self.voxel_size, depthwise=True, **op_kwargs
         )
         self._ctx["depthwise_out"] = z
-        y = z @ self.params["pointwise"]
-        if self.use_bias:
-            y = y + self.params["bias"]
-        return y
-
-    __call__ = forward
+        return z @ self.params["pointwise"]
 
     def backward(self, grad_out, *, feats_grad=True):
         """``(d_feats, grads)`` with grads keyed like ``params`` (d_feats None with
@@ -396,10 +357,7 @@ class SeparablePointwiseConv(_PointwiseBase):
             **self._op_kwargs(ctx),
         )
         grads = {"depthwise": d_depthwise, "pointwise": d_pointwise}
-        if self.use_bias:
-            grads["bias"] = _sum_rows(dy, xp)
-        self.grads = grads
-        return d_feats, grads
+        return d_feats, self._with_bias_grad(grads, dy, xp)
 
     def __repr__(self) -> str:
         return f"SeparablePointwiseConv({self.c_in} -> {self.c_out}, {self._geometry_repr()})"
@@ -532,6 +490,25 @@ class _DropoutBase(_Layer):
         """The keep-mask of the last training-mode forward (None otherwise)."""
         return None if self._ctx is None else self._ctx.get("keep")
 
+    def forward(self, x, mask=None):
+        """Training: the dropped-out x (mask: the caller's keep-mask, True = keep, or None for a
+        fresh one from the layer's Generator); evaluation: x itself."""
+        xp = array_module(x)
+        x = xp.asarray(x)
+        keep = self._keep_mask(x, mask, xp) if self.training else None
+        self._save(shape=x.shape, keep=keep)
+        y = x if keep is None else self._drop(x, keep, xp).astype(x.dtype, copy=False)
+        self.last_output_shape = tuple(y.shape)
+        return y
+
+    def backward(self, grad_out):
+        ctx = self._context()
+        dy, xp = self._check_grad(grad_out, ctx["shape"])
+        self.grads = {}
+        if ctx["keep"] is None:
+            return dy, self.grads
+        return self._drop_grad(dy, ctx["keep"], xp).astype(dy.dtype, copy=False), self.grads
+
 
 class AlphaDropout(_DropoutBase):
     """Alpha-dropout (Klambauer et al. 2017), keeps mean 0 and variance 1 of SELU activations.
@@ -553,27 +530,11 @@ class AlphaDropout(_DropoutBase):
     def b(self) -> float:
         return -self.a * self.alpha_prime * self.rate
 
-    def forward(self, x, mask=None):
-        xp = array_module(x)
-        x = xp.asarray(x)
-        if not self.training:
-            self._save(shape=x.shape, keep=None)
-            self.last_output_shape = tuple(x.shape)
-            return x
-        keep = self._keep_mask(x, mask, xp)
-        self._save(shape=x.shape, keep=keep)
-        y = self.a * xp.where(keep, x, self.alpha_prime) + self.b
-        y = y.astype(x.dtype, copy=False)
-        self.last_output_shape = tuple(y.shape)
-        return y
+    def _drop(self, x, keep, xp):
+        return self.a * xp.where(keep, x, self.alpha_prime) + self.b
 
-    def backward(self, grad_out):
-        ctx = self._context()
-        dy, xp = self._check_grad(grad_out, ctx["shape"])
-        self.grads = {}
-        if ctx["keep"] is None:
-            return dy, self.grads
-        return xp.where(ctx["keep"], self.a * dy, 0).astype(dy.dtype, copy=False), self.grads
+    def _drop_grad(self, dy, keep, xp):
+        return xp.where(keep, self.a * dy, 0)
 
     def __repr__(self) -> str:
         return f"AlphaDropout(rate={self.rate})"
@@ -583,27 +544,11 @@ class Dropout(_DropoutBase):
     """Inverted dropout: training keeps each unit with probability ``1 - rate`` and scales it by
     ``1 / (1 - rate)``; evaluation is the identity."""
 
-    def forward(self, x, mask=None):
-        xp = array_module(x)
-        x = xp.asarray(x)
-        if not self.training:
-            self._save(shape=x.shape, keep=None)
-            self.last_output_shape = tuple(x.shape)
-            return x
-        keep = self._keep_mask(x, mask, xp)
-        self._save(shape=x.shape, keep=keep)
-        y = xp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype, copy=False)
-        self.last_output_shape = tuple(y.shape)
-        return y
+    def _drop(self, x, keep, xp):
+        return xp.where(keep, x / (1.0 - self.rate), 0)
 
-    def backward(self, grad_out):
-        ctx = self._context()
-        dy, xp = self._check_grad(grad_out, ctx["shape"])
-        self.grads = {}
-        if ctx["keep"] is None:
-            return dy, self.grads
-        d_x = xp.where(ctx["keep"], dy / (1.0 - self.rate), 0).astype(dy.dtype, copy=False)
-        return d_x, self.grads
+    def _drop_grad(self, dy, keep, xp):
+        return xp.where(keep, dy / (1.0 - self.rate), 0)
 
     def __repr__(self) -> str:
         return f"Dropout(rate={self.rate})"

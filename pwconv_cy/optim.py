@@ -271,7 +271,35 @@ def _begin_update(optimizer, params, grads, state, inplace) -> tuple:
 # optimisers
 
 
-class SGD:
+class _Optimizer:
+    """The state's set-up shared by the optimisers: a step count and, per slot the optimiser
+    keeps (``_slots``), one array of zeros per parameter."""
+
+    _slots: tuple = ()
+
+    def init(self, params: dict) -> dict:
+        """The initial state for ``params``.
+
+        Parameters
+        ----------
+        params : dict of str to array
+            The parameters to optimise.
+
+        Returns
+        -------
+        state : dict
+            ``{"step": 0}`` plus, for each slot of the optimiser, zeros like ``params``: SGD
+            keeps ``"momentum_buffer"`` when ``momentum > 0``; Adam and AdamW keep
+            ``"exp_avg"`` and ``"exp_avg_sq"``.
+        """
+        _check_params(params)
+        state = {"step": 0}
+        for slot in self._slots:
+            state[slot] = _zeros_like(params)
+        return state
+
+
+class SGD(_Optimizer):
     """Stochastic gradient descent with optional momentum, Nesterov momentum and weight decay.
 
     PyTorch semantics (``torch.optim.SGD`` with ``dampening=0``): for each parameter ``p`` with
@@ -320,26 +348,6 @@ class SGD:
     def _slots(self):
         return ("momentum_buffer",) if self.momentum > 0 else ()
 
-    def init(self, params: dict) -> dict:
-        """The initial state for ``params``.
-
-        Parameters
-        ----------
-        params : dict of str to array
-            The parameters to optimise.
-
-        Returns
-        -------
-        state : dict
-            ``{"step": 0}``, plus ``"momentum_buffer"`` (zeros like ``params``) when
-            ``momentum > 0``.
-        """
-        _check_params(params)
-        state = {"step": 0}
-        if self.momentum > 0:
-            state["momentum_buffer"] = _zeros_like(params)
-        return state
-
     def update(self, params: dict, grads: dict, state: dict, *, inplace: bool = False):
         step, lr, threads = _begin_update(self, params, grads, state, inplace)
         mu, wd = self.momentum, self.weight_decay
@@ -380,7 +388,7 @@ class SGD:
         )
 
 
-class Adam:
+class Adam(_Optimizer):
     """Adam with bias correction and optional L2 weight decay added to the gradient.
 
     PyTorch semantics (``torch.optim.Adam``, ``amsgrad=False``): for update number ``t``
@@ -428,22 +436,6 @@ class Adam:
             raise ValueError(f"eps must be finite and > 0, got {float(eps)!r}")
         self.eps = float(eps)
         self.weight_decay = _check_nonneg_float(weight_decay, "weight_decay")
-
-    def init(self, params: dict) -> dict:
-        """The initial state for ``params``.
-
-        Parameters
-        ----------
-        params : dict of str to array
-            The parameters to optimise.
-
-        Returns
-        -------
-        state : dict
-            ``{"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros}``, zeros like ``params``.
-        """
-        _check_params(params)
-        return {"step": 0, "exp_avg": _zeros_like(params), "exp_avg_sq": _zeros_like(params)}
 
     def update(self, params: dict, grads: dict, state: dict, *, inplace: bool = False):
         step, lr, threads = _begin_update(self, params, grads, state, inplace)
