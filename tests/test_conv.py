@@ -503,6 +503,38 @@ def test_one_and_two_threads_are_bit_identical(dtype, depthwise):
         assert np.array_equal(b, c), f"{what}: two runs differ"
 
 
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_weight_gradient_of_many_blocks_is_thread_independent_and_exact(depthwise):
+    """40,000 points: 157 blocks of 256, which the weight gradient sums two at a time per task
+    (at least 64 tasks) before adding the tasks in order.  The result must not depend on the
+    thread count, and must match the float64 computation of dW_f = sum_i mean_f(x)_i^T dy_i."""
+    rng = np.random.default_rng(11)
+    sizes = [20_000, 0, 20_000]
+    points = np.concatenate([rng.random((m, 3)) for m in sizes])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    c = 4
+    km = pwconv_cy.kernel_map(points, 0.04, offsets=offsets)
+    x = rng.standard_normal((len(points), c)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 3, c) if depthwise else (3, 3, 3, c, c)).astype(np.float32)
+    dy = rng.standard_normal((len(points), c)).astype(np.float32)
+    results = [pointwise_conv_backward(dy, points, x, w, 0.04, offsets=offsets, kernel_map=km,
+                                       depthwise=depthwise, num_threads=t) for t in (1, 2, 3)]
+    for dx, dw in results[1:]:
+        assert np.array_equal(dx, results[0][0]) and np.array_equal(dw, results[0][1])
+    # float64 reference of the weight gradient from the map: mean_f(x)_i per row and cell
+    rows = np.repeat(np.arange(km.n_queries), np.diff(km.splits))
+    cells = km.cell.astype(np.int64)
+    weight = 1.0 / km.counts[rows, cells]
+    means = np.zeros((km.n_queries, 27, c))
+    np.add.at(means, (rows, cells), x[km.index].astype(np.float64) * weight[:, None])
+    if depthwise:
+        want = np.einsum("ifc,ic->fc", means, dy.astype(np.float64))
+    else:
+        want = np.einsum("ifa,ib->fab", means, dy.astype(np.float64))
+    got = results[0][1].reshape(want.shape).astype(np.float64)
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_backward_with_packed_counts_equals_looked_up_counts(rng, dtype, depthwise):

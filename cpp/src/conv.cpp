@@ -2,6 +2,7 @@
 #include "pwconv/conv.hpp"
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -441,32 +442,38 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
         weight_t = transposed.data();
     }
     const int64_t n_blocks = (map.n + kWeightBlock - 1) / kWeightBlock;
-    // Blocks are summed wave by wave; the wave length depends only on the sizes, never on the
-    // thread count, and partial sums are added in block order: a fixed summation order.
+    // A task sums the weight gradient of `group` consecutive blocks, in block order, into its
+    // own partial sum; tasks are summed wave by wave, in task order.  Group and wave lengths
+    // depend only on the sizes, never on the thread count: a fixed summation order.  Groups keep
+    // the partial sums few (at least kMinTasks tasks when there are enough blocks).
+    constexpr int64_t kMinTasks = 64;
+    const int64_t group = std::max<int64_t>(1, n_blocks / kMinTasks);
+    const int64_t n_tasks = (n_blocks + group - 1) / group;
     const int64_t wave = std::max<int64_t>(
-        1, std::min<int64_t>(n_blocks, (int64_t)(kWaveBytes / (double)(w_size * sizeof(F)))));
-    std::vector<F> partial(wave * w_size);
+        1, std::min<int64_t>(n_tasks, (int64_t)(kWaveBytes / (double)(w_size * sizeof(F)))));
+    std::unique_ptr<F[]> partial(new F[wave * w_size]);  // each task zeroes its own
     std::fill(grad_weight, grad_weight + w_size, F(0));
     const Reciprocals<F> inv;
     require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
     const PackedEntries entries{tkeys, cell_bits_of(n_cells), count_bits};
     const TransposedMeanWeight<F> mean{map.counts, entries, n_cells, &inv};
     RegionErrors errors;
-    for (int64_t first = 0; first < n_blocks; first += wave) {
-        const int64_t count = std::min(wave, n_blocks - first);
+    for (int64_t first = 0; first < n_tasks; first += wave) {
+        const int64_t count = std::min(wave, n_tasks - first);
 #pragma omp parallel num_threads(threads)
         {
             SlotBuffer<F> buf;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t k = 0; k < count; ++k) {
-                errors.run([&] {
-                    const int64_t r0 = (first + k) * kWeightBlock;
+                F* dw = &partial[k * w_size];
+                std::fill(dw, dw + w_size, F(0));
+                const int64_t b1 = std::min(n_blocks, (first + k + 1) * group);
+                for (int64_t blk = (first + k) * group; blk < b1; ++blk) errors.run([&] {
+                    const int64_t r0 = blk * kWeightBlock;
                     const int64_t r1 = std::min(map.n, r0 + kWeightBlock);
                     // The input gradient's rows, and the slot sums S_jf for the weight's.
                     gather_apply_rows(r0, r1, tsplits, entries, n_cells, grad_y, c_out, mean,
                                       weight_t, c_in, depthwise, grad_x, buf);
-                    F* dw = &partial[k * w_size];
-                    std::fill(dw, dw + w_size, F(0));
                     dispatch_channels(c_out, [&](auto B) {
                         // Cell by cell, each cell's slots in creation order (point by point): a
                         // fixed order.  A row of dW_f is accumulated in registers over the cell's
