@@ -15,14 +15,22 @@
 
 #include <cstdint>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__CUDACC__)
+// PWCONV_NO_SIMD (a compile definition) builds the portable loops only, as on other platforms.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__CUDACC__) && \
+    !defined(PWCONV_NO_SIMD)
 #define PWCONV_X86_SIMD 1
 #include <immintrin.h>
 #endif
 
 // Callers instantiate their loops twice (SIMD true inside a function compiled for AVX-512, false
 // elsewhere); the dispatchers below are forced inline so that the filters inline into those loops.
+#if defined(__GNUC__)
 #define PWCONV_FILTER_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define PWCONV_FILTER_INLINE __forceinline
+#else
+#define PWCONV_FILTER_INLINE inline
+#endif
 
 namespace pwconv {
 namespace detail {
