@@ -9,9 +9,10 @@
 // The rule (per axis a): lo = p_i[a] - h;  t = (x - lo) / v;  x is in the support iff
 // 0 <= t <= span (span = s*(K-1)+1); its cell is c = min(span-1, floor(t)); holes are c % s != 0.
 // t is a monotone non-decreasing function of x (a rounded subtraction, then a rounded division by
-// v > 0), so every condition on t is a condition "x >= B" for an exact double threshold B.  The
-// kernels compute those thresholds once per query (a few divisions) and then classify candidates
-// with comparisons only — the same partition of the doubles as evaluating the rule per candidate.
+// v > 0), so every condition on t is a condition "x >= B" for an exact double threshold B (or,
+// on the CPU's compact clouds, "x - lo >= D" for a threshold D of the kernel alone).  The kernels
+// compute those thresholds (kernel_axis_bounds) and then classify candidates with comparisons
+// only — the same partition of the doubles as evaluating the rule per candidate.
 #ifndef PWCONV_BINNING_HPP
 #define PWCONV_BINNING_HPP
 
@@ -35,9 +36,6 @@ PWCONV_HD double kernel_half_width(double voxel_size, int kernel_size, int dilat
 
 /// Per-axis lower corner of the support cube of a query at coordinate p: p - h (evaluated first).
 PWCONV_HD double support_lower(double p, double half_width) { return p - half_width; }
-
-/// The rule's t = (x - lo) / v, in exactly that order.
-PWCONV_HD double kernel_t(double x, double lo, double voxel_size) { return (x - lo) / voxel_size; }
 
 // --- Doubles as ordered integers (for exact threshold search) --------------------------------
 
@@ -115,43 +113,11 @@ PWCONV_HD double first_true(const Pred& pred, double guess) {
     return double_from_ordered(hi_o);
 }
 
-struct TAtLeast {  // t(x) >= c
-    double lo, v, c;
-    PWCONV_HD bool operator()(double x) const { return kernel_t(x, lo, v) >= c; }
-};
-
-struct TAbove {  // t(x) > c
-    double lo, v, c;
-    PWCONV_HD bool operator()(double x) const { return kernel_t(x, lo, v) > c; }
-};
-
-/// Exact per-axis bounds of the K kernel cells of a support starting at lo: x falls in kernel
-/// cell k iff start[k] <= x < end[k]; outside every [start[k], end[k]) it is outside the support
-/// or in a hole.  start, end: caller-provided arrays of K doubles.
-PWCONV_HD void kernel_axis_bounds(double lo, double voxel_size, int kernel_size, int dilation,
-                                  double* start, double* end) {
-    const double span = (double)kernel_span(kernel_size, dilation);
-    for (int k = 0; k < kernel_size; ++k) {
-        const double c0 = (double)k * (double)dilation;  // first unit cell of kernel cell k
-        if (k > 0 && dilation == 1) {
-            start[k] = end[k - 1];  // the same threshold, t >= k
-        } else {
-            start[k] = first_true(TAtLeast{lo, voxel_size, c0}, lo + c0 * voxel_size);
-        }
-        if (k + 1 < kernel_size) {
-            end[k] = first_true(TAtLeast{lo, voxel_size, c0 + 1.0},
-                                lo + (c0 + 1.0) * voxel_size);
-        } else {  // the last cell absorbs the closed upper face: c = min(span - 1, floor(t))
-            end[k] = first_true(TAbove{lo, voxel_size, span}, lo + span * voxel_size);
-        }
-    }
-}
-
-// The same bounds in two stages, for the CPU's per-query loops.  t = fl(fl(x - lo) / v) is a
-// non-decreasing function of the difference d = fl(x - lo), so "t >= c" holds iff d >= D_c, the
-// smallest double with fl(D_c / v) >= c: D_c depends on v, K and s only (computed once per map,
-// with divisions), and per query only the threshold on x for "fl(x - lo) >= D_c" is searched,
-// with subtractions.  The result is bit for bit that of kernel_axis_bounds.
+// The bounds of the kernel cells, in two stages.  t = fl(fl(x - lo) / v) is a non-decreasing
+// function of the difference d = fl(x - lo), so "t >= c" holds iff d >= D_c, the smallest double
+// with fl(D_c / v) >= c.  D_c depends on v, K and s only (found with divisions, once per kernel),
+// and a query's threshold on x, the smallest x with fl(x - lo) >= D_c, is found with
+// subtractions.  The CPU computes the first stage once per map; kernel_axis_bounds runs both.
 
 struct QuotientAtLeast {  // fl(d / v) >= c
     double v, c;
@@ -174,23 +140,34 @@ PWCONV_HD void kernel_axis_differences(double voxel_size, int kernel_size, int d
                                        double* start_d, double* end_d) {
     const double span = (double)kernel_span(kernel_size, dilation);
     for (int k = 0; k < kernel_size; ++k) {
-        const double c0 = (double)k * (double)dilation;
+        const double c0 = (double)k * (double)dilation;  // first unit cell of kernel cell k
         start_d[k] = first_true(QuotientAtLeast{voxel_size, c0}, c0 * voxel_size);
+        // the last cell absorbs the closed upper face: c = min(span - 1, floor(t))
         end_d[k] = k + 1 < kernel_size
                        ? first_true(QuotientAtLeast{voxel_size, c0 + 1.0}, (c0 + 1.0) * voxel_size)
                        : first_true(QuotientAbove{voxel_size, span}, span * voxel_size);
     }
 }
 
-/// Per-query stage: kernel_axis_bounds(lo, ...) from kernel_axis_differences' output.
+/// Per-query stage: the bounds of kernel_axis_bounds from kernel_axis_differences' output.
+/// start and end may be start_d and end_d themselves (converted in place).
 PWCONV_HD void kernel_axis_bounds_from(double lo, const double* start_d, const double* end_d,
                                        int kernel_size, int dilation, double* start, double* end) {
     for (int k = 0; k < kernel_size; ++k) {
         start[k] = k > 0 && dilation == 1
-                       ? end[k - 1]
+                       ? end[k - 1]  // the same threshold, t >= k
                        : first_true(DifferenceAtLeast{lo, start_d[k]}, lo + start_d[k]);
         end[k] = first_true(DifferenceAtLeast{lo, end_d[k]}, lo + end_d[k]);
     }
+}
+
+/// Exact per-axis bounds of the K kernel cells of a support starting at lo: x falls in kernel
+/// cell k iff start[k] <= x < end[k]; outside every [start[k], end[k]) it is outside the support
+/// or in a hole.  start, end: caller-provided arrays of K doubles.  Both stages above, in place.
+PWCONV_HD void kernel_axis_bounds(double lo, double voxel_size, int kernel_size, int dilation,
+                                  double* start, double* end) {
+    kernel_axis_differences(voxel_size, kernel_size, dilation, start, end);
+    kernel_axis_bounds_from(lo, start, end, kernel_size, dilation, start, end);
 }
 
 /// Kernel index k of coordinate x along one axis given kernel_axis_bounds, or -1.
