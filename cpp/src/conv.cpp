@@ -1,5 +1,6 @@
 // Forward and backward kernels of pointwise convolution; see conv.hpp for the scheme.
 #include "pwconv/conv.hpp"
+#include "pwconv/binning.hpp"
 
 #include <algorithm>
 #include <memory>
@@ -272,12 +273,6 @@ struct TransposedMeanWeight {  // transposed map: entry (row i, cell f) weighs 1
     }
 };
 
-int cell_bits_of(int64_t n_cells) {
-    int bits = 0;
-    while ((int64_t(1) << bits) < n_cells) ++bits;
-    return bits;
-}
-
 constexpr int kCountBits = 16;
 
 // The transposed key of entry e of row i (see transpose_kernel_map).
@@ -344,7 +339,7 @@ void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
     check_map(map);
     const int64_t n = map.n, m = map.m;
     const int64_t n_entries = map.splits[m];
-    const int bits = cell_bits_of(map.n_cells());
+    const int bits = kernel_cell_bits(map.kernel_size);
     require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
     require(m == 0 || ((m - 1) >> (62 - bits - count_bits)) == 0,
             "too many rows to pack with their cells");
@@ -405,7 +400,7 @@ void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
 }
 
 int transposed_count_bits(int64_t m, int kernel_size) {
-    const int bits = cell_bits_of((int64_t)kernel_size * kernel_size * kernel_size);
+    const int bits = kernel_cell_bits(kernel_size);
     return m == 0 || ((m - 1) >> (62 - bits - kCountBits)) == 0 ? kCountBits : 0;
 }
 
@@ -455,7 +450,7 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
     std::fill(grad_weight, grad_weight + w_size, F(0));
     const Reciprocals<F> inv;
     require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
-    const PackedEntries entries{tkeys, cell_bits_of(n_cells), count_bits};
+    const PackedEntries entries{tkeys, kernel_cell_bits(map.kernel_size), count_bits};
     const TransposedMeanWeight<F> mean{map.counts, entries, n_cells, &inv};
     RegionErrors errors;
     for (int64_t first = 0; first < n_tasks; first += wave) {

@@ -584,13 +584,6 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
     if (!out.complete) std::vector<std::vector<int64_t>>().swap(out.keys);
 }
 
-int cell_bits_for(int kernel_size) {
-    const int64_t n_cells = (int64_t)kernel_size * kernel_size * kernel_size;
-    int bits = 0;
-    while ((int64_t(1) << bits) < n_cells) ++bits;
-    return bits;
-}
-
 // Calls row(i, keys, len) for every query i (in parallel over blocks).
 template <class Row>
 void for_each_row(const PairBlocks& pairs, int threads, Row&& row) {
@@ -648,7 +641,7 @@ template <class Index, class T>
 void kernel_map_gather(const Index& index, const Queries<T>& queries, const KernelSpec& spec,
                        int64_t max_pairs, PairBlocks& out, int threads) {
     check_spec(spec);
-    const int bits = cell_bits_for(spec.kernel_size);
+    const int bits = kernel_cell_bits(spec.kernel_size);
     require(bits < 62 && (index.n_points >> (62 - bits)) == 0,
             "n_points * kernel_size**3 must fit in 62 bits");
     KernelPolicy policy;

@@ -29,6 +29,14 @@ PWCONV_HD long long kernel_span(int kernel_size, int dilation) {
     return (long long)dilation * (long long)(kernel_size - 1) + 1;
 }
 
+/// Bits of the flat kernel cell index f < K^3 in the packed keys (point << bits | f).
+PWCONV_HD int kernel_cell_bits(int kernel_size) {
+    const long long n_cells = (long long)kernel_size * kernel_size * kernel_size;
+    int bits = 0;
+    while ((1LL << bits) < n_cells) ++bits;
+    return bits;
+}
+
 /// Half-width h = (s*(K-1)+1) * v / 2 of the closed support cube, in coordinate units.
 PWCONV_HD double kernel_half_width(double voxel_size, int kernel_size, int dilation) {
     return (double)kernel_span(kernel_size, dilation) * voxel_size / 2.0;
