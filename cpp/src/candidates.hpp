@@ -56,8 +56,6 @@ inline void radius_box(QueryBox& box, const double q[3], double radius) {
     }
 }
 
-/// Per-query exact kernel bounds (binning.hpp): x lies in kernel cell k along axis a iff
-/// start[a][k] <= x < end[a][k].
 /// The query-independent stage of the bounds (kernel_axis_differences), once per search.
 struct KernelDifferences {
     int kernel_size = 0;
@@ -73,6 +71,8 @@ struct KernelDifferences {
     }
 };
 
+/// Per-query exact kernel bounds (binning.hpp): x lies in kernel cell k along axis a iff
+/// start[a][k] <= x < end[a][k].
 struct KernelBounds {
     int kernel_size = 0;
     std::vector<double> start[3], end[3];

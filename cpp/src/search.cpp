@@ -33,10 +33,6 @@ bool set_simd_enabled(bool enabled) { return simd_requested.exchange(enabled); }
 
 bool simd_enabled() { return simd_requested.load() && simd_available(); }
 
-namespace detail {
-bool simd_filters_active() { return simd_enabled(); }
-}  // namespace detail
-
 namespace {
 
 using detail::KernelBounds;
@@ -493,7 +489,7 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
     // Keys (point index << cell_bits | cell) are distinct within a row; 31-bit keys sort faster.
     const bool fit32 = (index.n_points >> (31 - std::min(cell_bits, 31))) == 0;
     const bool self = queries.xyz == nullptr;
-    const bool simd_sort = fit32 && detail::simd_filters_active();
+    const bool simd_sort = fit32 && simd_enabled();
     const int64_t m = check_queries(index, queries);
     const int64_t* offsets = self ? index.cloud_offsets.data() : queries.batch.offsets;
     const int64_t n_clouds = index.n_clouds;
@@ -648,7 +644,7 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
     policy.spec = spec;
     policy.diff.compute(spec.voxel_size, spec.kernel_size, spec.dilation);
     policy.cell_bits = bits;
-    policy.simd = detail::simd_filters_active();
+    policy.simd = simd_enabled();
     gather_pairs(index, queries, policy, bits, max_pairs, out, threads);
     out.cell_bits = bits;
 }

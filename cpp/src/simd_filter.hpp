@@ -7,9 +7,9 @@
 // per-query threshold search is needed, and the partition is exactly the rule's.
 //
 // The wheel stays portable (no -march flags): the AVX-512 twins carry their own target attribute
-// and run only where the CPU reports AVX-512F (simd_filters_active).  Both twins perform the same
-// IEEE operations on the same float64 values and write the same keys in the same order, so results
-// are identical whichever runs; the tests run both (set_simd_enabled).
+// and run only where the CPU reports AVX-512F (simd_enabled, common.hpp).  Both twins perform the
+// same IEEE operations on the same float64 values and write the same keys in the same order, so
+// results are identical whichever runs; the tests run both (set_simd_enabled).
 #ifndef PWCONV_SIMD_FILTER_HPP
 #define PWCONV_SIMD_FILTER_HPP
 
@@ -171,16 +171,17 @@ PWCONV_AVX512 int64_t filter_row_avx512(const double* X, const double* Y, const 
     return n;
 }
 
-// The candidate ranges of one query's grid rows, found without a branch per row: for every row
-// i, table[first[i]] and table[end[i]] bound its x-range (cloud-local point positions); rows with
-// no point in it are dropped.  Writes base + those bounds and the rows' tags, compacted; returns
-// how many.  first, end, tag: n entries (n <= RowList::kCapacity).
+/// One query's grid rows: per row, the table positions of its x-range's first and end cells, and
+/// a tag (n entries, n <= kCapacity).
 struct RowList {
     static constexpr int kCapacity = 128;
     int64_t first[kCapacity], end[kCapacity], tag[kCapacity];
     int n = 0;
 };
 
+// The candidate ranges of the rows, found without a branch per row: table[first[i]] and
+// table[end[i]] bound row i's x-range (cloud-local point positions); rows with no point in it
+// are dropped.  Writes base + those bounds and the rows' tags, compacted; returns how many.
 PWCONV_AVX512 int nonempty_ranges_avx512(const int32_t* table, const RowList& rows, int64_t base,
                                          int64_t* b_out, int64_t* e_out, int64_t* tag_out) {
     const __m512i base_v = _mm512_set1_epi64(base);
@@ -239,7 +240,7 @@ PWCONV_AVX512 void rank_sort_avx512(int64_t* keys, int64_t n) {
 }
 
 /// sort_unique_keys for 2 <= n <= 64 keys that fit in 31 bits.
-__attribute__((target("avx512f"))) inline void sort_short_row_avx512(int64_t* keys, int64_t n) {
+PWCONV_AVX512 void sort_short_row_avx512(int64_t* keys, int64_t n) {
     if (n <= 16) return rank_sort_avx512<1>(keys, n);
     if (n <= 32) return rank_sort_avx512<2>(keys, n);
     if (n <= 48) return rank_sort_avx512<3>(keys, n);
@@ -249,9 +250,6 @@ __attribute__((target("avx512f"))) inline void sort_short_row_avx512(int64_t* ke
 #undef PWCONV_AVX512
 
 #endif  // PWCONV_X86_SIMD
-
-/// Whether the AVX-512 filters run: the CPU has them and set_simd_enabled has not turned them off.
-bool simd_filters_active();
 
 template <int K, bool SIMD>
 PWCONV_FILTER_INLINE int64_t filter_support(const double* X, const double* Y, const double* Z,
