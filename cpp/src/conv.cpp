@@ -324,7 +324,8 @@ bool transpose_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
             }
             for (int64_t i = r0; i < r1; ++i)
                 for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e)
-                    tkeys[cursor[map.index[e] - p0]++] = transposed_key(map, i, e, bits, count_bits);
+                    tkeys[cursor[map.index[e] - p0]++] =
+                        transposed_key(map, i, e, bits, count_bits);
         }
     }
     return !outside;

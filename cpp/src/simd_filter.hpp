@@ -179,6 +179,12 @@ struct RowList {
     int n = 0;
 };
 
+// table[pos] of the live lanes, widened to 64 bits (0 in the others).
+PWCONV_AVX512 __m512i gather_widened_avx512(const int32_t* table, __mmask8 live, __m512i pos) {
+    return _mm512_cvtepi32_epi64(
+        _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), live, pos, table, 4));
+}
+
 // The candidate ranges of the rows, found without a branch per row: table[first[i]] and
 // table[end[i]] bound row i's x-range (cloud-local point positions); rows with no point in it
 // are dropped.  Writes base + those bounds and the rows' tags, compacted; returns how many.
@@ -190,9 +196,8 @@ PWCONV_AVX512 int nonempty_ranges_avx512(const int32_t* table, const RowList& ro
         const __mmask8 live = live_lanes(i, rows.n);
         const __m512i fi = _mm512_maskz_loadu_epi64(live, rows.first + i);
         const __m512i ei = _mm512_maskz_loadu_epi64(live, rows.end + i);
-        const __m256i zero = _mm256_setzero_si256();
-        const __m512i b = _mm512_cvtepi32_epi64(_mm512_mask_i64gather_epi32(zero, live, fi, table, 4));
-        const __m512i e = _mm512_cvtepi32_epi64(_mm512_mask_i64gather_epi32(zero, live, ei, table, 4));
+        const __m512i b = gather_widened_avx512(table, live, fi);
+        const __m512i e = gather_widened_avx512(table, live, ei);
         const __mmask8 keep = live & _mm512_cmpgt_epi64_mask(e, b);
         _mm512_mask_compressstoreu_epi64(b_out + m, keep, _mm512_add_epi64(b, base_v));
         _mm512_mask_compressstoreu_epi64(e_out + m, keep, _mm512_add_epi64(e, base_v));
