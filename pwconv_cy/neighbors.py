@@ -50,7 +50,7 @@ def simd_enabled() -> bool:
 
 def set_simd_enabled(enabled: bool) -> bool:
     """Turn the kernel map's AVX-512 candidate filters on (the default, where the CPU has them) or
-    off, process-wide; returns the previous setting.  Results are bit-identical either way: this
+    off, process-wide; returns the previous request (True also where the CPU lacks them).  Results are bit-identical either way: this
     exists to compare the two code paths and to time the portable one."""
     if not isinstance(enabled, (bool, np.bool_)):
         raise TypeError(f"enabled must be True or False, got {describe(enabled)}")

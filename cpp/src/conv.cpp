@@ -424,6 +424,7 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
     check_map(map);
     require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     require(tsplits[map.n] == map.splits[map.m], "transposed map does not match the kernel map");
+    require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
     threads = resolve_threads(threads);
     const int64_t n_cells = map.n_cells();
     const int64_t w_size = depthwise ? n_cells * c_in : n_cells * c_in * c_out;
@@ -450,7 +451,6 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
     std::unique_ptr<F[]> partial(new F[wave * w_size]);  // each task zeroes its own
     std::fill(grad_weight, grad_weight + w_size, F(0));
     const Reciprocals<F> inv;
-    require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
     const PackedEntries entries{tkeys, kernel_cell_bits(map.kernel_size), count_bits};
     const TransposedMeanWeight<F> mean{map.counts, entries, n_cells, &inv};
     RegionErrors errors;
