@@ -109,16 +109,19 @@ def peak_kib():
 
 
 # The kernel map's candidate filters exist twice (AVX-512 and portable C++); tests marked with
-# SIMD_MODES run under both, the AVX-512 one skipped on CPUs without it.
-def _simd_available() -> bool:
+# SIMD_MODES run under both, the AVX-512 one skipped (NEEDS_AVX512) on CPUs without it.
+def simd_available() -> bool:
+    """Whether this CPU (and build) has the AVX-512 filters."""
     from pwconv_cy import _core
 
     return _core.simd_state()[0]
 
 
+NEEDS_AVX512 = pytest.mark.skipif(
+    not simd_available(), reason="this CPU has no AVX-512: only the portable filters run")
+
 SIMD_MODES = pytest.mark.parametrize("simd", [
-    pytest.param(True, id="avx512", marks=pytest.mark.skipif(
-        not _simd_available(), reason="this CPU has no AVX-512: only the portable filters run")),
+    pytest.param(True, id="avx512", marks=NEEDS_AVX512),
     pytest.param(False, id="portable"),
 ])
 

@@ -15,12 +15,14 @@ import oracles
 import pytest
 import strategies as S
 from checks import (
+    NEEDS_AVX512,
     PEAK_RSS_PRELUDE,
     SIMD_MODES,
     assert_kernel_map_matches,
     assert_kernel_maps_identical,
     assert_same_csr,
     check_kernel_map_invariants,
+    simd_available,
     simd_filters,
 )
 from hypothesis import HealthCheck, given, settings
@@ -237,7 +239,7 @@ def test_one_thread_matches_two_threads_bit_for_bit(rng, method, dilation):
             assert np.array_equal(r1[0], r2[0]) and np.array_equal(r1[1], r2[1])
 
 
-@pytest.mark.skipif(not pc._core.simd_state()[0], reason="this CPU has no AVX-512: only the portable filters exist here")
+@NEEDS_AVX512
 @pytest.mark.parametrize("K", [1, 3, 5])
 def test_avx512_filters_equal_portable_ones_bit_for_bit(rng, K):
     """The paper's kind of batch (compact sphere clouds, the path the AVX-512 filters serve), with
@@ -266,7 +268,7 @@ def test_set_simd_enabled_reports_and_validates():
     try:
         assert pc.neighbors.simd_enabled() is False
         assert pc.neighbors.set_simd_enabled(True) is False
-        assert pc.neighbors.simd_enabled() is pc._core.simd_state()[0]
+        assert pc.neighbors.simd_enabled() is simd_available()
         with pytest.raises(TypeError, match="enabled must be True or False, got int"):
             pc.neighbors.set_simd_enabled(1)
     finally:
