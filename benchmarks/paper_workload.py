@@ -9,8 +9,9 @@ thread count:
   peers: their neighbour search + binning (+ the sparse matrices for the SciPy peer);
 * forward -- the four layers;
 * backward -- the four layers, input and weight gradients, ``grad_out`` seeded normal.  pwconv's
-  backward includes building the transposed kernel maps (the cache is dropped before each run,
-  as a fresh batch would have it); their cost alone is also reported.
+  backward starts from the kernel maps alone (any cached transposed map is dropped before each
+  run, as a fresh batch would have it): with 128 clouds it regroups each cloud's entries by
+  point inside the backward, with fewer clouds it builds the transposed maps.
 
 The same on 128 real ModelNet40 shapes (1,024 points each, ../shared/data, v = 0.1).  The peers
 (benchmarks/peers.py) are checked against pwconv before anything is timed: identical kernel-map
@@ -134,7 +135,7 @@ class Pwconv:
 
     def backward(self, wl, kms, xs, grad_out=None):
         for km in kms:
-            km._cache.clear()  # transposed maps are built per batch: include them
+            km._cache.clear()  # nothing derived from the maps is reused across batches
         g = wl.grad_out if grad_out is None else grad_out
         d_weights = [None] * len(LAYERS)
         for layer in reversed(range(len(LAYERS))):
@@ -150,11 +151,6 @@ class Pwconv:
                 num_threads=self.threads,
             )
         return g, d_weights
-
-    def transpose(self, kms):
-        for km in kms:
-            km._cache.clear()
-            km.transposed(self.threads)
 
     def setup(self, wl):
         kms = self.kernel_maps(wl)
@@ -335,10 +331,6 @@ def time_impl(impl, wl, args):
         median, runs = measure(fns[stage], args.repeats, args.budget_s, args.slow_s, first[stage])
         out[stage] = {"median_s": median, "runs_s": runs}
     if isinstance(impl, Pwconv):
-        median, runs = measure(
-            lambda: impl.transpose(kms), args.repeats, args.budget_s, args.slow_s
-        )
-        out["transpose_in_backward"] = {"median_s": median, "runs_s": runs}
         out["neighbours_per_point"] = [km.n_pairs / wl.points.shape[0] for km in kms]
     return out
 
@@ -399,8 +391,7 @@ def print_rows(wl, threads, per, peers):
     C.print_table(header, rows)
     if "pwconv" in per:
         print(
-            f"  pwconv: transposed maps {C.fmt_s(per['pwconv']['transpose_in_backward']['median_s'])}"
-            " (inside backward); neighbours/point per layer: "
+            "  pwconv: neighbours/point per layer: "
             + ", ".join(f"{c:.1f}" for c in per["pwconv"]["neighbours_per_point"])
         )
     if "numpy/scipy" in per and "scaled_from_clouds" in per["numpy/scipy"]:
@@ -471,7 +462,7 @@ def main():
             "seed": args.seed,
             "verify_rtol": RTOL,
             "pytorch_neighbours": TorchPeer.neighbours,
-            "pwconv_backward": "includes building the transposed kernel maps",
+            "pwconv_backward": "from the kernel maps alone (regrouping by point included)",
             "grad_out": "standard normal, seeded",
         },
         "paper": PAPER,

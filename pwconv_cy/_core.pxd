@@ -105,6 +105,11 @@ cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:
                              int64_t c_in, const F* grad_y,
                              int64_t c_out, const F* weight, cbool depthwise, F* grad_x,
                              F* grad_weight, int threads) except +
+    cbool conv_backward_by_cloud[F, C](const KernelMapView[C]& map, const Batch& points,
+                                       const Batch& queries, const F* x, int64_t c_in,
+                                       const F* grad_y, int64_t c_out, const F* weight,
+                                       cbool depthwise, F* grad_x, F* grad_weight,
+                                       int threads) except +
 
 
 cdef extern from "pwconv/optim.hpp" namespace "pwconv" nogil:

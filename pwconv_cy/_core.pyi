@@ -99,6 +99,13 @@ def conv_backward_(
     grad_y: NDArray[_Real], weight: NDArray[_Real], depthwise: bool,
     grad_x: NDArray[_Real] | None, grad_weight: NDArray[_Real], threads: int,
 ) -> None: ...
+def conv_backward_by_cloud_(
+    splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
+    counts: NDArray[np.int32], kernel_size: int, offsets: NDArray[np.int64],
+    query_offsets: NDArray[np.int64], x: NDArray[_Real], grad_y: NDArray[_Real],
+    weight: NDArray[_Real], depthwise: bool, grad_x: NDArray[_Real] | None,
+    grad_weight: NDArray[_Real], threads: int,
+) -> bool: ...
 
 # Optimiser updates, in place on flat C-contiguous arrays of one dtype.
 def sgd_update_(

@@ -363,6 +363,33 @@ def conv_backward_(const int64_t[::1] splits, const int64_t[::1] index, const ce
                           &weight[0], depthwise, gx, &grad_weight[0], threads)
 
 
+
+def conv_backward_by_cloud_(const int64_t[::1] splits, const int64_t[::1] index,
+                            const cell_t[::1] cell, const int32_t[:, ::1] counts, int kernel_size,
+                            const int64_t[::1] offsets, const int64_t[::1] query_offsets,
+                            const real_t[:, ::1] x, const real_t[:, ::1] grad_y,
+                            const real_t[::1] weight, bint depthwise, real_t[:, ::1] grad_x,
+                            real_t[::1] grad_weight, int threads):
+    """As conv_backward_, transposing the map cloud by cloud on the fly (offsets, query_offsets:
+    the map's batches).  Returns False, computing nothing, where that path does not apply
+    (fewer than 16 clouds, or a cloud too large): then call conv_backward_."""
+    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
+                                                kernel_size)
+    cdef Batch points = _batch(offsets)
+    cdef Batch queries = _batch(query_offsets)
+    cdef real_t* gx = NULL
+    if grad_x is not None and grad_x.shape[0]:
+        gx = &grad_x[0, 0]
+    cdef cbool done
+    with interruptible():
+        with nogil:
+            done = conv_backward_by_cloud(view, points, queries,
+                                          &x[0, 0] if x.shape[0] else NULL, x.shape[1],
+                                          &grad_y[0, 0] if grad_y.shape[0] else NULL,
+                                          grad_y.shape[1], &weight[0], depthwise, gx,
+                                          &grad_weight[0], threads)
+    return done
+
 # --- Optimiser updates ------------------------------------------------------------------------
 
 def sgd_update_(real_t[::1] param, const real_t[::1] grad, real_t[::1] momentum_buffer,

@@ -144,9 +144,11 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     """Gradients of :func:`pointwise_conv` (its exact adjoint; no gradient for coordinates).
 
     ``dx_j = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f)`` and
-    ``dW_f = sum_i (mean_{Omega_i(f)} x)^T dy_i``, both from one gather over the transposed kernel
-    map (``dW_f = sum_j x_j^T S_jf`` with the gathered ``S_jf = sum_{i: j in Omega_i(f)} dy_i /
-    n_i(f)``), reduced in a fixed order: bit-identical for every run and thread count.
+    ``dW_f = sum_i (mean_{Omega_i(f)} x)^T dy_i``, both from the sums ``S_jf = sum_{i: j in
+    Omega_i(f)} dy_i / n_i(f)`` (``dW_f = sum_j x_j^T S_jf``), reduced in a fixed order:
+    bit-identical for every run and thread count.  Batches of 16 clouds or more collect ``S``
+    cloud by cloud straight from the kernel map; smaller ones gather it over the transposed map
+    (``kernel_map.transposed()``, cached on the map).
 
     Parameters
     ----------
@@ -182,10 +184,17 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
         call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
         check_finite)
     dy = check_grad_out(call["grad_out"], km.n_queries, c_out, x.dtype, out_dense, check_finite)
-    tsplits, tkeys, count_bits = km._transposed_packed(threads or None)
     dx = np.empty_like(x) if feats_grad else None
     dw = np.empty(w.size, dtype=x.dtype)
-    _core.conv_backward_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys, count_bits,
-                         x, dy, w.reshape(-1), bool(depthwise), dx, dw, threads)
+    # Batches of many clouds transpose the map cloud by cloud on the fly (in cache, nothing
+    # stored); otherwise the gather runs over the (cached) transposed map.
+    by_cloud = km.offsets is not None and km.query_offsets is not None and \
+        _core.conv_backward_by_cloud_(km.splits, km.index, km.cell, km.counts, k, km.offsets,
+                                      km.query_offsets, x, dy, w.reshape(-1), bool(depthwise), dx,
+                                      dw, threads)
+    if not by_cloud:
+        tsplits, tkeys, count_bits = km._transposed_packed(threads or None)
+        _core.conv_backward_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys,
+                             count_bits, x, dy, w.reshape(-1), bool(depthwise), dx, dw, threads)
     return call.export((None if dx is None else dx.reshape(call["feats"].shape),
                         dw.reshape(w.shape)))

@@ -153,7 +153,8 @@ class KernelMap:
         """For every point j, the rows i (ascending) with j in Omega_i(f) and the cell f of each:
         ``(tsplits (n_points + 1,) int64, tkeys (E,) int64)`` with ``tkeys = row << bits | cell``
         (``bits = ceil(log2(K**3))``).  Computed once and cached (in the backward's form, see
-        _transposed_packed); the input gradient gathers over it.  Arrays of the map's own kind."""
+        _transposed_packed); the backward of small batches gathers over it.  Arrays of the map's
+        own kind."""
         native = CallArrays({}, kernel_map=self).kernel_map
         if native is not self:
             return export(native.transposed(num_threads), kind_of(self.splits))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from checks import NEEDS_AVX512, simd_filters
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -472,11 +473,13 @@ def test_float32_agrees_with_float64(case):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_one_and_two_threads_are_bit_identical(dtype, depthwise):
+@pytest.mark.parametrize("sizes", [[1500, 0, 1200, 700, 900], [300, 0] * 6 + [250] * 8],
+                         ids=["5 clouds", "20 clouds"])
+def test_one_and_two_threads_are_bit_identical(dtype, depthwise, sizes):
     """Several thousand points in five clouds: enough row blocks that two threads really split
-    the forward gather, the transposed gather and the weight-gradient reduction."""
+    the forward gather, the transposed gather and the weight-gradient reduction.  Twenty clouds
+    take the backward by cloud, whose tasks two threads split likewise."""
     rng = np.random.default_rng(3)
-    sizes = [1500, 0, 1200, 700, 900]
     points = np.concatenate([rng.random((m, 3)) for m in sizes]).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     c_in, c_out = 9, 9
@@ -566,6 +569,155 @@ def test_backward_with_packed_counts_equals_looked_up_counts(rng, dtype, depthwi
     for a, b in zip(*results):
         assert np.array_equal(a, b)
 
+
+
+# --- the backward by cloud (batches of at least 16 clouds) -----------------------------------
+
+
+def many_clouds_case(rng, k, s, depthwise, with_queries, n_clouds=18, layout="uniform"):
+    """n_clouds small clouds (two of them empty; with queries, one query cloud empty): enough
+    for the backward that transposes the map cloud by cloud on the fly."""
+    sizes = rng.integers(1, 25, n_clouds)
+    sizes[[2, 9]] = 0
+    points = np.concatenate([make_cloud(rng, int(n), layout) for n in sizes])
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    c_in, c_out = 3, 5
+    case = {
+        "points": points,
+        "offsets": offsets,
+        "voxel_size": voxel_for(int(sizes.max()), k, s, layout),
+        "kernel_size": k,
+        "dilation": s,
+        "depthwise": depthwise,
+        "x": rng.standard_normal((len(points), c_in)),
+        "w": rng.standard_normal((k, k, k, c_in) if depthwise else (k, k, k, c_in, c_out)),
+        "queries": None,
+        "query_offsets": None,
+    }
+    m = len(points)
+    if with_queries:
+        q_sizes = rng.integers(0, 20, n_clouds)
+        q_sizes[5] = 0
+        case["queries"] = np.concatenate([make_cloud(rng, int(n), layout) for n in q_sizes])
+        case["query_offsets"] = np.concatenate([[0], np.cumsum(q_sizes)]).astype(np.int64)
+        m = len(case["queries"])
+    case["dy"] = rng.standard_normal((m, c_in if depthwise else c_out))
+    return case
+
+
+def backward_over_transposed_map(case, km, threads=2):
+    """The backward as a gather over the stored transposed map (the path of small batches)."""
+    x, dy = case["x"], case["dy"]
+    w = case["w"].reshape(-1)
+    dx, dw = np.empty_like(x), np.empty_like(w)
+    tsplits, tkeys, count_bits = km._transposed_packed(threads)
+    pwconv_cy._core.conv_backward_(km.splits, km.index, km.cell, km.counts, km.kernel_size,
+                                   tsplits, tkeys, count_bits, x, dy, w, case["depthwise"], dx,
+                                   dw, threads)
+    return dx, dw.reshape(case["w"].shape)
+
+
+def backward_by_cloud(case, km, threads=2):
+    """The backward transposing cloud by cloud; asserts that this path ran."""
+    x, dy = case["x"], case["dy"]
+    w = case["w"].reshape(-1)
+    dx, dw = np.empty_like(x), np.empty_like(w)
+    ran = pwconv_cy._core.conv_backward_by_cloud_(
+        km.splits, km.index, km.cell, km.counts, km.kernel_size, km.offsets, km.query_offsets,
+        x, dy, w, case["depthwise"], dx, dw, threads)
+    assert ran is True
+    return dx, dw.reshape(case["w"].shape)
+
+
+@pytest.mark.parametrize("k, s, layout", [(1, 1, "uniform"), (3, 1, "lattice"),
+                                          (3, 3, "clustered"), (5, 2, "uniform")])
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("with_queries", [False, True])
+def test_backward_by_cloud_matches_oracle_and_the_transposed_gather(k, s, layout, depthwise,
+                                                                    with_queries):
+    """Batches of >= 16 clouds take the backward by cloud: exact against the oracle, the input
+    gradient bit for bit the transposed gather's, the weight gradient equal to rounding (it is
+    summed in groups of clouds instead of blocks of points)."""
+    rng = np.random.default_rng(100 * k + 10 * s + 2 * depthwise + with_queries)
+    case = many_clouds_case(rng, k, s, depthwise, with_queries, layout=layout)
+    _, dx, dw = run(case)
+    _, dx_ref, dw_ref, _ = oracle(case)
+    assert_close(dx, dx_ref, 1e-12, "input gradient")
+    assert_close(dw, dw_ref, 1e-12, "weight gradient")
+    km = pwconv_cy.kernel_map(case["points"], case["voxel_size"], kernel_size=k, dilation=s,
+                              offsets=case["offsets"], queries=case["queries"],
+                              query_offsets=case["query_offsets"])
+    dx_cloud, dw_cloud = backward_by_cloud(case, km)
+    assert np.array_equal(dx_cloud, dx) and np.array_equal(dw_cloud, dw)
+    dx_t, dw_t = backward_over_transposed_map(case, km)
+    assert np.array_equal(dx_t, dx_cloud), "input gradients differ between the two paths"
+    assert_close(dw_t, dw_cloud, 1e-13, "weight gradient of the two paths")
+
+
+@pytest.mark.parametrize("n_clouds, runs", [(15, False), (16, True)])
+def test_backward_by_cloud_runs_from_sixteen_clouds(n_clouds, runs):
+    rng = np.random.default_rng(5)
+    case = many_clouds_case(rng, 3, 1, False, False, n_clouds=n_clouds)
+    km = pwconv_cy.kernel_map(case["points"], case["voxel_size"], offsets=case["offsets"])
+    x, dy, w = case["x"], case["dy"], case["w"].reshape(-1)
+    ran = pwconv_cy._core.conv_backward_by_cloud_(
+        km.splits, km.index, km.cell, km.counts, 3, km.offsets, km.query_offsets, x, dy, w,
+        False, np.empty_like(x), np.empty_like(w), 2)
+    assert ran is runs
+    # either way the public backward is exact
+    _, dx, dw = run(case)
+    _, dx_ref, dw_ref, _ = oracle(case)
+    assert_close(dx, dx_ref, 1e-12, "input gradient")
+    assert_close(dw, dw_ref, 1e-12, "weight gradient")
+
+
+def test_backward_by_cloud_rejects_a_map_that_crosses_clouds():
+    """Rows must refer to their own cloud's points: offsets other than the map's (the first
+    boundary moved) are caught, not read out of bounds."""
+    rng = np.random.default_rng(8)
+    case = many_clouds_case(rng, 3, 1, False, False)
+    km = pwconv_cy.kernel_map(case["points"], case["voxel_size"], offsets=case["offsets"])
+    shifted = km.offsets.copy()
+    shifted[1] += 1
+    x, dy, w = case["x"], case["dy"], case["w"].reshape(-1)
+    with pytest.raises(ValueError, match="refers to a point outside the query's cloud"):
+        pwconv_cy._core.conv_backward_by_cloud_(
+            km.splits, km.index, km.cell, km.counts, 3, shifted, shifted, x, dy, w, False,
+            np.empty_like(x), np.empty_like(w), 2)
+
+
+@NEEDS_AVX512
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c_in, c_out", [(3, 9), (9, 9), (11, 16), (4, 17), (1, 8)])
+@pytest.mark.parametrize("n_clouds", [3, 20], ids=["transposed", "by cloud"])
+def test_backward_is_bit_identical_with_and_without_avx512(dtype, c_in, c_out, n_clouds):
+    """The weight gradient's AVX-512 loop (float32, c_out up to 16; float64 and wider outputs
+    take the portable loop either way) performs the portable loop's operations in its order:
+    identical bits, on both backward paths."""
+    rng = np.random.default_rng(c_in * 100 + c_out + n_clouds)
+    sizes = rng.integers(50, 400, n_clouds)
+    points = np.concatenate([rng.random((int(m), 3)) for m in sizes])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    x = rng.standard_normal((len(points), c_in)).astype(dtype)
+    w = rng.standard_normal((3, 3, 3, c_in, c_out)).astype(dtype)
+    dy = rng.standard_normal((len(points), c_out)).astype(dtype)
+    km = pwconv_cy.kernel_map(points, 0.12, dilation=2, offsets=offsets)
+    results = []
+    for simd in (True, False):
+        with simd_filters(simd):
+            results.append(pointwise_conv_backward(dy, points, x, w, 0.12, dilation=2,
+                                                   offsets=offsets, kernel_map=km))
+    for a, b, what in zip(*results, ("input gradient", "weight gradient")):
+        assert np.array_equal(a, b), f"{what}: AVX-512 and portable loops differ"
+    # and right: dW_f = sum_i mean_f(x)_i^T dy_i in float64, from the map
+    rows = np.repeat(np.arange(km.n_queries), np.diff(km.splits))
+    cells = km.cell.astype(np.int64)
+    means = np.zeros((km.n_queries, 27, c_in))
+    np.add.at(means, (rows, cells), x[km.index].astype(np.float64) / km.counts[rows, cells, None])
+    want = np.einsum("ifa,ib->fab", means, dy.astype(np.float64))
+    got = results[0][1].reshape(want.shape).astype(np.float64)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
 
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

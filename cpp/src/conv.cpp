@@ -1,8 +1,10 @@
 // Forward and backward kernels of pointwise convolution; see conv.hpp for the scheme.
 #include "pwconv/conv.hpp"
 #include "pwconv/binning.hpp"
+#include "simd_filter.hpp"  // PWCONV_X86_SIMD, PWCONV_AVX512
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -14,6 +16,10 @@ namespace {
 constexpr int64_t kRowBlock = 64;      // rows per task of the gather kernels
 constexpr int64_t kWeightBlock = 256;  // rows per partial sum of the weight gradient
 constexpr double kWaveBytes = 64.0 * 1024 * 1024;  // partial sums held at once (weight gradient)
+// The backward by cloud (conv_backward_by_cloud): from this many clouds, each needing at most this
+// much scratch (per thread).
+constexpr int64_t kMinClouds = 16;
+constexpr double kCloudScratchBytes = 32.0 * 1024 * 1024;
 
 template <class CellT>
 void check_map(const KernelMapView<CellT>& map) {
@@ -47,8 +53,15 @@ struct SlotBuffer {
 // layers have 3 and 9 channels): fully unrolled, accumulators kept in registers.  C = 0: runtime.
 template <int C, class F>
 inline void axpy(int64_t ch, F alpha, const F* x, F* y) {
-    const int64_t n = C > 0 ? C : ch;
-    for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
+    if constexpr (C > 0) {
+        // All loads before the stores: the compiler need not fear that y aliases x, and
+        // vectorises (13% faster gathers than the scalar loop it emitted for y[c] += ...).
+        F t[C];
+        for (int c = 0; c < C; ++c) t[c] = y[c] + alpha * x[c];
+        for (int c = 0; c < C; ++c) y[c] = t[c];
+    } else {
+        for (int64_t c = 0; c < ch; ++c) y[c] += alpha * x[c];
+    }
 }
 
 template <class Fn>
@@ -195,6 +208,20 @@ void apply_rows(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, const F* M, in
 
 constexpr int64_t kSmallWeightBytes = 256 * 1024;
 
+// out rows [r0, r1) = buf's slots (rows r0.. of buf) times the cell matrices M (a x b): row by
+// row with M held in cache when it is small, else cell by cell.
+template <class F>
+void apply_slots(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, int64_t n_cells, const F* M,
+                 int64_t a, int64_t b, bool depthwise, F* out) {
+    if ((double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes) {
+        dispatch_channels(b, [&](auto B) {
+            apply_rows<decltype(B)::value>(r0, r1, buf, M, a, b, depthwise, out);
+        });
+    } else {
+        apply_cells(r0, r1, buf, n_cells, M, a, b, depthwise, out);
+    }
+}
+
 // Rows [r0, r1) of a gather kernel: the weighted sums of src's rows per (row, cell) into buf's
 // slots, then, when out is given, out's rows = the slots times the cell matrices M (a x b) —
 // row by row with M held in cache when it is small, else cell by cell.
@@ -205,14 +232,7 @@ void gather_apply_rows(int64_t r0, int64_t r1, const int64_t* splits, const Entr
     dispatch_channels(a, [&](auto A) {
         gather_slots<decltype(A)::value>(r0, r1, splits, entries, n_cells, src, a, weight, buf);
     });
-    if (!out) return;
-    if ((double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes) {
-        dispatch_channels(b, [&](auto B) {
-            apply_rows<decltype(B)::value>(r0, r1, buf, M, a, b, depthwise, out);
-        });
-    } else {
-        apply_cells(r0, r1, buf, n_cells, M, a, b, depthwise, out);
-    }
+    if (out) apply_slots(r0, r1, buf, n_cells, M, a, b, depthwise, out);
 }
 
 // Rows of a gather kernel, in blocks of kRowBlock.  schedule(dynamic): rows differ in size.
@@ -288,10 +308,38 @@ inline int64_t transposed_key(const KernelMapView<CellT>& map, int64_t i, int64_
     return key;
 }
 
-// The stable counting sort of transpose_kernel_map, one cloud at a time: the rows of cloud b
-// refer only to the points of cloud b, so those points' entries are exactly the cloud's entries,
-// at the same place (from splits[first row of b]), and the count array is cloud-sized.  Returns
-// false, with the output incomplete, if some row refers to a point outside its cloud.
+// The stable counting sort of one cloud: rows [r0, r1) refer only to points [p0, p1) (else false,
+// with the output incomplete), so those points' entries are exactly the rows' entries.  Writes
+// tsplits[j - p0] = first + (the rows' entries of points p0..j-1) and the keys at
+// tkeys[tsplits[j - p0] ...]: at their global place with first = splits[r0], or in a buffer of
+// the cloud's own with first = 0.
+template <class CellT>
+bool transpose_cloud(const KernelMapView<CellT>& map, int64_t p0, int64_t p1, int64_t r0,
+                     int64_t r1, int bits, int count_bits, int64_t first, int64_t* tsplits,
+                     int64_t* tkeys, std::vector<int64_t>& cursor) {
+    const int64_t e0 = map.splits[r0], e1 = map.splits[r1];
+    cursor.assign(p1 - p0, 0);
+    bool inside = true;
+    for (int64_t e = e0; e < e1 && inside; ++e) {
+        const int64_t j = map.index[e];
+        inside = j >= p0 && j < p1;
+        if (inside) ++cursor[j - p0];
+    }
+    if (!inside) return false;
+    int64_t running = first;
+    for (int64_t j = 0; j < p1 - p0; ++j) {
+        const int64_t k = cursor[j];
+        tsplits[j] = cursor[j] = running;
+        running += k;
+    }
+    for (int64_t i = r0; i < r1; ++i)
+        for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e)
+            tkeys[cursor[map.index[e] - p0]++] = transposed_key(map, i, e, bits, count_bits);
+    return true;
+}
+
+// transpose_kernel_map one cloud at a time (in cache; the count array is cloud-sized).  Returns
+// false if some row refers to a point outside its cloud.
 template <class CellT>
 bool transpose_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
                         const Batch& queries, int bits, int count_bits, int64_t* tsplits,
@@ -302,30 +350,11 @@ bool transpose_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
         std::vector<int64_t> cursor;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < points.n_clouds; ++b) {
-            const int64_t p0 = points.offsets[b], p1 = points.offsets[b + 1];
-            const int64_t r0 = queries.offsets[b], r1 = queries.offsets[b + 1];
-            const int64_t e0 = map.splits[r0], e1 = map.splits[r1];
-            cursor.assign(p1 - p0, 0);
-            bool inside = true;
-            for (int64_t e = e0; e < e1 && inside; ++e) {
-                const int64_t j = map.index[e];
-                inside = j >= p0 && j < p1;
-                if (inside) ++cursor[j - p0];
-            }
-            if (!inside) {
-                outside = true;
-                continue;
-            }
-            int64_t running = e0;
-            for (int64_t j = p0; j < p1; ++j) {
-                const int64_t k = cursor[j - p0];
-                tsplits[j] = cursor[j - p0] = running;
-                running += k;
-            }
-            for (int64_t i = r0; i < r1; ++i)
-                for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e)
-                    tkeys[cursor[map.index[e] - p0]++] =
-                        transposed_key(map, i, e, bits, count_bits);
+            const int64_t p0 = points.offsets[b], r0 = queries.offsets[b];
+            outside = outside ||
+                      !transpose_cloud(map, p0, points.offsets[b + 1], r0,
+                                       queries.offsets[b + 1], bits, count_bits, map.splits[r0],
+                                       tsplits + p0, tkeys, cursor);
         }
     }
     return !outside;
@@ -417,95 +446,245 @@ void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, con
                  resolve_threads(threads));
 }
 
-template <class F, class CellT>
-void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, const int64_t* tkeys,
-                   int count_bits, const F* x, int64_t c_in, const F* grad_y, int64_t c_out,
-                   const F* weight, bool depthwise, F* grad_x, F* grad_weight, int threads) {
-    check_map(map);
-    require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
-    require(tsplits[map.n] == map.splits[map.m], "transposed map does not match the kernel map");
-    require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
-    threads = resolve_threads(threads);
-    const int64_t n_cells = map.n_cells();
-    const int64_t w_size = depthwise ? n_cells * c_in : n_cells * c_in * c_out;
-    const F* weight_t = weight;  // W_f^T, so that the input gradient is a row update
-    std::vector<F> transposed;
-    if (!depthwise && grad_x) {
-        transposed.resize(w_size);
-        for (int64_t f = 0; f < n_cells; ++f)
-            for (int64_t ci = 0; ci < c_in; ++ci)
-                for (int64_t co = 0; co < c_out; ++co)
-                    transposed[(f * c_out + co) * c_in + ci] = weight[(f * c_in + ci) * c_out + co];
-        weight_t = transposed.data();
+namespace {
+
+// What every block of a backward pass shares.
+template <class F>
+struct BackwardArgs {
+    int64_t n_cells, c_in, c_out;
+    const F* grad_y;
+    const F* weight_t;  // W_f^T (c_out x c_in per cell), or the cell vectors when depthwise
+    bool depthwise;
+    const int32_t* counts;  // the map's
+    const Reciprocals<F>* inv;
+    bool simd;  // simd_enabled(): the AVX-512 weight-gradient loop may run
+};
+
+template <class F>
+void weight_grad_from_slots(int64_t r0, const SlotBuffer<F>& buf, const BackwardArgs<F>& a,
+                            const F* x, F* dw);
+
+// Points [r0, r1) of a transposed map (tsplits over these points; keys of the query rows): their
+// input-gradient rows into grad_x (when given) and their weight-gradient terms added to dw.
+// x and grad_x are indexed like tsplits.
+template <class F>
+void backward_block(int64_t r0, int64_t r1, const int64_t* tsplits, const PackedEntries& entries,
+                    const BackwardArgs<F>& a, const F* x, F* grad_x, F* dw, SlotBuffer<F>& buf) {
+    const int64_t n_cells = a.n_cells, c_in = a.c_in, c_out = a.c_out;
+    const TransposedMeanWeight<F> mean{a.counts, entries, n_cells, a.inv};
+    // The input gradient's rows, and the slot sums S_jf for the weight's.
+    gather_apply_rows(r0, r1, tsplits, entries, n_cells, a.grad_y, c_out, mean, a.weight_t, c_in,
+                      a.depthwise, grad_x, buf);
+    weight_grad_from_slots(r0, buf, a, x, dw);
+}
+
+#ifdef PWCONV_X86_SIMD
+// Rows ci0 .. ci0 + Q - 1 of dW_f over the slots [s0, s1) of cell f, as weight_grad_from_slots
+// (float, c_out <= 16): each row one masked vector, the slots outer so that a slot's sums are
+// loaded once.  Every element receives the same terms in the same order with the same operations
+// (a multiply, then an add) as in the portable loop: bit-identical.  (float only: the float64
+// kernels serve checks, not speed.)
+template <int Q>
+PWCONV_AVX512 void weight_grad_rows_avx512(int64_t r0, const SlotBuffer<float>& buf, int64_t s0,
+                                           int64_t s1, int64_t c_in, int64_t c_out, int64_t ci0,
+                                           const float* x, float* d) {
+    const __mmask16 m = (__mmask16)((1u << c_out) - 1);
+    __m512 acc[Q];
+    for (int q = 0; q < Q; ++q) acc[q] = _mm512_maskz_loadu_ps(m, d + q * c_out);
+    for (int64_t t = s0; t < s1; ++t) {
+        const int32_t s = buf.by_cell[t];
+        const __m512 sum = _mm512_maskz_loadu_ps(m, &buf.sums[s * c_out]);
+        const float* xj = x + (r0 + buf.slot_row[s]) * c_in + ci0;
+        for (int q = 0; q < Q; ++q)
+            acc[q] = _mm512_add_ps(acc[q], _mm512_mul_ps(_mm512_set1_ps(xj[q]), sum));
     }
-    const int64_t n_blocks = (map.n + kWeightBlock - 1) / kWeightBlock;
-    // A task sums the weight gradient of `group` consecutive blocks, in block order, into its
-    // own partial sum; tasks are summed wave by wave, in task order.  Group and wave lengths
-    // depend only on the sizes, never on the thread count: a fixed summation order.  Groups keep
-    // the partial sums few (at least kMinTasks tasks when there are enough blocks).
-    constexpr int64_t kMinTasks = 64;
-    const int64_t group = std::max<int64_t>(1, n_blocks / kMinTasks);
-    const int64_t n_tasks = (n_blocks + group - 1) / group;
+    for (int q = 0; q < Q; ++q) _mm512_mask_storeu_ps(d + q * c_out, m, acc[q]);
+}
+
+PWCONV_AVX512 void weight_grad_avx512(int64_t r0, const SlotBuffer<float>& buf, int64_t n_cells,
+                                      int64_t c_in, int64_t c_out, const float* x, float* dw) {
+    for (int64_t f = 0; f < n_cells; ++f) {
+        const int64_t s0 = buf.cell_begin[f], s1 = buf.cell_begin[f + 1];
+        for (int64_t ci = 0; s0 < s1 && ci < c_in; ci += 8) {
+            float* d = dw + (f * c_in + ci) * c_out;
+            switch (std::min<int64_t>(8, c_in - ci)) {
+                case 8: weight_grad_rows_avx512<8>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
+                case 7: weight_grad_rows_avx512<7>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
+                case 6: weight_grad_rows_avx512<6>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
+                case 5: weight_grad_rows_avx512<5>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
+                case 4: weight_grad_rows_avx512<4>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
+                case 3: weight_grad_rows_avx512<3>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
+                case 2: weight_grad_rows_avx512<2>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
+                default: weight_grad_rows_avx512<1>(r0, buf, s0, s1, c_in, c_out, ci, x, d);
+            }
+        }
+    }
+}
+#endif  // PWCONV_X86_SIMD
+
+// dW += the terms of buf's slots (rows r0.. of x: the slots' points).
+template <class F>
+void weight_grad_from_slots(int64_t r0, const SlotBuffer<F>& buf, const BackwardArgs<F>& a,
+                            const F* x, F* dw) {
+    const int64_t n_cells = a.n_cells, c_in = a.c_in, c_out = a.c_out;
+#ifdef PWCONV_X86_SIMD
+    if constexpr (std::is_same_v<F, float>) {
+        if (a.simd && !a.depthwise && c_out <= 16)
+            return weight_grad_avx512(r0, buf, n_cells, c_in, c_out, x, dw);
+    }
+#endif
+    dispatch_channels(c_out, [&](auto B) {
+        // Cell by cell, each cell's slots in creation order (point by point): a fixed order.  A
+        // row of dW_f is accumulated in registers over the cell's slots and stored once.
+        constexpr int kB = decltype(B)::value;
+        constexpr int kAcc = kB > 0 ? kB : 1;
+        for (int64_t f = 0; f < n_cells; ++f) {
+            const int64_t s0 = buf.cell_begin[f], s1 = buf.cell_begin[f + 1];
+            if (s0 == s1) continue;
+            if (a.depthwise) {
+                F* d = dw + f * c_in;
+                for (int64_t t = s0; t < s1; ++t) {
+                    const int32_t s = buf.by_cell[t];
+                    const F* sum = &buf.sums[s * c_out];
+                    const F* xj = x + (r0 + buf.slot_row[s]) * c_in;
+                    for (int64_t c = 0; c < c_in; ++c) d[c] += xj[c] * sum[c];
+                }
+                continue;
+            }
+            for (int64_t ci = 0; ci < c_in; ++ci) {
+                F* d = dw + (f * c_in + ci) * c_out;
+                F acc[kAcc];
+                F* dst = kB > 0 ? acc : d;
+                if (kB > 0)
+                    for (int c = 0; c < kB; ++c) acc[c] = d[c];
+                for (int64_t t = s0; t < s1; ++t) {
+                    const int32_t s = buf.by_cell[t];
+                    const F xv = x[(r0 + buf.slot_row[s]) * c_in + ci];
+                    axpy<kB>(c_out, xv, &buf.sums[s * c_out], dst);
+                }
+                if (kB > 0)
+                    for (int c = 0; c < kB; ++c) d[c] = acc[c];
+            }
+        }
+    });
+}
+
+// Per-thread scratch of the backward's tasks.
+template <class F>
+struct BackwardScratch {
+    SlotBuffer<F> slots;
+    // conv_backward_by_cloud: one cloud's (point, cell) table, -1 between clouds, and its slots
+    // in the order they open.
+    std::vector<int32_t> slot_of, open_point, open_cell;
+    std::vector<F> open_sums;
+    std::vector<int64_t> cursor;
+};
+
+// The slots of one cloud's points as the gather over the transposed map would leave them in
+// `buf` (rows = the cloud's points p0..p1, local), from the rows [r0, r1) directly, without
+// transposing the map: every entry (i, j, f) adds dy_i / n_i(f) to the slot of (j, f), rows
+// ascending, so each slot receives the same terms in the same order as the gather's, and a
+// point's slots open in the same order (of their first row).  The slots are then laid out point
+// by point and grouped by cell as gather_slots does.  False if a row refers to a point outside
+// [p0, p1) (buf is then incomplete; the scratch stays reusable).
+template <int C, class F, class CellT>
+bool scatter_cloud(const KernelMapView<CellT>& map, int64_t p0, int64_t p1, int64_t r0,
+                   int64_t r1, const F* grad_y, int64_t c_runtime, const Reciprocals<F>& inv,
+                   BackwardScratch<F>& scratch) {
+    const int64_t c = C > 0 ? C : c_runtime;
+    const int64_t n_b = p1 - p0, n_cells = map.n_cells();
+    const int64_t max_slots = map.splits[r1] - map.splits[r0];
+    if ((int64_t)scratch.slot_of.size() < n_b * n_cells) scratch.slot_of.assign(n_b * n_cells, -1);
+    if ((int64_t)scratch.open_point.size() < max_slots) {
+        scratch.open_point.resize(max_slots);
+        scratch.open_cell.resize(max_slots);
+    }
+    if ((int64_t)scratch.open_sums.size() < (max_slots + 1) * c)
+        scratch.open_sums.resize((max_slots + 1) * c);
+    int32_t* slot_of = scratch.slot_of.data();
+    int32_t* open_point = scratch.open_point.data();
+    int32_t* open_cell = scratch.open_cell.data();
+    F* sums = scratch.open_sums.data();
+    // Whether an entry opens a slot is data-dependent: taken without a branch, as in
+    // gather_slots.  The next slot to open is kept zeroed.
+    int64_t n_slots = 0;
+    std::fill(sums, sums + c, F(0));
+    bool inside = true;
+    for (int64_t i = r0; i < r1 && inside; ++i) {
+        const F* dy = grad_y + i * c;
+        const int32_t* counts = map.counts + i * n_cells;
+        for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e) {
+            const int64_t j = map.index[e] - p0;
+            if (j < 0 || j >= n_b) {
+                inside = false;
+                break;
+            }
+            const int64_t f = (int64_t)map.cell[e];
+            const int32_t old = slot_of[j * n_cells + f];
+            const bool opens = old < 0;
+            const int32_t slot = opens ? (int32_t)n_slots : old;
+            slot_of[j * n_cells + f] = slot;
+            open_point[slot] = (int32_t)j;
+            open_cell[slot] = (int32_t)f;
+            n_slots += opens;
+            std::fill(sums + n_slots * c, sums + (n_slots + 1) * c, F(0));
+            axpy<C>(c, inv(counts[f]), dy, sums + slot * c);
+        }
+    }
+    for (int64_t slot = 0; slot < n_slots; ++slot)
+        slot_of[open_point[slot] * n_cells + open_cell[slot]] = -1;
+    if (!inside) return false;
+    // Point by point (a stable counting sort of the slots by point).
+    SlotBuffer<F>& buf = scratch.slots;
+    std::vector<int64_t>& cursor = scratch.cursor;
+    cursor.assign(n_b + 1, 0);
+    for (int64_t slot = 0; slot < n_slots; ++slot) ++cursor[open_point[slot] + 1];
+    for (int64_t j = 0; j < n_b; ++j) cursor[j + 1] += cursor[j];
+    buf.row_slot_begin.assign(cursor.begin(), cursor.end());
+    buf.slot_row.resize(n_slots);
+    buf.slot_cell.resize(n_slots);
+    buf.sums.resize(n_slots * c);
+    buf.cell_begin.assign(n_cells + 1, 0);
+    for (int64_t slot = 0; slot < n_slots; ++slot) {
+        const int64_t t = cursor[open_point[slot]]++;
+        buf.slot_row[t] = open_point[slot];
+        buf.slot_cell[t] = open_cell[slot];
+        ++buf.cell_begin[open_cell[slot] + 1];
+        const F* from = sums + slot * c;
+        F* to = &buf.sums[t * c];
+        for (int64_t k = 0; k < c; ++k) to[k] = from[k];
+    }
+    buf.n_slots = n_slots;
+    // Grouped by cell, point by point within a cell (as gather_slots).
+    for (int64_t f = 0; f < n_cells; ++f) buf.cell_begin[f + 1] += buf.cell_begin[f];
+    buf.by_cell.resize(n_slots);
+    std::vector<int64_t>& next = buf.cell_begin;  // advanced while filling, then restored
+    for (int64_t t = 0; t < n_slots; ++t) buf.by_cell[next[buf.slot_cell[t]]++] = (int32_t)t;
+    for (int64_t f = n_cells; f > 0; --f) next[f] = next[f - 1];
+    next[0] = 0;
+    return true;
+}
+
+// The weight gradient of n_tasks tasks: task(k, dw, scratch) adds its terms to dw (zeroed here)
+// in a fixed order; the tasks' partial sums are added wave by wave, in task order.  Task and wave
+// lengths depend only on the sizes, never on the thread count: a fixed summation order.
+template <class F, class Task>
+void reduce_tasks(int64_t n_tasks, int64_t w_size, int threads, F* grad_weight, Task&& task) {
     const int64_t wave = std::max<int64_t>(
         1, std::min<int64_t>(n_tasks, (int64_t)(kWaveBytes / (double)(w_size * sizeof(F)))));
     std::unique_ptr<F[]> partial(new F[wave * w_size]);  // each task zeroes its own
     std::fill(grad_weight, grad_weight + w_size, F(0));
-    const Reciprocals<F> inv;
-    const PackedEntries entries{tkeys, kernel_cell_bits(map.kernel_size), count_bits};
-    const TransposedMeanWeight<F> mean{map.counts, entries, n_cells, &inv};
     RegionErrors errors;
     for (int64_t first = 0; first < n_tasks; first += wave) {
         const int64_t count = std::min(wave, n_tasks - first);
 #pragma omp parallel num_threads(threads)
         {
-            SlotBuffer<F> buf;
+            BackwardScratch<F> scratch;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t k = 0; k < count; ++k) {
                 F* dw = &partial[k * w_size];
                 std::fill(dw, dw + w_size, F(0));
-                const int64_t b1 = std::min(n_blocks, (first + k + 1) * group);
-                for (int64_t blk = (first + k) * group; blk < b1; ++blk) errors.run([&] {
-                    const int64_t r0 = blk * kWeightBlock;
-                    const int64_t r1 = std::min(map.n, r0 + kWeightBlock);
-                    // The input gradient's rows, and the slot sums S_jf for the weight's.
-                    gather_apply_rows(r0, r1, tsplits, entries, n_cells, grad_y, c_out, mean,
-                                      weight_t, c_in, depthwise, grad_x, buf);
-                    dispatch_channels(c_out, [&](auto B) {
-                        // Cell by cell, each cell's slots in creation order (point by point): a
-                        // fixed order.  A row of dW_f is accumulated in registers over the cell's
-                        // slots and stored once.
-                        constexpr int kB = decltype(B)::value;
-                        constexpr int kAcc = kB > 0 ? kB : 1;
-                        for (int64_t f = 0; f < n_cells; ++f) {
-                            const int64_t s0 = buf.cell_begin[f], s1 = buf.cell_begin[f + 1];
-                            if (s0 == s1) continue;
-                            if (depthwise) {
-                                F* d = dw + f * c_in;
-                                for (int64_t t = s0; t < s1; ++t) {
-                                    const int32_t s = buf.by_cell[t];
-                                    const F* sum = &buf.sums[s * c_out];
-                                    const F* xj = x + (r0 + buf.slot_row[s]) * c_in;
-                                    for (int64_t c = 0; c < c_in; ++c) d[c] += xj[c] * sum[c];
-                                }
-                                continue;
-                            }
-                            for (int64_t ci = 0; ci < c_in; ++ci) {
-                                F* d = dw + (f * c_in + ci) * c_out;
-                                F acc[kAcc];
-                                F* dst = kB > 0 ? acc : d;
-                                if (kB > 0)
-                                    for (int c = 0; c < kB; ++c) acc[c] = d[c];
-                                for (int64_t t = s0; t < s1; ++t) {
-                                    const int32_t s = buf.by_cell[t];
-                                    const F xv = x[(r0 + buf.slot_row[s]) * c_in + ci];
-                                    axpy<kB>(c_out, xv, &buf.sums[s * c_out], dst);
-                                }
-                                if (kB > 0)
-                                    for (int c = 0; c < kB; ++c) d[c] = acc[c];
-                            }
-                        }
-                    });
-                });
+                errors.run([&] { task(first + k, dw, scratch); });
             }
             // Fixed-order reduction of this wave, parallel over the weight's elements.
 #pragma omp for schedule(static)
@@ -519,12 +698,142 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
     }
 }
 
+// What the tasks of one backward call share: the weights transposed for the input gradient's row
+// updates (W_f^T, unless depthwise or unused), the reciprocals, the sizes.  Not copyable: args
+// points into it.
+template <class F>
+struct BackwardCall {
+    std::vector<F> weight_t;
+    Reciprocals<F> inv;
+    BackwardArgs<F> args;
+    int64_t w_size;  // elements of the weight (gradient)
+
+    template <class CellT>
+    BackwardCall(const KernelMapView<CellT>& map, int64_t c_in, int64_t c_out, const F* grad_y,
+                 const F* weight, bool depthwise, bool with_grad_x) {
+        const int64_t n_cells = map.n_cells();
+        w_size = depthwise ? n_cells * c_in : n_cells * c_in * c_out;
+        const F* w_t = weight;
+        if (!depthwise && with_grad_x) {
+            weight_t.resize(w_size);
+            for (int64_t f = 0; f < n_cells; ++f)
+                for (int64_t ci = 0; ci < c_in; ++ci)
+                    for (int64_t co = 0; co < c_out; ++co)
+                        weight_t[(f * c_out + co) * c_in + ci] =
+                            weight[(f * c_in + ci) * c_out + co];
+            w_t = weight_t.data();
+        }
+        args = BackwardArgs<F>{n_cells, c_in, c_out, grad_y, w_t, depthwise, map.counts, &inv,
+                               simd_enabled()};
+    }
+    BackwardCall(const BackwardCall&) = delete;
+    BackwardCall& operator=(const BackwardCall&) = delete;
+};
+
+constexpr int64_t kMinTasks = 64;  // weight-gradient tasks, when there are enough blocks
+
+// n_items (blocks or clouds) in tasks of `group` consecutive items: at least kMinTasks tasks when
+// there are enough items, so that the partial sums stay few.
+struct TaskGroups {
+    int64_t group, n_tasks;
+    explicit TaskGroups(int64_t n_items)
+        : group(std::max<int64_t>(1, n_items / kMinTasks)), n_tasks((n_items + group - 1) / group) {}
+};
+
+// Whether conv_backward_by_cloud runs: enough clouds, none needing more than kCloudScratchBytes
+// of scratch (its (point, cell) table and its slots).  Sizes only, never the thread count.
+template <class F>
+bool backward_by_cloud_applies(const int64_t* splits, const Batch& points, const Batch& queries,
+                               int64_t n_cells, int64_t c_out) {
+    if (points.n_clouds < kMinClouds || queries.n_clouds != points.n_clouds) return false;
+    const double slot_bytes = 2.0 * (c_out * sizeof(F) + 2 * sizeof(int32_t));
+    for (int64_t b = 0; b < queries.n_clouds; ++b) {
+        const double entries = (double)(splits[queries.offsets[b + 1]] - splits[queries.offsets[b]]);
+        const double table = (double)(points.offsets[b + 1] - points.offsets[b]) * n_cells * 4.0;
+        if (entries * slot_bytes + table > kCloudScratchBytes) return false;
+    }
+    return true;
+}
+
+}  // namespace
+
+template <class F, class CellT>
+void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, const int64_t* tkeys,
+                   int count_bits, const F* x, int64_t c_in, const F* grad_y, int64_t c_out,
+                   const F* weight, bool depthwise, F* grad_x, F* grad_weight, int threads) {
+    check_map(map);
+    require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
+    require(tsplits[map.n] == map.splits[map.m], "transposed map does not match the kernel map");
+    require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
+    const BackwardCall<F> call(map, c_in, c_out, grad_y, weight, depthwise, grad_x != nullptr);
+    const PackedEntries entries{tkeys, kernel_cell_bits(map.kernel_size), count_bits};
+    // A task covers consecutive blocks of points, in block order.
+    const int64_t n_blocks = (map.n + kWeightBlock - 1) / kWeightBlock;
+    const TaskGroups tasks(n_blocks);
+    reduce_tasks(tasks.n_tasks, call.w_size, resolve_threads(threads), grad_weight,
+                 [&](int64_t k, F* dw, BackwardScratch<F>& scratch) {
+                     const int64_t b1 = std::min(n_blocks, (k + 1) * tasks.group);
+                     for (int64_t blk = k * tasks.group; blk < b1; ++blk) {
+                         const int64_t r0 = blk * kWeightBlock;
+                         const int64_t r1 = std::min(map.n, r0 + kWeightBlock);
+                         backward_block(r0, r1, tsplits, entries, call.args, x, grad_x, dw,
+                                        scratch.slots);
+                     }
+                 });
+}
+
+template <class F, class CellT>
+bool conv_backward_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
+                            const Batch& queries, const F* x, int64_t c_in, const F* grad_y,
+                            int64_t c_out, const F* weight, bool depthwise, F* grad_x,
+                            F* grad_weight, int threads) {
+    check_map(map);
+    require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
+    if (points.n_clouds > 0) {
+        check_batch(points, map.n, "offsets");
+        check_batch(queries, map.m, "query_offsets");
+    }
+    const int64_t n_cells = map.n_cells();
+    if (!backward_by_cloud_applies<F>(map.splits, points, queries, n_cells, c_out)) return false;
+    const BackwardCall<F> call(map, c_in, c_out, grad_y, weight, depthwise, grad_x != nullptr);
+    // A task covers consecutive clouds, in cloud order.
+    const int64_t n_clouds = points.n_clouds;
+    const TaskGroups tasks(n_clouds);
+    std::atomic<bool> outside{false};
+    reduce_tasks(tasks.n_tasks, call.w_size, resolve_threads(threads), grad_weight,
+                 [&](int64_t k, F* dw, BackwardScratch<F>& scratch) {
+        const int64_t b1 = std::min(n_clouds, (k + 1) * tasks.group);
+        for (int64_t b = k * tasks.group; b < b1; ++b) {
+            const int64_t p0 = points.offsets[b], p1 = points.offsets[b + 1];
+            bool inside = true;
+            dispatch_channels(c_out, [&](auto C) {
+                inside = scatter_cloud<decltype(C)::value>(map, p0, p1, queries.offsets[b],
+                                                           queries.offsets[b + 1], grad_y, c_out,
+                                                           call.inv, scratch);
+            });
+            if (!inside) {
+                outside = true;
+                return;
+            }
+            if (grad_x)
+                apply_slots(0, p1 - p0, scratch.slots, n_cells, call.args.weight_t, c_out, c_in,
+                            depthwise, grad_x + p0 * c_in);
+            weight_grad_from_slots(0, scratch.slots, call.args, x + p0 * c_in, dw);
+        }
+    });
+    require(!outside, "kernel map refers to a point outside the query's cloud");
+    return true;
+}
+
 #define PWCONV_INSTANTIATE_CONV(F, C)                                                              \
     template void conv_forward<F, C>(const KernelMapView<C>&, const F*, int64_t, const F*,        \
                                      int64_t, bool, F*, int);                                      \
     template void conv_backward<F, C>(const KernelMapView<C>&, const int64_t*, const int64_t*,    \
                                       int, const F*, int64_t, const F*, int64_t, const F*, bool,  \
-                                      F*, F*, int);
+                                      F*, F*, int);                                               \
+    template bool conv_backward_by_cloud<F, C>(const KernelMapView<C>&, const Batch&,             \
+                                               const Batch&, const F*, int64_t, const F*,          \
+                                               int64_t, const F*, bool, F*, F*, int);
 
 #define PWCONV_INSTANTIATE_CELL(C)                                                                 \
     template void transpose_kernel_map<C>(const KernelMapView<C>&, const Batch&, const Batch&,     \

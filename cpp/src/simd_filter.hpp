@@ -91,6 +91,7 @@ inline int64_t filter_row_scalar(const double* X, const double* Y, const double*
 
 #ifdef PWCONV_X86_SIMD
 
+// A function compiled for AVX-512F, called only where simd_enabled(); conv.cpp uses it too.
 #define PWCONV_AVX512 __attribute__((target("avx512f"))) inline
 
 // In [lo, hi): two independent compares (chains of masked compares are latency-bound).
@@ -251,8 +252,6 @@ PWCONV_AVX512 void sort_short_row_avx512(int64_t* keys, int64_t n) {
     if (n <= 48) return rank_sort_avx512<3>(keys, n);
     return rank_sort_avx512<4>(keys, n);
 }
-
-#undef PWCONV_AVX512
 
 #endif  // PWCONV_X86_SIMD
 

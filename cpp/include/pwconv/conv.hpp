@@ -4,9 +4,10 @@
 // Both passes have the same shape: for every output row, average the source rows of each non-empty
 // kernel cell into a small per-block buffer ("slots"), then apply the cell's matrix.  The backward
 // runs that gather over the *transposed* kernel map (for every point j, the (i, f) pairs with j in
-// Omega_i(f)), so no scatter and no atomics, and takes the weight gradient from the same slots,
-// reduced from fixed-size blocks of points in a fixed order.  Results are bit-identical for every
-// thread count.
+// Omega_i(f)), so no atomics, and takes the weight gradient from the same slots, reduced from
+// fixed-size blocks of points in a fixed order.  Batches of many clouds skip the transposed map:
+// a task fills its clouds' slots from the rows directly, in the gather's order (in cache, one
+// cloud at a time).  Results are bit-identical for every thread count.
 #ifndef PWCONV_CONV_HPP
 #define PWCONV_CONV_HPP
 
@@ -66,6 +67,22 @@ template <class F, class CellT>
 void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, const int64_t* tkeys,
                    int count_bits, const F* x, int64_t c_in, const F* grad_y, int64_t c_out,
                    const F* weight, bool depthwise, F* grad_x, F* grad_weight, int threads);
+
+/// The same gradients for a batch of many clouds, without a transposed map: one cloud at a
+/// time, every entry (i, j, f) of the cloud's rows adds dy_i / n_i(f) to the slot of (j, f) in a
+/// cloud-sized table (rows ascending, so each slot receives the gather's terms in the gather's
+/// order), and the slots, regrouped by point, give dx and dW as in conv_backward.  Runs, and
+/// returns true, for at least 16 clouds each needing at most 32 MiB of scratch (`points` and
+/// `queries`: the map's batches), a choice that depends on the sizes only; returns false,
+/// computing nothing, otherwise (then use conv_backward).  The input gradient equals
+/// conv_backward's bit for bit; the weight gradient is reduced from groups of clouds instead of
+/// blocks of points (in a fixed order too, the same for every thread count).  Throws if a row
+/// refers to a point outside its cloud.
+template <class F, class CellT>
+bool conv_backward_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
+                            const Batch& queries, const F* x, int64_t c_in, const F* grad_y,
+                            int64_t c_out, const F* weight, bool depthwise, F* grad_x,
+                            F* grad_weight, int threads);
 
 }  // namespace pwconv
 
