@@ -81,6 +81,8 @@ cdef extern from "pwconv/kernel_map.hpp" namespace "pwconv" nogil:
     void kernel_map_emit[C](const PairBlocks& pairs, const int64_t* splits, int kernel_size,
                             int64_t* index_e, C* cell_e, int32_t* counts_mf,
                             int threads) except +
+    void kernel_map_counts[C](const int64_t* splits, const C* cell_e, int64_t m,
+                              int kernel_size, int32_t* counts_mf, int threads) except +
 
 
 cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:

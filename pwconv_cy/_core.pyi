@@ -77,10 +77,16 @@ class Pairs:
     def splits(self) -> NDArray[np.int64]: ...
     def emit_radius(self, splits: NDArray[np.int64], threads: int) -> NDArray[np.int64]: ...
     def emit_kernel(
-        self, splits: NDArray[np.int64], cell_dtype: DTypeLike, threads: int
-    ) -> tuple[NDArray[np.int64], NDArray[_Cell], NDArray[np.int32]]: ...
+        self, splits: NDArray[np.int64], cell_dtype: DTypeLike, threads: int,
+        with_counts: bool = True,
+    ) -> tuple[NDArray[np.int64], NDArray[_Cell], NDArray[np.int32] | None]: ...
 
-# The kernel map in CSR form (splits, index, cell, counts) comes first in each of these.
+def kernel_map_counts_(
+    splits: NDArray[np.int64], cell: NDArray[_Cell], kernel_size: int, threads: int,
+) -> NDArray[np.int32]: ...
+
+# The kernel map in CSR form (splits, index, cell, counts) comes first in each of these
+# (counts may be None for conv_forward_ and conv_backward_by_cloud_, which tally them).
 def transpose_map(
     splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
     counts: NDArray[np.int32], n_points: int, kernel_size: int,
@@ -89,7 +95,7 @@ def transpose_map(
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], int]: ...
 def conv_forward_(
     splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
-    counts: NDArray[np.int32], kernel_size: int, x: NDArray[_Real], weight: NDArray[_Real],
+    counts: NDArray[np.int32] | None, kernel_size: int, x: NDArray[_Real], weight: NDArray[_Real],
     c_out: int, depthwise: bool, y: NDArray[_Real], threads: int,
 ) -> None: ...
 def conv_backward_(
@@ -101,7 +107,7 @@ def conv_backward_(
 ) -> None: ...
 def conv_backward_by_cloud_(
     splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
-    counts: NDArray[np.int32], kernel_size: int, offsets: NDArray[np.int64],
+    counts: NDArray[np.int32] | None, kernel_size: int, offsets: NDArray[np.int64],
     query_offsets: NDArray[np.int64], x: NDArray[_Real], grad_y: NDArray[_Real],
     weight: NDArray[_Real], depthwise: bool, grad_x: NDArray[_Real] | None,
     grad_weight: NDArray[_Real], threads: int,

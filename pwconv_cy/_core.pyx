@@ -236,19 +236,24 @@ cdef class Pairs:
                 radius_search_emit(self._blocks, &splits[0], out, threads)
         return index
 
-    def emit_kernel(self, const int64_t[::1] splits, cell_dtype, int threads):
+    def emit_kernel(self, const int64_t[::1] splits, cell_dtype, int threads,
+                    bint with_counts=True):
+        """(index, cell, counts); counts None unless with_counts (kernel_map_counts_ later)."""
         cdef int64_t m = splits.shape[0] - 1
         cdef int64_t total = splits[m]
         cdef int k = self.kernel_size
         index = np.empty(total, dtype=np.int64)
         cell = np.empty(total, dtype=cell_dtype)
-        counts = np.empty((m, k * k * k), dtype=np.int32)
+        counts = np.empty((m, k * k * k), dtype=np.int32) if with_counts else None
         cdef int64_t[::1] idx = index
-        cdef int32_t[:, ::1] cnt = counts
+        cdef int32_t[:, ::1] cnt
         cdef int64_t dummy_i = 0
         cdef int32_t dummy_c = 0
         cdef int64_t* idx_p = &idx[0] if total else &dummy_i
-        cdef int32_t* cnt_p = &cnt[0, 0] if m else &dummy_c
+        cdef int32_t* cnt_p = NULL
+        if with_counts:
+            cnt = counts
+            cnt_p = &cnt[0, 0] if m else &dummy_c
         cdef uint8_t[::1] c8
         cdef int16_t[::1] c16
         cdef int32_t[::1] c32
@@ -298,8 +303,22 @@ cdef inline KernelMapView[cell_t] _map_view(const int64_t[::1] splits, const int
     view.splits = &splits[0]
     view.index = &index[0] if index.shape[0] else NULL
     view.cell = &cell[0] if cell.shape[0] else NULL
-    view.counts = &counts[0, 0] if counts.shape[0] else NULL
+    view.counts = &counts[0, 0] if counts is not None and counts.shape[0] else NULL
     return view
+
+
+def kernel_map_counts_(const int64_t[::1] splits, const cell_t[::1] cell, int kernel_size,
+                       int threads):
+    """counts (m, K^3) int32 of a kernel map: counts[i, f] = entries of row i in cell f."""
+    cdef int64_t m = splits.shape[0] - 1
+    counts = np.empty((m, kernel_size ** 3), dtype=np.int32)
+    cdef int32_t[:, ::1] cnt = counts
+    if m and splits[m]:
+        with nogil:
+            kernel_map_counts(&splits[0], &cell[0], m, kernel_size, &cnt[0, 0], threads)
+    elif m:
+        counts.fill(0)
+    return counts
 
 
 def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,

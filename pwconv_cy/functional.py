@@ -132,8 +132,9 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
         call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
         check_finite)
     y = np.empty((km.n_queries, c_out), dtype=x.dtype)
-    _core.conv_forward_(km.splits, km.index, km.cell, km.counts, k, x, w.reshape(-1), c_out,
-                        bool(depthwise), y, threads)
+    # (the kernel tallies each row's counts: a map made without them keeps them uncomputed)
+    _core.conv_forward_(km.splits, km.index, km.cell, km._stored_counts(), k, x, w.reshape(-1),
+                        c_out, bool(depthwise), y, threads)
     return call.export(y.reshape(*out_dense, c_out) if out_dense is not None else y)
 
 
@@ -186,12 +187,13 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     dy = check_grad_out(call["grad_out"], km.n_queries, c_out, x.dtype, out_dense, check_finite)
     dx = np.empty_like(x) if feats_grad else None
     dw = np.empty(w.size, dtype=x.dtype)
-    # Batches of many clouds transpose the map cloud by cloud on the fly (in cache, nothing
-    # stored); otherwise the gather runs over the (cached) transposed map.
+    # Batches of many clouds collect the sums cloud by cloud straight from the map (in cache,
+    # nothing stored, no counts needed); otherwise the gather runs over the (cached) transposed
+    # map, which needs the counts.
     by_cloud = km.offsets is not None and km.query_offsets is not None and \
-        _core.conv_backward_by_cloud_(km.splits, km.index, km.cell, km.counts, k, km.offsets,
-                                      km.query_offsets, x, dy, w.reshape(-1), bool(depthwise), dx,
-                                      dw, threads)
+        _core.conv_backward_by_cloud_(km.splits, km.index, km.cell, km._stored_counts(), k,
+                                      km.offsets, km.query_offsets, x, dy, w.reshape(-1),
+                                      bool(depthwise), dx, dw, threads)
     if not by_cloud:
         tsplits, tkeys, count_bits = km._transposed_packed(threads or None)
         _core.conv_backward_(km.splits, km.index, km.cell, km.counts, k, tsplits, tkeys,

@@ -85,6 +85,28 @@ def digest_matches(digest: str, points: np.ndarray, offsets: np.ndarray) -> bool
     return cloud_digest(points, offsets) == digest
 
 
+class _LazyCounts:
+    """``KernelMap.counts``: the array given to the constructor, or, for a host map made without
+    it (``counts=None``: the convolution kernels tally each row's cells themselves, so maps are
+    emitted without the (m, K^3) array), computed from ``splits`` and ``cell`` on first access."""
+
+    def __set_name__(self, owner, name):
+        self.key = f"_{name}_stored"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:  # no class-level value: the dataclass field has no default
+            raise AttributeError("counts")
+        value = obj.__dict__.get(self.key)
+        if value is None:
+            value = _core.kernel_map_counts_(obj.splits, obj.cell, obj.kernel_size,
+                                             check_num_threads(None))
+            obj.__dict__[self.key] = value
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.key] = value
+
+
 @dataclass(frozen=True, eq=False)
 class KernelMap:
     """Neighbours of every query point in the K^3 cells of its kernel (SPEC §1).
@@ -98,7 +120,8 @@ class KernelMap:
     cell : (E,) uint8, int16 or int32
         Kernel cell ``f = (kz*K + ky)*K + kx`` of each neighbour (holes excluded).
     counts : (m, K**3) int32
-        ``counts[i, f] = |Omega_i(f)|``, the number of neighbours of i in cell f.
+        ``counts[i, f] = |Omega_i(f)|``, the number of neighbours of i in cell f.  Host maps
+        are made without it and compute it on first access (the operator does not need it).
     voxel_size, kernel_size, dilation
         The geometry the map was built for.
     n_points : int
@@ -113,7 +136,7 @@ class KernelMap:
     splits: np.ndarray
     index: np.ndarray
     cell: np.ndarray
-    counts: np.ndarray
+    counts: np.ndarray = _LazyCounts()  # a descriptor, not a default (see _LazyCounts)
     voxel_size: float
     kernel_size: int
     dilation: int
@@ -134,15 +157,30 @@ class KernelMap:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.splits, self.index, self.cell, self.counts))
+        """Bytes of the four arrays (the counts' included before they are computed)."""
+        counts = self._stored_counts()
+        counts_bytes = 4 * self.n_queries * self.kernel_size ** 3 if counts is None else \
+            counts.nbytes
+        return sum(a.nbytes for a in (self.splits, self.index, self.cell)) + counts_bytes
+
+    def _stored_counts(self):
+        """The counts array if it exists (None for a host map whose counts were not computed)."""
+        return self.__dict__.get("_counts_stored")
 
     def _with_arrays(self, convert) -> KernelMap:
         """The same map with ``convert(array, name)`` applied to splits, index, cell and counts
-        (self when nothing changes).  Both share the cache of the transposed map."""
-        arrays = {n: getattr(self, n) for n in ("splits", "index", "cell", "counts")}
+        (self when nothing changes).  Both share the cache of the transposed map.  Counts not
+        computed yet stay so while nothing changes; a converted map gets them."""
+        names = ("splits", "index", "cell")
+        arrays = {n: getattr(self, n) for n in names}
         changed = {n: convert(a, n) for n, a in arrays.items()}
-        if all(changed[n] is arrays[n] for n in arrays):
+        counts = self._stored_counts()
+        if counts is not None:
+            changed["counts"] = convert(counts, "counts")
+        if all(changed[n] is arrays[n] for n in names) and changed.get("counts") is counts:
             return self
+        if counts is None:
+            changed["counts"] = convert(self.counts, "counts")
         return dataclasses.replace(self, **changed)
 
     def clear_cache(self) -> None:
@@ -343,9 +381,10 @@ class NeighborIndex:
                      budget, "reduce voxel_size, kernel_size or dilation, or split the batch",
                      pairs.complete)
         splits = pairs.splits()
-        index, cell, counts = pairs.emit_kernel(splits, cell_dtype, threads)
+        # No counts: the operator tallies them; KernelMap.counts computes them if asked.
+        index, cell, _ = pairs.emit_kernel(splits, cell_dtype, threads, with_counts=False)
         return call.export(KernelMap(
-            splits=splits, index=index, cell=cell, counts=counts, voxel_size=v, kernel_size=k,
+            splits=splits, index=index, cell=cell, counts=None, voxel_size=v, kernel_size=k,
             dilation=s, n_points=self.n_points, offsets=self._batch.offsets,
             query_offsets=self._batch.offsets if q is None else q_offsets,
             points_digest=self.points_digest,

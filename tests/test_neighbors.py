@@ -329,6 +329,47 @@ def test_non_contiguous_and_other_integer_offsets_give_the_same_map(rng):
     assert_kernel_map_matches(expected, oracles.kernel_map(strided, 0.2, 3, 1, offsets), 3)
 
 
+def test_kernel_map_counts_are_computed_on_first_access_only(rng):
+    """Host maps are emitted without their (m, K^3) counts, which the operator does not need:
+    a forward and a backward leave them uncomputed; the first access computes them (equal to
+    the oracle's), later accesses return the same array; a converted map gets them."""
+    sizes = [60, 0, 45] + [20] * 15  # 18 clouds: the backward by cloud
+    points = np.concatenate([rng.uniform(-1, 1, size=(m, 3)) for m in sizes])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    km = pc.kernel_map(points, 0.3, dilation=2, offsets=offsets)
+    assert km._stored_counts() is None
+    assert km.nbytes == (km.splits.nbytes + km.index.nbytes + km.cell.nbytes
+                         + 4 * km.n_queries * 27)
+    x = rng.standard_normal((len(points), 4))
+    w = rng.standard_normal((3, 3, 3, 4, 2))
+    y = pc.pointwise_conv(points, x, w, 0.3, dilation=2, offsets=offsets, kernel_map=km)
+    pc.pointwise_conv_backward(np.ones_like(y), points, x, w, 0.3, dilation=2, offsets=offsets,
+                               kernel_map=km)
+    assert km._stored_counts() is None
+    assert km._with_arrays(lambda a, _: a) is km  # no conversion: still uncomputed
+    assert km._stored_counts() is None
+    ref = oracles.kernel_map(points, 0.3, 3, 2, offsets)
+    counts = km.counts
+    assert counts.dtype == np.int32 and counts.shape == (km.n_queries, 27)
+    np.testing.assert_array_equal(counts, ref.counts)
+    assert km.counts is counts and km._stored_counts() is counts
+    fresh = pc.kernel_map(points, 0.3, dilation=2, offsets=offsets)
+    copied = fresh._with_arrays(lambda a, _: a.copy())  # a conversion: the copy has its counts
+    np.testing.assert_array_equal(copied._stored_counts(), ref.counts)
+    # the small-batch backward (over the transposed map) computes and uses them
+    km3 = pc.kernel_map(points[:105], 0.3, dilation=2, offsets=offsets[:4])
+    pc.pointwise_conv_backward(np.ones((105, 2)), points[:105], x[:105], w, 0.3, dilation=2,
+                               offsets=offsets[:4], kernel_map=km3)
+    assert km3._stored_counts() is not None
+
+
+@pytest.mark.parametrize("m, empty_rows", [(0, False), (5, True)])
+def test_kernel_map_counts_of_empty_maps_are_zero(m, empty_rows):
+    splits = np.zeros(m + 1, dtype=np.int64)
+    counts = pc._core.kernel_map_counts_(splits, np.zeros(0, dtype=np.uint8), 3, 1)
+    assert counts.shape == (m, 27) and counts.dtype == np.int32 and not counts.any()
+
+
 # --------------------------------------------------------------------------- radius search
 
 @PROPERTY

@@ -40,9 +40,11 @@ struct SlotBuffer {
     std::vector<int64_t> cell_begin;  // (n_cells + 1,) into by_cell
     std::vector<int64_t> row_slot_begin;  // (rows + 1,) slots are created row by row
     int64_t n_slots = 0;
+    std::vector<int32_t> tally;  // (n_cells,) one row's entries per cell; zero between rows
 
     void reset(int64_t rows, int64_t n_cells) {
         if ((int64_t)slot_of.size() < rows * n_cells) slot_of.assign(rows * n_cells, -1);
+        if ((int64_t)tally.size() < n_cells) tally.assign(n_cells, 0);
         cell_begin.assign(n_cells + 1, 0);
         row_slot_begin.resize(rows + 1);
         n_slots = 0;
@@ -122,11 +124,14 @@ void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const Entries& 
     int32_t* slot_cell = buf.slot_cell.data();
     int64_t* cell_begin = buf.cell_begin.data();
     F* sums = buf.sums.data();
+    int32_t* tally = buf.tally.data();
     int64_t n_slots = 0;
     for (int64_t r = r0; r < r1; ++r) {
         buf.row_slot_begin[r - r0] = n_slots;
         int32_t* slot_of = &buf.slot_of[(r - r0) * n_cells];
         std::fill(sums + n_slots * ch, sums + (n_slots + splits[r + 1] - splits[r]) * ch, F(0));
+        if constexpr (Weight::kTally)
+            for (int64_t e = splits[r]; e < splits[r + 1]; ++e) ++tally[entries.cell_of(e)];
         for (int64_t e = splits[r]; e < splits[r + 1]; ++e) {
             const int64_t f = entries.cell_of(e);
             const int32_t old = slot_of[f];
@@ -137,8 +142,15 @@ void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const Entries& 
             slot_cell[s] = (int32_t)f;
             cell_begin[f + 1] += opens;
             n_slots += opens;
-            axpy<A>(ch, weight(r, e, f), src + entries.col(e) * ch, sums + s * ch);
+            F w;
+            if constexpr (Weight::kTally)
+                w = weight(tally, f);
+            else
+                w = weight(r, e, f);
+            axpy<A>(ch, w, src + entries.col(e) * ch, sums + s * ch);
         }
+        if constexpr (Weight::kTally)
+            for (int64_t e = splits[r]; e < splits[r + 1]; ++e) tally[entries.cell_of(e)] = 0;
     }
     buf.n_slots = n_slots;
     buf.row_slot_begin[r1 - r0] = buf.n_slots;
@@ -270,16 +282,19 @@ struct Reciprocals {
     F operator()(int32_t k) const { return k < kSize ? table[k] : F(1) / (F)k; }
 };
 
-template <class F, class CellT>
-struct RowMeanWeight {  // forward map: entry of row r in cell f weighs 1 / n_r(f)
-    const int32_t* counts;
-    int64_t n_cells;
+// Forward map: an entry of row r in cell f weighs 1 / n_r(f), with n_r(f) tallied from the row's
+// cells before its entries are summed (in L1; the map's counts are not read: a map may be made
+// without them, and a row's cells cost less to read than its 27 counts).
+template <class F>
+struct RowMeanWeight {
+    static constexpr bool kTally = true;
     const Reciprocals<F>* inv;
-    F operator()(int64_t r, int64_t, int64_t f) const { return (*inv)(counts[r * n_cells + f]); }
+    F operator()(const int32_t* tally, int64_t f) const { return (*inv)(tally[f]); }
 };
 
 template <class F>
 struct TransposedMeanWeight {  // transposed map: entry (row i, cell f) weighs 1 / n_i(f)
+    static constexpr bool kTally = false;
     const int32_t* counts;
     PackedEntries entries;
     int64_t n_cells;
@@ -371,6 +386,7 @@ void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
     const int64_t n_entries = map.splits[m];
     const int bits = kernel_cell_bits(map.kernel_size);
     require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
+    require(map.counts != nullptr || map.splits[m] == 0, "transpose_kernel_map needs the counts");
     require(m == 0 || ((m - 1) >> (62 - bits - count_bits)) == 0,
             "too many rows to pack with their cells");
     require(points.n_clouds == queries.n_clouds,
@@ -442,7 +458,7 @@ void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, con
     const int64_t n_cells = map.n_cells();
     const Reciprocals<F> inv;
     gather_apply(map.m, map.splits, MapEntries<CellT>{map.index, map.cell}, n_cells, x, c_in,
-                 RowMeanWeight<F, CellT>{map.counts, n_cells, &inv}, weight, c_out, depthwise, y,
+                 RowMeanWeight<F>{&inv}, weight, c_out, depthwise, y,
                  resolve_threads(threads));
 }
 
@@ -575,7 +591,7 @@ struct BackwardScratch {
     SlotBuffer<F> slots;
     // conv_backward_by_cloud: one cloud's (point, cell) table, -1 between clouds, and its slots
     // in the order they open.
-    std::vector<int32_t> slot_of, open_point, open_cell;
+    std::vector<int32_t> slot_of, open_point, open_cell, tally;
     std::vector<F> open_sums;
     std::vector<int64_t> cursor;
 };
@@ -595,6 +611,7 @@ bool scatter_cloud(const KernelMapView<CellT>& map, int64_t p0, int64_t p1, int6
     const int64_t n_b = p1 - p0, n_cells = map.n_cells();
     const int64_t max_slots = map.splits[r1] - map.splits[r0];
     if ((int64_t)scratch.slot_of.size() < n_b * n_cells) scratch.slot_of.assign(n_b * n_cells, -1);
+    if ((int64_t)scratch.tally.size() < n_cells) scratch.tally.assign(n_cells, 0);
     if ((int64_t)scratch.open_point.size() < max_slots) {
         scratch.open_point.resize(max_slots);
         scratch.open_cell.resize(max_slots);
@@ -604,6 +621,7 @@ bool scatter_cloud(const KernelMapView<CellT>& map, int64_t p0, int64_t p1, int6
     int32_t* slot_of = scratch.slot_of.data();
     int32_t* open_point = scratch.open_point.data();
     int32_t* open_cell = scratch.open_cell.data();
+    int32_t* tally = scratch.tally.data();  // n_i(f) of the current row, as RowMeanWeight
     F* sums = scratch.open_sums.data();
     // Whether an entry opens a slot is data-dependent: taken without a branch, as in
     // gather_slots.  The next slot to open is kept zeroed.
@@ -612,8 +630,9 @@ bool scatter_cloud(const KernelMapView<CellT>& map, int64_t p0, int64_t p1, int6
     bool inside = true;
     for (int64_t i = r0; i < r1 && inside; ++i) {
         const F* dy = grad_y + i * c;
-        const int32_t* counts = map.counts + i * n_cells;
-        for (int64_t e = map.splits[i]; e < map.splits[i + 1]; ++e) {
+        const int64_t e0 = map.splits[i], e1 = map.splits[i + 1];
+        for (int64_t e = e0; e < e1; ++e) ++tally[(int64_t)map.cell[e]];
+        for (int64_t e = e0; e < e1; ++e) {
             const int64_t j = map.index[e] - p0;
             if (j < 0 || j >= n_b) {
                 inside = false;
@@ -628,8 +647,9 @@ bool scatter_cloud(const KernelMapView<CellT>& map, int64_t p0, int64_t p1, int6
             open_cell[slot] = (int32_t)f;
             n_slots += opens;
             std::fill(sums + n_slots * c, sums + (n_slots + 1) * c, F(0));
-            axpy<C>(c, inv(counts[f]), dy, sums + slot * c);
+            axpy<C>(c, inv(tally[f]), dy, sums + slot * c);
         }
+        for (int64_t e = e0; e < e1; ++e) tally[(int64_t)map.cell[e]] = 0;
     }
     for (int64_t slot = 0; slot < n_slots; ++slot)
         slot_of[open_point[slot] * n_cells + open_cell[slot]] = -1;
@@ -737,7 +757,8 @@ constexpr int64_t kMinTasks = 64;  // weight-gradient tasks, when there are enou
 struct TaskGroups {
     int64_t group, n_tasks;
     explicit TaskGroups(int64_t n_items)
-        : group(std::max<int64_t>(1, n_items / kMinTasks)), n_tasks((n_items + group - 1) / group) {}
+        : group(std::max<int64_t>(1, n_items / kMinTasks)),
+          n_tasks((n_items + group - 1) / group) {}
 };
 
 // Whether conv_backward_by_cloud runs: enough clouds, none needing more than kCloudScratchBytes
@@ -748,7 +769,8 @@ bool backward_by_cloud_applies(const int64_t* splits, const Batch& points, const
     if (points.n_clouds < kMinClouds || queries.n_clouds != points.n_clouds) return false;
     const double slot_bytes = 2.0 * (c_out * sizeof(F) + 2 * sizeof(int32_t));
     for (int64_t b = 0; b < queries.n_clouds; ++b) {
-        const double entries = (double)(splits[queries.offsets[b + 1]] - splits[queries.offsets[b]]);
+        const int64_t e0 = splits[queries.offsets[b]], e1 = splits[queries.offsets[b + 1]];
+        const double entries = (double)(e1 - e0);
         const double table = (double)(points.offsets[b + 1] - points.offsets[b]) * n_cells * 4.0;
         if (entries * slot_bytes + table > kCloudScratchBytes) return false;
     }
@@ -765,6 +787,7 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
     require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     require(tsplits[map.n] == map.splits[map.m], "transposed map does not match the kernel map");
     require(count_bits >= 0 && count_bits <= kCountBits, "count_bits must be in [0, 16]");
+    require(map.counts != nullptr || map.splits[map.m] == 0, "conv_backward needs the counts");
     const BackwardCall<F> call(map, c_in, c_out, grad_y, weight, depthwise, grad_x != nullptr);
     const PackedEntries entries{tkeys, kernel_cell_bits(map.kernel_size), count_bits};
     // A task covers consecutive blocks of points, in block order.

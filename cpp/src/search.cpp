@@ -652,7 +652,6 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
 template <class CellT>
 void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, int kernel_size,
                      int64_t* index_e, CellT* cell_e, int32_t* counts_mf, int threads) {
-    const int64_t n_cells = (int64_t)kernel_size * kernel_size * kernel_size;
     const int bits = pairs.cell_bits;
     const int64_t mask = (int64_t(1) << bits) - 1;
     for_each_row(pairs, threads, [&](int64_t i, const int64_t* keys, int64_t len) {
@@ -665,7 +664,15 @@ void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, int kernel_
     });
     // The counts in a second pass, in row order: rows of the first pass come in the index's
     // spatial order, and scattered writes of whole count rows cost more than reading the cells.
-    const int64_t m = pairs.n_queries;
+    if (counts_mf)
+        kernel_map_counts(splits, cell_e, pairs.n_queries, kernel_size, counts_mf, threads);
+}
+
+template <class CellT>
+void kernel_map_counts(const int64_t* splits, const CellT* cell_e, int64_t m, int kernel_size,
+                       int32_t* counts_mf, int threads) {
+    require(m >= 0 && kernel_size >= 1, "kernel_map_counts: bad sizes");
+    const int64_t n_cells = (int64_t)kernel_size * kernel_size * kernel_size;
 #pragma omp parallel for schedule(static, 1024) num_threads(resolve_threads(threads))
     for (int64_t i = 0; i < m; ++i) {
         int32_t* counts = counts_mf + i * n_cells;
@@ -682,6 +689,12 @@ template void kernel_map_gather<Grid, double>(const Grid&, const Queries<double>
                                               const KernelSpec&, int64_t, PairBlocks&, int);
 template void kernel_map_gather<KdTree, double>(const KdTree&, const Queries<double>&,
                                                 const KernelSpec&, int64_t, PairBlocks&, int);
+template void kernel_map_counts<uint8_t>(const int64_t*, const uint8_t*, int64_t, int, int32_t*,
+                                         int);
+template void kernel_map_counts<int16_t>(const int64_t*, const int16_t*, int64_t, int, int32_t*,
+                                         int);
+template void kernel_map_counts<int32_t>(const int64_t*, const int32_t*, int64_t, int, int32_t*,
+                                         int);
 template void kernel_map_emit<uint8_t>(const PairBlocks&, const int64_t*, int, int64_t*, uint8_t*,
                                        int32_t*, int);
 template void kernel_map_emit<int16_t>(const PairBlocks&, const int64_t*, int, int64_t*, int16_t*,

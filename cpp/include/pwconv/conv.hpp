@@ -19,7 +19,9 @@ namespace pwconv {
 
 /// A kernel map as produced by kernel_map_emit (not owned).
 /// splits (m + 1,), index (E,) point indices in [0, n), cell (E,) flat cells in [0, K^3),
-/// counts (m, K^3) with counts[i, f] = number of entries of row i in cell f.
+/// counts (m, K^3) with counts[i, f] = number of entries of row i in cell f: needed by
+/// transpose_kernel_map and conv_backward only (null elsewhere is fine: conv_forward and
+/// conv_backward_by_cloud tally each row's cells as they go).
 template <class CellT>
 struct KernelMapView {
     int64_t m = 0;  ///< rows (query points)
