@@ -1,5 +1,5 @@
 # Declarations of the C++ core (cpp/include/pwconv).  Translation only: no logic here.
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint64_t
 from libcpp cimport bool as cbool
 
 
@@ -13,6 +13,7 @@ cdef extern from "pwconv/common.hpp" namespace "pwconv" nogil:
     cbool simd_available()
     cbool simd_enabled()
     cbool set_simd_enabled(cbool enabled)
+    uint64_t fingerprint(const void* data, int64_t nbytes, int threads) except +
 
     cbool interrupt_requested()
     void request_interrupt()

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 
 from cython.operator cimport dereference as deref
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint64_t
 from libcpp.memory cimport unique_ptr, make_unique
 
 # The declarations come from _core.pxd (cimported implicitly).
@@ -39,6 +39,14 @@ def omp_default_threads():
     """The OpenMP default thread count (honours OMP_NUM_THREADS and threadpoolctl)."""
     return default_threads()
 
+
+def fingerprint_(const uint8_t[::1] data, int threads):
+    """A 64-bit fingerprint of the bytes (see fingerprint in common.hpp): int."""
+    cdef int64_t n = data.shape[0]
+    cdef uint64_t h
+    with nogil:
+        h = fingerprint(&data[0] if n else NULL, n, threads)
+    return h
 
 def simd_state():
     """(available, enabled) of the kernel map's AVX-512 candidate filters."""

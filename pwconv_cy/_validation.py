@@ -42,18 +42,30 @@ class PointBatch(NamedTuple):
     dense_shape: tuple | None  # (B, n_per_cloud) when given in the dense (B, n, 3) form
 
 
-def _check_coordinates(arr: np.ndarray, name: str) -> np.ndarray:
+def _check_coordinates(arr: np.ndarray, name: str, finite: bool = True) -> np.ndarray:
     if arr.dtype.kind not in "f" or arr.dtype.itemsize not in (2, 4, 8):
         raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), "
                         f"got {arr.dtype}")
     if arr.dtype == np.float16:
         arr = arr.astype(np.float32)  # exact
     arr = np.ascontiguousarray(arr)
+    if finite:
+        check_finite_coordinates(arr, name)
+    return arr
+
+
+def check_finite_coordinates(arr: np.ndarray, name: str) -> None:
+    """Raise ValueError naming the first row of `arr` (n, 3) with a NaN or infinite value."""
     if arr.size and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr.reshape(-1, 3)).all(axis=1))[0, 0]
         raise ValueError(f"{name} must be finite, got NaN or infinite coordinates "
                          f"(first at row {bad}: {arr.reshape(-1, 3)[bad].tolist()})")
-    return arr
+
+
+def coordinates_unchecked_for_finiteness(arr: np.ndarray, name: str) -> np.ndarray:
+    """_check_coordinates without the finiteness scan: for points a kernel map's digest will
+    be compared with (equal to the map's points, which were checked when it was built)."""
+    return _check_coordinates(arr, name, finite=False)
 
 
 def check_offsets(offsets, n: int, name: str = "offsets", what: str = "points") -> np.ndarray:

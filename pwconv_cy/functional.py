@@ -13,6 +13,7 @@ from pwconv_cy._validation import (
     check_choice,
     check_dilation,
     check_features,
+    check_finite_coordinates,
     check_grad_out,
     check_map_matches,
     check_num_threads,
@@ -20,6 +21,7 @@ from pwconv_cy._validation import (
     check_positive,
     check_queries,
     check_weight,
+    coordinates_unchecked_for_finiteness,
 )
 from pwconv_cy.neighbors import METHODS, KernelMap, NeighborIndex, digest_matches
 
@@ -52,9 +54,14 @@ def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offset
         raise TypeError(f"kernel_map must be a pwconv_cy.KernelMap (from pwconv_cy.kernel_map or "
                         f"NeighborIndex.kernel_map), got {type(kernel_map).__name__}")
     km = kernel_map
+    def same_points():
+        if digest_matches(km.points_digest, batch.points, batch.offsets):
+            return True  # the map's points, checked finite when it was built
+        check_finite_coordinates(batch.points, "points")  # NaN: say so, not "other points"
+        return False
+
     check_map_matches(
-        km, voxel_size, kernel_size, dilation, batch, q,
-        same_points=lambda: digest_matches(km.points_digest, batch.points, batch.offsets),
+        km, voxel_size, kernel_size, dilation, batch, q, same_points=same_points,
         same_queries=lambda: (km.queries_digest is None) == (q is None) and (
             q is None or digest_matches(km.queries_digest, q, q_offsets)))
     return km, out_dense
@@ -62,7 +69,10 @@ def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offset
 
 def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
              kernel_map, depthwise, method, num_threads, check_finite):
-    batch = check_points(points, offsets)
+    # With a kernel map, the points only have to be the map's (compared by digest): their
+    # finiteness was checked when the map was built, and is checked again only on a mismatch.
+    batch = (check_points(points, offsets) if kernel_map is None else
+             check_points(points, offsets, coordinates=coordinates_unchecked_for_finiteness))
     v = check_positive(voxel_size, "voxel_size")
     s = check_dilation(dilation)
     threads = check_num_threads(num_threads)

@@ -13,7 +13,7 @@ callback, whose errors JAX reports as ``JaxRuntimeError`` carrying the same mess
 
 The kernel map is built by the forward callback and reused by the backward callback of the same
 points, and by later calls on them (a small cache of :data:`MAP_CACHE_SIZE` entries, keyed by the
-geometry and a CRC-32 of the coordinates, a hit compared in full), or passed in as a Python constant (``kernel_map=``, e.g. for a fixed cloud; it is then
+geometry and a 64-bit hash of the coordinates, a hit compared in full), or passed in as a Python constant (``kernel_map=``, e.g. for a fixed cloud; it is then
 part of the traced function, so a new map means a new trace).  There is no gradient with respect to
 the coordinates (SPEC §1): differentiating with respect to ``points`` or ``queries`` raises instead
 of returning a silent zero.  ``num_threads`` follows the package's one rule, applied in the
@@ -165,8 +165,8 @@ class _Config:
 
 
 def _map_key(cfg: _Config, kernel_size: int, points, offsets, queries, query_offsets):
-    """(dict key: CRC-32 digests and the geometry, the arrays themselves): a hit must match the
-    arrays exactly, so that a CRC collision can never hand back another cloud's map."""
+    """(dict key: the digests (64-bit hashes) and the geometry, the arrays themselves): a hit must
+    match the arrays exactly, so that a hash collision can never hand back another cloud's map."""
     def digest(coords, offs):
         offs = np.zeros(0, np.int64) if offs is None else np.asarray(offs, dtype=np.int64)
         return _neighbors.cloud_digest(np.ascontiguousarray(coords), offs)

@@ -862,6 +862,23 @@ def test_kernel_map_for_subtly_other_points_raises(change):
         pointwise_conv(other, x, w, 0.1, kernel_map=km)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_points_with_a_kernel_map_raise_as_non_finite(value):
+    """With a kernel map the points are compared by digest instead of being scanned for NaN
+    (the map's own points were scanned); non-finite points still get the finiteness error,
+    naming the row, not a mismatch."""
+    rng = np.random.default_rng(6)
+    points = rng.random((300, 3))
+    km = pwconv_cy.kernel_map(points, 0.1)
+    bad = points.copy()
+    bad[17, 1] = value
+    x, w = rng.standard_normal((300, 2)), rng.standard_normal((3, 3, 3, 2, 2))
+    for call in (lambda: pointwise_conv(bad, x, w, 0.1, kernel_map=km),
+                 lambda: pointwise_conv_backward(np.ones((300, 2)), bad, x, w, 0.1,
+                                                 kernel_map=km)):
+        with pytest.raises(ValueError, match=r"points must be finite.*first at row 17"):
+            call()
+
 def test_kernel_map_of_wrong_type_raises(rng):
     points = rng.random((10, 3))
     with pytest.raises(TypeError, match="kernel_map must be a pwconv_cy.KernelMap"):

@@ -363,6 +363,27 @@ def test_kernel_map_counts_are_computed_on_first_access_only(rng):
     assert km3._stored_counts() is not None
 
 
+def test_points_fingerprint_sees_every_byte_where_it_is_and_not_the_threads(rng):
+    """The 64-bit hash behind a kernel map's points digest: the same at 1, 2 and 3 threads (fixed
+    chunks of 256 KiB), changed by any flipped bit (chunk starts, ends, tails), by swapping two
+    words, and by the length."""
+    chunk = 1 << 18
+    data = rng.integers(0, 256, size=2 * chunk + 77, dtype=np.uint8)  # two chunks and a tail
+    base = pc._core.fingerprint_(data, 1)
+    assert all(pc._core.fingerprint_(data, t) == base for t in (2, 3))
+    for pos in [0, 7, 31, 32, chunk - 1, chunk, 2 * chunk, len(data) - 1,
+                *rng.integers(0, len(data), 20)]:
+        for bit in (0, 7):
+            flipped = data.copy()
+            flipped[pos] ^= 1 << bit
+            assert pc._core.fingerprint_(flipped, 2) != base, (pos, bit)
+    swapped = data.copy()
+    swapped[:8], swapped[8:16] = data[8:16], data[:8]
+    assert pc._core.fingerprint_(swapped, 2) != base
+    assert pc._core.fingerprint_(data[:-1], 2) != base
+    assert pc._core.fingerprint_(np.zeros(0, np.uint8), 1) == pc._core.fingerprint_(
+        np.zeros(0, np.uint8), 2)
+
 @pytest.mark.parametrize("m, empty_rows", [(0, False), (5, True)])
 def test_kernel_map_counts_of_empty_maps_are_zero(m, empty_rows):
     splits = np.zeros(m + 1, dtype=np.int64)

@@ -36,6 +36,12 @@ bool simd_enabled();
 /// Throws std::invalid_argument unless offsets is a valid row-split array ending at n.
 void check_batch(const Batch& batch, int64_t n, const char* name);
 
+/// A 64-bit fingerprint of nbytes of data: every byte counts, and where it is.  The data is cut
+/// into fixed chunks hashed in parallel and combined in order, so the value does not depend on
+/// the thread count (it does on the byte order of the machine).  Not cryptographic: it tells
+/// whether a batch of points is the one a kernel map was built for.
+uint64_t fingerprint(const void* data, int64_t nbytes, int threads);
+
 /// Throws std::invalid_argument with `what` when cond is false.  Takes a C string so that a
 /// check inside a loop builds no message unless it fails.
 inline void require(bool cond, const char* what) {
