@@ -79,40 +79,40 @@ cdef extern from "pwconv/kernel_map.hpp" namespace "pwconv" nogil:
     void kernel_map_gather[I, T](const I& index, const Queries[T]& queries,
                                  const KernelSpec& spec, int64_t max_pairs, PairBlocks& out,
                                  int threads) except +
-    void kernel_map_emit[C](const PairBlocks& pairs, const int64_t* splits, int kernel_size,
-                            int64_t* index_e, C* cell_e, int32_t* counts_mf,
-                            int threads) except +
+    void kernel_map_emit[C, I](const PairBlocks& pairs, const int64_t* splits, int kernel_size,
+                               I* index_e, C* cell_e, int32_t* counts_mf,
+                               int threads) except +
     void kernel_map_counts[C](const int64_t* splits, const C* cell_e, int64_t m,
                               int kernel_size, int32_t* counts_mf, int threads) except +
 
 
 cdef extern from "pwconv/conv.hpp" namespace "pwconv" nogil:
-    cdef cppclass KernelMapView[C]:
+    cdef cppclass KernelMapView[C, I]:
         int64_t m
         int64_t n
         int kernel_size
         const int64_t* splits
-        const int64_t* index
+        const I* index
         const C* cell
         const int32_t* counts
 
-    void transpose_kernel_map[C](const KernelMapView[C]& map, const Batch& points,
-                                 const Batch& queries, int count_bits, int64_t* tsplits,
-                                 int64_t* tkeys, int threads) except +
+    void transpose_kernel_map[C, I](const KernelMapView[C, I]& map, const Batch& points,
+                                    const Batch& queries, int count_bits, int64_t* tsplits,
+                                    int64_t* tkeys, int threads) except +
     int transposed_count_bits(int64_t m, int kernel_size)
-    void conv_forward[F, C](const KernelMapView[C]& map, const F* x, int64_t c_in,
-                            const F* weight, int64_t c_out, cbool depthwise, F* y,
-                            int threads) except +
-    void conv_backward[F, C](const KernelMapView[C]& map, const int64_t* tsplits,
-                             const int64_t* tkeys, int count_bits, const F* x,
-                             int64_t c_in, const F* grad_y,
-                             int64_t c_out, const F* weight, cbool depthwise, F* grad_x,
-                             F* grad_weight, int threads) except +
-    cbool conv_backward_by_cloud[F, C](const KernelMapView[C]& map, const Batch& points,
-                                       const Batch& queries, const F* x, int64_t c_in,
-                                       const F* grad_y, int64_t c_out, const F* weight,
-                                       cbool depthwise, F* grad_x, F* grad_weight,
-                                       int threads) except +
+    void conv_forward[F, C, I](const KernelMapView[C, I]& map, const F* x, int64_t c_in,
+                               const F* weight, int64_t c_out, cbool depthwise, F* y,
+                               int threads) except +
+    void conv_backward[F, C, I](const KernelMapView[C, I]& map, const int64_t* tsplits,
+                                const int64_t* tkeys, int count_bits, const F* x,
+                                int64_t c_in, const F* grad_y,
+                                int64_t c_out, const F* weight, cbool depthwise, F* grad_x,
+                                F* grad_weight, int threads) except +
+    cbool conv_backward_by_cloud[F, C, I](const KernelMapView[C, I]& map, const Batch& points,
+                                          const Batch& queries, const F* x, int64_t c_in,
+                                          const F* grad_y, int64_t c_out, const F* weight,
+                                          cbool depthwise, F* grad_x, F* grad_weight,
+                                          int threads) except +
 
 
 cdef extern from "pwconv/optim.hpp" namespace "pwconv" nogil:

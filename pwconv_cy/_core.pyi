@@ -11,6 +11,7 @@ from typing_extensions import Self, TypeAlias
 
 _Real: TypeAlias = np.float32 | np.float64
 _Cell: TypeAlias = np.uint8 | np.int16 | np.int32
+_Index: TypeAlias = np.int32 | np.int64
 
 COMPILER: bytes
 """Compiler id and version of the build, e.g. b"GNU 12.2.0"."""
@@ -79,8 +80,8 @@ class Pairs:
     def emit_radius(self, splits: NDArray[np.int64], threads: int) -> NDArray[np.int64]: ...
     def emit_kernel(
         self, splits: NDArray[np.int64], cell_dtype: DTypeLike, threads: int,
-        with_counts: bool = True,
-    ) -> tuple[NDArray[np.int64], NDArray[_Cell], NDArray[np.int32] | None]: ...
+        with_counts: bool = True, index_dtype: DTypeLike = np.int64,
+    ) -> tuple[NDArray[_Index], NDArray[_Cell], NDArray[np.int32] | None]: ...
 
 def kernel_map_counts_(
     splits: NDArray[np.int64], cell: NDArray[_Cell], kernel_size: int, threads: int,
@@ -89,25 +90,25 @@ def kernel_map_counts_(
 # The kernel map in CSR form (splits, index, cell, counts) comes first in each of these
 # (counts may be None for conv_forward_ and conv_backward_by_cloud_, which tally them).
 def transpose_map(
-    splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
+    splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell],
     counts: NDArray[np.int32], n_points: int, kernel_size: int,
     offsets: NDArray[np.int64] | None, query_offsets: NDArray[np.int64] | None,
     with_counts: bool, threads: int,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], int]: ...
 def conv_forward_(
-    splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
+    splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell],
     counts: NDArray[np.int32] | None, kernel_size: int, x: NDArray[_Real], weight: NDArray[_Real],
     c_out: int, depthwise: bool, y: NDArray[_Real], threads: int,
 ) -> None: ...
 def conv_backward_(
-    splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
+    splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell],
     counts: NDArray[np.int32], kernel_size: int, tsplits: NDArray[np.int64],
     tkeys: NDArray[np.int64], count_bits: int, x: NDArray[_Real],
     grad_y: NDArray[_Real], weight: NDArray[_Real], depthwise: bool,
     grad_x: NDArray[_Real] | None, grad_weight: NDArray[_Real], threads: int,
 ) -> None: ...
 def conv_backward_by_cloud_(
-    splits: NDArray[np.int64], index: NDArray[np.int64], cell: NDArray[_Cell],
+    splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell],
     counts: NDArray[np.int32] | None, kernel_size: int, offsets: NDArray[np.int64],
     query_offsets: NDArray[np.int64], x: NDArray[_Real], grad_y: NDArray[_Real],
     weight: NDArray[_Real], depthwise: bool, grad_x: NDArray[_Real] | None,

@@ -245,46 +245,16 @@ cdef class Pairs:
         return index
 
     def emit_kernel(self, const int64_t[::1] splits, cell_dtype, int threads,
-                    bint with_counts=True):
-        """(index, cell, counts); counts None unless with_counts (kernel_map_counts_ later)."""
+                    bint with_counts=True, index_dtype=np.int64):
+        """(index, cell, counts): index of index_dtype (int32 for maps of fewer than 2**31
+        points, or int64); counts None unless with_counts (kernel_map_counts_ later)."""
         cdef int64_t m = splits.shape[0] - 1
         cdef int64_t total = splits[m]
         cdef int k = self.kernel_size
-        index = np.empty(total, dtype=np.int64)
+        index = np.empty(total, dtype=index_dtype)
         cell = np.empty(total, dtype=cell_dtype)
         counts = np.empty((m, k * k * k), dtype=np.int32) if with_counts else None
-        cdef int64_t[::1] idx = index
-        cdef int32_t[:, ::1] cnt
-        cdef int64_t dummy_i = 0
-        cdef int32_t dummy_c = 0
-        cdef int64_t* idx_p = &idx[0] if total else &dummy_i
-        cdef int32_t* cnt_p = NULL
-        if with_counts:
-            cnt = counts
-            cnt_p = &cnt[0, 0] if m else &dummy_c
-        cdef uint8_t[::1] c8
-        cdef int16_t[::1] c16
-        cdef int32_t[::1] c32
-        cdef uint8_t d8 = 0
-        cdef int16_t d16 = 0
-        if cell.dtype == np.uint8:
-            c8 = cell
-            with interruptible():
-                with nogil:
-                    kernel_map_emit[uint8_t](self._blocks, &splits[0], k, idx_p,
-                                             &c8[0] if total else &d8, cnt_p, threads)
-        elif cell.dtype == np.int16:
-            c16 = cell
-            with interruptible():
-                with nogil:
-                    kernel_map_emit[int16_t](self._blocks, &splits[0], k, idx_p,
-                                             &c16[0] if total else &d16, cnt_p, threads)
-        else:
-            c32 = cell
-            with interruptible():
-                with nogil:
-                    kernel_map_emit[int32_t](self._blocks, &splits[0], k, idx_p,
-                                             &c32[0] if total else &dummy_c, cnt_p, threads)
+        _emit_kernel(self, splits, k, index, cell, counts, threads)
         return index, cell, counts
 
 
@@ -300,11 +270,34 @@ ctypedef fused cell_t:
     int32_t
 
 
-cdef inline KernelMapView[cell_t] _map_view(const int64_t[::1] splits, const int64_t[::1] index,
-                                            const cell_t[::1] cell,
-                                            const int32_t[:, ::1] counts, int64_t n_points,
-                                            int kernel_size):
-    cdef KernelMapView[cell_t] view
+ctypedef fused index_t:
+    int32_t
+    int64_t
+
+
+def _emit_kernel(Pairs pairs, const int64_t[::1] splits, int k, index_t[::1] index,
+                 cell_t[::1] cell, int32_t[:, ::1] counts, int threads):
+    """kernel_map_emit into index (int32 or int64), cell (uint8, int16 or int32) and counts
+    (or None: not written)."""
+    cdef int64_t total = index.shape[0]
+    cdef index_t dummy_i = 0
+    cdef cell_t dummy_c = 0
+    cdef int32_t dummy_n = 0
+    cdef int32_t* cnt_p = NULL
+    if counts is not None:
+        cnt_p = &counts[0, 0] if counts.shape[0] else &dummy_n
+    with interruptible():
+        with nogil:
+            kernel_map_emit(pairs._blocks, &splits[0], k, &index[0] if total else &dummy_i,
+                            &cell[0] if total else &dummy_c, cnt_p, threads)
+
+
+cdef inline KernelMapView[cell_t, index_t] _map_view(const int64_t[::1] splits,
+                                                     const index_t[::1] index,
+                                                     const cell_t[::1] cell,
+                                                     const int32_t[:, ::1] counts,
+                                                     int64_t n_points, int kernel_size):
+    cdef KernelMapView[cell_t, index_t] view
     view.m = splits.shape[0] - 1
     view.n = n_points
     view.kernel_size = kernel_size
@@ -329,14 +322,15 @@ def kernel_map_counts_(const int64_t[::1] splits, const cell_t[::1] cell, int ke
     return counts
 
 
-def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
+def transpose_map(const int64_t[::1] splits, const index_t[::1] index, const cell_t[::1] cell,
                   const int32_t[:, ::1] counts, int64_t n_points, int kernel_size,
                   const int64_t[::1] offsets, const int64_t[::1] query_offsets, bint with_counts,
                   int threads):
     """Transposed kernel map: (tsplits (n+1,), tkeys (E,), count_bits) with
     tkeys = ((row << bits | cell) << count_bits) | min(count, 2**count_bits - 1); count_bits 0
     unless with_counts.  offsets and query_offsets: the map's batches (or None)."""
-    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, n_points, kernel_size)
+    cdef KernelMapView[cell_t, index_t] view = _map_view(splits, index, cell, counts, n_points,
+                                                         kernel_size)
     cdef int64_t n_entries = index.shape[0]
     cdef int count_bits = 0
     if with_counts:
@@ -356,12 +350,12 @@ def transpose_map(const int64_t[::1] splits, const int64_t[::1] index, const cel
     return tsplits, tkeys, count_bits
 
 
-def conv_forward_(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
+def conv_forward_(const int64_t[::1] splits, const index_t[::1] index, const cell_t[::1] cell,
                   const int32_t[:, ::1] counts, int kernel_size, const real_t[:, ::1] x,
                   const real_t[::1] weight, int64_t c_out, bint depthwise, real_t[:, ::1] y,
                   int threads):
     """y (m, c_out) = pointwise convolution of x (n, c_in) with the flattened weight."""
-    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
+    cdef KernelMapView[cell_t, index_t] view = _map_view(splits, index, cell, counts, x.shape[0],
                                                 kernel_size)
     with interruptible():
         with nogil:
@@ -369,7 +363,7 @@ def conv_forward_(const int64_t[::1] splits, const int64_t[::1] index, const cel
                          depthwise, &y[0, 0] if y.shape[0] else NULL, threads)
 
 
-def conv_backward_(const int64_t[::1] splits, const int64_t[::1] index, const cell_t[::1] cell,
+def conv_backward_(const int64_t[::1] splits, const index_t[::1] index, const cell_t[::1] cell,
                    const int32_t[:, ::1] counts, int kernel_size, const int64_t[::1] tsplits,
                    const int64_t[::1] tkeys, int count_bits,
                    const real_t[:, ::1] x, const real_t[:, ::1] grad_y,
@@ -377,7 +371,7 @@ def conv_backward_(const int64_t[::1] splits, const int64_t[::1] index, const ce
                    real_t[::1] grad_weight, int threads):
     """grad_x (n, c_in) (or None: not computed) and grad_weight (flattened like the weight) from
     x (n, c_in) and grad_y (m, c_out), over the transposed map (keys with count_bits)."""
-    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
+    cdef KernelMapView[cell_t, index_t] view = _map_view(splits, index, cell, counts, x.shape[0],
                                                 kernel_size)
     cdef real_t* gx = NULL
     if grad_x is not None and grad_x.shape[0]:
@@ -391,7 +385,7 @@ def conv_backward_(const int64_t[::1] splits, const int64_t[::1] index, const ce
 
 
 
-def conv_backward_by_cloud_(const int64_t[::1] splits, const int64_t[::1] index,
+def conv_backward_by_cloud_(const int64_t[::1] splits, const index_t[::1] index,
                             const cell_t[::1] cell, const int32_t[:, ::1] counts, int kernel_size,
                             const int64_t[::1] offsets, const int64_t[::1] query_offsets,
                             const real_t[:, ::1] x, const real_t[:, ::1] grad_y,
@@ -400,7 +394,7 @@ def conv_backward_by_cloud_(const int64_t[::1] splits, const int64_t[::1] index,
     """As conv_backward_, transposing the map cloud by cloud on the fly (offsets, query_offsets:
     the map's batches).  Returns False, computing nothing, where that path does not apply
     (fewer than 16 clouds, or a cloud too large): then call conv_backward_."""
-    cdef KernelMapView[cell_t] view = _map_view(splits, index, cell, counts, x.shape[0],
+    cdef KernelMapView[cell_t, index_t] view = _map_view(splits, index, cell, counts, x.shape[0],
                                                 kernel_size)
     cdef Batch points = _batch(offsets)
     cdef Batch queries = _batch(query_offsets)

@@ -109,6 +109,26 @@ class _LazyCounts:
         obj.__dict__[self.key] = value
 
 
+class _WideIndex:
+    """``KernelMap.index``: int64, as documented.  A host map stores it as int32 when its points
+    number fewer than 2**31 (half the bytes to write and to read; the kernels take either), and
+    widens it on first access: the int64 copy then replaces the int32 one (never both held)."""
+
+    def __set_name__(self, owner, name):
+        self.key = f"_{name}_stored"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:  # no class-level value: the dataclass field has no default
+            raise AttributeError("index")
+        stored = obj.__dict__[self.key]
+        if getattr(stored, "dtype", None) == np.int32:
+            stored = obj.__dict__[self.key] = stored.astype(np.int64)
+        return stored
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.key] = value
+
+
 @dataclass(frozen=True, eq=False)
 class KernelMap:
     """Neighbours of every query point in the K^3 cells of its kernel (SPEC §1).
@@ -136,7 +156,7 @@ class KernelMap:
     """
 
     splits: np.ndarray
-    index: np.ndarray
+    index: np.ndarray = _WideIndex()  # a descriptor, not a default (see _WideIndex)
     cell: np.ndarray
     counts: np.ndarray = _LazyCounts()  # a descriptor, not a default (see _LazyCounts)
     voxel_size: float
@@ -163,7 +183,12 @@ class KernelMap:
         counts = self._stored_counts()
         counts_bytes = 4 * self.n_queries * self.kernel_size ** 3 if counts is None else \
             counts.nbytes
-        return sum(a.nbytes for a in (self.splits, self.index, self.cell)) + counts_bytes
+        return sum(a.nbytes for a in (self.splits, self._stored_index(), self.cell)) + \
+            counts_bytes
+
+    def _stored_index(self):
+        """The index as stored: int32 for a host map of fewer than 2**31 points, else int64."""
+        return self.__dict__["_index_stored"]
 
     def _stored_counts(self):
         """The counts array if it exists (None for a host map whose counts were not computed)."""
@@ -174,13 +199,15 @@ class KernelMap:
         (self when nothing changes).  Both share the cache of the transposed map.  Counts not
         computed yet stay so while nothing changes; a converted map gets them."""
         names = ("splits", "index", "cell")
-        arrays = {n: getattr(self, n) for n in names}
+        arrays = {"splits": self.splits, "index": self._stored_index(), "cell": self.cell}
         changed = {n: convert(a, n) for n, a in arrays.items()}
         counts = self._stored_counts()
         if counts is not None:
             changed["counts"] = convert(counts, "counts")
         if all(changed[n] is arrays[n] for n in names) and changed.get("counts") is counts:
             return self
+        if getattr(arrays["index"], "dtype", None) == np.int32:  # others get the int64 index
+            changed["index"] = convert(arrays["index"].astype(np.int64), "index")
         if counts is None:
             changed["counts"] = convert(self.counts, "counts")
         return dataclasses.replace(self, **changed)
@@ -212,7 +239,8 @@ class KernelMap:
         gather reads its weights in order.  Cached."""
         if "host_transposed" not in self._cache:
             self._cache["host_transposed"] = _core.transpose_map(
-                self.splits, self.index, self.cell, self.counts, self.n_points, self.kernel_size,
+                self.splits, self._stored_index(), self.cell, self.counts, self.n_points,
+                self.kernel_size,
                 self.offsets, self.query_offsets, True, check_num_threads(num_threads))
         return self._cache["host_transposed"]
 
@@ -384,7 +412,9 @@ class NeighborIndex:
                      pairs.complete)
         splits = pairs.splits()
         # No counts: the operator tallies them; KernelMap.counts computes them if asked.
-        index, cell, _ = pairs.emit_kernel(splits, cell_dtype, threads, with_counts=False)
+        index, cell, _ = pairs.emit_kernel(
+            splits, cell_dtype, threads, with_counts=False,
+            index_dtype=np.int32 if self.n_points < 2**31 else np.int64)
         return call.export(KernelMap(
             splits=splits, index=index, cell=cell, counts=None, voxel_size=v, kernel_size=k,
             dilation=s, n_points=self.n_points, offsets=self._batch.offsets,

@@ -338,7 +338,8 @@ def test_kernel_map_counts_are_computed_on_first_access_only(rng):
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     km = pc.kernel_map(points, 0.3, dilation=2, offsets=offsets)
     assert km._stored_counts() is None
-    assert km.nbytes == (km.splits.nbytes + km.index.nbytes + km.cell.nbytes
+    assert km._stored_index().dtype == np.int32  # fewer than 2**31 points: stored narrow
+    assert km.nbytes == (km.splits.nbytes + 4 * km.n_pairs + km.cell.nbytes
                          + 4 * km.n_queries * 27)
     x = rng.standard_normal((len(points), 4))
     w = rng.standard_normal((3, 3, 3, 4, 2))
@@ -383,6 +384,35 @@ def test_points_fingerprint_sees_every_byte_where_it_is_and_not_the_threads(rng)
     assert pc._core.fingerprint_(data[:-1], 2) != base
     assert pc._core.fingerprint_(np.zeros(0, np.uint8), 1) == pc._core.fingerprint_(
         np.zeros(0, np.uint8), 2)
+
+def test_kernel_map_index_is_int64_and_stored_as_int32(rng):
+    """Host maps of fewer than 2**31 points store their index in 32 bits (the kernels take it
+    as it is); KernelMap.index is the documented int64, widened on first access (the int64 copy
+    replaces the int32 one); a map of a converted kind gets int64."""
+    points = rng.uniform(-1, 1, size=(500, 3))
+    km = pc.kernel_map(points, 0.3)
+    wide = pc.kernel_map(points, 0.3)
+    stored = km._stored_index()
+    assert stored.dtype == np.int32 and km.nbytes == wide.nbytes
+    copied = km._with_arrays(lambda a, _: a.copy())
+    assert copied._stored_index().dtype == np.int64
+    assert km._stored_index() is stored  # converting did not widen the original
+    index = wide.index
+    assert index.dtype == np.int64 and wide.index is index and wide._stored_index() is index
+    assert wide.nbytes == km.nbytes + 4 * km.n_pairs
+    np.testing.assert_array_equal(index, stored)
+    np.testing.assert_array_equal(index, oracles.kernel_map(points, 0.3, 3, 1).index)
+    x = rng.standard_normal((500, 2))
+    w = rng.standard_normal((3, 3, 3, 2, 2))
+    # the int64 and int32 maps give the same results
+    assert wide._stored_index().dtype == np.int64
+    for a, b in zip(
+            (pc.pointwise_conv(points, x, w, 0.3, kernel_map=km),
+             *pc.pointwise_conv_backward(np.ones((500, 2)), points, x, w, 0.3, kernel_map=km)),
+            (pc.pointwise_conv(points, x, w, 0.3, kernel_map=wide),
+             *pc.pointwise_conv_backward(np.ones((500, 2)), points, x, w, 0.3,
+                                         kernel_map=wide))):
+        assert np.array_equal(a, b)
 
 @pytest.mark.parametrize("m, empty_rows", [(0, False), (5, True)])
 def test_kernel_map_counts_of_empty_maps_are_zero(m, empty_rows):

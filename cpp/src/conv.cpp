@@ -21,8 +21,8 @@ constexpr double kWaveBytes = 64.0 * 1024 * 1024;  // partial sums held at once 
 constexpr int64_t kMinClouds = 16;
 constexpr double kCloudScratchBytes = 32.0 * 1024 * 1024;
 
-template <class CellT>
-void check_map(const KernelMapView<CellT>& map) {
+template <class CellT, class IndexT>
+void check_map(const KernelMapView<CellT, IndexT>& map) {
     require(map.m >= 0 && map.n >= 0, "kernel map sizes must be non-negative");
     require(map.kernel_size >= 1 && map.kernel_size % 2 == 1, "kernel_size must be odd and >= 1");
     require(map.splits != nullptr && map.splits[0] == 0, "kernel map splits must start at 0");
@@ -85,9 +85,9 @@ inline void dispatch_channels(int64_t ch, Fn&& fn) {
 // Sums w(row, e, f) * src[col[e]] per (row, cell) for rows [r0, r1) into buf's slots, then groups
 // the slots by cell.  Entries are visited in CSR order: the summation order is fixed.
 // Entries of a kernel map: point index and cell of entry e.
-template <class CellT>
+template <class CellT, class IndexT>
 struct MapEntries {
-    const int64_t* index;
+    const IndexT* index;
     const CellT* cell;
     int64_t col(int64_t e) const { return index[e]; }
     int64_t cell_of(int64_t e) const { return (int64_t)cell[e]; }
@@ -311,9 +311,9 @@ struct TransposedMeanWeight {  // transposed map: entry (row i, cell f) weighs 1
 constexpr int kCountBits = 16;
 
 // The transposed key of entry e of row i (see transpose_kernel_map).
-template <class CellT>
-inline int64_t transposed_key(const KernelMapView<CellT>& map, int64_t i, int64_t e, int bits,
-                              int count_bits) {
+template <class CellT, class IndexT>
+inline int64_t transposed_key(const KernelMapView<CellT, IndexT>& map, int64_t i, int64_t e,
+                              int bits, int count_bits) {
     const int64_t f = (int64_t)map.cell[e];
     int64_t key = ((i << bits) | f) << count_bits;
     if (count_bits > 0) {
@@ -328,8 +328,8 @@ inline int64_t transposed_key(const KernelMapView<CellT>& map, int64_t i, int64_
 // tsplits[j - p0] = first + (the rows' entries of points p0..j-1) and the keys at
 // tkeys[tsplits[j - p0] ...]: at their global place with first = splits[r0], or in a buffer of
 // the cloud's own with first = 0.
-template <class CellT>
-bool transpose_cloud(const KernelMapView<CellT>& map, int64_t p0, int64_t p1, int64_t r0,
+template <class CellT, class IndexT>
+bool transpose_cloud(const KernelMapView<CellT, IndexT>& map, int64_t p0, int64_t p1, int64_t r0,
                      int64_t r1, int bits, int count_bits, int64_t first, int64_t* tsplits,
                      int64_t* tkeys, std::vector<int64_t>& cursor) {
     const int64_t e0 = map.splits[r0], e1 = map.splits[r1];
@@ -355,8 +355,8 @@ bool transpose_cloud(const KernelMapView<CellT>& map, int64_t p0, int64_t p1, in
 
 // transpose_kernel_map one cloud at a time (in cache; the count array is cloud-sized).  Returns
 // false if some row refers to a point outside its cloud.
-template <class CellT>
-bool transpose_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
+template <class CellT, class IndexT>
+bool transpose_by_cloud(const KernelMapView<CellT, IndexT>& map, const Batch& points,
                         const Batch& queries, int bits, int count_bits, int64_t* tsplits,
                         int64_t* tkeys, int threads) {
     bool outside = false;
@@ -377,8 +377,8 @@ bool transpose_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
 
 }  // namespace
 
-template <class CellT>
-void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
+template <class CellT, class IndexT>
+void transpose_kernel_map(const KernelMapView<CellT, IndexT>& map, const Batch& points,
                           const Batch& queries, int count_bits, int64_t* tsplits, int64_t* tkeys,
                           int threads) {
     check_map(map);
@@ -450,15 +450,15 @@ int transposed_count_bits(int64_t m, int kernel_size) {
     return m == 0 || ((m - 1) >> (62 - bits - kCountBits)) == 0 ? kCountBits : 0;
 }
 
-template <class F, class CellT>
-void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, const F* weight,
-                  int64_t c_out, bool depthwise, F* y, int threads) {
+template <class F, class CellT, class IndexT>
+void conv_forward(const KernelMapView<CellT, IndexT>& map, const F* x, int64_t c_in,
+                  const F* weight, int64_t c_out, bool depthwise, F* y, int threads) {
     check_map(map);
     require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     const int64_t n_cells = map.n_cells();
     const Reciprocals<F> inv;
-    gather_apply(map.m, map.splits, MapEntries<CellT>{map.index, map.cell}, n_cells, x, c_in,
-                 RowMeanWeight<F>{&inv}, weight, c_out, depthwise, y,
+    gather_apply(map.m, map.splits, MapEntries<CellT, IndexT>{map.index, map.cell}, n_cells, x,
+                 c_in, RowMeanWeight<F>{&inv}, weight, c_out, depthwise, y,
                  resolve_threads(threads));
 }
 
@@ -603,8 +603,8 @@ struct BackwardScratch {
 // point's slots open in the same order (of their first row).  The slots are then laid out point
 // by point and grouped by cell as gather_slots does.  False if a row refers to a point outside
 // [p0, p1) (buf is then incomplete; the scratch stays reusable).
-template <int C, class F, class CellT>
-bool scatter_cloud(const KernelMapView<CellT>& map, int64_t p0, int64_t p1, int64_t r0,
+template <int C, class F, class CellT, class IndexT>
+bool scatter_cloud(const KernelMapView<CellT, IndexT>& map, int64_t p0, int64_t p1, int64_t r0,
                    int64_t r1, const F* grad_y, int64_t c_runtime, const Reciprocals<F>& inv,
                    BackwardScratch<F>& scratch) {
     const int64_t c = C > 0 ? C : c_runtime;
@@ -728,9 +728,9 @@ struct BackwardCall {
     BackwardArgs<F> args;
     int64_t w_size;  // elements of the weight (gradient)
 
-    template <class CellT>
-    BackwardCall(const KernelMapView<CellT>& map, int64_t c_in, int64_t c_out, const F* grad_y,
-                 const F* weight, bool depthwise, bool with_grad_x) {
+    template <class CellT, class IndexT>
+    BackwardCall(const KernelMapView<CellT, IndexT>& map, int64_t c_in, int64_t c_out,
+                 const F* grad_y, const F* weight, bool depthwise, bool with_grad_x) {
         const int64_t n_cells = map.n_cells();
         w_size = depthwise ? n_cells * c_in : n_cells * c_in * c_out;
         const F* w_t = weight;
@@ -779,10 +779,11 @@ bool backward_by_cloud_applies(const int64_t* splits, const Batch& points, const
 
 }  // namespace
 
-template <class F, class CellT>
-void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, const int64_t* tkeys,
-                   int count_bits, const F* x, int64_t c_in, const F* grad_y, int64_t c_out,
-                   const F* weight, bool depthwise, F* grad_x, F* grad_weight, int threads) {
+template <class F, class CellT, class IndexT>
+void conv_backward(const KernelMapView<CellT, IndexT>& map, const int64_t* tsplits,
+                   const int64_t* tkeys, int count_bits, const F* x, int64_t c_in,
+                   const F* grad_y, int64_t c_out, const F* weight, bool depthwise, F* grad_x,
+                   F* grad_weight, int threads) {
     check_map(map);
     require(!depthwise || c_in == c_out, "depthwise convolution keeps the channel count");
     require(tsplits[map.n] == map.splits[map.m], "transposed map does not match the kernel map");
@@ -805,8 +806,8 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
                  });
 }
 
-template <class F, class CellT>
-bool conv_backward_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
+template <class F, class CellT, class IndexT>
+bool conv_backward_by_cloud(const KernelMapView<CellT, IndexT>& map, const Batch& points,
                             const Batch& queries, const F* x, int64_t c_in, const F* grad_y,
                             int64_t c_out, const F* weight, bool depthwise, F* grad_x,
                             F* grad_weight, int threads) {
@@ -848,24 +849,28 @@ bool conv_backward_by_cloud(const KernelMapView<CellT>& map, const Batch& points
     return true;
 }
 
-#define PWCONV_INSTANTIATE_CONV(F, C)                                                              \
-    template void conv_forward<F, C>(const KernelMapView<C>&, const F*, int64_t, const F*,        \
-                                     int64_t, bool, F*, int);                                      \
-    template void conv_backward<F, C>(const KernelMapView<C>&, const int64_t*, const int64_t*,    \
-                                      int, const F*, int64_t, const F*, int64_t, const F*, bool,  \
-                                      F*, F*, int);                                               \
-    template bool conv_backward_by_cloud<F, C>(const KernelMapView<C>&, const Batch&,             \
-                                               const Batch&, const F*, int64_t, const F*,          \
-                                               int64_t, const F*, bool, F*, F*, int);
+#define PWCONV_INSTANTIATE_CONV(F, C, I)                                                           \
+    template void conv_forward<F, C, I>(const KernelMapView<C, I>&, const F*, int64_t, const F*,  \
+                                        int64_t, bool, F*, int);                                   \
+    template void conv_backward<F, C, I>(const KernelMapView<C, I>&, const int64_t*,              \
+                                         const int64_t*, int, const F*, int64_t, const F*,         \
+                                         int64_t, const F*, bool, F*, F*, int);                    \
+    template bool conv_backward_by_cloud<F, C, I>(const KernelMapView<C, I>&, const Batch&,       \
+                                                  const Batch&, const F*, int64_t, const F*,       \
+                                                  int64_t, const F*, bool, F*, F*, int);
 
-#define PWCONV_INSTANTIATE_CELL(C)                                                                 \
-    template void transpose_kernel_map<C>(const KernelMapView<C>&, const Batch&, const Batch&,     \
-                                          int, int64_t*, int64_t*, int);                           \
-    PWCONV_INSTANTIATE_CONV(float, C)                                                              \
-    PWCONV_INSTANTIATE_CONV(double, C)
+#define PWCONV_INSTANTIATE_MAP(C, I)                                                               \
+    template void transpose_kernel_map<C, I>(const KernelMapView<C, I>&, const Batch&,             \
+                                             const Batch&, int, int64_t*, int64_t*, int);          \
+    PWCONV_INSTANTIATE_CONV(float, C, I)                                                           \
+    PWCONV_INSTANTIATE_CONV(double, C, I)
 
-PWCONV_INSTANTIATE_CELL(uint8_t)
-PWCONV_INSTANTIATE_CELL(int16_t)
-PWCONV_INSTANTIATE_CELL(int32_t)
+// Cells of K^3 <= 256, <= 32767, more; point indices in 32 bits (maps of < 2^31 points) or 64.
+PWCONV_INSTANTIATE_MAP(uint8_t, int32_t)
+PWCONV_INSTANTIATE_MAP(int16_t, int32_t)
+PWCONV_INSTANTIATE_MAP(int32_t, int32_t)
+PWCONV_INSTANTIATE_MAP(uint8_t, int64_t)
+PWCONV_INSTANTIATE_MAP(int16_t, int64_t)
+PWCONV_INSTANTIATE_MAP(int32_t, int64_t)
 
 }  // namespace pwconv

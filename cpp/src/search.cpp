@@ -649,16 +649,16 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
     out.cell_bits = bits;
 }
 
-template <class CellT>
+template <class CellT, class IndexT>
 void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, int kernel_size,
-                     int64_t* index_e, CellT* cell_e, int32_t* counts_mf, int threads) {
+                     IndexT* index_e, CellT* cell_e, int32_t* counts_mf, int threads) {
     const int bits = pairs.cell_bits;
     const int64_t mask = (int64_t(1) << bits) - 1;
     for_each_row(pairs, threads, [&](int64_t i, const int64_t* keys, int64_t len) {
-        int64_t* out_index = index_e + splits[i];
+        IndexT* out_index = index_e + splits[i];
         CellT* out_cell = cell_e + splits[i];
         for (int64_t k = 0; k < len; ++k) {
-            out_index[k] = keys[k] >> bits;
+            out_index[k] = (IndexT)(keys[k] >> bits);
             out_cell[k] = (CellT)(keys[k] & mask);
         }
     });
@@ -695,11 +695,14 @@ template void kernel_map_counts<int16_t>(const int64_t*, const int16_t*, int64_t
                                          int);
 template void kernel_map_counts<int32_t>(const int64_t*, const int32_t*, int64_t, int, int32_t*,
                                          int);
-template void kernel_map_emit<uint8_t>(const PairBlocks&, const int64_t*, int, int64_t*, uint8_t*,
-                                       int32_t*, int);
-template void kernel_map_emit<int16_t>(const PairBlocks&, const int64_t*, int, int64_t*, int16_t*,
-                                       int32_t*, int);
-template void kernel_map_emit<int32_t>(const PairBlocks&, const int64_t*, int, int64_t*, int32_t*,
-                                       int32_t*, int);
+#define PWCONV_INSTANTIATE_EMIT(C, I)                                                              \
+    template void kernel_map_emit<C, I>(const PairBlocks&, const int64_t*, int, I*, C*, int32_t*,  \
+                                        int);
+PWCONV_INSTANTIATE_EMIT(uint8_t, int32_t)
+PWCONV_INSTANTIATE_EMIT(int16_t, int32_t)
+PWCONV_INSTANTIATE_EMIT(int32_t, int32_t)
+PWCONV_INSTANTIATE_EMIT(uint8_t, int64_t)
+PWCONV_INSTANTIATE_EMIT(int16_t, int64_t)
+PWCONV_INSTANTIATE_EMIT(int32_t, int64_t)
 
 }  // namespace pwconv

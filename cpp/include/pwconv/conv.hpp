@@ -22,13 +22,13 @@ namespace pwconv {
 /// counts (m, K^3) with counts[i, f] = number of entries of row i in cell f: needed by
 /// transpose_kernel_map and conv_backward only (null elsewhere is fine: conv_forward and
 /// conv_backward_by_cloud tally each row's cells as they go).
-template <class CellT>
+template <class CellT, class IndexT = int64_t>
 struct KernelMapView {
     int64_t m = 0;  ///< rows (query points)
     int64_t n = 0;  ///< points the indices refer to
     int kernel_size = 3;
     const int64_t* splits = nullptr;
-    const int64_t* index = nullptr;
+    const IndexT* index = nullptr;  ///< int32_t (maps of fewer than 2^31 points) or int64_t
     const CellT* cell = nullptr;
     const int32_t* counts = nullptr;
 
@@ -44,8 +44,8 @@ struct KernelMapView {
 /// `queries` are the batches the map was built for (n_clouds = 0: not known); with many clouds,
 /// where rows of a cloud refer to points of that cloud only (checked), the transposition runs
 /// cloud by cloud, in cache.  The result is the same either way.
-template <class CellT>
-void transpose_kernel_map(const KernelMapView<CellT>& map, const Batch& points,
+template <class CellT, class IndexT>
+void transpose_kernel_map(const KernelMapView<CellT, IndexT>& map, const Batch& points,
                           const Batch& queries, int count_bits, int64_t* tsplits, int64_t* tkeys,
                           int threads);
 
@@ -55,9 +55,9 @@ int transposed_count_bits(int64_t m, int kernel_size);
 
 /// Forward: y (m, c_out) = sum_f mean_{Omega_i(f)} x · W_f.  x (n, c_in), weight (K^3, c_in, c_out)
 /// (K^3 x c when depthwise, then c_out = c_in = c).  F is float or double.
-template <class F, class CellT>
-void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, const F* weight,
-                  int64_t c_out, bool depthwise, F* y, int threads);
+template <class F, class CellT, class IndexT>
+void conv_forward(const KernelMapView<CellT, IndexT>& map, const F* x, int64_t c_in,
+                  const F* weight, int64_t c_out, bool depthwise, F* y, int threads);
 
 /// Both gradients from one gather over the transposed map (tsplits, tkeys from
 /// transpose_kernel_map of the same map with count_bits): the slot sums S_{j,f} = sum_{i: j in
@@ -65,10 +65,11 @@ void conv_forward(const KernelMapView<CellT>& map, const F* x, int64_t c_in, con
 /// weight gradient dW_f = sum_j x_j^T S_{j,f} (shaped like the weight; the same as
 /// sum_i (mean_{Omega_i(f)} x)^T dy_i).  grad_x may be null (weight gradient only).  dW is reduced
 /// from fixed blocks of points in a fixed order (independent of the thread count).
-template <class F, class CellT>
-void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, const int64_t* tkeys,
-                   int count_bits, const F* x, int64_t c_in, const F* grad_y, int64_t c_out,
-                   const F* weight, bool depthwise, F* grad_x, F* grad_weight, int threads);
+template <class F, class CellT, class IndexT>
+void conv_backward(const KernelMapView<CellT, IndexT>& map, const int64_t* tsplits,
+                   const int64_t* tkeys, int count_bits, const F* x, int64_t c_in,
+                   const F* grad_y, int64_t c_out, const F* weight, bool depthwise, F* grad_x,
+                   F* grad_weight, int threads);
 
 /// The same gradients for a batch of many clouds, without a transposed map: one cloud at a
 /// time, every entry (i, j, f) of the cloud's rows adds dy_i / n_i(f) to the slot of (j, f) in a
@@ -80,8 +81,8 @@ void conv_backward(const KernelMapView<CellT>& map, const int64_t* tsplits, cons
 /// conv_backward's bit for bit; the weight gradient is reduced from groups of clouds instead of
 /// blocks of points (in a fixed order too, the same for every thread count).  Throws if a row
 /// refers to a point outside its cloud.
-template <class F, class CellT>
-bool conv_backward_by_cloud(const KernelMapView<CellT>& map, const Batch& points,
+template <class F, class CellT, class IndexT>
+bool conv_backward_by_cloud(const KernelMapView<CellT, IndexT>& map, const Batch& points,
                             const Batch& queries, const F* x, int64_t c_in, const F* grad_y,
                             int64_t c_out, const F* weight, bool depthwise, F* grad_x,
                             F* grad_weight, int threads);

@@ -25,11 +25,11 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
 /// Pass 2: index_e (E,) caller's point indices, rows ascending; cell_e (E,) the flat kernel cell
 /// f = (kz*K + ky)*K + kx of each pair; counts_mf (m, K^3) = |Omega_i(f)|, or null: not written
 /// (kernel_map_counts gives them later; the convolution kernels do not need them).  CellT is
-/// uint8_t, int16_t or int32_t and must hold K^3 - 1.  splits from pair_splits; pairs.complete
-/// required.
-template <class CellT>
+/// uint8_t, int16_t or int32_t and must hold K^3 - 1; IndexT is int64_t, or int32_t when the
+/// points number fewer than 2^31.  splits from pair_splits; pairs.complete required.
+template <class CellT, class IndexT>
 void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, int kernel_size,
-                     int64_t* index_e, CellT* cell_e, int32_t* counts_mf, int threads);
+                     IndexT* index_e, CellT* cell_e, int32_t* counts_mf, int threads);
 
 /// counts_mf (m, K^3) = |Omega_i(f)| of a kernel map (splits (m + 1,), cell_e (E,)).
 template <class CellT>
