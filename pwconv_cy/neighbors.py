@@ -138,7 +138,8 @@ class KernelMap:
     splits : (m + 1,) int64
         CSR row splits: the neighbours of query i are ``index[splits[i]:splits[i+1]]``.
     index : (E,) int64
-        Global (packed) indices of the neighbours, ascending within each row.
+        Global (packed) indices of the neighbours, ascending within each row.  Host maps of
+        fewer than 2**31 points keep it in 32 bits and widen it on first access.
     cell : (E,) uint8, int16 or int32
         Kernel cell ``f = (kz*K + ky)*K + kx`` of each neighbour (holes excluded).
     counts : (m, K**3) int32
