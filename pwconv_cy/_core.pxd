@@ -79,9 +79,8 @@ cdef extern from "pwconv/kernel_map.hpp" namespace "pwconv" nogil:
     void kernel_map_gather[I, T](const I& index, const Queries[T]& queries,
                                  const KernelSpec& spec, int64_t max_pairs, PairBlocks& out,
                                  int threads) except +
-    void kernel_map_emit[C, I](const PairBlocks& pairs, const int64_t* splits, int kernel_size,
-                               I* index_e, C* cell_e, int32_t* counts_mf,
-                               int threads) except +
+    void kernel_map_emit[C, I](const PairBlocks& pairs, const int64_t* splits, I* index_e,
+                               C* cell_e, int threads) except +
     void kernel_map_counts[C](const int64_t* splits, const C* cell_e, int64_t m,
                               int kernel_size, int32_t* counts_mf, int threads) except +
 

@@ -69,7 +69,6 @@ class SearchIndex:
 class Pairs:
     """Gathered neighbour pairs (pass 1), emitted into exactly-sized arrays (pass 2)."""
 
-    kernel_size: int
     @property
     def n_pairs(self) -> int: ...
     @property
@@ -79,16 +78,16 @@ class Pairs:
     def splits(self) -> NDArray[np.int64]: ...
     def emit_radius(self, splits: NDArray[np.int64], threads: int) -> NDArray[np.int64]: ...
     def emit_kernel(
-        self, splits: NDArray[np.int64], cell_dtype: DTypeLike, threads: int,
-        with_counts: bool = True, index_dtype: DTypeLike = np.int64,
-    ) -> tuple[NDArray[_Index], NDArray[_Cell], NDArray[np.int32] | None]: ...
+        self, splits: NDArray[np.int64], cell_dtype: DTypeLike, index_dtype: DTypeLike,
+        threads: int,
+    ) -> tuple[NDArray[_Index], NDArray[_Cell]]: ...
 
 def kernel_map_counts_(
     splits: NDArray[np.int64], cell: NDArray[_Cell], kernel_size: int, threads: int,
 ) -> NDArray[np.int32]: ...
 
-# The kernel map in CSR form (splits, index, cell, counts) comes first in each of these
-# (counts may be None for conv_forward_ and conv_backward_by_cloud_, which tally them).
+# The kernel map in CSR form (splits, index, cell and, where needed, counts) comes first in each
+# of these (conv_forward_ and conv_backward_by_cloud_ tally each row's counts themselves).
 def transpose_map(
     splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell],
     counts: NDArray[np.int32], n_points: int, kernel_size: int,
@@ -96,9 +95,9 @@ def transpose_map(
     with_counts: bool, threads: int,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], int]: ...
 def conv_forward_(
-    splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell],
-    counts: NDArray[np.int32] | None, kernel_size: int, x: NDArray[_Real], weight: NDArray[_Real],
-    c_out: int, depthwise: bool, y: NDArray[_Real], threads: int,
+    splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell], kernel_size: int,
+    x: NDArray[_Real], weight: NDArray[_Real], c_out: int, depthwise: bool, y: NDArray[_Real],
+    threads: int,
 ) -> None: ...
 def conv_backward_(
     splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell],
@@ -108,9 +107,8 @@ def conv_backward_(
     grad_x: NDArray[_Real] | None, grad_weight: NDArray[_Real], threads: int,
 ) -> None: ...
 def conv_backward_by_cloud_(
-    splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell],
-    counts: NDArray[np.int32] | None, kernel_size: int, offsets: NDArray[np.int64],
-    query_offsets: NDArray[np.int64], x: NDArray[_Real], grad_y: NDArray[_Real],
+    splits: NDArray[np.int64], index: NDArray[_Index], cell: NDArray[_Cell], kernel_size: int,
+    offsets: NDArray[np.int64], query_offsets: NDArray[np.int64], x: NDArray[_Real], grad_y: NDArray[_Real],
     weight: NDArray[_Real], depthwise: bool, grad_x: NDArray[_Real] | None,
     grad_weight: NDArray[_Real], threads: int,
 ) -> bool: ...

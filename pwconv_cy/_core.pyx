@@ -176,7 +176,6 @@ cdef class SearchIndex:
         cdef Queries[double] q = _queries(queries, query_offsets)
         cdef Metric met = Metric.chebyshev if metric == 0 else Metric.euclidean
         cdef Pairs pairs = Pairs()
-        pairs.kernel_size = 0
         with interruptible():
             with nogil:
                 if self._grid:
@@ -197,7 +196,6 @@ cdef class SearchIndex:
         spec.kernel_size = kernel_size
         spec.dilation = dilation
         cdef Pairs pairs = Pairs()
-        pairs.kernel_size = kernel_size
         with interruptible():
             with nogil:
                 if self._grid:
@@ -212,7 +210,6 @@ cdef class SearchIndex:
 cdef class Pairs:
     """Gathered neighbour pairs (pass 1), emitted into exactly-sized NumPy arrays (pass 2)."""
     cdef PairBlocks _blocks
-    cdef public int kernel_size
 
     @property
     def n_pairs(self):
@@ -244,18 +241,14 @@ cdef class Pairs:
                 radius_search_emit(self._blocks, &splits[0], out, threads)
         return index
 
-    def emit_kernel(self, const int64_t[::1] splits, cell_dtype, int threads,
-                    bint with_counts=True, index_dtype=np.int64):
-        """(index, cell, counts): index of index_dtype (int32 for maps of fewer than 2**31
-        points, or int64); counts None unless with_counts (kernel_map_counts_ later)."""
-        cdef int64_t m = splits.shape[0] - 1
-        cdef int64_t total = splits[m]
-        cdef int k = self.kernel_size
+    def emit_kernel(self, const int64_t[::1] splits, cell_dtype, index_dtype, int threads):
+        """(index, cell): index of index_dtype (int32 for maps of fewer than 2**31 points, or
+        int64), cell of cell_dtype.  The counts are not made (kernel_map_counts_)."""
+        cdef int64_t total = splits[splits.shape[0] - 1]
         index = np.empty(total, dtype=index_dtype)
         cell = np.empty(total, dtype=cell_dtype)
-        counts = np.empty((m, k * k * k), dtype=np.int32) if with_counts else None
-        _emit_kernel(self, splits, k, index, cell, counts, threads)
-        return index, cell, counts
+        _emit_kernel(self, splits, index, cell, threads)
+        return index, cell
 
 
 # --- Pointwise convolution -------------------------------------------------------------------
@@ -275,21 +268,16 @@ ctypedef fused index_t:
     int64_t
 
 
-def _emit_kernel(Pairs pairs, const int64_t[::1] splits, int k, index_t[::1] index,
-                 cell_t[::1] cell, int32_t[:, ::1] counts, int threads):
-    """kernel_map_emit into index (int32 or int64), cell (uint8, int16 or int32) and counts
-    (or None: not written)."""
+def _emit_kernel(Pairs pairs, const int64_t[::1] splits, index_t[::1] index, cell_t[::1] cell,
+                 int threads):
+    """kernel_map_emit into index (int32 or int64) and cell (uint8, int16 or int32)."""
     cdef int64_t total = index.shape[0]
     cdef index_t dummy_i = 0
     cdef cell_t dummy_c = 0
-    cdef int32_t dummy_n = 0
-    cdef int32_t* cnt_p = NULL
-    if counts is not None:
-        cnt_p = &counts[0, 0] if counts.shape[0] else &dummy_n
     with interruptible():
         with nogil:
-            kernel_map_emit(pairs._blocks, &splits[0], k, &index[0] if total else &dummy_i,
-                            &cell[0] if total else &dummy_c, cnt_p, threads)
+            kernel_map_emit(pairs._blocks, &splits[0], &index[0] if total else &dummy_i,
+                            &cell[0] if total else &dummy_c, threads)
 
 
 cdef inline KernelMapView[cell_t, index_t] _map_view(const int64_t[::1] splits,
@@ -351,12 +339,13 @@ def transpose_map(const int64_t[::1] splits, const index_t[::1] index, const cel
 
 
 def conv_forward_(const int64_t[::1] splits, const index_t[::1] index, const cell_t[::1] cell,
-                  const int32_t[:, ::1] counts, int kernel_size, const real_t[:, ::1] x,
-                  const real_t[::1] weight, int64_t c_out, bint depthwise, real_t[:, ::1] y,
-                  int threads):
-    """y (m, c_out) = pointwise convolution of x (n, c_in) with the flattened weight."""
-    cdef KernelMapView[cell_t, index_t] view = _map_view(splits, index, cell, counts, x.shape[0],
-                                                kernel_size)
+                  int kernel_size, const real_t[:, ::1] x, const real_t[::1] weight,
+                  int64_t c_out, bint depthwise, real_t[:, ::1] y, int threads):
+    """y (m, c_out) = pointwise convolution of x (n, c_in) with the flattened weight (the map's
+    counts are not needed: each row's are tallied)."""
+    cdef const int32_t[:, ::1] no_counts = None
+    cdef KernelMapView[cell_t, index_t] view = _map_view(splits, index, cell, no_counts,
+                                                         x.shape[0], kernel_size)
     with interruptible():
         with nogil:
             conv_forward(view, &x[0, 0] if x.shape[0] else NULL, x.shape[1], &weight[0], c_out,
@@ -386,16 +375,18 @@ def conv_backward_(const int64_t[::1] splits, const index_t[::1] index, const ce
 
 
 def conv_backward_by_cloud_(const int64_t[::1] splits, const index_t[::1] index,
-                            const cell_t[::1] cell, const int32_t[:, ::1] counts, int kernel_size,
+                            const cell_t[::1] cell, int kernel_size,
                             const int64_t[::1] offsets, const int64_t[::1] query_offsets,
                             const real_t[:, ::1] x, const real_t[:, ::1] grad_y,
                             const real_t[::1] weight, bint depthwise, real_t[:, ::1] grad_x,
                             real_t[::1] grad_weight, int threads):
-    """As conv_backward_, transposing the map cloud by cloud on the fly (offsets, query_offsets:
-    the map's batches).  Returns False, computing nothing, where that path does not apply
-    (fewer than 16 clouds, or a cloud too large): then call conv_backward_."""
-    cdef KernelMapView[cell_t, index_t] view = _map_view(splits, index, cell, counts, x.shape[0],
-                                                kernel_size)
+    """As conv_backward_, collecting the sums cloud by cloud straight from the map, without a
+    transposed map or the map's counts (offsets, query_offsets: the map's batches).  Returns
+    False, computing nothing, where that path does not apply (fewer than 16 clouds, or a cloud
+    too large): then call conv_backward_."""
+    cdef const int32_t[:, ::1] no_counts = None
+    cdef KernelMapView[cell_t, index_t] view = _map_view(splits, index, cell, no_counts,
+                                                         x.shape[0], kernel_size)
     cdef Batch points = _batch(offsets)
     cdef Batch queries = _batch(query_offsets)
     cdef real_t* gx = NULL
@@ -410,6 +401,7 @@ def conv_backward_by_cloud_(const int64_t[::1] splits, const index_t[::1] index,
                                           grad_y.shape[1], &weight[0], depthwise, gx,
                                           &grad_weight[0], threads)
     return done
+
 
 # --- Optimiser updates ------------------------------------------------------------------------
 

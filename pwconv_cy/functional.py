@@ -54,6 +54,7 @@ def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offset
         raise TypeError(f"kernel_map must be a pwconv_cy.KernelMap (from pwconv_cy.kernel_map or "
                         f"NeighborIndex.kernel_map), got {type(kernel_map).__name__}")
     km = kernel_map
+
     def same_points():
         if digest_matches(km.points_digest, batch.points, batch.offsets):
             return True  # the map's points, checked finite when it was built
@@ -142,9 +143,8 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
         call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
         check_finite)
     y = np.empty((km.n_queries, c_out), dtype=x.dtype)
-    # (the kernel tallies each row's counts: a map made without them keeps them uncomputed)
-    _core.conv_forward_(km.splits, km._stored_index(), km.cell, km._stored_counts(), k, x,
-                        w.reshape(-1), c_out, bool(depthwise), y, threads)
+    _core.conv_forward_(km.splits, km._stored_index(), km.cell, k, x, w.reshape(-1), c_out,
+                        bool(depthwise), y, threads)
     return call.export(y.reshape(*out_dense, c_out) if out_dense is not None else y)
 
 
@@ -201,9 +201,9 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     # nothing stored, no counts needed); otherwise the gather runs over the (cached) transposed
     # map, which needs the counts.
     by_cloud = km.offsets is not None and km.query_offsets is not None and \
-        _core.conv_backward_by_cloud_(km.splits, km._stored_index(), km.cell,
-                                      km._stored_counts(), k, km.offsets, km.query_offsets, x,
-                                      dy, w.reshape(-1), bool(depthwise), dx, dw, threads)
+        _core.conv_backward_by_cloud_(km.splits, km._stored_index(), km.cell, k, km.offsets,
+                                      km.query_offsets, x, dy, w.reshape(-1), bool(depthwise),
+                                      dx, dw, threads)
     if not by_cloud:
         tsplits, tkeys, count_bits = km._transposed_packed(threads or None)
         _core.conv_backward_(km.splits, km._stored_index(), km.cell, km.counts, k, tsplits, tkeys,

@@ -87,46 +87,58 @@ def digest_matches(digest: str, points: np.ndarray, offsets: np.ndarray) -> bool
     return cloud_digest(points, offsets) == digest
 
 
-class _LazyCounts:
+def _stored_key(name: str) -> str:
+    return f"_{name}_stored"
+
+
+def _stored(obj, name: str):
+    """What a _DerivedField named `name` holds for obj, as given or last stored (None if unset)."""
+    return obj.__dict__.get(_stored_key(name))
+
+
+class _DerivedField:
+    """A KernelMap field kept in a compact or absent form and completed on first access (the
+    completed value then replaces the stored one).  A dataclass field without a default: reading
+    it on the class raises AttributeError."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            raise AttributeError(self.name)
+        stored = _stored(obj, self.name)
+        value = self.complete(obj, stored)
+        if value is not stored:
+            self.__set__(obj, value)
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[_stored_key(self.name)] = value
+
+    def complete(self, obj, stored):
+        raise NotImplementedError
+
+
+class _LazyCounts(_DerivedField):
     """``KernelMap.counts``: the array given to the constructor, or, for a host map made without
     it (``counts=None``: the convolution kernels tally each row's cells themselves, so maps are
     emitted without the (m, K^3) array), computed from ``splits`` and ``cell`` on first access."""
 
-    def __set_name__(self, owner, name):
-        self.key = f"_{name}_stored"
-
-    def __get__(self, obj, owner=None):
-        if obj is None:  # no class-level value: the dataclass field has no default
-            raise AttributeError("counts")
-        value = obj.__dict__.get(self.key)
-        if value is None:
-            value = _core.kernel_map_counts_(obj.splits, obj.cell, obj.kernel_size,
-                                             check_num_threads(None))
-            obj.__dict__[self.key] = value
-        return value
-
-    def __set__(self, obj, value):
-        obj.__dict__[self.key] = value
+    def complete(self, obj, stored):
+        if stored is not None:
+            return stored
+        return _core.kernel_map_counts_(obj.splits, obj.cell, obj.kernel_size,
+                                        check_num_threads(None))
 
 
-class _WideIndex:
+class _WideIndex(_DerivedField):
     """``KernelMap.index``: int64, as documented.  A host map stores it as int32 when its points
     number fewer than 2**31 (half the bytes to write and to read; the kernels take either), and
     widens it on first access: the int64 copy then replaces the int32 one (never both held)."""
 
-    def __set_name__(self, owner, name):
-        self.key = f"_{name}_stored"
-
-    def __get__(self, obj, owner=None):
-        if obj is None:  # no class-level value: the dataclass field has no default
-            raise AttributeError("index")
-        stored = obj.__dict__[self.key]
-        if getattr(stored, "dtype", None) == np.int32:
-            stored = obj.__dict__[self.key] = stored.astype(np.int64)
-        return stored
-
-    def __set__(self, obj, value):
-        obj.__dict__[self.key] = value
+    def complete(self, obj, stored):
+        return stored.astype(np.int64) if getattr(stored, "dtype", None) == np.int32 else stored
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,11 +201,11 @@ class KernelMap:
 
     def _stored_index(self):
         """The index as stored: int32 for a host map of fewer than 2**31 points, else int64."""
-        return self.__dict__["_index_stored"]
+        return _stored(self, "index")
 
     def _stored_counts(self):
         """The counts array if it exists (None for a host map whose counts were not computed)."""
-        return self.__dict__.get("_counts_stored")
+        return _stored(self, "counts")
 
     def _with_arrays(self, convert) -> KernelMap:
         """The same map with ``convert(array, name)`` applied to splits, index, cell and counts
@@ -413,9 +425,8 @@ class NeighborIndex:
                      pairs.complete)
         splits = pairs.splits()
         # No counts: the operator tallies them; KernelMap.counts computes them if asked.
-        index, cell, _ = pairs.emit_kernel(
-            splits, cell_dtype, threads, with_counts=False,
-            index_dtype=np.int32 if self.n_points < 2**31 else np.int64)
+        index, cell = pairs.emit_kernel(splits, cell_dtype,
+                                        np.int32 if self.n_points < 2**31 else np.int64, threads)
         return call.export(KernelMap(
             splits=splits, index=index, cell=cell, counts=None, voxel_size=v, kernel_size=k,
             dilation=s, n_points=self.n_points, offsets=self._batch.offsets,

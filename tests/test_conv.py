@@ -623,8 +623,8 @@ def backward_by_cloud(case, km, threads=2):
     w = case["w"].reshape(-1)
     dx, dw = np.empty_like(x), np.empty_like(w)
     ran = pwconv_cy._core.conv_backward_by_cloud_(
-        km.splits, km.index, km.cell, km.counts, km.kernel_size, km.offsets, km.query_offsets,
-        x, dy, w, case["depthwise"], dx, dw, threads)
+        km.splits, km.index, km.cell, km.kernel_size, km.offsets, km.query_offsets, x, dy, w,
+        case["depthwise"], dx, dw, threads)
     assert ran is True
     return dx, dw.reshape(case["w"].shape)
 
@@ -661,8 +661,8 @@ def test_backward_by_cloud_runs_from_sixteen_clouds(n_clouds, runs):
     km = pwconv_cy.kernel_map(case["points"], case["voxel_size"], offsets=case["offsets"])
     x, dy, w = case["x"], case["dy"], case["w"].reshape(-1)
     ran = pwconv_cy._core.conv_backward_by_cloud_(
-        km.splits, km.index, km.cell, km.counts, 3, km.offsets, km.query_offsets, x, dy, w,
-        False, np.empty_like(x), np.empty_like(w), 2)
+        km.splits, km.index, km.cell, 3, km.offsets, km.query_offsets, x, dy, w, False,
+        np.empty_like(x), np.empty_like(w), 2)
     assert ran is runs
     # either way the public backward is exact
     _, dx, dw = run(case)
@@ -682,7 +682,7 @@ def test_backward_by_cloud_rejects_a_map_that_crosses_clouds():
     x, dy, w = case["x"], case["dy"], case["w"].reshape(-1)
     with pytest.raises(ValueError, match="refers to a point outside the query's cloud"):
         pwconv_cy._core.conv_backward_by_cloud_(
-            km.splits, km.index, km.cell, km.counts, 3, shifted, shifted, x, dy, w, False,
+            km.splits, km.index, km.cell, 3, shifted, shifted, x, dy, w, False,
             np.empty_like(x), np.empty_like(w), 2)
 
 

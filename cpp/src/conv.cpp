@@ -49,6 +49,17 @@ struct SlotBuffer {
         row_slot_begin.resize(rows + 1);
         n_slots = 0;
     }
+
+    // by_cell from slot_cell, with cell_begin[f + 1] holding the slots of cell f on entry: a
+    // stable counting sort (by cell, then by slot); cell_begin becomes the offsets into by_cell.
+    void group_by_cell(int64_t n_cells) {
+        for (int64_t f = 0; f < n_cells; ++f) cell_begin[f + 1] += cell_begin[f];
+        by_cell.resize(n_slots);
+        std::vector<int64_t>& cursor = cell_begin;  // advanced while filling, then restored
+        for (int64_t s = 0; s < n_slots; ++s) by_cell[cursor[slot_cell[s]]++] = (int32_t)s;
+        for (int64_t f = n_cells; f > 0; --f) cursor[f] = cursor[f - 1];
+        cursor[0] = 0;
+    }
 };
 
 // Channel loops with the count fixed at compile time for the common small sizes (the paper's
@@ -154,15 +165,10 @@ void gather_slots(int64_t r0, int64_t r1, const int64_t* splits, const Entries& 
     }
     buf.n_slots = n_slots;
     buf.row_slot_begin[r1 - r0] = buf.n_slots;
-    // Reset the slot table for the next block, and group slots by cell (stable counting sort).
+    // Reset the slot table for the next block, and group slots by cell.
     for (int64_t s = 0; s < buf.n_slots; ++s)
         buf.slot_of[buf.slot_row[s] * n_cells + buf.slot_cell[s]] = -1;
-    for (int64_t f = 0; f < n_cells; ++f) buf.cell_begin[f + 1] += buf.cell_begin[f];
-    buf.by_cell.resize(buf.n_slots);
-    std::vector<int64_t>& cursor = buf.cell_begin;  // advanced while filling, then restored
-    for (int64_t s = 0; s < buf.n_slots; ++s) buf.by_cell[cursor[buf.slot_cell[s]]++] = (int32_t)s;
-    for (int64_t f = n_cells; f > 0; --f) cursor[f] = cursor[f - 1];
-    cursor[0] = 0;
+    buf.group_by_cell(n_cells);
 }
 
 // out rows [r0, r1) (zeroed here) += slot sums times the cell matrices M_f (a x b, row-major), or
@@ -324,14 +330,12 @@ inline int64_t transposed_key(const KernelMapView<CellT, IndexT>& map, int64_t i
 }
 
 // The stable counting sort of one cloud: rows [r0, r1) refer only to points [p0, p1) (else false,
-// with the output incomplete), so those points' entries are exactly the rows' entries.  Writes
-// tsplits[j - p0] = first + (the rows' entries of points p0..j-1) and the keys at
-// tkeys[tsplits[j - p0] ...]: at their global place with first = splits[r0], or in a buffer of
-// the cloud's own with first = 0.
+// with the output incomplete), so those points' entries are exactly the rows' entries, at the
+// same place (from splits[r0]).  Writes tsplits[p0, p1) and those entries' keys.
 template <class CellT, class IndexT>
 bool transpose_cloud(const KernelMapView<CellT, IndexT>& map, int64_t p0, int64_t p1, int64_t r0,
-                     int64_t r1, int bits, int count_bits, int64_t first, int64_t* tsplits,
-                     int64_t* tkeys, std::vector<int64_t>& cursor) {
+                     int64_t r1, int bits, int count_bits, int64_t* tsplits, int64_t* tkeys,
+                     std::vector<int64_t>& cursor) {
     const int64_t e0 = map.splits[r0], e1 = map.splits[r1];
     cursor.assign(p1 - p0, 0);
     bool inside = true;
@@ -341,10 +345,10 @@ bool transpose_cloud(const KernelMapView<CellT, IndexT>& map, int64_t p0, int64_
         if (inside) ++cursor[j - p0];
     }
     if (!inside) return false;
-    int64_t running = first;
+    int64_t running = e0;
     for (int64_t j = 0; j < p1 - p0; ++j) {
         const int64_t k = cursor[j];
-        tsplits[j] = cursor[j] = running;
+        tsplits[p0 + j] = cursor[j] = running;
         running += k;
     }
     for (int64_t i = r0; i < r1; ++i)
@@ -365,11 +369,10 @@ bool transpose_by_cloud(const KernelMapView<CellT, IndexT>& map, const Batch& po
         std::vector<int64_t> cursor;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < points.n_clouds; ++b) {
-            const int64_t p0 = points.offsets[b], r0 = queries.offsets[b];
             outside = outside ||
-                      !transpose_cloud(map, p0, points.offsets[b + 1], r0,
-                                       queries.offsets[b + 1], bits, count_bits, map.splits[r0],
-                                       tsplits + p0, tkeys, cursor);
+                      !transpose_cloud(map, points.offsets[b], points.offsets[b + 1],
+                                       queries.offsets[b], queries.offsets[b + 1], bits,
+                                       count_bits, tsplits, tkeys, cursor);
         }
     }
     return !outside;
@@ -675,13 +678,7 @@ bool scatter_cloud(const KernelMapView<CellT, IndexT>& map, int64_t p0, int64_t 
         for (int64_t k = 0; k < c; ++k) to[k] = from[k];
     }
     buf.n_slots = n_slots;
-    // Grouped by cell, point by point within a cell (as gather_slots).
-    for (int64_t f = 0; f < n_cells; ++f) buf.cell_begin[f + 1] += buf.cell_begin[f];
-    buf.by_cell.resize(n_slots);
-    std::vector<int64_t>& next = buf.cell_begin;  // advanced while filling, then restored
-    for (int64_t t = 0; t < n_slots; ++t) buf.by_cell[next[buf.slot_cell[t]]++] = (int32_t)t;
-    for (int64_t f = n_cells; f > 0; --f) next[f] = next[f - 1];
-    next[0] = 0;
+    buf.group_by_cell(n_cells);  // point by point within a cell, as gather_slots leaves them
     return true;
 }
 

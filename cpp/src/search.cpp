@@ -489,7 +489,7 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
     // Keys (point index << cell_bits | cell) are distinct within a row; 31-bit keys sort faster.
     const bool fit32 = (index.n_points >> (31 - std::min(cell_bits, 31))) == 0;
     const bool self = queries.xyz == nullptr;
-    const bool simd_sort = fit32 && simd_enabled();
+    [[maybe_unused]] const bool simd_sort = fit32 && simd_enabled();  // (no SIMD build: unused)
     const int64_t m = check_queries(index, queries);
     const int64_t* offsets = self ? index.cloud_offsets.data() : queries.batch.offsets;
     const int64_t n_clouds = index.n_clouds;
@@ -650,8 +650,8 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
 }
 
 template <class CellT, class IndexT>
-void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, int kernel_size,
-                     IndexT* index_e, CellT* cell_e, int32_t* counts_mf, int threads) {
+void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, IndexT* index_e,
+                     CellT* cell_e, int threads) {
     const int bits = pairs.cell_bits;
     const int64_t mask = (int64_t(1) << bits) - 1;
     for_each_row(pairs, threads, [&](int64_t i, const int64_t* keys, int64_t len) {
@@ -662,10 +662,6 @@ void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, int kernel_
             out_cell[k] = (CellT)(keys[k] & mask);
         }
     });
-    // The counts in a second pass, in row order: rows of the first pass come in the index's
-    // spatial order, and scattered writes of whole count rows cost more than reading the cells.
-    if (counts_mf)
-        kernel_map_counts(splits, cell_e, pairs.n_queries, kernel_size, counts_mf, threads);
 }
 
 template <class CellT>
@@ -696,8 +692,7 @@ template void kernel_map_counts<int16_t>(const int64_t*, const int16_t*, int64_t
 template void kernel_map_counts<int32_t>(const int64_t*, const int32_t*, int64_t, int, int32_t*,
                                          int);
 #define PWCONV_INSTANTIATE_EMIT(C, I)                                                              \
-    template void kernel_map_emit<C, I>(const PairBlocks&, const int64_t*, int, I*, C*, int32_t*,  \
-                                        int);
+    template void kernel_map_emit<C, I>(const PairBlocks&, const int64_t*, I*, C*, int);
 PWCONV_INSTANTIATE_EMIT(uint8_t, int32_t)
 PWCONV_INSTANTIATE_EMIT(int16_t, int32_t)
 PWCONV_INSTANTIATE_EMIT(int32_t, int32_t)

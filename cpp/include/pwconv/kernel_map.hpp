@@ -23,15 +23,16 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
                        int64_t max_pairs, PairBlocks& out, int threads);
 
 /// Pass 2: index_e (E,) caller's point indices, rows ascending; cell_e (E,) the flat kernel cell
-/// f = (kz*K + ky)*K + kx of each pair; counts_mf (m, K^3) = |Omega_i(f)|, or null: not written
-/// (kernel_map_counts gives them later; the convolution kernels do not need them).  CellT is
-/// uint8_t, int16_t or int32_t and must hold K^3 - 1; IndexT is int64_t, or int32_t when the
-/// points number fewer than 2^31.  splits from pair_splits; pairs.complete required.
+/// f = (kz*K + ky)*K + kx of each pair.  CellT is uint8_t, int16_t or int32_t and must hold
+/// K^3 - 1; IndexT is int64_t, or int32_t when the points number fewer than 2^31.  splits from
+/// pair_splits; pairs.complete required.
 template <class CellT, class IndexT>
-void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, int kernel_size,
-                     IndexT* index_e, CellT* cell_e, int32_t* counts_mf, int threads);
+void kernel_map_emit(const PairBlocks& pairs, const int64_t* splits, IndexT* index_e,
+                     CellT* cell_e, int threads);
 
-/// counts_mf (m, K^3) = |Omega_i(f)| of a kernel map (splits (m + 1,), cell_e (E,)).
+/// counts_mf (m, K^3) = |Omega_i(f)| of a kernel map (splits (m + 1,), cell_e (E,)), row by row.
+/// Maps are emitted without them (the convolution kernels tally each row's cells themselves);
+/// this gives them to whoever asks.
 template <class CellT>
 void kernel_map_counts(const int64_t* splits, const CellT* cell_e, int64_t m, int kernel_size,
                        int32_t* counts_mf, int threads);
