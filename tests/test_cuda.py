@@ -82,6 +82,39 @@ def test_loader_imports_without_cupy_and_finds_sources():
         assert name.split("<")[0] in source, name
 
 
+def test_rows_scheme_capacities_match_kernels():
+    """The "rows" scheme's shared-array capacities in _conv.py are kernels.cu's own: a mismatch
+    would let the planner pick blocks whose sums overrun the shared arrays."""
+    import re
+
+    from pwconv_cy.cuda import _conv
+
+    source = KERNELS_CU.read_text()
+    for define, value in (("SUMS_BYTES", _conv.ROWS_SUMS_BYTES),
+                          ("TALLY_CAP", _conv.ROWS_TALLY_CAP),
+                          ("ACC_BYTES", _conv.ROWS_ACC_BYTES),
+                          ("ROW_THREADS", _conv.ROWS_THREADS),
+                          ("SCATTER_TALLY_CAP", _conv.SCATTER_TALLY_CAP)):
+        found = re.search(rf"#define PWCONV_CUDA_{define} (\d+)", source)
+        assert found is not None, f"PWCONV_CUDA_{define} is not defined in kernels.cu"
+        assert int(found.group(1)) == value, define
+    # the plan never asks for more than the arrays hold
+    for n_cells in (1, 27, 125, 343):
+        for a in (1, 3, 9, 17, 32):
+            for b in (1, 9, 32):
+                for itemsize in (4, 8):
+                    plan = _conv.rows_plan(n_cells, a, b, itemsize, n_cells * a * b)
+                    if plan is None:
+                        continue
+                    group, per_block = plan
+                    assert group >= max(a, b) and group * per_block <= _conv.ROWS_THREADS
+                    assert per_block * n_cells * a * itemsize <= _conv.ROWS_SUMS_BYTES
+                    assert per_block * n_cells <= _conv.ROWS_TALLY_CAP
+                    assert n_cells * a * b * itemsize <= _conv.ROWS_ACC_BYTES
+    assert _conv.rows_plan(27, 9, 9, 4, 27 * 81) == (16, 16)  # the paper's layers: 256 threads
+    assert _conv.rows_plan(27, 33, 9, 4) is None
+
+
 # =============================================================================================
 # 2. Host emulation of the kernels (g++), driven by the real orchestration code
 # =============================================================================================
@@ -143,6 +176,13 @@ static void trampoline() {
     (*current_fn)(current_params);
     current->done = true;
     swapcontext(&current->ctx, &scheduler);
+}
+
+// Threads run one after the other or yield only at barriers: an atomic is a plain update.
+inline int atomicAdd(int* p, int v) {
+    const int old = *p;
+    *p += v;
+    return old;
 }
 
 #define __global__
@@ -226,8 +266,10 @@ static void run_block_fibers(std::vector<Fiber>& fibers) {
     }
 }
 
+// reversed != 0: kernels without barriers run their blocks and threads last to first, another
+// legal schedule (what integer atomics hand out then changes, the results must not).
 extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                          unsigned by, unsigned bz, int threaded, void** params) {
+                          unsigned by, unsigned bz, int threaded, int reversed, void** params) {
     if (registry().empty()) register_all();
     auto it = registry().find(name);
     if (it == registry().end()) return 1;
@@ -248,7 +290,9 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
                 blockIdx = {x, y, z};
                 if (!threaded) {
                     current = nullptr;
-                    for (unsigned t = 0; t < n_threads; ++t) {
+                    if (reversed) blockIdx = {gx - 1 - x, gy - 1 - y, gz - 1 - z};
+                    for (unsigned u = 0; u < n_threads; ++u) {
+                        const unsigned t = reversed ? n_threads - 1 - u : u;
                         threadIdx = {t % bx, (t / bx) % by, t / (bx * by)};
                         fn(params);
                     }
@@ -301,8 +345,9 @@ class EmulatedBackend:
         self.lib = ctypes.CDLL(str(lib_path))
         self.lib.emu_launch.restype = ctypes.c_int
         self.lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
-            ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+            ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
         self.launches = []
+        self.reversed = False  # run barrier-free kernels last thread first (see emu_launch)
 
     def launch(self, name, grid, block, args, shared_mem=0):
         from pwconv_cy.cuda._backend import BARRIER_KERNELS
@@ -329,7 +374,8 @@ class EmulatedBackend:
                                 "NumPy scalars of the kernel parameter's type")
         threaded = int(name.split("<")[0] in BARRIER_KERNELS)
         self.launches.append(name)
-        rc = self.lib.emu_launch(name.encode(), *grid, *block, threaded, params)
+        rc = self.lib.emu_launch(name.encode(), *grid, *block, threaded, int(self.reversed),
+                                 params)
         if rc != 0:
             raise AssertionError(f"kernel {name!r} is not registered in the emulator")
 
@@ -483,25 +529,60 @@ def _emulate_scenario(be, name):
                    kernel_size=k, dilation=s, n_points=len(p), offsets=offsets,
                    query_offsets=offsets if q is None else np.asarray(q_offsets))
     errors = {}
-    for dtype in (np.float32, np.float64):
-        for depthwise, (c_in, c_out) in ((False, (3, 5)), (False, (40, 3)), (True, (6, 6))):
-            x = rng.standard_normal((len(p), c_in)).astype(dtype)
-            w_shape = (k, k, k, c_in) if depthwise else (k, k, k, c_in, c_out)
-            w = rng.standard_normal(w_shape).astype(dtype)
-            dy = rng.standard_normal((m, c_out)).astype(dtype)
-            y = _conv.forward(be, km, x, w, c_out, depthwise)
-            dx = _conv.backward_input(be, km, dy, w, c_in, depthwise)
-            dw = _conv.backward_weight(be, km, x, dy, c_out, depthwise).reshape(w.shape)
-            ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
-            tol = 1e-5 if dtype == np.float32 else 1e-12
-            key = f"{np.dtype(dtype).name} {'depthwise' if depthwise else 'dense'} {c_in}->{c_out}"
-            errors[key] = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
-            assert y.dtype == dx.dtype == dw.dtype == dtype
-            assert max(errors[key]) <= tol, f"{name} {key}: relative errors {errors[key]} > {tol}"
-    # the public transposed map: rows ascending within each point
-    tsplits, tkeys = _conv.transposed(be, km)
+    configs = ((False, (3, 5)), (False, (9, 9)), (False, (40, 3)), (True, (6, 6)),
+               (True, (33, 33)))
+    for scheme in ("bycell", "auto"):
+        os.environ[_conv.OPERATOR_ENV] = scheme
+        for dtype in (np.float32, np.float64):
+            for depthwise, (c_in, c_out) in configs:
+                x = rng.standard_normal((len(p), c_in)).astype(dtype)
+                w_shape = (k, k, k, c_in) if depthwise else (k, k, k, c_in, c_out)
+                w = rng.standard_normal(w_shape).astype(dtype)
+                dy = rng.standard_normal((m, c_out)).astype(dtype)
+                start = len(be.launches)
+                y = _conv.forward(be, km, x, w, c_out, depthwise)
+                dx = _conv.backward_input(be, km, dy, w, c_in, depthwise)
+                dw = _conv.backward_weight(be, km, x, dy, c_out, depthwise).reshape(w.shape)
+                ran = {name.split("<")[0] for name in be.launches[start:]}
+                # "auto" takes the rows scheme where it applies: up to 32 channels, per-cell
+                # sums within the shared arrays, (weight gradient) weights within the registers
+                rows_fwd = _conv.rows_plan(k ** 3, c_in, c_out, x.itemsize) is not None
+                rows_dx = _conv.rows_plan(k ** 3, c_out, c_in, x.itemsize) is not None
+                rows_dw = _conv.rows_plan(k ** 3, c_in, c_out, x.itemsize, w.size) is not None
+                if scheme == "auto" and max(c_in, c_out) <= 32 and k <= 3:
+                    assert rows_fwd and rows_dx and rows_dw, (c_in, c_out, k)
+                assert ("conv_rows" in ran) == (rows_fwd or rows_dx), (scheme, c_in, c_out, ran)
+                assert ("conv_weight_rows" in ran) == rows_dw, (scheme, c_in, c_out, ran)
+                cached = f"cuda_transposed_rows_{np.dtype(dtype).name}" in km._cache
+                assert cached if rows_dx else (scheme == "auto" or not cached), (scheme, ran)
+                ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
+                tol = 1e-5 if dtype == np.float32 else 1e-12
+                key = (f"{scheme} {np.dtype(dtype).name} {'depthwise' if depthwise else 'dense'} "
+                       f"{c_in}->{c_out}")
+                errors[key] = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
+                assert y.dtype == dx.dtype == dw.dtype == dtype
+                assert max(errors[key]) <= tol, f"{name} {key}: relative errors {errors[key]} > {tol}"
+    os.environ.pop(_conv.OPERATOR_ENV)
+    # the rows scheme's transposed map: each point's entries by ascending row (a row names a
+    # point once), whatever order the atomic cursor gave them, with weights 1 / n_i(f)
     rows = np.repeat(np.arange(m), np.diff(splits))
     order = np.lexsort((rows, index))
+    for dtype in (np.float32, np.float64):
+        tr = _conv.transposed_rows(be, km, dtype)
+        be.reversed = True  # the atomic cursor now hands the slots out in another order
+        km._cache.pop(f"cuda_transposed_rows_{np.dtype(dtype).name}")
+        tr_reversed = _conv.transposed_rows(be, km, dtype)
+        be.reversed = False
+        for key in tr:
+            np.testing.assert_array_equal(tr_reversed[key], tr[key], err_msg=key)
+        np.testing.assert_array_equal(tr["splits"][1:],
+                                      np.cumsum(np.bincount(index, minlength=len(p))))
+        np.testing.assert_array_equal(tr["row"], rows[order])
+        np.testing.assert_array_equal(tr["cell"], cell[order].astype(np.int32))
+        np.testing.assert_array_equal(
+            tr["weight"], (1 / om.counts[rows[order], cell[order]].astype(dtype)).astype(dtype))
+    # the public transposed map: rows ascending within each point
+    tsplits, tkeys = _conv.transposed(be, km)
     bits = _search.cell_bits_for(k)
     np.testing.assert_array_equal(tsplits[1:], np.cumsum(np.bincount(index, minlength=len(p))))
     np.testing.assert_array_equal(tkeys, (rows[order] << bits) | cell[order].astype(np.int64))
@@ -678,12 +759,18 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
     (False, 3, 9, False), (False, 9, 9, False), (False, 64, 48, False), (False, 5, 7, True),
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
-def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation):
-    """Forward, input and weight gradients equal to the CPU within rounding (norm-wise)."""
+@pytest.mark.parametrize("scheme", ["auto", "bycell"])
+def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
+                              monkeypatch):
+    """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
+    either operator scheme (auto takes "rows" up to 32 channels)."""
     import cupy
 
     import pwconv_cy
     from pwconv_cy import cuda
+    from pwconv_cy.cuda import _conv
+
+    monkeypatch.setenv(_conv.OPERATOR_ENV, scheme)
 
     rng = np.random.default_rng(c_in * 31 + c_out + dilation)
     p, offsets, q, q_off, x, w, dy = _conv_case(rng, dtype, depthwise, c_in, c_out, queries)
@@ -706,11 +793,16 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_gpu_results_bit_identical_across_runs(depthwise):
-    """Two runs (fresh kernel maps, fresh caches) give the same bits."""
+@pytest.mark.parametrize("scheme", ["auto", "bycell"])
+def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
+    """Two runs (fresh kernel maps, fresh caches: the transposed map's atomic cursor hands out
+    other slots) give the same bits."""
     import cupy
 
     from pwconv_cy import cuda
+    from pwconv_cy.cuda import _conv
+
+    monkeypatch.setenv(_conv.OPERATOR_ENV, scheme)
 
     rng = np.random.default_rng(11)
     p, offsets, _, _, x, w, dy = _conv_case(rng, np.float32, depthwise, 9, 9, False)

@@ -70,8 +70,14 @@ def conv_name(kernel: str, dtype) -> str:
     return f"{kernel}<{FLOAT_CTYPES[np.dtype(dtype)]}>"
 
 
+def rows_name(kernel: str, dtype, cell_dtype) -> str:
+    """A kernel of the "rows" operator scheme, templated on the float and the cell type."""
+    return f"{kernel}<{FLOAT_CTYPES[np.dtype(dtype)]}, {CELL_CTYPES[np.dtype(cell_dtype)]}>"
+
+
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
-                "conv_weight_partial_depthwise", "sum_partials")
+                "conv_weight_partial_depthwise", "sum_partials", "sort_point_segments")
+ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "scatter_transposed")
 
 #: Template instantiations requested from NVRTC (get_function needs these exact strings).
 NAME_EXPRESSIONS = tuple(
@@ -79,13 +85,15 @@ NAME_EXPRESSIONS = tuple(
     + [radius_name(fill) for fill in (False, True)]
     + [split_name(dt) for dt in CELL_CTYPES]
     + [order_name(dt) for dt in CELL_CTYPES]
-    + [conv_name(k, dt) for k in CONV_KERNELS for dt in FLOAT_CTYPES])
+    + [conv_name(k, dt) for k in CONV_KERNELS for dt in FLOAT_CTYPES]
+    + [rows_name(k, dt, ct) for k in ROWS_KERNELS for dt in FLOAT_CTYPES for ct in CELL_CTYPES])
 
 #: Kernels declared extern "C" (looked up by their plain name).
-PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "expand_rows")
+PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "expand_rows", "count_per_point")
 
 #: Kernels that use __syncthreads / __syncwarp (the host emulation runs them with real threads).
-BARRIER_KERNELS = ("cloud_lower_corner", "conv_gather_dense", "conv_weight_partial_dense")
+BARRIER_KERNELS = ("cloud_lower_corner", "conv_gather_dense", "conv_weight_partial_dense",
+                   "conv_rows", "conv_weight_rows")
 
 
 class CudaKernelError(RuntimeError):

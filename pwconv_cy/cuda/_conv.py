@@ -1,6 +1,19 @@
 """GPU pointwise convolution over a kernel map: forward, input gradient, weight gradient.
 
-The kernels (kernels.cu) read the map "by cell": each row's entries ordered by (cell, index), so
+Two schemes, with the same results to rounding and each bit-identical from run to run:
+
+* "rows" (kernels.cu's conv_rows, conv_weight_rows): a group of lanes per row reads the row's
+  entries in map order and sums them per kernel cell in shared memory, so the forward needs no
+  reordering of the map; the input gradient runs the same kernel over the transposed map, whose
+  entries carry their weights 1 / n_i(f) (built by count -> scan -> scatter -> per-point sort).
+  Used when the channel counts are at most 32 and the per-cell sums fit the kernels' shared
+  arrays (:func:`rows_plan`) -- the paper's networks and most point-cloud layers.
+* "by cell", the general one, described below.
+
+``PWCONV_CUDA_OPERATOR=bycell`` (or ``rows``) forces one scheme where both apply (benchmarks,
+tests); the default picks "rows" whenever it applies.
+
+The "by cell" kernels read the map "by cell": each row's entries ordered by (cell, index), so
 that every Omega_i(f) is one run (a counting sort per row, one thread per row).  The input gradient
 gathers over the transposed map ordered by (point, cell, row) (one stable radix sort).  Both are
 cached on the KernelMap (``_cache``), so a layer's forward and backward share them.  The weight gradient is
@@ -9,9 +22,11 @@ adds them in block order.  No floating-point atomics: bit-identical results from
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from pwconv_cy.cuda._backend import conv_name, order_name
+from pwconv_cy.cuda._backend import conv_name, order_name, rows_name
 from pwconv_cy.cuda._search import THREADS, blocks, cell_bits_for, expand_rows
 
 __all__ = [
@@ -20,7 +35,9 @@ __all__ = [
     "by_cell",
     "forward",
     "rows_per_partial",
+    "rows_plan",
     "transposed",
+    "transposed_rows",
     "transposed_by_cell",
 ]
 
@@ -31,6 +48,43 @@ i32 = np.int32
 WEIGHT_BLOCK_ROWS = 256
 #: Partial sums held at once by the weight gradient.
 PARTIAL_BYTES = 256 * 1024 * 1024
+
+# Capacities of the "rows" kernels (kernels.cu: PWCONV_CUDA_SUMS_BYTES, _TALLY_CAP, _ACC_BYTES,
+# _ROW_THREADS, _SCATTER_TALLY_CAP): keep in step.
+ROWS_SUMS_BYTES = 16384
+ROWS_TALLY_CAP = 1024
+ROWS_ACC_BYTES = 20480
+ROWS_THREADS = 256
+SCATTER_TALLY_CAP = 8192
+#: Transposed-map segments up to this length are sorted by one thread; longer ones globally.
+SHORT_SEGMENT = 64
+OPERATOR_ENV = "PWCONV_CUDA_OPERATOR"
+OPERATOR_SCHEMES = ("auto", "rows", "bycell")
+
+
+def operator_scheme() -> str:
+    """The scheme asked for by PWCONV_CUDA_OPERATOR: auto (default), rows or bycell."""
+    scheme = os.environ.get(OPERATOR_ENV, "auto").strip().lower() or "auto"
+    if scheme not in OPERATOR_SCHEMES:
+        raise ValueError(f"{OPERATOR_ENV} must be one of {', '.join(OPERATOR_SCHEMES)}, got "
+                         f"{scheme!r}")
+    return scheme
+
+
+def rows_plan(n_cells: int, a: int, b: int, itemsize: int, weight_entries: int = 0):
+    """(lanes per row, rows per block) of the "rows" kernels summing `a` source channels per cell
+    into `b` outputs in floats of `itemsize` bytes, or None when they do not apply: more than 32
+    channels, per-cell sums or tallies beyond the kernels' shared arrays, or (weight_entries > 0:
+    the weight gradient) more weight entries than its shared accumulators.  Also None when
+    PWCONV_CUDA_OPERATOR=bycell."""
+    if operator_scheme() == "bycell" or max(a, b) > 32 or a < 1 or b < 1:
+        return None
+    group = _group(a, b)
+    per_block = min(ROWS_THREADS // group, ROWS_SUMS_BYTES // (itemsize * n_cells * a),
+                    ROWS_TALLY_CAP // n_cells)
+    if per_block < 1 or weight_entries * itemsize > ROWS_ACC_BYTES:
+        return None
+    return group, per_block
 
 
 def _row_of(be, km):
@@ -97,6 +151,46 @@ def transposed_by_cell(be, km) -> dict:
     return km._cache["cuda_transposed_by_cell"]
 
 
+def transposed_rows(be, km, dtype) -> dict:
+    """The transposed map of the "rows" scheme: for every point j the entries (i, f) with j in
+    Omega_i(f), ordered by (i, f), each with its weight 1 / n_i(f) in `dtype`:
+    splits (n+1,) int64, row (E,) int64, cell (E,) int32, weight (E,) dtype.
+
+    count per point (integer atomics) -> scan -> scatter (an atomic cursor per point picks the
+    slot) -> sort of each point's segment by (row, cell): the result does not depend on the
+    schedule.  Segments longer than SHORT_SEGMENT are sorted by one global sort instead."""
+    key = f"cuda_transposed_rows_{np.dtype(dtype).name}"
+    if key not in km._cache:
+        xp = be.xp
+        n, m = km.n_points, km.n_queries
+        n_cells = km.kernel_size ** 3
+        n_entries = int(km.index.shape[0])
+        per_point = xp.zeros(n, dtype=xp.int32)
+        be.launch("count_per_point", (blocks(n_entries),), (THREADS,),
+                  (i64(n_entries), km.index, per_point))
+        tsplits = xp.zeros(n + 1, dtype=xp.int64)
+        tsplits[1:] = xp.cumsum(per_point, dtype=xp.int64)
+        longest = int(be.to_host(per_point.max())) if n else 0
+        fill = xp.zeros(n, dtype=xp.int32)
+        trow = xp.empty(n_entries, dtype=xp.int64)
+        tcell = xp.empty(n_entries, dtype=xp.int32)
+        tw = xp.empty(n_entries, dtype=dtype)
+        threads = max(1, min(THREADS, SCATTER_TALLY_CAP // n_cells))
+        be.launch(rows_name("scatter_transposed", dtype, km.cell.dtype),
+                  (blocks(m, threads),), (threads,),
+                  (i64(m), km.splits, km.index, km.cell, i32(n_cells), tsplits, fill, trow,
+                   tcell, tw))
+        if longest <= SHORT_SEGMENT:
+            be.launch(conv_name("sort_point_segments", dtype), (blocks(n),), (THREADS,),
+                      (i64(n), tsplits, i64(SHORT_SEGMENT), trow, tcell, tw))
+        else:  # one global sort by (point, row, cell)
+            point = expand_rows(be, tsplits, n_entries)
+            order = be.lexsort(xp.stack([tcell.astype(xp.int64), trow, point]))
+            trow, tcell, tw = (xp.ascontiguousarray(a[order]) for a in (trow, tcell, tw))
+        km._cache[key] = {"splits": tsplits, "row": trow, "cell": tcell, "weight": tw}
+    return km._cache[key]
+
+
 def transposed(be, km):
     """The CPU's KernelMap.transposed(): (tsplits (n+1,) int64, tkeys (E,) int64) with
     tkeys = row << bits | cell, rows ascending within each point."""
@@ -134,6 +228,17 @@ def _gather(be, dtype, rows, splits, col, cell, weight_row, counts, n_cells, src
                i64(a), M, i64(b), out, i32(g)))
 
 
+def _rows_gather(be, dtype, rows, splits, col, cell, weight, n_cells, src, a, M, b, depthwise,
+                 plan, out):
+    group, per_block = plan
+    use_w = i32(0 if weight is None else 1)
+    weight = src if weight is None else weight  # unused when use_w == 0
+    be.launch(rows_name("conv_rows", dtype, cell.dtype), (blocks(rows, per_block),),
+              (per_block * group,),
+              (i64(rows), splits, col, cell, use_w, weight, i32(n_cells), src, i32(a), M, i32(b),
+               i32(1 if depthwise else 0), i32(group), out))
+
+
 def forward(be, km, x, w, c_out: int, depthwise: bool):
     """y (m, c_out) = sum_f mean_{Omega_i(f)} x . W_f (x (n, c_in), w C-contiguous)."""
     xp = be.xp
@@ -142,6 +247,11 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
     c_in = int(x.shape[1])
     y = xp.empty((m, c_out), dtype=x.dtype)
     if m == 0:
+        return y
+    plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize)
+    if plan is not None:
+        _rows_gather(be, x.dtype, m, km.splits, km.index, km.cell, None, n_cells, x, c_in, w,
+                     c_out, depthwise, plan, y)
         return y
     bc = by_cell(be, km)
     _gather(be, x.dtype, m, km.splits, bc["col"], bc["cell"], None, km.counts, n_cells, x, c_in,
@@ -159,11 +269,17 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
     dx = xp.empty((n, c_in), dtype=dy.dtype)
     if n == 0:
         return dx
-    tb = transposed_by_cell(be, km)
     if depthwise:
         M = w
     else:  # W_f^T: (K^3, c_out, c_in)
         M = xp.ascontiguousarray(w.reshape(n_cells, c_in, c_out).transpose(0, 2, 1))
+    plan = rows_plan(n_cells, c_out, c_in, dy.dtype.itemsize)
+    if plan is not None:
+        tr = transposed_rows(be, km, dy.dtype)
+        _rows_gather(be, dy.dtype, n, tr["splits"], tr["row"], tr["cell"], tr["weight"], n_cells,
+                     dy, c_out, M, c_in, depthwise, plan, dx)
+        return dx
+    tb = transposed_by_cell(be, km)
     _gather(be, dy.dtype, n, tb["splits"], tb["row"], tb["cell"], tb["row"], km.counts, n_cells,
             dy, c_out, M, c_in, depthwise, dx)
     return dx
@@ -187,10 +303,20 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
     dw = xp.zeros(w_size, dtype=x.dtype)
     if m == 0:
         return dw
-    bc = by_cell(be, km)
     rpb = rows_per_partial(m, w_size, x.dtype.itemsize)
     n_blocks = -(-m // rpb)
     partial = xp.empty(n_blocks * w_size, dtype=x.dtype)
+    plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
+    if plan is not None:
+        group, per_block = plan
+        be.launch(rows_name("conv_weight_rows", x.dtype, km.cell.dtype), (n_blocks,),
+                  (per_block * group,),
+                  (i64(m), km.splits, km.index, km.cell, i32(n_cells), x, i32(c_in), dy,
+                   i32(c_out), i32(1 if depthwise else 0), i32(group), i64(rpb), partial))
+        be.launch(conv_name("sum_partials", x.dtype), (blocks(w_size),), (THREADS,),
+                  (i64(n_blocks), i64(w_size), partial, dw))
+        return dw
+    bc = by_cell(be, km)
     if depthwise:
         be.launch(conv_name("conv_weight_partial_depthwise", x.dtype),
                   (n_blocks, blocks(n_cells * c_in)), (THREADS,),

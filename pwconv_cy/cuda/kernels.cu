@@ -624,3 +624,258 @@ __global__ void sum_partials(long long n_blocks, long long size, const F* partia
     for (long long b = 0; b < n_blocks; ++b) acc = acc + partial[b * size + w];
     out[w] = acc;
 }
+
+// ============================================================================================
+// Operator, second scheme ("rows"): one group of lanes per row reads the row's entries in their
+// map order (no by-cell reordering), lane = channel, and sums them per kernel cell in shared
+// memory; the cell means then meet the cell matrices.  Sums are formed in entry order, products
+// in ascending (cell, channel) order: fixed, so results are bit-identical from run to run.  The
+// input gradient runs the same kernel over the transposed map, whose entries carry their weight
+// 1 / n_i(f) (built by count -> scan -> scatter -> per-point sort below; integer atomics only
+// decide where an entry lands before the sort, never a floating-point sum).  Used for channel
+// counts up to 32 and kernels whose per-cell sums fit the shared arrays (see _conv.rows_plan;
+// its capacities mirror the defines below).
+// ============================================================================================
+
+namespace pwconv_cuda {
+
+/// Shared per-block capacities of the "rows" kernels (static, under the 48 KiB of a block): the
+/// per-cell sums (bytes), the per-cell tallies (ints), the weight-gradient accumulators (bytes).
+#define PWCONV_CUDA_SUMS_BYTES 16384
+#define PWCONV_CUDA_TALLY_CAP 1024
+#define PWCONV_CUDA_ACC_BYTES 20480
+/// Cell tallies of scatter_transposed's block (one row per thread).
+#define PWCONV_CUDA_SCATTER_TALLY_CAP 8192
+/// Threads per block of the "rows" kernels at most (rows per block * lanes per row).
+#define PWCONV_CUDA_ROW_THREADS 256
+
+/// Lanes of the calling thread's group (`group` a power of two <= 32) within its warp.
+__device__ __forceinline__ unsigned group_mask(int group) {
+    const unsigned warp_lane = threadIdx.x % 32;
+    return group == 32 ? 0xffffffffu : (((1u << group) - 1u) << ((warp_lane / group) * group));
+}
+
+/// sums[f * a + c] += w * v, in the order the caller calls it.
+template <class F>
+__device__ __forceinline__ void add_to_cell(F* sums, int f, int a, int lane, F v, int use_w,
+                                            F w) {
+    F* s = sums + f * a + lane;
+    *s = use_w ? *s + w * v : *s + v;
+}
+
+/// Per-cell sums of the entries [e0, e1) of one row, run by the row's `group` lanes together
+/// (lane = channel c < a): sums[f * a + c] = sum over the entries e of cell f, in entry order, of
+/// w_e * src[col[e] * a + c] (w_e = entry_w[e] when use_w, else 1); tally[f] = their number.
+/// With to_mean (and no weights) the sums are then divided into means: sums[f * a + c] *=
+/// 1 / tally[f].  stage_*: the group's `group` staging slots.
+template <class F, class CellT>
+__device__ __forceinline__ void row_cell_sums(i64 e0, i64 e1, const i64* __restrict__ col,
+                                              const CellT* __restrict__ cell, int use_w,
+                                              const F* __restrict__ entry_w, int n_cells,
+                                              const F* __restrict__ src, int a, int lane,
+                                              int group, unsigned mask, int to_mean, F* sums,
+                                              int* tally, i64* stage_j, int* stage_f,
+                                              F* stage_w) {
+    for (int k = lane; k < n_cells * a; k += group) sums[k] = F(0);
+    for (int k = lane; k < n_cells; k += group) tally[k] = 0;
+    __syncwarp(mask);
+    for (i64 base = e0; base < e1; base += group) {
+        const i64 e = base + lane;
+        if (e < e1) {  // the group loads `group` entries at once
+            stage_j[lane] = col[e] * a;
+            stage_f[lane] = (int)cell[e];
+            stage_w[lane] = use_w ? entry_w[e] : F(1);
+        }
+        __syncwarp(mask);
+        const int cnt = e1 - base < group ? (int)(e1 - base) : group;
+        if (lane < a) {
+            int t = 0;
+            for (; t + 4 <= cnt; t += 4) {  // four independent loads in flight, added in order
+                const F v0 = src[stage_j[t] + lane], v1 = src[stage_j[t + 1] + lane];
+                const F v2 = src[stage_j[t + 2] + lane], v3 = src[stage_j[t + 3] + lane];
+                add_to_cell(sums, stage_f[t], a, lane, v0, use_w, stage_w[t]);
+                add_to_cell(sums, stage_f[t + 1], a, lane, v1, use_w, stage_w[t + 1]);
+                add_to_cell(sums, stage_f[t + 2], a, lane, v2, use_w, stage_w[t + 2]);
+                add_to_cell(sums, stage_f[t + 3], a, lane, v3, use_w, stage_w[t + 3]);
+            }
+            for (; t < cnt; ++t)
+                add_to_cell(sums, stage_f[t], a, lane, src[stage_j[t] + lane], use_w, stage_w[t]);
+        }
+        if (lane == group - 1)
+            for (int t = 0; t < cnt; ++t) tally[stage_f[t]] += 1;
+        __syncwarp(mask);
+    }
+    if (to_mean && !use_w) {
+        if (lane < a)
+            for (int f = 0; f < n_cells; ++f) {
+                const int n = tally[f];
+                if (n) sums[f * a + lane] = sums[f * a + lane] * (F(1) / (F)n);
+            }
+        __syncwarp(mask);
+    }
+}
+
+}  // namespace pwconv_cuda
+
+/// out (rows, b) = sum over the cells f of row i, ascending, of mean_f . M_f (dense: M (n_cells,
+/// a, b) row-major; depthwise, a == b: M (n_cells, a), channel by channel), where mean_f is the
+/// cell's mean of src rows (use_w == 0: the forward, weights 1 / n_i(f) from the row's tally) or
+/// the cell's entry_w-weighted sum (use_w == 1: the input gradient over the transposed map).
+/// Block: rows_per_block groups of `group` lanes (group a power of two >= max(a, b), <= 32).
+template <class F, class CellT>
+__global__ void conv_rows(long long rows, const long long* __restrict__ splits,
+                          const long long* __restrict__ col, const CellT* __restrict__ cell,
+                          int use_w, const F* __restrict__ entry_w, int n_cells,
+                          const F* __restrict__ src, int a, const F* __restrict__ M, int b,
+                          int depthwise, int group, F* __restrict__ out) {
+    using namespace pwconv_cuda;
+    __shared__ F sums_all[PWCONV_CUDA_SUMS_BYTES / sizeof(F)];
+    __shared__ int tally_all[PWCONV_CUDA_TALLY_CAP];
+    __shared__ i64 stage_j[PWCONV_CUDA_ROW_THREADS];
+    __shared__ int stage_f[PWCONV_CUDA_ROW_THREADS];
+    __shared__ F stage_w[PWCONV_CUDA_ROW_THREADS];
+    const int lane = threadIdx.x % group, g = threadIdx.x / group;
+    const i64 row = (i64)blockIdx.x * (blockDim.x / group) + g;
+    if (row >= rows) return;  // the whole group leaves together
+    const unsigned mask = group_mask(group);
+    F* sums = sums_all + g * n_cells * a;
+    int* tally = tally_all + g * n_cells;
+    row_cell_sums(splits[row], splits[row + 1], col, cell, use_w, entry_w, n_cells, src, a, lane,
+                  group, mask, 1, sums, tally, stage_j + g * group, stage_f + g * group,
+                  stage_w + g * group);
+    if (lane >= b) return;
+    F acc = F(0);
+    for (int f = 0; f < n_cells; ++f) {
+        if (tally[f] == 0) continue;
+        const F* s = sums + f * a;
+        if (depthwise) {
+            acc = acc + s[lane] * M[(i64)f * a + lane];
+        } else {
+            const F* Mf = M + (i64)f * a * b + lane;
+            for (int ci = 0; ci < a; ++ci) acc = acc + s[ci] * Mf[(i64)ci * b];
+        }
+    }
+    out[row * b + lane] = acc;
+}
+
+/// Weight gradient, pass 1 of the "rows" scheme: partial[blk, w] = sum over the rows i of chunk
+/// blk (rows_per_chunk rows, ascending) of mean_{Omega_i(f)}(x)[ci] * dy[i, co] for every weight
+/// entry w = (f, ci, co) (dense) or (f, c) (depthwise, ci = co = c).  Each pass, the block's
+/// groups form the cell means of consecutive rows; then the thread owning weight entry w (w =
+/// threadIdx.x + k * blockDim.x) adds the pass's rows to it in row order, in shared memory
+/// (n_w <= PWCONV_CUDA_ACC_BYTES / sizeof(F)).
+template <class F, class CellT>
+__global__ void conv_weight_rows(long long m, const long long* __restrict__ splits,
+                                 const long long* __restrict__ col,
+                                 const CellT* __restrict__ cell, int n_cells,
+                                 const F* __restrict__ x, int a, const F* __restrict__ dy, int b,
+                                 int depthwise, int group, long long rows_per_chunk,
+                                 F* __restrict__ partial) {
+    using namespace pwconv_cuda;
+    __shared__ F sums_all[PWCONV_CUDA_SUMS_BYTES / sizeof(F)];
+    __shared__ int tally_all[PWCONV_CUDA_TALLY_CAP];
+    __shared__ i64 stage_j[PWCONV_CUDA_ROW_THREADS];
+    __shared__ int stage_f[PWCONV_CUDA_ROW_THREADS];
+    __shared__ F stage_w[PWCONV_CUDA_ROW_THREADS];
+    __shared__ F dy_rows[PWCONV_CUDA_ROW_THREADS];
+    __shared__ F acc_all[PWCONV_CUDA_ACC_BYTES / sizeof(F)];
+    const int lane = threadIdx.x % group, g = threadIdx.x / group;
+    const int rows_per_pass = blockDim.x / group;
+    const unsigned mask = group_mask(group);
+    const int n_w = depthwise ? n_cells * a : n_cells * a * b;
+    for (int w = threadIdx.x; w < n_w; w += blockDim.x) acc_all[w] = F(0);
+    const i64 r0 = (i64)blockIdx.x * rows_per_chunk;
+    const i64 r1 = r0 + rows_per_chunk < m ? r0 + rows_per_chunk : m;
+    F* sums = sums_all + g * n_cells * a;
+    int* tally = tally_all + g * n_cells;
+    for (i64 pass = r0; pass < r1; pass += rows_per_pass) {
+        const i64 row = pass + g;
+        if (row < r1) {
+            row_cell_sums(splits[row], splits[row + 1], col, cell, 0, (const F*)0, n_cells, x, a,
+                          lane, group, mask, 1, sums, tally, stage_j + g * group,
+                          stage_f + g * group, stage_w + g * group);
+            if (lane < b) dy_rows[g * b + lane] = dy[row * b + lane];
+        }
+        __syncthreads();  // the pass's means, tallies and output gradients are in place
+        const int n_rows = r1 - pass < rows_per_pass ? (int)(r1 - pass) : rows_per_pass;
+        for (int w = threadIdx.x; w < n_w; w += blockDim.x) {
+            // w = (f * a + ci) * b + co, or f * a + c when depthwise
+            const int s = depthwise ? w : w / b;
+            const int co = depthwise ? w % a : w % b;
+            const int f = s / a;
+            F acc = acc_all[w];
+            for (int r = 0; r < n_rows; ++r)
+                if (tally_all[r * n_cells + f] != 0)
+                    acc = acc + sums_all[r * n_cells * a + s] * dy_rows[r * b + co];
+            acc_all[w] = acc;
+        }
+        __syncthreads();  // before the next pass overwrites the means
+    }
+    for (int w = threadIdx.x; w < n_w; w += blockDim.x)
+        partial[(i64)blockIdx.x * n_w + w] = acc_all[w];
+}
+
+/// per_point[col[e]] += 1 for every entry e (integer atomics: a count, order-free).
+extern "C" __global__ void count_per_point(long long n_entries, const long long* col,
+                                           int* per_point) {
+    const long long e = pwconv_cuda::global_thread();
+    if (e >= n_entries) return;
+    atomicAdd(per_point + col[e], 1);
+}
+
+/// Transposed map, scatter: every entry (i, j, f) of row i goes to a free slot of point j's
+/// segment [tsplits[j], tsplits[j + 1]) as (trow = i, tcell = f, tw = 1 / n_i(f)); fill[j]
+/// (zeroed by the caller) counts the segment's used slots.  The slot order depends on the
+/// schedule; sort_point_segments then orders each segment by (row, cell).  One thread per row,
+/// its cell tally in shared memory (blockDim.x * n_cells <= PWCONV_CUDA_SCATTER_TALLY_CAP).
+template <class F, class CellT>
+__global__ void scatter_transposed(long long m, const long long* __restrict__ splits,
+                                   const long long* __restrict__ col,
+                                   const CellT* __restrict__ cell, int n_cells,
+                                   const long long* __restrict__ tsplits, int* fill,
+                                   long long* __restrict__ trow, int* __restrict__ tcell,
+                                   F* __restrict__ tw) {
+    __shared__ int tally_all[PWCONV_CUDA_SCATTER_TALLY_CAP];
+    const long long i = pwconv_cuda::global_thread();
+    if (i >= m) return;
+    int* tally = tally_all + threadIdx.x * n_cells;
+    for (int f = 0; f < n_cells; ++f) tally[f] = 0;
+    const long long e0 = splits[i], e1 = splits[i + 1];
+    for (long long e = e0; e < e1; ++e) tally[(int)cell[e]] += 1;
+    for (long long e = e0; e < e1; ++e) {
+        const long long j = col[e];
+        const int f = (int)cell[e];
+        const long long pos = tsplits[j] + atomicAdd(fill + j, 1);
+        trow[pos] = i;
+        tcell[pos] = f;
+        tw[pos] = F(1) / (F)tally[f];
+    }
+}
+
+/// Sorts every segment of at most short_len entries of the transposed map by (row, cell), the
+/// weights moving along (insertion sort, one thread per point); longer segments are left to the
+/// caller's global sort.
+template <class F>
+__global__ void sort_point_segments(long long n, const long long* __restrict__ tsplits,
+                                    long long short_len, long long* __restrict__ trow,
+                                    int* __restrict__ tcell, F* __restrict__ tw) {
+    const long long j = pwconv_cuda::global_thread();
+    if (j >= n) return;
+    const long long b = tsplits[j], e = tsplits[j + 1];
+    if (e - b > short_len) return;
+    for (long long p = b + 1; p < e; ++p) {
+        const long long r = trow[p];
+        const int f = tcell[p];
+        const F w = tw[p];
+        long long q = p - 1;
+        while (q >= b && (trow[q] > r || (trow[q] == r && tcell[q] > f))) {
+            trow[q + 1] = trow[q];
+            tcell[q + 1] = tcell[q];
+            tw[q + 1] = tw[q];
+            --q;
+        }
+        trow[q + 1] = r;
+        tcell[q + 1] = f;
+        tw[q + 1] = w;
+    }
+}
