@@ -6,7 +6,8 @@
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
 #   bash benchmarks/gpu_check.sh
-# Env: PWCONV_PYTEST_FLAGS (default "-x"), PWCONV_BENCH_FLAGS (default ""), timeouts below.
+# Env: PWCONV_PYTEST_FLAGS (default "--maxfail=10"), PWCONV_BENCH_FLAGS (default ""), timeouts
+# below.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -67,7 +68,7 @@ import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/load
 
 # shellcheck disable=SC2086
 step gpu_tests 240 pytest.log \
-    env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:--x} -m gpu \
+    env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:---maxfail=10} -m gpu \
     tests/test_cuda.py tests/test_interop.py tests/test_torch_adapter.py \
     -p no:cacheprovider
 

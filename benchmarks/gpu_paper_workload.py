@@ -8,10 +8,15 @@ Timed with CUDA events after a warm-up, medians of several runs, per stage:
 * kernel maps -- pwconv: one shared GPU grid (``pwconv_cy.cuda.NeighborIndex``) + four
   ``.kernel_map`` calls; PyTorch: brute force per cloud (``torch.cdist(p=inf)`` candidates, then
   SPEC §1's exact binning in float64), as benchmarks/peers.py does on the CPU;
-* forward -- the four layers (pwconv builds its by-cell orders here: map caches are dropped
-  before every run); PyTorch: ``index_add_`` of scaled neighbour features + one matmul per layer;
+* forward -- the four layers (pwconv builds whatever it caches on a map here: map caches are
+  dropped before every run); PyTorch: ``index_add_`` of scaled neighbour features + one matmul
+  per layer;
 * backward -- input and weight gradients of the four layers (pwconv builds its transposed maps
   here); PyTorch: autograd.
+
+pwconv's forward and backward are timed with both GPU operator schemes ("rows", the default for
+these channel counts, and "by cell": PWCONV_CUDA_OPERATOR), and a breakdown times the grid, each
+map, the per-call checks and each kernel stage of every layer.
 
 Both are checked first: identical pair counts per layer and outputs / weight gradients equal
 within float32 rounding.  Also timed: the kernel map of one 1,000,000-point sphere-surface cloud
@@ -166,6 +171,54 @@ class PwconvGPU:
             if i > 0:
                 d_h[i - 1] = d_h[i - 1] + dx
         return d_w
+
+
+def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
+    """Where the time goes: the grid, each kernel map, the checks of a call, and each kernel
+    stage of every layer (called directly, caches as the stage needs them)."""
+    import cupy
+
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _conv, _search
+    from pwconv_cy.cuda._backend import get_backend
+
+    be = get_backend()
+    out = {}
+    points64 = pw.points.astype(cupy.float64)
+    out["grid (NeighborIndex)"] = time_cuda(
+        lambda: cuda.NeighborIndex(pw.points, VOXEL, offsets=pw.offsets), warmup, runs)
+    index = cuda.NeighborIndex(pw.points, VOXEL, offsets=pw.offsets)
+    for (_, _, s), km in zip(LAYERS, kms):
+        out[f"kernel map s={s} ({km.n_pairs:,} pairs)"] = time_cuda(
+            lambda s=s: index.kernel_map(K, s), warmup, runs)
+    out["points digest (float32 points)"] = time_cuda(
+        lambda: _search.points_digest(be, pw.points, pw.offsets), warmup, runs)
+    out["points digest (float64 points)"] = time_cuda(
+        lambda: _search.points_digest(be, points64, pw.offsets), warmup, runs)
+    xs, zs = state["xs"], state["zs"]
+    for i, ((c_in, c_out, s), w, km) in enumerate(zip(LAYERS, pw.weights, kms)):
+        x = xs[i]
+        tag = f"layer {i + 1} {c_in}->{c_out} s={s}"
+        out[f"{tag}: pointwise_conv call"] = time_cuda(
+            lambda x=x, w=w, km=km, s=s: cuda.pointwise_conv(
+                pw.points, x, w, VOXEL, dilation=s, offsets=pw.offsets, kernel_map=km,
+                check_finite=False), warmup, runs)
+        out[f"{tag}: forward kernel"] = time_cuda(
+            lambda x=x, w=w, km=km: _conv.forward(be, km, x, w, c_out, False), warmup, runs)
+        dy = cupy.ascontiguousarray(zs[i])
+
+        def fresh_transposed(km=km):
+            km._cache.pop("cuda_transposed_rows_float32", None)
+            _conv.transposed_rows(be, km, cupy.float32)
+
+        out[f"{tag}: transposed map"] = time_cuda(fresh_transposed, warmup, runs)
+        out[f"{tag}: input gradient kernel"] = time_cuda(
+            lambda dy=dy, w=w, km=km: _conv.backward_input(be, km, dy, w, c_in, False),
+            warmup, runs)
+        out[f"{tag}: weight gradient kernels"] = time_cuda(
+            lambda x=x, dy=dy, km=km: _conv.backward_weight(be, km, x, dy, c_out, False),
+            warmup, runs)
+    return out
 
 
 # --- plain PyTorch on the same GPU ----------------------------------------------------------
@@ -391,18 +444,32 @@ def main(argv=None) -> int:
 
     def pw_backward_fresh():
         for km in kms:  # the transposed maps are built per batch: include them
-            km._cache.pop("cuda_transposed_by_cell", None)
-            km._cache.pop("cuda_row_of", None)
+            for key in [k for k in km._cache if k.startswith(("cuda_transposed", "cuda_row_of"))]:
+                del km._cache[key]
         pw.backward(kms, state["xs"], state["zs"])
 
-    for km in kms:
-        km._cache.clear()
-    state["xs"], state["zs"] = pw.forward(kms)
-    stages = {"pwconv": {
-        "kernel_maps": time_cuda(pw.kernel_maps, warmup, runs),
-        "forward": time_cuda(pw_forward_fresh, warmup, runs),
-        "backward": time_cuda(pw_backward_fresh, warmup, runs),
-    }}
+    from pwconv_cy.cuda import _conv
+
+    stages = {}
+    schemes = {}
+    for scheme in ("bycell", "auto"):  # the operator's two GPU schemes, side by side
+        os.environ[_conv.OPERATOR_ENV] = scheme
+        for km in kms:
+            km._cache.clear()
+        state["xs"], state["zs"] = pw.forward(kms)
+        schemes[scheme] = {"forward": time_cuda(pw_forward_fresh, warmup, runs),
+                           "backward": time_cuda(pw_backward_fresh, warmup, runs)}
+    os.environ.pop(_conv.OPERATOR_ENV)
+    stages["pwconv"] = {"kernel_maps": time_cuda(pw.kernel_maps, warmup, runs),
+                        **schemes["auto"]}
+    stages["pwconv_bycell"] = {"kernel_maps": stages["pwconv"]["kernel_maps"],
+                               **schemes["bycell"]}
+    try:
+        record["breakdown"] = breakdown(pw, kms, state, warmup, runs)
+    except Exception as exc:  # noqa: BLE001 - keep the stage timings
+        record["breakdown_error"] = f"{type(exc).__name__}: {exc}"
+        record["breakdown"] = {}
+        print(f"breakdown failed: {record['breakdown_error']}")
     if torch_peer is not None:
         try:
             tkms = torch_peer.kernel_maps()
@@ -471,12 +538,18 @@ def main(argv=None) -> int:
     for key in ("kernel_maps", "forward", "backward", "total"):
         a = stages["pwconv"]["total_median_s"] if key == "total" else \
             stages["pwconv"][key]["median_s"]
+        old = stages["pwconv_bycell"]["total_median_s"] if key == "total" else \
+            stages["pwconv_bycell"][key]["median_s"]
         b = None
         if "pytorch" in stages:
             b = stages["pytorch"]["total_median_s"] if key == "total" else \
                 stages["pytorch"][key]["median_s"]
         ratio = f"{b / a:15.1f}x" if b is not None and a > 0 else f"{'-':>16}"
-        print(f"{key:<14}{fmt_ms(a):>16}{fmt_ms(b):>16}{ratio}")
+        print(f"{key:<14}{fmt_ms(a):>16}{fmt_ms(b):>16}{ratio}   (by-cell scheme "
+              f"{fmt_ms(old).strip()})")
+    print("\nbreakdown (pwconv, rows scheme unless named; medians, CUDA events):")
+    for name, t in record["breakdown"].items():
+        print(f"  {name:<44}{fmt_ms(t['median_s'])}")
     s1m = record["sphere_1m"]
     print(f"\n{big_n:,}-point sphere, v={big_voxel:.4g}, K=3, s=1: {s1m['mean_neighbours']:.1f} "
           "neighbours "

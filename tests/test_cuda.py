@@ -179,10 +179,16 @@ static void trampoline() {
 }
 
 // Threads run one after the other or yield only at barriers: an atomic is a plain update.
-inline int atomicAdd(int* p, int v) {
-    const int old = *p;
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    const T old = *p;
     *p += v;
     return old;
+}
+inline long long __double_as_longlong(double v) {
+    long long bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    return bits;
 }
 
 #define __global__
@@ -587,7 +593,46 @@ def _emulate_scenario(be, name):
     np.testing.assert_array_equal(tsplits[1:], np.cumsum(np.bincount(index, minlength=len(p))))
     np.testing.assert_array_equal(tkeys, (rows[order] << bits) | cell[order].astype(np.int64))
     report["max_rel_error"] = max(max(e) for e in errors.values())
+    _check_points_digest(be, p, offsets)
     return report
+
+
+def _digest_reference(points, offsets):
+    """points_digest's fingerprint computed with NumPy: the definition the kernel implements."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(points.shape, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
+    if points.size:
+        bits = np.ascontiguousarray(points, dtype=np.float64).reshape(-1).view(np.uint64)
+        pos = np.arange(bits.shape[0], dtype=np.uint64)
+        mixed = (bits ^ (bits >> np.uint64(29))) * np.uint64(0x9E3779B97F4A7C15)
+        with np.errstate(over="ignore"):
+            sums = np.array([(bits * (pos * np.uint64(2) + np.uint64(1))).sum(dtype=np.uint64),
+                             (mixed * (pos + np.uint64(0x632BE59BD9B4E019))).sum(dtype=np.uint64)])
+        h.update(sums.tobytes())
+    return "cuda:" + h.hexdigest()
+
+
+def _check_points_digest(be, p, offsets):
+    """The digest kernel: NumPy's definition, float32 == float64 of the same values, one changed
+    value changes it, NaN and infinities counted."""
+    from pwconv_cy.cuda._search import points_digest
+
+    p32 = p.astype(np.float32)
+    d64, bad = points_digest(be, np.ascontiguousarray(p), offsets)
+    assert (d64, bad) == (_digest_reference(p, offsets), 0)
+    d32, _ = points_digest(be, p32, offsets)
+    assert d32 == points_digest(be, p32.astype(np.float64), offsets)[0] == \
+        _digest_reference(p32, offsets)
+    assert points_digest(be, p.astype(np.float16), offsets)[0] == \
+        _digest_reference(p.astype(np.float16), offsets)
+    q = p.copy()
+    q[len(q) // 2, 1] = np.nextafter(q[len(q) // 2, 1], 2.0)
+    assert points_digest(be, q, offsets)[0] != d64
+    q[0, 0], q[-1, 2], q[1, 1] = np.nan, np.inf, -np.inf
+    assert points_digest(be, q, offsets)[1] == 3
 
 
 def _run_emulation(names, lib=None):
@@ -898,6 +943,34 @@ def test_gpu_errors_are_clear():
         cuda.pointwise_conv(p, x, w, 0.1)
     with pytest.raises(pwconv_cy_memory_error()):
         cuda.kernel_map(p, 0.5, memory_budget=1000)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_reused_map_checks_points():
+    """A map passed back is checked against the call's points in one pass, without converting
+    them: float32 and float64 copies of the same values are the same points; a moved point is
+    "other points"; a NaN is reported as a NaN (row named), with and without a map."""
+    import cupy
+
+    from pwconv_cy import cuda
+
+    rng = np.random.default_rng(8)
+    p32 = cupy.asarray(rng.random((400, 3)).astype(np.float32))
+    x = cupy.asarray(rng.standard_normal((400, 3)).astype(np.float32))
+    w = cupy.asarray(rng.standard_normal((3, 3, 3, 3, 4)).astype(np.float32))
+    km = cuda.kernel_map(p32.astype(cupy.float64), 0.1)
+    y = cuda.pointwise_conv(p32, x, w, 0.1, kernel_map=km)
+    assert cupy.asnumpy(y).tobytes() == cupy.asnumpy(cuda.pointwise_conv(p32, x, w, 0.1)).tobytes()
+    moved = p32.copy()
+    moved[123, 2] += 0.01
+    with pytest.raises(ValueError, match="other points"):
+        cuda.pointwise_conv(moved, x, w, 0.1, kernel_map=km)
+    nan = p32.copy()
+    nan[31, 0] = cupy.nan
+    for kw in ({"kernel_map": km}, {}):
+        with pytest.raises(ValueError, match="first at row 31"):
+            cuda.pointwise_conv(nan, x, w, 0.1, **kw)
 
 
 def pwconv_cy_memory_error():

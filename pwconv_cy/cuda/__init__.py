@@ -93,26 +93,10 @@ def _checked_backend():
 
 
 def _device_digest(be, points, offsets) -> str:
-    """A fingerprint of a packed batch on the device: shape, offsets and two position-sensitive
-    integer hashes of every float64 coordinate (sums modulo 2^64, so independent of the reduction
-    order), brought back in one small transfer.  float32 and float64 copies of the same values
-    match (the coordinates are hashed after promotion, as they are binned)."""
-    import hashlib
+    """The fingerprint of a packed batch on the device (pwconv_cy.cuda._search.points_digest)."""
+    from pwconv_cy.cuda._search import points_digest
 
-    import numpy as np
-
-    xp = be.xp
-    h = hashlib.blake2b(digest_size=16)
-    h.update(np.asarray(points.shape, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
-    if points.size:
-        bits = xp.ascontiguousarray(points, dtype=xp.float64).reshape(-1).view(xp.uint64)
-        pos = xp.arange(bits.shape[0], dtype=xp.uint64)
-        mixed = (bits ^ (bits >> xp.uint64(29))) * xp.uint64(0x9E3779B97F4A7C15)
-        sums = xp.stack([(bits * (pos * xp.uint64(2) + xp.uint64(1))).sum(dtype=xp.uint64),
-                         (mixed * (pos + xp.uint64(0x632BE59BD9B4E019))).sum(dtype=xp.uint64)])
-        h.update(np.ascontiguousarray(be.to_host(sums), dtype=np.uint64).tobytes())
-    return "cuda:" + h.hexdigest()
+    return points_digest(be, points, offsets)[0]
 
 
 def _budget(be, memory_budget) -> int:
@@ -339,15 +323,23 @@ def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map):
     out_dense = q_dense if q is not None else batch.dense_shape
     if kernel_map is None:
         _check_kernel_size_gpu(k)
-        index = NeighborIndex.from_batch(batch, v)
+        index = NeighborIndex.from_batch(V.checked_coordinates(batch, "points"), v)
         return index.kernel_map(k, s, voxel_size=v, queries=q, query_offsets=q_offsets), out_dense
     km = kernel_map
     _check_device_map(km)
     from pwconv_cy._validation import check_map_matches
+    from pwconv_cy.cuda._search import points_digest
+
+    def same_points():
+        # One pass over the points, as they came (not converted to float64): their digest and
+        # their NaN count.  Non-finite points are reported as such, not as "other points".
+        digest, n_bad = points_digest(be, batch.points, batch.offsets)
+        if n_bad:
+            V.raise_nonfinite(batch.points, "points")
+        return digest == km.points_digest
 
     check_map_matches(
-        km, v, k, s, batch, q,
-        same_points=lambda: km.points_digest == _device_digest(be, batch.points, batch.offsets),
+        km, v, k, s, batch, q, same_points=same_points,
         same_queries=lambda: km.queries_digest == (
             None if q is None else _device_digest(be, q, q_offsets)))
     return km, out_dense
@@ -362,7 +354,9 @@ def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, quer
 
     be = _checked_backend()
     _check_method(method)
-    batch = V.check_points(points, offsets)
+    # The coordinates as they came: with a kernel map they are only fingerprinted (_resolve_map);
+    # without one they are converted to float64 and checked finite there, to build the map.
+    batch = V.check_points(points, offsets, finite=False)
     v = check_positive(voxel_size, "voxel_size")
     s = check_dilation(dilation)
     if not isinstance(depthwise, (bool, np.bool_)):

@@ -75,6 +75,13 @@ def rows_name(kernel: str, dtype, cell_dtype) -> str:
     return f"{kernel}<{FLOAT_CTYPES[np.dtype(dtype)]}, {CELL_CTYPES[np.dtype(cell_dtype)]}>"
 
 
+DIGEST_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def digest_name(dtype) -> str:
+    return f"points_digest<{FLOAT_CTYPES[np.dtype(dtype)]}>"
+
+
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
                 "conv_weight_partial_depthwise", "sum_partials", "sort_point_segments")
 ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "scatter_transposed")
@@ -86,14 +93,15 @@ NAME_EXPRESSIONS = tuple(
     + [split_name(dt) for dt in CELL_CTYPES]
     + [order_name(dt) for dt in CELL_CTYPES]
     + [conv_name(k, dt) for k in CONV_KERNELS for dt in FLOAT_CTYPES]
-    + [rows_name(k, dt, ct) for k in ROWS_KERNELS for dt in FLOAT_CTYPES for ct in CELL_CTYPES])
+    + [rows_name(k, dt, ct) for k in ROWS_KERNELS for dt in FLOAT_CTYPES for ct in CELL_CTYPES]
+    + [digest_name(dt) for dt in DIGEST_TYPES])
 
 #: Kernels declared extern "C" (looked up by their plain name).
 PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "expand_rows", "count_per_point")
 
 #: Kernels that use __syncthreads / __syncwarp (the host emulation runs them with real threads).
 BARRIER_KERNELS = ("cloud_lower_corner", "conv_gather_dense", "conv_weight_partial_dense",
-                   "conv_rows", "conv_weight_rows")
+                   "conv_rows", "conv_weight_rows", "points_digest")
 
 
 class CudaKernelError(RuntimeError):

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pwconv_cy.cuda._backend import SHORT_ROW, kernel_map_name, radius_name, split_name
+from pwconv_cy.cuda._backend import (
+    SHORT_ROW,
+    digest_name,
+    kernel_map_name,
+    radius_name,
+    split_name,
+)
 
 __all__ = [
     "DeviceGrid",
@@ -25,6 +31,7 @@ __all__ = [
     "cell_bits_for",
     "expand_rows",
     "kernel_map_arrays",
+    "points_digest",
     "radius_search_arrays",
 ]
 
@@ -148,6 +155,32 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
         cell_x=xp.ascontiguousarray(cell_first[:, 0]), cell_y=xp.ascontiguousarray(cell_first[:, 1]),
         cell_z=xp.ascontiguousarray(cell_first[:, 2]),
         cloud_cell_begin=xp.ascontiguousarray(cloud_cell_begin), origin=origin, cmax=cmax)
+
+
+def points_digest(be, points, offsets) -> tuple[str, int]:
+    """(fingerprint, number of NaN or infinite values) of a packed batch of coordinates on the
+    device, in one kernel and one small transfer: the shape, the offsets and two position-sensitive
+    64-bit sums of the coordinates' float64 bit patterns (float32 and float64 copies of the same
+    values agree).  Used to check that a kernel map was built for these points."""
+    import hashlib
+
+    xp = be.xp
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(points.shape, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
+    n_bad = 0
+    if points.size:
+        if np.dtype(points.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+            points = points.astype(xp.float64)  # float16: exact
+        values = xp.ascontiguousarray(points).reshape(-1)
+        sums = xp.zeros(3, dtype=xp.uint64)
+        n_values = int(values.shape[0])
+        be.launch(digest_name(values.dtype), (min(blocks(n_values), 1024),), (256,),
+                  (i64(n_values), values, sums))
+        sums = np.ascontiguousarray(be.to_host(sums), dtype=np.uint64)
+        h.update(sums[:2].tobytes())
+        n_bad = int(sums[2])
+    return "cuda:" + h.hexdigest(), n_bad
 
 
 def _queries(be, grid: DeviceGrid, queries, query_offsets):

@@ -15,7 +15,9 @@ __all__ = [
     "check_points",
     "check_queries",
     "check_weight",
+    "checked_coordinates",
     "host_offsets",
+    "raise_nonfinite",
 ]
 
 
@@ -53,25 +55,45 @@ def _first_bad_row(arr):
     return bad, cupy.asnumpy(rows[bad]).tolist()
 
 
-def _check_coordinates(arr, name: str):
+def raise_nonfinite(arr, name: str):
+    """Raise the CPU's ValueError for coordinates with a NaN or infinite value, naming the first
+    such row of `arr` (n, 3)."""
+    bad, row = _first_bad_row(arr.reshape(-1, 3))
+    raise ValueError(f"{name} must be finite, got NaN or infinite coordinates (first at row "
+                     f"{bad}: {row})")
+
+
+def _check_coordinate_dtype(arr, name: str):
     if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
         raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), "
                         f"got {arr.dtype}")
+    return _cupy().ascontiguousarray(arr)
+
+
+def _check_coordinates(arr, name: str):
+    _check_coordinate_dtype(arr, name)
     cupy = _cupy()
     arr = cupy.ascontiguousarray(arr, dtype=cupy.float64)  # exact for float16/float32
     if arr.size and not bool(cupy.isfinite(arr).all()):
-        bad, row = _first_bad_row(arr.reshape(-1, 3))
-        raise ValueError(f"{name} must be finite, got NaN or infinite coordinates (first at row "
-                         f"{bad}: {row})")
+        raise_nonfinite(arr, name)
     return arr
 
 
+def checked_coordinates(batch: DeviceBatch, name: str = "points") -> DeviceBatch:
+    """A batch from check_points(..., finite=False) with float64 coordinates checked finite (what
+    the grid and the kernel map are built from)."""
+    return DeviceBatch(_check_coordinates(batch.points, name), batch.offsets, batch.dense_shape)
+
+
 def check_points(points, offsets=None, name: str = "points", offsets_name: str = "offsets",
-                 what: str = "points") -> DeviceBatch:
+                 what: str = "points", finite: bool = True) -> DeviceBatch:
     """Coordinates (n, 3) packed with `offsets`, or dense (B, n, 3) with offsets=None: the CPU's
-    rules and messages (pwconv_cy._validation.check_points) on CuPy arrays, binned in float64."""
+    rules and messages (pwconv_cy._validation.check_points) on CuPy arrays, binned in float64.
+    finite=False: the coordinates keep their dtype and are not scanned (see
+    checked_coordinates)."""
     return _host.check_points(points, host_offsets(offsets, offsets_name), name, offsets_name,
-                              what, to_array=as_device, coordinates=_check_coordinates)
+                              what, to_array=as_device,
+                              coordinates=_check_coordinates if finite else _check_coordinate_dtype)
 
 
 def check_queries(queries, query_offsets, batch: DeviceBatch):

@@ -879,3 +879,40 @@ __global__ void sort_point_segments(long long n, const long long* __restrict__ t
         tw[q + 1] = w;
     }
 }
+
+// ============================================================================================
+// Fingerprint of a batch of coordinates, for checking that a kernel map was built for them
+// ============================================================================================
+
+/// out[0] += sum_p bits_p * (2p + 1), out[1] += sum_p mix(bits_p) * (p + 0x632BE59BD9B4E019),
+/// out[2] += the number of NaN or infinite values, over the n_values coordinates (bits_p: the
+/// float64 bit pattern of value p, so float32 and float64 copies of the same values agree).
+/// Sums modulo 2^64 do not depend on the order of the additions: the integer atomics that
+/// combine the blocks leave the result deterministic.  out (3,) is zeroed by the caller.
+template <class T>
+__global__ void points_digest(long long n_values, const T* __restrict__ values,
+                              unsigned long long* out) {
+    typedef unsigned long long u64;
+    __shared__ u64 part[3][256];
+    const int t = threadIdx.x;
+    u64 s1 = 0, s2 = 0, bad = 0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long p = pwconv_cuda::global_thread(); p < n_values; p += stride) {
+        const double v = (double)values[p];
+        const u64 bits = (u64)__double_as_longlong(v);
+        const u64 mixed = (bits ^ (bits >> 29)) * 0x9E3779B97F4A7C15ull;
+        s1 += bits * (2ull * (u64)p + 1ull);
+        s2 += mixed * ((u64)p + 0x632BE59BD9B4E019ull);
+        bad += (bits & 0x7FF0000000000000ull) == 0x7FF0000000000000ull;
+    }
+    part[0][t] = s1;
+    part[1][t] = s2;
+    part[2][t] = bad;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (t < half)
+            for (int k = 0; k < 3; ++k) part[k][t] += part[k][t + half];
+        __syncthreads();
+    }
+    if (t < 3) atomicAdd(out + t, part[t][0]);
+}
