@@ -185,6 +185,12 @@ inline T atomicAdd(T* p, T v) {
     *p += v;
     return old;
 }
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long compare,
+                                    unsigned long long value) {
+    const unsigned long long old = *p;
+    if (old == compare) *p = value;
+    return old;
+}
 inline long long __double_as_longlong(double v) {
     long long bits;
     std::memcpy(&bits, &v, sizeof bits);
@@ -517,6 +523,17 @@ def _emulate_scenario(be, name):
     np.testing.assert_array_equal(cell.astype(np.int64), om.cell, err_msg=f"{name}: cell")
     np.testing.assert_array_equal(counts, om.counts, err_msg=f"{name}: counts")
     assert cell.dtype == _cell_dtype(k)
+    # another legal schedule: the row hash table's colliding keys land in other slots, the
+    # map stays the same
+    be.reversed = True
+    grid_r = _search.build_grid(be, np.ascontiguousarray(p), offsets.astype(np.int64), v)
+    again = _search.kernel_map_arrays(
+        be, grid_r, v, k, s, _cell_dtype(k), 1 << 40, None if q is None else np.ascontiguousarray(q),
+        q_offsets)
+    be.reversed = False
+    for a, b in zip(again, (splits, index, cell, counts)):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name}: reversed schedule")
+    report["row_table_slots"] = int(grid.table_keys.shape[0]) if grid.table_bits else 0
 
     # radius search (both metrics) against brute force
     r = v * 1.5
@@ -626,8 +643,9 @@ def _check_points_digest(be, p, offsets):
     d32, _ = points_digest(be, p32, offsets)
     assert d32 == points_digest(be, p32.astype(np.float64), offsets)[0] == \
         _digest_reference(p32, offsets)
-    assert points_digest(be, p.astype(np.float16), offsets)[0] == \
-        _digest_reference(p.astype(np.float16), offsets)
+    if np.abs(p).max() < 6e4:  # within float16's range
+        assert points_digest(be, p.astype(np.float16), offsets)[0] == \
+            _digest_reference(p.astype(np.float16), offsets)
     q = p.copy()
     q[len(q) // 2, 1] = np.nextafter(q[len(q) // 2, 1], 2.0)
     assert points_digest(be, q, offsets)[0] != d64

@@ -84,6 +84,13 @@ class DeviceGrid:
     cloud_cell_begin: object   # (B + 1,) int64
     origin: object             # (B, 3) float64
     cmax: tuple                # largest cell coordinate per axis (x, y, z)
+    # grid rows (cloud, cz, cy): first cell of each (n_rows + 1,) and an open-addressing hash
+    # table of their keys (2^table_bits slots; table_bits = 0: no table, rows are found by
+    # binary search over the cells -- cell coordinates too wide to pack into one key)
+    row_cell_begin: object = None
+    table_keys: object = None
+    table_rows: object = None
+    table_bits: int = 0
 
     @property
     def n_cells(self) -> int:
@@ -93,13 +100,15 @@ class DeviceGrid:
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in (
             self.x, self.y, self.z, self.order, self.cell_start, self.cell_x, self.cell_y,
-            self.cell_z, self.cloud_cell_begin, self.origin))
+            self.cell_z, self.cloud_cell_begin, self.origin, self.row_cell_begin,
+            self.table_keys, self.table_rows) if a is not None)
 
     def grid_args(self) -> tuple:
         """The grid's part of the search kernels' arguments, in kernels.cu's order."""
         return (self.x, self.y, self.z, self.order, self.cell_start, self.cell_x, self.cell_y,
                 self.cell_z, self.cloud_cell_begin, self.origin, f64(self.cell_size),
-                f64(self.inv_cell_size), i64(self.cmax[0]), i64(self.cmax[1]), i64(self.cmax[2]))
+                f64(self.inv_cell_size), i64(self.cmax[0]), i64(self.cmax[1]), i64(self.cmax[2]),
+                self.row_cell_begin, self.table_keys, self.table_rows, i32(self.table_bits))
 
 
 def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
@@ -123,12 +132,14 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
         empty_i = xp.zeros(0, dtype=xp.int64)
         return DeviceGrid(0, n_clouds, cell_size, inv, offsets, offsets_dev, empty_f, empty_f,
                           empty_f, empty_i, xp.zeros(1, dtype=xp.int64), empty_i, empty_i, empty_i,
-                          xp.zeros(n_clouds + 1, dtype=xp.int64), origin, (0, 0, 0))
+                          xp.zeros(n_clouds + 1, dtype=xp.int64), origin, (0, 0, 0),
+                          *_no_row_table(xp))
     # Cell coordinates are >= 0 (the origin is the cloud's minimum); their maxima size the key.
     cmax = tuple(int(c) for c in be.to_host(cxyz.max(axis=0)))
     cx, cy, cz = cxyz[:, 0], cxyz[:, 1], cxyz[:, 2]
     rx, ry, rz = cmax[0] + 1, cmax[1] + 1, cmax[2] + 1
-    if n_clouds * rz * ry * rx <= np.iinfo(np.int64).max:  # exact Python integers
+    packed = n_clouds * rz * ry * rx <= np.iinfo(np.int64).max  # exact Python integers
+    if packed:
         key = ((cloud * rz + cz) * ry + cy) * rx + cx
         order = be.argsort(key)
         sorted_key = key[order]
@@ -146,6 +157,10 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
     cell_cloud = cloud[order][first]
     cloud_cell_begin = xp.searchsorted(cell_cloud, xp.arange(n_clouds + 1, dtype=xp.int64),
                                        side="left").astype(xp.int64)
+    if packed:  # the row key (cloud, cz, cy) fits as well
+        rows = _row_table(be, cell_cloud, cell_first[:, 2], cell_first[:, 1], cmax)
+    else:
+        rows = _no_row_table(xp)
     return DeviceGrid(
         n_points=n, n_clouds=n_clouds, cell_size=cell_size, inv_cell_size=inv, offsets=offsets,
         offsets_dev=offsets_dev,
@@ -154,7 +169,37 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
         cell_start=xp.concatenate([first.astype(xp.int64), xp.full(1, n, dtype=xp.int64)]),
         cell_x=xp.ascontiguousarray(cell_first[:, 0]), cell_y=xp.ascontiguousarray(cell_first[:, 1]),
         cell_z=xp.ascontiguousarray(cell_first[:, 2]),
-        cloud_cell_begin=xp.ascontiguousarray(cloud_cell_begin), origin=origin, cmax=cmax)
+        cloud_cell_begin=xp.ascontiguousarray(cloud_cell_begin), origin=origin, cmax=cmax,
+        row_cell_begin=rows[0], table_keys=rows[1], table_rows=rows[2], table_bits=rows[3])
+
+
+def _no_row_table(xp) -> tuple:
+    """The row fields of a grid without a hash table (placeholders the kernels never read)."""
+    return (xp.zeros(1, dtype=xp.int64), xp.zeros(1, dtype=xp.uint64),
+            xp.zeros(1, dtype=xp.int64), 0)
+
+
+def _row_table(be, cell_cloud, cell_z, cell_y, cmax) -> tuple:
+    """(row_cell_begin (n_rows + 1,), table_keys, table_rows, table_bits): the grid rows
+    (cloud, cz, cy) -- runs of consecutive cells, which are sorted by (cloud, cz, cy, cx) -- and a
+    hash table with at least twice as many slots as rows (O(points) memory)."""
+    xp = be.xp
+    n_cells = int(cell_z.shape[0])
+    cell_cloud = xp.ascontiguousarray(cell_cloud, dtype=xp.int64)
+    cell_z = xp.ascontiguousarray(cell_z)
+    cell_y = xp.ascontiguousarray(cell_y)
+    new_row = (cell_cloud[1:] != cell_cloud[:-1]) | (cell_z[1:] != cell_z[:-1]) | \
+        (cell_y[1:] != cell_y[:-1])
+    first = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), new_row])).astype(xp.int64)
+    n_rows = int(first.shape[0])
+    row_cell_begin = xp.concatenate([first, xp.full(1, n_cells, dtype=xp.int64)])
+    table_bits = max(4, (2 * n_rows - 1).bit_length())
+    table_keys = xp.full(1 << table_bits, np.iinfo(np.uint64).max, dtype=xp.uint64)
+    table_rows = xp.empty(1 << table_bits, dtype=xp.int64)
+    be.launch("build_row_table", (blocks(n_rows),), (THREADS,),
+              (i64(n_rows), row_cell_begin, cell_cloud, cell_z, cell_y, i64(cmax[1]),
+               i64(cmax[2]), i32(table_bits), table_keys, table_rows))
+    return row_cell_begin, table_keys, table_rows, table_bits
 
 
 def points_digest(be, points, offsets) -> tuple[str, int]:

@@ -76,7 +76,49 @@ struct GridView {
     const double* origin;         // (n_clouds, 3)
     double cell_size, inv_cell_size;
     i64 cmax[3];                  // largest cell coordinate of any point, per axis
+    // Grid rows (cloud, cz, cy) found by hashing (table_bits > 0; see build_row_table), else by
+    // binary search over the cloud's cells (cell keys too wide to pack).
+    const i64* row_cell_begin;    // (n_rows + 1,) first cell of each row
+    const unsigned long long* table_keys;  // (2^table_bits,) row key, or ~0: empty slot
+    const i64* table_rows;        // (2^table_bits,) the row of the slot's key
+    int table_bits;
 };
+
+#define PWCONV_CUDA_EMPTY_SLOT 0xFFFFFFFFFFFFFFFFull
+
+/// Row key (cloud * (cmax_z + 1) + cz) * (cmax_y + 1) + cy (fits 63 bits when a table is built).
+__device__ __forceinline__ unsigned long long row_key(const GridView& g, i64 cloud, i64 cz,
+                                                      i64 cy) {
+    return (unsigned long long)((cloud * (g.cmax[2] + 1) + cz) * (g.cmax[1] + 1) + cy);
+}
+
+/// Home slot of a row key: multiplicative hashing, the top table_bits bits.
+__device__ __forceinline__ unsigned long long row_slot(unsigned long long key, int table_bits) {
+    return (key * 0x9E3779B97F4A7C15ull) >> (64 - table_bits);
+}
+
+/// The row of (cloud, cz, cy) through the hash table (linear probing), or -1 if unoccupied.
+__device__ __forceinline__ i64 find_row(const GridView& g, i64 cloud, i64 cz, i64 cy) {
+    const unsigned long long key = row_key(g, cloud, cz, cy);
+    const unsigned long long mask = (1ull << g.table_bits) - 1ull;
+    for (unsigned long long h = row_slot(key, g.table_bits);; h = (h + 1) & mask) {
+        const unsigned long long k = g.table_keys[h];
+        if (k == key) return g.table_rows[h];
+        if (k == PWCONV_CUDA_EMPTY_SLOT) return -1;
+    }
+}
+
+/// First cell in [b, e) of one grid row whose cx is not below cx.
+__device__ __forceinline__ i64 lower_bound_x(const GridView& g, i64 b, i64 e, i64 cx) {
+    while (b < e) {
+        const i64 mid = b + (e - b) / 2;
+        if (g.cell_x[mid] < cx)
+            b = mid + 1;
+        else
+            e = mid;
+    }
+    return b;
+}
 
 /// First cell in [b, e) not ordered before (cz, cy, cx).
 __device__ __forceinline__ i64 lower_bound_cell(const GridView& g, i64 b, i64 e, i64 cz, i64 cy,
@@ -124,6 +166,27 @@ __device__ __forceinline__ void for_each_run(const GridView& g, i64 cloud, const
                                              Visit& visit) {
     const i64 cb = g.cloud_cell_begin[cloud], ce = g.cloud_cell_begin[cloud + 1];
     if (cb == ce) return;
+    if (g.table_bits > 0) {  // one hash probe per grid row, short searches within it
+        for (int kz = 0; kz < rz.count; ++kz)
+            for (i64 cz = rz.first[kz]; cz <= rz.last[kz]; ++cz)
+                for (int ky = 0; ky < ry.count; ++ky)
+                    for (i64 cy = ry.first[ky]; cy <= ry.last[ky]; ++cy) {
+                        const i64 row = find_row(g, cloud, cz, cy);
+                        if (row < 0) continue;
+                        i64 lo = g.row_cell_begin[row];
+                        const i64 hi = g.row_cell_begin[row + 1];
+                        for (int kx = 0; kx < rx.count; ++kx) {
+                            const i64 c0 = lower_bound_x(g, lo, hi, rx.first[kx]);
+                            lo = c0;
+                            i64 c1 = c0;
+                            while (c1 < hi && g.cell_x[c1] <= rx.last[kx]) ++c1;
+                            if (c1 > c0)
+                                visit(rz.tag[kz], ry.tag[ky], rx.tag[kx], g.cell_start[c0],
+                                      g.cell_start[c1]);
+                        }
+                    }
+        return;
+    }
     for (int kz = 0; kz < rz.count; ++kz)
         for (i64 cz = rz.first[kz]; cz <= rz.last[kz]; ++cz)
             for (int ky = 0; ky < ry.count; ++ky)
@@ -268,6 +331,32 @@ extern "C" __global__ void grid_cell_coords(const double* points, long long n,
                                          inv_cell_size);
 }
 
+/// Inserts every grid row r (its first cell row_cell_begin[r]; cell_cloud / cell_z / cell_y of
+/// that cell give its key) into the open-addressing table (2^table_bits slots, keys preset to
+/// ~0).  Slots are claimed with an integer compare-and-swap, so where a colliding key lands
+/// depends on the schedule; what find_row returns for a key does not.
+extern "C" __global__ void build_row_table(long long n_rows, const long long* row_cell_begin,
+                                           const long long* cell_cloud, const long long* cell_z,
+                                           const long long* cell_y, long long cmax_y,
+                                           long long cmax_z, int table_bits,
+                                           unsigned long long* table_keys,
+                                           long long* table_rows) {
+    using namespace pwconv_cuda;
+    const i64 r = global_thread();
+    if (r >= n_rows) return;
+    const i64 c = row_cell_begin[r];
+    const unsigned long long key =
+        (unsigned long long)((cell_cloud[c] * (cmax_z + 1) + cell_z[c]) * (cmax_y + 1) + cell_y[c]);
+    const unsigned long long mask = (1ull << table_bits) - 1ull;
+    for (unsigned long long h = row_slot(key, table_bits);; h = (h + 1) & mask) {
+        const unsigned long long old = atomicCAS(table_keys + h, PWCONV_CUDA_EMPTY_SLOT, key);
+        if (old == PWCONV_CUDA_EMPTY_SLOT) {
+            table_rows[h] = r;
+            return;
+        }
+    }
+}
+
 // ============================================================================================
 // Kernel map (SPEC §1): count pass, scan (in Python), fill pass
 // ============================================================================================
@@ -288,6 +377,8 @@ __global__ void kernel_map_pass(
     const long long* cell_start, const long long* cell_x, const long long* cell_y,
     const long long* cell_z, const long long* cloud_cell_begin, const double* origin,
     double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y, long long cmax_z,
+    const long long* row_cell_begin, const unsigned long long* table_keys,
+    const long long* table_rows, int table_bits,
     // kernel
     double voxel_size, int kernel_size, int dilation, int cell_bits,
     // outputs
@@ -300,7 +391,8 @@ __global__ void kernel_map_pass(
     const int K = KC > 0 ? KC : kernel_size;
     const GridView g{gx,         gy,         gz,     gorder,    cell_start,
                      cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
-                     cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z}};
+                     cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
+                     row_cell_begin, table_keys, table_rows, table_bits};
     const i64 row = qrow[t];
     const double q[3] = {qx[t], qy[t], qz[t]};
     const i64 cloud = cloud_of(query_offsets, n_clouds, row);
@@ -365,6 +457,8 @@ __global__ void radius_pass(
     const long long* cell_start, const long long* cell_x, const long long* cell_y,
     const long long* cell_z, const long long* cloud_cell_begin, const double* origin,
     double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y, long long cmax_z,
+    const long long* row_cell_begin, const unsigned long long* table_keys,
+    const long long* table_rows, int table_bits,
     // search
     double radius, int euclidean,
     // outputs
@@ -375,7 +469,8 @@ __global__ void radius_pass(
     if (t >= m) return;
     const GridView g{gx,         gy,         gz,     gorder,    cell_start,
                      cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
-                     cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z}};
+                     cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
+                     row_cell_begin, table_keys, table_rows, table_bits};
     const i64 row = qrow[t];
     const double q[3] = {qx[t], qy[t], qz[t]};
     const i64 cloud = cloud_of(query_offsets, n_clouds, row);
