@@ -121,13 +121,18 @@ class _DerivedField:
 
 
 class _LazyCounts(_DerivedField):
-    """``KernelMap.counts``: the array given to the constructor, or, for a host map made without
-    it (``counts=None``: the convolution kernels tally each row's cells themselves, so maps are
-    emitted without the (m, K^3) array), computed from ``splits`` and ``cell`` on first access."""
+    """``KernelMap.counts``: the array given to the constructor, or, for a map made without it
+    (``counts=None``: the convolution kernels tally each row's cells themselves, so maps are
+    emitted without the (m, K^3) array), computed from ``splits`` and ``cell`` on first access,
+    on the map's device."""
 
     def complete(self, obj, stored):
         if stored is not None:
             return stored
+        if kind_of(obj.splits) == "cupy":  # a GPU map: counted on its device
+            from pwconv_cy.cuda import _device_map_counts
+
+            return _device_map_counts(obj)
         return _core.kernel_map_counts_(obj.splits, obj.cell, obj.kernel_size,
                                         check_num_threads(None))
 
@@ -155,8 +160,8 @@ class KernelMap:
     cell : (E,) uint8, int16 or int32
         Kernel cell ``f = (kz*K + ky)*K + kx`` of each neighbour (holes excluded).
     counts : (m, K**3) int32
-        ``counts[i, f] = |Omega_i(f)|``, the number of neighbours of i in cell f.  Host maps
-        are made without it and compute it on first access (the operator does not need it).
+        ``counts[i, f] = |Omega_i(f)|``, the number of neighbours of i in cell f.  Maps are
+        made without it and compute it on first access (the operator does not need it).
     voxel_size, kernel_size, dilation
         The geometry the map was built for.
     n_points : int

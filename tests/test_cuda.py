@@ -513,9 +513,10 @@ def _emulate_scenario(be, name):
     p, offsets, q, q_offsets, v, k, s = scenario_clouds(name, rng)
     offsets = np.array([0, len(p)]) if offsets is None else np.asarray(offsets)
     grid = _search.build_grid(be, np.ascontiguousarray(p), offsets.astype(np.int64), v)
-    splits, index, cell, counts = _search.kernel_map_arrays(
+    splits, index, cell = _search.kernel_map_arrays(
         be, grid, v, k, s, _cell_dtype(k), 1 << 40, None if q is None else np.ascontiguousarray(q),
         q_offsets)
+    counts = _search.kernel_map_counts(be, splits, cell, k ** 3)
     om = oracles.kernel_map(p, v, k, s, offsets, q, q_offsets)
     report = {"scenario": name, "pairs": int(splits[-1]), "oracle_pairs": int(om.splits[-1])}
     np.testing.assert_array_equal(splits, om.splits, err_msg=f"{name}: splits")
@@ -531,7 +532,7 @@ def _emulate_scenario(be, name):
         be, grid_r, v, k, s, _cell_dtype(k), 1 << 40, None if q is None else np.ascontiguousarray(q),
         q_offsets)
     be.reversed = False
-    for a, b in zip(again, (splits, index, cell, counts)):
+    for a, b in zip(again, (splits, index, cell)):
         np.testing.assert_array_equal(a, b, err_msg=f"{name}: reversed schedule")
     report["row_table_slots"] = int(grid.table_keys.shape[0]) if grid.table_bits else 0
 
@@ -709,7 +710,9 @@ def _assert_same_map(gk, ck, what):
     np.testing.assert_array_equal(cupy.asnumpy(gk.splits), ck.splits, err_msg=f"{what}: splits")
     np.testing.assert_array_equal(cupy.asnumpy(gk.index), ck.index, err_msg=f"{what}: index")
     np.testing.assert_array_equal(cupy.asnumpy(gk.cell), ck.cell, err_msg=f"{what}: cell")
+    assert gk._stored_counts() is None  # made on first access, on the device
     np.testing.assert_array_equal(cupy.asnumpy(gk.counts), ck.counts, err_msg=f"{what}: counts")
+    assert isinstance(gk.counts, cupy.ndarray) and gk._stored_counts() is gk.counts
     assert gk.cell.dtype == ck.cell.dtype and gk.counts.dtype == ck.counts.dtype
 
 

@@ -14,8 +14,8 @@ failing kernel raises :class:`CudaKernelError` naming it.
 Arrays: coordinates, features, weights and gradients must be CuPy arrays (or objects exposing
 ``__cuda_array_interface__``, e.g. detached CUDA tensors); host arrays are refused, never copied.
 ``offsets`` / ``query_offsets`` are small metadata: NumPy, lists or CuPy (copied to the host).
-The returned :class:`pwconv_cy.KernelMap` holds CuPy arrays (``splits``, ``index``, ``cell``,
-``counts``) and host ``offsets``.
+The returned :class:`pwconv_cy.KernelMap` holds CuPy arrays (``splits``, ``index``, ``cell``;
+``counts`` made on the device when first read) and host ``offsets``.
 """
 from __future__ import annotations
 
@@ -97,6 +97,15 @@ def _device_digest(be, points, offsets) -> str:
     from pwconv_cy.cuda._search import points_digest
 
     return points_digest(be, points, offsets)[0]
+
+
+def _device_map_counts(km):
+    """KernelMap.counts of a GPU map (made on first access, on the map's device)."""
+    from pwconv_cy.cuda._search import kernel_map_counts
+
+    be = _checked_backend()
+    with _device_of(km.splits):
+        return kernel_map_counts(be, km.splits, km.cell, km.kernel_size ** 3)
 
 
 def _budget(be, memory_budget) -> int:
@@ -222,11 +231,11 @@ class NeighborIndex:
         q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
         be = self._be
         with _device_of(self._batch.points):
-            splits, index, cell, counts = kernel_map_arrays(
+            splits, index, cell = kernel_map_arrays(
                 be, self._grid, v, k, s, _cell_dtype(k), _budget(be, memory_budget), q, q_offsets)
             q_digest = None if q is None else _device_digest(be, q, q_offsets)
             return KernelMap(
-                splits=splits, index=index, cell=cell, counts=counts, voxel_size=v,
+                splits=splits, index=index, cell=cell, counts=None, voxel_size=v,
                 kernel_size=k, dilation=s, n_points=self.n_points, offsets=self._batch.offsets,
                 query_offsets=self._batch.offsets if q is None else q_offsets,
                 points_digest=self.points_digest, queries_digest=q_digest)

@@ -62,6 +62,10 @@ def split_name(cell_dtype) -> str:
     return f"split_kernel_keys<{CELL_CTYPES[np.dtype(cell_dtype)]}>"
 
 
+def counts_name(cell_dtype) -> str:
+    return f"row_cell_counts<{CELL_CTYPES[np.dtype(cell_dtype)]}>"
+
+
 def order_name(cell_dtype) -> str:
     return f"order_rows_by_cell<{CELL_CTYPES[np.dtype(cell_dtype)]}>"
 
@@ -92,6 +96,7 @@ NAME_EXPRESSIONS = tuple(
     + [radius_name(fill) for fill in (False, True)]
     + [split_name(dt) for dt in CELL_CTYPES]
     + [order_name(dt) for dt in CELL_CTYPES]
+    + [counts_name(dt) for dt in CELL_CTYPES]
     + [conv_name(k, dt) for k in CONV_KERNELS for dt in FLOAT_CTYPES]
     + [rows_name(k, dt, ct) for k in ROWS_KERNELS for dt in FLOAT_CTYPES for ct in CELL_CTYPES]
     + [digest_name(dt) for dt in DIGEST_TYPES])

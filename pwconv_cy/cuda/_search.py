@@ -18,6 +18,7 @@ import numpy as np
 
 from pwconv_cy.cuda._backend import (
     SHORT_ROW,
+    counts_name,
     digest_name,
     kernel_map_name,
     radius_name,
@@ -31,6 +32,7 @@ __all__ = [
     "cell_bits_for",
     "expand_rows",
     "kernel_map_arrays",
+    "kernel_map_counts",
     "points_digest",
     "radius_search_arrays",
 ]
@@ -282,7 +284,8 @@ def _budget_check(n_pairs: int, nbytes: int, budget: int, what: str, remedy: str
 
 def kernel_map_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int, dilation: int,
                       cell_dtype, budget: int, queries=None, query_offsets=None):
-    """(splits (m+1,) int64, index (E,) int64, cell (E,) cell_dtype, counts (m, K^3) int32).
+    """(splits (m+1,) int64, index (E,) int64, cell (E,) cell_dtype); the (m, K^3) counts are
+    not made (kernel_map_counts computes them when asked for).
 
     queries: (m, 3) float64 on the device with host query_offsets, or None for the points."""
     xp = be.xp
@@ -303,7 +306,7 @@ def kernel_map_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int,
               head + (row_len, dummy, dummy, i64(SHORT_ROW), status))
     splits, n_pairs, longest = _scan(be, row_len)
     del row_len
-    counts_bytes = 4 * m * n_cells
+    counts_bytes = 4 * m * n_cells  # made if KernelMap.counts is read: keep room for them
     pair_bytes = 16 + np.dtype(cell_dtype).itemsize
     _budget_check(n_pairs, pair_bytes * n_pairs + counts_bytes, budget, "kernel_map (GPU)",
                   "reduce voxel_size, kernel_size or dilation, or split the batch")
@@ -315,10 +318,18 @@ def kernel_map_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int,
         keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
     index = xp.empty(n_pairs, dtype=xp.int64)
     cell = xp.empty(n_pairs, dtype=cell_dtype)
-    counts = xp.zeros((m, n_cells), dtype=xp.int32)
     be.launch(split_name(cell_dtype), (blocks(m),), (THREADS,),
-              (i64(m), splits, keys, i32(bits), i32(n_cells), index, cell, counts))
-    return splits, index, cell, counts
+              (i64(m), splits, keys, i32(bits), index, cell))
+    return splits, index, cell
+
+
+def kernel_map_counts(be, splits, cell, n_cells: int):
+    """counts (m, n_cells) int32: the entries of every row of a kernel map in each kernel cell."""
+    m = int(splits.shape[0]) - 1
+    counts = be.xp.empty((m, n_cells), dtype=be.xp.int32)
+    be.launch(counts_name(cell.dtype), (blocks(m),), (THREADS,),
+              (i64(m), splits, cell, i32(n_cells), counts))
+    return counts
 
 
 def radius_search_arrays(be, grid: DeviceGrid, radius: float, euclidean: bool, budget: int,

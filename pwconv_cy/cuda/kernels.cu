@@ -517,23 +517,31 @@ extern "C" __global__ void expand_rows(long long m, const long long* splits, lon
     for (long long e = splits[i]; e < splits[i + 1]; ++e) row_of[e] = i;
 }
 
-/// Splits sorted keys into index and cell, and counts the cells of each row (counts zeroed by the
-/// caller; one thread per row, so no atomics).
+/// Splits sorted keys into index and cell (one thread per row).
 template <class CellT>
 __global__ void split_kernel_keys(long long m, const long long* splits, const long long* keys,
-                                  int cell_bits, int n_cells, long long* index, CellT* cell,
-                                  int* counts) {
+                                  int cell_bits, long long* index, CellT* cell) {
     const long long i = pwconv_cuda::global_thread();
     if (i >= m) return;
     const long long mask = ((long long)1 << cell_bits) - 1;
-    int* row_counts = counts + i * (long long)n_cells;
     for (long long e = splits[i]; e < splits[i + 1]; ++e) {
         const long long key = keys[e];
-        const int f = (int)(key & mask);
         index[e] = key >> cell_bits;
-        cell[e] = (CellT)f;
-        row_counts[f] += 1;
+        cell[e] = (CellT)(key & mask);
     }
+}
+
+/// counts (m, n_cells): counts[i, f] = the number of entries of row i in cell f (one thread per
+/// row, which zeroes and fills its own row: no atomics).  What KernelMap.counts computes on first
+/// access; the operator tallies the cells itself.
+template <class CellT>
+__global__ void row_cell_counts(long long m, const long long* splits, const CellT* cell,
+                                int n_cells, int* counts) {
+    const long long i = pwconv_cuda::global_thread();
+    if (i >= m) return;
+    int* row = counts + i * (long long)n_cells;
+    for (int f = 0; f < n_cells; ++f) row[f] = 0;
+    for (long long e = splits[i]; e < splits[i + 1]; ++e) row[(int)cell[e]] += 1;
 }
 
 /// Reorders every row of a kernel map by (cell, index): a counting sort per row (one thread per
