@@ -64,11 +64,12 @@ def _simd_status() -> str:
 
 def show_config(file=None) -> dict:
     """Print (and return) the build and runtime configuration: version, compiler, OpenMP and
-    thread count, SIMD filters, CUDA/CuPy status."""
+    thread count, SIMD filters, CUDA/CuPy status, and a note when the process's OpenBLAS keeps
+    idle threads spinning (see pwconv_cy._config.blas_spin_note)."""
     import platform
     import sys
 
-    from pwconv_cy import _core
+    from pwconv_cy import _config, _core
     from pwconv_cy._validation import default_num_threads
 
     info = {
@@ -83,6 +84,7 @@ def show_config(file=None) -> dict:
         "simd": _simd_status(),
         "memory_budget_bytes": get_memory_budget(),
         "cuda": _cuda_status(),
+        "blas_note": _config.blas_spin_note() or "-",
     }
     out = file if file is not None else sys.stdout
     for key, value in info.items():

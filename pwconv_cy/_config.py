@@ -1,4 +1,5 @@
-"""Process-wide settings: the memory budget of variable-size results."""
+"""Process-wide settings: the memory budget of variable-size results; what the process's other
+thread pools do to pwconv's threads (blas_spin_note)."""
 from __future__ import annotations
 
 import numbers
@@ -7,7 +8,9 @@ import os
 import numpy as np
 
 __all__ = [
+    "OPENBLAS_THREAD_TIMEOUT_ADVICE",
     "MemoryBudgetError",
+    "blas_spin_note",
     "check_budget",
     "get_memory_budget",
     "max_pairs_within",
@@ -16,6 +19,40 @@ __all__ = [
 ]
 
 _budget_bytes: int | None = None
+
+#: OPENBLAS_THREAD_TIMEOUT that lets OpenBLAS's idle workers sleep after 2^4 cycles of waiting
+#: instead of the default 2^28 (about 0.1 s).
+OPENBLAS_THREAD_TIMEOUT_ADVICE = "4"
+
+
+def blas_spin_note() -> str | None:
+    """Why pwconv may run slower right after NumPy's matrix products in this process, or None.
+
+    OpenBLAS's pthreads build (NumPy's and SciPy's wheels) keeps its idle worker threads spinning
+    for 2^28 cycles (about 0.1 s) after every multi-threaded call: pwconv's OpenMP threads that
+    start meanwhile share their cores with them (measured: a backward pass right after a large
+    matmul took twice as long).  ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment, read when
+    OpenBLAS loads (with NumPy), lets them sleep at once.  Process-wide, so pwconv only says so:
+    the note names the library, its threads and the variable; None when the variable is set or
+    no such OpenBLAS is loaded."""
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        return None
+    try:
+        from threadpoolctl import threadpool_info
+
+        pools = threadpool_info()
+    except Exception:  # noqa: BLE001 - a diagnostic: never fail because of it
+        return None
+    for pool in pools:
+        if pool.get("internal_api") == "openblas" and pool.get("threading_layer") == "pthreads" \
+                and int(pool.get("num_threads", 1)) > 1:
+            return (f"OpenBLAS {pool.get('version', '')} ({pool['num_threads']} threads, "
+                    f"{os.path.basename(pool.get('filepath', ''))}) keeps its idle threads "
+                    "spinning for about 0.1 s after each matrix product, which slows the pwconv "
+                    "calls that follow one (up to 2x); set OPENBLAS_THREAD_TIMEOUT="
+                    f"{OPENBLAS_THREAD_TIMEOUT_ADVICE} in the environment before Python starts "
+                    "to let them sleep at once")
+    return None
 
 
 class MemoryBudgetError(MemoryError):

@@ -194,3 +194,35 @@ def test_adapters_apply_the_callers_limits_on_their_own_threads(tmp_path):
     counts = dict(line.rsplit(" ", 1) for line in out.splitlines())
     assert counts["jax limited"] == "0" and counts["torch limited"] == "0", out
     assert int(counts["jax default"]) >= 1, out
+
+
+@pytest.mark.parametrize("timeout_set", [False, True])
+def test_blas_spin_note_names_openblas_and_the_variable(tmp_path, timeout_set):
+    """show_config (and the train command) note an OpenBLAS whose idle threads spin after each
+    call -- the pthreads build with more than one thread -- unless OPENBLAS_THREAD_TIMEOUT is set;
+    the note follows what threadpoolctl finds (no note for another BLAS, or a single thread)."""
+    env = {"OPENBLAS_THREAD_TIMEOUT": "4"} if timeout_set else {}
+    environment = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    environment.update(OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2", **env)
+    script = textwrap.dedent("""
+        import io, json, numpy, threadpoolctl
+        import pwconv_cy
+        from pwconv_cy import _config
+        spinning = any(p.get("internal_api") == "openblas" and p.get("threading_layer") ==
+                       "pthreads" and p["num_threads"] > 1 for p in threadpoolctl.threadpool_info())
+        info = pwconv_cy.show_config(file=io.StringIO())
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            single = _config.blas_spin_note()
+        print(json.dumps({"spinning": spinning, "note": info["blas_note"], "single": single}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=90, cwd=tmp_path, env=environment, check=False)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["single"] is None
+    if got["spinning"] and not timeout_set:
+        assert "OpenBLAS" in got["note"] and "OPENBLAS_THREAD_TIMEOUT=4" in got["note"]
+    else:
+        assert got["note"] == "-"
