@@ -73,7 +73,7 @@ step gpu_tests 240 pytest.log \
     -p no:cacheprovider
 
 # shellcheck disable=SC2086
-step benchmark 110 bench.log \
+step benchmark 180 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
 
 echo
