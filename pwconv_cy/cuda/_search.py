@@ -196,7 +196,7 @@ def _row_table(be, cell_cloud, cell_z, cell_y, cmax) -> tuple:
     n_rows = int(first.shape[0])
     row_cell_begin = xp.concatenate([first, xp.full(1, n_cells, dtype=xp.int64)])
     table_bits = max(4, (2 * n_rows - 1).bit_length())
-    table_keys = xp.full(1 << table_bits, np.iinfo(np.uint64).max, dtype=xp.uint64)
+    table_keys = xp.full(1 << table_bits, np.uint64(np.iinfo(np.uint64).max), dtype=xp.uint64)
     table_rows = xp.empty(1 << table_bits, dtype=xp.int64)
     be.launch("build_row_table", (blocks(n_rows),), (THREADS,),
               (i64(n_rows), row_cell_begin, cell_cloud, cell_z, cell_y, i64(cmax[1]),
