@@ -188,8 +188,9 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
             call["grad_out"], call["points"], call["feats"], call["weight"], voxel_size,
             dilation=dilation, offsets=offsets, queries=call["queries"],
             query_offsets=query_offsets, kernel_map=call.kernel_map, depthwise=depthwise,
-            method=method, num_threads=num_threads, check_finite=check_finite)
-        return call.export((d_feats if feats_grad else None, d_weight))
+            method=method, num_threads=num_threads, check_finite=check_finite,
+            feats_grad=bool(feats_grad))
+        return call.export((d_feats, d_weight))
     x, w, k, c_out, km, out_dense, threads = _prepare(
         call["points"], call["feats"], call["weight"], voxel_size, dilation, offsets,
         call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,

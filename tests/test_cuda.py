@@ -994,6 +994,35 @@ def test_gpu_reused_map_checks_points():
             cuda.pointwise_conv(nan, x, w, 0.1, **kw)
 
 
+@pytest.mark.gpu
+@gpu
+def test_gpu_backward_without_feats_grad_skips_it(monkeypatch):
+    """feats_grad=False: d_feats is None and never computed (through the public function too);
+    d_weight has the bits of the full backward's."""
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _conv
+
+    rng = np.random.default_rng(4)
+    p, offsets, _, _, x, w, dy = _conv_case(rng, np.float32, False, 3, 9, False)
+    g = cupy.asarray
+    km = cuda.kernel_map(g(p), 0.09, offsets=offsets)
+    _, dw_full = cuda.pointwise_conv_backward(g(dy), g(p), g(x), g(w), 0.09, offsets=offsets,
+                                              kernel_map=km)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the input gradient was computed")
+
+    monkeypatch.setattr(_conv, "backward_input", refuse)
+    for fn in (cuda.pointwise_conv_backward, pwconv_cy.pointwise_conv_backward):
+        dx, dw = fn(g(dy), g(p), g(x), g(w), 0.09, offsets=offsets, kernel_map=km,
+                    feats_grad=False)
+        assert dx is None
+        assert cupy.asnumpy(dw).tobytes() == cupy.asnumpy(dw_full).tobytes()
+
+
 def pwconv_cy_memory_error():
     from pwconv_cy import MemoryBudgetError
 

@@ -401,19 +401,26 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
 
 def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dilation=1,
                             offsets=None, queries=None, query_offsets=None, kernel_map=None,
-                            depthwise=False, method="grid", num_threads=None, check_finite=True):
+                            depthwise=False, method="grid", num_threads=None, check_finite=True,
+                            feats_grad=True):
     """Gradients of :func:`pointwise_conv` on the GPU (its exact adjoint): ``(d_feats, d_weight)``
-    CuPy arrays shaped like ``feats`` and ``weight``.  The input gradient gathers over the
-    transposed kernel map (built on the device, cached on the map); the weight gradient is reduced
-    from fixed blocks of rows in a fixed order: bit-identical from run to run."""
+    CuPy arrays shaped like ``feats`` and ``weight`` (``d_feats`` None, and not computed, with
+    ``feats_grad=False``).  The input gradient gathers over the transposed kernel map (built on
+    the device, cached on the map); the weight gradient is reduced from fixed blocks of rows in a
+    fixed order: bit-identical from run to run."""
+    import numpy as np
+
     from pwconv_cy.cuda import _validation as V
     from pwconv_cy.cuda._conv import backward_input, backward_weight
 
+    if not isinstance(feats_grad, (bool, np.bool_)):
+        raise TypeError(f"feats_grad must be True or False, got {feats_grad!r}")
     be, _, x, w, c_out, km, out_dense = _prepare(
         points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
         depthwise, method, check_finite)
     dy = V.check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite)
     with _device_of(x):
-        dx = backward_input(be, km, dy, w, int(x.shape[1]), bool(depthwise))
+        dx = backward_input(be, km, dy, w, int(x.shape[1]), bool(depthwise)) if feats_grad \
+            else None
         dw = backward_weight(be, km, x, dy, c_out, bool(depthwise))
-    return dx.reshape(feats.shape), dw.reshape(w.shape)
+    return (None if dx is None else dx.reshape(feats.shape)), dw.reshape(w.shape)
