@@ -766,55 +766,93 @@ __device__ __forceinline__ void add_to_cell(F* sums, int f, int a, int lane, F v
     *s = use_w ? *s + w * v : *s + v;
 }
 
+/// The "rows" kernels' shared arrays (one set per block, whichever kernel declares them) and the
+/// slices of the calling thread's group: `group` lanes per row, rows_per_block groups.
+template <class F>
+struct RowGroup {
+    int lane, g;  // the lane within the row's group, the group within the block
+    unsigned mask;
+    F* sums_all;  // (rows_per_block, n_cells, a) per-cell sums or means
+    int* tally_all;  // (rows_per_block, n_cells) entries per cell
+    F* sums;  // this group's slices
+    int* tally;
+    i64* stage_j;
+    int* stage_f;
+    F* stage_w;
+};
+
+template <class F>
+__device__ __forceinline__ RowGroup<F> row_group(int group, int n_cells, int a) {
+    __shared__ F sums_all[PWCONV_CUDA_SUMS_BYTES / sizeof(F)];
+    __shared__ int tally_all[PWCONV_CUDA_TALLY_CAP];
+    __shared__ i64 stage_j[PWCONV_CUDA_ROW_THREADS];
+    __shared__ int stage_f[PWCONV_CUDA_ROW_THREADS];
+    __shared__ F stage_w[PWCONV_CUDA_ROW_THREADS];
+    RowGroup<F> r;
+    r.lane = threadIdx.x % group;
+    r.g = threadIdx.x / group;
+    r.mask = group_mask(group);
+    r.sums_all = sums_all;
+    r.tally_all = tally_all;
+    r.sums = sums_all + r.g * n_cells * a;
+    r.tally = tally_all + r.g * n_cells;
+    r.stage_j = stage_j + r.g * group;
+    r.stage_f = stage_f + r.g * group;
+    r.stage_w = stage_w + r.g * group;
+    return r;
+}
+
 /// Per-cell sums of the entries [e0, e1) of one row, run by the row's `group` lanes together
-/// (lane = channel c < a): sums[f * a + c] = sum over the entries e of cell f, in entry order, of
-/// w_e * src[col[e] * a + c] (w_e = entry_w[e] when use_w, else 1); tally[f] = their number.
-/// With to_mean (and no weights) the sums are then divided into means: sums[f * a + c] *=
-/// 1 / tally[f].  stage_*: the group's `group` staging slots.
+/// (lane = channel c < a): r.sums[f * a + c] = sum over the entries e of cell f, in entry order,
+/// of w_e * src[col[e] * a + c] (w_e = entry_w[e] when use_w, else 1); r.tally[f] = their
+/// number.  Without weights the sums are then turned into means (times 1 / tally[f]).
 template <class F, class CellT>
 __device__ __forceinline__ void row_cell_sums(i64 e0, i64 e1, const i64* __restrict__ col,
                                               const CellT* __restrict__ cell, int use_w,
                                               const F* __restrict__ entry_w, int n_cells,
-                                              const F* __restrict__ src, int a, int lane,
-                                              int group, unsigned mask, int to_mean, F* sums,
-                                              int* tally, i64* stage_j, int* stage_f,
-                                              F* stage_w) {
+                                              const F* __restrict__ src, int a, int group,
+                                              const RowGroup<F>& r) {
+    const int lane = r.lane;
+    F* sums = r.sums;
+    int* tally = r.tally;
     for (int k = lane; k < n_cells * a; k += group) sums[k] = F(0);
     for (int k = lane; k < n_cells; k += group) tally[k] = 0;
-    __syncwarp(mask);
+    __syncwarp(r.mask);
     for (i64 base = e0; base < e1; base += group) {
         const i64 e = base + lane;
         if (e < e1) {  // the group loads `group` entries at once
-            stage_j[lane] = col[e] * a;
-            stage_f[lane] = (int)cell[e];
-            stage_w[lane] = use_w ? entry_w[e] : F(1);
+            r.stage_j[lane] = col[e] * a;
+            r.stage_f[lane] = (int)cell[e];
+            r.stage_w[lane] = use_w ? entry_w[e] : F(1);
         }
-        __syncwarp(mask);
+        __syncwarp(r.mask);
         const int cnt = e1 - base < group ? (int)(e1 - base) : group;
+        const i64* sj = r.stage_j;
+        const int* sf = r.stage_f;
+        const F* sw = r.stage_w;
         if (lane < a) {
             int t = 0;
             for (; t + 4 <= cnt; t += 4) {  // four independent loads in flight, added in order
-                const F v0 = src[stage_j[t] + lane], v1 = src[stage_j[t + 1] + lane];
-                const F v2 = src[stage_j[t + 2] + lane], v3 = src[stage_j[t + 3] + lane];
-                add_to_cell(sums, stage_f[t], a, lane, v0, use_w, stage_w[t]);
-                add_to_cell(sums, stage_f[t + 1], a, lane, v1, use_w, stage_w[t + 1]);
-                add_to_cell(sums, stage_f[t + 2], a, lane, v2, use_w, stage_w[t + 2]);
-                add_to_cell(sums, stage_f[t + 3], a, lane, v3, use_w, stage_w[t + 3]);
+                const F v0 = src[sj[t] + lane], v1 = src[sj[t + 1] + lane];
+                const F v2 = src[sj[t + 2] + lane], v3 = src[sj[t + 3] + lane];
+                add_to_cell(sums, sf[t], a, lane, v0, use_w, sw[t]);
+                add_to_cell(sums, sf[t + 1], a, lane, v1, use_w, sw[t + 1]);
+                add_to_cell(sums, sf[t + 2], a, lane, v2, use_w, sw[t + 2]);
+                add_to_cell(sums, sf[t + 3], a, lane, v3, use_w, sw[t + 3]);
             }
-            for (; t < cnt; ++t)
-                add_to_cell(sums, stage_f[t], a, lane, src[stage_j[t] + lane], use_w, stage_w[t]);
+            for (; t < cnt; ++t) add_to_cell(sums, sf[t], a, lane, src[sj[t] + lane], use_w, sw[t]);
         }
         if (lane == group - 1)
-            for (int t = 0; t < cnt; ++t) tally[stage_f[t]] += 1;
-        __syncwarp(mask);
+            for (int t = 0; t < cnt; ++t) tally[sf[t]] += 1;
+        __syncwarp(r.mask);
     }
-    if (to_mean && !use_w) {
+    if (!use_w) {
         if (lane < a)
             for (int f = 0; f < n_cells; ++f) {
                 const int n = tally[f];
                 if (n) sums[f * a + lane] = sums[f * a + lane] * (F(1) / (F)n);
             }
-        __syncwarp(mask);
+        __syncwarp(r.mask);
     }
 }
 
@@ -832,20 +870,14 @@ __global__ void conv_rows(long long rows, const long long* __restrict__ splits,
                           const F* __restrict__ src, int a, const F* __restrict__ M, int b,
                           int depthwise, int group, F* __restrict__ out) {
     using namespace pwconv_cuda;
-    __shared__ F sums_all[PWCONV_CUDA_SUMS_BYTES / sizeof(F)];
-    __shared__ int tally_all[PWCONV_CUDA_TALLY_CAP];
-    __shared__ i64 stage_j[PWCONV_CUDA_ROW_THREADS];
-    __shared__ int stage_f[PWCONV_CUDA_ROW_THREADS];
-    __shared__ F stage_w[PWCONV_CUDA_ROW_THREADS];
-    const int lane = threadIdx.x % group, g = threadIdx.x / group;
-    const i64 row = (i64)blockIdx.x * (blockDim.x / group) + g;
+    const RowGroup<F> r = row_group<F>(group, n_cells, a);
+    const i64 row = (i64)blockIdx.x * (blockDim.x / group) + r.g;
     if (row >= rows) return;  // the whole group leaves together
-    const unsigned mask = group_mask(group);
-    F* sums = sums_all + g * n_cells * a;
-    int* tally = tally_all + g * n_cells;
-    row_cell_sums(splits[row], splits[row + 1], col, cell, use_w, entry_w, n_cells, src, a, lane,
-                  group, mask, 1, sums, tally, stage_j + g * group, stage_f + g * group,
-                  stage_w + g * group);
+    row_cell_sums(splits[row], splits[row + 1], col, cell, use_w, entry_w, n_cells, src, a, group,
+                  r);
+    const int lane = r.lane;
+    const F* sums = r.sums;
+    const int* tally = r.tally;
     if (lane >= b) return;
     F acc = F(0);
     for (int f = 0; f < n_cells; ++f) {
@@ -875,29 +907,20 @@ __global__ void conv_weight_rows(long long m, const long long* __restrict__ spli
                                  int depthwise, int group, long long rows_per_chunk,
                                  F* __restrict__ partial) {
     using namespace pwconv_cuda;
-    __shared__ F sums_all[PWCONV_CUDA_SUMS_BYTES / sizeof(F)];
-    __shared__ int tally_all[PWCONV_CUDA_TALLY_CAP];
-    __shared__ i64 stage_j[PWCONV_CUDA_ROW_THREADS];
-    __shared__ int stage_f[PWCONV_CUDA_ROW_THREADS];
-    __shared__ F stage_w[PWCONV_CUDA_ROW_THREADS];
     __shared__ F dy_rows[PWCONV_CUDA_ROW_THREADS];
     __shared__ F acc_all[PWCONV_CUDA_ACC_BYTES / sizeof(F)];
-    const int lane = threadIdx.x % group, g = threadIdx.x / group;
+    const RowGroup<F> r = row_group<F>(group, n_cells, a);
     const int rows_per_pass = blockDim.x / group;
-    const unsigned mask = group_mask(group);
     const int n_w = depthwise ? n_cells * a : n_cells * a * b;
     for (int w = threadIdx.x; w < n_w; w += blockDim.x) acc_all[w] = F(0);
     const i64 r0 = (i64)blockIdx.x * rows_per_chunk;
     const i64 r1 = r0 + rows_per_chunk < m ? r0 + rows_per_chunk : m;
-    F* sums = sums_all + g * n_cells * a;
-    int* tally = tally_all + g * n_cells;
     for (i64 pass = r0; pass < r1; pass += rows_per_pass) {
-        const i64 row = pass + g;
+        const i64 row = pass + r.g;
         if (row < r1) {
             row_cell_sums(splits[row], splits[row + 1], col, cell, 0, (const F*)0, n_cells, x, a,
-                          lane, group, mask, 1, sums, tally, stage_j + g * group,
-                          stage_f + g * group, stage_w + g * group);
-            if (lane < b) dy_rows[g * b + lane] = dy[row * b + lane];
+                          group, r);
+            if (r.lane < b) dy_rows[r.g * b + r.lane] = dy[row * b + r.lane];
         }
         __syncthreads();  // the pass's means, tallies and output gradients are in place
         const int n_rows = r1 - pass < rows_per_pass ? (int)(r1 - pass) : rows_per_pass;
@@ -907,9 +930,9 @@ __global__ void conv_weight_rows(long long m, const long long* __restrict__ spli
             const int co = depthwise ? w % a : w % b;
             const int f = s / a;
             F acc = acc_all[w];
-            for (int r = 0; r < n_rows; ++r)
-                if (tally_all[r * n_cells + f] != 0)
-                    acc = acc + sums_all[r * n_cells * a + s] * dy_rows[r * b + co];
+            for (int k = 0; k < n_rows; ++k)
+                if (r.tally_all[k * n_cells + f] != 0)
+                    acc = acc + r.sums_all[k * n_cells * a + s] * dy_rows[k * b + co];
             acc_all[w] = acc;
         }
         __syncthreads();  // before the next pass overwrites the means
