@@ -57,11 +57,11 @@ for mod in ("cython", "scikit_build_core", "cmake", "ninja", "pytest"):
 PYVERSIONS
 } 2>&1 | tee "$LOG_DIR/versions.log"
 
-step install 150 install.log \
+step install 140 install.log \
     "$PY" -m pip install --no-build-isolation --no-deps -q .
 
 # From outside the source tree: `python -c` run here would import the uncompiled pwconv_cy/.
-step show_config 60 versions.log \
+step show_config 50 versions.log \
     bash -c 'cd "${TMPDIR:-/tmp}" && exec "$@"' _ "$PY" -c "import pwconv_cy; pwconv_cy.show_config(); \
 import pwconv_cy.cuda as c; print('pwconv_cy.cuda available:', c.is_available(), c.unavailable_reason() or ''); \
 import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/loaded in {time.time() - t:.1f} s')"
@@ -73,7 +73,7 @@ step gpu_tests 240 pytest.log \
     -p no:cacheprovider
 
 # shellcheck disable=SC2086
-step benchmark 180 bench.log \
+step benchmark 150 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
 
 echo
