@@ -448,7 +448,7 @@ def main(argv=None) -> int:
                 del km._cache[key]
         pw.backward(kms, state["xs"], state["zs"])
 
-    from pwconv_cy.cuda import _conv
+    from pwconv_cy.cuda import _conv, _search
 
     stages = {}
     schemes = {}
@@ -462,7 +462,11 @@ def main(argv=None) -> int:
     os.environ.pop(_conv.OPERATOR_ENV)
     stages["pwconv"] = {"kernel_maps": time_cuda(pw.kernel_maps, warmup, runs),
                         **schemes["auto"]}
-    stages["pwconv_bycell"] = {"kernel_maps": stages["pwconv"]["kernel_maps"],
+    os.environ[_search.ROW_TABLE_ENV] = "0"  # the grid rows found by binary search, as before
+    record["kernel_maps_without_row_table"] = time_cuda(pw.kernel_maps, warmup, runs)
+    os.environ.pop(_search.ROW_TABLE_ENV)
+    # the previous GPU code's schemes: by-cell operator, rows found by binary search
+    stages["pwconv_before"] = {"kernel_maps": record["kernel_maps_without_row_table"],
                                **schemes["bycell"]}
     try:
         record["breakdown"] = breakdown(pw, kms, state, warmup, runs)
@@ -539,15 +543,15 @@ def main(argv=None) -> int:
     for key in ("kernel_maps", "forward", "backward", "total"):
         a = stages["pwconv"]["total_median_s"] if key == "total" else \
             stages["pwconv"][key]["median_s"]
-        old = stages["pwconv_bycell"]["total_median_s"] if key == "total" else \
-            stages["pwconv_bycell"][key]["median_s"]
+        old = stages["pwconv_before"]["total_median_s"] if key == "total" else \
+            stages["pwconv_before"][key]["median_s"]
         b = None
         if "pytorch" in stages:
             b = stages["pytorch"]["total_median_s"] if key == "total" else \
                 stages["pytorch"][key]["median_s"]
         ratio = f"{b / a:15.1f}x" if b is not None and a > 0 else f"{'-':>16}"
-        print(f"{key:<14}{fmt_ms(a):>16}{fmt_ms(b):>16}{ratio}   (by-cell scheme "
-              f"{fmt_ms(old).strip()})")
+        print(f"{key:<14}{fmt_ms(a):>16}{fmt_ms(b):>16}{ratio}   (before: by-cell scheme, "
+              f"binary-searched rows {fmt_ms(old).strip()})")
     print("\nbreakdown (pwconv, rows scheme unless named; medians, CUDA events):")
     for name, t in record["breakdown"].items():
         print(f"  {name:<44}{fmt_ms(t['median_s'])}")

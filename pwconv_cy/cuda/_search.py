@@ -12,6 +12,7 @@ over 40 bits per axis.  Nothing is sized by the bounding box.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,9 @@ __all__ = [
     "radius_search_arrays",
 ]
 
+#: PWCONV_CUDA_ROW_TABLE=0 finds grid rows by binary search instead of the hash table (for
+#: comparisons: the results are the same).
+ROW_TABLE_ENV = "PWCONV_CUDA_ROW_TABLE"
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
 THREADS = 256
 
@@ -159,7 +163,7 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
     cell_cloud = cloud[order][first]
     cloud_cell_begin = xp.searchsorted(cell_cloud, xp.arange(n_clouds + 1, dtype=xp.int64),
                                        side="left").astype(xp.int64)
-    if packed:  # the row key (cloud, cz, cy) fits as well
+    if packed and os.environ.get(ROW_TABLE_ENV, "1").strip() != "0":  # the row key fits too
         rows = _row_table(be, cell_cloud, cell_first[:, 2], cell_first[:, 1], cmax)
     else:
         rows = _no_row_table(xp)
