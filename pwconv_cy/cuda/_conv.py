@@ -158,7 +158,7 @@ def transposed_rows(be, km, dtype) -> dict:
 
     count per point (integer atomics) -> scan -> scatter (an atomic cursor per point picks the
     slot) -> sort of each point's segment by (row, cell): the result does not depend on the
-    schedule.  Segments longer than SHORT_SEGMENT are sorted by one global sort instead."""
+    schedule.  Segments longer than SHORT_SEGMENT are sorted together by one global sort."""
     key = f"cuda_transposed_rows_{np.dtype(dtype).name}"
     if key not in km._cache:
         xp = be.xp
@@ -180,15 +180,31 @@ def transposed_rows(be, km, dtype) -> dict:
                   (blocks(m, threads),), (threads,),
                   (i64(m), km.splits, km.index, km.cell, i32(n_cells), tsplits, fill, trow,
                    tcell, tw))
-        if longest <= SHORT_SEGMENT:
-            be.launch(conv_name("sort_point_segments", dtype), (blocks(n),), (THREADS,),
-                      (i64(n), tsplits, i64(SHORT_SEGMENT), trow, tcell, tw))
-        else:  # one global sort by (point, row, cell)
-            point = expand_rows(be, tsplits, n_entries)
-            order = be.lexsort(xp.stack([tcell.astype(xp.int64), trow, point]))
-            trow, tcell, tw = (xp.ascontiguousarray(a[order]) for a in (trow, tcell, tw))
+        be.launch(conv_name("sort_point_segments", dtype), (blocks(n),), (THREADS,),
+                  (i64(n), tsplits, i64(SHORT_SEGMENT), trow, tcell, tw))
+        if longest > SHORT_SEGMENT:
+            _sort_long_segments(be, tsplits, trow, tcell, tw, m, n_cells)
         km._cache[key] = {"splits": tsplits, "row": trow, "cell": tcell, "weight": tw}
     return km._cache[key]
+
+
+def _sort_long_segments(be, tsplits, trow, tcell, tw, m: int, n_cells: int) -> None:
+    """Sorts, in place, the transposed-map segments longer than SHORT_SEGMENT (left unsorted by
+    sort_point_segments) by (row, cell): their entries only, by one global sort of (point, row,
+    cell) -- segments are contiguous and ordered by point, so the sorted entries go back to the
+    same positions in order."""
+    xp = be.xp
+    n = int(tsplits.shape[0]) - 1
+    point = expand_rows(be, tsplits, int(trow.shape[0]))
+    seg_len = tsplits[1:] - tsplits[:-1]
+    where = xp.flatnonzero(seg_len[point] > SHORT_SEGMENT)
+    p, r, f = point[where], trow[where], tcell[where].astype(xp.int64)
+    if n * m * n_cells <= np.iinfo(np.int64).max:  # one composite key (exact Python integers)
+        order = be.argsort((p * m + r) * n_cells + f)
+    else:
+        order = be.lexsort(xp.stack([f, r, p]))
+    picked = where[order]
+    trow[where], tcell[where], tw[where] = trow[picked], tcell[picked], tw[picked]
 
 
 def transposed(be, km):
