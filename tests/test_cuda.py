@@ -678,7 +678,8 @@ def _emulate_property(be, max_examples: int = 80):
         c_in, c_out = draw(st.integers(1, 12)), draw(st.integers(1, 12))
         depthwise = draw(st.booleans())
         dtype = draw(st.sampled_from([np.float32, np.float64]))
-        # short segments: most points' transposed entries go through the global sort too
+        # short rows and segments: most rows of the map and most points' transposed entries go
+        # through the global sorts too
         short = draw(st.sampled_from([_conv.SHORT_SEGMENT, 3]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
             short, draw(strategies.seeds)
@@ -688,6 +689,7 @@ def _emulate_property(be, max_examples: int = 80):
     @given(cases())
     def check(case):
         batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, seed = case
+        _conv.SHORT_SEGMENT = _search.SHORT_ROW = short
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
         q_off = None if queries is None else queries.offsets
@@ -707,7 +709,6 @@ def _emulate_property(be, max_examples: int = 80):
         dy = rng.standard_normal((m, c_out)).astype(dtype)
         ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
         tol = 1e-5 if dtype == np.float32 else 1e-12
-        _conv.SHORT_SEGMENT = short
         for scheme in ("auto", "bycell"):
             os.environ[_conv.OPERATOR_ENV] = scheme
             km = KernelMap(splits=splits, index=index, cell=cell, counts=om.counts.astype(np.int32),
@@ -732,11 +733,11 @@ def _emulate_property(be, max_examples: int = 80):
                 assert (np.diff(point * (m + 1) + tr["row"]) > 0).all()
         os.environ.pop(_conv.OPERATOR_ENV)
 
-    default_short = _conv.SHORT_SEGMENT
+    defaults = _conv.SHORT_SEGMENT, _search.SHORT_ROW
     try:
         check()
     finally:
-        _conv.SHORT_SEGMENT = default_short
+        _conv.SHORT_SEGMENT, _search.SHORT_ROW = defaults
     return {"scenario": "property", "examples": max_examples}
 
 

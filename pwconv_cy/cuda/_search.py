@@ -267,17 +267,22 @@ def _scan(be, row_len):
 
 
 def _sort_long_rows(be, splits, keys, key_bits: int):
-    """Sorts every row of keys (rows longer than SHORT_ROW were left unsorted by the fill)."""
+    """Sorts the rows of keys longer than SHORT_ROW (left unsorted by the fill; the others are
+    sorted already): their entries only, by one global sort of (row, key) -- rows are contiguous
+    and in order, so the sorted entries go back to the same positions in order."""
     xp = be.xp
     m = int(splits.shape[0]) - 1
-    n_entries = int(keys.shape[0])
-    row_of = expand_rows(be, splits, n_entries)
+    row_of = expand_rows(be, splits, int(keys.shape[0]))
+    row_len = splits[1:] - splits[:-1]
+    where = xp.flatnonzero(row_len[row_of] > SHORT_ROW)
+    rows, long_keys = row_of[where], keys[where]
     row_bits = max(1, int(m - 1).bit_length())
     if row_bits + key_bits <= 63:  # one int64 composite key (row, key): unique, any sort will do
-        composite = be.sort((row_of << key_bits) | keys)
-        return composite & ((1 << key_bits) - 1)
-    order = be.lexsort(xp.stack([keys, row_of]))
-    return keys[order]
+        composite = be.sort((rows << key_bits) | long_keys)
+        keys[where] = composite & ((1 << key_bits) - 1)
+    else:
+        keys[where] = long_keys[be.lexsort(xp.stack([long_keys, rows]))]
+    return keys
 
 
 def _budget_check(n_pairs: int, nbytes: int, budget: int, what: str, remedy: str) -> None:
