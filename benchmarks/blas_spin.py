@@ -8,7 +8,8 @@ their cores with them.  Measured in fresh processes, alternating, with OPENBLAS_
 * ``after matmul``: three ``pointwise_conv_backward`` calls (32 sphere clouds x 1,024 points,
   9 -> 9 channels, s = 2, map given) right after a (32 x 36,864) @ (36,864 x 512) float32 matmul
   -- the shape of the classifier's first fully connected layer -- and, for reference, the same
-  calls with no matmul before them;
+  calls with no matmul before them, and (with PyTorch installed) after the same matmul by
+  PyTorch;
 * ``train step``: ``pwconv_cy.train.train_step`` of the paper's classifier on 32 real ModelNet40
   shapes (as benchmarks/train_step.py), medians of 20 steps after 2.
 
@@ -59,9 +60,13 @@ CHILD = textwrap.dedent("""
         km = pwconv_cy.kernel_map(p, 0.14, dilation=2, offsets=offsets)
         a = rng.standard_normal((32, 36864)).astype(np.float32)
         b = rng.standard_normal((36864, 512)).astype(np.float32)
+        if what == "after_torch_matmul":
+            import torch
+            torch.set_num_threads(int(sys.argv[2]))
+            a, b = torch.from_numpy(a), torch.from_numpy(b)
         times = []
         for _ in range(32):
-            if what == "after_matmul":
+            if what in ("after_matmul", "after_torch_matmul"):
                 a @ b
             t = time.perf_counter()
             for _ in range(3):
@@ -88,6 +93,12 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
     cases = [("no_matmul", None), ("after_matmul", None), ("after_matmul", "4"),
              ("train_step", None), ("train_step", "4")]
+    try:
+        import torch  # noqa: F401 - the same matmul by PyTorch (its own BLAS and OpenMP)
+
+        cases.insert(3, ("after_torch_matmul", None))
+    except ImportError:
+        pass
     medians = {f"{w} timeout={t or 'default'}": [] for w, t in cases}
     for _ in range(opts.rounds):
         for what, var in cases:
