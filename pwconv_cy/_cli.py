@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 
 from pwconv_cy import models
 from pwconv_cy._atomic import atomic_open
@@ -77,13 +78,24 @@ def add_num_threads(parser: argparse.ArgumentParser) -> None:
                              "default, e.g. OMP_NUM_THREADS)")
 
 
+@contextlib.contextmanager
 def thread_limit(num_threads):
-    """A context limiting OpenMP and BLAS to `num_threads` (threadpoolctl); None: no limit."""
-    if num_threads is None:
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
+    """The thread settings of a command: OpenMP and BLAS limited to `num_threads` (threadpoolctl;
+    None: no limit), then, on stderr, a note when NumPy's BLAS keeps idle threads spinning
+    between its matrix products and pwconv's kernels (pwconv_cy._config.blas_spin_note)."""
+    from pwconv_cy._config import blas_spin_note
 
-    return threadpool_limits(limits=num_threads)
+    if num_threads is None:
+        limits = contextlib.nullcontext()
+    else:
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(limits=num_threads)
+    with limits:
+        note = blas_spin_note()
+        if note:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        yield
 
 
 def load_classifier(parser: argparse.ArgumentParser, path, arg: str = "--checkpoint"):

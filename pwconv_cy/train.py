@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pwconv_cy import _cli, _config, data, models, nn, optim
+from pwconv_cy import _cli, data, models, nn, optim
 from pwconv_cy._atomic import atomic_open
 from pwconv_cy.evaluate import evaluate
 
@@ -485,9 +485,6 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the exit status (130 after Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    note = _config.blas_spin_note()
-    if note:  # training alternates NumPy matmuls (the classifier's head) and pwconv kernels
-        print(f"note: {note}", file=sys.stderr)
     with _cli.thread_limit(args.num_threads):
         try:
             run = _Run(args)

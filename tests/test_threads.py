@@ -210,10 +210,19 @@ def test_blas_spin_note_names_openblas_and_the_variable(tmp_path, timeout_set):
         from pwconv_cy import _config
         spinning = any(p.get("internal_api") == "openblas" and p.get("threading_layer") ==
                        "pthreads" and p["num_threads"] > 1 for p in threadpoolctl.threadpool_info())
+        import contextlib, sys
+        from pwconv_cy import _cli
         info = pwconv_cy.show_config(file=io.StringIO())
         with threadpoolctl.threadpool_limits(1, user_api="blas"):
             single = _config.blas_spin_note()
-        print(json.dumps({"spinning": spinning, "note": info["blas_note"], "single": single}))
+        said = {}
+        for n in (None, 1):  # the commands' thread settings: the note, unless one thread
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), _cli.thread_limit(n):
+                pass
+            said[str(n)] = err.getvalue()
+        print(json.dumps({"spinning": spinning, "note": info["blas_note"], "single": single,
+                          "said": said}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=90, cwd=tmp_path, env=environment, check=False)
@@ -221,8 +230,9 @@ def test_blas_spin_note_names_openblas_and_the_variable(tmp_path, timeout_set):
     import json
 
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["single"] is None
+    assert got["single"] is None and got["said"]["1"] == ""
     if got["spinning"] and not timeout_set:
         assert "OpenBLAS" in got["note"] and "OPENBLAS_THREAD_TIMEOUT=4" in got["note"]
+        assert got["said"]["None"] == f"note: {got['note']}\n"
     else:
-        assert got["note"] == "-"
+        assert got["note"] == "-" and got["said"]["None"] == ""
