@@ -688,12 +688,15 @@ def test_backward_by_cloud_rejects_a_map_that_crosses_clouds():
 
 @NEEDS_AVX512
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("c_in, c_out", [(3, 9), (9, 9), (11, 16), (4, 17), (1, 8)])
+@pytest.mark.parametrize("c_in, c_out", [(3, 9), (9, 9), (11, 16), (4, 17), (1, 8), (20, 33),
+                                         (33, 20), (64, 40)])
 @pytest.mark.parametrize("n_clouds", [3, 20], ids=["transposed", "by cloud"])
 def test_backward_is_bit_identical_with_and_without_avx512(dtype, c_in, c_out, n_clouds):
-    """The weight gradient's AVX-512 loop (float32, c_out up to 16; float64 and wider outputs
-    take the portable loop either way) performs the portable loop's operations in its order:
-    identical bits, on both backward paths."""
+    """The AVX-512 loops (float32: the weight gradient's, and the cell products of the forward and
+    the input gradient for more than 16 outputs, row by row for small weights and in tiles of
+    slots for large ones -- 64 x 40 x 27 floats is over 256 KiB; float64 takes the portable loops
+    either way) perform the portable loops' operations in their order: identical bits, forward
+    and both backward paths."""
     rng = np.random.default_rng(c_in * 100 + c_out + n_clouds)
     sizes = rng.integers(50, 400, n_clouds)
     points = np.concatenate([rng.random((int(m), 3)) for m in sizes])
@@ -706,9 +709,12 @@ def test_backward_is_bit_identical_with_and_without_avx512(dtype, c_in, c_out, n
     for simd in (True, False):
         with simd_filters(simd):
             results.append(pointwise_conv_backward(dy, points, x, w, 0.12, dilation=2,
-                                                   offsets=offsets, kernel_map=km))
-    for a, b, what in zip(*results, ("input gradient", "weight gradient")):
+                                                   offsets=offsets, kernel_map=km)
+                           + (pointwise_conv(points, x, w, 0.12, dilation=2, offsets=offsets,
+                                             kernel_map=km),))
+    for a, b, what in zip(*results, ("input gradient", "weight gradient", "forward")):
         assert np.array_equal(a, b), f"{what}: AVX-512 and portable loops differ"
+
     # and right: dW_f = sum_i mean_f(x)_i^T dy_i in float64, from the map
     rows = np.repeat(np.arange(km.n_queries), np.diff(km.splits))
     cells = km.cell.astype(np.int64)
@@ -718,6 +724,9 @@ def test_backward_is_bit_identical_with_and_without_avx512(dtype, c_in, c_out, n
     got = results[0][1].reshape(want.shape).astype(np.float64)
     tol = 1e-12 if dtype == np.float64 else 1e-5
     assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
+    # and the forward: y_i = sum_f mean_f(x)_i W_f
+    y_want = np.einsum("ifa,fab->ib", means, w.reshape(27, c_in, c_out).astype(np.float64))
+    assert np.linalg.norm(results[0][2] - y_want) <= tol * np.linalg.norm(y_want)
 
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

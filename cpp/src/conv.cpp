@@ -226,12 +226,110 @@ void apply_rows(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, const F* M, in
 
 constexpr int64_t kSmallWeightBytes = 256 * 1024;
 
+#ifdef PWCONV_X86_SIMD
+// Masks of the (up to) n_vec 16-float vectors covering `width` columns.
+PWCONV_AVX512 void column_masks(int64_t width, int n_vec, __mmask16* mask) {
+    for (int v = 0; v < n_vec; ++v) {
+        const int64_t left = width - 16 * v;
+        mask[v] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    }
+}
+
+// apply_rows for float and more than 16 outputs: a row's outputs in up to four vectors (chunks of
+// 64 columns), its slots in creation order, each term a multiply then an add, as in the portable
+// loop: bit-identical.
+PWCONV_AVX512 void apply_rows_avx512(int64_t r0, int64_t r1, const SlotBuffer<float>& buf,
+                                     const float* M, int64_t a, int64_t b, float* out) {
+    for (int64_t c0 = 0; c0 < b; c0 += 64) {
+        __mmask16 mask[4];
+        column_masks(std::min<int64_t>(64, b - c0), 4, mask);
+        for (int64_t r = r0; r < r1; ++r) {
+            __m512 acc[4];
+            for (int v = 0; v < 4; ++v) acc[v] = _mm512_setzero_ps();
+            for (int64_t s = buf.row_slot_begin[r - r0]; s < buf.row_slot_begin[r - r0 + 1]; ++s) {
+                const float* sum = &buf.sums[s * a];
+                const float* Mf = M + buf.slot_cell[s] * a * b + c0;
+                for (int64_t ci = 0; ci < a; ++ci) {
+                    const __m512 v = _mm512_set1_ps(sum[ci]);
+                    const float* w = Mf + ci * b;
+                    for (int k = 0; k < 4; ++k)
+                        if (mask[k])
+                            acc[k] = _mm512_add_ps(
+                                acc[k], _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask[k], w + 16 * k)));
+                }
+            }
+            for (int k = 0; k < 4; ++k)
+                if (mask[k]) _mm512_mask_storeu_ps(out + r * b + c0 + 16 * k, mask[k], acc[k]);
+        }
+    }
+}
+
+// apply_cells for float and more than 16 outputs: each cell's slots in tiles of eight output rows,
+// the outputs in chunks of 32 columns, a row of W_f loaded once per tile.  Every output element
+// still gets its terms cell by cell (ascending), then ci ascending, a multiply then an add, as in
+// the portable loop: bit-identical.
+PWCONV_AVX512 void apply_cells_avx512(int64_t r0, int64_t r1, const SlotBuffer<float>& buf,
+                                      int64_t n_cells, const float* M, int64_t a, int64_t b,
+                                      float* out) {
+    constexpr int kTile = 8;
+    std::fill(out + r0 * b, out + r1 * b, 0.0f);
+    for (int64_t f = 0; f < n_cells; ++f) {
+        const float* Mf = M + f * a * b;
+        for (int64_t t0 = buf.cell_begin[f]; t0 < buf.cell_begin[f + 1]; t0 += kTile) {
+            const int tile = (int)std::min<int64_t>(kTile, buf.cell_begin[f + 1] - t0);
+            const float* sum[kTile];
+            float* row[kTile];
+            for (int k = 0; k < tile; ++k) {
+                const int32_t s = buf.by_cell[t0 + k];
+                sum[k] = &buf.sums[s * a];
+                row[k] = out + (r0 + buf.slot_row[s]) * b;
+            }
+            for (int64_t c0 = 0; c0 < b; c0 += 32) {
+                __mmask16 mask[2];
+                column_masks(std::min<int64_t>(32, b - c0), 2, mask);
+                __m512 acc[kTile][2];
+                for (int k = 0; k < kTile; ++k)
+                    if (k < tile)
+                        for (int v = 0; v < 2; ++v)
+                            acc[k][v] = _mm512_maskz_loadu_ps(mask[v], row[k] + c0 + 16 * v);
+                for (int64_t ci = 0; ci < a; ++ci) {
+                    const __m512 w0 = _mm512_maskz_loadu_ps(mask[0], Mf + ci * b + c0);
+                    const __m512 w1 = _mm512_maskz_loadu_ps(mask[1], Mf + ci * b + c0 + 16);
+                    for (int k = 0; k < kTile; ++k)
+                        if (k < tile) {
+                            const __m512 v = _mm512_set1_ps(sum[k][ci]);
+                            acc[k][0] = _mm512_add_ps(acc[k][0], _mm512_mul_ps(v, w0));
+                            acc[k][1] = _mm512_add_ps(acc[k][1], _mm512_mul_ps(v, w1));
+                        }
+                }
+                for (int k = 0; k < kTile; ++k)
+                    if (k < tile)
+                        for (int v = 0; v < 2; ++v)
+                            _mm512_mask_storeu_ps(row[k] + c0 + 16 * v, mask[v], acc[k][v]);
+            }
+        }
+    }
+}
+#endif  // PWCONV_X86_SIMD
+
 // out rows [r0, r1) = buf's slots (rows r0.. of buf) times the cell matrices M (a x b): row by
 // row with M held in cache when it is small, else cell by cell.
 template <class F>
 void apply_slots(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, int64_t n_cells, const F* M,
                  int64_t a, int64_t b, bool depthwise, F* out) {
-    if ((double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes) {
+    const bool small = (double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes;
+#ifdef PWCONV_X86_SIMD
+    if constexpr (std::is_same_v<F, float>) {
+        if (!depthwise && b > 16 && simd_enabled()) {  // wide outputs: AVX-512, same bits
+            if (small)
+                apply_rows_avx512(r0, r1, buf, M, a, b, out);
+            else
+                apply_cells_avx512(r0, r1, buf, n_cells, M, a, b, out);
+            return;
+        }
+    }
+#endif
+    if (small) {
         dispatch_channels(b, [&](auto B) {
             apply_rows<decltype(B)::value>(r0, r1, buf, M, a, b, depthwise, out);
         });
@@ -498,21 +596,23 @@ void backward_block(int64_t r0, int64_t r1, const int64_t* tsplits, const Packed
 }
 
 #ifdef PWCONV_X86_SIMD
-// Rows ci0 .. ci0 + Q - 1 of dW_f over the slots [s0, s1) of cell f, as weight_grad_from_slots
-// (float, c_out <= 16): each row one masked vector, the slots outer so that a slot's sums are
-// loaded once.  Every element receives the same terms in the same order with the same operations
+// Rows ci0 .. ci0 + Q - 1 of dW_f, columns co0 .. co0 + 15, over the slots [s0, s1) of cell f, as
+// weight_grad_from_slots (float): each row one masked vector, the slots outer so that a slot's
+// sums are loaded once.  Every element receives the same terms in the same order with the same operations
 // (a multiply, then an add) as in the portable loop: bit-identical.  (float only: the float64
 // kernels serve checks, not speed.)
 template <int Q>
 PWCONV_AVX512 void weight_grad_rows_avx512(int64_t r0, const SlotBuffer<float>& buf, int64_t s0,
                                            int64_t s1, int64_t c_in, int64_t c_out, int64_t ci0,
-                                           const float* x, float* d) {
-    const __mmask16 m = (__mmask16)((1u << c_out) - 1);
+                                           int64_t co0, const float* x, float* d) {
+    const int64_t width = std::min<int64_t>(16, c_out - co0);
+    const __mmask16 m = (__mmask16)(width == 16 ? 0xFFFFu : (1u << width) - 1);
+    d += co0;
     __m512 acc[Q];
     for (int q = 0; q < Q; ++q) acc[q] = _mm512_maskz_loadu_ps(m, d + q * c_out);
     for (int64_t t = s0; t < s1; ++t) {
         const int32_t s = buf.by_cell[t];
-        const __m512 sum = _mm512_maskz_loadu_ps(m, &buf.sums[s * c_out]);
+        const __m512 sum = _mm512_maskz_loadu_ps(m, &buf.sums[s * c_out + co0]);
         const float* xj = x + (r0 + buf.slot_row[s]) * c_in + ci0;
         for (int q = 0; q < Q; ++q)
             acc[q] = _mm512_add_ps(acc[q], _mm512_mul_ps(_mm512_set1_ps(xj[q]), sum));
@@ -526,15 +626,19 @@ PWCONV_AVX512 void weight_grad_avx512(int64_t r0, const SlotBuffer<float>& buf, 
         const int64_t s0 = buf.cell_begin[f], s1 = buf.cell_begin[f + 1];
         for (int64_t ci = 0; s0 < s1 && ci < c_in; ci += 8) {
             float* d = dw + (f * c_in + ci) * c_out;
-            switch (std::min<int64_t>(8, c_in - ci)) {
-                case 8: weight_grad_rows_avx512<8>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
-                case 7: weight_grad_rows_avx512<7>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
-                case 6: weight_grad_rows_avx512<6>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
-                case 5: weight_grad_rows_avx512<5>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
-                case 4: weight_grad_rows_avx512<4>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
-                case 3: weight_grad_rows_avx512<3>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
-                case 2: weight_grad_rows_avx512<2>(r0, buf, s0, s1, c_in, c_out, ci, x, d); break;
-                default: weight_grad_rows_avx512<1>(r0, buf, s0, s1, c_in, c_out, ci, x, d);
+            for (int64_t co = 0; co < c_out; co += 16) {  // one vector of columns at a time
+#define PWCONV_WG(Q) weight_grad_rows_avx512<Q>(r0, buf, s0, s1, c_in, c_out, ci, co, x, d)
+                switch (std::min<int64_t>(8, c_in - ci)) {
+                    case 8: PWCONV_WG(8); break;
+                    case 7: PWCONV_WG(7); break;
+                    case 6: PWCONV_WG(6); break;
+                    case 5: PWCONV_WG(5); break;
+                    case 4: PWCONV_WG(4); break;
+                    case 3: PWCONV_WG(3); break;
+                    case 2: PWCONV_WG(2); break;
+                    default: PWCONV_WG(1);
+                }
+#undef PWCONV_WG
             }
         }
     }
@@ -548,8 +652,7 @@ void weight_grad_from_slots(int64_t r0, const SlotBuffer<F>& buf, const Backward
     const int64_t n_cells = a.n_cells, c_in = a.c_in, c_out = a.c_out;
 #ifdef PWCONV_X86_SIMD
     if constexpr (std::is_same_v<F, float>) {
-        if (a.simd && !a.depthwise && c_out <= 16)
-            return weight_grad_avx512(r0, buf, n_cells, c_in, c_out, x, dw);
+        if (a.simd && !a.depthwise) return weight_grad_avx512(r0, buf, n_cells, c_in, c_out, x, dw);
     }
 #endif
     dispatch_channels(c_out, [&](auto B) {
