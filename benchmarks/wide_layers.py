@@ -1,0 +1,135 @@
+"""Wider layers than the paper's: the operator at 9, 32, 64 and 128 channels on the CPU.
+
+32 clouds x 2,048 points uniformly on the unit sphere (seeded), v = 0.1, K = 3, s = 1 (about 18
+neighbours per point), float32, the kernel map built once and passed in (the operator alone).
+Side by side in one run, per channel count c (c -> c):
+
+* pwconv with its AVX-512 loops (the default where the CPU has AVX-512) and with the portable
+  loops (``set_simd_enabled(False)``: what the wheel runs elsewhere, and the code before the
+  wide-layer loops, whose results are the same bits);
+* the NumPy/SciPy peer (``sum_f A_f X W_f`` with one sparse matrix per kernel cell) and the
+  PyTorch peer (``index_add_`` into per-(point, cell) sums, one matmul, autograd) of
+  ``benchmarks/peers.py``, on the same pairs.
+
+Forward, and forward + backward (input and weight gradients); medians of 5 rounds after a warm-up
+round (pwconv's two loops alternating in each round, each peer timed in its own block).
+Outputs are checked against the peers first.  Writes ``results/wide_layers.json``.
+
+    python benchmarks/wide_layers.py              # about 2 minutes on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import _common as C
+import numpy as np
+from peers import ScipyPeer, TorchPeer
+
+import pwconv_cy
+from pwconv_cy import neighbors
+
+CLOUDS, POINTS, VOXEL = 32, 2048, 0.1
+
+
+def round_robin_ms(cases: dict, runs: int) -> dict:
+    """{name: (forward ms, forward + backward ms)}: medians of `runs` rounds, each round timing
+    every case once in turn (after one warm-up round), so that the machine's drifts hit all."""
+    times = {name: ([], []) for name in cases}
+    for r in range(runs + 1):
+        for name, (simd, fns) in cases.items():
+            neighbors.set_simd_enabled(simd)
+            for k, fn in enumerate(fns):
+                t = time.perf_counter()
+                fn()
+                if r:
+                    times[name][k].append(time.perf_counter() - t)
+    neighbors.set_simd_enabled(True)
+    return {name: tuple(1e3 * statistics.median(t) for t in ts) for name, ts in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--channels", type=int, nargs="+", default=[9, 32, 64, 128])
+    opts = parser.parse_args(argv)
+    C.limit_threads(opts.threads)
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    points = C.sphere(CLOUDS * POINTS, seed=0)
+    offsets = np.arange(CLOUDS + 1, dtype=np.int64) * POINTS
+    km = pwconv_cy.kernel_map(points, VOXEL, offsets=offsets)
+    peer_map = ScipyPeer.kernel_map(points, offsets, VOXEL)
+    mats = ScipyPeer.operator(peer_map, len(points))
+    tmap = TorchPeer.kernel_map(torch.from_numpy(points.astype(np.float64)),
+                                torch.from_numpy(offsets), VOXEL)
+    assert tmap.slot.shape[0] == km.n_pairs == peer_map.rows.shape[0]
+    simd = bool(pwconv_cy._core.simd_state()[0])  # this CPU (and build) has the AVX-512 loops
+    rng = np.random.default_rng(1)
+    rows, record = [], []
+    for c in opts.channels:
+        x = rng.standard_normal((len(points), c)).astype(np.float32)
+        w = (rng.standard_normal((3, 3, 3, c, c)) / np.sqrt(27 * c)).astype(np.float32)
+        dy = rng.standard_normal((len(points), c)).astype(np.float32)
+        kw = {"offsets": offsets, "kernel_map": km}
+
+        def fwd():
+            return pwconv_cy.pointwise_conv(points, x, w, VOXEL, **kw)
+
+        def fwd_bwd():
+            fwd()
+            return pwconv_cy.pointwise_conv_backward(dy, points, x, w, VOXEL, **kw)
+
+        xt = torch.from_numpy(x).requires_grad_(True)
+        wt = torch.from_numpy(w).requires_grad_(True)
+        dyt = torch.from_numpy(dy)
+
+        def torch_fwd():
+            return TorchPeer.forward(tmap, xt, wt)
+
+        def torch_fwd_bwd():
+            xt.grad = wt.grad = None
+            TorchPeer.forward(tmap, xt, wt).backward(dyt)
+
+        def scipy_fwd():
+            return ScipyPeer.forward(mats, x, w)
+
+        def scipy_fwd_bwd():
+            scipy_fwd()
+            return ScipyPeer.backward(mats, x, w, dy)
+
+        y = fwd()
+        scale = np.linalg.norm(y)
+        for name, other in (("pytorch", torch_fwd().detach().numpy()), ("scipy", scipy_fwd())):
+            err = np.linalg.norm(other - y) / scale
+            assert err < 1e-5, f"{c} channels: pwconv and {name} differ by {err:.2g}"
+        # pwconv's two loops alternate; each peer is timed in its own block: interleaving the
+        # libraries would time their thread pools' interference (OpenBLAS keeps its threads
+        # spinning after each call, see blas_spin.py), not the operators
+        pw = {"pwconv (AVX-512)": (True, (fwd, fwd_bwd))} if simd else {}
+        pw["pwconv (portable)"] = (False, (fwd, fwd_bwd))
+        times = round_robin_ms(pw, opts.runs)
+        times.update(round_robin_ms({"pytorch": (True, (torch_fwd, torch_fwd_bwd))}, opts.runs))
+        times.update(round_robin_ms({"numpy/scipy": (True, (scipy_fwd, scipy_fwd_bwd))},
+                                    opts.runs))
+        best = times["pwconv (AVX-512)" if simd else "pwconv (portable)"]
+        for name, (tf, tfb) in times.items():
+            rows.append([f"{c} -> {c}", name, f"{tf:.1f} ms", f"{tfb:.1f} ms",
+                         f"{tfb / best[1]:.2f}x"])
+        record.append({"channels": c, "ms": times})
+    C.print_table(["layer", "implementation", "forward", "forward + backward",
+                   "vs pwconv (fwd + bwd)"], rows)
+    path = C.write_json("wide_layers", {
+        "machine": C.machine_info(), "threads": opts.threads, "clouds": CLOUDS,
+        "points_per_cloud": POINTS, "voxel_size": VOXEL, "pairs": km.n_pairs,
+        "avx512": bool(simd), "results": record})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
