@@ -4,15 +4,15 @@
 neighbours per point), float32, the kernel map built once and passed in (the operator alone).
 Side by side in one run, per channel count c (c -> c):
 
-* pwconv with its AVX-512 loops (the default where the CPU has AVX-512) and with the portable
-  loops (``set_simd_enabled(False)``: what the wheel runs elsewhere, and the code before the
-  wide-layer loops, whose results are the same bits);
+* pwconv with each family of loops this CPU has: AVX-512 (the default where the CPU has it),
+  AVX2 (what CPUs without AVX-512 run) and portable (``set_simd_enabled(False)``: the code
+  before the wide-layer loops); the results are the same bits;
 * the NumPy/SciPy peer (``sum_f A_f X W_f`` with one sparse matrix per kernel cell) and the
   PyTorch peer (``index_add_`` into per-(point, cell) sums, one matmul, autograd) of
   ``benchmarks/peers.py``, on the same pairs.
 
 Forward, and forward + backward (input and weight gradients); medians of 5 rounds after a warm-up
-round (pwconv's two loops alternating in each round, each peer timed in its own block).
+round (pwconv's loop families alternating in each round, each peer timed in its own block).
 Outputs are checked against the peers first.  Writes ``results/wide_layers.json``.
 
     python benchmarks/wide_layers.py              # about 2 minutes on 2 cores
@@ -29,9 +29,15 @@ import numpy as np
 from peers import ScipyPeer, TorchPeer
 
 import pwconv_cy
-from pwconv_cy import neighbors
+from pwconv_cy import _core
 
 CLOUDS, POINTS, VOXEL = 32, 2048, 0.1
+
+
+def set_loops(mode: str) -> None:
+    """pwconv's loop family: 'avx512', 'avx2' (AVX-512 not allowed) or 'portable'."""
+    _core.set_simd(mode != "portable")
+    _core.set_avx512(mode == "avx512")
 
 
 def round_robin_ms(cases: dict, runs: int) -> dict:
@@ -39,14 +45,14 @@ def round_robin_ms(cases: dict, runs: int) -> dict:
     every case once in turn (after one warm-up round), so that the machine's drifts hit all."""
     times = {name: ([], []) for name in cases}
     for r in range(runs + 1):
-        for name, (simd, fns) in cases.items():
-            neighbors.set_simd_enabled(simd)
+        for name, (mode, fns) in cases.items():
+            set_loops(mode)
             for k, fn in enumerate(fns):
                 t = time.perf_counter()
                 fn()
                 if r:
                     times[name][k].append(time.perf_counter() - t)
-    neighbors.set_simd_enabled(True)
+    set_loops("avx512")
     return {name: tuple(1e3 * statistics.median(t) for t in ts) for name, ts in times.items()}
 
 
@@ -68,7 +74,8 @@ def main(argv=None) -> int:
     tmap = TorchPeer.kernel_map(torch.from_numpy(points.astype(np.float64)),
                                 torch.from_numpy(offsets), VOXEL)
     assert tmap.slot.shape[0] == km.n_pairs == peer_map.rows.shape[0]
-    simd = bool(pwconv_cy._core.simd_state()[0])  # this CPU (and build) has the AVX-512 loops
+    modes = (["avx512"] if _core.simd_state()[0] else []) + (
+        ["avx2"] if _core.avx2_state()[0] else []) + ["portable"]
     rng = np.random.default_rng(1)
     rows, record = [], []
     for c in opts.channels:
@@ -110,13 +117,14 @@ def main(argv=None) -> int:
         # pwconv's two loops alternate; each peer is timed in its own block: interleaving the
         # libraries would time their thread pools' interference (OpenBLAS keeps its threads
         # spinning after each call, see blas_spin.py), not the operators
-        pw = {"pwconv (AVX-512)": (True, (fwd, fwd_bwd))} if simd else {}
-        pw["pwconv (portable)"] = (False, (fwd, fwd_bwd))
-        times = round_robin_ms(pw, opts.runs)
-        times.update(round_robin_ms({"pytorch": (True, (torch_fwd, torch_fwd_bwd))}, opts.runs))
-        times.update(round_robin_ms({"numpy/scipy": (True, (scipy_fwd, scipy_fwd_bwd))},
+        names = {"avx512": "pwconv (AVX-512)", "avx2": "pwconv (AVX2)",
+                 "portable": "pwconv (portable)"}
+        times = round_robin_ms({names[m]: (m, (fwd, fwd_bwd)) for m in modes}, opts.runs)
+        times.update(round_robin_ms({"pytorch": (modes[0], (torch_fwd, torch_fwd_bwd))},
                                     opts.runs))
-        best = times["pwconv (AVX-512)" if simd else "pwconv (portable)"]
+        times.update(round_robin_ms({"numpy/scipy": (modes[0], (scipy_fwd, scipy_fwd_bwd))},
+                                    opts.runs))
+        best = times[names[modes[0]]]
         for name, (tf, tfb) in times.items():
             rows.append([f"{c} -> {c}", name, f"{tf:.1f} ms", f"{tfb:.1f} ms",
                          f"{tfb / best[1]:.2f}x"])
@@ -126,7 +134,7 @@ def main(argv=None) -> int:
     path = C.write_json("wide_layers", {
         "machine": C.machine_info(), "threads": opts.threads, "clouds": CLOUDS,
         "points_per_cloud": POINTS, "voxel_size": VOXEL, "pairs": km.n_pairs,
-        "avx512": bool(simd), "results": record})
+        "loops": modes, "results": record})
     print(f"wrote {path}")
     return 0
 

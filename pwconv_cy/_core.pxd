@@ -13,6 +13,9 @@ cdef extern from "pwconv/common.hpp" namespace "pwconv" nogil:
     cbool simd_available()
     cbool simd_enabled()
     cbool set_simd_enabled(cbool enabled)
+    cbool set_avx512_allowed(cbool allowed)
+    cbool avx2_available()
+    cbool avx2_enabled()
     uint64_t fingerprint(const void* data, int64_t nbytes, int threads) except +
 
     cbool interrupt_requested()

@@ -49,14 +49,25 @@ def fingerprint_(const uint8_t[::1] data, int threads):
     return h
 
 def simd_state():
-    """(available, enabled) of the kernel map's AVX-512 candidate filters."""
+    """(available, enabled) of the AVX-512 loops (kernel map filters, operator)."""
     return bool(simd_available()), bool(simd_enabled())
 
 
 def set_simd(cbool enabled):
-    """Lets the AVX-512 filters run where available (True) or forces the portable ones (False);
+    """Lets the SIMD loops run where available (True) or forces the portable ones (False);
     returns the previous request."""
     return bool(set_simd_enabled(enabled))
+
+
+def avx2_state():
+    """(available, enabled) of the AVX2 loops (the operator's wide layers without AVX-512)."""
+    return bool(avx2_available()), bool(avx2_enabled())
+
+
+def set_avx512(cbool allowed):
+    """With SIMD on, allow AVX-512 (True, the default) or keep to the AVX2 loops (False: tests
+    and comparisons); returns the previous setting."""
+    return bool(set_avx512_allowed(allowed))
 
 
 cdef class interruptible:

@@ -126,6 +126,29 @@ SIMD_MODES = pytest.mark.parametrize("simd", [
 ])
 
 
+def simd_modes() -> list:
+    """The loop families this CPU can run, best first: 'avx512', 'avx2', 'portable'."""
+    from pwconv_cy import _core
+
+    modes = ["avx512"] if _core.simd_state()[0] else []
+    modes += ["avx2"] if _core.avx2_state()[0] else []
+    return modes + ["portable"]
+
+
+@contextlib.contextmanager
+def simd_mode(mode: str):
+    """Run the block with one family of loops: 'avx512', 'avx2' (AVX-512 not allowed) or
+    'portable' (no SIMD), restoring the previous settings."""
+    from pwconv_cy import _core
+
+    previous = _core.set_simd(mode != "portable"), _core.set_avx512(mode == "avx512")
+    try:
+        yield
+    finally:
+        _core.set_simd(previous[0])
+        _core.set_avx512(previous[1])
+
+
 @contextlib.contextmanager
 def simd_filters(enabled: bool):
     """Run the block with the AVX-512 filters on or off, restoring the previous setting."""

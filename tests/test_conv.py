@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from checks import NEEDS_AVX512, simd_filters
+from checks import simd_mode, simd_modes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -686,17 +686,18 @@ def test_backward_by_cloud_rejects_a_map_that_crosses_clouds():
             np.empty_like(x), np.empty_like(w), 2)
 
 
-@NEEDS_AVX512
+@pytest.mark.skipif(len(simd_modes()) < 2, reason="this CPU has neither AVX-512 nor AVX2")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("c_in, c_out", [(3, 9), (9, 9), (11, 16), (4, 17), (1, 8), (20, 33),
                                          (33, 20), (64, 40)])
 @pytest.mark.parametrize("n_clouds", [3, 20], ids=["transposed", "by cloud"])
-def test_backward_is_bit_identical_with_and_without_avx512(dtype, c_in, c_out, n_clouds):
-    """The AVX-512 loops (float32: the weight gradient's, and the cell products of the forward and
-    the input gradient for more than 16 outputs, row by row for small weights and in tiles of
-    slots for large ones -- 64 x 40 x 27 floats is over 256 KiB; float64 takes the portable loops
-    either way) perform the portable loops' operations in their order: identical bits, forward
-    and both backward paths."""
+def test_operator_is_bit_identical_with_and_without_simd(dtype, c_in, c_out, n_clouds):
+    """The SIMD loops -- AVX-512 (float32: the weight gradient's; and the cell products of the
+    forward and the input gradient for more than 16 outputs, row by row for small weights and in
+    tiles of slots for large ones, 64 x 40 x 27 floats being over 256 KiB) and their AVX2 twins
+    for the cell products; float64 takes the portable loops either way -- perform the portable
+    loops' operations in their order: identical bits, forward and both backward paths, for every
+    family this CPU has."""
     rng = np.random.default_rng(c_in * 100 + c_out + n_clouds)
     sizes = rng.integers(50, 400, n_clouds)
     points = np.concatenate([rng.random((int(m), 3)) for m in sizes])
@@ -706,14 +707,16 @@ def test_backward_is_bit_identical_with_and_without_avx512(dtype, c_in, c_out, n
     dy = rng.standard_normal((len(points), c_out)).astype(dtype)
     km = pwconv_cy.kernel_map(points, 0.12, dilation=2, offsets=offsets)
     results = []
-    for simd in (True, False):
-        with simd_filters(simd):
+    modes = simd_modes()
+    for mode in modes:
+        with simd_mode(mode):
             results.append(pointwise_conv_backward(dy, points, x, w, 0.12, dilation=2,
                                                    offsets=offsets, kernel_map=km)
                            + (pointwise_conv(points, x, w, 0.12, dilation=2, offsets=offsets,
                                              kernel_map=km),))
-    for a, b, what in zip(*results, ("input gradient", "weight gradient", "forward")):
-        assert np.array_equal(a, b), f"{what}: AVX-512 and portable loops differ"
+    for mode, other in zip(modes[1:], results[1:]):
+        for a, b, what in zip(results[0], other, ("input gradient", "weight gradient", "forward")):
+            assert np.array_equal(a, b), f"{what}: {modes[0]} and {mode} loops differ"
 
     # and right: dW_f = sum_i mean_f(x)_i^T dy_i in float64, from the map
     rows = np.repeat(np.arange(km.n_queries), np.diff(km.splits))

@@ -310,6 +310,87 @@ PWCONV_AVX512 void apply_cells_avx512(int64_t r0, int64_t r1, const SlotBuffer<f
         }
     }
 }
+// The AVX2 twins of the two loops above (CPUs without AVX-512): 8-float vectors, a row's outputs
+// in chunks of 32 columns, tiles of four slots x 16 columns; the same operations in the same
+// order, so the same bits.
+PWCONV_AVX2 __m256i column_mask_avx2(int64_t left) {
+    const int n = (int)std::max<int64_t>(0, std::min<int64_t>(8, left));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+PWCONV_AVX2 void apply_rows_avx2(int64_t r0, int64_t r1, const SlotBuffer<float>& buf,
+                                 const float* M, int64_t a, int64_t b, float* out) {
+    for (int64_t c0 = 0; c0 < b; c0 += 32) {
+        __m256i mask[4];
+        bool live[4];
+        for (int k = 0; k < 4; ++k) {
+            mask[k] = column_mask_avx2(b - c0 - 8 * k);
+            live[k] = b - c0 - 8 * k > 0;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+            __m256 acc[4];
+            for (int k = 0; k < 4; ++k) acc[k] = _mm256_setzero_ps();
+            for (int64_t s = buf.row_slot_begin[r - r0]; s < buf.row_slot_begin[r - r0 + 1]; ++s) {
+                const float* sum = &buf.sums[s * a];
+                const float* Mf = M + buf.slot_cell[s] * a * b + c0;
+                for (int64_t ci = 0; ci < a; ++ci) {
+                    const __m256 v = _mm256_set1_ps(sum[ci]);
+                    const float* w = Mf + ci * b;
+                    for (int k = 0; k < 4; ++k)
+                        if (live[k])
+                            acc[k] = _mm256_add_ps(
+                                acc[k], _mm256_mul_ps(v, _mm256_maskload_ps(w + 8 * k, mask[k])));
+                }
+            }
+            for (int k = 0; k < 4; ++k)
+                if (live[k]) _mm256_maskstore_ps(out + r * b + c0 + 8 * k, mask[k], acc[k]);
+        }
+    }
+}
+
+PWCONV_AVX2 void apply_cells_avx2(int64_t r0, int64_t r1, const SlotBuffer<float>& buf,
+                                  int64_t n_cells, const float* M, int64_t a, int64_t b,
+                                  float* out) {
+    constexpr int kTile = 4;
+    std::fill(out + r0 * b, out + r1 * b, 0.0f);
+    for (int64_t f = 0; f < n_cells; ++f) {
+        const float* Mf = M + f * a * b;
+        for (int64_t t0 = buf.cell_begin[f]; t0 < buf.cell_begin[f + 1]; t0 += kTile) {
+            const int tile = (int)std::min<int64_t>(kTile, buf.cell_begin[f + 1] - t0);
+            const float* sum[kTile];
+            float* row[kTile];
+            for (int k = 0; k < tile; ++k) {
+                const int32_t s = buf.by_cell[t0 + k];
+                sum[k] = &buf.sums[s * a];
+                row[k] = out + (r0 + buf.slot_row[s]) * b;
+            }
+            for (int64_t c0 = 0; c0 < b; c0 += 16) {
+                const __m256i m0 = column_mask_avx2(b - c0), m1 = column_mask_avx2(b - c0 - 8);
+                __m256 acc[kTile][2];
+                for (int k = 0; k < kTile; ++k)
+                    if (k < tile) {
+                        acc[k][0] = _mm256_maskload_ps(row[k] + c0, m0);
+                        acc[k][1] = _mm256_maskload_ps(row[k] + c0 + 8, m1);
+                    }
+                for (int64_t ci = 0; ci < a; ++ci) {
+                    const __m256 w0 = _mm256_maskload_ps(Mf + ci * b + c0, m0);
+                    const __m256 w1 = _mm256_maskload_ps(Mf + ci * b + c0 + 8, m1);
+                    for (int k = 0; k < kTile; ++k)
+                        if (k < tile) {
+                            const __m256 v = _mm256_set1_ps(sum[k][ci]);
+                            acc[k][0] = _mm256_add_ps(acc[k][0], _mm256_mul_ps(v, w0));
+                            acc[k][1] = _mm256_add_ps(acc[k][1], _mm256_mul_ps(v, w1));
+                        }
+                }
+                for (int k = 0; k < kTile; ++k)
+                    if (k < tile) {
+                        _mm256_maskstore_ps(row[k] + c0, m0, acc[k][0]);
+                        _mm256_maskstore_ps(row[k] + c0 + 8, m1, acc[k][1]);
+                    }
+            }
+        }
+    }
+}
 #endif  // PWCONV_X86_SIMD
 
 // out rows [r0, r1) = buf's slots (rows r0.. of buf) times the cell matrices M (a x b): row by
@@ -325,6 +406,13 @@ void apply_slots(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, int64_t n_cel
                 apply_rows_avx512(r0, r1, buf, M, a, b, out);
             else
                 apply_cells_avx512(r0, r1, buf, n_cells, M, a, b, out);
+            return;
+        }
+        if (!depthwise && b > 16 && avx2_enabled()) {  // or AVX2, same bits
+            if (small)
+                apply_rows_avx2(r0, r1, buf, M, a, b, out);
+            else
+                apply_cells_avx2(r0, r1, buf, n_cells, M, a, b, out);
             return;
         }
     }

@@ -16,8 +16,9 @@
 namespace pwconv {
 
 namespace {
-// Whether the AVX-512 filters may run; read once per search.
+// Whether the SIMD twins may run, and whether AVX-512 among them; read once per call.
 std::atomic<bool> simd_requested{true};
+std::atomic<bool> avx512_allowed{true};
 }  // namespace
 
 bool simd_available() {
@@ -29,9 +30,22 @@ bool simd_available() {
 #endif
 }
 
+bool avx2_available() {
+#ifdef PWCONV_X86_SIMD
+    static const bool available = __builtin_cpu_supports("avx2");
+    return available;
+#else
+    return false;
+#endif
+}
+
 bool set_simd_enabled(bool enabled) { return simd_requested.exchange(enabled); }
 
-bool simd_enabled() { return simd_requested.load() && simd_available(); }
+bool set_avx512_allowed(bool allowed) { return avx512_allowed.exchange(allowed); }
+
+bool simd_enabled() { return simd_requested.load() && avx512_allowed.load() && simd_available(); }
+
+bool avx2_enabled() { return simd_requested.load() && avx2_available(); }
 
 namespace {
 

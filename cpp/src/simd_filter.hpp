@@ -93,6 +93,8 @@ inline int64_t filter_row_scalar(const double* X, const double* Y, const double*
 
 // A function compiled for AVX-512F, called only where simd_enabled(); conv.cpp uses it too.
 #define PWCONV_AVX512 __attribute__((target("avx512f"))) inline
+// A function compiled for AVX2, called only where avx2_enabled() (conv.cpp).
+#define PWCONV_AVX2 __attribute__((target("avx2"))) inline
 
 // In [lo, hi): two independent compares (chains of masked compares are latency-bound).
 PWCONV_AVX512 __mmask8 within_avx512(__m512d d, double lo, double hi) {

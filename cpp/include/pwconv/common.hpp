@@ -26,12 +26,20 @@ bool openmp_enabled();
 /// The OpenMP default thread count (1 without OpenMP).
 int default_threads();
 
-/// Whether the CPU can run the AVX-512 twins of the kernel map's candidate filters.
+/// Whether the CPU can run the AVX-512 twins of the kernel map's candidate filters and of the
+/// operator's loops.
 bool simd_available();
-/// Whether they run (default: whenever available).  Results are identical either way; turning
-/// them off (tests, comparisons) selects the portable loops.  Returns the previous setting.
+/// Whether the SIMD twins run (default: whenever available).  Results are identical either way;
+/// turning them off (tests, comparisons) selects the portable loops.  Returns the previous setting.
 bool set_simd_enabled(bool enabled);
+/// Whether the AVX-512 twins run: SIMD enabled, AVX-512 allowed (set_avx512_allowed) and available.
 bool simd_enabled();
+/// With SIMD enabled, whether AVX-512 may be used (default true); false leaves the AVX2 twins of
+/// the operator's wide-layer loops (what CPUs without AVX-512 run).  Returns the previous setting.
+bool set_avx512_allowed(bool allowed);
+/// Whether the CPU has AVX2, and whether the AVX2 twins run (SIMD enabled, AVX2 available).
+bool avx2_available();
+bool avx2_enabled();
 
 /// Throws std::invalid_argument unless offsets is a valid row-split array ending at n.
 void check_batch(const Batch& batch, int64_t n, const char* name);
