@@ -663,6 +663,7 @@ struct BackwardArgs {
     const int32_t* counts;  // the map's
     const Reciprocals<F>* inv;
     bool simd;  // simd_enabled(): the AVX-512 weight-gradient loop may run
+    bool avx2;  // avx2_enabled(): else its AVX2 twin may
 };
 
 template <class F>
@@ -731,6 +732,48 @@ PWCONV_AVX512 void weight_grad_avx512(int64_t r0, const SlotBuffer<float>& buf, 
         }
     }
 }
+// The AVX2 twin of weight_grad_rows_avx512: columns co0 .. co0 + 7.
+template <int Q>
+PWCONV_AVX2 void weight_grad_rows_avx2(int64_t r0, const SlotBuffer<float>& buf, int64_t s0,
+                                       int64_t s1, int64_t c_in, int64_t c_out, int64_t ci0,
+                                       int64_t co0, const float* x, float* d) {
+    const __m256i m = column_mask_avx2(c_out - co0);
+    d += co0;
+    __m256 acc[Q];
+    for (int q = 0; q < Q; ++q) acc[q] = _mm256_maskload_ps(d + q * c_out, m);
+    for (int64_t t = s0; t < s1; ++t) {
+        const int32_t s = buf.by_cell[t];
+        const __m256 sum = _mm256_maskload_ps(&buf.sums[s * c_out + co0], m);
+        const float* xj = x + (r0 + buf.slot_row[s]) * c_in + ci0;
+        for (int q = 0; q < Q; ++q)
+            acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(_mm256_set1_ps(xj[q]), sum));
+    }
+    for (int q = 0; q < Q; ++q) _mm256_maskstore_ps(d + q * c_out, m, acc[q]);
+}
+
+PWCONV_AVX2 void weight_grad_avx2(int64_t r0, const SlotBuffer<float>& buf, int64_t n_cells,
+                                  int64_t c_in, int64_t c_out, const float* x, float* dw) {
+    for (int64_t f = 0; f < n_cells; ++f) {
+        const int64_t s0 = buf.cell_begin[f], s1 = buf.cell_begin[f + 1];
+        for (int64_t ci = 0; s0 < s1 && ci < c_in; ci += 8) {
+            float* d = dw + (f * c_in + ci) * c_out;
+            for (int64_t co = 0; co < c_out; co += 8) {
+#define PWCONV_WG(Q) weight_grad_rows_avx2<Q>(r0, buf, s0, s1, c_in, c_out, ci, co, x, d)
+                switch (std::min<int64_t>(8, c_in - ci)) {
+                    case 8: PWCONV_WG(8); break;
+                    case 7: PWCONV_WG(7); break;
+                    case 6: PWCONV_WG(6); break;
+                    case 5: PWCONV_WG(5); break;
+                    case 4: PWCONV_WG(4); break;
+                    case 3: PWCONV_WG(3); break;
+                    case 2: PWCONV_WG(2); break;
+                    default: PWCONV_WG(1);
+                }
+#undef PWCONV_WG
+            }
+        }
+    }
+}
 #endif  // PWCONV_X86_SIMD
 
 // dW += the terms of buf's slots (rows r0.. of x: the slots' points).
@@ -741,6 +784,7 @@ void weight_grad_from_slots(int64_t r0, const SlotBuffer<F>& buf, const Backward
 #ifdef PWCONV_X86_SIMD
     if constexpr (std::is_same_v<F, float>) {
         if (a.simd && !a.depthwise) return weight_grad_avx512(r0, buf, n_cells, c_in, c_out, x, dw);
+        if (a.avx2 && !a.depthwise) return weight_grad_avx2(r0, buf, n_cells, c_in, c_out, x, dw);
     }
 #endif
     dispatch_channels(c_out, [&](auto B) {
@@ -932,7 +976,7 @@ struct BackwardCall {
             w_t = weight_t.data();
         }
         args = BackwardArgs<F>{n_cells, c_in, c_out, grad_y, w_t, depthwise, map.counts, &inv,
-                               simd_enabled()};
+                               simd_enabled(), avx2_enabled()};
     }
     BackwardCall(const BackwardCall&) = delete;
     BackwardCall& operator=(const BackwardCall&) = delete;
