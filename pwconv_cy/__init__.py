@@ -55,11 +55,14 @@ def _cuda_status() -> str:
 def _simd_status() -> str:
     from pwconv_cy import _core
 
-    available, enabled = _core.simd_state()
-    if not available:
-        return "portable loops (no AVX-512 on this CPU)"
-    return ("AVX-512 kernel-map filters" if enabled
-            else "portable loops (AVX-512 turned off by set_simd_enabled)")
+    (avx512, avx512_on), (avx2, avx2_on) = _core.simd_state(), _core.avx2_state()
+    if avx512_on:
+        return "AVX-512 (kernel-map filters, operator loops)"
+    if avx2_on:
+        return "AVX2 (operator loops for wide layers; portable kernel-map filters)"
+    if avx512 or avx2:
+        return "portable loops (SIMD turned off by set_simd_enabled)"
+    return "portable loops (no AVX2 or AVX-512 on this CPU)"
 
 
 def show_config(file=None) -> dict:
