@@ -50,7 +50,7 @@ def simd_enabled() -> bool:
 def set_simd_enabled(enabled: bool) -> bool:
     """Turn pwconv's SIMD loops on (the default, where the CPU has them) or off, process-wide:
     the kernel map's AVX-512 candidate filters and the operator's AVX-512 weight-gradient loop
-    and wide-layer loops (more than 16 outputs, float32; AVX2 twins on CPUs without AVX-512).
+    and wide-layer loops (16 outputs or more, float32; AVX2 twins on CPUs without AVX-512).
     Returns the previous request (True also where the CPU lacks them).  Results are bit-identical
     either way: this exists to compare the code paths and to time the portable one."""
     if not isinstance(enabled, (bool, np.bool_)):

@@ -689,11 +689,11 @@ def test_backward_by_cloud_rejects_a_map_that_crosses_clouds():
 @pytest.mark.skipif(len(simd_modes()) < 2, reason="this CPU has neither AVX-512 nor AVX2")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("c_in, c_out", [(3, 9), (9, 9), (11, 16), (4, 17), (1, 8), (20, 33),
-                                         (33, 20), (64, 40), (5, 65), (80, 33)])
+                                         (33, 20), (64, 40), (5, 65), (80, 33), (40, 16)])
 @pytest.mark.parametrize("n_clouds", [3, 20], ids=["transposed", "by cloud"])
 def test_operator_is_bit_identical_with_and_without_simd(dtype, c_in, c_out, n_clouds):
     """The SIMD loops -- AVX-512 (float32: the weight gradient's; and the cell products of the
-    forward and the input gradient for more than 16 outputs, row by row for small weights and in
+    forward and the input gradient for 16 outputs or more, row by row for small weights and in
     tiles of slots for large ones, 64 x 40 x 27 floats being over 256 KiB) and their AVX2 twins
     for the cell products; float64 takes the portable loops either way -- perform the portable
     loops' operations in their order: identical bits, forward and both backward paths, for every

@@ -235,7 +235,7 @@ PWCONV_AVX512 void column_masks(int64_t width, int n_vec, __mmask16* mask) {
     }
 }
 
-// apply_rows for float and more than 16 outputs: a row's outputs in up to four vectors (chunks of
+// apply_rows for float and 16 outputs or more: a row's outputs in up to four vectors (chunks of
 // 64 columns), its slots in creation order, each term a multiply then an add, as in the portable
 // loop: bit-identical.
 PWCONV_AVX512 void apply_rows_avx512(int64_t r0, int64_t r1, const SlotBuffer<float>& buf,
@@ -264,7 +264,7 @@ PWCONV_AVX512 void apply_rows_avx512(int64_t r0, int64_t r1, const SlotBuffer<fl
     }
 }
 
-// apply_cells for float and more than 16 outputs: each cell's slots in tiles of eight output rows,
+// apply_cells for float and 16 outputs or more: each cell's slots in tiles of eight output rows,
 // the outputs in chunks of 32 columns, a row of W_f loaded once per tile.  Every output element
 // still gets its terms cell by cell (ascending), then ci ascending, a multiply then an add, as in
 // the portable loop: bit-identical.
@@ -400,15 +400,17 @@ void apply_slots(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, int64_t n_cel
                  int64_t a, int64_t b, bool depthwise, F* out) {
     const bool small = (double)n_cells * a * (depthwise ? 1 : b) * sizeof(F) <= kSmallWeightBytes;
 #ifdef PWCONV_X86_SIMD
+    // 16 outputs or more: the SIMD loops (fewer: the unrolled portable loops hold their own).
+    const bool wide = b >= 16;
     if constexpr (std::is_same_v<F, float>) {
-        if (!depthwise && b > 16 && simd_enabled()) {  // wide outputs: AVX-512, same bits
+        if (!depthwise && wide && simd_enabled()) {  // wide layers: AVX-512, same bits
             if (small)
                 apply_rows_avx512(r0, r1, buf, M, a, b, out);
             else
                 apply_cells_avx512(r0, r1, buf, n_cells, M, a, b, out);
             return;
         }
-        if (!depthwise && b > 16 && avx2_enabled()) {  // or AVX2, same bits
+        if (!depthwise && wide && avx2_enabled()) {  // or AVX2, same bits
             if (small)
                 apply_rows_avx2(r0, r1, buf, M, a, b, out);
             else
