@@ -474,7 +474,7 @@ def main(argv=None) -> int:
     os.environ.pop(_search.ROW_TABLE_ENV)
     # the previous GPU code's schemes: by-cell operator, rows found by binary search
     stages["pwconv_before"] = {"kernel_maps": record["kernel_maps_without_row_table"],
-                               **schemes["bycell"]}
+                               **schemes.get("bycell", schemes["auto"])}
     try:
         record["breakdown"] = breakdown(pw, kms, state, warmup, runs)
     except Exception as exc:  # noqa: BLE001 - keep the stage timings
