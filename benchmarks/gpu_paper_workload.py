@@ -204,7 +204,8 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
                 pw.points, x, w, VOXEL, dilation=s, offsets=pw.offsets, kernel_map=km,
                 check_finite=False), warmup, runs)
         out[f"{tag}: forward kernel"] = time_cuda(
-            lambda x=x, w=w, km=km: _conv.forward(be, km, x, w, c_out, False), warmup, runs)
+            lambda x=x, w=w, km=km, c_out=c_out: _conv.forward(be, km, x, w, c_out, False),
+            warmup, runs)
         dy = cupy.ascontiguousarray(zs[i])
 
         def fresh_transposed(km=km):
@@ -213,10 +214,11 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
 
         out[f"{tag}: transposed map"] = time_cuda(fresh_transposed, warmup, runs)
         out[f"{tag}: input gradient kernel"] = time_cuda(
-            lambda dy=dy, w=w, km=km: _conv.backward_input(be, km, dy, w, c_in, False),
+            lambda dy=dy, w=w, km=km, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in, False),
             warmup, runs)
         out[f"{tag}: weight gradient kernels"] = time_cuda(
-            lambda x=x, dy=dy, km=km: _conv.backward_weight(be, km, x, dy, c_out, False),
+            lambda x=x, dy=dy, km=km, c_out=c_out: _conv.backward_weight(be, km, x, dy, c_out,
+                                                                         False),
             warmup, runs)
     return out
 

@@ -56,6 +56,40 @@ def round_robin_ms(cases: dict, runs: int) -> dict:
     return {name: tuple(1e3 * statistics.median(t) for t in ts) for name, ts in times.items()}
 
 
+def layer_calls(points, offsets, km, tmap, mats, x, w, dy) -> dict:
+    """{implementation: (forward, forward + backward)} for one layer's arrays."""
+    import torch
+
+    kw = {"offsets": offsets, "kernel_map": km}
+    xt = torch.from_numpy(x).requires_grad_(True)
+    wt = torch.from_numpy(w).requires_grad_(True)
+    dyt = torch.from_numpy(dy)
+
+    def fwd():
+        return pwconv_cy.pointwise_conv(points, x, w, VOXEL, **kw)
+
+    def fwd_bwd():
+        fwd()
+        return pwconv_cy.pointwise_conv_backward(dy, points, x, w, VOXEL, **kw)
+
+    def torch_fwd():
+        return TorchPeer.forward(tmap, xt, wt).detach().numpy()
+
+    def torch_fwd_bwd():
+        xt.grad = wt.grad = None
+        TorchPeer.forward(tmap, xt, wt).backward(dyt)
+
+    def scipy_fwd():
+        return ScipyPeer.forward(mats, x, w)
+
+    def scipy_fwd_bwd():
+        scipy_fwd()
+        return ScipyPeer.backward(mats, x, w, dy)
+
+    return {"pwconv": (fwd, fwd_bwd), "pytorch": (torch_fwd, torch_fwd_bwd),
+            "numpy/scipy": (scipy_fwd, scipy_fwd_bwd)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -82,48 +116,21 @@ def main(argv=None) -> int:
         x = rng.standard_normal((len(points), c)).astype(np.float32)
         w = (rng.standard_normal((3, 3, 3, c, c)) / np.sqrt(27 * c)).astype(np.float32)
         dy = rng.standard_normal((len(points), c)).astype(np.float32)
-        kw = {"offsets": offsets, "kernel_map": km}
-
-        def fwd():
-            return pwconv_cy.pointwise_conv(points, x, w, VOXEL, **kw)
-
-        def fwd_bwd():
-            fwd()
-            return pwconv_cy.pointwise_conv_backward(dy, points, x, w, VOXEL, **kw)
-
-        xt = torch.from_numpy(x).requires_grad_(True)
-        wt = torch.from_numpy(w).requires_grad_(True)
-        dyt = torch.from_numpy(dy)
-
-        def torch_fwd():
-            return TorchPeer.forward(tmap, xt, wt)
-
-        def torch_fwd_bwd():
-            xt.grad = wt.grad = None
-            TorchPeer.forward(tmap, xt, wt).backward(dyt)
-
-        def scipy_fwd():
-            return ScipyPeer.forward(mats, x, w)
-
-        def scipy_fwd_bwd():
-            scipy_fwd()
-            return ScipyPeer.backward(mats, x, w, dy)
-
-        y = fwd()
+        calls = layer_calls(points, offsets, km, tmap, mats, x, w, dy)
+        y = calls["pwconv"][0]()
         scale = np.linalg.norm(y)
-        for name, other in (("pytorch", torch_fwd().detach().numpy()), ("scipy", scipy_fwd())):
+        for name in ("pytorch", "numpy/scipy"):
+            other = np.asarray(calls[name][0]())
             err = np.linalg.norm(other - y) / scale
             assert err < 1e-5, f"{c} channels: pwconv and {name} differ by {err:.2g}"
-        # pwconv's two loops alternate; each peer is timed in its own block: interleaving the
+        # pwconv's loop families alternate; each peer is timed in its own block: interleaving the
         # libraries would time their thread pools' interference (OpenBLAS keeps its threads
         # spinning after each call, see blas_spin.py), not the operators
         names = {"avx512": "pwconv (AVX-512)", "avx2": "pwconv (AVX2)",
                  "portable": "pwconv (portable)"}
-        times = round_robin_ms({names[m]: (m, (fwd, fwd_bwd)) for m in modes}, opts.runs)
-        times.update(round_robin_ms({"pytorch": (modes[0], (torch_fwd, torch_fwd_bwd))},
-                                    opts.runs))
-        times.update(round_robin_ms({"numpy/scipy": (modes[0], (scipy_fwd, scipy_fwd_bwd))},
-                                    opts.runs))
+        times = round_robin_ms({names[m]: (m, calls["pwconv"]) for m in modes}, opts.runs)
+        for peer in ("pytorch", "numpy/scipy"):
+            times.update(round_robin_ms({peer: (modes[0], calls[peer])}, opts.runs))
         best = times[names[modes[0]]]
         for name, (tf, tfb) in times.items():
             rows.append([f"{c} -> {c}", name, f"{tf:.1f} ms", f"{tfb:.1f} ms",

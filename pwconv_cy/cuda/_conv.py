@@ -37,8 +37,8 @@ __all__ = [
     "rows_per_partial",
     "rows_plan",
     "transposed",
-    "transposed_rows",
     "transposed_by_cell",
+    "transposed_rows",
 ]
 
 i64 = np.int64
