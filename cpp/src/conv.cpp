@@ -226,6 +226,12 @@ void apply_rows(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, const F* M, in
 
 constexpr int64_t kSmallWeightBytes = 256 * 1024;
 
+// The family of the operator's loops that runs: every family gives the same bits.
+enum class Loops { portable, avx2, avx512 };
+inline Loops loops_in_use() {
+    return simd_enabled() ? Loops::avx512 : avx2_enabled() ? Loops::avx2 : Loops::portable;
+}
+
 #ifdef PWCONV_X86_SIMD
 // Masks of the (up to) n_vec 16-float vectors covering `width` columns.
 PWCONV_AVX512 void column_masks(int64_t width, int n_vec, __mmask16* mask) {
@@ -403,14 +409,15 @@ void apply_slots(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, int64_t n_cel
     // 16 outputs or more: the SIMD loops (fewer: the unrolled portable loops hold their own).
     const bool wide = b >= 16;
     if constexpr (std::is_same_v<F, float>) {
-        if (!depthwise && wide && simd_enabled()) {  // wide layers: AVX-512, same bits
+        const Loops loops = depthwise || !wide ? Loops::portable : loops_in_use();
+        if (loops == Loops::avx512) {  // wide layers: AVX-512, same bits
             if (small)
                 apply_rows_avx512(r0, r1, buf, M, a, b, out);
             else
                 apply_cells_avx512(r0, r1, buf, n_cells, M, a, b, out);
             return;
         }
-        if (!depthwise && wide && avx2_enabled()) {  // or AVX2, same bits
+        if (loops == Loops::avx2) {  // or AVX2, same bits
             if (small)
                 apply_rows_avx2(r0, r1, buf, M, a, b, out);
             else
@@ -665,8 +672,6 @@ struct BackwardArgs {
     bool depthwise;
     const int32_t* counts;  // the map's
     const Reciprocals<F>* inv;
-    bool simd;  // simd_enabled(): the AVX-512 weight-gradient loop may run
-    bool avx2;  // avx2_enabled(): else its AVX2 twin may
 };
 
 template <class F>
@@ -712,29 +717,42 @@ PWCONV_AVX512 void weight_grad_rows_avx512(int64_t r0, const SlotBuffer<float>& 
     for (int q = 0; q < Q; ++q) _mm512_mask_storeu_ps(d + q * c_out, m, acc[q]);
 }
 
-PWCONV_AVX512 void weight_grad_avx512(int64_t r0, const SlotBuffer<float>& buf, int64_t n_cells,
-                                      int64_t c_in, int64_t c_out, const float* x, float* dw) {
+// The blocks of the weight-gradient SIMD loops: for every cell with slots, dW_f's rows eight at a
+// time (Q = min(8, rows left), a compile-time count) and its columns in strips of Width, calling
+// rows(Q, s0, s1, ci, co, d) with d = dW_f's row ci.
+template <int Width, class Rows>
+void weight_grad_blocks(const SlotBuffer<float>& buf, int64_t n_cells, int64_t c_in,
+                        int64_t c_out, float* dw, Rows&& rows) {
     for (int64_t f = 0; f < n_cells; ++f) {
         const int64_t s0 = buf.cell_begin[f], s1 = buf.cell_begin[f + 1];
         for (int64_t ci = 0; s0 < s1 && ci < c_in; ci += 8) {
             float* d = dw + (f * c_in + ci) * c_out;
-            for (int64_t co = 0; co < c_out; co += 16) {  // one vector of columns at a time
-#define PWCONV_WG(Q) weight_grad_rows_avx512<Q>(r0, buf, s0, s1, c_in, c_out, ci, co, x, d)
+            for (int64_t co = 0; co < c_out; co += Width) {
+                using std::integral_constant;
                 switch (std::min<int64_t>(8, c_in - ci)) {
-                    case 8: PWCONV_WG(8); break;
-                    case 7: PWCONV_WG(7); break;
-                    case 6: PWCONV_WG(6); break;
-                    case 5: PWCONV_WG(5); break;
-                    case 4: PWCONV_WG(4); break;
-                    case 3: PWCONV_WG(3); break;
-                    case 2: PWCONV_WG(2); break;
-                    default: PWCONV_WG(1);
+                    case 8: rows(integral_constant<int, 8>(), s0, s1, ci, co, d); break;
+                    case 7: rows(integral_constant<int, 7>(), s0, s1, ci, co, d); break;
+                    case 6: rows(integral_constant<int, 6>(), s0, s1, ci, co, d); break;
+                    case 5: rows(integral_constant<int, 5>(), s0, s1, ci, co, d); break;
+                    case 4: rows(integral_constant<int, 4>(), s0, s1, ci, co, d); break;
+                    case 3: rows(integral_constant<int, 3>(), s0, s1, ci, co, d); break;
+                    case 2: rows(integral_constant<int, 2>(), s0, s1, ci, co, d); break;
+                    default: rows(integral_constant<int, 1>(), s0, s1, ci, co, d);
                 }
-#undef PWCONV_WG
             }
         }
     }
 }
+
+void weight_grad_avx512(int64_t r0, const SlotBuffer<float>& buf, int64_t n_cells, int64_t c_in,
+                        int64_t c_out, const float* x, float* dw) {
+    weight_grad_blocks<16>(buf, n_cells, c_in, c_out, dw,
+                           [&](auto Q, int64_t s0, int64_t s1, int64_t ci, int64_t co, float* d) {
+                               weight_grad_rows_avx512<decltype(Q)::value>(r0, buf, s0, s1, c_in,
+                                                                           c_out, ci, co, x, d);
+                           });
+}
+
 // The AVX2 twin of weight_grad_rows_avx512: columns co0 .. co0 + 7.
 template <int Q>
 PWCONV_AVX2 void weight_grad_rows_avx2(int64_t r0, const SlotBuffer<float>& buf, int64_t s0,
@@ -754,28 +772,13 @@ PWCONV_AVX2 void weight_grad_rows_avx2(int64_t r0, const SlotBuffer<float>& buf,
     for (int q = 0; q < Q; ++q) _mm256_maskstore_ps(d + q * c_out, m, acc[q]);
 }
 
-PWCONV_AVX2 void weight_grad_avx2(int64_t r0, const SlotBuffer<float>& buf, int64_t n_cells,
-                                  int64_t c_in, int64_t c_out, const float* x, float* dw) {
-    for (int64_t f = 0; f < n_cells; ++f) {
-        const int64_t s0 = buf.cell_begin[f], s1 = buf.cell_begin[f + 1];
-        for (int64_t ci = 0; s0 < s1 && ci < c_in; ci += 8) {
-            float* d = dw + (f * c_in + ci) * c_out;
-            for (int64_t co = 0; co < c_out; co += 8) {
-#define PWCONV_WG(Q) weight_grad_rows_avx2<Q>(r0, buf, s0, s1, c_in, c_out, ci, co, x, d)
-                switch (std::min<int64_t>(8, c_in - ci)) {
-                    case 8: PWCONV_WG(8); break;
-                    case 7: PWCONV_WG(7); break;
-                    case 6: PWCONV_WG(6); break;
-                    case 5: PWCONV_WG(5); break;
-                    case 4: PWCONV_WG(4); break;
-                    case 3: PWCONV_WG(3); break;
-                    case 2: PWCONV_WG(2); break;
-                    default: PWCONV_WG(1);
-                }
-#undef PWCONV_WG
-            }
-        }
-    }
+void weight_grad_avx2(int64_t r0, const SlotBuffer<float>& buf, int64_t n_cells, int64_t c_in,
+                      int64_t c_out, const float* x, float* dw) {
+    weight_grad_blocks<8>(buf, n_cells, c_in, c_out, dw,
+                          [&](auto Q, int64_t s0, int64_t s1, int64_t ci, int64_t co, float* d) {
+                              weight_grad_rows_avx2<decltype(Q)::value>(r0, buf, s0, s1, c_in,
+                                                                        c_out, ci, co, x, d);
+                          });
 }
 #endif  // PWCONV_X86_SIMD
 
@@ -786,8 +789,9 @@ void weight_grad_from_slots(int64_t r0, const SlotBuffer<F>& buf, const Backward
     const int64_t n_cells = a.n_cells, c_in = a.c_in, c_out = a.c_out;
 #ifdef PWCONV_X86_SIMD
     if constexpr (std::is_same_v<F, float>) {
-        if (a.simd && !a.depthwise) return weight_grad_avx512(r0, buf, n_cells, c_in, c_out, x, dw);
-        if (a.avx2 && !a.depthwise) return weight_grad_avx2(r0, buf, n_cells, c_in, c_out, x, dw);
+        const Loops loops = a.depthwise ? Loops::portable : loops_in_use();
+        if (loops == Loops::avx512) return weight_grad_avx512(r0, buf, n_cells, c_in, c_out, x, dw);
+        if (loops == Loops::avx2) return weight_grad_avx2(r0, buf, n_cells, c_in, c_out, x, dw);
     }
 #endif
     dispatch_channels(c_out, [&](auto B) {
@@ -978,8 +982,7 @@ struct BackwardCall {
                             weight[(f * c_in + ci) * c_out + co];
             w_t = weight_t.data();
         }
-        args = BackwardArgs<F>{n_cells, c_in, c_out, grad_y, w_t, depthwise, map.counts, &inv,
-                               simd_enabled(), avx2_enabled()};
+        args = BackwardArgs<F>{n_cells, c_in, c_out, grad_y, w_t, depthwise, map.counts, &inv};
     }
     BackwardCall(const BackwardCall&) = delete;
     BackwardCall& operator=(const BackwardCall&) = delete;
