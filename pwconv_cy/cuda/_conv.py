@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from pwconv_cy.cuda._backend import conv_name, order_name, rows_name
-from pwconv_cy.cuda._search import THREADS, blocks, cell_bits_for, expand_rows
+from pwconv_cy.cuda._search import THREADS, blocks, cell_bits_for, expand_rows, long_rows_order
 
 __all__ = [
     "backward_input",
@@ -183,27 +183,18 @@ def transposed_rows(be, km, dtype) -> dict:
         be.launch(conv_name("sort_point_segments", dtype), (blocks(n),), (THREADS,),
                   (i64(n), tsplits, i64(SHORT_SEGMENT), trow, tcell, tw))
         if longest > SHORT_SEGMENT:
-            _sort_long_segments(be, tsplits, trow, tcell, tw, m, n_cells)
+            _sort_long_segments(be, tsplits, trow, tcell, tw, m, km.kernel_size)
         km._cache[key] = {"splits": tsplits, "row": trow, "cell": tcell, "weight": tw}
     return km._cache[key]
 
 
-def _sort_long_segments(be, tsplits, trow, tcell, tw, m: int, n_cells: int) -> None:
+def _sort_long_segments(be, tsplits, trow, tcell, tw, m: int, kernel_size: int) -> None:
     """Sorts, in place, the transposed-map segments longer than SHORT_SEGMENT (left unsorted by
-    sort_point_segments) by (row, cell): their entries only, by one global sort of (point, row,
-    cell) -- segments are contiguous and ordered by point, so the sorted entries go back to the
-    same positions in order."""
-    xp = be.xp
-    n = int(tsplits.shape[0]) - 1
-    point = expand_rows(be, tsplits, int(trow.shape[0]))
-    seg_len = tsplits[1:] - tsplits[:-1]
-    where = xp.flatnonzero(seg_len[point] > SHORT_SEGMENT)
-    p, r, f = point[where], trow[where], tcell[where].astype(xp.int64)
-    if n * m * n_cells <= np.iinfo(np.int64).max:  # one composite key (exact Python integers)
-        order = be.argsort((p * m + r) * n_cells + f)
-    else:
-        order = be.lexsort(xp.stack([f, r, p]))
-    picked = where[order]
+    sort_point_segments) by (row, cell), their entries only."""
+    bits = cell_bits_for(kernel_size)
+    key = (trow << bits) | tcell.astype(be.xp.int64)
+    where, picked = long_rows_order(be, tsplits, key, max(1, int(m - 1).bit_length()) + bits,
+                                    SHORT_SEGMENT)
     trow[where], tcell[where], tw[where] = trow[picked], tcell[picked], tw[picked]
 
 

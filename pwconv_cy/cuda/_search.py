@@ -34,6 +34,7 @@ __all__ = [
     "expand_rows",
     "kernel_map_arrays",
     "kernel_map_counts",
+    "long_rows_order",
     "points_digest",
     "radius_search_arrays",
 ]
@@ -266,22 +267,31 @@ def _scan(be, row_len):
     return splits, total, longest
 
 
-def _sort_long_rows(be, splits, keys, key_bits: int):
-    """Sorts the rows of keys longer than SHORT_ROW (left unsorted by the fill; the others are
-    sorted already): their entries only, by one global sort of (row, key) -- rows are contiguous
-    and in order, so the sorted entries go back to the same positions in order."""
+def long_rows_order(be, splits, keys, key_bits: int, short: int):
+    """(where, picked): how to sort by key the rows of a CSR longer than `short` entries, keys
+    (E,) int64 in [0, 2**key_bits) distinct within a row.  `where` holds the positions of those
+    rows' entries (ascending), `picked` for each the position whose entry belongs there once
+    sorted: rows are contiguous and in order, so one global sort of (row, key) over their entries
+    only sorts them all.  A caller moves each of its arrays with ``a[where] = a[picked]``."""
     xp = be.xp
     m = int(splits.shape[0]) - 1
     row_of = expand_rows(be, splits, int(keys.shape[0]))
     row_len = splits[1:] - splits[:-1]
-    where = xp.flatnonzero(row_len[row_of] > SHORT_ROW)
+    where = xp.flatnonzero(row_len[row_of] > short)
     rows, long_keys = row_of[where], keys[where]
     row_bits = max(1, int(m - 1).bit_length())
-    if row_bits + key_bits <= 63:  # one int64 composite key (row, key): unique, any sort will do
-        composite = be.sort((rows << key_bits) | long_keys)
-        keys[where] = composite & ((1 << key_bits) - 1)
+    if row_bits + key_bits <= 63:  # one int64 composite key (row, key): unique
+        order = be.argsort((rows << key_bits) | long_keys)
     else:
-        keys[where] = long_keys[be.lexsort(xp.stack([long_keys, rows]))]
+        order = be.lexsort(xp.stack([long_keys, rows]))
+    return where, where[order]
+
+
+def _sort_long_rows(be, splits, keys, key_bits: int):
+    """Sorts the rows of keys longer than SHORT_ROW (left unsorted by the fill; the others are
+    sorted already), their entries only."""
+    where, picked = long_rows_order(be, splits, keys, key_bits, SHORT_ROW)
+    keys[where] = keys[picked]
     return keys
 
 
