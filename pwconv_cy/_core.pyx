@@ -384,7 +384,6 @@ def conv_backward_(const int64_t[::1] splits, const index_t[::1] index, const ce
                           &weight[0], depthwise, gx, &grad_weight[0], threads)
 
 
-
 def conv_backward_by_cloud_(const int64_t[::1] splits, const index_t[::1] index,
                             const cell_t[::1] cell, int kernel_size,
                             const int64_t[::1] offsets, const int64_t[::1] query_offsets,

@@ -87,9 +87,9 @@ struct GridView {
 #define PWCONV_CUDA_EMPTY_SLOT 0xFFFFFFFFFFFFFFFFull
 
 /// Row key (cloud * (cmax_z + 1) + cz) * (cmax_y + 1) + cy (fits 63 bits when a table is built).
-__device__ __forceinline__ unsigned long long row_key(const GridView& g, i64 cloud, i64 cz,
-                                                      i64 cy) {
-    return (unsigned long long)((cloud * (g.cmax[2] + 1) + cz) * (g.cmax[1] + 1) + cy);
+__device__ __forceinline__ unsigned long long row_key(i64 cloud, i64 cz, i64 cy, i64 cmax_y,
+                                                      i64 cmax_z) {
+    return (unsigned long long)((cloud * (cmax_z + 1) + cz) * (cmax_y + 1) + cy);
 }
 
 /// Home slot of a row key: multiplicative hashing, the top table_bits bits.
@@ -99,7 +99,7 @@ __device__ __forceinline__ unsigned long long row_slot(unsigned long long key, i
 
 /// The row of (cloud, cz, cy) through the hash table (linear probing), or -1 if unoccupied.
 __device__ __forceinline__ i64 find_row(const GridView& g, i64 cloud, i64 cz, i64 cy) {
-    const unsigned long long key = row_key(g, cloud, cz, cy);
+    const unsigned long long key = row_key(cloud, cz, cy, g.cmax[1], g.cmax[2]);
     const unsigned long long mask = (1ull << g.table_bits) - 1ull;
     for (unsigned long long h = row_slot(key, g.table_bits);; h = (h + 1) & mask) {
         const unsigned long long k = g.table_keys[h];
@@ -345,8 +345,7 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
     const i64 r = global_thread();
     if (r >= n_rows) return;
     const i64 c = row_cell_begin[r];
-    const unsigned long long key =
-        (unsigned long long)((cell_cloud[c] * (cmax_z + 1) + cell_z[c]) * (cmax_y + 1) + cell_y[c]);
+    const unsigned long long key = row_key(cell_cloud[c], cell_z[c], cell_y[c], cmax_y, cmax_z);
     const unsigned long long mask = (1ull << table_bits) - 1ull;
     for (unsigned long long h = row_slot(key, table_bits);; h = (h + 1) & mask) {
         const unsigned long long old = atomicCAS(table_keys + h, PWCONV_CUDA_EMPTY_SLOT, key);
