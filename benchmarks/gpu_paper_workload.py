@@ -210,6 +210,7 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
 
         def fresh_transposed(km=km):
             km._cache.pop("cuda_transposed_rows_float32", None)
+            km._cache.pop("cuda_row_of", None)
             _conv.transposed_rows(be, km, cupy.float32)
 
         out[f"{tag}: transposed map"] = time_cuda(fresh_transposed, warmup, runs)

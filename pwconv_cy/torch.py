@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 
@@ -69,8 +70,20 @@ def _current_stream(tensor: torch.Tensor):
     stream = torch.cuda.current_stream(tensor.device)
     stack = contextlib.ExitStack()
     stack.enter_context(cupy.cuda.Device(tensor.device.index))
-    stack.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream))
+    stack.enter_context(_cupy_stream(cupy, stream))
     return stack
+
+
+def _cupy_stream(cupy, stream):
+    """PyTorch's stream as a CuPy stream.  CuPy 14 deprecates ExternalStream (one warning per
+    call, hundreds per training epoch) in favour of Stream.from_external; the wrapper itself is
+    unchanged, so the warning is silenced here, and from_external is used once ExternalStream is
+    gone."""
+    if hasattr(cupy.cuda, "ExternalStream"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return cupy.cuda.ExternalStream(stream.cuda_stream)
+    return cupy.cuda.Stream.from_external(stream)
 
 
 def _plain(tensor, name: str):

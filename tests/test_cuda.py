@@ -94,7 +94,8 @@ def test_rows_scheme_capacities_match_kernels():
                           ("TALLY_CAP", _conv.ROWS_TALLY_CAP),
                           ("ACC_BYTES", _conv.ROWS_ACC_BYTES),
                           ("ROW_THREADS", _conv.ROWS_THREADS),
-                          ("SCATTER_TALLY_CAP", _conv.SCATTER_TALLY_CAP)):
+                          ("WEIGHTS_TALLY_CAP", _conv.WEIGHTS_TALLY_CAP),
+                          ("SUM_SLICES", _conv.SUM_SLICES)):
         found = re.search(rf"#define PWCONV_CUDA_{define} (\d+)", source)
         assert found is not None, f"PWCONV_CUDA_{define} is not defined in kernels.cu"
         assert int(found.group(1)) == value, define
@@ -198,6 +199,7 @@ inline long long __double_as_longlong(double v) {
 }
 
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __host__
 #define __forceinline__ inline
@@ -588,12 +590,12 @@ def _emulate_scenario(be, name):
                 assert max(errors[key]) <= tol, f"{name} {key}: relative errors {errors[key]} > {tol}"
     os.environ.pop(_conv.OPERATOR_ENV)
     # the rows scheme's transposed map: each point's entries by ascending row (a row names a
-    # point once), whatever order the atomic cursor gave them, with weights 1 / n_i(f)
+    # point once), whatever the schedule, with weights 1 / n_i(f)
     rows = np.repeat(np.arange(m), np.diff(splits))
     order = np.lexsort((rows, index))
     for dtype in (np.float32, np.float64):
         tr = _conv.transposed_rows(be, km, dtype)
-        be.reversed = True  # the atomic cursor now hands the slots out in another order
+        be.reversed = True  # threads run in another order
         km._cache.pop(f"cuda_transposed_rows_{np.dtype(dtype).name}")
         tr_reversed = _conv.transposed_rows(be, km, dtype)
         be.reversed = False
@@ -678,9 +680,8 @@ def _emulate_property(be, max_examples: int = 80):
         c_in, c_out = draw(st.integers(1, 12)), draw(st.integers(1, 12))
         depthwise = draw(st.booleans())
         dtype = draw(st.sampled_from([np.float32, np.float64]))
-        # short rows and segments: most rows of the map and most points' transposed entries go
-        # through the global sorts too
-        short = draw(st.sampled_from([_conv.SHORT_SEGMENT, 3]))
+        # short rows: most rows of the map go through the global sort of long rows too
+        short = draw(st.sampled_from([_search.SHORT_ROW, 3]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
             short, draw(strategies.seeds)
 
@@ -689,7 +690,7 @@ def _emulate_property(be, max_examples: int = 80):
     @given(cases())
     def check(case):
         batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, seed = case
-        _conv.SHORT_SEGMENT = _search.SHORT_ROW = short
+        _search.SHORT_ROW = short
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
         q_off = None if queries is None else queries.offsets
@@ -733,11 +734,11 @@ def _emulate_property(be, max_examples: int = 80):
                 assert (np.diff(point * (m + 1) + tr["row"]) > 0).all()
         os.environ.pop(_conv.OPERATOR_ENV)
 
-    defaults = _conv.SHORT_SEGMENT, _search.SHORT_ROW
+    default = _search.SHORT_ROW
     try:
         check()
     finally:
-        _conv.SHORT_SEGMENT, _search.SHORT_ROW = defaults
+        _search.SHORT_ROW = default
     return {"scenario": "property", "examples": max_examples}
 
 
@@ -949,8 +950,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("scheme", ["auto", "bycell"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
-    """Two runs (fresh kernel maps, fresh caches: the transposed map's atomic cursor hands out
-    other slots) give the same bits."""
+    """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
 
     from pwconv_cy import cuda

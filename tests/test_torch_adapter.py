@@ -206,6 +206,39 @@ def test_a_small_model_trains_with_a_torch_optimizer(optimizer):
     assert end < 0.5 * start, (start, end)
 
 
+def test_cupy_stream_wraps_torch_streams_without_deprecation_warnings():
+    """CuPy 14 warns on every ExternalStream (hundreds of warnings per epoch of GPU training):
+    the adapter silences that one warning, and uses Stream.from_external where ExternalStream is
+    gone.  Fake CuPy modules stand in for both versions."""
+    import types
+    import warnings
+
+    made = []
+
+    class ExternalStream:
+        def __init__(self, ptr):
+            warnings.warn("ExternalStream is deprecated", DeprecationWarning, stacklevel=2)
+            made.append(("external", ptr))
+
+    class Stream:
+        @staticmethod
+        def from_external(obj):
+            made.append(("from_external", obj.cuda_stream))
+            return obj
+
+    torch_stream = types.SimpleNamespace(cuda_stream=1234)
+    cupy14 = types.SimpleNamespace(cuda=types.SimpleNamespace(ExternalStream=ExternalStream,
+                                                              Stream=Stream))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning that escapes fails the test
+        assert isinstance(pct._cupy_stream(cupy14, torch_stream), ExternalStream)
+    later = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=Stream))
+    assert pct._cupy_stream(later, torch_stream) is torch_stream
+    assert made == [("external", 1234), ("from_external", 1234)]
+    with pytest.warns(DeprecationWarning):  # the silencing is local to the adapter
+        ExternalStream(1)
+
+
 # --------------------------------------------------------------------------------- on a GPU
 
 

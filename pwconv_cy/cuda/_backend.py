@@ -87,8 +87,8 @@ def digest_name(dtype) -> str:
 
 
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
-                "conv_weight_partial_depthwise", "sum_partials", "sort_point_segments")
-ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "scatter_transposed")
+                "conv_weight_partial_depthwise", "sum_partials")
+ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "entry_weights")
 
 #: Template instantiations requested from NVRTC (get_function needs these exact strings).
 NAME_EXPRESSIONS = tuple(
@@ -107,7 +107,7 @@ PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "build_row_table", "e
 
 #: Kernels that use __syncthreads / __syncwarp (the host emulation runs them with real threads).
 BARRIER_KERNELS = ("cloud_lower_corner", "conv_gather_dense", "conv_weight_partial_dense",
-                   "conv_rows", "conv_weight_rows", "points_digest")
+                   "conv_rows", "conv_weight_rows", "points_digest", "sum_partials")
 
 
 class CudaKernelError(RuntimeError):

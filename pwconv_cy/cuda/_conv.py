@@ -5,7 +5,7 @@ Two schemes, with the same results to rounding and each bit-identical from run t
 * "rows" (kernels.cu's conv_rows, conv_weight_rows): a group of lanes per row reads the row's
   entries in map order and sums them per kernel cell in shared memory, so the forward needs no
   reordering of the map; the input gradient runs the same kernel over the transposed map, whose
-  entries carry their weights 1 / n_i(f) (built by count -> scan -> scatter -> per-point sort).
+  entries carry their weights 1 / n_i(f) (made in map order, then one stable sort by point).
   Used when the channel counts are at most 32 and the per-cell sums fit the kernels' shared
   arrays (:func:`rows_plan`) -- the paper's networks and most point-cloud layers.
 * "by cell", the general one, described below.
@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from pwconv_cy.cuda._backend import conv_name, order_name, rows_name
-from pwconv_cy.cuda._search import THREADS, blocks, cell_bits_for, expand_rows, long_rows_order
+from pwconv_cy.cuda._search import THREADS, blocks, cell_bits_for, expand_rows
 
 __all__ = [
     "backward_input",
@@ -48,16 +48,16 @@ i32 = np.int32
 WEIGHT_BLOCK_ROWS = 256
 #: Partial sums held at once by the weight gradient.
 PARTIAL_BYTES = 256 * 1024 * 1024
+#: Slices of the partials summed side by side (kernels.cu's PWCONV_CUDA_SUM_SLICES).
+SUM_SLICES = 8
 
 # Capacities of the "rows" kernels (kernels.cu: PWCONV_CUDA_SUMS_BYTES, _TALLY_CAP, _ACC_BYTES,
-# _ROW_THREADS, _SCATTER_TALLY_CAP): keep in step.
+# _ROW_THREADS, _WEIGHTS_TALLY_CAP): keep in step.
 ROWS_SUMS_BYTES = 16384
 ROWS_TALLY_CAP = 1024
 ROWS_ACC_BYTES = 20480
 ROWS_THREADS = 256
-SCATTER_TALLY_CAP = 8192
-#: Transposed-map segments up to this length are sorted by one thread; longer ones globally.
-SHORT_SEGMENT = 64
+WEIGHTS_TALLY_CAP = 8192
 OPERATOR_ENV = "PWCONV_CUDA_OPERATOR"
 OPERATOR_SCHEMES = ("auto", "rows", "bycell")
 
@@ -124,14 +124,17 @@ def _sort_key(be, major, minor, n_minor: int, n_major: int):
 
 
 def _point_splits(be, km):
+    """(n+1,) int64: where each point's entries start in the transposed map (a count per point
+    with integer atomics, then a scan; CuPy's bincount is several times slower)."""
     xp = be.xp
     n = km.n_points
-    if km.index.shape[0]:
-        per_point = xp.bincount(km.index, minlength=n)
-    else:
-        per_point = xp.zeros(n, dtype=xp.int64)
+    n_entries = int(km.index.shape[0])
+    per_point = xp.zeros(n, dtype=xp.int32)
+    be.launch("count_per_point", (blocks(n_entries),), (THREADS,),
+              (i64(n_entries), km.index, per_point))
     tsplits = xp.zeros(n + 1, dtype=xp.int64)
-    tsplits[1:] = xp.cumsum(per_point)
+    if n:
+        tsplits[1:] = xp.cumsum(per_point, dtype=xp.int64)
     return tsplits
 
 
@@ -154,48 +157,26 @@ def transposed_by_cell(be, km) -> dict:
 def transposed_rows(be, km, dtype) -> dict:
     """The transposed map of the "rows" scheme: for every point j the entries (i, f) with j in
     Omega_i(f), ordered by (i, f), each with its weight 1 / n_i(f) in `dtype`:
-    splits (n+1,) int64, row (E,) int64, cell (E,) int32, weight (E,) dtype.
+    splits (n+1,) int64, row (E,) int64, cell (E,) as the map's cells, weight (E,) dtype.
 
-    count per point (integer atomics) -> scan -> scatter (an atomic cursor per point picks the
-    slot) -> sort of each point's segment by (row, cell): the result does not depend on the
-    schedule.  Segments longer than SHORT_SEGMENT are sorted together by one global sort."""
+    The weights are made in map order (one thread per row, no atomics), then the entries are
+    ordered by point with one stable sort: rows ascend within a point (a row names a point once),
+    whatever the schedule."""
     key = f"cuda_transposed_rows_{np.dtype(dtype).name}"
     if key not in km._cache:
         xp = be.xp
         n, m = km.n_points, km.n_queries
         n_cells = km.kernel_size ** 3
-        n_entries = int(km.index.shape[0])
-        per_point = xp.zeros(n, dtype=xp.int32)
-        be.launch("count_per_point", (blocks(n_entries),), (THREADS,),
-                  (i64(n_entries), km.index, per_point))
-        tsplits = xp.zeros(n + 1, dtype=xp.int64)
-        tsplits[1:] = xp.cumsum(per_point, dtype=xp.int64)
-        longest = int(be.to_host(per_point.max())) if n else 0
-        fill = xp.zeros(n, dtype=xp.int32)
-        trow = xp.empty(n_entries, dtype=xp.int64)
-        tcell = xp.empty(n_entries, dtype=xp.int32)
-        tw = xp.empty(n_entries, dtype=dtype)
-        threads = max(1, min(THREADS, SCATTER_TALLY_CAP // n_cells))
-        be.launch(rows_name("scatter_transposed", dtype, km.cell.dtype),
-                  (blocks(m, threads),), (threads,),
-                  (i64(m), km.splits, km.index, km.cell, i32(n_cells), tsplits, fill, trow,
-                   tcell, tw))
-        be.launch(conv_name("sort_point_segments", dtype), (blocks(n),), (THREADS,),
-                  (i64(n), tsplits, i64(SHORT_SEGMENT), trow, tcell, tw))
-        if longest > SHORT_SEGMENT:
-            _sort_long_segments(be, tsplits, trow, tcell, tw, m, km.kernel_size)
-        km._cache[key] = {"splits": tsplits, "row": trow, "cell": tcell, "weight": tw}
+        weight = xp.empty(int(km.index.shape[0]), dtype=dtype)
+        threads = max(1, min(THREADS, WEIGHTS_TALLY_CAP // n_cells))
+        be.launch(rows_name("entry_weights", dtype, km.cell.dtype), (blocks(m, threads),),
+                  (threads,), (i64(m), km.splits, km.cell, i32(n_cells), weight))
+        # 32-bit keys when the points allow: a radix sort of half the passes
+        point = km.index.astype(xp.uint32) if n <= np.iinfo(np.uint32).max else km.index
+        order = be.argsort(point)  # stable
+        km._cache[key] = {"splits": _point_splits(be, km), "row": _row_of(be, km)[order],
+                          "cell": km.cell[order], "weight": weight[order]}
     return km._cache[key]
-
-
-def _sort_long_segments(be, tsplits, trow, tcell, tw, m: int, kernel_size: int) -> None:
-    """Sorts, in place, the transposed-map segments longer than SHORT_SEGMENT (left unsorted by
-    sort_point_segments) by (row, cell), their entries only."""
-    bits = cell_bits_for(kernel_size)
-    key = (trow << bits) | tcell.astype(be.xp.int64)
-    where, picked = long_rows_order(be, tsplits, key, max(1, int(m - 1).bit_length()) + bits,
-                                    SHORT_SEGMENT)
-    trow[where], tcell[where], tw[where] = trow[picked], tcell[picked], tw[picked]
 
 
 def transposed(be, km):
@@ -320,8 +301,7 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
                   (per_block * group,),
                   (i64(m), km.splits, km.index, km.cell, i32(n_cells), x, i32(c_in), dy,
                    i32(c_out), i32(1 if depthwise else 0), i32(group), i64(rpb), partial))
-        be.launch(conv_name("sum_partials", x.dtype), (blocks(w_size),), (THREADS,),
-                  (i64(n_blocks), i64(w_size), partial, dw))
+        _sum_partials(be, n_blocks, w_size, partial, dw)
         return dw
     bc = by_cell(be, km)
     if depthwise:
@@ -339,6 +319,12 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
                   (i64(m), km.splits, bc["col"], bc["run_start"], km.counts, i32(n_cells), x,
                    i64(c_in), dy, i64(c_out), i64(rpb), i32(ci_tile), i32(co_tile),
                    i64(n_co_tiles), partial))
-    be.launch(conv_name("sum_partials", x.dtype), (blocks(w_size),), (THREADS,),
-              (i64(n_blocks), i64(w_size), partial, dw))
+    _sum_partials(be, n_blocks, w_size, partial, dw)
     return dw
+
+
+def _sum_partials(be, n_blocks: int, w_size: int, partial, dw) -> None:
+    """dw = the partial sums added in a fixed order (kernels.cu's sum_partials: 32 weights and
+    SUM_SLICES slices of the partials per block)."""
+    be.launch(conv_name("sum_partials", dw.dtype), (blocks(w_size, 32),), (32 * SUM_SLICES,),
+              (i64(n_blocks), i64(w_size), partial, dw))

@@ -33,6 +33,15 @@ typedef long long i64;
 /// rows are sorted afterwards by one global sort (see _search.py).
 #define PWCONV_CUDA_SHORT_ROW 64
 
+/// Register budget of the search kernels: compiled for PWCONV_CUDA_SEARCH_MIN_BLOCKS resident blocks
+/// of 128 threads per multiprocessor when defined (an NVRTC -D option, for tuning), else as the
+/// compiler chooses.
+#ifdef PWCONV_CUDA_SEARCH_MIN_BLOCKS
+#define PWCONV_CUDA_SEARCH_BOUNDS __launch_bounds__(128, PWCONV_CUDA_SEARCH_MIN_BLOCKS)
+#else
+#define PWCONV_CUDA_SEARCH_BOUNDS
+#endif
+
 /// Relative widening of radius-search candidate bounds: 2^-48, as detail::kBoundSlack in
 /// cpp/src/candidates.hpp (the exact predicate decides; the bounds only have to contain it).
 #define PWCONV_CUDA_BOUND_SLACK 3.552713678800501e-15
@@ -368,7 +377,7 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
 /// has at most short_row entries; *status = 1 if a row's count differs from its length.
 /// KC: the kernel size at compile time (0: runtime, up to PWCONV_CUDA_MAX_K).
 template <int KC, int FILL>
-__global__ void kernel_map_pass(
+__global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
     long long m, const long long* qrow, const double* qx, const double* qy, const double* qz,
     const long long* query_offsets, long long n_clouds,
     // grid
@@ -516,18 +525,15 @@ extern "C" __global__ void expand_rows(long long m, const long long* splits, lon
     for (long long e = splits[i]; e < splits[i + 1]; ++e) row_of[e] = i;
 }
 
-/// Splits sorted keys into index and cell (one thread per row).
+/// Splits the keys (index << cell_bits | cell) into index and cell, one thread per entry.
 template <class CellT>
-__global__ void split_kernel_keys(long long m, const long long* splits, const long long* keys,
-                                  int cell_bits, long long* index, CellT* cell) {
-    const long long i = pwconv_cuda::global_thread();
-    if (i >= m) return;
-    const long long mask = ((long long)1 << cell_bits) - 1;
-    for (long long e = splits[i]; e < splits[i + 1]; ++e) {
-        const long long key = keys[e];
-        index[e] = key >> cell_bits;
-        cell[e] = (CellT)(key & mask);
-    }
+__global__ void split_kernel_keys(long long n_entries, const long long* keys, int cell_bits,
+                                  long long* index, CellT* cell) {
+    const long long e = pwconv_cuda::global_thread();
+    if (e >= n_entries) return;
+    const long long key = keys[e];
+    index[e] = key >> cell_bits;
+    cell[e] = (CellT)(key & (((long long)1 << cell_bits) - 1));
 }
 
 /// counts (m, n_cells): counts[i, f] = the number of entries of row i in cell f (one thread per
@@ -717,14 +723,27 @@ __global__ void conv_weight_partial_depthwise(long long m, const long long* spli
     partial[(blk * n_cells + f) * c + ch] = acc;
 }
 
-/// Weight gradient, pass 2: out[w] = sum over blocks b = 0, 1, ... of partial[b, w] (block order).
+/// Weight gradient, pass 2: out[w] = the sum over blocks b of partial[b, w], in a fixed order:
+/// slice s (of PWCONV_CUDA_SUM_SLICES) adds the blocks b = s, s + SLICES, ... in turn, then the
+/// slices' sums are added in slice order.  A block holds 32 consecutive w (coalesced reads) and
+/// the slices: blockDim.x = 32 * PWCONV_CUDA_SUM_SLICES.
+#define PWCONV_CUDA_SUM_SLICES 8
 template <class F>
 __global__ void sum_partials(long long n_blocks, long long size, const F* partial, F* out) {
-    const long long w = pwconv_cuda::global_thread();
-    if (w >= size) return;
+    __shared__ F slice_sum[PWCONV_CUDA_SUM_SLICES][32];
+    const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
+    const long long w = (long long)blockIdx.x * 32 + lane;
     F acc = F(0);
-    for (long long b = 0; b < n_blocks; ++b) acc = acc + partial[b * size + w];
-    out[w] = acc;
+    if (w < size)
+        for (long long b = slice; b < n_blocks; b += PWCONV_CUDA_SUM_SLICES)
+            acc = acc + partial[b * size + w];
+    slice_sum[slice][lane] = acc;
+    __syncthreads();
+    if (slice == 0 && w < size) {
+        F total = slice_sum[0][lane];
+        for (int k = 1; k < PWCONV_CUDA_SUM_SLICES; ++k) total = total + slice_sum[k][lane];
+        out[w] = total;
+    }
 }
 
 // ============================================================================================
@@ -733,8 +752,8 @@ __global__ void sum_partials(long long n_blocks, long long size, const F* partia
 // memory; the cell means then meet the cell matrices.  Sums are formed in entry order, products
 // in ascending (cell, channel) order: fixed, so results are bit-identical from run to run.  The
 // input gradient runs the same kernel over the transposed map, whose entries carry their weight
-// 1 / n_i(f) (built by count -> scan -> scatter -> per-point sort below; integer atomics only
-// decide where an entry lands before the sort, never a floating-point sum).  Used for channel
+// 1 / n_i(f) (entry_weights below, then one stable sort of the entries by point: no atomics).
+// Used for channel
 // counts up to 32 and kernels whose per-cell sums fit the shared arrays (see _conv.rows_plan;
 // its capacities mirror the defines below).
 // ============================================================================================
@@ -746,8 +765,8 @@ namespace pwconv_cuda {
 #define PWCONV_CUDA_SUMS_BYTES 16384
 #define PWCONV_CUDA_TALLY_CAP 1024
 #define PWCONV_CUDA_ACC_BYTES 20480
-/// Cell tallies of scatter_transposed's block (one row per thread).
-#define PWCONV_CUDA_SCATTER_TALLY_CAP 8192
+/// Cell tallies of entry_weights's block (one row per thread).
+#define PWCONV_CUDA_WEIGHTS_TALLY_CAP 8192
 /// Threads per block of the "rows" kernels at most (rows per block * lanes per row).
 #define PWCONV_CUDA_ROW_THREADS 256
 
@@ -948,61 +967,21 @@ extern "C" __global__ void count_per_point(long long n_entries, const long long*
     atomicAdd(per_point + col[e], 1);
 }
 
-/// Transposed map, scatter: every entry (i, j, f) of row i goes to a free slot of point j's
-/// segment [tsplits[j], tsplits[j + 1]) as (trow = i, tcell = f, tw = 1 / n_i(f)); fill[j]
-/// (zeroed by the caller) counts the segment's used slots.  The slot order depends on the
-/// schedule; sort_point_segments then orders each segment by (row, cell).  One thread per row,
-/// its cell tally in shared memory (blockDim.x * n_cells <= PWCONV_CUDA_SCATTER_TALLY_CAP).
+/// Weights of the transposed map, in map order: w[e] = 1 / n_i(f) for every entry e of row i in
+/// cell f (n_i(f): the row's entries in cell f).  One thread per row, its cell tally in shared
+/// memory (blockDim.x * n_cells <= PWCONV_CUDA_WEIGHTS_TALLY_CAP); no atomics.  The caller then
+/// orders the entries by point with a stable sort (rows stay ascending within a point).
 template <class F, class CellT>
-__global__ void scatter_transposed(long long m, const long long* __restrict__ splits,
-                                   const long long* __restrict__ col,
-                                   const CellT* __restrict__ cell, int n_cells,
-                                   const long long* __restrict__ tsplits, int* fill,
-                                   long long* __restrict__ trow, int* __restrict__ tcell,
-                                   F* __restrict__ tw) {
-    __shared__ int tally_all[PWCONV_CUDA_SCATTER_TALLY_CAP];
+__global__ void entry_weights(long long m, const long long* __restrict__ splits,
+                              const CellT* __restrict__ cell, int n_cells, F* __restrict__ w) {
+    __shared__ int tally_all[PWCONV_CUDA_WEIGHTS_TALLY_CAP];
     const long long i = pwconv_cuda::global_thread();
     if (i >= m) return;
     int* tally = tally_all + threadIdx.x * n_cells;
     for (int f = 0; f < n_cells; ++f) tally[f] = 0;
     const long long e0 = splits[i], e1 = splits[i + 1];
     for (long long e = e0; e < e1; ++e) tally[(int)cell[e]] += 1;
-    for (long long e = e0; e < e1; ++e) {
-        const long long j = col[e];
-        const int f = (int)cell[e];
-        const long long pos = tsplits[j] + atomicAdd(fill + j, 1);
-        trow[pos] = i;
-        tcell[pos] = f;
-        tw[pos] = F(1) / (F)tally[f];
-    }
-}
-
-/// Sorts every segment of at most short_len entries of the transposed map by (row, cell), the
-/// weights moving along (insertion sort, one thread per point); longer segments are left to the
-/// caller's global sort.
-template <class F>
-__global__ void sort_point_segments(long long n, const long long* __restrict__ tsplits,
-                                    long long short_len, long long* __restrict__ trow,
-                                    int* __restrict__ tcell, F* __restrict__ tw) {
-    const long long j = pwconv_cuda::global_thread();
-    if (j >= n) return;
-    const long long b = tsplits[j], e = tsplits[j + 1];
-    if (e - b > short_len) return;
-    for (long long p = b + 1; p < e; ++p) {
-        const long long r = trow[p];
-        const int f = tcell[p];
-        const F w = tw[p];
-        long long q = p - 1;
-        while (q >= b && (trow[q] > r || (trow[q] == r && tcell[q] > f))) {
-            trow[q + 1] = trow[q];
-            tcell[q + 1] = tcell[q];
-            tw[q + 1] = tw[q];
-            --q;
-        }
-        trow[q + 1] = r;
-        tcell[q + 1] = f;
-        tw[q + 1] = w;
-    }
+    for (long long e = e0; e < e1; ++e) w[e] = F(1) / (F)tally[(int)cell[e]];
 }
 
 // ============================================================================================

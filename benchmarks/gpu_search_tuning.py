@@ -1,0 +1,75 @@
+"""Register budget of the GPU kernel-map kernels: the paper workload's four kernel maps and the
+1M-point sphere's map, compiled as the compiler chooses and with ``__launch_bounds__(128, N)``
+(kernels.cu's PWCONV_CUDA_SEARCH_MIN_BLOCKS, given to NVRTC as -D) for a few N, each in a fresh
+process; the maps must be identical to the default's.
+
+    python benchmarks/gpu_search_tuning.py            # N in (none, 6, 8)
+    python benchmarks/gpu_search_tuning.py 8 10
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure(min_blocks: str) -> dict:
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    import gpu_paper_workload as wl
+
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _backend
+
+    if min_blocks != "none":
+        base = _backend.compile_options
+        _backend.compile_options = lambda: base() + (f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={min_blocks}",)
+    import cupy
+
+    points = cupy.asarray(wl.sphere(128 * 2048, 0))
+    offsets = np.arange(129, dtype=np.int64) * 2048
+    big = cupy.asarray(wl.sphere(wl.BIG_N, 1))
+    cuda.compile_kernels()
+
+    def maps():
+        index = cuda.NeighborIndex(points, wl.VOXEL, offsets=offsets)
+        return [index.kernel_map(wl.K, s) for _, _, s in wl.LAYERS]
+
+    digest = hashlib.sha256()
+    for km in maps() + [cuda.NeighborIndex(big, wl.BIG_VOXEL).kernel_map(wl.K, 1)]:
+        for a in (km.splits, km.index, km.cell):
+            digest.update(cupy.asnumpy(a).tobytes())
+    big_index = cuda.NeighborIndex(big, wl.BIG_VOXEL)
+    return {"min_blocks": min_blocks,
+            "paper_maps_ms": wl.time_cuda(maps, 3, 20)["median_s"] * 1e3,
+            "sphere_1m_map_ms": wl.time_cuda(lambda: big_index.kernel_map(wl.K, 1), 2, 10)[
+                "median_s"] * 1e3,
+            "maps_sha256": digest.hexdigest()[:16]}
+
+
+def main(argv) -> int:
+    if argv[:1] == ["--child"]:
+        print(json.dumps(measure(argv[1])))
+        return 0
+    variants = argv or ["none", "6", "8"]
+    rows = []
+    for v in variants:
+        out = subprocess.run([sys.executable, __file__, "--child", v], capture_output=True,
+                             text=True, timeout=120, check=False)
+        if out.returncode != 0:
+            rows.append({"min_blocks": v, "error": out.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    same = len({r.get("maps_sha256") for r in rows if "maps_sha256" in r}) == 1
+    print(f"maps identical across variants: {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
