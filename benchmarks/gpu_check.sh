@@ -7,7 +7,10 @@
 # last.  No network needed: the build dependencies must be installed already.
 #   bash benchmarks/gpu_check.sh
 # Env: PWCONV_PYTEST_FLAGS (default "--maxfail=10"), PWCONV_BENCH_FLAGS (default ""), timeouts
-# below.
+# below.  The real-data GPU tests read ../shared/data beside the checkout, else $PWCONV_SHARED_DATA
+# (they skip, saying so, without it): where only the checkout reaches the GPU machine, bring
+# lidar_als_labelled/ign_lambert93_tile_698k.npz and modelnet40_1024/train.npz (its first 32 shapes
+# suffice) in a folder of the same layout and point the variable there.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

@@ -254,7 +254,7 @@ def expand_rows(be, splits, n_entries: int):
     xp = be.xp
     m = int(splits.shape[0]) - 1
     row_of = xp.empty(n_entries, dtype=xp.int64)
-    be.launch("expand_rows", (blocks(m),), (THREADS,), (i64(m), splits, row_of))
+    be.launch("expand_rows", (blocks(32 * m),), (THREADS,), (i64(m), splits, row_of))
     return row_of
 
 
