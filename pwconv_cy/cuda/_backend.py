@@ -103,7 +103,7 @@ NAME_EXPRESSIONS = tuple(
 
 #: Kernels declared extern "C" (looked up by their plain name).
 PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "build_row_table", "expand_rows",
-                 "count_per_point")
+                 "count_per_point", "kernel_axis_diffs")
 
 #: Kernels that use __syncthreads / __syncwarp (the host emulation runs them with real threads).
 BARRIER_KERNELS = ("cloud_lower_corner", "conv_gather_dense", "conv_weight_partial_dense",

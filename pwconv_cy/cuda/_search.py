@@ -318,8 +318,10 @@ def kernel_map_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int,
     if not (bits < 62 and (n >> (62 - bits)) == 0):
         raise ValueError("n_points * kernel_size**3 must fit in 62 bits")
     m, qrow, qx, qy, qz, q_offsets = _queries(be, grid, queries, query_offsets)
+    axis_d = xp.empty(2 * k, dtype=xp.float64)
+    be.launch("kernel_axis_diffs", (1,), (1,), (f64(voxel_size), i32(k), i32(s), axis_d))
     head = (i64(m), qrow, qx, qy, qz, q_offsets, i64(grid.n_clouds)) + grid.grid_args() + (
-        f64(voxel_size), i32(k), i32(s), i32(bits))
+        f64(voxel_size), i32(k), i32(s), i32(bits), axis_d)
     row_len = xp.zeros(m, dtype=xp.int64)
     status = xp.zeros(1, dtype=xp.int32)
     dummy = xp.zeros(1, dtype=xp.int64)

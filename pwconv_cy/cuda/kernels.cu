@@ -387,8 +387,8 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
     double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y, long long cmax_z,
     const long long* row_cell_begin, const unsigned long long* table_keys,
     const long long* table_rows, int table_bits,
-    // kernel
-    double voxel_size, int kernel_size, int dilation, int cell_bits,
+    // kernel; axis_d (2K): kernel_axis_differences' start_d then end_d (kernel_axis_diffs)
+    double voxel_size, int kernel_size, int dilation, int cell_bits, const double* axis_d,
     // outputs
     long long* row_len, const long long* splits, long long* keys, long long short_row,
     int* status) {
@@ -405,12 +405,14 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
     const double q[3] = {qx[t], qy[t], qz[t]};
     const i64 cloud = cloud_of(query_offsets, n_clouds, row);
 
-    // Exact per-axis bounds of the K kernel cells (binning.hpp), as the CPU computes them.
+    // Exact per-axis bounds of the K kernel cells (binning.hpp), as the CPU computes them: the
+    // query-independent differences come in axis_d, made once per map (their divisions, three
+    // per threshold, were most of this thread's arithmetic).
     const double h = pwconv::kernel_half_width(voxel_size, K, dilation);
     double start[3][KMAX], end[3][KMAX];
     for (int a = 0; a < 3; ++a)
-        pwconv::kernel_axis_bounds(pwconv::support_lower(q[a], h), voxel_size, K, dilation,
-                                   start[a], end[a]);
+        pwconv::kernel_axis_bounds_from(pwconv::support_lower(q[a], h), axis_d, axis_d + K, K,
+                                        dilation, start[a], end[a]);
 
     // Grid-cell ranges: one box for dilation 1, each kernel cell's own cells otherwise.
     AxisRanges<KMAX> r[3];
@@ -452,6 +454,15 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
         return;
     }
     if (len <= short_row) sort_short(keys + base, len);
+}
+
+/// axis_d[0, K) and axis_d[K, 2K): binning.hpp's kernel_axis_differences (start_d, end_d), the
+/// same on every axis and for every query.  One thread.
+extern "C" __global__ void kernel_axis_diffs(double voxel_size, int kernel_size, int dilation,
+                                             double* axis_d) {
+    if (pwconv_cuda::global_thread() != 0) return;
+    pwconv::kernel_axis_differences(voxel_size, kernel_size, dilation, axis_d,
+                                    axis_d + kernel_size);
 }
 
 /// Radius search (closed cube or ball, binning.hpp's predicates), same scheme as

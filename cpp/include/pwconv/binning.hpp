@@ -11,8 +11,9 @@
 // t is a monotone non-decreasing function of x (a rounded subtraction, then a rounded division by
 // v > 0), so every condition on t is a condition "x >= B" for an exact double threshold B (or,
 // on the CPU's compact clouds, "x - lo >= D" for a threshold D of the kernel alone).  The kernels
-// compute those thresholds (kernel_axis_bounds) and then classify candidates with comparisons
-// only — the same partition of the doubles as evaluating the rule per candidate.
+// compute those thresholds (kernel_axis_differences, kernel_axis_bounds_from) and then classify
+// candidates with comparisons only — the same partition of the doubles as evaluating the rule per
+// candidate.
 #ifndef PWCONV_BINNING_HPP
 #define PWCONV_BINNING_HPP
 
@@ -125,7 +126,7 @@ PWCONV_HD double first_true(const Pred& pred, double guess) {
 // function of the difference d = fl(x - lo), so "t >= c" holds iff d >= D_c, the smallest double
 // with fl(D_c / v) >= c.  D_c depends on v, K and s only (found with divisions, once per kernel),
 // and a query's threshold on x, the smallest x with fl(x - lo) >= D_c, is found with
-// subtractions.  The CPU computes the first stage once per map; kernel_axis_bounds runs both.
+// subtractions.  The CPU and the GPU compute the first stage once per map.
 
 struct QuotientAtLeast {  // fl(d / v) >= c
     double v, c;
@@ -157,7 +158,8 @@ PWCONV_HD void kernel_axis_differences(double voxel_size, int kernel_size, int d
     }
 }
 
-/// Per-query stage: the bounds of kernel_axis_bounds from kernel_axis_differences' output.
+/// Per-query stage: the exact per-axis bounds of the K kernel cells of a support starting at lo,
+/// from kernel_axis_differences' output (see axis_kernel_index).
 /// start and end may be start_d and end_d themselves (converted in place).
 PWCONV_HD void kernel_axis_bounds_from(double lo, const double* start_d, const double* end_d,
                                        int kernel_size, int dilation, double* start, double* end) {
@@ -169,16 +171,9 @@ PWCONV_HD void kernel_axis_bounds_from(double lo, const double* start_d, const d
     }
 }
 
-/// Exact per-axis bounds of the K kernel cells of a support starting at lo: x falls in kernel
-/// cell k iff start[k] <= x < end[k]; outside every [start[k], end[k]) it is outside the support
-/// or in a hole.  start, end: caller-provided arrays of K doubles.  Both stages above, in place.
-PWCONV_HD void kernel_axis_bounds(double lo, double voxel_size, int kernel_size, int dilation,
-                                  double* start, double* end) {
-    kernel_axis_differences(voxel_size, kernel_size, dilation, start, end);
-    kernel_axis_bounds_from(lo, start, end, kernel_size, dilation, start, end);
-}
-
-/// Kernel index k of coordinate x along one axis given kernel_axis_bounds, or -1.
+/// Kernel index k of coordinate x along one axis, or -1: x falls in kernel cell k iff start[k] <=
+/// x < end[k] (kernel_axis_bounds_from); outside every [start[k], end[k]) it is outside the
+/// support or in a hole.
 PWCONV_HD int axis_kernel_index(double x, const double* start, const double* end,
                                 int kernel_size) {
     if (!(x >= start[0])) return -1;
