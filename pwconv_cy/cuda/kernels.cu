@@ -851,10 +851,12 @@ __device__ __forceinline__ void row_cell_sums(i64 e0, i64 e1, const i64* __restr
     __syncwarp(r.mask);
     for (i64 base = e0; base < e1; base += group) {
         const i64 e = base + lane;
-        if (e < e1) {  // the group loads `group` entries at once
+        if (e < e1) {  // the group loads `group` entries at once, and tallies their cells
+            const int f = (int)cell[e];
             r.stage_j[lane] = col[e] * a;
-            r.stage_f[lane] = (int)cell[e];
+            r.stage_f[lane] = f;
             r.stage_w[lane] = use_w ? entry_w[e] : F(1);
+            atomicAdd(tally + f, 1);  // an integer count: the same whatever the order
         }
         __syncwarp(r.mask);
         const int cnt = e1 - base < group ? (int)(e1 - base) : group;
@@ -873,8 +875,6 @@ __device__ __forceinline__ void row_cell_sums(i64 e0, i64 e1, const i64* __restr
             }
             for (; t < cnt; ++t) add_to_cell(sums, sf[t], a, lane, src[sj[t] + lane], use_w, sw[t]);
         }
-        if (lane == group - 1)
-            for (int t = 0; t < cnt; ++t) tally[sf[t]] += 1;
         __syncwarp(r.mask);
     }
     if (!use_w) {
