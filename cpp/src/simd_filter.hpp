@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "pwconv/binning.hpp"
+
 // PWCONV_NO_SIMD (a compile definition) builds the portable loops only, as on other platforms.
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__CUDACC__) && \
     !defined(PWCONV_NO_SIMD)
@@ -56,15 +58,9 @@ inline int64_t filter_support_scalar(const double* X, const double* Y, const dou
     const double first = kf.start_d[0], last = kf.end_d[K - 1];
     for (int64_t p = b; p < e; ++p) {
         const double dx = X[p] - kf.lo[0], dy = Y[p] - kf.lo[1], dz = Z[p] - kf.lo[2];
-        int kx = 0, ky = 0, kz = 0;
-        for (int k = 1; k < K; ++k) {
-            kx += dx >= kf.start_d[k];
-            ky += dy >= kf.start_d[k];
-            kz += dz >= kf.start_d[k];
-        }
-        keys[n] = (order[p] << cell_bits) | ((kz * K + ky) * K + kx);
-        n += (dx >= first) & (dx < last) & (dy >= first) & (dy < last) & (dz >= first) &
-             (dz < last);  // written always, kept only when accepted: no branch
+        keys[n] = (order[p] << cell_bits) | support_cell(dx, dy, dz, kf.start_d, K);
+        // written always, kept only when accepted: no branch
+        n += support_contains(dx, dy, dz, first, last);
     }
     return n;
 }
@@ -80,8 +76,7 @@ inline int64_t filter_row_scalar(const double* X, const double* Y, const double*
     const int64_t f_yz = ((int64_t)kz * K + ky) * K;
     for (int64_t p = b; p < e; ++p) {
         const double dx = X[p] - kf.lo[0], dy = Y[p] - kf.lo[1], dz = Z[p] - kf.lo[2];
-        int kx = 0;
-        for (int k = 1; k < K; ++k) kx += dx >= kf.start_d[k];
+        const int kx = axis_cell_index(dx, kf.start_d, K);
         keys[n] = (order[p] << cell_bits) | (f_yz + kx);
         n += (dx >= kf.start_d[0]) & (dx < kf.end_d[kx]) & (dy >= y0) & (dy < y1) & (dz >= z0) &
              (dz < z1);

@@ -58,6 +58,9 @@ __device__ __forceinline__ i64 grid_coord(double x, double origin, double cell_s
     return c - (i64)((double)c > t);
 }
 
+/// |x| (no math header under NVRTC without jitify).
+__device__ __forceinline__ double magnitude(double x) { return x < 0 ? -x : x; }
+
 /// Cloud of packed row i: the largest c in [0, n_clouds) with offsets[c] <= i.
 __device__ __forceinline__ i64 cloud_of(const i64* offsets, i64 n_clouds, i64 i) {
     i64 lo = 0, hi = n_clouds;
@@ -240,10 +243,15 @@ struct RowSink {
     }
 };
 
-template <int KMAX>
+/// Classifies one query's candidates as the CPU does on compact clouds: d = fl(x - lo) per axis
+/// (lo: the support's lower corner) against the kernel's query-independent thresholds sd (cell
+/// starts) and ed (cell ends), from kernel_axis_differences; t = fl(d / v) >= c iff d >= D_c, so
+/// this is SPEC §1's partition exactly, with no per-query threshold search.
 struct KernelVisit {
     const GridView* g;
-    const double *sx, *ex, *sy, *ey, *sz, *ez;  // per-axis exact kernel-cell bounds
+    const double* sd;  // (K,) start thresholds, the same on every axis
+    const double* ed;  // (K,) end thresholds
+    double lo[3];
     int K;
     int cell_bits;
     RowSink* sink;
@@ -251,19 +259,22 @@ struct KernelVisit {
         const double* X = g->x;
         const double* Y = g->y;
         const double* Z = g->z;
-        if (tx < 0) {  // dilation 1: one box, every candidate classified exactly (binning.hpp)
+        if (tx < 0) {  // dilation 1: the K cells tile the support; tell the cells apart per axis
+            const double first = sd[0], last = ed[K - 1];
             for (i64 p = b; p < e; ++p) {
-                const int f = pwconv::kernel_cell(X[p], Y[p], Z[p], sx, ex, sy, ey, sz, ez, K);
-                if (f >= 0) sink->push((g->order[p] << cell_bits) | (i64)f);
+                const double dx = X[p] - lo[0], dy = Y[p] - lo[1], dz = Z[p] - lo[2];
+                if (pwconv::support_contains(dx, dy, dz, first, last))
+                    sink->push((g->order[p] << cell_bits) |
+                               (i64)pwconv::support_cell(dx, dy, dz, sd, K));
             }
             return;
         }
         // dilation > 1: the run serves kernel cell (tz, ty, tx) only; test its exact box
-        const double x0 = sx[tx], x1 = ex[tx], y0 = sy[ty], y1 = ey[ty], z0 = sz[tz], z1 = ez[tz];
+        const double x0 = sd[tx], x1 = ed[tx], y0 = sd[ty], y1 = ed[ty], z0 = sd[tz], z1 = ed[tz];
         const i64 f = ((i64)tz * K + ty) * K + tx;
         for (i64 p = b; p < e; ++p) {
-            const double x = X[p], y = Y[p], z = Z[p];
-            if (x >= x0 && x < x1 && y >= y0 && y < y1 && z >= z0 && z < z1)
+            const double dx = X[p] - lo[0], dy = Y[p] - lo[1], dz = Z[p] - lo[2];
+            if (dx >= x0 && dx < x1 && dy >= y0 && dy < y1 && dz >= z0 && dz < z1)
                 sink->push((g->order[p] << cell_bits) | f);
         }
     }
@@ -405,27 +416,26 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
     const double q[3] = {qx[t], qy[t], qz[t]};
     const i64 cloud = cloud_of(query_offsets, n_clouds, row);
 
-    // Exact per-axis bounds of the K kernel cells (binning.hpp), as the CPU computes them: the
-    // query-independent differences come in axis_d, made once per map (their divisions, three
-    // per threshold, were most of this thread's arithmetic).
+    // The support's lower corner per axis; the kernel's thresholds come in axis_d, made once per
+    // map (kernel_axis_diffs).  Grid-cell ranges: one box for dilation 1, each kernel cell's own
+    // cells otherwise.  An accepted x has fl(x - lo) in [D_start, D_end), so x lies within a few
+    // ulps of [lo + D_start, lo + D_end): widened by the bound slack (as the CPU's compact
+    // path), these ranges hold every candidate; the classification alone decides.
     const double h = pwconv::kernel_half_width(voxel_size, K, dilation);
-    double start[3][KMAX], end[3][KMAX];
-    for (int a = 0; a < 3; ++a)
-        pwconv::kernel_axis_bounds_from(pwconv::support_lower(q[a], h), axis_d, axis_d + K, K,
-                                        dilation, start[a], end[a]);
-
-    // Grid-cell ranges: one box for dilation 1, each kernel cell's own cells otherwise.
+    const double* sd = axis_d;
+    const double* ed = axis_d + K;
+    double lo[3];
     AxisRanges<KMAX> r[3];
     for (int a = 0; a < 3; ++a) {
+        lo[a] = pwconv::support_lower(q[a], h);
         r[a].count = 0;
         const double o = g.origin[3 * cloud + a];
-        if (dilation == 1) {
-            if (start[a][0] < end[a][K - 1])
-                add_range(r[a], start[a][0], end[a][K - 1], o, g, g.cmax[a], -1);
-        } else {
-            for (int k = 0; k < K; ++k)
-                if (start[a][k] < end[a][k])
-                    add_range(r[a], start[a][k], end[a][k], o, g, g.cmax[a], k);
+        for (int k = 0; k < (dilation == 1 ? 1 : K); ++k) {
+            const double ds = dilation == 1 ? sd[0] : sd[k], de = dilation == 1 ? ed[K - 1] : ed[k];
+            if (!(ds < de)) continue;
+            const double x0 = (lo[a] + ds) - (magnitude(lo[a]) + magnitude(ds)) * PWCONV_CUDA_BOUND_SLACK;
+            const double x1 = (lo[a] + de) + (magnitude(lo[a]) + magnitude(de)) * PWCONV_CUDA_BOUND_SLACK;
+            add_range(r[a], x0, x1, o, g, g.cmax[a], dilation == 1 ? -1 : k);
         }
     }
 
@@ -441,8 +451,7 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
         sink.capacity = 0;
     }
     sink.n = 0;
-    KernelVisit<KMAX> visit{&g,       start[0], end[0],    start[1], end[1],
-                            start[2], end[2],   K,         cell_bits, &sink};
+    KernelVisit visit{&g, sd, ed, {lo[0], lo[1], lo[2]}, K, cell_bits, &sink};
     for_each_run(g, cloud, r[0], r[1], r[2], visit);
 
     if (!FILL) {

@@ -171,28 +171,29 @@ PWCONV_HD void kernel_axis_bounds_from(double lo, const double* start_d, const d
     }
 }
 
-/// Kernel index k of coordinate x along one axis, or -1: x falls in kernel cell k iff start[k] <=
-/// x < end[k] (kernel_axis_bounds_from); outside every [start[k], end[k]) it is outside the
-/// support or in a hole.
-PWCONV_HD int axis_kernel_index(double x, const double* start, const double* end,
-                                int kernel_size) {
-    if (!(x >= start[0])) return -1;
-    int k = kernel_size - 1;
-    while (x < start[k]) --k;
-    return x < end[k] ? k : -1;
+/// Along one axis, the kernel index of a difference d = fl(x - lo) from the support's lower
+/// corner: the number of cell starts start_d[1..K) (kernel_axis_differences) at or below d.  Its
+/// cell is then k = that index iff start_d[0] <= d < end_d[k] (dilation 1: end_d[k] is the next
+/// start, so only the support's ends matter; dilated, d can also fall in a hole).
+PWCONV_HD int axis_cell_index(double d, const double* start_d, int kernel_size) {
+    int k = 0;
+    for (int j = 1; j < kernel_size; ++j) k += d >= start_d[j];
+    return k;
 }
 
-/// Flat kernel cell f = (kz*K + ky)*K + kx of a neighbour, or -1 (outside or in a hole).
-/// bounds: start/end arrays per axis (x, y, z), each of K doubles.
-PWCONV_HD int kernel_cell(double x, double y, double z, const double* start_x, const double* end_x,
-                          const double* start_y, const double* end_y, const double* start_z,
-                          const double* end_z, int kernel_size) {
-    const int kx = axis_kernel_index(x, start_x, end_x, kernel_size);
-    if (kx < 0) return -1;
-    const int ky = axis_kernel_index(y, start_y, end_y, kernel_size);
-    if (ky < 0) return -1;
-    const int kz = axis_kernel_index(z, start_z, end_z, kernel_size);
-    if (kz < 0) return -1;
+/// Dilation 1, where the K kernel cells tile the support [first, last) = [start_d[0],
+/// end_d[K - 1]): whether a candidate's differences lie in it on all three axes (no branch).
+PWCONV_HD bool support_contains(double dx, double dy, double dz, double first, double last) {
+    return (dx >= first) & (dx < last) & (dy >= first) & (dy < last) & (dz >= first) &
+           (dz < last);
+}
+
+/// Dilation 1: the flat kernel cell (kz*K + ky)*K + kx of a candidate inside the support.
+PWCONV_HD int support_cell(double dx, double dy, double dz, const double* start_d,
+                           int kernel_size) {
+    const int kx = axis_cell_index(dx, start_d, kernel_size);
+    const int ky = axis_cell_index(dy, start_d, kernel_size);
+    const int kz = axis_cell_index(dz, start_d, kernel_size);
     return (kz * kernel_size + ky) * kernel_size + kx;
 }
 
