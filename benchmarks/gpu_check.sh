@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
 #   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
-#   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark.
+#   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
+#   kernel-time profile (ncu, if installed).
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
@@ -60,7 +61,7 @@ for mod in ("cython", "scikit_build_core", "cmake", "ninja", "pytest"):
 PYVERSIONS
 } 2>&1 | tee "$LOG_DIR/versions.log"
 
-step install 140 install.log \
+step install 120 install.log \
     "$PY" -m pip install --no-build-isolation --no-deps -q .
 
 # From outside the source tree: `python -c` run here would import the uncompiled pwconv_cy/.
@@ -70,7 +71,7 @@ import pwconv_cy.cuda as c; print('pwconv_cy.cuda available:', c.is_available(),
 import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/loaded in {time.time() - t:.1f} s')"
 
 # shellcheck disable=SC2086
-step gpu_tests 240 pytest.log \
+step gpu_tests 200 pytest.log \
     env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:---maxfail=10} -m gpu \
     tests/test_cuda.py tests/test_interop.py tests/test_torch_adapter.py \
     -p no:cacheprovider
@@ -78,6 +79,14 @@ step gpu_tests 240 pytest.log \
 # shellcheck disable=SC2086
 step benchmark 150 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
+
+# Kernel time of one iteration (Nsight Compute, where installed): where the time goes.
+if command -v ncu >/dev/null; then
+    step profile 60 profile.log \
+        bash -c 'ncu --profile-from-start off --csv --metrics gpu__time_duration.sum "$1" \
+            benchmarks/gpu_profile.py > "$2/ncu_kernels.csv" && "$1" benchmarks/gpu_profile.py \
+            --table "$2/ncu_kernels.csv"' _ "$PY" "$LOG_DIR"
+fi
 
 echo
 echo "=== summary ($(date -u +%H:%M:%S)) ==="

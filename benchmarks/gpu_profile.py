@@ -1,13 +1,17 @@
 """One iteration of the GPU paper workload (kernel maps, forward, backward; caches cleared) between
-cudaProfilerStart / Stop, for Nsight Compute's ``--profile-from-start off``:
+cudaProfilerStart / Stop, for Nsight Compute's ``--profile-from-start off``, and a table of the
+kernel time it recorded:
 
     ncu --profile-from-start off --csv --metrics gpu__time_duration.sum \
-        python benchmarks/gpu_profile.py
+        python benchmarks/gpu_profile.py > kernels.csv
+    python benchmarks/gpu_profile.py --table kernels.csv
 
-Without a profiler it prints the iteration's wall time (CUDA events) and nothing else.
+Without a profiler the first command prints the iteration's wall time (CUDA events) only.
 """
 from __future__ import annotations
 
+import collections
+import csv
 import sys
 from pathlib import Path
 
@@ -50,5 +54,36 @@ def main() -> int:
     return 0
 
 
+_NS_PER_UNIT = {"ns": 1.0, "nsecond": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}
+
+
+def kernel_table(csv_path: str, top: int = 30) -> str:
+    """Total GPU time per kernel name (calls, microseconds), largest first, from ncu's --csv
+    output of gpu__time_duration.sum."""
+    header, per_kernel = None, collections.defaultdict(lambda: [0, 0.0])
+    with open(csv_path, newline="") as f:
+        for row in csv.reader(f):
+            if row and row[0] == "ID":
+                header = row
+                continue
+            if header is None or len(row) != len(header):
+                continue  # the profiled program's own output
+            rec = dict(zip(header, row))
+            if rec["Metric Name"] != "gpu__time_duration.sum":
+                continue
+            ns = float(rec["Metric Value"].replace(",", "")) * _NS_PER_UNIT[rec["Metric Unit"]]
+            entry = per_kernel[rec["Kernel Name"].split("(")[0][:64]]
+            entry[0] += 1
+            entry[1] += ns / 1e3
+    total = sum(us for _, us in per_kernel.values())
+    lines = [f"{sum(n for n, _ in per_kernel.values())} kernels, {total / 1e3:.2f} ms of GPU time"]
+    for name, (n, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{us:9.1f} us {n:4d}x  {name}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--table"]:
+        print(kernel_table(sys.argv[2]))
+        sys.exit(0)
     sys.exit(main())
