@@ -59,7 +59,7 @@ def _simd_status() -> str:
     if avx512_on:
         return "AVX-512 (kernel-map filters, operator loops)"
     if avx2_on:
-        return "AVX2 (operator loops; portable kernel-map filters)"
+        return "AVX2 (kernel-map filters, operator loops)"
     if avx512 or avx2:
         return "portable loops (SIMD turned off by set_simd_enabled)"
     return "portable loops (no AVX2 or AVX-512 on this CPU)"

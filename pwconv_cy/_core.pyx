@@ -60,7 +60,8 @@ def set_simd(cbool enabled):
 
 
 def avx2_state():
-    """(available, enabled) of the AVX2 loops (the operator's wide layers without AVX-512)."""
+    """(available, enabled) of the AVX2 loops (kernel-map filters and the operator's wide layers,
+    where AVX-512 is missing or not allowed)."""
     return bool(avx2_available()), bool(avx2_enabled())
 
 

@@ -49,8 +49,9 @@ def simd_enabled() -> bool:
 
 def set_simd_enabled(enabled: bool) -> bool:
     """Turn pwconv's SIMD loops on (the default, where the CPU has them) or off, process-wide:
-    the kernel map's AVX-512 candidate filters and the operator's AVX-512 weight-gradient loop
-    and wide-layer loops (16 outputs or more, float32; AVX2 twins on CPUs without AVX-512).
+    the kernel map's candidate filters and short-row sorts, and the operator's weight-gradient
+    and wide-layer loops (16 outputs or more, float32), in AVX-512, or in AVX2 on CPUs without
+    it.
     Returns the previous request (True also where the CPU lacks them).  Results are bit-identical
     either way: this exists to compare the code paths and to time the portable one."""
     if not isinstance(enabled, (bool, np.bool_)):

@@ -108,8 +108,8 @@ def peak_kib():
 """
 
 
-# The kernel map's candidate filters exist twice (AVX-512 and portable C++); tests marked with
-# SIMD_MODES run under both, the AVX-512 one skipped (NEEDS_AVX512) on CPUs without it.
+# The kernel map's candidate filters exist three times (AVX-512, AVX2 and portable C++); tests
+# marked with SIMD_MODES run under each family, those the CPU lacks skipped.
 def simd_available() -> bool:
     """Whether this CPU (and build) has the AVX-512 filters."""
     from pwconv_cy import _core
@@ -117,12 +117,22 @@ def simd_available() -> bool:
     return _core.simd_state()[0]
 
 
+def avx2_available() -> bool:
+    """Whether this CPU (and build) has the AVX2 loops."""
+    from pwconv_cy import _core
+
+    return _core.avx2_state()[0]
+
+
 NEEDS_AVX512 = pytest.mark.skipif(
-    not simd_available(), reason="this CPU has no AVX-512: only the portable filters run")
+    not simd_available(), reason="this CPU has no AVX-512: those loops cannot run here")
+NEEDS_AVX2 = pytest.mark.skipif(
+    not avx2_available(), reason="this CPU has no AVX2: those loops cannot run here")
 
 SIMD_MODES = pytest.mark.parametrize("simd", [
-    pytest.param(True, id="avx512", marks=NEEDS_AVX512),
-    pytest.param(False, id="portable"),
+    pytest.param("avx512", id="avx512", marks=NEEDS_AVX512),
+    pytest.param("avx2", id="avx2", marks=NEEDS_AVX2),
+    pytest.param("portable", id="portable"),
 ])
 
 
@@ -147,15 +157,3 @@ def simd_mode(mode: str):
     finally:
         _core.set_simd(previous[0])
         _core.set_avx512(previous[1])
-
-
-@contextlib.contextmanager
-def simd_filters(enabled: bool):
-    """Run the block with the AVX-512 filters on or off, restoring the previous setting."""
-    from pwconv_cy import neighbors
-
-    previous = neighbors.set_simd_enabled(enabled)
-    try:
-        yield
-    finally:
-        neighbors.set_simd_enabled(previous)

@@ -15,7 +15,6 @@ import oracles
 import pytest
 import strategies as S
 from checks import (
-    NEEDS_AVX512,
     PEAK_RSS_PRELUDE,
     SIMD_MODES,
     assert_kernel_map_matches,
@@ -23,7 +22,8 @@ from checks import (
     assert_same_csr,
     check_kernel_map_invariants,
     simd_available,
-    simd_filters,
+    simd_mode,
+    simd_modes,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -54,7 +54,7 @@ def prepared(points64, dtype, shift=0.0):
        dtype=S.coord_dtypes, method=S.methods, shift=S.shifts)
 def test_kernel_map_matches_bruteforce(simd, cloud, voxel, K, s, dtype, method, shift):
     points = prepared(cloud, dtype, shift)
-    with simd_filters(simd):
+    with simd_mode(simd):
         km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, method=method)
     assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s), K)
     check_kernel_map_invariants(km, oracles.single_cloud_offsets(len(points)))
@@ -73,7 +73,7 @@ def test_kernel_map_matches_bruteforce_on_lattice(simd, cloud, voxel, K, s, dtyp
     queries = data.draw(st.one_of(st.none(), S.clouds(kinds=S.EXACT_KINDS, max_points=40)))
     if queries is not None:
         queries = prepared(queries, dtype, shift)
-    with simd_filters(simd):
+    with simd_mode(simd):
         km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, queries=queries,
                            method=method)
     assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s, queries=queries), K)
@@ -93,7 +93,7 @@ def test_kernel_map_matches_bruteforce_near_cell_faces(simd, queries, voxel, K, 
     q = queries + shift
     points = S.near_cell_faces(q, voxel, K, s, 200, rng)
     both = np.concatenate([points, q])  # the same points as self-queries, with the queries
-    with simd_filters(simd):
+    with simd_mode(simd):
         km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, queries=q, method=method)
         km_both = pc.kernel_map(both, voxel, kernel_size=K, dilation=s, method=method)
     assert_kernel_map_matches(km, oracles.kernel_map(points, voxel, K, s, queries=q), K)
@@ -129,7 +129,7 @@ def test_kernel_map_batches_with_queries_match_bruteforce(simd, batch, voxel, K,
     points = S.cast(batch.points, dtype)
     qb = data.draw(S.queries_for(batch))
     queries = S.cast(qb.points, qdtype)
-    with simd_filters(simd):
+    with simd_mode(simd):
         km = pc.kernel_map(points, voxel, kernel_size=K, dilation=s, offsets=batch.offsets,
                            queries=queries, query_offsets=qb.offsets, method=method)
     ref = oracles.kernel_map(points, voxel, K, s, offsets=batch.offsets, queries=queries,
@@ -239,13 +239,13 @@ def test_one_thread_matches_two_threads_bit_for_bit(rng, method, dilation):
             assert np.array_equal(r1[0], r2[0]) and np.array_equal(r1[1], r2[1])
 
 
-@NEEDS_AVX512
+@pytest.mark.skipif(len(simd_modes()) < 2, reason="this CPU has neither AVX-512 nor AVX2")
 @pytest.mark.parametrize("K", [1, 3, 5])
-def test_avx512_filters_equal_portable_ones_bit_for_bit(rng, K):
-    """The paper's kind of batch (compact sphere clouds, the path the AVX-512 filters serve), with
+def test_simd_filters_equal_portable_ones_bit_for_bit(rng, K):
+    """The paper's kind of batch (compact sphere clouds, the path the SIMD filters serve), with
     self-queries and other queries, every dilation, and the voxel equal to, smaller than and three
     times the index's cell (then a dilated query spans more grid rows than the AVX-512 path lists
-    at once, and it falls back to row-by-row loops): the two code paths give the same maps."""
+    at once, and it falls back to row-by-row loops): every family of loops gives the same maps."""
     sizes = [2048, 0, 700, 1, 2048]
     points = np.concatenate([S.make_cloud("sphere", n, rng) for n in sizes]).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -256,11 +256,12 @@ def test_avx512_filters_equal_portable_ones_bit_for_bit(rng, K):
         for kwargs in ({}, {"queries": queries, "query_offsets": q_offsets},
                        {"voxel_size": 0.07}, {"voxel_size": 0.3}):
             maps = []
-            for enabled in (True, False):
-                with simd_filters(enabled):
+            for mode in simd_modes():
+                with simd_mode(mode):
                     maps.append(index.kernel_map(K, s, **kwargs))
             assert maps[0].index.size > 0
-            assert_kernel_maps_identical(*maps)
+            for other in maps[1:]:
+                assert_kernel_maps_identical(maps[0], other)
 
 
 def test_set_simd_enabled_reports_and_validates():

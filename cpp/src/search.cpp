@@ -258,7 +258,7 @@ void fill_radius_run(const Index& index, int64_t b, int64_t e, const double q[3]
 // Compact clouds (the grid has a dense cell table, e.g. the paper's 2,048-point clouds) with a
 // kernel size known at compile time: the whole query in stack arrays, loops unrolled.  Returns the
 // same keys as the generic path (every accepted candidate once; rows are sorted afterwards).
-template <int KC, bool SIMD>
+template <int KC, detail::FilterLoops LOOPS>
 PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[3], int64_t cloud,
                                                const KernelSpec& spec,
                                                const detail::KernelDifferences& diff,
@@ -323,15 +323,15 @@ PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[
     };
     auto filter = [&](int64_t b, int64_t e, int64_t tag) {
         int64_t* keys = out.reserve(e - b + detail::kFilterSlack);
-        out.size = s == 1 ? detail::filter_support<KC, SIMD>(X, Y, Z, order, b, e, kf, cell_bits,
-                                                             keys, out.size)
-                          : detail::filter_row<KC, SIMD>(X, Y, Z, order, b, e, kf,
-                                                         (int)(tag % KC), (int)(tag / KC),
-                                                         cell_bits, keys, out.size);
+        out.size = s == 1 ? detail::filter_support<KC, LOOPS>(X, Y, Z, order, b, e, kf, cell_bits,
+                                                              keys, out.size)
+                          : detail::filter_row<KC, LOOPS>(X, Y, Z, order, b, e, kf,
+                                                          (int)(tag % KC), (int)(tag / KC),
+                                                          cell_bits, keys, out.size);
     };
 #ifdef PWCONV_X86_SIMD
-    if constexpr (SIMD) {
-        // The rows' ranges in one pass without a branch per row (nonempty_ranges_avx512), then
+    if constexpr (LOOPS != detail::FilterLoops::portable) {
+        // The rows' ranges in one pass without a branch per row (nonempty_ranges_*), then
         // the filters over the non-empty ones.  When the query spans more rows than the list
         // holds (a grid much finer than the voxel), the row-by-row loop below runs instead.
         detail::RowList list;
@@ -349,7 +349,9 @@ PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[
         if (fits) {
             int64_t b[detail::RowList::kCapacity], e[detail::RowList::kCapacity],
                 tag[detail::RowList::kCapacity];
-            const int m = detail::nonempty_ranges_avx512(table, list, base, b, e, tag);
+            const int m = LOOPS == detail::FilterLoops::avx512
+                              ? detail::nonempty_ranges_avx512(table, list, base, b, e, tag)
+                              : detail::nonempty_ranges_avx2(table, list, base, b, e, tag);
             for (int t = 0; t < m; ++t) filter(b[t], e[t], tag[t]);
             return;
         }
@@ -366,7 +368,8 @@ template <int KC>
 void collect_compact_portable(const Grid& grid, const double q[3], int64_t cloud,
                               const KernelSpec& spec, const detail::KernelDifferences& diff,
                               int cell_bits, KeyBuffer& out) {
-    collect_compact_impl<KC, false>(grid, q, cloud, spec, diff, cell_bits, out);
+    collect_compact_impl<KC, detail::FilterLoops::portable>(grid, q, cloud, spec, diff, cell_bits,
+                                                             out);
 }
 
 #ifdef PWCONV_X86_SIMD
@@ -374,19 +377,39 @@ template <int KC>
 __attribute__((target("avx512f"))) void collect_compact_avx512(
     const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
     const detail::KernelDifferences& diff, int cell_bits, KeyBuffer& out) {
-    collect_compact_impl<KC, true>(grid, q, cloud, spec, diff, cell_bits, out);
+    collect_compact_impl<KC, detail::FilterLoops::avx512>(grid, q, cloud, spec, diff, cell_bits,
+                                                           out);
+}
+
+template <int KC>
+__attribute__((target("avx2"))) void collect_compact_avx2(
+    const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
+    const detail::KernelDifferences& diff, int cell_bits, KeyBuffer& out) {
+    collect_compact_impl<KC, detail::FilterLoops::avx2>(grid, q, cloud, spec, diff, cell_bits,
+                                                         out);
 }
 #endif
 
 template <int KC>
 void collect_compact(const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
-                     const detail::KernelDifferences& diff, int cell_bits, bool simd,
-                     KeyBuffer& out) {
+                     const detail::KernelDifferences& diff, int cell_bits,
+                     detail::FilterLoops loops, KeyBuffer& out) {
 #ifdef PWCONV_X86_SIMD
-    if (simd) return collect_compact_avx512<KC>(grid, q, cloud, spec, diff, cell_bits, out);
+    if (loops == detail::FilterLoops::avx512)
+        return collect_compact_avx512<KC>(grid, q, cloud, spec, diff, cell_bits, out);
+    if (loops == detail::FilterLoops::avx2)
+        return collect_compact_avx2<KC>(grid, q, cloud, spec, diff, cell_bits, out);
 #endif
-    (void)simd;
+    (void)loops;
     collect_compact_portable<KC>(grid, q, cloud, spec, diff, cell_bits, out);
+}
+
+/// The filter loops a search runs now: AVX-512 where enabled and available, else AVX2, else
+/// portable (read once per call).
+detail::FilterLoops filter_loops_in_use() {
+    if (simd_enabled()) return detail::FilterLoops::avx512;
+    if (avx2_enabled()) return detail::FilterLoops::avx2;
+    return detail::FilterLoops::portable;
 }
 
 // Search policies: how one query's pairs are collected (sorted keys appended to a buffer) or only
@@ -395,7 +418,7 @@ struct KernelPolicy {
     KernelSpec spec;
     detail::KernelDifferences diff;
     int cell_bits = 0;
-    bool simd = false;
+    detail::FilterLoops loops = detail::FilterLoops::portable;
 
     struct State {
         KernelBounds bounds;
@@ -413,7 +436,7 @@ struct KernelPolicy {
                    Scratch& scratch, State& state, KeyBuffer& out) const {
         if constexpr (std::is_same<Index, Grid>::value && KC > 0) {
             if (index.cube_base[cloud] >= 0) {
-                collect_compact<KC>(index, q, cloud, spec, diff, cell_bits, simd, out);
+                collect_compact<KC>(index, q, cloud, spec, diff, cell_bits, loops, out);
                 return;
             }
         }
@@ -503,7 +526,9 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
     // Keys (point index << cell_bits | cell) are distinct within a row; 31-bit keys sort faster.
     const bool fit32 = (index.n_points >> (31 - std::min(cell_bits, 31))) == 0;
     const bool self = queries.xyz == nullptr;
-    [[maybe_unused]] const bool simd_sort = fit32 && simd_enabled();  // (no SIMD build: unused)
+    // The SIMD rank sorts of short rows (31-bit keys): the family the filters use.
+    [[maybe_unused]] const detail::FilterLoops sort_loops =
+        fit32 ? filter_loops_in_use() : detail::FilterLoops::portable;  // (no SIMD build: unused)
     const int64_t m = check_queries(index, queries);
     const int64_t* offsets = self ? index.cloud_offsets.data() : queries.batch.offsets;
     const int64_t n_clouds = index.n_clouds;
@@ -532,7 +557,12 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
         int64_t pending = 0;      // this thread's pairs not yet added to total
         auto sort_row = [&](int64_t* keys, int64_t n) {
 #ifdef PWCONV_X86_SIMD
-            if (simd_sort && n >= 2 && n <= 64) return detail::sort_short_row_avx512(keys, n);
+            if (n >= 2 && n <= 64) {
+                if (sort_loops == detail::FilterLoops::avx512)
+                    return detail::sort_short_row_avx512(keys, n);
+                if (sort_loops == detail::FilterLoops::avx2)
+                    return detail::sort_short_row_avx2(keys, n);
+            }
 #endif
             sort_unique_keys(keys, n, fit32, rank_scratch);
         };
@@ -658,7 +688,7 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
     policy.spec = spec;
     policy.diff.compute(spec.voxel_size, spec.kernel_size, spec.dilation);
     policy.cell_bits = bits;
-    policy.simd = simd_enabled();
+    policy.loops = filter_loops_in_use();
     gather_pairs(index, queries, policy, bits, max_pairs, out, threads);
     out.cell_bits = bits;
 }
