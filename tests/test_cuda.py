@@ -186,6 +186,12 @@ inline T atomicAdd(T* p, T v) {
     *p += v;
     return old;
 }
+template <class T>
+inline T atomicMax(T* p, T v) {
+    const T old = *p;
+    if (v > old) *p = v;
+    return old;
+}
 inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long compare,
                                     unsigned long long value) {
     const unsigned long long old = *p;

@@ -102,7 +102,8 @@ NAME_EXPRESSIONS = tuple(
     + [digest_name(dt) for dt in DIGEST_TYPES])
 
 #: Kernels declared extern "C" (looked up by their plain name).
-PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "build_row_table", "expand_rows",
+PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "grid_cell_keys",
+                 "grid_sorted_points", "grid_cells", "build_row_table", "expand_rows",
                  "count_per_point", "kernel_axis_diffs")
 
 #: Kernels that use __syncthreads / __syncwarp (the host emulation runs them with real threads).

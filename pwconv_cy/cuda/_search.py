@@ -130,10 +130,11 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
     be.launch("cloud_lower_corner", (n_clouds if n else 0,), (256,),
               (points, offsets_dev, i64(n_clouds), origin))
     cloud = xp.empty(n, dtype=xp.int64)
-    cxyz = xp.empty((n, 3), dtype=xp.int64)
+    cxyz = xp.empty((3, n), dtype=xp.int64)  # columns cx, cy, cz
+    cmax_dev = xp.zeros(3, dtype=xp.int64)
     be.launch("grid_cell_coords", (blocks(n),), (THREADS,),
               (points, i64(n), offsets_dev, i64(n_clouds), origin, f64(cell_size), f64(inv),
-               cloud, cxyz))
+               cloud, cxyz, cmax_dev))
     if n == 0:
         empty_f = xp.zeros(0, dtype=xp.float64)
         empty_i = xp.zeros(0, dtype=xp.int64)
@@ -141,44 +142,41 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
                           empty_f, empty_i, xp.zeros(1, dtype=xp.int64), empty_i, empty_i, empty_i,
                           xp.zeros(n_clouds + 1, dtype=xp.int64), origin, (0, 0, 0),
                           *_no_row_table(xp))
-    # Cell coordinates are >= 0 (the origin is the cloud's minimum); their maxima size the key.
-    # contiguous columns: CuPy reduces a strided column, or an (n, 3) array along axis 0, with a
-    # few blocks (0.25-0.5 ms here), a contiguous one with a device-wide reduction
-    columns = [xp.ascontiguousarray(cxyz[:, a]) for a in range(3)]
-    cmax = tuple(int(c) for c in be.to_host(xp.stack([c.max() for c in columns])))
-    cx, cy, cz = columns
+    # The largest cell coordinate per axis sizes the sort key (and the row table's key).
+    cmax = tuple(int(c) for c in be.to_host(cmax_dev))
     rx, ry, rz = cmax[0] + 1, cmax[1] + 1, cmax[2] + 1
     packed = n_clouds * rz * ry * rx <= np.iinfo(np.int64).max  # exact Python integers
     if packed:
-        key = ((cloud * rz + cz) * ry + cy) * rx + cx
+        key = xp.empty(n, dtype=xp.int64)
+        be.launch("grid_cell_keys", (blocks(n),), (THREADS,),
+                  (i64(n), cloud, cxyz, i64(rx), i64(ry), i64(rz), key))
         order = be.argsort(key)
-        sorted_key = key[order]
-        new = sorted_key[1:] != sorted_key[:-1]
+        del key
     else:  # cell coordinates too wide to pack: sort the four columns
-        order = be.lexsort(xp.stack([cx, cy, cz, cloud]))
-        s = [a[order] for a in (cloud, cz, cy, cx)]
-        new = s[0][1:] != s[0][:-1]
-        for a in s[1:]:
-            new |= a[1:] != a[:-1]
-    first = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), new]))
-    sorted_points = points[order]
-    sorted_cells = cxyz[order]
-    cell_first = sorted_cells[first]
-    cell_cloud = cloud[order][first]
+        order = be.lexsort(xp.stack([cxyz[0], cxyz[1], cxyz[2], cloud]))
+    order = xp.ascontiguousarray(order, dtype=xp.int64)
+    x, y, z = (xp.empty(n, dtype=xp.float64) for _ in range(3))
+    new_cell = xp.empty(n, dtype=xp.int32)
+    be.launch("grid_sorted_points", (blocks(n),), (THREADS,),
+              (i64(n), order, points, cloud, cxyz, x, y, z, new_cell))
+    first = xp.flatnonzero(new_cell).astype(xp.int64, copy=False)
+    n_cells = int(first.shape[0])
+    cell_start = xp.empty(n_cells + 1, dtype=xp.int64)
+    cell_x, cell_y, cell_z, cell_cloud = (xp.empty(n_cells, dtype=xp.int64) for _ in range(4))
+    new_row = xp.empty(n_cells, dtype=xp.int32)
+    be.launch("grid_cells", (blocks(n_cells + 1),), (THREADS,),
+              (i64(n_cells), i64(n), first, order, cloud, cxyz, cell_start, cell_x, cell_y,
+               cell_z, cell_cloud, new_row))
     cloud_cell_begin = xp.searchsorted(cell_cloud, xp.arange(n_clouds + 1, dtype=xp.int64),
                                        side="left").astype(xp.int64)
     if packed and os.environ.get(ROW_TABLE_ENV, "1").strip() != "0":  # the row key fits too
-        rows = _row_table(be, cell_cloud, cell_first[:, 2], cell_first[:, 1], cmax)
+        rows = _row_table(be, new_row, cell_cloud, cell_z, cell_y, cmax)
     else:
         rows = _no_row_table(xp)
     return DeviceGrid(
         n_points=n, n_clouds=n_clouds, cell_size=cell_size, inv_cell_size=inv, offsets=offsets,
-        offsets_dev=offsets_dev,
-        x=xp.ascontiguousarray(sorted_points[:, 0]), y=xp.ascontiguousarray(sorted_points[:, 1]),
-        z=xp.ascontiguousarray(sorted_points[:, 2]), order=xp.ascontiguousarray(order, dtype=xp.int64),
-        cell_start=xp.concatenate([first.astype(xp.int64), xp.full(1, n, dtype=xp.int64)]),
-        cell_x=xp.ascontiguousarray(cell_first[:, 0]), cell_y=xp.ascontiguousarray(cell_first[:, 1]),
-        cell_z=xp.ascontiguousarray(cell_first[:, 2]),
+        offsets_dev=offsets_dev, x=x, y=y, z=z, order=order, cell_start=cell_start,
+        cell_x=cell_x, cell_y=cell_y, cell_z=cell_z,
         cloud_cell_begin=xp.ascontiguousarray(cloud_cell_begin), origin=origin, cmax=cmax,
         row_cell_begin=rows[0], table_keys=rows[1], table_rows=rows[2], table_bits=rows[3])
 
@@ -189,18 +187,14 @@ def _no_row_table(xp) -> tuple:
             xp.zeros(1, dtype=xp.int64), 0)
 
 
-def _row_table(be, cell_cloud, cell_z, cell_y, cmax) -> tuple:
+def _row_table(be, new_row, cell_cloud, cell_z, cell_y, cmax) -> tuple:
     """(row_cell_begin (n_rows + 1,), table_keys, table_rows, table_bits): the grid rows
-    (cloud, cz, cy) -- runs of consecutive cells, which are sorted by (cloud, cz, cy, cx) -- and a
-    hash table with at least twice as many slots as rows (O(points) memory)."""
+    (cloud, cz, cy) -- runs of consecutive cells, which are sorted by (cloud, cz, cy, cx); new_row
+    marks each run's first cell -- and a hash table with at least twice as many slots as rows
+    (O(points) memory)."""
     xp = be.xp
     n_cells = int(cell_z.shape[0])
-    cell_cloud = xp.ascontiguousarray(cell_cloud, dtype=xp.int64)
-    cell_z = xp.ascontiguousarray(cell_z)
-    cell_y = xp.ascontiguousarray(cell_y)
-    new_row = (cell_cloud[1:] != cell_cloud[:-1]) | (cell_z[1:] != cell_z[:-1]) | \
-        (cell_y[1:] != cell_y[:-1])
-    first = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), new_row])).astype(xp.int64)
+    first = xp.flatnonzero(new_row).astype(xp.int64, copy=False)
     n_rows = int(first.shape[0])
     row_cell_begin = xp.concatenate([first, xp.full(1, n_cells, dtype=xp.int64)])
     table_bits = max(4, (2 * n_rows - 1).bit_length())

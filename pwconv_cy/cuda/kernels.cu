@@ -335,20 +335,85 @@ extern "C" __global__ void cloud_lower_corner(const double* points, const long l
     (void)n_clouds;
 }
 
-/// For every point p: its cloud and grid cell (cx, cy, cz) relative to its cloud's origin.
+/// For every point p: its cloud and grid cell (cx, cy, cz) relative to its cloud's origin, as
+/// three columns cell_xyz[a * n + p]; cmax (3,), zeroed by the caller, gets each axis' largest
+/// cell coordinate (integer atomics: order-free).  Coordinates are >= 0: the origin is the
+/// cloud's minimum.
 extern "C" __global__ void grid_cell_coords(const double* points, long long n,
                                             const long long* offsets, long long n_clouds,
                                             const double* origin, double cell_size,
                                             double inv_cell_size, long long* cloud,
-                                            long long* cell_xyz) {
+                                            long long* cell_xyz, long long* cmax) {
     using namespace pwconv_cuda;
     const i64 p = global_thread();
     if (p >= n) return;
     const i64 c = cloud_of(offsets, n_clouds, p);
     cloud[p] = c;
-    for (int a = 0; a < 3; ++a)
-        cell_xyz[3 * p + a] = grid_coord(points[3 * p + a], origin[3 * c + a], cell_size,
-                                         inv_cell_size);
+    for (int a = 0; a < 3; ++a) {
+        const i64 cell = grid_coord(points[3 * p + a], origin[3 * c + a], cell_size, inv_cell_size);
+        cell_xyz[a * n + p] = cell;
+        atomicMax(cmax + a, cell);
+    }
+}
+
+/// key[p] = ((cloud * rz + cz) * ry + cy) * rx + cx: the cell's place in (cloud, cz, cy, cx)
+/// order, when it fits 63 bits (the caller checks).
+extern "C" __global__ void grid_cell_keys(long long n, const long long* cloud,
+                                          const long long* cell_xyz, long long rx, long long ry,
+                                          long long rz, long long* key) {
+    const long long p = pwconv_cuda::global_thread();
+    if (p >= n) return;
+    key[p] = ((cloud[p] * rz + cell_xyz[2 * n + p]) * ry + cell_xyz[n + p]) * rx + cell_xyz[p];
+}
+
+/// Sorted position i (order: sorted position -> point): the point's coordinates as three
+/// columns, and new_cell[i] = 1 where a cell starts (i == 0, or (cloud, cell) differs from the
+/// previous point's).
+extern "C" __global__ void grid_sorted_points(long long n, const long long* order,
+                                              const double* points, const long long* cloud,
+                                              const long long* cell_xyz, double* x, double* y,
+                                              double* z, int* new_cell) {
+    const long long i = pwconv_cuda::global_thread();
+    if (i >= n) return;
+    const long long o = order[i];
+    x[i] = points[3 * o];
+    y[i] = points[3 * o + 1];
+    z[i] = points[3 * o + 2];
+    int start = 1;
+    if (i > 0) {
+        const long long q = order[i - 1];
+        start = cloud[o] != cloud[q] || cell_xyz[o] != cell_xyz[q] ||
+                cell_xyz[n + o] != cell_xyz[n + q] || cell_xyz[2 * n + o] != cell_xyz[2 * n + q];
+    }
+    new_cell[i] = start;
+}
+
+/// Cell c (first sorted point first[c]): cell_start[c], its coordinates and cloud, and
+/// new_row[c] = 1 where a grid row (cloud, cz, cy) starts; cell_start[n_cells] = n.
+extern "C" __global__ void grid_cells(long long n_cells, long long n, const long long* first,
+                                      const long long* order, const long long* cloud,
+                                      const long long* cell_xyz, long long* cell_start,
+                                      long long* cell_x, long long* cell_y, long long* cell_z,
+                                      long long* cell_cloud, int* new_row) {
+    const long long c = pwconv_cuda::global_thread();
+    if (c > n_cells) return;
+    if (c == n_cells) {
+        cell_start[c] = n;
+        return;
+    }
+    const long long p = first[c], o = order[p];
+    cell_start[c] = p;
+    cell_x[c] = cell_xyz[o];
+    cell_y[c] = cell_xyz[n + o];
+    cell_z[c] = cell_xyz[2 * n + o];
+    cell_cloud[c] = cloud[o];
+    int start = 1;
+    if (c > 0) {
+        const long long q = order[first[c - 1]];
+        start = cloud[o] != cloud[q] || cell_xyz[2 * n + o] != cell_xyz[2 * n + q] ||
+                cell_xyz[n + o] != cell_xyz[n + q];
+    }
+    new_row[c] = start;
 }
 
 /// Inserts every grid row r (its first cell row_cell_begin[r]; cell_cloud / cell_z / cell_y of
