@@ -198,6 +198,8 @@ inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long co
     if (old == compare) *p = value;
     return old;
 }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
 inline long long __double_as_longlong(double v) {
     long long bits;
     std::memcpy(&bits, &v, sizeof bits);

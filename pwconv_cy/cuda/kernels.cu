@@ -4,9 +4,10 @@
 // convolution over it.  The binning arithmetic is the C++ core's own (pwconv/binning.hpp, shared
 // host/device code), so CPU and GPU produce the same kernel map bit for bit.  NVRTC is given
 // --fmad=false: no multiply-add is contracted anywhere in this file, so the search predicates
-// evaluate exactly as on the CPU (built with -ffp-contract=off), and the operator's sums are
-// formed in the same way (products rounded, then added) in a fixed order: results are
-// bit-identical from run to run.  No floating-point atomics anywhere.
+// evaluate exactly as on the CPU (built with -ffp-contract=off).  The operator's sums are formed
+// in a fixed order -- products rounded, then added, in the "by cell" kernels; with explicit FMAs
+// (one rounding, mul_add) in the "rows" kernels -- so results are bit-identical from run to run
+// and within rounding of the CPU's.  No floating-point atomics anywhere.
 //
 // No standard headers (NVRTC without jitify has none): sizes are `long long` (int64 in Python),
 // counts and cells `int`.  Every kernel is launched from Python with exactly these argument
@@ -837,12 +838,11 @@ __global__ void sum_partials(long long n_blocks, long long size, const F* partia
 // Operator, second scheme ("rows"): one group of lanes per row reads the row's entries in their
 // map order (no by-cell reordering), lane = channel, and sums them per kernel cell in shared
 // memory; the cell means then meet the cell matrices.  Sums are formed in entry order, products
-// in ascending (cell, channel) order: fixed, so results are bit-identical from run to run.  The
-// input gradient runs the same kernel over the transposed map, whose entries carry their weight
-// 1 / n_i(f) (entry_weights below, then one stable sort of the entries by point: no atomics).
-// Used for channel
-// counts up to 32 and kernels whose per-cell sums fit the shared arrays (see _conv.rows_plan;
-// its capacities mirror the defines below).
+// (FMAs, mul_add) in ascending (cell, channel) order: fixed, so results are bit-identical from
+// run to run.  The input gradient runs the same kernel over the transposed map, whose entries
+// carry their weight 1 / n_i(f) (entry_weights below, then one stable sort of the entries by
+// point: no atomics).  Used for channel counts up to 32 and kernels whose per-cell sums fit the
+// shared arrays (see _conv.rows_plan; its capacities mirror the defines below).
 // ============================================================================================
 
 namespace pwconv_cuda {
@@ -863,12 +863,19 @@ __device__ __forceinline__ unsigned group_mask(int group) {
     return group == 32 ? 0xffffffffu : (((1u << group) - 1u) << ((warp_lane / group) * group));
 }
 
+/// a * b + c with one rounding (an explicit FMA, which --fmad=false leaves alone): the rows
+/// kernels' products, one instruction each instead of a multiply and an add.
+__device__ __forceinline__ float mul_add(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double mul_add(double a, double b, double c) {
+    return __fma_rn(a, b, c);
+}
+
 /// sums[f * a + c] += w * v, in the order the caller calls it.
 template <class F>
 __device__ __forceinline__ void add_to_cell(F* sums, int f, int a, int lane, F v, int use_w,
                                             F w) {
     F* s = sums + f * a + lane;
-    *s = use_w ? *s + w * v : *s + v;
+    *s = use_w ? mul_add(w, v, *s) : *s + v;
 }
 
 /// The "rows" kernels' shared arrays (one set per block, whichever kernel declares them) and the
@@ -989,10 +996,10 @@ __global__ void conv_rows(long long rows, const long long* __restrict__ splits,
         if (tally[f] == 0) continue;
         const F* s = sums + f * a;
         if (depthwise) {
-            acc = acc + s[lane] * M[(i64)f * a + lane];
+            acc = mul_add(s[lane], M[(i64)f * a + lane], acc);
         } else {
             const F* Mf = M + (i64)f * a * b + lane;
-            for (int ci = 0; ci < a; ++ci) acc = acc + s[ci] * Mf[(i64)ci * b];
+            for (int ci = 0; ci < a; ++ci) acc = mul_add(s[ci], Mf[(i64)ci * b], acc);
         }
     }
     out[row * b + lane] = acc;
@@ -1034,7 +1041,7 @@ __device__ __forceinline__ void weight_grad_tiles(const F* sums, const int* tall
 #pragma unroll
             for (int i = 0; i < T; ++i)
 #pragma unroll
-                for (int o = 0; o < T; ++o) tile[i][o] = tile[i][o] + sv[i] * dv[o];
+                for (int o = 0; o < T; ++o) tile[i][o] = mul_add(sv[i], dv[o], tile[i][o]);
         }
 #pragma unroll
         for (int i = 0; i < T; ++i)
@@ -1087,7 +1094,7 @@ __global__ void conv_weight_rows(long long m, const long long* __restrict__ spli
                 F acc = acc_all[w];
                 for (int k = 0; k < n_rows; ++k)
                     if (r.tally_all[k * n_cells + f] != 0)
-                        acc = acc + r.sums_all[k * n_cells * a + w] * dy_rows[k * b + c];
+                        acc = mul_add(r.sums_all[k * n_cells * a + w], dy_rows[k * b + c], acc);
                 acc_all[w] = acc;
             }
         } else {
