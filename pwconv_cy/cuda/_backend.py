@@ -88,7 +88,7 @@ def digest_name(dtype) -> str:
 
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
                 "conv_weight_partial_depthwise", "sum_partials")
-ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "entry_weights")
+ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "entry_weights", "transposed_entries")
 
 #: Template instantiations requested from NVRTC (get_function needs these exact strings).
 NAME_EXPRESSIONS = tuple(

@@ -173,9 +173,17 @@ def transposed_rows(be, km, dtype) -> dict:
                   (threads,), (i64(m), km.splits, km.cell, i32(n_cells), weight))
         # 32-bit keys when the points allow: a radix sort of half the passes
         point = km.index.astype(xp.uint32) if n <= np.iinfo(np.uint32).max else km.index
-        order = be.argsort(point)  # stable
-        km._cache[key] = {"splits": _point_splits(be, km), "row": _row_of(be, km)[order],
-                          "cell": km.cell[order], "weight": weight[order]}
+        order = xp.ascontiguousarray(be.argsort(point), dtype=xp.int64)  # stable
+        del point
+        n_entries = int(order.shape[0])
+        trow = xp.empty(n_entries, dtype=xp.int64)
+        tcell = xp.empty(n_entries, dtype=km.cell.dtype)
+        tw = xp.empty(n_entries, dtype=dtype)
+        be.launch(rows_name("transposed_entries", dtype, km.cell.dtype), (blocks(n_entries),),
+                  (THREADS,), (i64(n_entries), i64(m), order, km.splits, km.cell, weight, trow,
+                               tcell, tw))
+        km._cache[key] = {"splits": _point_splits(be, km), "row": trow, "cell": tcell,
+                          "weight": tw}
     return km._cache[key]
 
 

@@ -1131,6 +1131,33 @@ __global__ void entry_weights(long long m, const long long* __restrict__ splits,
     for (long long e = e0; e < e1; ++e) w[e] = F(1) / (F)tally[(int)cell[e]];
 }
 
+/// The transposed map's entries once their order is known (order: position -> map entry, the
+/// entries sorted stably by point): trow[p] = the row of entry order[p] (a binary search over
+/// the map's splits), tcell[p] = its cell, tw[p] = its weight.  One thread per entry: one kernel
+/// instead of expanding the rows and three gathers.
+template <class F, class CellT>
+__global__ void transposed_entries(long long n_entries, long long m,
+                                   const long long* __restrict__ order,
+                                   const long long* __restrict__ splits,
+                                   const CellT* __restrict__ cell, const F* __restrict__ w,
+                                   long long* __restrict__ trow, CellT* __restrict__ tcell,
+                                   F* __restrict__ tw) {
+    const long long p = pwconv_cuda::global_thread();
+    if (p >= n_entries) return;
+    const long long e = order[p];
+    long long lo = 0, hi = m;  // splits[lo] <= e < splits[hi]
+    while (hi - lo > 1) {
+        const long long mid = lo + (hi - lo) / 2;
+        if (splits[mid] <= e)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    trow[p] = lo;
+    tcell[p] = cell[e];
+    tw[p] = w[e];
+}
+
 // ============================================================================================
 // Fingerprint of a batch of coordinates, for checking that a kernel map was built for them
 // ============================================================================================
