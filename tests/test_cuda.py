@@ -3,7 +3,9 @@
 Three layers of checks, so that CI (nvcc, no GPU) catches most mistakes before a GPU sees them:
 
 * ``test_kernels_compile_with_nvcc`` compiles kernels.cu with nvcc (PTX only), instantiating every
-  kernel the loader asks NVRTC for: a syntax or type error fails here.
+  kernel the loader asks NVRTC for: a syntax or type error fails here; and
+  ``test_kernels_compile_with_nvrtc`` compiles it with NVRTC itself (the nvidia-cuda-nvrtc wheel,
+  no GPU needed) exactly as the CuPy backend does.
 * ``test_emulated_*`` compile kernels.cu *for the host* (g++, an emulation of the CUDA thread model:
   threads one after the other, or cooperative fibers where kernels synchronise) and run the real orchestration
   (pwconv_cy.cuda._search / _conv, with NumPy as the array module) against the float64 oracles:
@@ -48,7 +50,7 @@ def _names():
 
 
 # =============================================================================================
-# 1. nvcc compile check (CI has nvcc, no GPU)
+# 1. compile checks: nvcc, and NVRTC as CuPy uses it (CI has both, no GPU)
 # =============================================================================================
 
 
@@ -64,6 +66,52 @@ def test_kernels_compile_with_nvcc(tmp_path):
     assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     ptx = (tmp_path / "all_kernels.ptx").read_text()
     assert ptx.count(".entry") == len(_names()), "a kernel is missing from the PTX"
+
+
+def _nvrtc_library():
+    """libnvrtc: from the nvidia-cuda-nvrtc wheel (CI installs it; NVRTC needs no GPU), else the
+    system's (a CUDA toolkit), else None."""
+    import ctypes.util
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(root).glob("*/lib/libnvrtc.so*")) + sorted(
+            Path(root).glob("cuda_nvrtc/lib/libnvrtc.so*"))
+        if found:
+            return str(found[0])
+    return ctypes.util.find_library("nvrtc")
+
+
+@pytest.mark.skipif(_nvrtc_library() is None,
+                    reason="NVRTC is not installed (pip install nvidia-cuda-nvrtc; CI does)")
+def test_kernels_compile_with_nvrtc():
+    """kernels.cu compiles under NVRTC exactly as the CuPy backend compiles it on a GPU machine:
+    the same source text (with the header's hash), options and name expressions, every template
+    instantiation lowered to a symbol.  NVRTC has no standard headers and its own builtins, so
+    this catches what the nvcc check cannot."""
+    from pwconv_cy.cuda import _backend
+
+    lib = ctypes.CDLL(_nvrtc_library())
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), _backend.kernel_source().encode(),
+                                  b"kernels.cu", 0, None, None) == 0
+    try:
+        for name in _backend.NAME_EXPRESSIONS:
+            assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0, name
+        options = [o.encode() for o in _backend.compile_options()] + [b"-arch=compute_90"]
+        rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(max(1, size.value))
+        lib.nvrtcGetProgramLog(prog, log)
+        assert rc == 0, f"NVRTC failed ({rc}):\n{log.value.decode(errors='replace')[-6000:]}"
+        for name in _backend.NAME_EXPRESSIONS:
+            lowered = ctypes.c_char_p()
+            assert lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)) == 0, name
+            assert lowered.value, name
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 def test_loader_imports_without_cupy_and_finds_sources():
