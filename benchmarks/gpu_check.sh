@@ -2,7 +2,7 @@
 # One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
 #   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
 #   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
-#   kernel-time profile (ncu, if installed).
+#   the opt-in K = 3 map kernels (tests, maps, times) -> kernel-time profile (ncu, if installed).
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
@@ -65,24 +65,31 @@ step install 120 install.log \
     "$PY" -m pip install --no-build-isolation --no-deps -q .
 
 # From outside the source tree: `python -c` run here would import the uncompiled pwconv_cy/.
-step show_config 50 versions.log \
+step show_config 40 versions.log \
     bash -c 'cd "${TMPDIR:-/tmp}" && exec "$@"' _ "$PY" -c "import pwconv_cy; pwconv_cy.show_config(); \
 import pwconv_cy.cuda as c; print('pwconv_cy.cuda available:', c.is_available(), c.unavailable_reason() or ''); \
 import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/loaded in {time.time() - t:.1f} s')"
 
 # shellcheck disable=SC2086
-step gpu_tests 200 pytest.log \
+step gpu_tests 180 pytest.log \
     env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:---maxfail=10} -m gpu \
     tests/test_cuda.py tests/test_interop.py tests/test_torch_adapter.py \
     -p no:cacheprovider
 
 # shellcheck disable=SC2086
-step benchmark 150 bench.log \
+step benchmark 110 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
+
+# The opt-in K = 3 kernel-map kernels (PWCONV_CUDA_SPECIALISE_K=3): the GPU map tests with them,
+# then their maps and times against the shipped kernels' (identical maps required).
+step k3_maps 70 k3.log \
+    bash -c 'PWCONV_CUDA_SPECIALISE_K=3 PWCONV_CUDA_DEBUG=1 "$1" -m pytest -q -m gpu \
+        -k "kernel_map" tests/test_cuda.py -p no:cacheprovider --maxfail=3; \
+        "$1" benchmarks/gpu_search_tuning.py none k3' _ "$PY"
 
 # Kernel time of one iteration (Nsight Compute, where installed): where the time goes.
 if command -v ncu >/dev/null; then
-    step profile 60 profile.log \
+    step profile 50 profile.log \
         bash -c 'ncu --profile-from-start off --csv --metrics gpu__time_duration.sum "$1" \
             benchmarks/gpu_profile.py > "$2/ncu_kernels.csv" && "$1" benchmarks/gpu_profile.py \
             --table "$2/ncu_kernels.csv"' _ "$PY" "$LOG_DIR"

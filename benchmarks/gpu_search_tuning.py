@@ -1,15 +1,20 @@
-"""Register budget of the GPU kernel-map kernels: the paper workload's four kernel maps and the
-1M-point sphere's map, compiled as the compiler chooses and with ``__launch_bounds__(128, N)``
-(kernels.cu's PWCONV_CUDA_SEARCH_MIN_BLOCKS, given to NVRTC as -D) for a few N, each in a fresh
-process; the maps must be identical to the default's.
+"""Variants of the GPU kernel-map kernels, each in a fresh process, on the paper workload's four
+kernel maps and the 1M-point sphere's map (timed; the maps must be identical to the first
+variant's):
 
-    python benchmarks/gpu_search_tuning.py            # N in (none, 6, 8)
-    python benchmarks/gpu_search_tuning.py 8 10
+* ``none``: as shipped;
+* ``N`` (a number): compiled with ``__launch_bounds__(128, N)`` (kernels.cu's
+  PWCONV_CUDA_SEARCH_MIN_BLOCKS, given to NVRTC as -D): the register budget;
+* ``k3``: the kernel size 3 compiled as a constant (PWCONV_CUDA_SPECIALISE_K=3, opt-in).
+
+    python benchmarks/gpu_search_tuning.py            # none 6 8
+    python benchmarks/gpu_search_tuning.py none k3
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +22,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def measure(min_blocks: str) -> dict:
+def measure(variant: str) -> dict:
+    if variant == "k3":  # read when pwconv_cy.cuda is imported
+        os.environ["PWCONV_CUDA_SPECIALISE_K"] = "3"
     import numpy as np
 
     sys.path.insert(0, str(HERE))
@@ -26,9 +33,9 @@ def measure(min_blocks: str) -> dict:
     from pwconv_cy import cuda
     from pwconv_cy.cuda import _backend
 
-    if min_blocks != "none":
+    if variant.isdigit():
         base = _backend.compile_options
-        _backend.compile_options = lambda: base() + (f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={min_blocks}",)
+        _backend.compile_options = lambda: base() + (f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={variant}",)
     import cupy
 
     points = cupy.asarray(wl.sphere(128 * 2048, 0))
@@ -45,7 +52,7 @@ def measure(min_blocks: str) -> dict:
         for a in (km.splits, km.index, km.cell):
             digest.update(cupy.asnumpy(a).tobytes())
     big_index = cuda.NeighborIndex(big, wl.BIG_VOXEL)
-    return {"min_blocks": min_blocks,
+    return {"variant": variant, "kernel": _backend.kernel_map_name(3, True),
             "paper_maps_ms": wl.time_cuda(maps, 3, 20)["median_s"] * 1e3,
             "sphere_1m_map_ms": wl.time_cuda(lambda: big_index.kernel_map(wl.K, 1), 2, 10)[
                 "median_s"] * 1e3,
@@ -59,16 +66,22 @@ def main(argv) -> int:
     variants = argv or ["none", "6", "8"]
     rows = []
     for v in variants:
-        out = subprocess.run([sys.executable, __file__, "--child", v], capture_output=True,
-                             text=True, timeout=120, check=False)
+        try:
+            out = subprocess.run([sys.executable, __file__, "--child", v], capture_output=True,
+                                 text=True, timeout=120, check=False)
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": v, "error": "timed out after 120 s"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         if out.returncode != 0:
-            rows.append({"min_blocks": v, "error": out.stderr.strip().splitlines()[-1:]})
+            rows.append({"variant": v, "error": out.stderr.strip().splitlines()[-3:]})
         else:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    same = len({r.get("maps_sha256") for r in rows if "maps_sha256" in r}) == 1
+    digests = [r.get("maps_sha256") for r in rows]
+    same = None not in digests and len(set(digests)) == 1
     print(f"maps identical across variants: {same}")
-    return 0
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -829,6 +830,49 @@ def test_emulated_kernels_match_oracles(emulator_lib, scenario):
                     f"{exc.stdout}\n{exc.stderr}")
     assert proc.returncode == 0, (f"emulation of {scenario} failed (rc {proc.returncode}):\n"
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+def test_specialised_kernel_sizes_are_opt_in_and_validated():
+    """PWCONV_CUDA_SPECIALISE_K names the kernel sizes compiled as constants: none by default,
+    a clear error naming the variable for anything but sizes from 1 to 15."""
+    from pwconv_cy.cuda import _backend
+
+    assert _backend.specialised_kernel_sizes("") == ()
+    assert _backend.specialised_kernel_sizes("3") == (3,)
+    assert _backend.specialised_kernel_sizes(" 5,3,3 ") == (3, 5)
+    for bad in ("x", "0", "16", "3;5", "-3"):
+        with pytest.raises(ValueError, match="PWCONV_CUDA_SPECIALISE_K must list kernel sizes"):
+            _backend.specialised_kernel_sizes(bad)
+
+
+def test_emulated_kernel_map_with_k3_specialised():
+    """With PWCONV_CUDA_SPECIALISE_K=3 the K = 3 maps run the kernels compiled for K = 3 (the
+    emulator built with those instantiations, in a fresh process), and stay identical to the
+    oracle: random clouds, lattices with s = 2 and 4, queries, huge coordinates, long rows."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no host C++ compiler ({cxx}) to emulate the kernels")
+    script = textwrap.dedent("""
+        import sys, tempfile
+        from pathlib import Path
+        sys.path.insert(0, sys.argv[1])
+        import test_cuda as T
+        from pwconv_cy.cuda import _backend
+        assert _backend.SPECIALISED_K == (3,), _backend.SPECIALISED_K
+        with tempfile.TemporaryDirectory() as tmp:
+            be = T.EmulatedBackend(T.build_emulator(Path(tmp)))
+            for name in ("random", "lattice_s2", "lattice_s4", "queries", "wide_coordinates",
+                         "long_rows"):
+                T._emulate_scenario(be, name)
+        ran = {name for name in be.launches if name.startswith("kernel_map_pass")}
+        assert ran == {"kernel_map_pass<3, 0>", "kernel_map_pass<3, 1>"}, ran
+        print("ok")
+    """)
+    env = dict(os.environ, PWCONV_CUDA_SPECIALISE_K="3")
+    proc = subprocess.run([sys.executable, "-c", script, str(TESTS)], capture_output=True,
+                          text=True, timeout=600, cwd=str(TESTS), env=env, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
 # =============================================================================================

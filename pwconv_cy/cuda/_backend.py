@@ -34,14 +34,33 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels.cu"
 HEADER = Path("pwconv") / "binning.hpp"
 
-#: Kernel sizes compiled as constants in the kernel map (0: any other size, up to MAX_KERNEL_SIZE).
-#: Empty for now: on an H200 (CUDA 13.0, NVRTC 13.0) the fill pass compiled with KC = 3 stopped
-#: with an illegal address on a 300-point cloud while the runtime-K instantiation of the same
-#: template (KC = 0) ran correctly, and compute-sanitizer's memcheck saw no error (2026-11-26,
-#: benchmarks/gpu_diag.py).  Until that is understood every size uses the runtime-K kernels.
-SPECIALISED_K = ()
 #: Largest kernel size of the GPU kernel map (per-thread bound arrays in kernels.cu).
 MAX_KERNEL_SIZE = 15
+#: Kernel sizes whose kernel-map kernels are compiled with K as a constant (0: any other size).
+SPECIALISE_ENV = "PWCONV_CUDA_SPECIALISE_K"
+
+
+def specialised_kernel_sizes(value: str | None = None) -> tuple:
+    """The kernel sizes named by PWCONV_CUDA_SPECIALISE_K (comma-separated, e.g. "3"), none by
+    default.  Opt-in: on an H200 (CUDA 13.0) the fill pass compiled with K = 3 as a constant once
+    stopped with an illegal address on a 300-point cloud while the runtime-K kernel ran correctly
+    and compute-sanitizer saw no error (the map kernel has been rewritten since; the host
+    emulation of the K = 3 kernels, under AddressSanitizer too, finds nothing).  The variable lets
+    a GPU session test and time that path (benchmarks/gpu_search_tuning.py) before it becomes
+    the default."""
+    text = os.environ.get(SPECIALISE_ENV, "") if value is None else value
+    sizes = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if not part.isdigit() or not 1 <= int(part) <= MAX_KERNEL_SIZE:
+            raise ValueError(f"{SPECIALISE_ENV} must list kernel sizes from 1 to "
+                             f"{MAX_KERNEL_SIZE} separated by commas, got {text!r}")
+        sizes.append(int(part))
+    return tuple(sorted(set(sizes)))
+
+
+SPECIALISED_K = specialised_kernel_sizes()
 #: Rows up to this length are sorted by the thread that fills them (PWCONV_CUDA_SHORT_ROW).
 SHORT_ROW = 64
 CELL_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int16): "short",
