@@ -1,6 +1,11 @@
-"""Diagnostics of the GPU kernel map fill pass (run on a GPU machine): python gpu_diag.py MODE
-MODE: base | stack | generic | block32 | nosort"""
+"""Diagnostics of the GPU kernel map's count and fill passes, launched one by one on a 300-point
+cloud (run on a GPU machine): python gpu_diag.py MODE
+MODE: base (K = 3 compiled as a constant) | stack (the same with a 32 KiB stack limit) |
+generic (runtime K) | block32 (32-thread blocks) | nosort (rows left unsorted)"""
+import os
 import sys
+
+os.environ.setdefault("PWCONV_CUDA_SPECIALISE_K", "3")  # before pwconv_cy.cuda is imported
 
 import cupy
 import numpy as np
@@ -21,8 +26,10 @@ be = get_backend()
 grid = S.build_grid(be, cupy.asarray(p), np.array([0, 300]), 0.1)
 m, qrow, qx, qy, qz, q_off = S._queries(be, grid, None, None)
 k, s, bits = 3, 1, S.cell_bits_for(3)
+axis_d = cupy.empty(2 * k, dtype=cupy.float64)
+be.launch("kernel_axis_diffs", (1,), (1,), (S.f64(0.1), S.i32(k), S.i32(s), axis_d))
 head = (S.i64(m), qrow, qx, qy, qz, q_off, S.i64(grid.n_clouds)) + grid.grid_args() + (
-    S.f64(0.1), S.i32(k), S.i32(s), S.i32(bits))
+    S.f64(0.1), S.i32(k), S.i32(s), S.i32(bits), axis_d)
 kc = 0 if mode == "generic" else 3
 threads = 32 if mode == "block32" else S.SEARCH_THREADS
 short = 0 if mode == "nosort" else SHORT_ROW
@@ -44,8 +51,9 @@ try:
               head + (dummy, splits, keys, S.i64(short), status))
     cupy.cuda.get_current_stream().synchronize()
     print(mode, "FILL OK status", int(status.get()[0]))
+    same = np.array_equal(cupy.asnumpy(splits), cpu.splits) and np.array_equal(
+        np.sort(cupy.asnumpy(keys[:n_pairs])), np.sort((cpu.index << bits) | cpu.cell))
+    print(mode, "map equal to the CPU's:", same)
 except Exception as exc:  # noqa: BLE001
     print(mode, "FILL FAILED", type(exc).__name__, str(exc)[:200])
-    if mode == "stack":
-        rt = cupy.cuda.runtime
     sys.exit(1)
