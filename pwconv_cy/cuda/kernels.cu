@@ -1007,7 +1007,7 @@ __global__ void conv_rows(long long rows, const long long* __restrict__ splits,
 
 namespace pwconv_cuda {
 
-/// Output-gradient rows and weight entries of conv_weight_rows's tiles (see there).
+/// Input and output channels of a weight-gradient tile (conv_weight_rows, weight_grad_tiles).
 #define PWCONV_CUDA_WGRAD_TILE 3
 
 /// acc[(f * a + ci) * b + co] += sums[k][f * a + ci] * dy_rows[k * b + co] for the rows k <
