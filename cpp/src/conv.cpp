@@ -226,12 +226,6 @@ void apply_rows(int64_t r0, int64_t r1, const SlotBuffer<F>& buf, const F* M, in
 
 constexpr int64_t kSmallWeightBytes = 256 * 1024;
 
-// The family of the operator's loops that runs: every family gives the same bits.
-enum class Loops { portable, avx2, avx512 };
-inline Loops loops_in_use() {
-    return simd_enabled() ? Loops::avx512 : avx2_enabled() ? Loops::avx2 : Loops::portable;
-}
-
 #ifdef PWCONV_X86_SIMD
 // Masks of the (up to) n_vec 16-float vectors covering `width` columns.
 PWCONV_AVX512 void column_masks(int64_t width, int n_vec, __mmask16* mask) {

@@ -258,7 +258,7 @@ void fill_radius_run(const Index& index, int64_t b, int64_t e, const double q[3]
 // Compact clouds (the grid has a dense cell table, e.g. the paper's 2,048-point clouds) with a
 // kernel size known at compile time: the whole query in stack arrays, loops unrolled.  Returns the
 // same keys as the generic path (every accepted candidate once; rows are sorted afterwards).
-template <int KC, detail::FilterLoops LOOPS>
+template <int KC, Loops LOOPS>
 PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[3], int64_t cloud,
                                                const KernelSpec& spec,
                                                const detail::KernelDifferences& diff,
@@ -330,7 +330,7 @@ PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[
                                                           cell_bits, keys, out.size);
     };
 #ifdef PWCONV_X86_SIMD
-    if constexpr (LOOPS != detail::FilterLoops::portable) {
+    if constexpr (LOOPS != Loops::portable) {
         // The rows' ranges in one pass without a branch per row (nonempty_ranges_*), then
         // the filters over the non-empty ones.  When the query spans more rows than the list
         // holds (a grid much finer than the voxel), the row-by-row loop below runs instead.
@@ -349,7 +349,7 @@ PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[
         if (fits) {
             int64_t b[detail::RowList::kCapacity], e[detail::RowList::kCapacity],
                 tag[detail::RowList::kCapacity];
-            const int m = LOOPS == detail::FilterLoops::avx512
+            const int m = LOOPS == Loops::avx512
                               ? detail::nonempty_ranges_avx512(table, list, base, b, e, tag)
                               : detail::nonempty_ranges_avx2(table, list, base, b, e, tag);
             for (int t = 0; t < m; ++t) filter(b[t], e[t], tag[t]);
@@ -368,7 +368,7 @@ template <int KC>
 void collect_compact_portable(const Grid& grid, const double q[3], int64_t cloud,
                               const KernelSpec& spec, const detail::KernelDifferences& diff,
                               int cell_bits, KeyBuffer& out) {
-    collect_compact_impl<KC, detail::FilterLoops::portable>(grid, q, cloud, spec, diff, cell_bits,
+    collect_compact_impl<KC, Loops::portable>(grid, q, cloud, spec, diff, cell_bits,
                                                              out);
 }
 
@@ -377,7 +377,7 @@ template <int KC>
 __attribute__((target("avx512f"))) void collect_compact_avx512(
     const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
     const detail::KernelDifferences& diff, int cell_bits, KeyBuffer& out) {
-    collect_compact_impl<KC, detail::FilterLoops::avx512>(grid, q, cloud, spec, diff, cell_bits,
+    collect_compact_impl<KC, Loops::avx512>(grid, q, cloud, spec, diff, cell_bits,
                                                            out);
 }
 
@@ -385,7 +385,7 @@ template <int KC>
 __attribute__((target("avx2"))) void collect_compact_avx2(
     const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
     const detail::KernelDifferences& diff, int cell_bits, KeyBuffer& out) {
-    collect_compact_impl<KC, detail::FilterLoops::avx2>(grid, q, cloud, spec, diff, cell_bits,
+    collect_compact_impl<KC, Loops::avx2>(grid, q, cloud, spec, diff, cell_bits,
                                                          out);
 }
 #endif
@@ -393,23 +393,15 @@ __attribute__((target("avx2"))) void collect_compact_avx2(
 template <int KC>
 void collect_compact(const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
                      const detail::KernelDifferences& diff, int cell_bits,
-                     detail::FilterLoops loops, KeyBuffer& out) {
+                     Loops loops, KeyBuffer& out) {
 #ifdef PWCONV_X86_SIMD
-    if (loops == detail::FilterLoops::avx512)
+    if (loops == Loops::avx512)
         return collect_compact_avx512<KC>(grid, q, cloud, spec, diff, cell_bits, out);
-    if (loops == detail::FilterLoops::avx2)
+    if (loops == Loops::avx2)
         return collect_compact_avx2<KC>(grid, q, cloud, spec, diff, cell_bits, out);
 #endif
     (void)loops;
     collect_compact_portable<KC>(grid, q, cloud, spec, diff, cell_bits, out);
-}
-
-/// The filter loops a search runs now: AVX-512 where enabled and available, else AVX2, else
-/// portable (read once per call).
-detail::FilterLoops filter_loops_in_use() {
-    if (simd_enabled()) return detail::FilterLoops::avx512;
-    if (avx2_enabled()) return detail::FilterLoops::avx2;
-    return detail::FilterLoops::portable;
 }
 
 // Search policies: how one query's pairs are collected (sorted keys appended to a buffer) or only
@@ -418,7 +410,7 @@ struct KernelPolicy {
     KernelSpec spec;
     detail::KernelDifferences diff;
     int cell_bits = 0;
-    detail::FilterLoops loops = detail::FilterLoops::portable;
+    Loops loops = Loops::portable;
 
     struct State {
         KernelBounds bounds;
@@ -527,8 +519,8 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
     const bool fit32 = (index.n_points >> (31 - std::min(cell_bits, 31))) == 0;
     const bool self = queries.xyz == nullptr;
     // The SIMD rank sorts of short rows (31-bit keys): the family the filters use.
-    [[maybe_unused]] const detail::FilterLoops sort_loops =
-        fit32 ? filter_loops_in_use() : detail::FilterLoops::portable;  // (no SIMD build: unused)
+    [[maybe_unused]] const Loops sort_loops =
+        fit32 ? loops_in_use() : Loops::portable;  // (no SIMD build: unused)
     const int64_t m = check_queries(index, queries);
     const int64_t* offsets = self ? index.cloud_offsets.data() : queries.batch.offsets;
     const int64_t n_clouds = index.n_clouds;
@@ -558,9 +550,9 @@ void gather_pairs(const Index& index, const Queries<T>& queries, const Policy& p
         auto sort_row = [&](int64_t* keys, int64_t n) {
 #ifdef PWCONV_X86_SIMD
             if (n >= 2 && n <= 64) {
-                if (sort_loops == detail::FilterLoops::avx512)
+                if (sort_loops == Loops::avx512)
                     return detail::sort_short_row_avx512(keys, n);
-                if (sort_loops == detail::FilterLoops::avx2)
+                if (sort_loops == Loops::avx2)
                     return detail::sort_short_row_avx2(keys, n);
             }
 #endif
@@ -688,7 +680,7 @@ void kernel_map_gather(const Index& index, const Queries<T>& queries, const Kern
     policy.spec = spec;
     policy.diff.compute(spec.voxel_size, spec.kernel_size, spec.dilation);
     policy.cell_bits = bits;
-    policy.loops = filter_loops_in_use();
+    policy.loops = loops_in_use();
     gather_pairs(index, queries, policy, bits, max_pairs, out, threads);
     out.cell_bits = bits;
 }

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "pwconv/binning.hpp"
+#include "pwconv/common.hpp"  // Loops
 
 // PWCONV_NO_SIMD (a compile definition) builds the portable loops only, as on other platforms.
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__CUDACC__) && \
@@ -25,9 +26,9 @@
 #include <immintrin.h>
 #endif
 
-// Callers instantiate their loops once per FilterLoops family, each inside a function compiled for
-// that family's instructions; the dispatchers below are forced inline so that the filters inline
-// into those loops.
+// Callers instantiate their loops once per family of Loops (common.hpp), each inside a function
+// compiled for that family's instructions; the dispatchers below are forced inline so that the
+// filters inline into those loops.
 #if defined(__GNUC__)
 #define PWCONV_FILTER_INLINE inline __attribute__((always_inline))
 #elif defined(_MSC_VER)
@@ -41,9 +42,6 @@ namespace detail {
 
 /// Keys may be written up to this many entries past the accepted ones (buffers reserve it).
 constexpr int64_t kFilterSlack = 8;
-
-/// Which family of filter loops a kernel-map search runs (the twins write the same keys).
-enum class FilterLoops { portable, avx2, avx512 };
 
 /// One query's filter: the support's lower corner per axis and the thresholds D of its kernel
 /// cells' starts and ends (kernel_axis_differences, the same on every axis).
@@ -264,7 +262,8 @@ PWCONV_AVX2 int64_t filter_row_avx2(const double* X, const double* Y, const doub
         const int m = _mm256_movemask_pd(
             _mm256_and_pd(in_x, _mm256_and_pd(within_avx2(dy, y0, y1), within_avx2(dz, z0, z1))));
         const __m256i idx = _mm256_loadu_si256((const __m256i*)(order + p));
-        const __m256i key = _mm256_or_si256(_mm256_sll_epi64(idx, shift), _mm256_add_epi64(f_yz, kx));
+        const __m256i key =
+            _mm256_or_si256(_mm256_sll_epi64(idx, shift), _mm256_add_epi64(f_yz, kx));
         n = append_avx2(m, key, keys, n);
     }
     return filter_row_scalar<K>(X, Y, Z, order, p, e, kf, ky, kz, cell_bits, keys, n);
@@ -415,29 +414,29 @@ PWCONV_AVX2 void sort_short_row_avx2(int64_t* keys, int64_t n) {
 
 #endif  // PWCONV_X86_SIMD
 
-template <int K, FilterLoops L>
+template <int K, Loops L>
 PWCONV_FILTER_INLINE int64_t filter_support(const double* X, const double* Y, const double* Z,
                                             const int64_t* order, int64_t b, int64_t e,
                                             const KernelFilter<K>& kf, int cell_bits,
                                             int64_t* keys, int64_t n) {
 #ifdef PWCONV_X86_SIMD
-    if constexpr (L == FilterLoops::avx512)
+    if constexpr (L == Loops::avx512)
         return filter_support_avx512<K>(X, Y, Z, order, b, e, kf, cell_bits, keys, n);
-    if constexpr (L == FilterLoops::avx2)
+    if constexpr (L == Loops::avx2)
         return filter_support_avx2<K>(X, Y, Z, order, b, e, kf, cell_bits, keys, n);
 #endif
     return filter_support_scalar<K>(X, Y, Z, order, b, e, kf, cell_bits, keys, n);
 }
 
-template <int K, FilterLoops L>
+template <int K, Loops L>
 PWCONV_FILTER_INLINE int64_t filter_row(const double* X, const double* Y, const double* Z,
                                         const int64_t* order, int64_t b, int64_t e,
                                         const KernelFilter<K>& kf, int ky, int kz, int cell_bits,
                                         int64_t* keys, int64_t n) {
 #ifdef PWCONV_X86_SIMD
-    if constexpr (L == FilterLoops::avx512 && K <= 8)
+    if constexpr (L == Loops::avx512 && K <= 8)
         return filter_row_avx512<K>(X, Y, Z, order, b, e, kf, ky, kz, cell_bits, keys, n);
-    if constexpr (L == FilterLoops::avx2)
+    if constexpr (L == Loops::avx2)
         return filter_row_avx2<K>(X, Y, Z, order, b, e, kf, ky, kz, cell_bits, keys, n);
 #endif
     return filter_row_scalar<K>(X, Y, Z, order, b, e, kf, ky, kz, cell_bits, keys, n);

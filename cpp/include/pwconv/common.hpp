@@ -35,11 +35,18 @@ bool set_simd_enabled(bool enabled);
 /// Whether the AVX-512 twins run: SIMD enabled, AVX-512 allowed (set_avx512_allowed) and available.
 bool simd_enabled();
 /// With SIMD enabled, whether AVX-512 may be used (default true); false leaves the AVX2 twins of
-/// the operator's wide-layer loops (what CPUs without AVX-512 run).  Returns the previous setting.
+/// the kernel map's filters and the operator's loops (what CPUs without AVX-512 run).  Returns the
+/// previous setting.
 bool set_avx512_allowed(bool allowed);
 /// Whether the CPU has AVX2, and whether the AVX2 twins run (SIMD enabled, AVX2 available).
 bool avx2_available();
 bool avx2_enabled();
+
+/// The family of SIMD loops a call runs (read once per call): every family gives the same bits.
+enum class Loops { portable, avx2, avx512 };
+inline Loops loops_in_use() {
+    return simd_enabled() ? Loops::avx512 : avx2_enabled() ? Loops::avx2 : Loops::portable;
+}
 
 /// Throws std::invalid_argument unless offsets is a valid row-split array ending at n.
 void check_batch(const Batch& batch, int64_t n, const char* name);
