@@ -62,12 +62,13 @@ __device__ __forceinline__ i64 grid_coord(double x, double origin, double cell_s
 /// |x| (no math header under NVRTC without jitify).
 __device__ __forceinline__ double magnitude(double x) { return x < 0 ? -x : x; }
 
-/// Cloud of packed row i: the largest c in [0, n_clouds) with offsets[c] <= i.
-__device__ __forceinline__ i64 cloud_of(const i64* offsets, i64 n_clouds, i64 i) {
-    i64 lo = 0, hi = n_clouds;
+/// The segment of a CSR-style split array holding position i (the cloud of a packed row, the row
+/// of a map entry): the largest s in [0, n_segments) with starts[s] <= i (empty segments skipped).
+__device__ __forceinline__ i64 segment_of(const i64* starts, i64 n_segments, i64 i) {
+    i64 lo = 0, hi = n_segments;
     while (hi - lo > 1) {
         const i64 mid = lo + (hi - lo) / 2;
-        if (offsets[mid] <= i)
+        if (starts[mid] <= i)
             lo = mid;
         else
             hi = mid;
@@ -348,7 +349,7 @@ extern "C" __global__ void grid_cell_coords(const double* points, long long n,
     using namespace pwconv_cuda;
     const i64 p = global_thread();
     if (p >= n) return;
-    const i64 c = cloud_of(offsets, n_clouds, p);
+    const i64 c = segment_of(offsets, n_clouds, p);
     cloud[p] = c;
     for (int a = 0; a < 3; ++a) {
         const i64 cell = grid_coord(points[3 * p + a], origin[3 * c + a], cell_size, inv_cell_size);
@@ -480,7 +481,7 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
                      row_cell_begin, table_keys, table_rows, table_bits};
     const i64 row = qrow[t];
     const double q[3] = {qx[t], qy[t], qz[t]};
-    const i64 cloud = cloud_of(query_offsets, n_clouds, row);
+    const i64 cloud = segment_of(query_offsets, n_clouds, row);
 
     // The support's lower corner per axis; the kernel's thresholds come in axis_d, made once per
     // map (kernel_axis_diffs).  Grid-cell ranges: one box for dilation 1, each kernel cell's own
@@ -567,7 +568,7 @@ __global__ void radius_pass(
                      row_cell_begin, table_keys, table_rows, table_bits};
     const i64 row = qrow[t];
     const double q[3] = {qx[t], qy[t], qz[t]};
-    const i64 cloud = cloud_of(query_offsets, n_clouds, row);
+    const i64 cloud = segment_of(query_offsets, n_clouds, row);
 
     AxisRanges<1> r[3];
     for (int a = 0; a < 3; ++a) {  // as detail::radius_box
@@ -1132,8 +1133,8 @@ __global__ void entry_weights(long long m, const long long* __restrict__ splits,
 }
 
 /// The transposed map's entries once their order is known (order: position -> map entry, the
-/// entries sorted stably by point): trow[p] = the row of entry order[p] (a binary search over
-/// the map's splits), tcell[p] = its cell, tw[p] = its weight.  One thread per entry: one kernel
+/// entries sorted stably by point): trow[p] = the row of entry order[p] (segment_of over the
+/// map's splits), tcell[p] = its cell, tw[p] = its weight.  One thread per entry: one kernel
 /// instead of expanding the rows and three gathers.
 template <class F, class CellT>
 __global__ void transposed_entries(long long n_entries, long long m,
@@ -1145,15 +1146,7 @@ __global__ void transposed_entries(long long n_entries, long long m,
     const long long p = pwconv_cuda::global_thread();
     if (p >= n_entries) return;
     const long long e = order[p];
-    long long lo = 0, hi = m;  // splits[lo] <= e < splits[hi]
-    while (hi - lo > 1) {
-        const long long mid = lo + (hi - lo) / 2;
-        if (splits[mid] <= e)
-            lo = mid;
-        else
-            hi = mid;
-    }
-    trow[p] = lo;
+    trow[p] = pwconv_cuda::segment_of(splits, m, e);
     tcell[p] = cell[e];
     tw[p] = w[e];
 }
