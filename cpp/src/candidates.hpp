@@ -19,10 +19,6 @@
 namespace pwconv {
 namespace detail {
 
-/// Relative widening of candidate bounds: 2^-48 of the magnitudes involved, far above the
-/// rounding error of the predicate (a few ulps), far below any cell.
-constexpr double kBoundSlack = 3.552713678800501e-15;
-
 /// Per-axis sorted, disjoint closed intervals.
 struct QueryBox {
     int count[3] = {0, 0, 0};
@@ -51,7 +47,7 @@ struct QueryBox {
 inline void radius_box(QueryBox& box, const double q[3], double radius) {
     box.clear();
     for (int a = 0; a < 3; ++a) {
-        const double slack = (std::fabs(q[a]) + radius) * kBoundSlack;
+        const double slack = radius_slack(q[a], radius);
         box.add(a, (q[a] - radius) - slack, (q[a] + radius) + slack);
     }
 }

@@ -284,15 +284,16 @@ PWCONV_FILTER_INLINE void collect_compact_impl(const Grid& grid, const double q[
 
     // Grid-cell range of each kernel cell per axis, clamped to the cloud's table (empty: c0 > c1).
     // An accepted x has fl(x - lo) in [D_start, D_end), so x lies within a few ulps of
-    // [lo + D_start, lo + D_end): widened by kBoundSlack, these bounds hold every candidate.
+    // [lo + D_start, lo + D_end): widened (candidate_lower / _upper), these bounds hold every
+    // candidate.
     int64_t c0[3][KC], c1[3][KC];
     for (int a = 0; a < 3; ++a)
         for (int k = 0; k < KC; ++k) {
             const double lo = kf.lo[a], ds = kf.start_d[k], de = kf.end_d[k];
-            const double x0 = (lo + ds) - (std::fabs(lo) + std::fabs(ds)) * detail::kBoundSlack;
-            const double x1 = (lo + de) + (std::fabs(lo) + std::fabs(de)) * detail::kBoundSlack;
-            const int64_t first = grid_coord(x0, origin[a], grid.cell_size, grid.inv_cell_size);
-            const int64_t last = grid_coord(x1, origin[a], grid.cell_size, grid.inv_cell_size);
+            const int64_t first = grid_coord(candidate_lower(lo, ds), origin[a], grid.cell_size,
+                                             grid.inv_cell_size);
+            const int64_t last = grid_coord(candidate_upper(lo, de), origin[a], grid.cell_size,
+                                            grid.inv_cell_size);
             c0[a][k] = std::max<int64_t>(first, 0);
             c1[a][k] = ds < de ? std::min<int64_t>(last, n_axis[a] - 1) : -1;
         }

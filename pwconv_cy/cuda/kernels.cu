@@ -34,18 +34,14 @@ typedef long long i64;
 /// rows are sorted afterwards by one global sort (see _search.py).
 #define PWCONV_CUDA_SHORT_ROW 64
 
-/// Register budget of the search kernels: compiled for PWCONV_CUDA_SEARCH_MIN_BLOCKS resident blocks
-/// of 128 threads per multiprocessor when defined (an NVRTC -D option, for tuning), else as the
-/// compiler chooses.
+/// Register budget of the search kernels: compiled for PWCONV_CUDA_SEARCH_MIN_BLOCKS resident
+/// blocks of 128 threads per multiprocessor when defined (an NVRTC -D option, for tuning), else
+/// as the compiler chooses.
 #ifdef PWCONV_CUDA_SEARCH_MIN_BLOCKS
 #define PWCONV_CUDA_SEARCH_BOUNDS __launch_bounds__(128, PWCONV_CUDA_SEARCH_MIN_BLOCKS)
 #else
 #define PWCONV_CUDA_SEARCH_BOUNDS
 #endif
-
-/// Relative widening of radius-search candidate bounds: 2^-48, as detail::kBoundSlack in
-/// cpp/src/candidates.hpp (the exact predicate decides; the bounds only have to contain it).
-#define PWCONV_CUDA_BOUND_SLACK 3.552713678800501e-15
 
 /// Grid cell coordinate floor((x - origin) * inv_cell_size), saturated to [-2^62, 2^62]; as
 /// pwconv::grid_coord (grid.hpp).  Monotone in x: a candidate filter only.
@@ -58,9 +54,6 @@ __device__ __forceinline__ i64 grid_coord(double x, double origin, double cell_s
     const i64 c = (i64)t;  // truncation; fixed up to floor below
     return c - (i64)((double)c > t);
 }
-
-/// |x| (no math header under NVRTC without jitify).
-__device__ __forceinline__ double magnitude(double x) { return x < 0 ? -x : x; }
 
 /// The segment of a CSR-style split array holding position i (the cloud of a packed row, the row
 /// of a map entry): the largest s in [0, n_segments) with starts[s] <= i (empty segments skipped).
@@ -487,7 +480,8 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
     // map (kernel_axis_diffs).  Grid-cell ranges: one box for dilation 1, each kernel cell's own
     // cells otherwise.  An accepted x has fl(x - lo) in [D_start, D_end), so x lies within a few
     // ulps of [lo + D_start, lo + D_end): widened by the bound slack (as the CPU's compact
-    // path), these ranges hold every candidate; the classification alone decides.
+    // path: candidate_lower / _upper), these ranges hold every candidate; the classification
+    // alone decides.
     const double h = pwconv::kernel_half_width(voxel_size, K, dilation);
     const double* sd = axis_d;
     const double* ed = axis_d + K;
@@ -500,9 +494,8 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
         for (int k = 0; k < (dilation == 1 ? 1 : K); ++k) {
             const double ds = dilation == 1 ? sd[0] : sd[k], de = dilation == 1 ? ed[K - 1] : ed[k];
             if (!(ds < de)) continue;
-            const double x0 = (lo[a] + ds) - (magnitude(lo[a]) + magnitude(ds)) * PWCONV_CUDA_BOUND_SLACK;
-            const double x1 = (lo[a] + de) + (magnitude(lo[a]) + magnitude(de)) * PWCONV_CUDA_BOUND_SLACK;
-            add_range(r[a], x0, x1, o, g, g.cmax[a], dilation == 1 ? -1 : k);
+            add_range(r[a], pwconv::candidate_lower(lo[a], ds), pwconv::candidate_upper(lo[a], de),
+                      o, g, g.cmax[a], dilation == 1 ? -1 : k);
         }
     }
 
@@ -573,8 +566,7 @@ __global__ void radius_pass(
     AxisRanges<1> r[3];
     for (int a = 0; a < 3; ++a) {  // as detail::radius_box
         r[a].count = 0;
-        const double mag = q[a] < 0 ? -q[a] : q[a];
-        const double slack = (mag + radius) * PWCONV_CUDA_BOUND_SLACK;
+        const double slack = pwconv::radius_slack(q[a], radius);
         add_range(r[a], (q[a] - radius) - slack, (q[a] + radius) + slack, g.origin[3 * cloud + a],
                   g, g.cmax[a], -1);
     }

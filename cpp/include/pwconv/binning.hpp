@@ -197,6 +197,29 @@ PWCONV_HD int support_cell(double dx, double dy, double dz, const double* start_
     return (kz * kernel_size + ky) * kernel_size + kx;
 }
 
+// --- Candidate bounds: filters only, the exact predicates above decide ------------------------
+
+/// |x| (no math header: the CUDA kernels include this file under NVRTC).
+PWCONV_HD double magnitude(double x) { return x < 0 ? -x : x; }
+
+/// Widening of candidate bounds: 2^-48 of the magnitudes involved, far above the rounding error of
+/// a predicate (a few ulps), far below any cell.
+PWCONV_HD double bound_slack(double magnitudes) { return magnitudes * 3.552713678800501e-15; }
+
+/// Bounds on x that hold every candidate with fl(x - lo) in [d_start, d_end): such an x lies
+/// within a few ulps of [lo + d_start, lo + d_end).
+PWCONV_HD double candidate_lower(double lo, double d_start) {
+    return (lo + d_start) - bound_slack(magnitude(lo) + magnitude(d_start));
+}
+PWCONV_HD double candidate_upper(double lo, double d_end) {
+    return (lo + d_end) + bound_slack(magnitude(lo) + magnitude(d_end));
+}
+
+/// The widening of the closed interval [q - r, q + r] of a radius search along one axis.
+PWCONV_HD double radius_slack(double q, double radius) {
+    return bound_slack(magnitude(q) + radius);
+}
+
 /// Closed Chebyshev-ball test |p - q|_inf <= r, with d = p - q per axis in float64.
 PWCONV_HD bool within_chebyshev(double px, double py, double pz, double qx, double qy, double qz,
                                 double radius) {
