@@ -14,9 +14,11 @@ Timed with CUDA events after a warm-up, medians of several runs, per stage:
 * backward -- input and weight gradients of the four layers (pwconv builds its transposed maps
   here); PyTorch: autograd.
 
-pwconv's forward and backward are timed with both GPU operator schemes ("rows", the default for
-these channel counts, and "by cell": PWCONV_CUDA_OPERATOR), and a breakdown times the grid, each
-map, the per-call checks and each kernel stage of every layer.
+pwconv's forward and backward are timed with each GPU operator scheme ("entries", the default for
+these channel counts, "rows" and "by cell": PWCONV_CUDA_OPERATOR), the default also with the
+opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), the kernel maps also with the fill
+threads sorting their own rows (PWCONV_CUDA_ROW_SORT=thread), and a breakdown times the grid, each
+map, the per-call checks and each kernel stage of every layer (the rows scheme's beside them).
 
 Both are checked first: identical pair counts per layer and outputs / weight gradients equal
 within float32 rounding.  Also timed: the kernel map of one 1,000,000-point sphere-surface cloud
@@ -116,6 +118,22 @@ def time_torch(fn, warmup: int, runs: int) -> dict:
 # --- pwconv on the GPU ----------------------------------------------------------------------
 
 
+_SELU = {}
+
+
+def _selu_kernels(cupy):
+    """SELU, and the gradient through it, as one fused CuPy elementwise kernel each (PyTorch's
+    selu is one kernel too; cupy.where over expm1 and a comparison took four)."""
+    if not _SELU:
+        _SELU["f"] = cupy.ElementwiseKernel(
+            "T z", "T y", f"y = z > 0 ? (T){SELU_LAMBDA!r} * z : "
+            f"(T){SELU_LAMBDA * SELU_ALPHA!r} * expm1(z)", "pwconv_bench_selu")
+        _SELU["d"] = cupy.ElementwiseKernel(  # the output gradient g times SELU'(z)
+            "T g, T z", "T y", f"y = g * (z > 0 ? (T){SELU_LAMBDA!r} : "
+            f"(T){SELU_LAMBDA * SELU_ALPHA!r} * exp(z))", "pwconv_bench_selu_grad")
+    return _SELU["f"], _SELU["d"]
+
+
 class PwconvGPU:
     name = "pwconv (CUDA)"
 
@@ -135,12 +153,19 @@ class PwconvGPU:
         return [index.kernel_map(K, s) for _, _, s in LAYERS]
 
     def _selu(self, z):
-        cp = self.cp
-        return SELU_LAMBDA * cp.where(z > 0, z, SELU_ALPHA * cp.expm1(z))
+        try:
+            return _selu_kernels(self.cp)[0](z)
+        except Exception:  # noqa: BLE001 - a CuPy that cannot compile it: the plain expression
+            cp = self.cp
+            return SELU_LAMBDA * cp.where(z > 0, z, SELU_ALPHA * cp.expm1(z))
 
-    def _selu_grad(self, z):
-        cp = self.cp
-        return SELU_LAMBDA * cp.where(z > 0, cp.float32(1), SELU_ALPHA * cp.exp(z))
+    def _selu_backward(self, g, z):
+        try:
+            return _selu_kernels(self.cp)[1](g, z)
+        except Exception:  # noqa: BLE001 - as _selu
+            cp = self.cp
+            return cp.ascontiguousarray(
+                g * (SELU_LAMBDA * cp.where(z > 0, cp.float32(1), SELU_ALPHA * cp.exp(z))))
 
     def forward(self, kms):
         from pwconv_cy import cuda
@@ -164,7 +189,7 @@ class PwconvGPU:
         d_h = [self.grad[:, splits[i]:splits[i + 1]] for i in range(len(LAYERS))]
         d_w = [None] * len(LAYERS)
         for i in reversed(range(len(LAYERS))):
-            dz = self.cp.ascontiguousarray(d_h[i] * self._selu_grad(zs[i]))
+            dz = self._selu_backward(d_h[i], zs[i])  # C-contiguous
             dx, d_w[i] = cuda.pointwise_conv_backward(
                 dz, self.points, xs[i], self.weights[i], VOXEL, dilation=LAYERS[i][2],
                 offsets=self.offsets, kernel_map=kms[i], check_finite=False)
@@ -214,6 +239,13 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
             _conv.transposed_rows(be, km, cupy.float32)
 
         out[f"{tag}: transposed map"] = time_cuda(fresh_transposed, warmup, runs)
+
+        def fresh_cell_entries(km=km):
+            km._cache.pop("cuda_cell_entries_float32", None)
+            _conv.cell_entries(be, km, cupy.float32)
+
+        out[f"{tag}: by-cell entries (weight gradient)"] = time_cuda(fresh_cell_entries, warmup,
+                                                                     runs)
         out[f"{tag}: input gradient kernel"] = time_cuda(
             lambda dy=dy, w=w, km=km, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in, False),
             warmup, runs)
@@ -221,6 +253,34 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
             lambda x=x, dy=dy, km=km, c_out=c_out: _conv.backward_weight(be, km, x, dy, c_out,
                                                                          False),
             warmup, runs)
+        os.environ[_conv.DETERMINISTIC_ENV] = "0"
+        try:
+            out[f"{tag}: input gradient, opt-in atomics (no transposed map)"] = time_cuda(
+                lambda dy=dy, w=w, km=km, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in,
+                                                                          False),
+                warmup, runs)
+        finally:
+            os.environ.pop(_conv.DETERMINISTIC_ENV)
+        # the same stages with the "rows" scheme's kernels (same caches), side by side
+        scheme = os.environ.get(_conv.OPERATOR_ENV)
+        os.environ[_conv.OPERATOR_ENV] = "rows"
+        try:
+            out[f"{tag}: forward kernel (rows scheme)"] = time_cuda(
+                lambda x=x, w=w, km=km, c_out=c_out: _conv.forward(be, km, x, w, c_out, False),
+                warmup, runs)
+            out[f"{tag}: input gradient kernel (rows scheme)"] = time_cuda(
+                lambda dy=dy, w=w, km=km, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in,
+                                                                          False),
+                warmup, runs)
+            out[f"{tag}: weight gradient kernels (rows scheme)"] = time_cuda(
+                lambda x=x, dy=dy, km=km, c_out=c_out: _conv.backward_weight(be, km, x, dy,
+                                                                             c_out, False),
+                warmup, runs)
+        finally:
+            if scheme is None:
+                os.environ.pop(_conv.OPERATOR_ENV)
+            else:
+                os.environ[_conv.OPERATOR_ENV] = scheme
     return out
 
 
@@ -447,7 +507,8 @@ def main(argv=None) -> int:
 
     def pw_backward_fresh():
         for km in kms:  # the transposed maps are built per batch: include them
-            for key in [k for k in km._cache if k.startswith(("cuda_transposed", "cuda_row_of"))]:
+            for key in [k for k in km._cache
+                        if k.startswith(("cuda_transposed", "cuda_row_of", "cuda_cell_entries"))]:
                 del km._cache[key]
         pw.backward(kms, state["xs"], state["zs"])
 
@@ -455,8 +516,10 @@ def main(argv=None) -> int:
 
     stages = {}
     schemes = {}
-    for scheme in ("bycell", "auto"):  # the operator's two GPU schemes, side by side
-        os.environ[_conv.OPERATOR_ENV] = scheme
+    # the operator's GPU schemes side by side, and the opt-in atomic input gradient
+    for scheme in ("bycell", "rows", "auto", "auto-atomic"):
+        os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
+        os.environ[_conv.DETERMINISTIC_ENV] = "0" if scheme.endswith("atomic") else "1"
         try:
             for km in kms:
                 km._cache.clear()
@@ -467,11 +530,16 @@ def main(argv=None) -> int:
             record[f"scheme_{scheme}_error"] = f"{type(exc).__name__}: {exc}"
             print(f"scheme {scheme} failed: {record[f'scheme_{scheme}_error']}")
     os.environ.pop(_conv.OPERATOR_ENV)
+    os.environ.pop(_conv.DETERMINISTIC_ENV)
     if "auto" not in schemes:
         schemes["auto"] = schemes["bycell"]
         os.environ[_conv.OPERATOR_ENV] = "bycell"  # the breakdown and the rest: the scheme that ran
     stages["pwconv"] = {"kernel_maps": time_cuda(pw.kernel_maps, warmup, runs),
                         **schemes["auto"]}
+    record["schemes"] = schemes
+    os.environ[_search.ROW_SORT_ENV] = "thread"  # each fill thread sorts its row, as before
+    record["kernel_maps_thread_sort"] = time_cuda(pw.kernel_maps, warmup, runs)
+    os.environ.pop(_search.ROW_SORT_ENV)
     os.environ[_search.ROW_TABLE_ENV] = "0"  # the grid rows found by binary search, as before
     record["kernel_maps_without_row_table"] = time_cuda(pw.kernel_maps, warmup, runs)
     os.environ.pop(_search.ROW_TABLE_ENV)
@@ -562,7 +630,12 @@ def main(argv=None) -> int:
         ratio = f"{b / a:15.1f}x" if b is not None and a > 0 else f"{'-':>16}"
         print(f"{key:<14}{fmt_ms(a):>16}{fmt_ms(b):>16}{ratio}   (before: by-cell scheme, "
               f"binary-searched rows {fmt_ms(old).strip()})")
-    print("\nbreakdown (pwconv, rows scheme unless named; medians, CUDA events):")
+    print(f"kernel maps with the fill threads sorting their rows (PWCONV_CUDA_ROW_SORT=thread): "
+          f"{fmt_ms(record['kernel_maps_thread_sort']['median_s'])}")
+    for name, sch in schemes.items():
+        print(f"scheme {name:<8} forward {fmt_ms(sch['forward']['median_s'])}  backward "
+              f"{fmt_ms(sch['backward']['median_s'])}")
+    print("\nbreakdown (pwconv, default scheme; medians, CUDA events):")
     for name, t in record["breakdown"].items():
         print(f"  {name:<44}{fmt_ms(t['median_s'])}")
     s1m = record["sphere_1m"]

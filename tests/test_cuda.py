@@ -561,8 +561,9 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / scale)
 
 
-def _emulate_scenario(be, name):
-    """Runs one scenario through the GPU orchestration on the emulator; returns a report."""
+def _emulate_scenario(be, name, operator=True):
+    """Runs one scenario through the GPU orchestration on the emulator (the operator too unless
+    operator=False: the searches only); returns a report."""
     import oracles
 
     from pwconv_cy.cuda import _conv, _search
@@ -605,6 +606,8 @@ def _emulate_scenario(be, name):
                                                   "euclidean" if euclidean else "chebyshev")
         np.testing.assert_array_equal(rs, o_splits, err_msg=f"{name}: radius splits")
         np.testing.assert_array_equal(ri, o_index, err_msg=f"{name}: radius index")
+    if not operator:
+        return report
 
     # the operator, dense and depthwise, float32 and float64
     m = len(splits) - 1
@@ -612,12 +615,14 @@ def _emulate_scenario(be, name):
                    kernel_size=k, dilation=s, n_points=len(p), offsets=offsets,
                    query_offsets=offsets if q is None else np.asarray(q_offsets))
     errors = {}
-    configs = ((False, (3, 5)), (False, (9, 9)), (False, (40, 3)), (True, (6, 6)),
-               (True, (33, 33)))
-    for scheme in ("bycell", "auto"):
+    configs = ((False, (3, 5)), (False, (9, 9)), (False, (32, 17)), (False, (40, 3)),
+               (True, (6, 6)), (True, (33, 33)))
+    for scheme, atomic in (("bycell", False), ("rows", False), ("auto", False), ("auto", True)):
         os.environ[_conv.OPERATOR_ENV] = scheme
+        os.environ[_conv.DETERMINISTIC_ENV] = "0" if atomic else "1"
         for dtype in (np.float32, np.float64):
             for depthwise, (c_in, c_out) in configs:
+                km._cache.clear()
                 x = rng.standard_normal((len(p), c_in)).astype(dtype)
                 w_shape = (k, k, k, c_in) if depthwise else (k, k, k, c_in, c_out)
                 w = rng.standard_normal(w_shape).astype(dtype)
@@ -627,25 +632,41 @@ def _emulate_scenario(be, name):
                 dx = _conv.backward_input(be, km, dy, w, c_in, depthwise)
                 dw = _conv.backward_weight(be, km, x, dy, c_out, depthwise).reshape(w.shape)
                 ran = {name.split("<")[0] for name in be.launches[start:]}
-                # "auto" takes the rows scheme where it applies: up to 32 channels, per-cell
-                # sums within the shared arrays, (weight gradient) weights within the registers
-                rows_fwd = _conv.rows_plan(k ** 3, c_in, c_out, x.itemsize) is not None
-                rows_dx = _conv.rows_plan(k ** 3, c_out, c_in, x.itemsize) is not None
-                rows_dw = _conv.rows_plan(k ** 3, c_in, c_out, x.itemsize, w.size) is not None
-                if scheme == "auto" and max(c_in, c_out) <= 32 and k <= 3:
-                    assert rows_fwd and rows_dx and rows_dw, (c_in, c_out, k)
-                assert ("conv_rows" in ran) == (rows_fwd or rows_dx), (scheme, c_in, c_out, ran)
-                assert ("conv_weight_rows" in ran) == rows_dw, (scheme, c_in, c_out, ran)
+                # "auto" takes the entries scheme up to 32 channels; "rows" runs where its shared
+                # arrays allow (per-cell sums, (weight gradient) accumulators); else "by cell"
+                lanes = max(c_in, c_out) <= _conv.LANE_CHANNELS
+                rows_ok = (_conv.rows_plan(k ** 3, c_in, c_out, x.itemsize) is not None,
+                           _conv.rows_plan(k ** 3, c_out, c_in, x.itemsize) is not None,
+                           _conv.rows_plan(k ** 3, c_in, c_out, x.itemsize, w.size) is not None)
+                if scheme == "rows" and max(c_in, c_out) <= 12 and k <= 3:
+                    assert all(rows_ok), (c_in, c_out, k)
+                want = {"bycell": (False, False, False), "rows": rows_ok,
+                        "auto": (lanes, lanes, lanes)}[scheme]
+                assert ("conv_entries" in ran) == (scheme == "auto" and lanes), (scheme, ran)
+                assert ("conv_weight_cells" in ran) == (scheme == "auto" and lanes), (scheme, ran)
+                # PWCONV_CUDA_DETERMINISTIC=0: the entries' input gradient by atomics, no
+                # transposed map
+                assert ("conv_entries_scatter" in ran) == (atomic and lanes), (scheme, ran)
+                if atomic and lanes:
+                    want = (True, False, True)
+                if scheme == "rows":
+                    assert ("conv_rows" in ran) == (want[0] or want[1]), (scheme, c_in, ran)
+                    assert ("conv_weight_rows" in ran) == want[2], (scheme, c_in, c_out, ran)
+                else:
+                    assert not {"conv_rows", "conv_weight_rows"} & ran, (scheme, ran)
+                if not any(want):
+                    assert "conv_gather_dense" in ran or "conv_gather_depthwise" in ran, ran
                 cached = f"cuda_transposed_rows_{np.dtype(dtype).name}" in km._cache
-                assert cached if rows_dx else (scheme == "auto" or not cached), (scheme, ran)
+                assert cached == want[1], (scheme, c_in, c_out, ran)
                 ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
                 tol = 1e-5 if dtype == np.float32 else 1e-12
-                key = (f"{scheme} {np.dtype(dtype).name} {'depthwise' if depthwise else 'dense'} "
-                       f"{c_in}->{c_out}")
+                key = (f"{scheme}{' atomic' if atomic else ''} {np.dtype(dtype).name} "
+                       f"{'depthwise' if depthwise else 'dense'} {c_in}->{c_out}")
                 errors[key] = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
                 assert y.dtype == dx.dtype == dw.dtype == dtype
                 assert max(errors[key]) <= tol, f"{name} {key}: relative errors {errors[key]} > {tol}"
     os.environ.pop(_conv.OPERATOR_ENV)
+    os.environ.pop(_conv.DETERMINISTIC_ENV)
     # the rows scheme's transposed map: each point's entries by ascending row (a row names a
     # point once), whatever the schedule, with weights 1 / n_i(f)
     rows = np.repeat(np.arange(m), np.diff(splits))
@@ -716,9 +737,10 @@ def _check_points_digest(be, p, offsets):
 def _emulate_property(be, max_examples: int = 80):
     """Hypothesis: random packed batches of every cloud kind (empty clouds, duplicates, points on
     cell faces), queries or not, K in {1, 3}, dilations 1-3, 1-12 channels, float32/64, dense or
-    depthwise: the GPU orchestration on the emulator gives the oracle's kernel map and the
-    operator within rounding, with either scheme; the rows scheme's gradients also under a
-    reversed schedule, bit for bit."""
+    depthwise, either sort of the filled rows, one or several weight-gradient chunks per cell: the
+    GPU orchestration on the emulator gives the oracle's kernel map and the operator within
+    rounding, with each scheme; the default scheme's forward and gradients also under a reversed
+    schedule, bit for bit."""
     import oracles
     import strategies
     from hypothesis import HealthCheck, given, settings
@@ -739,15 +761,19 @@ def _emulate_property(be, max_examples: int = 80):
         dtype = draw(st.sampled_from([np.float32, np.float64]))
         # short rows: most rows of the map go through the global sort of long rows too
         short = draw(st.sampled_from([_search.SHORT_ROW, 3]))
+        # the weight gradient's chunks: one per cell, or many (each cell's sum over several)
+        chunk = draw(st.sampled_from([_conv.CELL_CHUNK, 1, 3]))
+        row_sort = draw(st.sampled_from(["rank", "thread"]))  # who sorts the filled short rows
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, draw(strategies.seeds)
+            short, chunk, row_sort, draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases())
     def check(case):
-        batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, seed = case
-        _search.SHORT_ROW = short
+        batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk, row_sort, seed = case
+        _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
+        os.environ[_search.ROW_SORT_ENV] = row_sort
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
         q_off = None if queries is None else queries.offsets
@@ -767,7 +793,7 @@ def _emulate_property(be, max_examples: int = 80):
         dy = rng.standard_normal((m, c_out)).astype(dtype)
         ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
         tol = 1e-5 if dtype == np.float32 else 1e-12
-        for scheme in ("auto", "bycell"):
+        for scheme in ("auto", "rows", "bycell"):
             os.environ[_conv.OPERATOR_ENV] = scheme
             km = KernelMap(splits=splits, index=index, cell=cell, counts=om.counts.astype(np.int32),
                            voxel_size=v, kernel_size=k, dilation=s, n_points=len(p),
@@ -782,20 +808,25 @@ def _emulate_property(be, max_examples: int = 80):
                 km._cache.clear()
                 be.reversed = True
                 try:
+                    y_r = _conv.forward(be, km, x, w, c_out, depthwise)
                     dx_r = _conv.backward_input(be, km, dy, w, c_in, depthwise)
+                    dw_r = _conv.backward_weight(be, km, x, dy, c_out, depthwise)
                 finally:
                     be.reversed = False
+                assert y_r.tobytes() == y.tobytes()
                 assert dx_r.tobytes() == dx.tobytes()
+                assert dw_r.tobytes() == dw.tobytes()
                 tr = _conv.transposed_rows(be, km, dtype)  # (point, row) ascending, any length
                 point = np.repeat(np.arange(len(p)), np.diff(tr["splits"]))
                 assert (np.diff(point * (m + 1) + tr["row"]) > 0).all()
         os.environ.pop(_conv.OPERATOR_ENV)
 
-    default = _search.SHORT_ROW
+    default, default_chunk = _search.SHORT_ROW, _conv.CELL_CHUNK
     try:
         check()
     finally:
-        _search.SHORT_ROW = default
+        _search.SHORT_ROW, _conv.CELL_CHUNK = default, default_chunk
+        os.environ.pop(_search.ROW_SORT_ENV, None)
     return {"scenario": "property", "examples": max_examples}
 
 
@@ -832,6 +863,29 @@ def test_emulated_kernels_match_oracles(emulator_lib, scenario):
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
+def test_gpu_switches_are_validated(monkeypatch):
+    """The GPU path's environment switches take their documented values and refuse others with
+    an error naming the variable (no GPU needed)."""
+    from pwconv_cy.cuda import _conv, _search
+
+    for env, fn, good, default in (
+            (_conv.OPERATOR_ENV, _conv.operator_scheme, {"rows": "rows", " ENTRIES ": "entries"},
+             "auto"),
+            (_conv.DETERMINISTIC_ENV, _conv.deterministic, {"0": False, "off": False, "1": True},
+             True),
+            (_search.ROW_SORT_ENV, _search.row_sort_mode, {"thread": "thread", "rank": "rank"},
+             "rank")):
+        monkeypatch.delenv(env, raising=False)
+        assert fn() == default, env
+        for value, want in good.items():
+            monkeypatch.setenv(env, value)
+            assert fn() == want, (env, value)
+        monkeypatch.setenv(env, "sometimes")
+        with pytest.raises(ValueError, match=env):
+            fn()
+        monkeypatch.delenv(env)
+
+
 def test_specialised_kernel_sizes_are_opt_in_and_validated():
     """PWCONV_CUDA_SPECIALISE_K names the kernel sizes compiled as constants: none by default,
     a clear error naming the variable for anything but sizes from 1 to 15."""
@@ -863,7 +917,7 @@ def test_emulated_kernel_map_with_k3_specialised():
             be = T.EmulatedBackend(T.build_emulator(Path(tmp)))
             for name in ("random", "lattice_s2", "lattice_s4", "queries", "wide_coordinates",
                          "long_rows"):
-                T._emulate_scenario(be, name)
+                T._emulate_scenario(be, name, operator=False)  # the K = 3 search kernels
         ran = {name for name in be.launches if name.startswith("kernel_map_pass")}
         assert ran == {"kernel_map_pass<3, 0>", "kernel_map_pass<3, 1>"}, ran
         print("ok")
@@ -908,11 +962,15 @@ def _assert_same_map(gk, ck, what):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_gpu_kernel_map_identical_to_cpu(scenario):
+@pytest.mark.parametrize("row_sort", ["rank", "thread"])
+def test_gpu_kernel_map_identical_to_cpu(scenario, row_sort, monkeypatch):
     import cupy
 
     import pwconv_cy
     from pwconv_cy import cuda
+    from pwconv_cy.cuda import _search
+
+    monkeypatch.setenv(_search.ROW_SORT_ENV, row_sort)
 
     rng = np.random.default_rng(sum(map(ord, scenario)))
     p, offsets, q, q_offsets, v, k, s = scenario_clouds(scenario, rng)
@@ -951,12 +1009,16 @@ def test_gpu_kernel_map_identical_on_dyadic_lattice(kernel_size, dilation):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_kernel_map_identical_on_sphere_batch():
+@pytest.mark.parametrize("row_sort", ["rank", "thread"])
+def test_gpu_kernel_map_identical_on_sphere_batch(row_sort, monkeypatch):
     """The paper's layers on a batch of sphere clouds (one shared GPU index)."""
     import cupy
 
     import pwconv_cy
     from pwconv_cy import cuda
+    from pwconv_cy.cuda import _search
+
+    monkeypatch.setenv(_search.ROW_SORT_ENV, row_sort)
 
     rng = np.random.default_rng(7)
     p = rng.standard_normal((16 * 2048, 3))
@@ -1014,18 +1076,21 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
     (False, 3, 9, False), (False, 9, 9, False), (False, 64, 48, False), (False, 5, 7, True),
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
-@pytest.mark.parametrize("scheme", ["auto", "bycell"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
-    either operator scheme (auto takes "rows" up to 32 channels)."""
+    each operator scheme (auto takes "entries" up to 32 channels), and with the opt-in atomic
+    input gradient (PWCONV_CUDA_DETERMINISTIC=0)."""
     import cupy
 
     import pwconv_cy
     from pwconv_cy import cuda
     from pwconv_cy.cuda import _conv
 
-    monkeypatch.setenv(_conv.OPERATOR_ENV, scheme)
+    monkeypatch.setenv(_conv.OPERATOR_ENV, scheme.split("-")[0])
+    if scheme.endswith("atomic"):
+        monkeypatch.setenv(_conv.DETERMINISTIC_ENV, "0")
 
     rng = np.random.default_rng(c_in * 31 + c_out + dilation)
     p, offsets, q, q_off, x, w, dy = _conv_case(rng, dtype, depthwise, c_in, c_out, queries)
@@ -1048,7 +1113,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
-@pytest.mark.parametrize("scheme", ["auto", "bycell"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -1231,7 +1296,7 @@ def test_gpu_real_lidar_tile_map_identical_to_cpu(shared_data):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scheme", ["auto", "bycell"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell"])
 def test_gpu_real_modelnet_layers_match_cpu(shared_data, scheme, monkeypatch):
     """32 real ModelNet40 shapes (float16 as stored, dense (B, 1024, 3)) through the paper's four
     layers on the GPU: forward and both gradients equal to the CPU's within float32 rounding."""

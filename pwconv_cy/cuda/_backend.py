@@ -106,8 +106,10 @@ def digest_name(dtype) -> str:
 
 
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
-                "conv_weight_partial_depthwise", "sum_partials")
-ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "entry_weights", "transposed_entries")
+                "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells",
+                "sum_cell_partials")
+ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "entry_weights", "permute_entries",
+                "conv_entries", "conv_entries_scatter")
 
 #: Template instantiations requested from NVRTC (get_function needs these exact strings).
 NAME_EXPRESSIONS = tuple(
@@ -123,11 +125,12 @@ NAME_EXPRESSIONS = tuple(
 #: Kernels declared extern "C" (looked up by their plain name).
 PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "grid_cell_keys",
                  "grid_sorted_points", "grid_cells", "build_row_table", "expand_rows",
-                 "count_per_point", "kernel_axis_diffs")
+                 "count_per_point", "kernel_axis_diffs", "sort_rows_by_rank")
 
 #: Kernels that use __syncthreads / __syncwarp (the host emulation runs them with real threads).
-BARRIER_KERNELS = ("cloud_lower_corner", "conv_gather_dense", "conv_weight_partial_dense",
-                   "conv_rows", "conv_weight_rows", "points_digest", "sum_partials")
+BARRIER_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "conv_gather_dense",
+                   "conv_weight_partial_dense", "conv_rows", "conv_weight_rows",
+                   "conv_weight_cells", "points_digest", "sum_partials", "sum_cell_partials")
 
 
 class CudaKernelError(RuntimeError):

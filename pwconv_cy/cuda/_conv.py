@@ -1,7 +1,15 @@
 """GPU pointwise convolution over a kernel map: forward, input gradient, weight gradient.
 
-Two schemes, with the same results to rounding and each bit-identical from run to run:
+Three schemes, with the same results to rounding and each bit-identical from run to run:
 
+* "entries" (kernels.cu's conv_entries, conv_weight_cells), the default up to 32 channels: every
+  map entry carries its weight 1 / n_i(f) (entry_weights, in map order), so the forward is one
+  thread per (row, output channel) adding w_e * (x_j . W_f[:, o]) over the row's entries in map
+  order -- no per-cell tables, which the paper's sparse rows (7-18 entries spread over up to 27
+  cells) mostly leave empty; the input gradient runs the same kernel over the transposed map
+  (the "rows" scheme's, below).  The weight gradient reads the entries ordered by cell (one
+  stable sort): fixed chunks of a cell's run each add their entries' outer products in registers,
+  then a second kernel adds each cell's chunks in chunk order.
 * "rows" (kernels.cu's conv_rows, conv_weight_rows): a group of lanes per row reads the row's
   entries in map order and sums them per kernel cell in shared memory, so the forward needs no
   reordering of the map; the input gradient runs the same kernel over the transposed map, whose
@@ -10,8 +18,10 @@ Two schemes, with the same results to rounding and each bit-identical from run t
   arrays (:func:`rows_plan`) -- the paper's networks and most point-cloud layers.
 * "by cell", the general one, described below.
 
-``PWCONV_CUDA_OPERATOR=bycell`` (or ``rows``) forces one scheme where both apply (benchmarks,
-tests); the default picks "rows" whenever it applies.
+``PWCONV_CUDA_OPERATOR=bycell`` (or ``rows``, ``entries``) forces one scheme where it applies
+(benchmarks, tests); the default ("auto") picks "entries" up to 32 channels, "by cell" beyond.
+``PWCONV_CUDA_DETERMINISTIC=0`` opts into the one non-deterministic path: the "entries" input
+gradient added straight over the map with floating-point atomics (no transposed map).
 
 The "by cell" kernels read the map "by cell": each row's entries ordered by (cell, index), so
 that every Omega_i(f) is one run (a counting sort per row, one thread per row).  The input gradient
@@ -33,9 +43,13 @@ __all__ = [
     "backward_input",
     "backward_weight",
     "by_cell",
+    "cell_entries",
+    "deterministic",
+    "entry_weights",
     "forward",
     "rows_per_partial",
     "rows_plan",
+    "scheme_for",
     "transposed",
     "transposed_by_cell",
     "transposed_rows",
@@ -59,7 +73,25 @@ ROWS_ACC_BYTES = 20480
 ROWS_THREADS = 256
 WEIGHTS_TALLY_CAP = 8192
 OPERATOR_ENV = "PWCONV_CUDA_OPERATOR"
-OPERATOR_SCHEMES = ("auto", "rows", "bycell")
+OPERATOR_SCHEMES = ("auto", "entries", "rows", "bycell")
+#: Channels per side up to which the "entries" and "rows" kernels apply (the lanes of a warp).
+LANE_CHANNELS = 32
+#: Entries per chunk of conv_weight_cells at least (grown with the sizes, see _cell_chunk).
+CELL_CHUNK = 1024
+
+
+DETERMINISTIC_ENV = "PWCONV_CUDA_DETERMINISTIC"
+
+
+def deterministic() -> bool:
+    """False when PWCONV_CUDA_DETERMINISTIC=0 (or false / no / off): the "entries" scheme's input
+    gradient then adds straight over the map with floating-point atomics (conv_entries_scatter:
+    no transposed map, last bits varying from run to run).  True by default: every result
+    bit-identical from run to run."""
+    value = os.environ.get(DETERMINISTIC_ENV, "1").strip().lower() or "1"
+    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"{DETERMINISTIC_ENV} must be 1 (the default) or 0, got {value!r}")
+    return value not in ("0", "false", "no", "off")
 
 
 def operator_scheme() -> str:
@@ -69,6 +101,20 @@ def operator_scheme() -> str:
         raise ValueError(f"{OPERATOR_ENV} must be one of {', '.join(OPERATOR_SCHEMES)}, got "
                          f"{scheme!r}")
     return scheme
+
+
+def scheme_for(n_cells: int, a: int, b: int, itemsize: int, weight_entries: int = 0) -> str:
+    """The scheme ("entries", "rows" or "bycell") of a product summing `a` source channels per
+    cell into `b` outputs (the forward: c_in, c_out; the input gradient: c_out, c_in; the weight
+    gradient: c_in, c_out with its weight_entries).  "entries" by default up to LANE_CHANNELS
+    channels, "rows" where PWCONV_CUDA_OPERATOR=rows asks and its shared arrays allow, else
+    "bycell"."""
+    scheme = operator_scheme()
+    if scheme == "bycell" or max(a, b) > LANE_CHANNELS or min(a, b) < 1:
+        return "bycell"
+    if scheme == "rows":
+        return "rows" if rows_plan(n_cells, a, b, itemsize, weight_entries) else "bycell"
+    return "entries"
 
 
 def rows_plan(n_cells: int, a: int, b: int, itemsize: int, weight_entries: int = 0):
@@ -154,6 +200,67 @@ def transposed_by_cell(be, km) -> dict:
     return km._cache["cuda_transposed_by_cell"]
 
 
+def entry_weights(be, km, dtype):
+    """w (E,) `dtype`: 1 / n_i(f) of every map entry (row i, cell f), in map order; one thread per
+    row, no atomics.  Cached on the map: the forward, the transposed map and the by-cell order of
+    the weight gradient share it."""
+    key = f"cuda_entry_weights_{np.dtype(dtype).name}"
+    if key not in km._cache:
+        xp = be.xp
+        m = km.n_queries
+        n_cells = km.kernel_size ** 3
+        weight = xp.empty(int(km.index.shape[0]), dtype=dtype)
+        threads = max(1, min(THREADS, WEIGHTS_TALLY_CAP // n_cells))
+        be.launch(rows_name("entry_weights", dtype, km.cell.dtype), (blocks(m, threads),),
+                  (threads,), (i64(m), km.splits, km.cell, i32(n_cells), weight))
+        km._cache[key] = weight
+    return km._cache[key]
+
+
+def cell_entries(be, km, dtype) -> dict:
+    """The map's entries ordered by cell (one stable sort: map order within a cell), for the
+    weight gradient of the "entries" scheme: row, col (E,) int64, weight (E,) `dtype` (1 / n_i(f))
+    and cell_splits (K^3 + 1,) int64, where each cell's run starts.  Cached on the map."""
+    key = f"cuda_cell_entries_{np.dtype(dtype).name}"
+    if key not in km._cache:
+        xp = be.xp
+        n_cells = km.kernel_size ** 3
+        order = xp.ascontiguousarray(be.argsort(km.cell), dtype=xp.int64)  # stable
+        row, col, cell, w = _permute_entries(be, km, dtype, order, with_col=True)
+        del order
+        if n_cells <= np.iinfo(cell.dtype).max:
+            bounds = xp.arange(n_cells + 1, dtype=cell.dtype)
+        else:
+            cell, bounds = cell.astype(xp.int64), xp.arange(n_cells + 1, dtype=xp.int64)
+        cell_splits = xp.ascontiguousarray(xp.searchsorted(cell, bounds), dtype=xp.int64)
+        km._cache[key] = {"row": row, "col": col, "weight": w, "cell_splits": cell_splits}
+    return km._cache[key]
+
+
+def _permute_entries(be, km, dtype, order, with_col: bool):
+    """(row, col or None, cell, weight) of the map's entries taken in `order` (permute_entries:
+    one kernel; rows from the map's cached row_of, weights from entry_weights)."""
+    xp = be.xp
+    n_entries = int(order.shape[0])
+    weight = entry_weights(be, km, dtype)
+    row = xp.empty(n_entries, dtype=xp.int64)
+    col = xp.empty(n_entries if with_col else 1, dtype=xp.int64)
+    cell = xp.empty(n_entries, dtype=km.cell.dtype)
+    w = xp.empty(n_entries, dtype=dtype)
+    be.launch(rows_name("permute_entries", dtype, km.cell.dtype), (blocks(n_entries),),
+              (THREADS,), (i64(n_entries), order, _row_of(be, km), km.index, km.cell, weight,
+                           i32(1 if with_col else 0), row, col, cell, w))
+    return row, (col if with_col else None), cell, w
+
+
+def _cell_chunk(n_entries: int, n_cells: int, n_vals: int, itemsize: int) -> int:
+    """Entries per chunk of conv_weight_cells: CELL_CHUNK, more when the partial sums of that
+    many chunks would exceed PARTIAL_BYTES.  A function of the sizes only, so the summation order
+    (and the result) never depends on the device."""
+    max_chunks = max(1, PARTIAL_BYTES // max(1, n_vals * itemsize) - n_cells)
+    return max(CELL_CHUNK, -(-n_entries // max_chunks))
+
+
 def transposed_rows(be, km, dtype) -> dict:
     """The transposed map of the "rows" scheme: for every point j the entries (i, f) with j in
     Omega_i(f), ordered by (i, f), each with its weight 1 / n_i(f) in `dtype`:
@@ -165,23 +272,13 @@ def transposed_rows(be, km, dtype) -> dict:
     key = f"cuda_transposed_rows_{np.dtype(dtype).name}"
     if key not in km._cache:
         xp = be.xp
-        n, m = km.n_points, km.n_queries
-        n_cells = km.kernel_size ** 3
-        weight = xp.empty(int(km.index.shape[0]), dtype=dtype)
-        threads = max(1, min(THREADS, WEIGHTS_TALLY_CAP // n_cells))
-        be.launch(rows_name("entry_weights", dtype, km.cell.dtype), (blocks(m, threads),),
-                  (threads,), (i64(m), km.splits, km.cell, i32(n_cells), weight))
+        n = km.n_points
         # 32-bit keys when the points allow: a radix sort of half the passes
         point = km.index.astype(xp.uint32) if n <= np.iinfo(np.uint32).max else km.index
         order = xp.ascontiguousarray(be.argsort(point), dtype=xp.int64)  # stable
         del point
-        n_entries = int(order.shape[0])
-        trow = xp.empty(n_entries, dtype=xp.int64)
-        tcell = xp.empty(n_entries, dtype=km.cell.dtype)
-        tw = xp.empty(n_entries, dtype=dtype)
-        be.launch(rows_name("transposed_entries", dtype, km.cell.dtype), (blocks(n_entries),),
-                  (THREADS,), (i64(n_entries), i64(m), order, km.splits, km.cell, weight, trow,
-                               tcell, tw))
+        trow, _, tcell, tw = _permute_entries(be, km, dtype, order, with_col=False)
+        del order
         km._cache[key] = {"splits": _point_splits(be, km), "row": trow, "cell": tcell,
                           "weight": tw}
     return km._cache[key]
@@ -235,6 +332,15 @@ def _rows_gather(be, dtype, rows, splits, col, cell, weight, n_cells, src, a, M,
                i32(1 if depthwise else 0), i32(group), out))
 
 
+def _entries_gather(be, dtype, rows, splits, col, cell, weight, src, a, M, b, depthwise, out):
+    """conv_entries: b lanes per row, 32 // b rows per warp; M (n_cells, b, a) (dense) or
+    (n_cells, a) (depthwise), C-contiguous."""
+    n_threads = -(-rows // (32 // b)) * 32
+    be.launch(rows_name("conv_entries", dtype, cell.dtype), (blocks(n_threads),), (THREADS,),
+              (i64(rows), splits, col, cell, weight, src, i32(a), M, i32(b),
+               i32(1 if depthwise else 0), out))
+
+
 def forward(be, km, x, w, c_out: int, depthwise: bool):
     """y (m, c_out) = sum_f mean_{Omega_i(f)} x . W_f (x (n, c_in), w C-contiguous)."""
     xp = be.xp
@@ -244,10 +350,17 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
     y = xp.empty((m, c_out), dtype=x.dtype)
     if m == 0:
         return y
-    plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize)
-    if plan is not None:
+    scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize)
+    if scheme == "entries":
+        # each cell's matrix transposed, (K^3, c_out, c_in): a thread reads its column in a row
+        wt = w if depthwise else xp.ascontiguousarray(
+            w.reshape(n_cells, c_in, c_out).transpose(0, 2, 1))
+        _entries_gather(be, x.dtype, m, km.splits, km.index, km.cell,
+                        entry_weights(be, km, x.dtype), x, c_in, wt, c_out, depthwise, y)
+        return y
+    if scheme == "rows":
         _rows_gather(be, x.dtype, m, km.splits, km.index, km.cell, None, n_cells, x, c_in, w,
-                     c_out, depthwise, plan, y)
+                     c_out, depthwise, rows_plan(n_cells, c_in, c_out, x.dtype.itemsize), y)
         return y
     bc = by_cell(be, km)
     _gather(be, x.dtype, m, km.splits, bc["col"], bc["cell"], None, km.counts, n_cells, x, c_in,
@@ -265,15 +378,29 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
     dx = xp.empty((n, c_in), dtype=dy.dtype)
     if n == 0:
         return dx
+    scheme = scheme_for(n_cells, c_out, c_in, dy.dtype.itemsize)
+    if scheme == "entries" and not deterministic():  # opt-in: atomics over the map itself
+        dx = xp.zeros((n, c_in), dtype=dy.dtype)
+        m = km.n_queries
+        be.launch(rows_name("conv_entries_scatter", dy.dtype, km.cell.dtype),
+                  (blocks(-(-m // (32 // c_in)) * 32),), (THREADS,),
+                  (i64(m), km.splits, km.index, km.cell, entry_weights(be, km, dy.dtype), dy,
+                   i32(c_out), w, i32(c_in), i32(1 if depthwise else 0), dx))
+        return dx
+    if scheme == "entries":  # conv_entries reads W_f^T transposed: W itself, (K^3, c_in, c_out)
+        tr = transposed_rows(be, km, dy.dtype)
+        _entries_gather(be, dy.dtype, n, tr["splits"], tr["row"], tr["cell"], tr["weight"], dy,
+                        c_out, w, c_in, depthwise, dx)
+        return dx
     if depthwise:
         M = w
     else:  # W_f^T: (K^3, c_out, c_in)
         M = xp.ascontiguousarray(w.reshape(n_cells, c_in, c_out).transpose(0, 2, 1))
-    plan = rows_plan(n_cells, c_out, c_in, dy.dtype.itemsize)
-    if plan is not None:
+    if scheme == "rows":
         tr = transposed_rows(be, km, dy.dtype)
         _rows_gather(be, dy.dtype, n, tr["splits"], tr["row"], tr["cell"], tr["weight"], n_cells,
-                     dy, c_out, M, c_in, depthwise, plan, dx)
+                     dy, c_out, M, c_in, depthwise,
+                     rows_plan(n_cells, c_out, c_in, dy.dtype.itemsize), dx)
         return dx
     tb = transposed_by_cell(be, km)
     _gather(be, dy.dtype, n, tb["splits"], tb["row"], tb["cell"], tb["row"], km.counts, n_cells,
@@ -299,12 +426,15 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
     dw = xp.zeros(w_size, dtype=x.dtype)
     if m == 0:
         return dw
+    scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
+    if scheme == "entries":
+        _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw)
+        return dw
     rpb = rows_per_partial(m, w_size, x.dtype.itemsize)
     n_blocks = -(-m // rpb)
     partial = xp.empty(n_blocks * w_size, dtype=x.dtype)
-    plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
-    if plan is not None:
-        group, per_block = plan
+    if scheme == "rows":
+        group, per_block = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
         be.launch(rows_name("conv_weight_rows", x.dtype, km.cell.dtype), (n_blocks,),
                   (per_block * group,),
                   (i64(m), km.splits, km.index, km.cell, i32(n_cells), x, i32(c_in), dy,
@@ -329,6 +459,27 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
                    i64(n_co_tiles), partial))
     _sum_partials(be, n_blocks, w_size, partial, dw)
     return dw
+
+
+def _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw) -> None:
+    """dw = the weight gradient of the "entries" scheme: conv_weight_cells over fixed chunks of
+    each cell's entries, then sum_cell_partials adds each cell's chunks in chunk order."""
+    xp = be.xp
+    n_cells = km.kernel_size ** 3
+    n_vals = c_in if depthwise else c_in * c_out
+    ce = cell_entries(be, km, x.dtype)
+    n_entries = int(ce["row"].shape[0])
+    chunk = _cell_chunk(n_entries, n_cells, n_vals, x.dtype.itemsize)
+    chunks = (xp.diff(ce["cell_splits"]) + (chunk - 1)) // chunk
+    chunk_splits = xp.zeros(n_cells + 1, dtype=xp.int64)
+    chunk_splits[1:] = xp.cumsum(chunks)
+    max_chunks = n_entries // chunk + n_cells  # >= sum over f of ceil(n_f / chunk)
+    partial = xp.empty(max_chunks * n_vals, dtype=x.dtype)
+    be.launch(conv_name("conv_weight_cells", x.dtype), (max_chunks,), (THREADS,),
+              (i32(n_cells), ce["cell_splits"], chunk_splits, i64(chunk), ce["row"], ce["col"],
+               ce["weight"], x, i32(c_in), dy, i32(c_out), i32(1 if depthwise else 0), partial))
+    be.launch(conv_name("sum_cell_partials", x.dtype), (blocks(n_vals, 32), n_cells),
+              (32 * SUM_SLICES,), (i32(n_cells), chunk_splits, i64(n_vals), partial, dw))
 
 
 def _sum_partials(be, n_blocks: int, w_size: int, partial, dw) -> None:

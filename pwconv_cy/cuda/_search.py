@@ -42,6 +42,17 @@ __all__ = [
 #: PWCONV_CUDA_ROW_TABLE=0 finds grid rows by binary search instead of the hash table (for
 #: comparisons: the results are the same).
 ROW_TABLE_ENV = "PWCONV_CUDA_ROW_TABLE"
+#: How the fill passes' short rows are sorted: "rank" (default: sort_rows_by_rank, a warp per
+#: row, after the fill) or "thread" (each fill thread sorts its own row in place).  Same results.
+ROW_SORT_ENV = "PWCONV_CUDA_ROW_SORT"
+
+
+def row_sort_mode() -> str:
+    """PWCONV_CUDA_ROW_SORT: "rank" (default) or "thread"."""
+    mode = os.environ.get(ROW_SORT_ENV, "rank").strip().lower() or "rank"
+    if mode not in ("rank", "thread"):
+        raise ValueError(f"{ROW_SORT_ENV} must be rank or thread, got {mode!r}")
+    return mode
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
 THREADS = 256
 
@@ -284,6 +295,24 @@ def long_rows_order(be, splits, keys, key_bits: int, short: int):
     return where, where[order]
 
 
+def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status, what: str):
+    """keys (n_pairs,) int64 of a fill pass, rows of at most SHORT_ROW entries sorted (by the
+    fill threads themselves, or by sort_rows_by_rank after an unsorted fill: row_sort_mode)."""
+    xp = be.xp
+    m = int(splits.shape[0]) - 1
+    by_rank = row_sort_mode() == "rank"
+    keys = xp.empty(n_pairs, dtype=xp.int64)
+    be.launch(fill_name, grid_dim, (SEARCH_THREADS,),
+              head + (dummy, splits, keys, i64(0 if by_rank else SHORT_ROW), status))
+    be.check_status(status, what)
+    if by_rank and n_pairs:
+        unsorted, keys = keys, xp.empty(n_pairs, dtype=xp.int64)
+        be.launch("sort_rows_by_rank", (blocks(32 * m),), (THREADS,),
+                  (i64(m), splits, unsorted, keys, i64(SHORT_ROW)))
+        del unsorted
+    return keys
+
+
 def _sort_long_rows(be, splits, keys, key_bits: int):
     """Sorts the rows of keys longer than SHORT_ROW (left unsorted by the fill; the others are
     sorted already), their entries only."""
@@ -328,10 +357,8 @@ def kernel_map_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int,
     pair_bytes = 16 + np.dtype(cell_dtype).itemsize
     _budget_check(n_pairs, pair_bytes * n_pairs + counts_bytes, budget, "kernel_map (GPU)",
                   "reduce voxel_size, kernel_size or dilation, or split the batch")
-    keys = xp.empty(n_pairs, dtype=xp.int64)
-    be.launch(kernel_map_name(k, True), grid_dim, (SEARCH_THREADS,),
-              head + (dummy, splits, keys, i64(SHORT_ROW), status))
-    be.check_status(status, "kernel_map fill pass")
+    keys = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy, splits, n_pairs,
+                        status, "kernel_map fill pass")
     if longest > SHORT_ROW:
         keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
     index = xp.empty(n_pairs, dtype=xp.int64)
@@ -367,10 +394,8 @@ def radius_search_arrays(be, grid: DeviceGrid, radius: float, euclidean: bool, b
     del row_len
     _budget_check(n_pairs, 16 * n_pairs, budget, "radius_search (GPU)",
                   "reduce the radius, search fewer queries per call or split the batch")
-    keys = xp.empty(n_pairs, dtype=xp.int64)
-    be.launch(radius_name(True), grid_dim, (SEARCH_THREADS,),
-              head + (dummy, splits, keys, i64(SHORT_ROW), status))
-    be.check_status(status, "radius_search fill pass")
+    keys = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs, status,
+                        "radius_search fill pass")
     if longest > SHORT_ROW:
         keys = _sort_long_rows(be, splits, keys, max(1, grid.n_points).bit_length())
     return splits, keys

@@ -6,8 +6,9 @@
 // --fmad=false: no multiply-add is contracted anywhere in this file, so the search predicates
 // evaluate exactly as on the CPU (built with -ffp-contract=off).  The operator's sums are formed
 // in a fixed order -- products rounded, then added, in the "by cell" kernels; with explicit FMAs
-// (one rounding, mul_add) in the "rows" kernels -- so results are bit-identical from run to run
-// and within rounding of the CPU's.  No floating-point atomics anywhere.
+// (one rounding, mul_add) in the "rows" and "entries" kernels -- so results are bit-identical
+// from run to run and within rounding of the CPU's.  No floating-point atomics, except in the one
+// opt-in non-deterministic kernel (conv_entries_scatter, PWCONV_CUDA_DETERMINISTIC=0).
 //
 // No standard headers (NVRTC without jitify has none): sizes are `long long` (int64 in Python),
 // counts and cells `int`.  Every kernel is launched from Python with exactly these argument
@@ -115,8 +116,15 @@ __device__ __forceinline__ i64 find_row(const GridView& g, i64 cloud, i64 cz, i6
     }
 }
 
-/// First cell in [b, e) of one grid row whose cx is not below cx.
+/// First cell in [b, e) of one grid row whose cx is not below cx.  A few linear steps first: a
+/// query's x ranges ascend and each search starts at the previous range's first cell, so the
+/// answer is mostly a few occupied cells away (rows of a surface hold few cells); a binary
+/// search finishes the rest.
 __device__ __forceinline__ i64 lower_bound_x(const GridView& g, i64 b, i64 e, i64 cx) {
+    for (int step = 0; step < 4; ++step) {
+        if (b == e || g.cell_x[b] >= cx) return b;
+        ++b;
+    }
     while (b < e) {
         const i64 mid = b + (e - b) / 2;
         if (g.cell_x[mid] < cx)
@@ -184,7 +192,7 @@ __device__ __forceinline__ void for_each_run(const GridView& g, i64 cloud, const
                         const i64 hi = g.row_cell_begin[row + 1];
                         for (int kx = 0; kx < rx.count; ++kx) {
                             const i64 c0 = lower_bound_x(g, lo, hi, rx.first[kx]);
-                            lo = c0;
+                            lo = c0;  // ranges ascend, but may share a cell: not past c1
                             i64 c1 = c0;
                             while (c1 < hi && g.cell_x[c1] <= rx.last[kx]) ++c1;
                             if (c1 > c0)
@@ -333,22 +341,31 @@ extern "C" __global__ void cloud_lower_corner(const double* points, const long l
 /// For every point p: its cloud and grid cell (cx, cy, cz) relative to its cloud's origin, as
 /// three columns cell_xyz[a * n + p]; cmax (3,), zeroed by the caller, gets each axis' largest
 /// cell coordinate (integer atomics: order-free).  Coordinates are >= 0: the origin is the
-/// cloud's minimum.
+/// cloud's minimum.  The maxima are taken per block in shared memory first: one global atomic
+/// per axis and block, not per point (every thread hitting the same three words serialised
+/// them: 0.59 ms for 262k points on an H200).
 extern "C" __global__ void grid_cell_coords(const double* points, long long n,
                                             const long long* offsets, long long n_clouds,
                                             const double* origin, double cell_size,
                                             double inv_cell_size, long long* cloud,
                                             long long* cell_xyz, long long* cmax) {
     using namespace pwconv_cuda;
+    __shared__ long long block_max[3];
+    if (threadIdx.x < 3) block_max[threadIdx.x] = 0;
+    __syncthreads();
     const i64 p = global_thread();
-    if (p >= n) return;
-    const i64 c = segment_of(offsets, n_clouds, p);
-    cloud[p] = c;
-    for (int a = 0; a < 3; ++a) {
-        const i64 cell = grid_coord(points[3 * p + a], origin[3 * c + a], cell_size, inv_cell_size);
-        cell_xyz[a * n + p] = cell;
-        atomicMax(cmax + a, cell);
+    if (p < n) {
+        const i64 c = segment_of(offsets, n_clouds, p);
+        cloud[p] = c;
+        for (int a = 0; a < 3; ++a) {
+            const i64 cell =
+                grid_coord(points[3 * p + a], origin[3 * c + a], cell_size, inv_cell_size);
+            cell_xyz[a * n + p] = cell;
+            atomicMax(block_max + a, (long long)cell);
+        }
     }
+    __syncthreads();
+    if (threadIdx.x < 3) atomicMax(cmax + threadIdx.x, block_max[threadIdx.x]);
 }
 
 /// key[p] = ((cloud * rz + cz) * ry + cy) * rx + cx: the cell's place in (cloud, cz, cy, cx)
@@ -523,6 +540,30 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
         return;
     }
     if (len <= short_row) sort_short(keys + base, len);
+}
+
+/// out = in with every row of at most short_row entries sorted ascending (keys distinct within a
+/// row, as a map's (index << bits | cell) keys are): one warp per row, each lane placing its keys
+/// at their rank (the number of smaller keys in the row), all lanes reading the row's keys at one
+/// address.  Longer rows are copied as they are (the caller sorts them).  Replaces the fill
+/// thread's own insertion sort, which moved keys in global memory one place at a time.
+extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __restrict__ splits,
+                                             const long long* __restrict__ in,
+                                             long long* __restrict__ out, long long short_row) {
+    const long long row = pwconv_cuda::global_thread() / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= m) return;
+    const long long b = splits[row], len = splits[row + 1] - b;
+    if (len > short_row) {
+        for (long long i = lane; i < len; i += 32) out[b + i] = in[b + i];
+        return;
+    }
+    for (long long i = lane; i < len; i += 32) {
+        const long long key = in[b + i];
+        long long rank = 0;
+        for (long long j = 0; j < len; ++j) rank += in[b + j] < key;
+        out[b + rank] = key;
+    }
 }
 
 /// axis_d[0, K) and axis_d[K, 2K): binning.hpp's kernel_axis_differences (start_d, end_d), the
@@ -1099,6 +1140,198 @@ __global__ void conv_weight_rows(long long m, const long long* __restrict__ spli
         partial[(i64)blockIdx.x * n_w + w] = acc_all[w];
 }
 
+// ============================================================================================
+// Operator, third scheme ("entries", the default up to 32 channels): every map entry carries its
+// weight 1 / n_i(f) (entry_weights), so a row's output is a sum over its entries in map order,
+// one thread per output channel (conv_entries); the input gradient runs the same kernel over the
+// transposed map (permute_entries after one stable sort by point), the weight gradient reads the
+// entries sorted by cell (conv_weight_cells, sum_cell_partials).  Fixed orders, no atomics.
+// ============================================================================================
+
+/// out (rows, b), the "entries" scheme of the forward and of the input gradient: out[r, o] = the
+/// sum over the entries e of row r, in order, of w[e] * (src[col[e], :] . Mt[cell[e], o, :])
+/// (dense: Mt (n_cells, b, a) row-major, each cell's matrix transposed so that a thread reads its
+/// column contiguously: W_f^T for the forward, W itself for the input gradient), or of w[e] *
+/// src[col[e], o] * Mt[cell[e], o] (depthwise, a == b).  w[e] = 1 / n_i(f) of the entry's row i
+/// and cell f (entry_weights, in map order for the forward; the transposed map's weights for the
+/// input gradient), so the sum is sum_f mean_f . M_f without per-cell tables: the paper's sparse
+/// rows (7-18 entries in up to 27 cells) cost no per-cell zeroing, tallying or scaling.  One
+/// thread per (row, o): b lanes per row (b <= 32), 32 / b rows per warp, so a row's lanes read
+/// each source value at one address.  No shared memory, no atomics, no barriers: each thread adds
+/// its row's entries in map order, the same on every run.
+template <class F, class CellT>
+__global__ void conv_entries(long long rows, const long long* __restrict__ splits,
+                             const long long* __restrict__ col, const CellT* __restrict__ cell,
+                             const F* __restrict__ w, const F* __restrict__ src, int a,
+                             const F* __restrict__ Mt, int b, int depthwise,
+                             F* __restrict__ out) {
+    using namespace pwconv_cuda;
+    const int warp_lane = threadIdx.x % 32;
+    const int rows_per_warp = 32 / b;
+    const int sub = warp_lane / b, o = warp_lane % b;
+    const i64 row = (global_thread() / 32) * rows_per_warp + sub;
+    if (sub >= rows_per_warp || row >= rows) return;
+    const i64 e1 = splits[row + 1];
+    F acc = F(0);
+    if (depthwise) {
+        for (i64 e = splits[row]; e < e1; ++e)
+            acc = mul_add(w[e] * src[col[e] * a + o], Mt[(i64)cell[e] * a + o], acc);
+    } else {
+        const i64 ab = (i64)a * b;
+        const F* Mo = Mt + (i64)o * a;
+#pragma unroll 2
+        for (i64 e = splits[row]; e < e1; ++e) {
+            const F* s = src + col[e] * a;
+            const F* m = Mo + (i64)cell[e] * ab;
+            F t = F(0);
+#pragma unroll 9
+            for (int c = 0; c < a; ++c) t = mul_add(s[c], m[c], t);
+            acc = mul_add(w[e], t, acc);
+        }
+    }
+    out[row * b + o] = acc;
+}
+
+/// The input gradient's opt-in non-deterministic path (PWCONV_CUDA_DETERMINISTIC=0): out (n, b),
+/// zeroed by the caller, gets for every map entry e of row r (point col[e], cell f, weight w[e] =
+/// 1 / n_r(f)) and every o < b: out[col[e], o] += w[e] * (src[r, :] . Mt[f, o, :]) by a
+/// floating-point atomic add, straight over the map: no transposed map to build.  Dense only:
+/// Mt = W itself (n_cells, b = c_in, a = c_out), src = the output gradient; depthwise: Mt (n_cells,
+/// a), a == b.  The order of the additions, and so the last bits, change from run to run.
+template <class F, class CellT>
+__global__ void conv_entries_scatter(long long rows, const long long* __restrict__ splits,
+                                     const long long* __restrict__ col,
+                                     const CellT* __restrict__ cell, const F* __restrict__ w,
+                                     const F* __restrict__ src, int a, const F* __restrict__ Mt,
+                                     int b, int depthwise, F* __restrict__ out) {
+    using namespace pwconv_cuda;
+    const int warp_lane = threadIdx.x % 32;
+    const int rows_per_warp = 32 / b;
+    const int sub = warp_lane / b, o = warp_lane % b;
+    const i64 row = (global_thread() / 32) * rows_per_warp + sub;
+    if (sub >= rows_per_warp || row >= rows) return;
+    const i64 e1 = splits[row + 1];
+    const F* s = src + row * a;
+    if (depthwise) {
+        for (i64 e = splits[row]; e < e1; ++e)
+            atomicAdd(out + col[e] * b + o, w[e] * s[o] * Mt[(i64)cell[e] * a + o]);
+        return;
+    }
+    const i64 ab = (i64)a * b;
+    const F* Mo = Mt + (i64)o * a;
+    for (i64 e = splits[row]; e < e1; ++e) {
+        const F* m = Mo + (i64)cell[e] * ab;
+        F t = F(0);
+#pragma unroll 9
+        for (int c = 0; c < a; ++c) t = mul_add(s[c], m[c], t);
+        atomicAdd(out + col[e] * b + o, w[e] * t);
+    }
+}
+
+/// Weight gradient of the "entries" scheme, pass 1, over the map's entries ordered by cell (a
+/// stable sort: map order within a cell; row, col, w are the sorted entries' rows, points and
+/// weights 1 / n_i(f)).  Each cell's run [cell_splits[f], cell_splits[f + 1]) is cut into chunks
+/// of `chunk` entries (a function of the sizes only, never of the device), numbered cell by cell
+/// (chunk_splits[f] is cell f's first).
+/// Block k takes chunk k and writes partial[k, :] = the sum over its entries e of w[e] *
+/// x[col[e], ci] * dy[row[e], co] for every (ci, co) (dense: a * b values) or of w[e] *
+/// x[col[e], c] * dy[row[e], c] (depthwise: a values).  Threads form groups of n_tiles, a thread
+/// holding a TILE x TILE tile of (ci, co) (dense) or TILE channels (depthwise) in registers; group
+/// g adds the chunk's entries g, g + G, g + 2G, ... in order, then the group sums are added in
+/// group order.  Every sum has a fixed order: bit-identical from run to run.  Blocks past the
+/// last chunk (the caller launches an upper bound) leave at once.  Needs n_tiles <= blockDim.x.
+template <class F>
+__global__ void conv_weight_cells(int n_cells, const long long* __restrict__ cell_splits,
+                                  const long long* __restrict__ chunk_splits, long long chunk,
+                                  const long long* __restrict__ row,
+                                  const long long* __restrict__ col, const F* __restrict__ w,
+                                  const F* __restrict__ x, int a, const F* __restrict__ dy, int b,
+                                  int depthwise, F* __restrict__ partial) {
+    using namespace pwconv_cuda;
+    constexpr int T = PWCONV_CUDA_WGRAD_TILE;
+    __shared__ F group_sums[PWCONV_CUDA_ROW_THREADS * T * T];
+    const i64 k = blockIdx.x;
+    if (k >= chunk_splits[n_cells]) return;  // the whole block leaves together
+    const i64 f = segment_of(chunk_splits, n_cells, k);
+    const i64 e0 = cell_splits[f] + (k - chunk_splits[f]) * chunk;
+    const i64 e1 = e0 + chunk < cell_splits[f + 1] ? e0 + chunk : cell_splits[f + 1];
+    const int ci_tiles = (a + T - 1) / T, co_tiles = depthwise ? 1 : (b + T - 1) / T;
+    const int n_tiles = ci_tiles * co_tiles;
+    const int n_groups = blockDim.x / n_tiles;
+    const int g = threadIdx.x / n_tiles, t = threadIdx.x % n_tiles;
+    const int ci0 = (t / co_tiles) * T, co0 = (t % co_tiles) * T;
+    F tile[T][T];
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+#pragma unroll
+        for (int o = 0; o < T; ++o) tile[i][o] = F(0);
+    if (g < n_groups) {
+        for (i64 e = e0 + g; e < e1; e += n_groups) {
+            const F we = w[e];
+            const F* xs = x + col[e] * a;
+            const F* ds = dy + row[e] * b;
+            F sv[T];
+#pragma unroll
+            for (int i = 0; i < T; ++i) sv[i] = ci0 + i < a ? we * xs[ci0 + i] : F(0);
+            if (depthwise) {
+#pragma unroll
+                for (int i = 0; i < T; ++i)
+                    tile[i][0] = mul_add(sv[i], ci0 + i < a ? ds[ci0 + i] : F(0), tile[i][0]);
+            } else {
+                F dv[T];
+#pragma unroll
+                for (int o = 0; o < T; ++o) dv[o] = co0 + o < b ? ds[co0 + o] : F(0);
+#pragma unroll
+                for (int i = 0; i < T; ++i)
+#pragma unroll
+                    for (int o = 0; o < T; ++o) tile[i][o] = mul_add(sv[i], dv[o], tile[i][o]);
+            }
+        }
+        F* mine = group_sums + ((i64)g * n_tiles + t) * T * T;
+#pragma unroll
+        for (int i = 0; i < T; ++i)
+#pragma unroll
+            for (int o = 0; o < T; ++o) mine[i * T + o] = tile[i][o];
+    }
+    __syncthreads();
+    const int n_vals = depthwise ? a : a * b;
+    for (int v = threadIdx.x; v < n_vals; v += blockDim.x) {
+        const int ci = depthwise ? v : v / b, co = depthwise ? 0 : v % b;
+        const int slot = ((ci / T) * co_tiles + co / T) * T * T + (ci % T) * T + co % T;
+        F sum = group_sums[slot];
+        for (int gg = 1; gg < n_groups; ++gg)
+            sum = sum + group_sums[(i64)gg * n_tiles * T * T + slot];
+        partial[k * n_vals + v] = sum;
+    }
+}
+
+/// Weight gradient of the "entries" scheme, pass 2: out[f, v] = the sum of cell f's chunk partials
+/// partial[k, v], chunk_splits[f] <= k < chunk_splits[f + 1], in a fixed order: slice u of
+/// PWCONV_CUDA_SUM_SLICES adds the chunks k = k0 + u, k0 + u + SLICES, ... in order, then the
+/// slices are added in slice order (as sum_partials).  Block (v / 32, f): 32 values x SLICES
+/// slices.
+template <class F>
+__global__ void sum_cell_partials(int n_cells, const long long* __restrict__ chunk_splits,
+                                  long long n_vals, const F* __restrict__ partial,
+                                  F* __restrict__ out) {
+    __shared__ F slice_sum[PWCONV_CUDA_SUM_SLICES][32];
+    const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
+    const long long f = blockIdx.y, v = (long long)blockIdx.x * 32 + lane;
+    F acc = F(0);
+    if (v < n_vals)
+        for (long long k = chunk_splits[f] + slice; k < chunk_splits[f + 1];
+             k += PWCONV_CUDA_SUM_SLICES)
+            acc = acc + partial[k * n_vals + v];
+    slice_sum[slice][lane] = acc;
+    __syncthreads();
+    if (slice == 0 && v < n_vals) {
+        F total = slice_sum[0][lane];
+        for (int u = 1; u < PWCONV_CUDA_SUM_SLICES; ++u) total = total + slice_sum[u][lane];
+        out[f * n_vals + v] = total;
+    }
+    (void)n_cells;
+}
+
 /// per_point[col[e]] += 1 for every entry e (integer atomics: a count, order-free).
 extern "C" __global__ void count_per_point(long long n_entries, const long long* col,
                                            int* per_point) {
@@ -1124,23 +1357,25 @@ __global__ void entry_weights(long long m, const long long* __restrict__ splits,
     for (long long e = e0; e < e1; ++e) w[e] = F(1) / (F)tally[(int)cell[e]];
 }
 
-/// The transposed map's entries once their order is known (order: position -> map entry, the
-/// entries sorted stably by point): trow[p] = the row of entry order[p] (segment_of over the
-/// map's splits), tcell[p] = its cell, tw[p] = its weight.  One thread per entry: one kernel
-/// instead of expanding the rows and three gathers.
+/// The map's entries in a new order (order: position -> map entry; the entries sorted stably by
+/// point for the transposed map, by cell for the weight gradient): out_row[p] = row_of[order[p]],
+/// out_cell[p] = cell[order[p]], out_w[p] = w[order[p]], and out_col[p] = col[order[p]] when
+/// with_col.  One thread per entry, one kernel instead of four gathers.
 template <class F, class CellT>
-__global__ void transposed_entries(long long n_entries, long long m,
-                                   const long long* __restrict__ order,
-                                   const long long* __restrict__ splits,
-                                   const CellT* __restrict__ cell, const F* __restrict__ w,
-                                   long long* __restrict__ trow, CellT* __restrict__ tcell,
-                                   F* __restrict__ tw) {
+__global__ void permute_entries(long long n_entries, const long long* __restrict__ order,
+                                const long long* __restrict__ row_of,
+                                const long long* __restrict__ col,
+                                const CellT* __restrict__ cell, const F* __restrict__ w,
+                                int with_col, long long* __restrict__ out_row,
+                                long long* __restrict__ out_col, CellT* __restrict__ out_cell,
+                                F* __restrict__ out_w) {
     const long long p = pwconv_cuda::global_thread();
     if (p >= n_entries) return;
     const long long e = order[p];
-    trow[p] = pwconv_cuda::segment_of(splits, m, e);
-    tcell[p] = cell[e];
-    tw[p] = w[e];
+    out_row[p] = row_of[e];
+    if (with_col) out_col[p] = col[e];
+    out_cell[p] = cell[e];
+    out_w[p] = w[e];
 }
 
 // ============================================================================================
