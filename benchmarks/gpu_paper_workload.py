@@ -34,6 +34,7 @@ and the date, and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -228,10 +229,18 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
             lambda x=x, w=w, km=km, s=s: cuda.pointwise_conv(
                 pw.points, x, w, VOXEL, dilation=s, offsets=pw.offsets, kernel_map=km,
                 check_finite=False), warmup, runs)
-        out[f"{tag}: forward kernel"] = time_cuda(
-            lambda x=x, w=w, km=km, c_out=c_out: _conv.forward(be, km, x, w, c_out, False),
-            warmup, runs)
         dy = cupy.ascontiguousarray(zs[i])
+        kernels = {  # each stage's kernels, called directly (caches as the stage needs them)
+            "forward kernel":
+                lambda x=x, w=w, km=km, c_out=c_out: _conv.forward(be, km, x, w, c_out, False),
+            "input gradient kernel":
+                lambda dy=dy, w=w, km=km, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in,
+                                                                          False),
+            "weight gradient kernels":
+                lambda x=x, dy=dy, km=km, c_out=c_out: _conv.backward_weight(be, km, x, dy,
+                                                                             c_out, False),
+        }
+        out[f"{tag}: forward kernel"] = time_cuda(kernels["forward kernel"], warmup, runs)
 
         def fresh_transposed(km=km):
             km._cache.pop("cuda_transposed_rows_float32", None)
@@ -246,42 +255,29 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
 
         out[f"{tag}: by-cell entries (weight gradient)"] = time_cuda(fresh_cell_entries, warmup,
                                                                      runs)
-        out[f"{tag}: input gradient kernel"] = time_cuda(
-            lambda dy=dy, w=w, km=km, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in, False),
-            warmup, runs)
-        out[f"{tag}: weight gradient kernels"] = time_cuda(
-            lambda x=x, dy=dy, km=km, c_out=c_out: _conv.backward_weight(be, km, x, dy, c_out,
-                                                                         False),
-            warmup, runs)
-        os.environ[_conv.DETERMINISTIC_ENV] = "0"
-        try:
+        for what in ("input gradient kernel", "weight gradient kernels"):
+            out[f"{tag}: {what}"] = time_cuda(kernels[what], warmup, runs)
+        with _env(_conv.DETERMINISTIC_ENV, "0"):
             out[f"{tag}: input gradient, opt-in atomics (no transposed map)"] = time_cuda(
-                lambda dy=dy, w=w, km=km, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in,
-                                                                          False),
-                warmup, runs)
-        finally:
-            os.environ.pop(_conv.DETERMINISTIC_ENV)
-        # the same stages with the "rows" scheme's kernels (same caches), side by side
-        scheme = os.environ.get(_conv.OPERATOR_ENV)
-        os.environ[_conv.OPERATOR_ENV] = "rows"
-        try:
-            out[f"{tag}: forward kernel (rows scheme)"] = time_cuda(
-                lambda x=x, w=w, km=km, c_out=c_out: _conv.forward(be, km, x, w, c_out, False),
-                warmup, runs)
-            out[f"{tag}: input gradient kernel (rows scheme)"] = time_cuda(
-                lambda dy=dy, w=w, km=km, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in,
-                                                                          False),
-                warmup, runs)
-            out[f"{tag}: weight gradient kernels (rows scheme)"] = time_cuda(
-                lambda x=x, dy=dy, km=km, c_out=c_out: _conv.backward_weight(be, km, x, dy,
-                                                                             c_out, False),
-                warmup, runs)
-        finally:
-            if scheme is None:
-                os.environ.pop(_conv.OPERATOR_ENV)
-            else:
-                os.environ[_conv.OPERATOR_ENV] = scheme
+                kernels["input gradient kernel"], warmup, runs)
+        with _env(_conv.OPERATOR_ENV, "rows"):  # the rows scheme's kernels, same caches
+            for what, fn in kernels.items():
+                out[f"{tag}: {what} (rows scheme)"] = time_cuda(fn, warmup, runs)
     return out
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Sets environment variable `name` to `value` for the block, then restores it."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 # --- plain PyTorch on the same GPU ----------------------------------------------------------
@@ -537,12 +533,10 @@ def main(argv=None) -> int:
     stages["pwconv"] = {"kernel_maps": time_cuda(pw.kernel_maps, warmup, runs),
                         **schemes["auto"]}
     record["schemes"] = schemes
-    os.environ[_search.ROW_SORT_ENV] = "thread"  # each fill thread sorts its row, as before
-    record["kernel_maps_thread_sort"] = time_cuda(pw.kernel_maps, warmup, runs)
-    os.environ.pop(_search.ROW_SORT_ENV)
-    os.environ[_search.ROW_TABLE_ENV] = "0"  # the grid rows found by binary search, as before
-    record["kernel_maps_without_row_table"] = time_cuda(pw.kernel_maps, warmup, runs)
-    os.environ.pop(_search.ROW_TABLE_ENV)
+    with _env(_search.ROW_SORT_ENV, "thread"):  # each fill thread sorts its row, as before
+        record["kernel_maps_thread_sort"] = time_cuda(pw.kernel_maps, warmup, runs)
+    with _env(_search.ROW_TABLE_ENV, "0"):  # the grid rows found by binary search, as before
+        record["kernel_maps_without_row_table"] = time_cuda(pw.kernel_maps, warmup, runs)
     # the previous GPU code's schemes: by-cell operator, rows found by binary search
     stages["pwconv_before"] = {"kernel_maps": record["kernel_maps_without_row_table"],
                                **schemes.get("bycell", schemes["auto"])}

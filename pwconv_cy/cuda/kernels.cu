@@ -1148,6 +1148,31 @@ __global__ void conv_weight_rows(long long m, const long long* __restrict__ spli
 // entries sorted by cell (conv_weight_cells, sum_cell_partials).  Fixed orders, no atomics.
 // ============================================================================================
 
+namespace pwconv_cuda {
+
+/// The "entries" kernels' thread layout: b lanes per row (b <= 32), 32 / b rows per warp.  Sets
+/// the calling thread's row and output channel o; false for the lanes left over and past the
+/// last row.
+__device__ __forceinline__ bool entry_lane(i64 rows, int b, i64& row, int& o) {
+    const int warp_lane = threadIdx.x % 32;
+    const int rows_per_warp = 32 / b;
+    const int sub = warp_lane / b;
+    o = warp_lane % b;
+    row = (global_thread() / 32) * rows_per_warp + sub;
+    return sub < rows_per_warp && row < rows;
+}
+
+/// s[0, a) . m[0, a), FMAs in ascending order.
+template <class F>
+__device__ __forceinline__ F dot(const F* __restrict__ s, const F* __restrict__ m, int a) {
+    F t = F(0);
+#pragma unroll 9
+    for (int c = 0; c < a; ++c) t = mul_add(s[c], m[c], t);
+    return t;
+}
+
+}  // namespace pwconv_cuda
+
 /// out (rows, b), the "entries" scheme of the forward and of the input gradient: out[r, o] = the
 /// sum over the entries e of row r, in order, of w[e] * (src[col[e], :] . Mt[cell[e], o, :])
 /// (dense: Mt (n_cells, b, a) row-major, each cell's matrix transposed so that a thread reads its
@@ -1166,11 +1191,9 @@ __global__ void conv_entries(long long rows, const long long* __restrict__ split
                              const F* __restrict__ Mt, int b, int depthwise,
                              F* __restrict__ out) {
     using namespace pwconv_cuda;
-    const int warp_lane = threadIdx.x % 32;
-    const int rows_per_warp = 32 / b;
-    const int sub = warp_lane / b, o = warp_lane % b;
-    const i64 row = (global_thread() / 32) * rows_per_warp + sub;
-    if (sub >= rows_per_warp || row >= rows) return;
+    i64 row;
+    int o;
+    if (!entry_lane(rows, b, row, o)) return;
     const i64 e1 = splits[row + 1];
     F acc = F(0);
     if (depthwise) {
@@ -1180,14 +1203,8 @@ __global__ void conv_entries(long long rows, const long long* __restrict__ split
         const i64 ab = (i64)a * b;
         const F* Mo = Mt + (i64)o * a;
 #pragma unroll 2
-        for (i64 e = splits[row]; e < e1; ++e) {
-            const F* s = src + col[e] * a;
-            const F* m = Mo + (i64)cell[e] * ab;
-            F t = F(0);
-#pragma unroll 9
-            for (int c = 0; c < a; ++c) t = mul_add(s[c], m[c], t);
-            acc = mul_add(w[e], t, acc);
-        }
+        for (i64 e = splits[row]; e < e1; ++e)
+            acc = mul_add(w[e], dot(src + col[e] * a, Mo + (i64)cell[e] * ab, a), acc);
     }
     out[row * b + o] = acc;
 }
@@ -1205,11 +1222,9 @@ __global__ void conv_entries_scatter(long long rows, const long long* __restrict
                                      const F* __restrict__ src, int a, const F* __restrict__ Mt,
                                      int b, int depthwise, F* __restrict__ out) {
     using namespace pwconv_cuda;
-    const int warp_lane = threadIdx.x % 32;
-    const int rows_per_warp = 32 / b;
-    const int sub = warp_lane / b, o = warp_lane % b;
-    const i64 row = (global_thread() / 32) * rows_per_warp + sub;
-    if (sub >= rows_per_warp || row >= rows) return;
+    i64 row;
+    int o;
+    if (!entry_lane(rows, b, row, o)) return;
     const i64 e1 = splits[row + 1];
     const F* s = src + row * a;
     if (depthwise) {
@@ -1219,13 +1234,8 @@ __global__ void conv_entries_scatter(long long rows, const long long* __restrict
     }
     const i64 ab = (i64)a * b;
     const F* Mo = Mt + (i64)o * a;
-    for (i64 e = splits[row]; e < e1; ++e) {
-        const F* m = Mo + (i64)cell[e] * ab;
-        F t = F(0);
-#pragma unroll 9
-        for (int c = 0; c < a; ++c) t = mul_add(s[c], m[c], t);
-        atomicAdd(out + col[e] * b + o, w[e] * t);
-    }
+    for (i64 e = splits[row]; e < e1; ++e)
+        atomicAdd(out + col[e] * b + o, w[e] * dot(s, Mo + (i64)cell[e] * ab, a));
 }
 
 /// Weight gradient of the "entries" scheme, pass 1, over the map's entries ordered by cell (a
