@@ -80,11 +80,12 @@ step gpu_tests 180 pytest.log \
 step benchmark 110 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
 
-# The opt-in K = 3 kernel-map kernels (PWCONV_CUDA_SPECIALISE_K=3): the GPU map tests with them,
-# then their maps and times against the shipped kernels' (identical maps required).
-step k3_maps 70 k3.log \
+# The opt-in K = 3 kernel-map kernels (PWCONV_CUDA_SPECIALISE_K=3): every GPU test of
+# tests/test_cuda.py with them (the evidence for making them the default), then their maps and
+# times against the shipped kernels' (identical maps required).
+step k3_maps 120 k3.log \
     bash -c 'PWCONV_CUDA_SPECIALISE_K=3 PWCONV_CUDA_DEBUG=1 "$1" -m pytest -q -m gpu \
-        -k "kernel_map" tests/test_cuda.py -p no:cacheprovider --maxfail=3; \
+        tests/test_cuda.py -p no:cacheprovider --maxfail=3; \
         "$1" benchmarks/gpu_search_tuning.py none k3' _ "$PY"
 
 # Kernel time of one iteration (Nsight Compute, where installed): where the time goes.
