@@ -369,8 +369,7 @@ template <int KC>
 void collect_compact_portable(const Grid& grid, const double q[3], int64_t cloud,
                               const KernelSpec& spec, const detail::KernelDifferences& diff,
                               int cell_bits, KeyBuffer& out) {
-    collect_compact_impl<KC, Loops::portable>(grid, q, cloud, spec, diff, cell_bits,
-                                                             out);
+    collect_compact_impl<KC, Loops::portable>(grid, q, cloud, spec, diff, cell_bits, out);
 }
 
 #ifdef PWCONV_X86_SIMD
@@ -378,23 +377,21 @@ template <int KC>
 __attribute__((target("avx512f"))) void collect_compact_avx512(
     const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
     const detail::KernelDifferences& diff, int cell_bits, KeyBuffer& out) {
-    collect_compact_impl<KC, Loops::avx512>(grid, q, cloud, spec, diff, cell_bits,
-                                                           out);
+    collect_compact_impl<KC, Loops::avx512>(grid, q, cloud, spec, diff, cell_bits, out);
 }
 
 template <int KC>
 __attribute__((target("avx2"))) void collect_compact_avx2(
     const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
     const detail::KernelDifferences& diff, int cell_bits, KeyBuffer& out) {
-    collect_compact_impl<KC, Loops::avx2>(grid, q, cloud, spec, diff, cell_bits,
-                                                         out);
+    collect_compact_impl<KC, Loops::avx2>(grid, q, cloud, spec, diff, cell_bits, out);
 }
 #endif
 
 template <int KC>
 void collect_compact(const Grid& grid, const double q[3], int64_t cloud, const KernelSpec& spec,
-                     const detail::KernelDifferences& diff, int cell_bits,
-                     Loops loops, KeyBuffer& out) {
+                     const detail::KernelDifferences& diff, int cell_bits, Loops loops,
+                     KeyBuffer& out) {
 #ifdef PWCONV_X86_SIMD
     if (loops == Loops::avx512)
         return collect_compact_avx512<KC>(grid, q, cloud, spec, diff, cell_bits, out);

@@ -61,7 +61,8 @@ def specialised_kernel_sizes(value: str | None = None) -> tuple:
 
 
 SPECIALISED_K = specialised_kernel_sizes()
-#: Rows up to this length are sorted by the thread that fills them (PWCONV_CUDA_SHORT_ROW).
+#: Rows up to this length are sorted in the kernel-map and radius fill (sort_rows_by_rank after
+#: it, or the fill thread itself: _search.row_sort_mode); longer rows by one global sort.
 SHORT_ROW = 64
 CELL_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int16): "short",
                np.dtype(np.int32): "int"}
@@ -106,8 +107,7 @@ def digest_name(dtype) -> str:
 
 
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
-                "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells",
-                "sum_cell_partials")
+                "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells")
 ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "entry_weights", "permute_entries",
                 "conv_entries", "conv_entries_scatter")
 
@@ -130,7 +130,7 @@ PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "grid_cell_keys",
 #: Kernels that use __syncthreads / __syncwarp (the host emulation runs them with real threads).
 BARRIER_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "conv_gather_dense",
                    "conv_weight_partial_dense", "conv_rows", "conv_weight_rows",
-                   "conv_weight_cells", "points_digest", "sum_partials", "sum_cell_partials")
+                   "conv_weight_cells", "points_digest", "sum_partials")
 
 
 class CudaKernelError(RuntimeError):

@@ -332,11 +332,12 @@ def _rows_gather(be, dtype, rows, splits, col, cell, weight, n_cells, src, a, M,
                i32(1 if depthwise else 0), i32(group), out))
 
 
-def _entries_gather(be, dtype, rows, splits, col, cell, weight, src, a, M, b, depthwise, out):
-    """conv_entries: b lanes per row, 32 // b rows per warp; M (n_cells, b, a) (dense) or
-    (n_cells, a) (depthwise), C-contiguous."""
+def _entries_launch(be, kernel, dtype, rows, splits, col, cell, weight, src, a, M, b, depthwise,
+                    out):
+    """conv_entries or conv_entries_scatter: b lanes per row, 32 // b rows per warp; M
+    (n_cells, b, a) (dense) or (n_cells, a) (depthwise), C-contiguous."""
     n_threads = -(-rows // (32 // b)) * 32
-    be.launch(rows_name("conv_entries", dtype, cell.dtype), (blocks(n_threads),), (THREADS,),
+    be.launch(rows_name(kernel, dtype, cell.dtype), (blocks(n_threads),), (THREADS,),
               (i64(rows), splits, col, cell, weight, src, i32(a), M, i32(b),
                i32(1 if depthwise else 0), out))
 
@@ -355,7 +356,7 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
         # each cell's matrix transposed, (K^3, c_out, c_in): a thread reads its column in a row
         wt = w if depthwise else xp.ascontiguousarray(
             w.reshape(n_cells, c_in, c_out).transpose(0, 2, 1))
-        _entries_gather(be, x.dtype, m, km.splits, km.index, km.cell,
+        _entries_launch(be, "conv_entries", x.dtype, m, km.splits, km.index, km.cell,
                         entry_weights(be, km, x.dtype), x, c_in, wt, c_out, depthwise, y)
         return y
     if scheme == "rows":
@@ -379,18 +380,16 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
     if n == 0:
         return dx
     scheme = scheme_for(n_cells, c_out, c_in, dy.dtype.itemsize)
-    if scheme == "entries" and not deterministic():  # opt-in: atomics over the map itself
-        dx = xp.zeros((n, c_in), dtype=dy.dtype)
-        m = km.n_queries
-        be.launch(rows_name("conv_entries_scatter", dy.dtype, km.cell.dtype),
-                  (blocks(-(-m // (32 // c_in)) * 32),), (THREADS,),
-                  (i64(m), km.splits, km.index, km.cell, entry_weights(be, km, dy.dtype), dy,
-                   i32(c_out), w, i32(c_in), i32(1 if depthwise else 0), dx))
-        return dx
-    if scheme == "entries":  # conv_entries reads W_f^T transposed: W itself, (K^3, c_in, c_out)
+    if scheme == "entries":  # the kernels read W_f^T transposed: W itself, (K^3, c_in, c_out)
+        if not deterministic():  # opt-in: atomics straight over the map
+            dx[...] = 0
+            _entries_launch(be, "conv_entries_scatter", dy.dtype, km.n_queries, km.splits,
+                            km.index, km.cell, entry_weights(be, km, dy.dtype), dy, c_out, w,
+                            c_in, depthwise, dx)
+            return dx
         tr = transposed_rows(be, km, dy.dtype)
-        _entries_gather(be, dy.dtype, n, tr["splits"], tr["row"], tr["cell"], tr["weight"], dy,
-                        c_out, w, c_in, depthwise, dx)
+        _entries_launch(be, "conv_entries", dy.dtype, n, tr["splits"], tr["row"], tr["cell"],
+                        tr["weight"], dy, c_out, w, c_in, depthwise, dx)
         return dx
     if depthwise:
         M = w
@@ -463,7 +462,7 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
 
 def _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw) -> None:
     """dw = the weight gradient of the "entries" scheme: conv_weight_cells over fixed chunks of
-    each cell's entries, then sum_cell_partials adds each cell's chunks in chunk order."""
+    each cell's entries, then sum_partials adds each cell's chunks in chunk order."""
     xp = be.xp
     n_cells = km.kernel_size ** 3
     n_vals = c_in if depthwise else c_in * c_out
@@ -478,12 +477,17 @@ def _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw) -> None:
     be.launch(conv_name("conv_weight_cells", x.dtype), (max_chunks,), (THREADS,),
               (i32(n_cells), ce["cell_splits"], chunk_splits, i64(chunk), ce["row"], ce["col"],
                ce["weight"], x, i32(c_in), dy, i32(c_out), i32(1 if depthwise else 0), partial))
-    be.launch(conv_name("sum_cell_partials", x.dtype), (blocks(n_vals, 32), n_cells),
-              (32 * SUM_SLICES,), (i32(n_cells), chunk_splits, i64(n_vals), partial, dw))
+    _sum_partials(be, max_chunks, n_vals, partial, dw, group_splits=chunk_splits)
 
 
-def _sum_partials(be, n_blocks: int, w_size: int, partial, dw) -> None:
-    """dw = the partial sums added in a fixed order (kernels.cu's sum_partials: 32 weights and
-    SUM_SLICES slices of the partials per block)."""
-    be.launch(conv_name("sum_partials", dw.dtype), (blocks(w_size, 32),), (32 * SUM_SLICES,),
-              (i64(n_blocks), i64(w_size), partial, dw))
+def _sum_partials(be, n_blocks: int, size: int, partial, dw, group_splits=None) -> None:
+    """dw = the partial sums added in a fixed order (kernels.cu's sum_partials: 32 values and
+    SUM_SLICES slices of the partials per block): all n_blocks partials of `size` values, or with
+    group_splits (n_groups + 1,) the partials of each group g in [group_splits[g],
+    group_splits[g + 1]) into dw[g * size:(g + 1) * size]."""
+    grouped = group_splits is not None
+    n_groups = int(group_splits.shape[0]) - 1 if grouped else 1
+    splits = group_splits if grouped else be.xp.empty(0, dtype=be.xp.int64)  # unused then
+    be.launch(conv_name("sum_partials", dw.dtype), (blocks(size, 32), n_groups),
+              (32 * SUM_SLICES,),
+              (i64(n_blocks), i32(1 if grouped else 0), splits, i64(size), partial, dw))

@@ -34,7 +34,6 @@ __all__ = [
     "expand_rows",
     "kernel_map_arrays",
     "kernel_map_counts",
-    "long_rows_order",
     "points_digest",
     "radius_search_arrays",
 ]
@@ -53,6 +52,8 @@ def row_sort_mode() -> str:
     if mode not in ("rank", "thread"):
         raise ValueError(f"{ROW_SORT_ENV} must be rank or thread, got {mode!r}")
     return mode
+
+
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
 THREADS = 256
 
@@ -275,26 +276,6 @@ def _scan(be, row_len):
     return splits, total, longest
 
 
-def long_rows_order(be, splits, keys, key_bits: int, short: int):
-    """(where, picked): how to sort by key the rows of a CSR longer than `short` entries, keys
-    (E,) int64 in [0, 2**key_bits) distinct within a row.  `where` holds the positions of those
-    rows' entries (ascending), `picked` for each the position whose entry belongs there once
-    sorted: rows are contiguous and in order, so one global sort of (row, key) over their entries
-    only sorts them all.  A caller moves each of its arrays with ``a[where] = a[picked]``."""
-    xp = be.xp
-    m = int(splits.shape[0]) - 1
-    row_of = expand_rows(be, splits, int(keys.shape[0]))
-    row_len = splits[1:] - splits[:-1]
-    where = xp.flatnonzero(row_len[row_of] > short)
-    rows, long_keys = row_of[where], keys[where]
-    row_bits = max(1, int(m - 1).bit_length())
-    if row_bits + key_bits <= 63:  # one int64 composite key (row, key): unique
-        order = be.argsort((rows << key_bits) | long_keys)
-    else:
-        order = be.lexsort(xp.stack([long_keys, rows]))
-    return where, where[order]
-
-
 def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status, what: str):
     """keys (n_pairs,) int64 of a fill pass, rows of at most SHORT_ROW entries sorted (by the
     fill threads themselves, or by sort_rows_by_rank after an unsorted fill: row_sort_mode)."""
@@ -314,10 +295,22 @@ def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, sta
 
 
 def _sort_long_rows(be, splits, keys, key_bits: int):
-    """Sorts the rows of keys longer than SHORT_ROW (left unsorted by the fill; the others are
-    sorted already), their entries only."""
-    where, picked = long_rows_order(be, splits, keys, key_bits, SHORT_ROW)
-    keys[where] = keys[picked]
+    """Sorts the rows of keys longer than SHORT_ROW (the shorter ones are sorted already), their
+    entries only, keys (E,) int64 in [0, 2**key_bits) distinct within a row: one global sort of
+    (row, key) -- rows are contiguous and in order, so the sorted entries go back to the same
+    positions in order."""
+    xp = be.xp
+    m = int(splits.shape[0]) - 1
+    row_of = expand_rows(be, splits, int(keys.shape[0]))
+    row_len = splits[1:] - splits[:-1]
+    where = xp.flatnonzero(row_len[row_of] > SHORT_ROW)
+    rows, long_keys = row_of[where], keys[where]
+    row_bits = max(1, int(m - 1).bit_length())
+    if row_bits + key_bits <= 63:  # one int64 composite key (row, key): unique, any sort will do
+        composite = be.sort((rows << key_bits) | long_keys)
+        keys[where] = composite & ((1 << key_bits) - 1)
+    else:
+        keys[where] = long_keys[be.lexsort(xp.stack([long_keys, rows]))]
     return keys
 
 

@@ -845,26 +845,31 @@ __global__ void conv_weight_partial_depthwise(long long m, const long long* spli
     partial[(blk * n_cells + f) * c + ch] = acc;
 }
 
-/// Weight gradient, pass 2: out[w] = the sum over blocks b of partial[b, w], in a fixed order:
-/// slice s (of PWCONV_CUDA_SUM_SLICES) adds the blocks b = s, s + SLICES, ... in turn, then the
-/// slices' sums are added in slice order.  A block holds 32 consecutive w (coalesced reads) and
-/// the slices: blockDim.x = 32 * PWCONV_CUDA_SUM_SLICES.
+/// Weight gradient, pass 2: out[g, w] = the sum of group g's partials partial[b, w] in a fixed
+/// order: slice s (of PWCONV_CUDA_SUM_SLICES) adds the group's partials b = b0 + s, b0 + s +
+/// SLICES, ... in turn, then the slices' sums are added in slice order.  One group of all n_blocks
+/// partials unless `grouped` (the "entries" scheme: group g = kernel cell g, its chunks' partials
+/// b in [group_splits[g], group_splits[g + 1])).  Block (w / 32, g): 32 consecutive w (coalesced
+/// reads) and the slices, blockDim.x = 32 * PWCONV_CUDA_SUM_SLICES.
 #define PWCONV_CUDA_SUM_SLICES 8
 template <class F>
-__global__ void sum_partials(long long n_blocks, long long size, const F* partial, F* out) {
+__global__ void sum_partials(long long n_blocks, int grouped, const long long* group_splits,
+                             long long size, const F* partial, F* out) {
     __shared__ F slice_sum[PWCONV_CUDA_SUM_SLICES][32];
     const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
-    const long long w = (long long)blockIdx.x * 32 + lane;
+    const long long g = blockIdx.y, w = (long long)blockIdx.x * 32 + lane;
+    const long long b0 = grouped ? group_splits[g] : 0;
+    const long long b1 = grouped ? group_splits[g + 1] : n_blocks;
     F acc = F(0);
     if (w < size)
-        for (long long b = slice; b < n_blocks; b += PWCONV_CUDA_SUM_SLICES)
+        for (long long b = b0 + slice; b < b1; b += PWCONV_CUDA_SUM_SLICES)
             acc = acc + partial[b * size + w];
     slice_sum[slice][lane] = acc;
     __syncthreads();
     if (slice == 0 && w < size) {
         F total = slice_sum[0][lane];
         for (int k = 1; k < PWCONV_CUDA_SUM_SLICES; ++k) total = total + slice_sum[k][lane];
-        out[w] = total;
+        out[g * size + w] = total;
     }
 }
 
@@ -1041,8 +1046,21 @@ __global__ void conv_rows(long long rows, const long long* __restrict__ splits,
 
 namespace pwconv_cuda {
 
-/// Input and output channels of a weight-gradient tile (conv_weight_rows, weight_grad_tiles).
+/// Input and output channels of a weight-gradient tile (conv_weight_rows, weight_grad_tiles,
+/// conv_weight_cells).
 #define PWCONV_CUDA_WGRAD_TILE 3
+
+/// tile[i][o] += sv[i] * dv[o] for a TILE x TILE tile, one FMA each.
+template <class F>
+__device__ __forceinline__ void tile_outer_add(F (&tile)[PWCONV_CUDA_WGRAD_TILE]
+                                                         [PWCONV_CUDA_WGRAD_TILE],
+                                               const F* sv, const F* dv) {
+#pragma unroll
+    for (int i = 0; i < PWCONV_CUDA_WGRAD_TILE; ++i)
+#pragma unroll
+        for (int o = 0; o < PWCONV_CUDA_WGRAD_TILE; ++o)
+            tile[i][o] = mul_add(sv[i], dv[o], tile[i][o]);
+}
 
 /// acc[(f * a + ci) * b + co] += sums[k][f * a + ci] * dy_rows[k * b + co] for the rows k <
 /// n_rows whose cell f is not empty, in ascending k; one TILE x TILE tile of (ci, co) per thread
@@ -1072,10 +1090,7 @@ __device__ __forceinline__ void weight_grad_tiles(const F* sums, const int* tall
             for (int i = 0; i < T; ++i) sv[i] = ci0 + i < a ? s[i] : F(0);
 #pragma unroll
             for (int o = 0; o < T; ++o) dv[o] = co0 + o < b ? d[o] : F(0);
-#pragma unroll
-            for (int i = 0; i < T; ++i)
-#pragma unroll
-                for (int o = 0; o < T; ++o) tile[i][o] = mul_add(sv[i], dv[o], tile[i][o]);
+            tile_outer_add(tile, sv, dv);
         }
 #pragma unroll
         for (int i = 0; i < T; ++i)
@@ -1145,7 +1160,7 @@ __global__ void conv_weight_rows(long long m, const long long* __restrict__ spli
 // weight 1 / n_i(f) (entry_weights), so a row's output is a sum over its entries in map order,
 // one thread per output channel (conv_entries); the input gradient runs the same kernel over the
 // transposed map (permute_entries after one stable sort by point), the weight gradient reads the
-// entries sorted by cell (conv_weight_cells, sum_cell_partials).  Fixed orders, no atomics.
+// entries sorted by cell (conv_weight_cells, then sum_partials by cell).  Fixed orders, no atomics.
 // ============================================================================================
 
 namespace pwconv_cuda {
@@ -1212,8 +1227,8 @@ __global__ void conv_entries(long long rows, const long long* __restrict__ split
 /// The input gradient's opt-in non-deterministic path (PWCONV_CUDA_DETERMINISTIC=0): out (n, b),
 /// zeroed by the caller, gets for every map entry e of row r (point col[e], cell f, weight w[e] =
 /// 1 / n_r(f)) and every o < b: out[col[e], o] += w[e] * (src[r, :] . Mt[f, o, :]) by a
-/// floating-point atomic add, straight over the map: no transposed map to build.  Dense only:
-/// Mt = W itself (n_cells, b = c_in, a = c_out), src = the output gradient; depthwise: Mt (n_cells,
+/// floating-point atomic add, straight over the map: no transposed map to build.  src = the
+/// output gradient; dense: Mt = W itself (n_cells, b = c_in, a = c_out); depthwise: Mt (n_cells,
 /// a), a == b.  The order of the additions, and so the last bits, change from run to run.
 template <class F, class CellT>
 __global__ void conv_entries_scatter(long long rows, const long long* __restrict__ splits,
@@ -1250,6 +1265,7 @@ __global__ void conv_entries_scatter(long long rows, const long long* __restrict
 /// g adds the chunk's entries g, g + G, g + 2G, ... in order, then the group sums are added in
 /// group order.  Every sum has a fixed order: bit-identical from run to run.  Blocks past the
 /// last chunk (the caller launches an upper bound) leave at once.  Needs n_tiles <= blockDim.x.
+/// Pass 2 is sum_partials, grouped by cell.
 template <class F>
 __global__ void conv_weight_cells(int n_cells, const long long* __restrict__ cell_splits,
                                   const long long* __restrict__ chunk_splits, long long chunk,
@@ -1291,10 +1307,7 @@ __global__ void conv_weight_cells(int n_cells, const long long* __restrict__ cel
                 F dv[T];
 #pragma unroll
                 for (int o = 0; o < T; ++o) dv[o] = co0 + o < b ? ds[co0 + o] : F(0);
-#pragma unroll
-                for (int i = 0; i < T; ++i)
-#pragma unroll
-                    for (int o = 0; o < T; ++o) tile[i][o] = mul_add(sv[i], dv[o], tile[i][o]);
+                tile_outer_add(tile, sv, dv);
             }
         }
         F* mine = group_sums + ((i64)g * n_tiles + t) * T * T;
@@ -1313,33 +1326,6 @@ __global__ void conv_weight_cells(int n_cells, const long long* __restrict__ cel
             sum = sum + group_sums[(i64)gg * n_tiles * T * T + slot];
         partial[k * n_vals + v] = sum;
     }
-}
-
-/// Weight gradient of the "entries" scheme, pass 2: out[f, v] = the sum of cell f's chunk partials
-/// partial[k, v], chunk_splits[f] <= k < chunk_splits[f + 1], in a fixed order: slice u of
-/// PWCONV_CUDA_SUM_SLICES adds the chunks k = k0 + u, k0 + u + SLICES, ... in order, then the
-/// slices are added in slice order (as sum_partials).  Block (v / 32, f): 32 values x SLICES
-/// slices.
-template <class F>
-__global__ void sum_cell_partials(int n_cells, const long long* __restrict__ chunk_splits,
-                                  long long n_vals, const F* __restrict__ partial,
-                                  F* __restrict__ out) {
-    __shared__ F slice_sum[PWCONV_CUDA_SUM_SLICES][32];
-    const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
-    const long long f = blockIdx.y, v = (long long)blockIdx.x * 32 + lane;
-    F acc = F(0);
-    if (v < n_vals)
-        for (long long k = chunk_splits[f] + slice; k < chunk_splits[f + 1];
-             k += PWCONV_CUDA_SUM_SLICES)
-            acc = acc + partial[k * n_vals + v];
-    slice_sum[slice][lane] = acc;
-    __syncthreads();
-    if (slice == 0 && v < n_vals) {
-        F total = slice_sum[0][lane];
-        for (int u = 1; u < PWCONV_CUDA_SUM_SLICES; ++u) total = total + slice_sum[u][lane];
-        out[f * n_vals + v] = total;
-    }
-    (void)n_cells;
 }
 
 /// per_point[col[e]] += 1 for every entry e (integer atomics: a count, order-free).
