@@ -77,7 +77,7 @@ step gpu_tests 180 pytest.log \
     -p no:cacheprovider
 
 # shellcheck disable=SC2086
-step benchmark 110 bench.log \
+step benchmark 140 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
 
 # The opt-in K = 3 kernel-map kernels (PWCONV_CUDA_SPECIALISE_K=3): every GPU test of

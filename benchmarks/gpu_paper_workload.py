@@ -146,8 +146,17 @@ class PwconvGPU:
         self.offsets = offsets
         self.weights = [cupy.asarray(w) for w in weights]
         self.grad = cupy.asarray(grad)
+        self.first_input_grad = False  # the first layer's input gradient too (earlier figures)
 
     def kernel_maps(self):
+        """The grid and the four layers' maps, made together (one launch per search pass)."""
+        from pwconv_cy import cuda
+
+        index = cuda.NeighborIndex(self.points, VOXEL, offsets=self.offsets)
+        return index.kernel_maps(K, [s for _, _, s in LAYERS])
+
+    def kernel_maps_one_by_one(self):
+        """As kernel_maps, one map after the other (the figures before 2026-11-26 21:00)."""
         from pwconv_cy import cuda
 
         index = cuda.NeighborIndex(self.points, VOXEL, offsets=self.offsets)
@@ -191,9 +200,12 @@ class PwconvGPU:
         d_w = [None] * len(LAYERS)
         for i in reversed(range(len(LAYERS))):
             dz = self._selu_backward(d_h[i], zs[i])  # C-contiguous
+            # no input gradient for the first layer, whose input is the coordinates: PyTorch's
+            # autograd computes none there either, nor does training (models' input_grad=False)
             dx, d_w[i] = cuda.pointwise_conv_backward(
                 dz, self.points, xs[i], self.weights[i], VOXEL, dilation=LAYERS[i][2],
-                offsets=self.offsets, kernel_map=kms[i], check_finite=False)
+                offsets=self.offsets, kernel_map=kms[i], check_finite=False,
+                feats_grad=i > 0 or self.first_input_grad)
             if i > 0:
                 d_h[i - 1] = d_h[i - 1] + dx
         return d_w
@@ -217,6 +229,8 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
     for (_, _, s), km in zip(LAYERS, kms):
         out[f"kernel map s={s} ({km.n_pairs:,} pairs)"] = time_cuda(
             lambda s=s: index.kernel_map(K, s), warmup, runs)
+    out["kernel maps s=1-4 together"] = time_cuda(
+        lambda: index.kernel_maps(K, [s for _, _, s in LAYERS]), warmup, runs)
     out["points digest (float32 points)"] = time_cuda(
         lambda: _search.points_digest(be, pw.points, pw.offsets), warmup, runs)
     out["points digest (float64 points)"] = time_cuda(
@@ -242,6 +256,12 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
         }
         out[f"{tag}: forward kernel"] = time_cuda(kernels["forward kernel"], warmup, runs)
 
+        def fresh_weights(km=km):
+            km._cache.pop("cuda_entry_weights_float32", None)
+            _conv.entry_weights(be, km, cupy.float32)
+
+        out[f"{tag}: entry weights 1 / n_i(f)"] = time_cuda(fresh_weights, warmup, runs)
+
         def fresh_transposed(km=km):
             km._cache.pop("cuda_transposed_rows_float32", None)
             km._cache.pop("cuda_row_of", None)
@@ -260,6 +280,9 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
         with _env(_conv.DETERMINISTIC_ENV, "0"):
             out[f"{tag}: input gradient, opt-in atomics (no transposed map)"] = time_cuda(
                 kernels["input gradient kernel"], warmup, runs)
+        with _env(_conv.WEIGHT_GRAD_ENV, "cells"):  # by cell, its sorted entries cached
+            out[f"{tag}: weight gradient kernels (by cell)"] = time_cuda(
+                kernels["weight gradient kernels"], warmup, runs)
         with _env(_conv.OPERATOR_ENV, "rows"):  # the rows scheme's kernels, same caches
             for what, fn in kernels.items():
                 out[f"{tag}: {what} (rows scheme)"] = time_cuda(fn, warmup, runs)
@@ -494,9 +517,18 @@ def main(argv=None) -> int:
     print("checks:", json.dumps(record["checks"]))
 
     # --- timings ----------------------------------------------------------------------------
+    from pwconv_cy.cuda import ENTRY_COUNTS_KEY
+
+    def clear_derived(km):
+        """Drop what the operator derives from a map (weights, orders, transposed maps): they
+        are built per batch, so the stages include them.  The entry counts stay: the map's row
+        sort makes them with the map (the kernel-map stage)."""
+        for key in [k for k in km._cache if k != ENTRY_COUNTS_KEY]:
+            del km._cache[key]
+
     def pw_forward_fresh():
-        for km in kms:  # by-cell orders are built per batch: include them
-            km._cache.clear()
+        for km in kms:
+            clear_derived(km)
         pw.forward(kms)
 
     state = {}
@@ -512,13 +544,17 @@ def main(argv=None) -> int:
 
     stages = {}
     schemes = {}
-    # the operator's GPU schemes side by side, and the opt-in atomic input gradient
-    for scheme in ("bycell", "rows", "auto", "auto-atomic"):
+    # the operator's GPU schemes side by side, the opt-in atomic input gradient, the entries'
+    # weight gradient by cell, and the default with the first layer's input gradient (as the
+    # figures before 2026-11-26 21:00 were taken)
+    for scheme in ("bycell", "rows", "auto", "auto-atomic", "auto-cells", "auto-dx1"):
         os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if scheme.endswith("atomic") else "1"
+        os.environ[_conv.WEIGHT_GRAD_ENV] = "cells" if scheme.endswith("cells") else "rows"
+        pw.first_input_grad = scheme.endswith("dx1")
         try:
             for km in kms:
-                km._cache.clear()
+                clear_derived(km)
             state["xs"], state["zs"] = pw.forward(kms)
             schemes[scheme] = {"forward": time_cuda(pw_forward_fresh, warmup, runs),
                                "backward": time_cuda(pw_backward_fresh, warmup, runs)}
@@ -527,12 +563,15 @@ def main(argv=None) -> int:
             print(f"scheme {scheme} failed: {record[f'scheme_{scheme}_error']}")
     os.environ.pop(_conv.OPERATOR_ENV)
     os.environ.pop(_conv.DETERMINISTIC_ENV)
+    os.environ.pop(_conv.WEIGHT_GRAD_ENV)
+    pw.first_input_grad = False
     if "auto" not in schemes:
         schemes["auto"] = schemes["bycell"]
         os.environ[_conv.OPERATOR_ENV] = "bycell"  # the breakdown and the rest: the scheme that ran
     stages["pwconv"] = {"kernel_maps": time_cuda(pw.kernel_maps, warmup, runs),
                         **schemes["auto"]}
     record["schemes"] = schemes
+    record["kernel_maps_one_by_one"] = time_cuda(pw.kernel_maps_one_by_one, warmup, runs)
     with _env(_search.ROW_SORT_ENV, "thread"):  # each fill thread sorts its row, as before
         record["kernel_maps_thread_sort"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.ROW_TABLE_ENV, "0"):  # the grid rows found by binary search, as before
@@ -626,6 +665,8 @@ def main(argv=None) -> int:
               f"binary-searched rows {fmt_ms(old).strip()})")
     print(f"kernel maps with the fill threads sorting their rows (PWCONV_CUDA_ROW_SORT=thread): "
           f"{fmt_ms(record['kernel_maps_thread_sort']['median_s'])}")
+    print(f"kernel maps one after the other (kernel_map per layer): "
+          f"{fmt_ms(record['kernel_maps_one_by_one']['median_s'])}")
     for name, sch in schemes.items():
         print(f"scheme {name:<8} forward {fmt_ms(sch['forward']['median_s'])}  backward "
               f"{fmt_ms(sch['backward']['median_s'])}")

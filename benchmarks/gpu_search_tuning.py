@@ -45,7 +45,7 @@ def measure(variant: str) -> dict:
 
     def maps():
         index = cuda.NeighborIndex(points, wl.VOXEL, offsets=offsets)
-        return [index.kernel_map(wl.K, s) for _, _, s in wl.LAYERS]
+        return index.kernel_maps(wl.K, [s for _, _, s in wl.LAYERS])
 
     digest = hashlib.sha256()
     for km in maps() + [cuda.NeighborIndex(big, wl.BIG_VOXEL).kernel_map(wl.K, 1)]:

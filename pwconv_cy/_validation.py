@@ -200,6 +200,20 @@ def check_dilation(value) -> int:
     return s
 
 
+def check_dilations(values) -> tuple:
+    """A sequence of dilations (each as check_dilation) as a tuple of ints; empty is allowed."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"dilations must be a sequence of integers >= 1 (e.g. (1, 2, 3, 4)), got "
+                        f"{type(values).__name__} {values!r}; for one map use kernel_map")
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(check_dilation(value))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"dilations[{i}]: {exc}") from None
+    return tuple(out)
+
+
 # The one rule for threads, everywhere (functions, NeighborIndex, layers, the torch and JAX
 # adapters): num_threads=None is the OpenMP default of the calling thread in the runtime the core
 # is linked with (omp_get_max_threads: OMP_NUM_THREADS, threadpoolctl.threadpool_limits,

@@ -145,7 +145,8 @@ class _PointwiseNet:
                 raise ValueError(f"feats must have shape {pts.shape[:-1] + (self.in_channels,)}, "
                                  f"got {x.shape}")
         index = NeighborIndex(pts, self.voxel_size, offsets=offsets)
-        self.kernel_maps = {s: index.kernel_map(3, s) for s in sorted(set(self.dilations))}
+        dilations = sorted(set(self.dilations))
+        self.kernel_maps = dict(zip(dilations, index.kernel_maps(3, dilations)))
         return pts, x
 
     def _trunk_forward(self, pts, x, offsets):

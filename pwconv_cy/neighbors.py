@@ -13,11 +13,12 @@ import numpy as np
 
 from pwconv_cy import _core
 from pwconv_cy._arrays import CallArrays, describe, export, kind_of
-from pwconv_cy._config import check_budget, max_pairs_within, resolve_budget
+from pwconv_cy._config import MemoryBudgetError, check_budget, max_pairs_within, resolve_budget
 from pwconv_cy._validation import (
     PointBatch,
     check_choice,
     check_dilation,
+    check_dilations,
     check_extent,
     check_kernel_size,
     check_leaf_size,
@@ -402,6 +403,43 @@ class NeighborIndex:
                      pairs.complete)
         splits = pairs.splits()
         return call.export((splits, pairs.emit_radius(splits, threads)))
+
+    def kernel_maps(self, kernel_size=3, dilations=(1,), *, voxel_size=None, queries=None,
+                    query_offsets=None, num_threads=None, memory_budget=None) -> list:
+        """One kernel map per dilation in `dilations` (the paper's network: (1, 2, 3, 4)), each
+        equal to ``kernel_map(kernel_size, s, ...)``.  ``memory_budget`` bounds all the maps
+        together.  On the GPU the maps are made together (one search launch, one scan and one
+        fill for all of them; their index and cell arrays are views of one buffer each); on the
+        CPU one after the other."""
+        call = self._call(queries, query_offsets)
+        if self._gpu is not None:
+            return [call.export(km) for km in self._gpu.kernel_maps(
+                kernel_size, dilations, voxel_size=voxel_size, queries=call["queries"],
+                query_offsets=query_offsets, num_threads=num_threads,
+                memory_budget=memory_budget)]
+        dilations = check_dilations(dilations)
+        budget = resolve_budget(memory_budget)
+        maps, used = [], 0
+        for s in dilations:
+            if used >= budget:
+                raise MemoryBudgetError(
+                    f"kernel_maps: the maps for dilations {dilations[:len(maps)]} already use "
+                    f"{used:,} bytes of the memory budget of {budget:,} bytes; make fewer maps per "
+                    "call, or raise the budget with pwconv_cy.set_memory_budget(nbytes) or "
+                    "memory_budget=...")
+            try:
+                km = self.kernel_map(kernel_size, s, voxel_size=voxel_size, queries=queries,
+                                     query_offsets=query_offsets, num_threads=num_threads,
+                                     memory_budget=budget - used)
+            except MemoryBudgetError as exc:
+                if not maps:
+                    raise
+                raise MemoryBudgetError(
+                    f"kernel_maps, dilation {s} (the maps for dilations {dilations[:len(maps)]} "
+                    f"already use {used:,} of the {budget:,}-byte budget): {exc}") from None
+            used += sum(int(getattr(a, "nbytes", 0)) for a in (km.splits, km.index, km.cell))
+            maps.append(km)
+        return maps
 
     def kernel_map(self, kernel_size=3, dilation=1, *, voxel_size=None, queries=None,
                    query_offsets=None, num_threads=None, memory_budget=None) -> KernelMap:

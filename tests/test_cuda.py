@@ -136,14 +136,14 @@ def test_rows_scheme_capacities_match_kernels():
     would let the planner pick blocks whose sums overrun the shared arrays."""
     import re
 
-    from pwconv_cy.cuda import _conv
+    from pwconv_cy.cuda import _conv, _search
 
     source = KERNELS_CU.read_text()
     for define, value in (("SUMS_BYTES", _conv.ROWS_SUMS_BYTES),
                           ("TALLY_CAP", _conv.ROWS_TALLY_CAP),
                           ("ACC_BYTES", _conv.ROWS_ACC_BYTES),
                           ("ROW_THREADS", _conv.ROWS_THREADS),
-                          ("WEIGHTS_TALLY_CAP", _conv.WEIGHTS_TALLY_CAP),
+                          ("WEIGHTS_TALLY_CAP", _search.WEIGHTS_TALLY_CAP),
                           ("SUM_SLICES", _conv.SUM_SLICES)):
         found = re.search(rf"#define PWCONV_CUDA_{define} (\d+)", source)
         assert found is not None, f"PWCONV_CUDA_{define} is not defined in kernels.cu"
@@ -595,6 +595,24 @@ def _emulate_scenario(be, name, operator=True):
     for a, b in zip(again, (splits, index, cell)):
         np.testing.assert_array_equal(a, b, err_msg=f"{name}: reversed schedule")
     report["row_table_slots"] = int(grid.table_keys.shape[0]) if grid.table_bits else 0
+    # several maps of one grid made together (one launch per pass, map d = grid row d): each
+    # the oracle's, the same dilation twice included
+    dils = (s, 1, s + 1, s)
+    multi = _search.kernel_maps_arrays(
+        be, grid, v, k, dils, _cell_dtype(k), 1 << 40,
+        None if q is None else np.ascontiguousarray(q), q_offsets)
+    assert len(multi) == len(dils)
+    for d, (ms, mi, mc, me) in zip(dils, multi):
+        od = om if d == s else oracles.kernel_map(p, v, k, d, offsets, q, q_offsets)
+        np.testing.assert_array_equal(ms, od.splits, err_msg=f"{name}: maps, s={d}: splits")
+        np.testing.assert_array_equal(mi, od.index, err_msg=f"{name}: maps, s={d}: index")
+        np.testing.assert_array_equal(mc.astype(np.int64), od.cell,
+                                      err_msg=f"{name}: maps, s={d}: cell")
+        # n_i(f) of every entry, as the row sort (or, for long rows, entry_cell_counts) counts it
+        rows_d = np.repeat(np.arange(len(od.splits) - 1), np.diff(od.splits))
+        np.testing.assert_array_equal(me, od.counts[rows_d, od.cell],
+                                      err_msg=f"{name}: maps, s={d}: entry counts")
+    assert _search.kernel_maps_arrays(be, grid, v, k, (), _cell_dtype(k), 1 << 40) == []
 
     # radius search (both metrics) against brute force
     r = v * 1.5
@@ -617,9 +635,12 @@ def _emulate_scenario(be, name, operator=True):
     errors = {}
     configs = ((False, (3, 5)), (False, (9, 9)), (False, (32, 17)), (False, (40, 3)),
                (True, (6, 6)), (True, (33, 33)))
-    for scheme, atomic in (("bycell", False), ("rows", False), ("auto", False), ("auto", True)):
+    for scheme, atomic, wgrad in (("bycell", False, "rows"), ("rows", False, "rows"),
+                                  ("auto", False, "rows"), ("auto", False, "cells"),
+                                  ("auto", True, "rows")):
         os.environ[_conv.OPERATOR_ENV] = scheme
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if atomic else "1"
+        os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         for dtype in (np.float32, np.float64):
             for depthwise, (c_in, c_out) in configs:
                 km._cache.clear()
@@ -643,7 +664,11 @@ def _emulate_scenario(be, name, operator=True):
                 want = {"bycell": (False, False, False), "rows": rows_ok,
                         "auto": (lanes, lanes, lanes)}[scheme]
                 assert ("conv_entries" in ran) == (scheme == "auto" and lanes), (scheme, ran)
-                assert ("conv_weight_cells" in ran) == (scheme == "auto" and lanes), (scheme, ran)
+                # the entries scheme's weight gradient: the rows kernel where it holds the
+                # weight (PWCONV_CUDA_WEIGHT_GRAD=rows, the default), else by cell
+                by_rows = wgrad == "rows" and rows_ok[2]
+                assert ("conv_weight_cells" in ran) == (scheme == "auto" and lanes
+                                                        and not by_rows), (scheme, wgrad, ran)
                 # PWCONV_CUDA_DETERMINISTIC=0: the entries' input gradient by atomics, no
                 # transposed map
                 assert ("conv_entries_scatter" in ran) == (atomic and lanes), (scheme, ran)
@@ -653,20 +678,23 @@ def _emulate_scenario(be, name, operator=True):
                     assert ("conv_rows" in ran) == (want[0] or want[1]), (scheme, c_in, ran)
                     assert ("conv_weight_rows" in ran) == want[2], (scheme, c_in, c_out, ran)
                 else:
-                    assert not {"conv_rows", "conv_weight_rows"} & ran, (scheme, ran)
+                    assert "conv_rows" not in ran, (scheme, ran)
+                    assert ("conv_weight_rows" in ran) == (scheme == "auto" and lanes
+                                                           and by_rows), (scheme, wgrad, ran)
                 if not any(want):
                     assert "conv_gather_dense" in ran or "conv_gather_depthwise" in ran, ran
                 cached = f"cuda_transposed_rows_{np.dtype(dtype).name}" in km._cache
                 assert cached == want[1], (scheme, c_in, c_out, ran)
                 ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
                 tol = 1e-5 if dtype == np.float32 else 1e-12
-                key = (f"{scheme}{' atomic' if atomic else ''} {np.dtype(dtype).name} "
+                key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {np.dtype(dtype).name} "
                        f"{'depthwise' if depthwise else 'dense'} {c_in}->{c_out}")
                 errors[key] = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
                 assert y.dtype == dx.dtype == dw.dtype == dtype
                 assert max(errors[key]) <= tol, f"{name} {key}: relative errors {errors[key]} > {tol}"
     os.environ.pop(_conv.OPERATOR_ENV)
     os.environ.pop(_conv.DETERMINISTIC_ENV)
+    os.environ.pop(_conv.WEIGHT_GRAD_ENV)
     # the rows scheme's transposed map: each point's entries by ascending row (a row names a
     # point once), whatever the schedule, with weights 1 / n_i(f)
     rows = np.repeat(np.arange(m), np.diff(splits))
@@ -764,27 +792,34 @@ def _emulate_property(be, max_examples: int = 80):
         # the weight gradient's chunks: one per cell, or many (each cell's sum over several)
         chunk = draw(st.sampled_from([_conv.CELL_CHUNK, 1, 3]))
         row_sort = draw(st.sampled_from(["rank", "thread"]))  # who sorts the filled short rows
+        wgrad = draw(st.sampled_from(["rows", "cells"]))  # the entries' weight-gradient kernels
+        # the map alone, or made after another dilation's in the same launches
+        before = draw(st.sampled_from([(), (1,), (3, 2)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, chunk, row_sort, draw(strategies.seeds)
+            short, chunk, row_sort, wgrad, before, draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases())
     def check(case):
-        batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk, row_sort, seed = case
+        (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk, row_sort, wgrad,
+         before, seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
         os.environ[_search.ROW_SORT_ENV] = row_sort
+        os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
         q_off = None if queries is None else queries.offsets
         grid = _search.build_grid(be, np.ascontiguousarray(p), offsets, v)
-        splits, index, cell = _search.kernel_map_arrays(
-            be, grid, v, k, s, _cell_dtype(k), 1 << 40,
-            None if q is None else np.ascontiguousarray(q), q_off)
+        splits, index, cell, entry_counts = _search.kernel_maps_arrays(
+            be, grid, v, k, before + (s,), _cell_dtype(k), 1 << 40,
+            None if q is None else np.ascontiguousarray(q), q_off)[-1]
         om = oracles.kernel_map(p, v, k, s, offsets, q, q_off)
         np.testing.assert_array_equal(splits, om.splits)
         np.testing.assert_array_equal(index, om.index)
         np.testing.assert_array_equal(cell.astype(np.int64), om.cell)
+        rows = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
+        np.testing.assert_array_equal(entry_counts, om.counts[rows, om.cell])
         m = len(splits) - 1
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((len(p), c_in)).astype(dtype)
@@ -798,6 +833,7 @@ def _emulate_property(be, max_examples: int = 80):
             km = KernelMap(splits=splits, index=index, cell=cell, counts=om.counts.astype(np.int32),
                            voxel_size=v, kernel_size=k, dilation=s, n_points=len(p),
                            offsets=offsets, query_offsets=offsets if q is None else q_off)
+            km._cache["cuda_entry_counts"] = entry_counts  # as the map's row sort counted them
             y = _conv.forward(be, km, x, w, c_out, depthwise)
             dx = _conv.backward_input(be, km, dy, w, c_in, depthwise)
             dw = _conv.backward_weight(be, km, x, dy, c_out, depthwise).reshape(w.shape)
@@ -827,6 +863,7 @@ def _emulate_property(be, max_examples: int = 80):
     finally:
         _search.SHORT_ROW, _conv.CELL_CHUNK = default, default_chunk
         os.environ.pop(_search.ROW_SORT_ENV, None)
+        os.environ.pop(_conv.WEIGHT_GRAD_ENV, None)
     return {"scenario": "property", "examples": max_examples}
 
 
@@ -874,7 +911,9 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_conv.DETERMINISTIC_ENV, _conv.deterministic, {"0": False, "off": False, "1": True},
              True),
             (_search.ROW_SORT_ENV, _search.row_sort_mode, {"thread": "thread", "rank": "rank"},
-             "rank")):
+             "rank"),
+            (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode, {"cells": "cells", " Rows ": "rows"},
+             "rows")):
         monkeypatch.delenv(env, raising=False)
         assert fn() == default, env
         for value, want in good.items():
@@ -983,6 +1022,11 @@ def test_gpu_kernel_map_identical_to_cpu(scenario, row_sort, monkeypatch):
                               queries=None if qd is None else cupy.asarray(qd),
                               query_offsets=q_offsets)
         _assert_same_map(dev, cpu, f"{scenario} {np.dtype(dtype).name}")
+        # with another dilation's map made in the same launches
+        index = cuda.NeighborIndex(cupy.asarray(pd), v, offsets=offsets)
+        both = index.kernel_maps(k, (s + 1, s), queries=None if qd is None else cupy.asarray(qd),
+                                 query_offsets=q_offsets)
+        _assert_same_map(both[1], cpu, f"{scenario} {np.dtype(dtype).name} kernel_maps")
 
 
 @pytest.mark.gpu
@@ -1029,6 +1073,10 @@ def test_gpu_kernel_map_identical_on_sphere_batch(row_sort, monkeypatch):
     cpu_index = pwconv_cy.NeighborIndex(p, 0.1, offsets=offsets)
     for s in (1, 2, 3, 4):
         _assert_same_map(index.kernel_map(3, s), cpu_index.kernel_map(3, s), f"sphere s={s}")
+    # the four maps made together (one launch per pass), as the paper's network asks for them
+    for s, km in zip((1, 2, 3, 4), index.kernel_maps(3, (1, 2, 3, 4))):
+        assert km.dilation == s
+        _assert_same_map(km, cpu_index.kernel_map(3, s), f"sphere kernel_maps s={s}")
 
 
 @pytest.mark.gpu
@@ -1076,12 +1124,13 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
     (False, 3, 9, False), (False, 9, 9, False), (False, 64, 48, False), (False, 5, 7, True),
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
-    each operator scheme (auto takes "entries" up to 32 channels), and with the opt-in atomic
-    input gradient (PWCONV_CUDA_DETERMINISTIC=0)."""
+    each operator scheme (auto takes "entries" up to 32 channels), with the opt-in atomic input
+    gradient (PWCONV_CUDA_DETERMINISTIC=0) and with the entries' weight gradient by cell
+    (PWCONV_CUDA_WEIGHT_GRAD=cells)."""
     import cupy
 
     import pwconv_cy
@@ -1091,6 +1140,8 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
     monkeypatch.setenv(_conv.OPERATOR_ENV, scheme.split("-")[0])
     if scheme.endswith("atomic"):
         monkeypatch.setenv(_conv.DETERMINISTIC_ENV, "0")
+    if scheme.endswith("cells"):
+        monkeypatch.setenv(_conv.WEIGHT_GRAD_ENV, "cells")
 
     rng = np.random.default_rng(c_in * 31 + c_out + dilation)
     p, offsets, q, q_off, x, w, dy = _conv_case(rng, dtype, depthwise, c_in, c_out, queries)
@@ -1113,7 +1164,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -1121,7 +1172,9 @@ def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     from pwconv_cy import cuda
     from pwconv_cy.cuda import _conv
 
-    monkeypatch.setenv(_conv.OPERATOR_ENV, scheme)
+    monkeypatch.setenv(_conv.OPERATOR_ENV, scheme.split("-")[0])
+    if scheme.endswith("cells"):
+        monkeypatch.setenv(_conv.WEIGHT_GRAD_ENV, "cells")
 
     rng = np.random.default_rng(11)
     p, offsets, _, _, x, w, dy = _conv_case(rng, np.float32, depthwise, 9, 9, False)

@@ -305,6 +305,47 @@ def test_neighbor_index_reused_for_dilations_equals_fresh_kernel_maps(cloud, vox
     assert_kernel_maps_identical(again, pc.kernel_map(points, voxel, kernel_size=K, method=method))
 
 
+@FEW
+@given(batch=S.batches(), voxel=S.voxel_sizes, K=st.sampled_from((1, 3, 5)),
+       dilations=st.lists(st.integers(1, 4), max_size=4), method=S.methods,
+       with_queries=st.booleans(), seed=S.seeds)
+def test_kernel_maps_equal_one_kernel_map_per_dilation(batch, voxel, K, dilations, method,
+                                                       with_queries, seed):
+    """NeighborIndex.kernel_maps: one map per dilation (repeats and none included), each the
+    map kernel_map makes for it, with or without queries."""
+    queries = q_offsets = None
+    if with_queries:
+        rng = np.random.default_rng(seed)
+        counts = rng.integers(0, 6, size=len(batch.offsets) - 1)
+        q_offsets = np.concatenate([[0], np.cumsum(counts)])
+        queries = rng.uniform(-1.2, 1.2, size=(int(q_offsets[-1]), 3))
+    index = pc.NeighborIndex(batch.points, voxel, offsets=batch.offsets, method=method)
+    maps = index.kernel_maps(K, dilations, queries=queries, query_offsets=q_offsets)
+    assert len(maps) == len(dilations)
+    for s, km in zip(dilations, maps):
+        assert km.dilation == s and km.kernel_size == K
+        assert_kernel_maps_identical(km, index.kernel_map(K, s, queries=queries,
+                                                          query_offsets=q_offsets))
+
+
+def test_kernel_maps_checks_dilations_and_bounds_all_maps_by_the_budget(rng):
+    points = rng.uniform(-1, 1, size=(400, 3))
+    index = pc.NeighborIndex(points, 0.2)
+    for bad, err, text in ((3, TypeError, "dilations must be a sequence of integers"),
+                           ("12", TypeError, "dilations must be a sequence"),
+                           ([1, 0], ValueError, r"dilations\[1\]: dilation must be >= 1, got 0"),
+                           ([2.0], TypeError, r"dilations\[0\]: dilation must be an integer")):
+        with pytest.raises(err, match=text):
+            index.kernel_maps(3, bad)
+    maps = index.kernel_maps(3, np.array([1, 2]))
+    first = sum(a.nbytes for a in (maps[0].splits, maps[0].index, maps[0].cell))
+    # room for the first map (and its temporaries), not for both
+    budget = 2 * first + 20 * maps[0].n_pairs
+    with pytest.raises(pc.MemoryBudgetError, match=r"kernel_maps, dilation 2 \(the maps for "
+                                                   r"dilations \(1,( 2)?\) already use"):
+        index.kernel_maps(3, (1, 2, 2, 2, 2), memory_budget=budget)
+
+
 def test_neighbor_index_default_voxel_is_cell_size_and_queries_work(rng):
     points = rng.uniform(-1, 1, size=(300, 3))
     queries = rng.uniform(-1.2, 1.2, size=(50, 3))

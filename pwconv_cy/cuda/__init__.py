@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from pwconv_cy.cuda._backend import MAX_KERNEL_SIZE, CudaKernelError, debug_enabled
 
+#: Where a GPU kernel map keeps n_i(f) of each entry ((E,) int32, made with the map).
+ENTRY_COUNTS_KEY = "cuda_entry_counts"
+
 __all__ = [
     "MAX_KERNEL_SIZE",
     "CudaKernelError",
@@ -213,32 +216,52 @@ class NeighborIndex:
                    query_offsets=None, num_threads=None, memory_budget=None):
         """The kernel map of SPEC §1 (voxel_size defaults to the index's cell size); a
         :class:`pwconv_cy.KernelMap` of CuPy arrays, identical to the CPU's."""
+        from pwconv_cy._validation import check_dilation
+
+        return self.kernel_maps(kernel_size, (check_dilation(dilation),), voxel_size=voxel_size,
+                                queries=queries, query_offsets=query_offsets,
+                                memory_budget=memory_budget)[0]
+
+    def kernel_maps(self, kernel_size=3, dilations=(1,), *, voxel_size=None, queries=None,
+                    query_offsets=None, num_threads=None, memory_budget=None) -> list:
+        """One kernel map per dilation in `dilations` (the paper's network: 1, 2, 3, 4), each
+        identical to ``kernel_map(kernel_size, s)``, made together: one search launch, one scan
+        and one fill for all of them (the maps' index and cell arrays are views of one shared
+        buffer each).  ``memory_budget`` bounds all the maps together."""
         from pwconv_cy._validation import (
-            check_dilation,
+            check_dilations,
             check_extent,
             check_kernel_size,
             check_positive,
         )
         from pwconv_cy.cuda import _validation as V
-        from pwconv_cy.cuda._search import kernel_map_arrays
+        from pwconv_cy.cuda._search import kernel_maps_arrays
         from pwconv_cy.neighbors import KernelMap, _cell_dtype
 
         v = self.cell_size if voxel_size is None else check_positive(voxel_size, "voxel_size")
         k = check_kernel_size(kernel_size)
         _check_kernel_size_gpu(k)
-        s = check_dilation(dilation)
-        check_extent(v, k, s)
+        dilations = check_dilations(dilations)
+        for s in dilations:
+            check_extent(v, k, s)
         q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
         be = self._be
         with _device_of(self._batch.points):
-            splits, index, cell = kernel_map_arrays(
-                be, self._grid, v, k, s, _cell_dtype(k), _budget(be, memory_budget), q, q_offsets)
-            q_digest = None if q is None else _device_digest(be, q, q_offsets)
-            return KernelMap(
-                splits=splits, index=index, cell=cell, counts=None, voxel_size=v,
-                kernel_size=k, dilation=s, n_points=self.n_points, offsets=self._batch.offsets,
-                query_offsets=self._batch.offsets if q is None else q_offsets,
-                points_digest=self.points_digest, queries_digest=q_digest)
+            arrays = kernel_maps_arrays(be, self._grid, v, k, dilations, _cell_dtype(k),
+                                        _budget(be, memory_budget), q, q_offsets)
+            q_digest = None if q is None or not dilations else _device_digest(be, q, q_offsets)
+            maps = []
+            for s, (splits, index, cell, entry_counts) in zip(dilations, arrays):
+                km = KernelMap(
+                    splits=splits, index=index, cell=cell, counts=None, voxel_size=v,
+                    kernel_size=k, dilation=s, n_points=self.n_points,
+                    offsets=self._batch.offsets,
+                    query_offsets=self._batch.offsets if q is None else q_offsets,
+                    points_digest=self.points_digest, queries_digest=q_digest)
+                # n_i(f) of every entry, counted by the map's row sort: the operator's weights
+                km._cache[ENTRY_COUNTS_KEY] = entry_counts
+                maps.append(km)
+            return maps
 
     def radius_search(self, radius, queries=None, *, query_offsets=None, metric="chebyshev",
                       num_threads=None, memory_budget=None):

@@ -86,6 +86,10 @@ def counts_name(cell_dtype) -> str:
     return f"row_cell_counts<{CELL_CTYPES[np.dtype(cell_dtype)]}>"
 
 
+def entry_counts_name(cell_dtype) -> str:
+    return f"entry_cell_counts<{CELL_CTYPES[np.dtype(cell_dtype)]}>"
+
+
 def order_name(cell_dtype) -> str:
     return f"order_rows_by_cell<{CELL_CTYPES[np.dtype(cell_dtype)]}>"
 
@@ -107,9 +111,10 @@ def digest_name(dtype) -> str:
 
 
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
-                "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells")
-ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "entry_weights", "permute_entries",
-                "conv_entries", "conv_entries_scatter")
+                "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells",
+                "weights_from_counts")
+ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "permute_entries", "conv_entries",
+                "conv_entries_scatter")
 
 #: Template instantiations requested from NVRTC (get_function needs these exact strings).
 NAME_EXPRESSIONS = tuple(
@@ -118,6 +123,7 @@ NAME_EXPRESSIONS = tuple(
     + [split_name(dt) for dt in CELL_CTYPES]
     + [order_name(dt) for dt in CELL_CTYPES]
     + [counts_name(dt) for dt in CELL_CTYPES]
+    + [entry_counts_name(dt) for dt in CELL_CTYPES]
     + [conv_name(k, dt) for k in CONV_KERNELS for dt in FLOAT_CTYPES]
     + [rows_name(k, dt, ct) for k in ROWS_KERNELS for dt in FLOAT_CTYPES for ct in CELL_CTYPES]
     + [digest_name(dt) for dt in DIGEST_TYPES])

@@ -7,9 +7,11 @@ Three schemes, with the same results to rounding and each bit-identical from run
   thread per (row, output channel) adding w_e * (x_j . W_f[:, o]) over the row's entries in map
   order -- no per-cell tables, which the paper's sparse rows (7-18 entries spread over up to 27
   cells) mostly leave empty; the input gradient runs the same kernel over the transposed map
-  (the "rows" scheme's, below).  The weight gradient reads the entries ordered by cell (one
-  stable sort): fixed chunks of a cell's run each add their entries' outer products in registers,
-  then a second kernel adds each cell's chunks in chunk order.
+  (the "rows" scheme's, below).  The weight gradient is the "rows" scheme's (conv_weight_rows,
+  the map read as it is) where its shared accumulators hold the weight, else
+  (or with ``PWCONV_CUDA_WEIGHT_GRAD=cells``) it reads the entries ordered by cell (one stable
+  sort): fixed chunks of a cell's run each add their entries' outer products in registers, then
+  a second kernel adds each cell's chunks in chunk order.
 * "rows" (kernels.cu's conv_rows, conv_weight_rows): a group of lanes per row reads the row's
   entries in map order and sums them per kernel cell in shared memory, so the forward needs no
   reordering of the map; the input gradient runs the same kernel over the transposed map, whose
@@ -45,6 +47,7 @@ __all__ = [
     "by_cell",
     "cell_entries",
     "deterministic",
+    "entry_counts",
     "entry_weights",
     "forward",
     "rows_per_partial",
@@ -53,6 +56,7 @@ __all__ = [
     "transposed",
     "transposed_by_cell",
     "transposed_rows",
+    "weight_grad_mode",
 ]
 
 i64 = np.int64
@@ -66,12 +70,11 @@ PARTIAL_BYTES = 256 * 1024 * 1024
 SUM_SLICES = 8
 
 # Capacities of the "rows" kernels (kernels.cu: PWCONV_CUDA_SUMS_BYTES, _TALLY_CAP, _ACC_BYTES,
-# _ROW_THREADS, _WEIGHTS_TALLY_CAP): keep in step.
+# _ROW_THREADS; _WEIGHTS_TALLY_CAP is _search.py's): keep in step.
 ROWS_SUMS_BYTES = 16384
 ROWS_TALLY_CAP = 1024
 ROWS_ACC_BYTES = 20480
 ROWS_THREADS = 256
-WEIGHTS_TALLY_CAP = 8192
 OPERATOR_ENV = "PWCONV_CUDA_OPERATOR"
 OPERATOR_SCHEMES = ("auto", "entries", "rows", "bycell")
 #: Channels per side up to which the "entries" and "rows" kernels apply (the lanes of a warp).
@@ -81,6 +84,25 @@ CELL_CHUNK = 1024
 
 
 DETERMINISTIC_ENV = "PWCONV_CUDA_DETERMINISTIC"
+#: Which kernels make the "entries" scheme's weight gradient: "rows" (default: conv_weight_rows
+#: over the map as it is, where its shared accumulators hold the weight) or "cells"
+#: (conv_weight_cells over the entries sorted by cell).  Same results to rounding.
+WEIGHT_GRAD_ENV = "PWCONV_CUDA_WEIGHT_GRAD"
+WEIGHT_GRAD_MODES = ("rows", "cells")
+
+
+def weight_grad_mode() -> str:
+    """PWCONV_CUDA_WEIGHT_GRAD: "rows" (default) or "cells".
+
+    "rows" reads the map in its own order, a block of rows at a time, and needs no sorted copy
+    of the map: on an H200 (paper workload, 19:42 run of 2026-11-26) it took 0.31-0.41 ms of wall
+    time per layer against 0.41-0.64 ms for sorting the entries by cell and running
+    conv_weight_cells.  "cells" is used anyway where the weight outgrows the rows kernel's
+    shared accumulators (rows_plan)."""
+    mode = os.environ.get(WEIGHT_GRAD_ENV, "rows").strip().lower() or "rows"
+    if mode not in WEIGHT_GRAD_MODES:
+        raise ValueError(f"{WEIGHT_GRAD_ENV} must be rows or cells, got {mode!r}")
+    return mode
 
 
 def deterministic() -> bool:
@@ -200,19 +222,29 @@ def transposed_by_cell(be, km) -> dict:
     return km._cache["cuda_transposed_by_cell"]
 
 
+def entry_counts(be, km):
+    """counts (E,) int32: n_i(f) of every map entry (row i, cell f), in map order -- made with
+    the map by its row sort (pwconv_cy.cuda.ENTRY_COUNTS_KEY), else here (one thread per row, no
+    atomics) and cached on the map."""
+    from pwconv_cy.cuda import ENTRY_COUNTS_KEY
+    from pwconv_cy.cuda._search import entry_cell_counts
+
+    if ENTRY_COUNTS_KEY not in km._cache:
+        km._cache[ENTRY_COUNTS_KEY] = entry_cell_counts(be, km.splits, km.cell,
+                                                        km.kernel_size ** 3)
+    return km._cache[ENTRY_COUNTS_KEY]
+
+
 def entry_weights(be, km, dtype):
-    """w (E,) `dtype`: 1 / n_i(f) of every map entry (row i, cell f), in map order; one thread per
-    row, no atomics.  Cached on the map: the forward, the transposed map and the by-cell order of
+    """w (E,) `dtype`: 1 / n_i(f) of every map entry (row i, cell f), in map order, from
+    entry_counts.  Cached on the map: the forward, the transposed map and the by-cell order of
     the weight gradient share it."""
     key = f"cuda_entry_weights_{np.dtype(dtype).name}"
     if key not in km._cache:
-        xp = be.xp
-        m = km.n_queries
-        n_cells = km.kernel_size ** 3
-        weight = xp.empty(int(km.index.shape[0]), dtype=dtype)
-        threads = max(1, min(THREADS, WEIGHTS_TALLY_CAP // n_cells))
-        be.launch(rows_name("entry_weights", dtype, km.cell.dtype), (blocks(m, threads),),
-                  (threads,), (i64(m), km.splits, km.cell, i32(n_cells), weight))
+        counts = entry_counts(be, km)
+        weight = be.xp.empty(int(counts.shape[0]), dtype=dtype)
+        be.launch(conv_name("weights_from_counts", dtype), (blocks(int(counts.shape[0])),),
+                  (THREADS,), (i64(int(counts.shape[0])), counts, weight))
         km._cache[key] = weight
     return km._cache[key]
 
@@ -426,14 +458,15 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
     if m == 0:
         return dw
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
-    if scheme == "entries":
+    plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
+    if scheme == "entries" and (weight_grad_mode() == "cells" or plan is None):
         _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw)
         return dw
     rpb = rows_per_partial(m, w_size, x.dtype.itemsize)
     n_blocks = -(-m // rpb)
     partial = xp.empty(n_blocks * w_size, dtype=x.dtype)
-    if scheme == "rows":
-        group, per_block = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
+    if scheme in ("rows", "entries"):  # entries: its weight gradient by rows (weight_grad_mode)
+        group, per_block = plan
         be.launch(rows_name("conv_weight_rows", x.dtype, km.cell.dtype), (n_blocks,),
                   (per_block * group,),
                   (i64(m), km.splits, km.index, km.cell, i32(n_cells), x, i32(c_in), dy,

@@ -31,9 +31,11 @@ __all__ = [
     "blocks",
     "build_grid",
     "cell_bits_for",
+    "entry_cell_counts",
     "expand_rows",
     "kernel_map_arrays",
     "kernel_map_counts",
+    "kernel_maps_arrays",
     "points_digest",
     "radius_search_arrays",
 ]
@@ -56,6 +58,8 @@ def row_sort_mode() -> str:
 
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
 THREADS = 256
+#: Cell tallies per block of entry_cell_counts (kernels.cu's PWCONV_CUDA_WEIGHTS_TALLY_CAP).
+WEIGHTS_TALLY_CAP = 8192
 
 i64 = np.int64
 i32 = np.int32
@@ -264,21 +268,28 @@ def expand_rows(be, splits, n_entries: int):
     return row_of
 
 
-def _scan(be, row_len):
-    """splits (m + 1,) int64 and, on the host, (total, longest row)."""
+def _scan(be, row_len, every: int = 0):
+    """splits (m + 1,) int64 and, on the host, (total, longest row) -- with every > 0 (a divisor
+    of m), (splits[::every] as a host array, longest row), in the same one transfer."""
     xp = be.xp
     m = int(row_len.shape[0])
     splits = xp.zeros(m + 1, dtype=xp.int64)
     if m == 0:
-        return splits, 0, 0
+        return splits, (np.zeros(1, dtype=np.int64) if every else 0), 0
     splits[1:] = xp.cumsum(row_len)
-    total, longest = (int(v) for v in be.to_host(xp.stack([splits[-1], row_len.max()])))
-    return splits, total, longest
+    marks = splits[::every] if every else splits[-1:]
+    host = be.to_host(xp.concatenate([marks, row_len.max().reshape(1)]))
+    longest = int(host[-1])
+    return splits, (np.asarray(host[:-1], dtype=np.int64) if every else int(host[0])), longest
 
 
-def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status, what: str):
-    """keys (n_pairs,) int64 of a fill pass, rows of at most SHORT_ROW entries sorted (by the
-    fill threads themselves, or by sort_rows_by_rank after an unsorted fill: row_sort_mode)."""
+def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status, what: str,
+                 cell_bits=None):
+    """(keys (n_pairs,) int64, counts) of a fill pass, rows of at most SHORT_ROW entries sorted
+    (by the fill threads themselves, or by sort_rows_by_rank after an unsorted fill:
+    row_sort_mode).  With cell_bits (kernel maps: the keys' cell bits, 0 for K = 1), the rank
+    sort also counts each sorted entry's n_i(f): counts (n_pairs,) int32, complete for the rows it
+    sorted; None when it did not run."""
     xp = be.xp
     m = int(splits.shape[0]) - 1
     by_rank = row_sort_mode() == "rank"
@@ -286,12 +297,32 @@ def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, sta
     be.launch(fill_name, grid_dim, (SEARCH_THREADS,),
               head + (dummy, splits, keys, i64(0 if by_rank else SHORT_ROW), status))
     be.check_status(status, what)
+    counts = None
     if by_rank and n_pairs:
         unsorted, keys = keys, xp.empty(n_pairs, dtype=xp.int64)
+        with_counts = cell_bits is not None
+        counts = xp.empty(n_pairs if with_counts else 1, dtype=xp.int32)
         be.launch("sort_rows_by_rank", (blocks(32 * m),), (THREADS,),
-                  (i64(m), splits, unsorted, keys, i64(SHORT_ROW)))
+                  (i64(m), splits, unsorted, keys, i64(SHORT_ROW),
+                   i64((1 << cell_bits) - 1 if with_counts else 0), i32(int(with_counts)),
+                   counts))
         del unsorted
-    return keys
+        if not with_counts:
+            counts = None
+    return keys, counts
+
+
+def entry_cell_counts(be, splits, cell, n_cells: int):
+    """counts (E,) int32: n_i(f) of every entry of a kernel map (row i, cell f), one thread per
+    row (entry_cell_counts), for maps whose row sort did not count them."""
+    from pwconv_cy.cuda._backend import entry_counts_name
+
+    m = int(splits.shape[0]) - 1
+    counts = be.xp.empty(int(cell.shape[0]), dtype=be.xp.int32)
+    threads = max(1, min(THREADS, WEIGHTS_TALLY_CAP // n_cells))
+    be.launch(entry_counts_name(cell.dtype), (blocks(m, threads),), (threads,),
+              (i64(m), splits, cell, i32(n_cells), counts))
+    return counts
 
 
 def _sort_long_rows(be, splits, keys, key_bits: int):
@@ -326,39 +357,72 @@ def kernel_map_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int,
     not made (kernel_map_counts computes them when asked for).
 
     queries: (m, 3) float64 on the device with host query_offsets, or None for the points."""
+    return kernel_maps_arrays(be, grid, voxel_size, kernel_size, (dilation,), cell_dtype, budget,
+                              queries, query_offsets)[0][:3]
+
+
+def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int, dilations,
+                       cell_dtype, budget: int, queries=None, query_offsets=None) -> list:
+    """The kernel maps of the same queries for each dilation in `dilations` (same voxel size and
+    kernel size), as kernel_map_arrays' (splits, index, cell) each plus entry_counts (E,) int32
+    (n_i(f) of each entry, counted by the row sort), made together: one count launch, one scan
+    (one host synchronisation), one fill launch, one row sort for all of them (map d is rows
+    d * m ... of one CSR; its index, cell and entry_counts are views of shared arrays)."""
     xp = be.xp
-    k, s = int(kernel_size), int(dilation)
+    k = int(kernel_size)
+    dilations = [int(s) for s in dilations]
+    n_maps = len(dilations)
+    if n_maps == 0:
+        return []
+    if n_maps > 65535:
+        raise ValueError(f"at most 65535 maps per call (one CUDA grid row each), got {n_maps}")
     n_cells = k ** 3
     bits = cell_bits_for(k)
     n = grid.n_points
     if not (bits < 62 and (n >> (62 - bits)) == 0):
         raise ValueError("n_points * kernel_size**3 must fit in 62 bits")
     m, qrow, qx, qy, qz, q_offsets = _queries(be, grid, queries, query_offsets)
-    axis_d = xp.empty(2 * k, dtype=xp.float64)
-    be.launch("kernel_axis_diffs", (1,), (1,), (f64(voxel_size), i32(k), i32(s), axis_d))
+    dil = be.to_device(np.asarray(dilations, dtype=np.int32))
+    axis_d = xp.empty(n_maps * 2 * k, dtype=xp.float64)
+    be.launch("kernel_axis_diffs", (blocks(n_maps),), (THREADS,),
+              (f64(voxel_size), i32(k), i64(n_maps), dil, axis_d))
     head = (i64(m), qrow, qx, qy, qz, q_offsets, i64(grid.n_clouds)) + grid.grid_args() + (
-        f64(voxel_size), i32(k), i32(s), i32(bits), axis_d)
-    row_len = xp.zeros(m, dtype=xp.int64)
+        f64(voxel_size), i32(k), dil, i32(bits), axis_d)
+    rows = n_maps * m
+    row_len = xp.zeros(rows, dtype=xp.int64)
     status = xp.zeros(1, dtype=xp.int32)
     dummy = xp.zeros(1, dtype=xp.int64)
-    grid_dim = (blocks(m, SEARCH_THREADS),)
+    grid_dim = (blocks(m, SEARCH_THREADS), n_maps)
     be.launch(kernel_map_name(k, False), grid_dim, (SEARCH_THREADS,),
               head + (row_len, dummy, dummy, i64(SHORT_ROW), status))
-    splits, n_pairs, longest = _scan(be, row_len)
+    splits, firsts, longest = _scan(be, row_len, every=max(m, 1))
+    n_pairs = int(firsts[-1])  # firsts[d]: where map d's entries start
     del row_len
-    counts_bytes = 4 * m * n_cells  # made if KernelMap.counts is read: keep room for them
-    pair_bytes = 16 + np.dtype(cell_dtype).itemsize
-    _budget_check(n_pairs, pair_bytes * n_pairs + counts_bytes, budget, "kernel_map (GPU)",
-                  "reduce voxel_size, kernel_size or dilation, or split the batch")
-    keys = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy, splits, n_pairs,
-                        status, "kernel_map fill pass")
+    counts_bytes = 4 * rows * n_cells  # made if KernelMap.counts is read: keep room for them
+    pair_bytes = 20 + np.dtype(cell_dtype).itemsize  # keys x 2, index, entry count, cell
+    what = "kernel_map (GPU)" if n_maps == 1 else f"kernel_maps (GPU, {n_maps} dilations)"
+    _budget_check(n_pairs, pair_bytes * n_pairs + counts_bytes, budget, what,
+                  "reduce voxel_size, kernel_size or dilation, or split the batch"
+                  + ("" if n_maps == 1 else ", or make fewer maps per call"))
+    keys, counts = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy, splits,
+                                n_pairs, status, "kernel_map fill pass", cell_bits=bits)
     if longest > SHORT_ROW:
         keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
     index = xp.empty(n_pairs, dtype=xp.int64)
     cell = xp.empty(n_pairs, dtype=cell_dtype)
     be.launch(split_name(cell_dtype), (blocks(n_pairs),), (THREADS,),
               (i64(n_pairs), keys, i32(bits), index, cell))
-    return splits, index, cell
+    del keys
+    if counts is None or longest > SHORT_ROW:  # rows the rank sort did not count
+        counts = entry_cell_counts(be, splits, cell, n_cells)
+    if n_maps == 1:
+        return [(splits, index, cell, counts)]
+    out = []
+    for d in range(n_maps):  # each map's splits from 0
+        a, b = (int(firsts[d]), int(firsts[d + 1])) if m else (0, 0)
+        split_d = splits[d * m:(d + 1) * m + 1] - i64(a)
+        out.append((split_d, index[a:b], cell[a:b], counts[a:b]))
+    return out
 
 
 def kernel_map_counts(be, splits, cell, n_cells: int):
@@ -387,8 +451,8 @@ def radius_search_arrays(be, grid: DeviceGrid, radius: float, euclidean: bool, b
     del row_len
     _budget_check(n_pairs, 16 * n_pairs, budget, "radius_search (GPU)",
                   "reduce the radius, search fewer queries per call or split the batch")
-    keys = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs, status,
-                        "radius_search fill pass")
+    keys, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs, status,
+                           "radius_search fill pass")
     if longest > SHORT_ROW:
         keys = _sort_long_rows(be, splits, keys, max(1, grid.n_points).bit_length())
     return splits, keys

@@ -457,12 +457,16 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
 // Kernel map (SPEC §1): count pass, scan (in Python), fill pass
 // ============================================================================================
 
-/// One thread per query.  Thread t handles query row qrow[t] at (qx[t], qy[t], qz[t]) (for the
-/// points themselves: the sorted grid order, which keeps neighbouring threads on neighbouring
-/// cells); its cloud is found in query_offsets.
-/// FILL = 0: row_len[row] = number of neighbours.  FILL = 1: writes the keys
-/// (index << cell_bits) | cell of the row at keys[splits[row]...], sorted ascending when the row
-/// has at most short_row entries; *status = 1 if a row's count differs from its length.
+/// One thread per query and map.  Several maps of the same queries (same voxel size and kernel
+/// size, dilations[d] for map d = blockIdx.y) are made by one launch, as one CSR of
+/// n_maps * m rows, map d's rows at d * m: the maps' threads share the device (one wave of
+/// latency-bound threads instead of several) and their scan one host synchronisation.
+/// Thread t handles query row qrow[t] at (qx[t], qy[t], qz[t]) (for the points themselves: the
+/// sorted grid order, which keeps neighbouring threads on neighbouring cells); its cloud is
+/// found in query_offsets.
+/// FILL = 0: row_len[d * m + row] = number of neighbours.  FILL = 1: writes the keys
+/// (index << cell_bits) | cell of the row at keys[splits[d * m + row]...], sorted ascending when
+/// the row has at most short_row entries; *status = 1 if a row's count differs from its length.
 /// KC: the kernel size at compile time (0: runtime, up to PWCONV_CUDA_MAX_K).
 template <int KC, int FILL>
 __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
@@ -475,8 +479,10 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
     double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y, long long cmax_z,
     const long long* row_cell_begin, const unsigned long long* table_keys,
     const long long* table_rows, int table_bits,
-    // kernel; axis_d (2K): kernel_axis_differences' start_d then end_d (kernel_axis_diffs)
-    double voxel_size, int kernel_size, int dilation, int cell_bits, const double* axis_d,
+    // kernels; axis_d (n_maps, 2K): kernel_axis_differences' start_d then end_d of each map's
+    // dilation (kernel_axis_diffs)
+    double voxel_size, int kernel_size, const int* dilations, int cell_bits,
+    const double* axis_d_all,
     // outputs
     long long* row_len, const long long* splits, long long* keys, long long short_row,
     int* status) {
@@ -489,9 +495,12 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
                      cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
                      cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
                      row_cell_begin, table_keys, table_rows, table_bits};
-    const i64 row = qrow[t];
+    const int d = blockIdx.y;  // the map
+    const int dilation = dilations[d];
+    const double* axis_d = axis_d_all + (i64)d * 2 * K;
+    const i64 row = qrow[t] + (i64)d * m;  // the row in the maps' CSR
     const double q[3] = {qx[t], qy[t], qz[t]};
-    const i64 cloud = segment_of(query_offsets, n_clouds, row);
+    const i64 cloud = segment_of(query_offsets, n_clouds, qrow[t]);
 
     // The support's lower corner per axis; the kernel's thresholds come in axis_d, made once per
     // map (kernel_axis_diffs).  Grid-cell ranges: one box for dilation 1, each kernel cell's own
@@ -547,9 +556,14 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
 /// at their rank (the number of smaller keys in the row), all lanes reading the row's keys at one
 /// address.  Longer rows are copied as they are (the caller sorts them).  Replaces the fill
 /// thread's own insertion sort, which moved keys in global memory one place at a time.
+/// With count_cells (kernel maps; cell_mask: the key's cell bits, 0 for K = 1), the same pass over
+/// the row also counts the row's keys in each key's cell: counts[b + rank] = n_i(f) of the sorted entry, which the
+/// operator's weights 1 / n_i(f) are made from (rows longer than short_row: left to the caller).
 extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __restrict__ splits,
                                              const long long* __restrict__ in,
-                                             long long* __restrict__ out, long long short_row) {
+                                             long long* __restrict__ out, long long short_row,
+                                             long long cell_mask, int count_cells,
+                                             int* __restrict__ counts) {
     const long long row = pwconv_cuda::global_thread() / 32;
     const int lane = threadIdx.x % 32;
     if (row >= m) return;
@@ -561,18 +575,26 @@ extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __res
     for (long long i = lane; i < len; i += 32) {
         const long long key = in[b + i];
         long long rank = 0;
-        for (long long j = 0; j < len; ++j) rank += in[b + j] < key;
+        int same_cell = 0;
+        for (long long j = 0; j < len; ++j) {
+            const long long other = in[b + j];
+            rank += other < key;
+            same_cell += ((other ^ key) & cell_mask) == 0;
+        }
         out[b + rank] = key;
+        if (count_cells) counts[b + rank] = same_cell;
     }
 }
 
-/// axis_d[0, K) and axis_d[K, 2K): binning.hpp's kernel_axis_differences (start_d, end_d), the
-/// same on every axis and for every query.  One thread.
-extern "C" __global__ void kernel_axis_diffs(double voxel_size, int kernel_size, int dilation,
-                                             double* axis_d) {
-    if (pwconv_cuda::global_thread() != 0) return;
-    pwconv::kernel_axis_differences(voxel_size, kernel_size, dilation, axis_d,
-                                    axis_d + kernel_size);
+/// For each map d < n_maps, axis_d[d * 2K + (0, K)] and [d * 2K + (K, 2K)]: binning.hpp's
+/// kernel_axis_differences (start_d, end_d) of dilation dilations[d], the same on every axis
+/// and for every query.  One thread per map.
+extern "C" __global__ void kernel_axis_diffs(double voxel_size, int kernel_size, long long n_maps,
+                                             const int* dilations, double* axis_d) {
+    const long long d = pwconv_cuda::global_thread();
+    if (d >= n_maps) return;
+    double* out = axis_d + d * 2 * kernel_size;
+    pwconv::kernel_axis_differences(voxel_size, kernel_size, dilations[d], out, out + kernel_size);
 }
 
 /// Radius search (closed cube or ball, binning.hpp's predicates), same scheme as
@@ -879,8 +901,8 @@ __global__ void sum_partials(long long n_blocks, int grouped, const long long* g
 // memory; the cell means then meet the cell matrices.  Sums are formed in entry order, products
 // (FMAs, mul_add) in ascending (cell, channel) order: fixed, so results are bit-identical from
 // run to run.  The input gradient runs the same kernel over the transposed map, whose entries
-// carry their weight 1 / n_i(f) (entry_weights below, then one stable sort of the entries by
-// point: no atomics).  Used for channel counts up to 32 and kernels whose per-cell sums fit the
+// carry their weight 1 / n_i(f) (weights_from_counts below, then one stable sort of the entries
+// by point: no atomics).  Used for channel counts up to 32 and kernels whose per-cell sums fit the
 // shared arrays (see _conv.rows_plan; its capacities mirror the defines below).
 // ============================================================================================
 
@@ -891,7 +913,7 @@ namespace pwconv_cuda {
 #define PWCONV_CUDA_SUMS_BYTES 16384
 #define PWCONV_CUDA_TALLY_CAP 1024
 #define PWCONV_CUDA_ACC_BYTES 20480
-/// Cell tallies of entry_weights's block (one row per thread).
+/// Cell tallies of entry_cell_counts' block (one row per thread).
 #define PWCONV_CUDA_WEIGHTS_TALLY_CAP 8192
 /// Threads per block of the "rows" kernels at most (rows per block * lanes per row).
 #define PWCONV_CUDA_ROW_THREADS 256
@@ -1157,10 +1179,11 @@ __global__ void conv_weight_rows(long long m, const long long* __restrict__ spli
 
 // ============================================================================================
 // Operator, third scheme ("entries", the default up to 32 channels): every map entry carries its
-// weight 1 / n_i(f) (entry_weights), so a row's output is a sum over its entries in map order,
-// one thread per output channel (conv_entries); the input gradient runs the same kernel over the
-// transposed map (permute_entries after one stable sort by point), the weight gradient reads the
-// entries sorted by cell (conv_weight_cells, then sum_partials by cell).  Fixed orders, no atomics.
+// weight 1 / n_i(f) (weights_from_counts, from the n_i(f) the map's row sort counted), so a row's
+// output is a sum over its entries in map order, one thread per output channel (conv_entries);
+// the input gradient runs the same kernel over the transposed map (permute_entries after one
+// stable sort by point); the weight gradient is conv_weight_rows', or reads the entries sorted by
+// cell (conv_weight_cells, then sum_partials by cell).  Fixed orders, no atomics.
 // ============================================================================================
 
 namespace pwconv_cuda {
@@ -1193,8 +1216,8 @@ __device__ __forceinline__ F dot(const F* __restrict__ s, const F* __restrict__ 
 /// (dense: Mt (n_cells, b, a) row-major, each cell's matrix transposed so that a thread reads its
 /// column contiguously: W_f^T for the forward, W itself for the input gradient), or of w[e] *
 /// src[col[e], o] * Mt[cell[e], o] (depthwise, a == b).  w[e] = 1 / n_i(f) of the entry's row i
-/// and cell f (entry_weights, in map order for the forward; the transposed map's weights for the
-/// input gradient), so the sum is sum_f mean_f . M_f without per-cell tables: the paper's sparse
+/// and cell f (weights_from_counts, in map order for the forward; the transposed map's weights
+/// for the input gradient), so the sum is sum_f mean_f . M_f without per-cell tables: the paper's sparse
 /// rows (7-18 entries in up to 27 cells) cost no per-cell zeroing, tallying or scaling.  One
 /// thread per (row, o): b lanes per row (b <= 32), 32 / b rows per warp, so a row's lanes read
 /// each source value at one address.  No shared memory, no atomics, no barriers: each thread adds
@@ -1336,13 +1359,14 @@ extern "C" __global__ void count_per_point(long long n_entries, const long long*
     atomicAdd(per_point + col[e], 1);
 }
 
-/// Weights of the transposed map, in map order: w[e] = 1 / n_i(f) for every entry e of row i in
-/// cell f (n_i(f): the row's entries in cell f).  One thread per row, its cell tally in shared
-/// memory (blockDim.x * n_cells <= PWCONV_CUDA_WEIGHTS_TALLY_CAP); no atomics.  The caller then
-/// orders the entries by point with a stable sort (rows stay ascending within a point).
-template <class F, class CellT>
-__global__ void entry_weights(long long m, const long long* __restrict__ splits,
-                              const CellT* __restrict__ cell, int n_cells, F* __restrict__ w) {
+/// counts[e] = n_i(f) for every entry e of row i in cell f (the row's entries in cell f): one
+/// thread per row, its cell tally in shared memory (blockDim.x * n_cells <=
+/// PWCONV_CUDA_WEIGHTS_TALLY_CAP); no atomics.  For the maps whose rows sort_rows_by_rank did not
+/// count (rows longer than its short_row, or sorted by the fill threads).
+template <class CellT>
+__global__ void entry_cell_counts(long long m, const long long* __restrict__ splits,
+                                  const CellT* __restrict__ cell, int n_cells,
+                                  int* __restrict__ counts) {
     __shared__ int tally_all[PWCONV_CUDA_WEIGHTS_TALLY_CAP];
     const long long i = pwconv_cuda::global_thread();
     if (i >= m) return;
@@ -1350,7 +1374,16 @@ __global__ void entry_weights(long long m, const long long* __restrict__ splits,
     for (int f = 0; f < n_cells; ++f) tally[f] = 0;
     const long long e0 = splits[i], e1 = splits[i + 1];
     for (long long e = e0; e < e1; ++e) tally[(int)cell[e]] += 1;
-    for (long long e = e0; e < e1; ++e) w[e] = F(1) / (F)tally[(int)cell[e]];
+    for (long long e = e0; e < e1; ++e) counts[e] = tally[(int)cell[e]];
+}
+
+/// w[e] = 1 / counts[e] (the entry's n_i(f)), as entry_weights computes it: F(1) / F(n).
+template <class F>
+__global__ void weights_from_counts(long long n_entries, const int* __restrict__ counts,
+                                    F* __restrict__ w) {
+    const long long e = pwconv_cuda::global_thread();
+    if (e >= n_entries) return;
+    w[e] = F(1) / (F)counts[e];
 }
 
 /// The map's entries in a new order (order: position -> map entry; the entries sorted stably by
