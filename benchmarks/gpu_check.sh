@@ -2,7 +2,8 @@
 # One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
 #   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
 #   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
-#   the opt-in K = 3 map kernels (tests, maps, times) -> kernel-time profile (ncu, if installed).
+#   the opt-in K = 3 map kernels (tests, maps, times) -> the operator kernel's unroll variants ->
+#   kernel-time profile (ncu, if installed).
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
@@ -87,6 +88,11 @@ step k3_maps 120 k3.log \
     bash -c 'PWCONV_CUDA_SPECIALISE_K=3 PWCONV_CUDA_DEBUG=1 "$1" -m pytest -q -m gpu \
         tests/test_cuda.py -p no:cacheprovider --maxfail=3; \
         "$1" benchmarks/gpu_search_tuning.py none k3' _ "$PY"
+
+# The operator's "entries" kernel unrolled 1, 2 (shipped) and 4 entries at a time, and with its
+# source rows exchanged by shuffles: per-layer times, identical results required.
+step conv_tuning 120 conv.log \
+    "$PY" benchmarks/gpu_conv_tuning.py none u1 u4 shuffle
 
 # Kernel time of one iteration (Nsight Compute, where installed): where the time goes.
 if command -v ncu >/dev/null; then

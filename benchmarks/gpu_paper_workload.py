@@ -545,12 +545,15 @@ def main(argv=None) -> int:
     stages = {}
     schemes = {}
     # the operator's GPU schemes side by side, the opt-in atomic input gradient, the entries'
-    # weight gradient by cell, and the default with the first layer's input gradient (as the
-    # figures before 2026-11-26 21:00 were taken)
-    for scheme in ("bycell", "rows", "auto", "auto-atomic", "auto-cells", "auto-dx1"):
+    # weight gradient by cell, the default with the first layer's input gradient (as the
+    # figures before 2026-11-26 21:00 were taken), the entries kernel's shuffled source loads
+    for scheme in ("bycell", "rows", "auto", "auto-atomic", "auto-cells", "auto-dx1",
+                   "auto-shuffle"):
         os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if scheme.endswith("atomic") else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = "cells" if scheme.endswith("cells") else "rows"
+        os.environ[_conv.ENTRIES_LOADS_ENV] = \
+            "shuffle" if scheme.endswith("shuffle") else "broadcast"
         pw.first_input_grad = scheme.endswith("dx1")
         try:
             for km in kms:
@@ -564,6 +567,7 @@ def main(argv=None) -> int:
     os.environ.pop(_conv.OPERATOR_ENV)
     os.environ.pop(_conv.DETERMINISTIC_ENV)
     os.environ.pop(_conv.WEIGHT_GRAD_ENV)
+    os.environ.pop(_conv.ENTRIES_LOADS_ENV)
     pw.first_input_grad = False
     if "auto" not in schemes:
         schemes["auto"] = schemes["bycell"]

@@ -222,6 +222,25 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
     if (!((mask >> (tid % 32)) & 1u)) emu_fail("__syncwarp(mask): the calling lane is not in mask");
     yield_on(2, mask);
 }
+// __shfl_sync: each lane leaves its value in its slot, the warp's lanes of the mask meet at a
+// barrier, each reads its source lane's slot, and they meet again before the slots are reused.
+static std::vector<unsigned long long> shfl_slots;  // one per thread of the block
+template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane) {
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "a 64-bit value at most");
+    const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if (tid >= shfl_slots.size()) emu_fail("__shfl_sync outside a threaded kernel");
+    if (src_lane < 0 || src_lane >= 32 || !((mask >> src_lane) & 1u))
+        emu_fail("__shfl_sync: the source lane is not in the mask");
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    shfl_slots[tid] = bits;
+    __syncwarp(mask);
+    T out;
+    std::memcpy(&out, &shfl_slots[tid / 32 * 32 + (unsigned)src_lane], sizeof(T));
+    __syncwarp(mask);
+    return out;
+}
 static void trampoline() {
     (*current_fn)(current_params);
     current->done = true;
@@ -349,6 +368,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
     blockDim = {bx, by, bz};
     const unsigned n_threads = bx * by * bz;
     static std::vector<Fiber> fibers;
+    if (threaded) shfl_slots.assign(n_threads, 0);
     if (threaded && fibers.size() < n_threads) {
         fibers.resize(n_threads);
         for (auto& f : fibers)
@@ -635,12 +655,14 @@ def _emulate_scenario(be, name, operator=True):
     errors = {}
     configs = ((False, (3, 5)), (False, (9, 9)), (False, (32, 17)), (False, (40, 3)),
                (True, (6, 6)), (True, (33, 33)))
-    for scheme, atomic, wgrad in (("bycell", False, "rows"), ("rows", False, "rows"),
-                                  ("auto", False, "rows"), ("auto", False, "cells"),
-                                  ("auto", True, "rows")):
+    for scheme, atomic, wgrad, loads in (
+            ("bycell", False, "rows", "broadcast"), ("rows", False, "rows", "broadcast"),
+            ("auto", False, "rows", "broadcast"), ("auto", False, "cells", "shuffle"),
+            ("auto", True, "rows", "broadcast")):
         os.environ[_conv.OPERATOR_ENV] = scheme
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if atomic else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
+        os.environ[_conv.ENTRIES_LOADS_ENV] = loads
         for dtype in (np.float32, np.float64):
             for depthwise, (c_in, c_out) in configs:
                 km._cache.clear()
@@ -663,7 +685,8 @@ def _emulate_scenario(be, name, operator=True):
                     assert all(rows_ok), (c_in, c_out, k)
                 want = {"bycell": (False, False, False), "rows": rows_ok,
                         "auto": (lanes, lanes, lanes)}[scheme]
-                assert ("conv_entries" in ran) == (scheme == "auto" and lanes), (scheme, ran)
+                entries = "conv_entries_shuffle" if loads == "shuffle" else "conv_entries"
+                assert (entries in ran) == (scheme == "auto" and lanes), (scheme, loads, ran)
                 # the entries scheme's weight gradient: the rows kernel where it holds the
                 # weight (PWCONV_CUDA_WEIGHT_GRAD=rows, the default), else by cell
                 by_rows = wgrad == "rows" and rows_ok[2]
@@ -687,7 +710,8 @@ def _emulate_scenario(be, name, operator=True):
                 assert cached == want[1], (scheme, c_in, c_out, ran)
                 ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
                 tol = 1e-5 if dtype == np.float32 else 1e-12
-                key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {np.dtype(dtype).name} "
+                key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {loads} "
+                       f"{np.dtype(dtype).name} "
                        f"{'depthwise' if depthwise else 'dense'} {c_in}->{c_out}")
                 errors[key] = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
                 assert y.dtype == dx.dtype == dw.dtype == dtype
@@ -695,6 +719,7 @@ def _emulate_scenario(be, name, operator=True):
     os.environ.pop(_conv.OPERATOR_ENV)
     os.environ.pop(_conv.DETERMINISTIC_ENV)
     os.environ.pop(_conv.WEIGHT_GRAD_ENV)
+    os.environ.pop(_conv.ENTRIES_LOADS_ENV)
     # the rows scheme's transposed map: each point's entries by ascending row (a row names a
     # point once), whatever the schedule, with weights 1 / n_i(f)
     rows = np.repeat(np.arange(m), np.diff(splits))
@@ -793,20 +818,22 @@ def _emulate_property(be, max_examples: int = 80):
         chunk = draw(st.sampled_from([_conv.CELL_CHUNK, 1, 3]))
         row_sort = draw(st.sampled_from(["rank", "thread"]))  # who sorts the filled short rows
         wgrad = draw(st.sampled_from(["rows", "cells"]))  # the entries' weight-gradient kernels
+        loads = draw(st.sampled_from(["broadcast", "shuffle"]))  # conv_entries' source loads
         # the map alone, or made after another dilation's in the same launches
         before = draw(st.sampled_from([(), (1,), (3, 2)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, chunk, row_sort, wgrad, before, draw(strategies.seeds)
+            short, chunk, row_sort, (wgrad, loads), before, draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases())
     def check(case):
-        (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk, row_sort, wgrad,
-         before, seed) = case
+        (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk, row_sort,
+         (wgrad, loads), before, seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
         os.environ[_search.ROW_SORT_ENV] = row_sort
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
+        os.environ[_conv.ENTRIES_LOADS_ENV] = loads
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
         q_off = None if queries is None else queries.offsets
@@ -852,6 +879,14 @@ def _emulate_property(be, max_examples: int = 80):
                 assert y_r.tobytes() == y.tobytes()
                 assert dx_r.tobytes() == dx.tobytes()
                 assert dw_r.tobytes() == dw.tobytes()
+                # the other way of loading the source rows: the same products, the same bits
+                os.environ[_conv.ENTRIES_LOADS_ENV] = \
+                    "broadcast" if loads == "shuffle" else "shuffle"
+                y_o = _conv.forward(be, km, x, w, c_out, depthwise)
+                dx_o = _conv.backward_input(be, km, dy, w, c_in, depthwise)
+                os.environ[_conv.ENTRIES_LOADS_ENV] = loads
+                assert y_o.tobytes() == y.tobytes()
+                assert dx_o.tobytes() == dx.tobytes()
                 tr = _conv.transposed_rows(be, km, dtype)  # (point, row) ascending, any length
                 point = np.repeat(np.arange(len(p)), np.diff(tr["splits"]))
                 assert (np.diff(point * (m + 1) + tr["row"]) > 0).all()
@@ -864,6 +899,7 @@ def _emulate_property(be, max_examples: int = 80):
         _search.SHORT_ROW, _conv.CELL_CHUNK = default, default_chunk
         os.environ.pop(_search.ROW_SORT_ENV, None)
         os.environ.pop(_conv.WEIGHT_GRAD_ENV, None)
+        os.environ.pop(_conv.ENTRIES_LOADS_ENV, None)
     return {"scenario": "property", "examples": max_examples}
 
 
@@ -913,7 +949,9 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_search.ROW_SORT_ENV, _search.row_sort_mode, {"thread": "thread", "rank": "rank"},
              "rank"),
             (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode, {"cells": "cells", " Rows ": "rows"},
-             "rows")):
+             "rows"),
+            (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
+             {"shuffle": "shuffle", "broadcast": "broadcast"}, "broadcast")):
         monkeypatch.delenv(env, raising=False)
         assert fn() == default, env
         for value, want in good.items():
@@ -1124,7 +1162,8 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
     (False, 3, 9, False), (False, 9, 9, False), (False, 64, 48, False), (False, 5, 7, True),
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells",
+                                    "auto-shuffle"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
@@ -1142,6 +1181,8 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
         monkeypatch.setenv(_conv.DETERMINISTIC_ENV, "0")
     if scheme.endswith("cells"):
         monkeypatch.setenv(_conv.WEIGHT_GRAD_ENV, "cells")
+    if scheme.endswith("shuffle"):
+        monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, "shuffle")
 
     rng = np.random.default_rng(c_in * 31 + c_out + dilation)
     p, offsets, q, q_off, x, w, dy = _conv_case(rng, dtype, depthwise, c_in, c_out, queries)
@@ -1164,7 +1205,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-shuffle"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -1175,6 +1216,8 @@ def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     monkeypatch.setenv(_conv.OPERATOR_ENV, scheme.split("-")[0])
     if scheme.endswith("cells"):
         monkeypatch.setenv(_conv.WEIGHT_GRAD_ENV, "cells")
+    if scheme.endswith("shuffle"):
+        monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, "shuffle")
 
     rng = np.random.default_rng(11)
     p, offsets, _, _, x, w, dy = _conv_case(rng, np.float32, depthwise, 9, 9, False)

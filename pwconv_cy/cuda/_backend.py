@@ -114,7 +114,7 @@ CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_parti
                 "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells",
                 "weights_from_counts")
 ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "permute_entries", "conv_entries",
-                "conv_entries_scatter")
+                "conv_entries_shuffle", "conv_entries_scatter")
 
 #: Template instantiations requested from NVRTC (get_function needs these exact strings).
 NAME_EXPRESSIONS = tuple(
@@ -133,10 +133,12 @@ PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "grid_cell_keys",
                  "grid_sorted_points", "grid_cells", "build_row_table", "expand_rows",
                  "count_per_point", "kernel_axis_diffs", "sort_rows_by_rank")
 
-#: Kernels that use __syncthreads / __syncwarp (the host emulation runs them with real threads).
+#: Kernels that use __syncthreads / __syncwarp / __shfl_sync (the host emulation runs them with
+#: real threads).
 BARRIER_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "conv_gather_dense",
                    "conv_weight_partial_dense", "conv_rows", "conv_weight_rows",
-                   "conv_weight_cells", "points_digest", "sum_partials")
+                   "conv_weight_cells", "points_digest", "sum_partials",
+                   "conv_entries_shuffle")
 
 
 class CudaKernelError(RuntimeError):

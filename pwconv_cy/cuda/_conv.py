@@ -47,6 +47,7 @@ __all__ = [
     "by_cell",
     "cell_entries",
     "deterministic",
+    "entries_loads",
     "entry_counts",
     "entry_weights",
     "forward",
@@ -89,6 +90,20 @@ DETERMINISTIC_ENV = "PWCONV_CUDA_DETERMINISTIC"
 #: (conv_weight_cells over the entries sorted by cell).  Same results to rounding.
 WEIGHT_GRAD_ENV = "PWCONV_CUDA_WEIGHT_GRAD"
 WEIGHT_GRAD_MODES = ("rows", "cells")
+
+
+#: How conv_entries' lanes get a source row: "broadcast" (default: every lane loads each value,
+#: the row's lanes at one address) or "shuffle" (each lane loads one value, the lanes exchange
+#: them with __shfl_sync; dense products with no more source than output channels).  Same bits.
+ENTRIES_LOADS_ENV = "PWCONV_CUDA_ENTRIES_LOADS"
+
+
+def entries_loads() -> str:
+    """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default) or "shuffle"."""
+    mode = os.environ.get(ENTRIES_LOADS_ENV, "broadcast").strip().lower() or "broadcast"
+    if mode not in ("broadcast", "shuffle"):
+        raise ValueError(f"{ENTRIES_LOADS_ENV} must be broadcast or shuffle, got {mode!r}")
+    return mode
 
 
 def weight_grad_mode() -> str:
@@ -367,8 +382,10 @@ def _rows_gather(be, dtype, rows, splits, col, cell, weight, n_cells, src, a, M,
 def _entries_launch(be, kernel, dtype, rows, splits, col, cell, weight, src, a, M, b, depthwise,
                     out):
     """conv_entries or conv_entries_scatter: b lanes per row, 32 // b rows per warp; M
-    (n_cells, b, a) (dense) or (n_cells, a) (depthwise), C-contiguous."""
+    (n_cells, a, b) (dense) or (n_cells, a) (depthwise), C-contiguous."""
     n_threads = -(-rows // (32 // b)) * 32
+    if kernel == "conv_entries" and entries_loads() == "shuffle":
+        kernel = "conv_entries_shuffle"
     be.launch(rows_name(kernel, dtype, cell.dtype), (blocks(n_threads),), (THREADS,),
               (i64(rows), splits, col, cell, weight, src, i32(a), M, i32(b),
                i32(1 if depthwise else 0), out))
@@ -384,12 +401,9 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
     if m == 0:
         return y
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize)
-    if scheme == "entries":
-        # each cell's matrix transposed, (K^3, c_out, c_in): a thread reads its column in a row
-        wt = w if depthwise else xp.ascontiguousarray(
-            w.reshape(n_cells, c_in, c_out).transpose(0, 2, 1))
+    if scheme == "entries":  # W as it is, (K^3, c_in, c_out): a row's lanes read along c_out
         _entries_launch(be, "conv_entries", x.dtype, m, km.splits, km.index, km.cell,
-                        entry_weights(be, km, x.dtype), x, c_in, wt, c_out, depthwise, y)
+                        entry_weights(be, km, x.dtype), x, c_in, w, c_out, depthwise, y)
         return y
     if scheme == "rows":
         _rows_gather(be, x.dtype, m, km.splits, km.index, km.cell, None, n_cells, x, c_in, w,
@@ -412,21 +426,21 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
     if n == 0:
         return dx
     scheme = scheme_for(n_cells, c_out, c_in, dy.dtype.itemsize)
-    if scheme == "entries":  # the kernels read W_f^T transposed: W itself, (K^3, c_in, c_out)
-        if not deterministic():  # opt-in: atomics straight over the map
-            dx[...] = 0
-            _entries_launch(be, "conv_entries_scatter", dy.dtype, km.n_queries, km.splits,
-                            km.index, km.cell, entry_weights(be, km, dy.dtype), dy, c_out, w,
-                            c_in, depthwise, dx)
-            return dx
-        tr = transposed_rows(be, km, dy.dtype)
-        _entries_launch(be, "conv_entries", dy.dtype, n, tr["splits"], tr["row"], tr["cell"],
-                        tr["weight"], dy, c_out, w, c_in, depthwise, dx)
-        return dx
     if depthwise:
         M = w
     else:  # W_f^T: (K^3, c_out, c_in)
         M = xp.ascontiguousarray(w.reshape(n_cells, c_in, c_out).transpose(0, 2, 1))
+    if scheme == "entries":  # M (K^3, c_out, c_in): a row's lanes read along c_in
+        if not deterministic():  # opt-in: atomics straight over the map
+            dx[...] = 0
+            _entries_launch(be, "conv_entries_scatter", dy.dtype, km.n_queries, km.splits,
+                            km.index, km.cell, entry_weights(be, km, dy.dtype), dy, c_out, M,
+                            c_in, depthwise, dx)
+            return dx
+        tr = transposed_rows(be, km, dy.dtype)
+        _entries_launch(be, "conv_entries", dy.dtype, n, tr["splits"], tr["row"], tr["cell"],
+                        tr["weight"], dy, c_out, M, c_in, depthwise, dx)
+        return dx
     if scheme == "rows":
         tr = transposed_rows(be, km, dy.dtype)
         _rows_gather(be, dy.dtype, n, tr["splits"], tr["row"], tr["cell"], tr["weight"], n_cells,

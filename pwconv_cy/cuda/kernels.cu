@@ -173,6 +173,22 @@ __device__ __forceinline__ void add_range(AxisRanges<N>& r, double a, double b, 
     ++r.count;
 }
 
+/// Dilation > 1: when the grid-cell ranges of consecutive kernel cells touch or overlap (s = 2
+/// on a grid of the voxel's edge: cells c, c+1 | c+2, c+3 | c+4, c+5), one run over their hull,
+/// tagged -2, visits the same cells with one search per grid row instead of K, each candidate's
+/// kernel cell along that axis told by the thresholds (KernelVisit).  Any superset of the
+/// candidates gives the same map (the classification alone decides); with gaps between the
+/// ranges (s >= 3) merging would test more points, so the ranges stay apart.
+template <int N>
+__device__ __forceinline__ void merge_touching_ranges(AxisRanges<N>& r) {
+    if (r.count < 2) return;
+    for (int k = 0; k + 1 < r.count; ++k)
+        if (r.first[k + 1] > r.last[k] + 1) return;
+    r.last[0] = r.last[r.count - 1];
+    r.tag[0] = -2;
+    r.count = 1;
+}
+
 /// Calls visit(tag_z, tag_y, tag_x, begin, end) for the runs of sorted point positions of cloud
 /// `cloud` lying in the grid cells of the ranges rz x ry x rx.  Deterministic order.
 template <int N, class Visit>
@@ -262,6 +278,23 @@ struct KernelVisit {
         const double* X = g->x;
         const double* Y = g->y;
         const double* Z = g->z;
+        if (tx == -2) {  // dilation > 1, the row's x ranges merged into one run (see
+                         // merge_touching_ranges): the exact box along y and z, the kernel cell
+                         // along x by its thresholds (none: a hole)
+            const double y0 = sd[ty], y1 = ed[ty], z0 = sd[tz], z1 = ed[tz];
+            const i64 fzy = ((i64)tz * K + ty) * K;
+            for (i64 p = b; p < e; ++p) {
+                const double dy = Y[p] - lo[1], dz = Z[p] - lo[2];
+                if (!(dy >= y0 && dy < y1 && dz >= z0 && dz < z1)) continue;
+                const double dx = X[p] - lo[0];
+                for (int k = 0; k < K; ++k)
+                    if (dx >= sd[k] && dx < ed[k]) {
+                        sink->push((g->order[p] << cell_bits) | (fzy + k));
+                        break;
+                    }
+            }
+            return;
+        }
         if (tx < 0) {  // dilation 1: the K cells tile the support; tell the cells apart per axis
             const double first = sd[0], last = ed[K - 1];
             for (i64 p = b; p < e; ++p) {
@@ -524,6 +557,7 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
                       o, g, g.cmax[a], dilation == 1 ? -1 : k);
         }
     }
+    if (dilation > 1) merge_touching_ranges(r[0]);  // x only: y and z name the grid rows
 
     RowSink sink;
     i64 base = 0, len = 0;
@@ -556,9 +590,10 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
 /// at their rank (the number of smaller keys in the row), all lanes reading the row's keys at one
 /// address.  Longer rows are copied as they are (the caller sorts them).  Replaces the fill
 /// thread's own insertion sort, which moved keys in global memory one place at a time.
-/// With count_cells (kernel maps; cell_mask: the key's cell bits, 0 for K = 1), the same pass over
-/// the row also counts the row's keys in each key's cell: counts[b + rank] = n_i(f) of the sorted entry, which the
-/// operator's weights 1 / n_i(f) are made from (rows longer than short_row: left to the caller).
+/// With count_cells (kernel maps; cell_mask: the key's cell bits, 0 for K = 1), the same pass
+/// over the row also counts the row's keys in each key's cell: counts[b + rank] = n_i(f) of the
+/// sorted entry, which the operator's weights 1 / n_i(f) are made from (rows longer than
+/// short_row: left to the caller).
 extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __restrict__ splits,
                                              const long long* __restrict__ in,
                                              long long* __restrict__ out, long long short_row,
@@ -1200,35 +1235,53 @@ __device__ __forceinline__ bool entry_lane(i64 rows, int b, i64& row, int& o) {
     return sub < rows_per_warp && row < rows;
 }
 
-/// s[0, a) . m[0, a), FMAs in ascending order.
+/// Entries per unrolled step of conv_entries' loop over a row: the loads of that many entries
+/// (their points, then the points' features) can be in flight together.  An NVRTC -D option
+/// for tuning (benchmarks/gpu_conv_tuning.py); the results do not depend on it.
+#ifndef PWCONV_CUDA_ENTRIES_UNROLL
+#define PWCONV_CUDA_ENTRIES_UNROLL 2
+#endif
+
+/// sum over c < a of s[c] * m[c * stride], FMAs in ascending c.  The "entries" kernels pass
+/// m = a column of a cell matrix stored (a, b) row-major (stride b): the b lanes of a row then
+/// read b consecutive values per step, one cache line, where a matrix stored transposed (each
+/// lane's column contiguous) made them read b values `a` apart (about a line per 32 bytes).
 template <class F>
-__device__ __forceinline__ F dot(const F* __restrict__ s, const F* __restrict__ m, int a) {
+__device__ __forceinline__ F dot(const F* __restrict__ s, const F* __restrict__ m, int a,
+                                 int stride) {
     F t = F(0);
 #pragma unroll 9
-    for (int c = 0; c < a; ++c) t = mul_add(s[c], m[c], t);
+    for (int c = 0; c < a; ++c) t = mul_add(s[c], m[c * stride], t);
     return t;
 }
 
 }  // namespace pwconv_cuda
 
 /// out (rows, b), the "entries" scheme of the forward and of the input gradient: out[r, o] = the
-/// sum over the entries e of row r, in order, of w[e] * (src[col[e], :] . Mt[cell[e], o, :])
-/// (dense: Mt (n_cells, b, a) row-major, each cell's matrix transposed so that a thread reads its
-/// column contiguously: W_f^T for the forward, W itself for the input gradient), or of w[e] *
-/// src[col[e], o] * Mt[cell[e], o] (depthwise, a == b).  w[e] = 1 / n_i(f) of the entry's row i
+/// sum over the entries e of row r, in order, of w[e] * (src[col[e], :] . M[cell[e], :, o])
+/// (dense: M (n_cells, a, b) row-major, so a row's b lanes read consecutive values: W itself for
+/// the forward, each cell's matrix transposed, W_f^T, for the input gradient), or of w[e] *
+/// src[col[e], o] * M[cell[e], o] (depthwise, a == b).  w[e] = 1 / n_i(f) of the entry's row i
 /// and cell f (weights_from_counts, in map order for the forward; the transposed map's weights
-/// for the input gradient), so the sum is sum_f mean_f . M_f without per-cell tables: the paper's sparse
-/// rows (7-18 entries in up to 27 cells) cost no per-cell zeroing, tallying or scaling.  One
+/// for the input gradient), so the sum is sum_f mean_f . M_f without per-cell tables: the
+/// paper's sparse rows (7-18 entries in up to 27 cells) cost no per-cell zeroing, tallying or
+/// scaling.  One
 /// thread per (row, o): b lanes per row (b <= 32), 32 / b rows per warp, so a row's lanes read
 /// each source value at one address.  No shared memory, no atomics, no barriers: each thread adds
 /// its row's entries in map order, the same on every run.
-template <class F, class CellT>
-__global__ void conv_entries(long long rows, const long long* __restrict__ splits,
-                             const long long* __restrict__ col, const CellT* __restrict__ cell,
-                             const F* __restrict__ w, const F* __restrict__ src, int a,
-                             const F* __restrict__ Mt, int b, int depthwise,
-                             F* __restrict__ out) {
-    using namespace pwconv_cuda;
+/// conv_entries_shuffle (dense, a <= b; opt-in, PWCONV_CUDA_ENTRIES_LOADS=shuffle): lane c of a
+/// row loads src[col[e], c] and the row's lanes take the a values from one another
+/// (__shfl_sync), one load per entry and row instead of a loads of one address each; the same
+/// products in the same order, so the same bits.
+namespace pwconv_cuda {
+
+template <bool SHUFFLE, class F, class CellT>
+__device__ __forceinline__ void entries_rows(long long rows, const long long* __restrict__ splits,
+                                             const long long* __restrict__ col,
+                                             const CellT* __restrict__ cell,
+                                             const F* __restrict__ w, const F* __restrict__ src,
+                                             int a, const F* __restrict__ M, int b,
+                                             int depthwise, F* __restrict__ out) {
     i64 row;
     int o;
     if (!entry_lane(rows, b, row, o)) return;
@@ -1236,28 +1289,62 @@ __global__ void conv_entries(long long rows, const long long* __restrict__ split
     F acc = F(0);
     if (depthwise) {
         for (i64 e = splits[row]; e < e1; ++e)
-            acc = mul_add(w[e] * src[col[e] * a + o], Mt[(i64)cell[e] * a + o], acc);
+            acc = mul_add(w[e] * src[col[e] * a + o], M[(i64)cell[e] * a + o], acc);
+    } else if (SHUFFLE && a <= b) {
+        const int base = (int)(threadIdx.x % 32) - o;  // the row's first lane in the warp
+        const unsigned mask = (b == 32 ? 0xffffffffu : ((1u << b) - 1u)) << base;
+        const i64 ab = (i64)a * b;
+        const F* Mo = M + o;
+        for (i64 e = splits[row]; e < e1; ++e) {
+            const F mine = o < a ? src[col[e] * a + o] : F(0);
+            const F* m = Mo + (i64)cell[e] * ab;
+            F t = F(0);
+            for (int c = 0; c < a; ++c) t = mul_add(__shfl_sync(mask, mine, base + c), m[c * b], t);
+            acc = mul_add(w[e], t, acc);
+        }
     } else {
         const i64 ab = (i64)a * b;
-        const F* Mo = Mt + (i64)o * a;
-#pragma unroll 2
+        const F* Mo = M + o;
+        constexpr int unroll = PWCONV_CUDA_ENTRIES_UNROLL;
+#pragma unroll(unroll)
         for (i64 e = splits[row]; e < e1; ++e)
-            acc = mul_add(w[e], dot(src + col[e] * a, Mo + (i64)cell[e] * ab, a), acc);
+            acc = mul_add(w[e], dot(src + col[e] * a, Mo + (i64)cell[e] * ab, a, b), acc);
     }
     out[row * b + o] = acc;
 }
 
+}  // namespace pwconv_cuda
+
+template <class F, class CellT>
+__global__ void conv_entries(long long rows, const long long* __restrict__ splits,
+                             const long long* __restrict__ col, const CellT* __restrict__ cell,
+                             const F* __restrict__ w, const F* __restrict__ src, int a,
+                             const F* __restrict__ M, int b, int depthwise,
+                             F* __restrict__ out) {
+    pwconv_cuda::entries_rows<false>(rows, splits, col, cell, w, src, a, M, b, depthwise, out);
+}
+
+template <class F, class CellT>
+__global__ void conv_entries_shuffle(long long rows, const long long* __restrict__ splits,
+                                     const long long* __restrict__ col,
+                                     const CellT* __restrict__ cell, const F* __restrict__ w,
+                                     const F* __restrict__ src, int a, const F* __restrict__ M,
+                                     int b, int depthwise, F* __restrict__ out) {
+    pwconv_cuda::entries_rows<true>(rows, splits, col, cell, w, src, a, M, b, depthwise, out);
+}
+
 /// The input gradient's opt-in non-deterministic path (PWCONV_CUDA_DETERMINISTIC=0): out (n, b),
 /// zeroed by the caller, gets for every map entry e of row r (point col[e], cell f, weight w[e] =
-/// 1 / n_r(f)) and every o < b: out[col[e], o] += w[e] * (src[r, :] . Mt[f, o, :]) by a
+/// 1 / n_r(f)) and every o < b: out[col[e], o] += w[e] * (src[r, :] . M[f, :, o]) by a
 /// floating-point atomic add, straight over the map: no transposed map to build.  src = the
-/// output gradient; dense: Mt = W itself (n_cells, b = c_in, a = c_out); depthwise: Mt (n_cells,
-/// a), a == b.  The order of the additions, and so the last bits, change from run to run.
+/// output gradient; dense: M = W_f^T per cell (n_cells, a = c_out, b = c_in), as conv_entries'
+/// input gradient; depthwise: M (n_cells, a), a == b.  The order of the additions, and so the
+/// last bits, change from run to run.
 template <class F, class CellT>
 __global__ void conv_entries_scatter(long long rows, const long long* __restrict__ splits,
                                      const long long* __restrict__ col,
                                      const CellT* __restrict__ cell, const F* __restrict__ w,
-                                     const F* __restrict__ src, int a, const F* __restrict__ Mt,
+                                     const F* __restrict__ src, int a, const F* __restrict__ M,
                                      int b, int depthwise, F* __restrict__ out) {
     using namespace pwconv_cuda;
     i64 row;
@@ -1267,13 +1354,13 @@ __global__ void conv_entries_scatter(long long rows, const long long* __restrict
     const F* s = src + row * a;
     if (depthwise) {
         for (i64 e = splits[row]; e < e1; ++e)
-            atomicAdd(out + col[e] * b + o, w[e] * s[o] * Mt[(i64)cell[e] * a + o]);
+            atomicAdd(out + col[e] * b + o, w[e] * s[o] * M[(i64)cell[e] * a + o]);
         return;
     }
     const i64 ab = (i64)a * b;
-    const F* Mo = Mt + (i64)o * a;
+    const F* Mo = M + o;
     for (i64 e = splits[row]; e < e1; ++e)
-        atomicAdd(out + col[e] * b + o, w[e] * dot(s, Mo + (i64)cell[e] * ab, a));
+        atomicAdd(out + col[e] * b + o, w[e] * dot(s, Mo + (i64)cell[e] * ab, a, b));
 }
 
 /// Weight gradient of the "entries" scheme, pass 1, over the map's entries ordered by cell (a

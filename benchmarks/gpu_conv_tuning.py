@@ -1,0 +1,101 @@
+"""Variants of the GPU operator's "entries" kernel, each in a fresh process, on the paper
+workload's four layers: the forward and input-gradient kernels timed per layer (CUDA events), the
+results required identical to the first variant's (the variants change the schedule of the loads,
+not the arithmetic):
+
+* ``none``: as shipped;
+* ``uN`` (e.g. ``u4``): conv_entries' loop over a row unrolled N entries at a time (kernels.cu's
+  PWCONV_CUDA_ENTRIES_UNROLL, given to NVRTC as -D);
+* ``shuffle``: the source rows loaded once per row and exchanged between its lanes
+  (PWCONV_CUDA_ENTRIES_LOADS=shuffle).
+
+    python benchmarks/gpu_conv_tuning.py              # none u1 u4 shuffle
+    python benchmarks/gpu_conv_tuning.py none u8
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure(variant: str) -> dict:
+    import os
+
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    import gpu_paper_workload as wl
+
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _backend, _conv
+    from pwconv_cy.cuda._backend import get_backend
+
+    if variant == "shuffle":
+        os.environ[_conv.ENTRIES_LOADS_ENV] = "shuffle"
+    elif variant.startswith("u"):
+        base = _backend.compile_options
+        unroll = int(variant[1:])
+        _backend.compile_options = lambda: base() + (f"-DPWCONV_CUDA_ENTRIES_UNROLL={unroll}",)
+    import cupy
+
+    n_clouds, n_points = 128, 2048
+    points = cupy.asarray(wl.sphere(n_clouds * n_points, 0))
+    offsets = np.arange(n_clouds + 1, dtype=np.int64) * n_points
+    cuda.compile_kernels()
+    be = get_backend()
+    rng = np.random.default_rng(1)
+    index = cuda.NeighborIndex(points, wl.VOXEL, offsets=offsets)
+    kms = index.kernel_maps(wl.K, [s for _, _, s in wl.LAYERS])
+    digest = hashlib.sha256()
+    out = {"variant": variant}
+    for (c_in, c_out, s), km in zip(wl.LAYERS, kms):
+        x = cupy.asarray(rng.standard_normal((n_clouds * n_points, c_in)).astype(np.float32))
+        w = cupy.asarray(wl.glorot(rng, c_in, c_out))
+        dy = cupy.asarray(rng.standard_normal((n_clouds * n_points, c_out)).astype(np.float32))
+        y = _conv.forward(be, km, x, w, c_out, False)  # caches the weights, transposed map
+        dx = _conv.backward_input(be, km, dy, w, c_in, False)
+        for a in (y, dx):
+            digest.update(cupy.asnumpy(a).tobytes())
+        tag = f"s{s}"
+        out[f"{tag}_forward_us"] = wl.time_cuda(
+            lambda km=km, x=x, w=w, c_out=c_out: _conv.forward(be, km, x, w, c_out, False),
+            3, 20)["median_s"] * 1e6
+        out[f"{tag}_input_grad_us"] = wl.time_cuda(
+            lambda km=km, dy=dy, w=w, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in, False),
+            3, 20)["median_s"] * 1e6
+    out["results_sha256"] = digest.hexdigest()[:16]
+    return out
+
+
+def main(argv) -> int:
+    if argv[:1] == ["--child"]:
+        print(json.dumps(measure(argv[1])))
+        return 0
+    variants = argv or ["none", "u1", "u4", "shuffle"]
+    rows = []
+    for v in variants:
+        try:
+            out = subprocess.run([sys.executable, __file__, "--child", v], capture_output=True,
+                                 text=True, timeout=120, check=False)
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": v, "error": "timed out after 120 s"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        if out.returncode != 0:
+            rows.append({"variant": v, "error": out.stderr.strip().splitlines()[-3:]})
+        else:
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    digests = [r.get("results_sha256") for r in rows]
+    same = None not in digests and len(set(digests)) == 1
+    print(f"results identical across variants: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
