@@ -149,6 +149,33 @@ def time_calls(
     return statistics.median(times), times
 
 
+def run_variants(script, variants, digest_key: str, what: str, timeout_s: int = 120) -> int:
+    """Runs ``python script --child VARIANT`` for each variant (a fresh process each: compile
+    options and switches are read once per process), printing each child's last stdout line (a
+    JSON record) as it comes; 0 when every record has the same ``digest_key`` (the variants must
+    not change the results), else 1."""
+    import subprocess
+
+    rows = []
+    for v in variants:
+        try:
+            out = subprocess.run([sys.executable, str(script), "--child", v], capture_output=True,
+                                 text=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": v, "error": f"timed out after {timeout_s} s"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        if out.returncode != 0:
+            rows.append({"variant": v, "error": out.stderr.strip().splitlines()[-3:]})
+        else:
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    digests = [r.get(digest_key) for r in rows]
+    same = None not in digests and len(set(digests)) == 1
+    print(f"{what} identical across variants: {same}")
+    return 0 if same else 1
+
+
 def fmt_s(seconds) -> str:
     if seconds is None:
         return "-"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -76,25 +75,10 @@ def main(argv) -> int:
     if argv[:1] == ["--child"]:
         print(json.dumps(measure(argv[1])))
         return 0
-    variants = argv or ["none", "u1", "u4", "shuffle"]
-    rows = []
-    for v in variants:
-        try:
-            out = subprocess.run([sys.executable, __file__, "--child", v], capture_output=True,
-                                 text=True, timeout=120, check=False)
-        except subprocess.TimeoutExpired:
-            rows.append({"variant": v, "error": "timed out after 120 s"})
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        if out.returncode != 0:
-            rows.append({"variant": v, "error": out.stderr.strip().splitlines()[-3:]})
-        else:
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    digests = [r.get("results_sha256") for r in rows]
-    same = None not in digests and len(set(digests)) == 1
-    print(f"results identical across variants: {same}")
-    return 0 if same else 1
+    sys.path.insert(0, str(HERE))
+    import _common
+
+    return _common.run_variants(__file__, argv or ["none", "u1", "u4", "shuffle"], "results_sha256", "results")
 
 
 if __name__ == "__main__":
