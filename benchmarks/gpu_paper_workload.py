@@ -280,6 +280,9 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
         with _env(_conv.DETERMINISTIC_ENV, "0"):
             out[f"{tag}: input gradient, opt-in atomics (no transposed map)"] = time_cuda(
                 kernels["input gradient kernel"], warmup, runs)
+        with _env(_conv.INPUT_GRAD_ENV, "fixed"):
+            out[f"{tag}: input gradient, opt-in fixed point (no transposed map)"] = time_cuda(
+                kernels["input gradient kernel"], warmup, runs)
         with _env(_conv.WEIGHT_GRAD_ENV, "cells"):  # by cell, its sorted entries cached
             out[f"{tag}: weight gradient kernels (by cell)"] = time_cuda(
                 kernels["weight gradient kernels"], warmup, runs)
@@ -546,14 +549,16 @@ def main(argv=None) -> int:
     schemes = {}
     # the operator's GPU schemes side by side, the opt-in atomic input gradient, the entries'
     # weight gradient by cell, the default with the first layer's input gradient (as the
-    # figures before 2026-11-26 21:00 were taken), the entries kernel's shuffled source loads
+    # figures before 2026-11-26 21:00 were taken), the entries kernel's shuffled source loads,
+    # the deterministic fixed-point input gradient
     for scheme in ("bycell", "rows", "auto", "auto-atomic", "auto-cells", "auto-dx1",
-                   "auto-shuffle"):
+                   "auto-shuffle", "auto-fixed"):
         os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if scheme.endswith("atomic") else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = "cells" if scheme.endswith("cells") else "rows"
         os.environ[_conv.ENTRIES_LOADS_ENV] = \
             "shuffle" if scheme.endswith("shuffle") else "broadcast"
+        os.environ[_conv.INPUT_GRAD_ENV] = "fixed" if scheme.endswith("fixed") else "gather"
         pw.first_input_grad = scheme.endswith("dx1")
         try:
             for km in kms:
@@ -568,6 +573,7 @@ def main(argv=None) -> int:
     os.environ.pop(_conv.DETERMINISTIC_ENV)
     os.environ.pop(_conv.WEIGHT_GRAD_ENV)
     os.environ.pop(_conv.ENTRIES_LOADS_ENV)
+    os.environ.pop(_conv.INPUT_GRAD_ENV)
     pw.first_input_grad = False
     if "auto" not in schemes:
         schemes["auto"] = schemes["bycell"]

@@ -273,6 +273,14 @@ inline long long __double_as_longlong(double v) {
     std::memcpy(&bits, &v, sizeof bits);
     return bits;
 }
+inline double __longlong_as_double(long long bits) {
+    double v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+inline long long __double2ll_rn(double v) { return std::llrint(v); }  // the default: to nearest
+using std::frexp;
+using std::ldexp;
 
 #define __global__
 #define __launch_bounds__(...)
@@ -655,14 +663,17 @@ def _emulate_scenario(be, name, operator=True):
     errors = {}
     configs = ((False, (3, 5)), (False, (9, 9)), (False, (32, 17)), (False, (40, 3)),
                (True, (6, 6)), (True, (33, 33)))
-    for scheme, atomic, wgrad, loads in (
-            ("bycell", False, "rows", "broadcast"), ("rows", False, "rows", "broadcast"),
-            ("auto", False, "rows", "broadcast"), ("auto", False, "cells", "shuffle"),
-            ("auto", True, "rows", "broadcast")):
+    for scheme, atomic, wgrad, loads, igrad in (
+            ("bycell", False, "rows", "broadcast", "gather"),
+            ("rows", False, "rows", "broadcast", "gather"),
+            ("auto", False, "rows", "broadcast", "gather"),
+            ("auto", False, "cells", "shuffle", "fixed"),
+            ("auto", True, "rows", "broadcast", "gather")):
         os.environ[_conv.OPERATOR_ENV] = scheme
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if atomic else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         os.environ[_conv.ENTRIES_LOADS_ENV] = loads
+        os.environ[_conv.INPUT_GRAD_ENV] = igrad
         for dtype in (np.float32, np.float64):
             for depthwise, (c_in, c_out) in configs:
                 km._cache.clear()
@@ -695,7 +706,9 @@ def _emulate_scenario(be, name, operator=True):
                 # PWCONV_CUDA_DETERMINISTIC=0: the entries' input gradient by atomics, no
                 # transposed map
                 assert ("conv_entries_scatter" in ran) == (atomic and lanes), (scheme, ran)
-                if atomic and lanes:
+                # PWCONV_CUDA_INPUT_GRAD=fixed: integer atomics over the map, no transposed map
+                assert ("conv_entries_fixed" in ran) == (igrad == "fixed" and lanes), (igrad, ran)
+                if (atomic or igrad == "fixed") and lanes:
                     want = (True, False, True)
                 if scheme == "rows":
                     assert ("conv_rows" in ran) == (want[0] or want[1]), (scheme, c_in, ran)
@@ -710,7 +723,7 @@ def _emulate_scenario(be, name, operator=True):
                 assert cached == want[1], (scheme, c_in, c_out, ran)
                 ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
                 tol = 1e-5 if dtype == np.float32 else 1e-12
-                key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {loads} "
+                key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {loads} {igrad} "
                        f"{np.dtype(dtype).name} "
                        f"{'depthwise' if depthwise else 'dense'} {c_in}->{c_out}")
                 errors[key] = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
@@ -720,6 +733,7 @@ def _emulate_scenario(be, name, operator=True):
     os.environ.pop(_conv.DETERMINISTIC_ENV)
     os.environ.pop(_conv.WEIGHT_GRAD_ENV)
     os.environ.pop(_conv.ENTRIES_LOADS_ENV)
+    os.environ.pop(_conv.INPUT_GRAD_ENV)
     # the rows scheme's transposed map: each point's entries by ascending row (a row names a
     # point once), whatever the schedule, with weights 1 / n_i(f)
     rows = np.repeat(np.arange(m), np.diff(splits))
@@ -744,8 +758,53 @@ def _emulate_scenario(be, name, operator=True):
     np.testing.assert_array_equal(tsplits[1:], np.cumsum(np.bincount(index, minlength=len(p))))
     np.testing.assert_array_equal(tkeys, (rows[order] << bits) | cell[order].astype(np.int64))
     report["max_rel_error"] = max(max(e) for e in errors.values())
+    _check_fixed_input_grad(be, km, om, rng, name)
     _check_points_digest(be, p, offsets)
     return report
+
+
+def _check_fixed_input_grad(be, km, om, rng, name):
+    """PWCONV_CUDA_INPUT_GRAD=fixed on nasty output gradients: a row 1e30 (float64) / 1e15
+    (float32) times the others, within rounding of the oracle norm-wise; a NaN makes exactly the
+    points it reaches NaN (every channel), as the gather does; points no row names get 0."""
+    from pwconv_cy.cuda import _conv
+
+    m, n = km.n_queries, km.n_points
+    if m == 0 or n == 0:
+        return
+    os.environ[_conv.INPUT_GRAD_ENV] = "fixed"
+    try:
+        for dtype, big in ((np.float64, 1e30), (np.float32, 1e15)):
+            for depthwise, (c_in, c_out) in ((False, (5, 7)), (True, (4, 4))):
+                km._cache.clear()
+                x = rng.standard_normal((n, c_in)).astype(dtype)
+                w_shape = (km.kernel_size,) * 3 + ((c_in,) if depthwise else (c_in, c_out))
+                w = rng.standard_normal(w_shape).astype(dtype)
+                dy = rng.standard_normal((m, c_out)).astype(dtype)
+                dy[m // 2] *= dtype(big)
+                dx = _conv.backward_input(be, km, dy, w, c_in, depthwise)
+                rdx = conv_oracle(om, x, w, depthwise, dy)[1]
+                tol = 1e-5 if dtype == np.float32 else 1e-12
+                err = rel_err(dx, rdx)
+                assert err <= tol, f"{name} fixed {np.dtype(dtype).name}: outlier error {err:.3g}"
+                named = np.bincount(om.index, minlength=n) > 0
+                assert not dx[~named].any(), f"{name}: points no row names must get 0"
+                # the worst case for the grid: every contribution of the same sign and as large
+                # as the bound allows (constant positive gradient and weights)
+                ones_dx = _conv.backward_input(be, km, np.ones_like(dy), np.ones_like(w), c_in,
+                                               depthwise)
+                ones_rdx = conv_oracle(om, x, np.ones_like(w), depthwise, np.ones_like(dy))[1]
+                err = rel_err(ones_dx, ones_rdx)
+                assert err <= tol, f"{name} fixed {np.dtype(dtype).name}: same-sign error {err:.3g}"
+                dy[m // 3, 0] = np.nan
+                dx = _conv.backward_input(be, km, dy, w, c_in, depthwise)
+                rdx = conv_oracle(om, x, w, depthwise, dy)[1]
+                want_nan = np.isnan(rdx).any(axis=1)
+                np.testing.assert_array_equal(np.isnan(dx).all(axis=1), want_nan,
+                                              err_msg=f"{name}: NaN points")
+                np.testing.assert_array_equal(np.isnan(dx).any(axis=1), want_nan)
+    finally:
+        os.environ.pop(_conv.INPUT_GRAD_ENV)
 
 
 def _digest_reference(points, offsets):
@@ -819,21 +878,23 @@ def _emulate_property(be, max_examples: int = 80):
         row_sort = draw(st.sampled_from(["rank", "thread"]))  # who sorts the filled short rows
         wgrad = draw(st.sampled_from(["rows", "cells"]))  # the entries' weight-gradient kernels
         loads = draw(st.sampled_from(["broadcast", "shuffle"]))  # conv_entries' source loads
+        igrad = draw(st.sampled_from(["gather", "fixed"]))  # the deterministic input gradient
         # the map alone, or made after another dilation's in the same launches
         before = draw(st.sampled_from([(), (1,), (3, 2)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, chunk, row_sort, (wgrad, loads), before, draw(strategies.seeds)
+            short, chunk, row_sort, (wgrad, loads, igrad), before, draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases())
     def check(case):
         (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk, row_sort,
-         (wgrad, loads), before, seed) = case
+         (wgrad, loads, igrad), before, seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
         os.environ[_search.ROW_SORT_ENV] = row_sort
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         os.environ[_conv.ENTRIES_LOADS_ENV] = loads
+        os.environ[_conv.INPUT_GRAD_ENV] = igrad
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
         q_off = None if queries is None else queries.offsets
@@ -900,6 +961,7 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ.pop(_search.ROW_SORT_ENV, None)
         os.environ.pop(_conv.WEIGHT_GRAD_ENV, None)
         os.environ.pop(_conv.ENTRIES_LOADS_ENV, None)
+        os.environ.pop(_conv.INPUT_GRAD_ENV, None)
     return {"scenario": "property", "examples": max_examples}
 
 
@@ -951,7 +1013,9 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode, {"cells": "cells", " Rows ": "rows"},
              "rows"),
             (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
-             {"shuffle": "shuffle", "broadcast": "broadcast"}, "broadcast")):
+             {"shuffle": "shuffle", "broadcast": "broadcast"}, "broadcast"),
+            (_conv.INPUT_GRAD_ENV, _conv.input_grad_mode, {"fixed": "fixed", "GATHER": "gather"},
+             "gather")):
         monkeypatch.delenv(env, raising=False)
         assert fn() == default, env
         for value, want in good.items():
@@ -1163,7 +1227,7 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells",
-                                    "auto-shuffle"])
+                                    "auto-shuffle", "auto-fixed"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
@@ -1183,6 +1247,8 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
         monkeypatch.setenv(_conv.WEIGHT_GRAD_ENV, "cells")
     if scheme.endswith("shuffle"):
         monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, "shuffle")
+    if scheme.endswith("fixed"):
+        monkeypatch.setenv(_conv.INPUT_GRAD_ENV, "fixed")
 
     rng = np.random.default_rng(c_in * 31 + c_out + dilation)
     p, offsets, q, q_off, x, w, dy = _conv_case(rng, dtype, depthwise, c_in, c_out, queries)
@@ -1205,7 +1271,8 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-shuffle"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-shuffle",
+                                    "auto-fixed"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -1218,6 +1285,8 @@ def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
         monkeypatch.setenv(_conv.WEIGHT_GRAD_ENV, "cells")
     if scheme.endswith("shuffle"):
         monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, "shuffle")
+    if scheme.endswith("fixed"):
+        monkeypatch.setenv(_conv.INPUT_GRAD_ENV, "fixed")
 
     rng = np.random.default_rng(11)
     p, offsets, _, _, x, w, dy = _conv_case(rng, np.float32, depthwise, 9, 9, False)

@@ -51,6 +51,7 @@ __all__ = [
     "entry_counts",
     "entry_weights",
     "forward",
+    "input_grad_mode",
     "rows_per_partial",
     "rows_plan",
     "scheme_for",
@@ -90,6 +91,22 @@ DETERMINISTIC_ENV = "PWCONV_CUDA_DETERMINISTIC"
 #: (conv_weight_cells over the entries sorted by cell).  Same results to rounding.
 WEIGHT_GRAD_ENV = "PWCONV_CUDA_WEIGHT_GRAD"
 WEIGHT_GRAD_MODES = ("rows", "cells")
+
+
+#: How the "entries" scheme's deterministic input gradient is made: "gather" (default: over the
+#: transposed map, as SPEC's design) or "fixed" (opt-in: straight over the map, each
+#: contribution rounded to a per-point power-of-two grid and added by 64-bit integer atomics,
+#: whose sums do not depend on the order; no transposed map).  Results within rounding of each
+#: other, each bit-identical from run to run.
+INPUT_GRAD_ENV = "PWCONV_CUDA_INPUT_GRAD"
+
+
+def input_grad_mode() -> str:
+    """PWCONV_CUDA_INPUT_GRAD: "gather" (default) or "fixed"."""
+    mode = os.environ.get(INPUT_GRAD_ENV, "gather").strip().lower() or "gather"
+    if mode not in ("gather", "fixed"):
+        raise ValueError(f"{INPUT_GRAD_ENV} must be gather or fixed, got {mode!r}")
+    return mode
 
 
 #: How conv_entries' lanes get a source row: "broadcast" (default: every lane loads each value,
@@ -206,18 +223,25 @@ def _sort_key(be, major, minor, n_minor: int, n_major: int):
     return key
 
 
-def _point_splits(be, km):
-    """(n+1,) int64: where each point's entries start in the transposed map (a count per point
-    with integer atomics, then a scan; CuPy's bincount is several times slower)."""
+def _per_point(be, km):
+    """(n,) int32: the map's entries naming each point (a count with integer atomics; CuPy's
+    bincount is several times slower)."""
     xp = be.xp
-    n = km.n_points
     n_entries = int(km.index.shape[0])
-    per_point = xp.zeros(n, dtype=xp.int32)
+    per_point = xp.zeros(km.n_points, dtype=xp.int32)
     be.launch("count_per_point", (blocks(n_entries),), (THREADS,),
               (i64(n_entries), km.index, per_point))
+    return per_point
+
+
+def _point_splits(be, km):
+    """(n+1,) int64: where each point's entries start in the transposed map (_per_point, then a
+    scan)."""
+    xp = be.xp
+    n = km.n_points
     tsplits = xp.zeros(n + 1, dtype=xp.int64)
     if n:
-        tsplits[1:] = xp.cumsum(per_point, dtype=xp.int64)
+        tsplits[1:] = xp.cumsum(_per_point(be, km), dtype=xp.int64)
     return tsplits
 
 
@@ -437,6 +461,9 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
                             km.index, km.cell, entry_weights(be, km, dy.dtype), dy, c_out, M,
                             c_in, depthwise, dx)
             return dx
+        if input_grad_mode() == "fixed":  # opt-in: integer atomics straight over the map
+            _input_grad_fixed(be, km, dy, M, c_out, c_in, depthwise, dx)
+            return dx
         tr = transposed_rows(be, km, dy.dtype)
         _entries_launch(be, "conv_entries", dy.dtype, n, tr["splits"], tr["row"], tr["cell"],
                         tr["weight"], dy, c_out, M, c_in, depthwise, dx)
@@ -451,6 +478,29 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
     _gather(be, dy.dtype, n, tb["splits"], tb["row"], tb["cell"], tb["row"], km.counts, n_cells,
             dy, c_out, M, c_in, depthwise, dx)
     return dx
+
+
+def _input_grad_fixed(be, km, dy, M, a: int, b: int, depthwise: bool, dx) -> None:
+    """dx (n, b) = the "entries" input gradient in 64-bit fixed point (kernels.cu's
+    fixed_bounds, conv_entries_fixed, fixed_to_float): a bound per point, every contribution
+    rounded to the point's power-of-two grid and added by integer atomics, then scaled back.
+    Deterministic without a transposed map; src = dy (m, a), M as conv_entries_scatter's."""
+    xp = be.xp
+    n, m = km.n_points, km.n_queries
+    dtype = dy.dtype
+    w = entry_weights(be, km, dtype)
+    per_point = _per_point(be, km)
+    wmax = xp.ascontiguousarray(xp.asarray(xp.abs(M).max(), dtype=dtype).reshape(1))
+    bound = xp.zeros(n, dtype=xp.uint64)
+    be.launch(conv_name("fixed_bounds", dtype), (blocks(m),), (THREADS,),
+              (i64(m), km.splits, km.index, w, dy, i32(a), wmax, bound))
+    acc = xp.zeros(n * b, dtype=xp.uint64)
+    n_threads = -(-m // (32 // b)) * 32
+    be.launch(rows_name("conv_entries_fixed", dtype, km.cell.dtype), (blocks(n_threads),),
+              (THREADS,), (i64(m), km.splits, km.index, km.cell, w, dy, i32(a), M, i32(b),
+                           i32(1 if depthwise else 0), bound, per_point, acc))
+    be.launch(conv_name("fixed_to_float", dtype), (blocks(n * b),), (THREADS,),
+              (i64(n), i32(b), acc, bound, per_point, dx))
 
 
 def rows_per_partial(m: int, w_size: int, itemsize: int) -> int:

@@ -1363,6 +1363,108 @@ __global__ void conv_entries_scatter(long long rows, const long long* __restrict
         atomicAdd(out + col[e] * b + o, w[e] * dot(s, Mo + (i64)cell[e] * ab, a, b));
 }
 
+// --------------------------------------------------------------------------------------------
+// The input gradient in 64-bit fixed point (opt-in, PWCONV_CUDA_INPUT_GRAD=fixed): straight over
+// the map like conv_entries_scatter, but each contribution is rounded to a multiple of 2^-S_j
+// (S_j: a power of two per point j, from a bound on its contributions) and added with integer
+// atomics, whose sums do not depend on the order: bit-identical from run to run, no transposed
+// map, no floating-point atomics.
+// --------------------------------------------------------------------------------------------
+
+namespace pwconv_cuda {
+
+/// The float64 a bound's bits stand for.
+__device__ __forceinline__ double bound_value(unsigned long long bits) {
+    return __longlong_as_double((long long)bits);
+}
+
+/// False for a NaN or infinite bound (non-finite inputs): the point's gradient is then NaN.
+__device__ __forceinline__ bool finite_bound(unsigned long long bits) {
+    return bound_value(bits) <= 1.7976931348623157e308;
+}
+
+/// S such that count * bound * 2^S < 2^60 (bound, finite: the largest |contribution| to the
+/// point), so that count contributions, each rounded, add up below 2^63; 0 when the bound is 0
+/// or the point has no entries.  May be negative (huge values) or above 1023 (tiny ones): ldexp
+/// scales by it exactly either way.
+__device__ __forceinline__ int fixed_shift(unsigned long long bound_bits, int count) {
+    const double total = bound_value(bound_bits) * (double)count;
+    if (!(total > 0.0)) return 0;
+    int e;
+    frexp(total, &e);  // total < 2^e
+    return 60 - e;
+}
+
+}  // namespace pwconv_cuda
+
+/// Pass 1: bound[col[e]] = max over the entries e of the map of w[e] * (sum_c |src[r, c]|) *
+/// wmax[0] (r: the entry's row; wmax: the largest |weight|), as float64 bits taken by an
+/// integer atomicMax (non-negative doubles order as their bits; a NaN bound beats any number).
+/// That bounds every output channel's contribution of the entry.  One thread per row; bound
+/// (n,) zeroed by the caller.
+template <class F>
+__global__ void fixed_bounds(long long rows, const long long* __restrict__ splits,
+                             const long long* __restrict__ col, const F* __restrict__ w,
+                             const F* __restrict__ src, int a, const F* __restrict__ wmax,
+                             unsigned long long* __restrict__ bound) {
+    const long long r = pwconv_cuda::global_thread();
+    if (r >= rows) return;
+    double norm = 0.0;
+    for (int c = 0; c < a; ++c) norm += fabs((double)src[r * a + c]);
+    norm *= fabs((double)wmax[0]);
+    for (long long e = splits[r]; e < splits[r + 1]; ++e)
+        atomicMax(bound + col[e],
+                  (unsigned long long)__double_as_longlong((double)w[e] * norm));
+}
+
+/// Pass 2: acc[col[e], o] += round(v * 2^S) for every entry e of row r and o < b, v = w[e] *
+/// (src[r, :] . M[f, :, o]) as conv_entries_scatter forms it (F precision; depthwise: w[e] *
+/// src[r, o] * M[f, o]) and S = fixed_shift of the entry's point (per_point: its entries), by
+/// 64-bit integer atomics (two's complement: exact while the sums stay below 2^63, which S
+/// ensures).  Points with a non-finite bound are skipped (their gradient is NaN, pass 3).
+template <class F, class CellT>
+__global__ void conv_entries_fixed(long long rows, const long long* __restrict__ splits,
+                                   const long long* __restrict__ col,
+                                   const CellT* __restrict__ cell, const F* __restrict__ w,
+                                   const F* __restrict__ src, int a, const F* __restrict__ M,
+                                   int b, int depthwise,
+                                   const unsigned long long* __restrict__ bound,
+                                   const int* __restrict__ per_point,
+                                   unsigned long long* __restrict__ acc) {
+    using namespace pwconv_cuda;
+    i64 row;
+    int o;
+    if (!entry_lane(rows, b, row, o)) return;
+    const i64 e1 = splits[row + 1];
+    const F* s = src + row * a;
+    const i64 ab = (i64)a * b;
+    for (i64 e = splits[row]; e < e1; ++e) {
+        const i64 j = col[e];
+        if (!finite_bound(bound[j])) continue;
+        const int shift = fixed_shift(bound[j], per_point[j]);
+        const F v = depthwise ? w[e] * s[o] * M[(i64)cell[e] * a + o]
+                              : w[e] * dot(s, M + o + (i64)cell[e] * ab, a, b);
+        const long long q = __double2ll_rn(ldexp((double)v, shift));
+        atomicAdd(acc + j * b + o, (unsigned long long)q);
+    }
+}
+
+/// Pass 3: out[j, o] = acc[j, o] * 2^-S_j in F (NaN where the point's bound is not finite).
+template <class F>
+__global__ void fixed_to_float(long long n, int b, const unsigned long long* __restrict__ acc,
+                               const unsigned long long* __restrict__ bound,
+                               const int* __restrict__ per_point, F* __restrict__ out) {
+    const long long k = pwconv_cuda::global_thread();
+    if (k >= n * b) return;
+    using namespace pwconv_cuda;
+    const long long j = k / b;
+    if (!finite_bound(bound[j])) {
+        out[k] = (F)bound_value(0x7FF8000000000000ull);  // NaN
+        return;
+    }
+    out[k] = (F)ldexp((double)(long long)acc[k], -fixed_shift(bound[j], per_point[j]));
+}
+
 /// Weight gradient of the "entries" scheme, pass 1, over the map's entries ordered by cell (a
 /// stable sort: map order within a cell; row, col, w are the sorted entries' rows, points and
 /// weights 1 / n_i(f)).  Each cell's run [cell_splits[f], cell_splits[f + 1]) is cut into chunks
