@@ -1333,6 +1333,21 @@ __global__ void conv_entries_shuffle(long long rows, const long long* __restrict
     pwconv_cuda::entries_rows<true>(rows, splits, col, cell, w, src, a, M, b, depthwise, out);
 }
 
+namespace pwconv_cuda {
+
+/// Channel o of map entry e's contribution to its point's input gradient: w[e] * (s . M[f, :, o])
+/// (dense) or w[e] * s[o] * M[f, o] (depthwise), s = the entry's row of the output gradient.
+template <class F, class CellT>
+__device__ __forceinline__ F entry_contribution(i64 e, const CellT* __restrict__ cell,
+                                                const F* __restrict__ w, const F* __restrict__ s,
+                                                int a, const F* __restrict__ M, int b,
+                                                int depthwise, int o) {
+    const i64 f = (i64)cell[e];
+    return depthwise ? w[e] * s[o] * M[f * a + o] : w[e] * dot(s, M + o + f * a * b, a, b);
+}
+
+}  // namespace pwconv_cuda
+
 /// The input gradient's opt-in non-deterministic path (PWCONV_CUDA_DETERMINISTIC=0): out (n, b),
 /// zeroed by the caller, gets for every map entry e of row r (point col[e], cell f, weight w[e] =
 /// 1 / n_r(f)) and every o < b: out[col[e], o] += w[e] * (src[r, :] . M[f, :, o]) by a
@@ -1352,15 +1367,8 @@ __global__ void conv_entries_scatter(long long rows, const long long* __restrict
     if (!entry_lane(rows, b, row, o)) return;
     const i64 e1 = splits[row + 1];
     const F* s = src + row * a;
-    if (depthwise) {
-        for (i64 e = splits[row]; e < e1; ++e)
-            atomicAdd(out + col[e] * b + o, w[e] * s[o] * M[(i64)cell[e] * a + o]);
-        return;
-    }
-    const i64 ab = (i64)a * b;
-    const F* Mo = M + o;
     for (i64 e = splits[row]; e < e1; ++e)
-        atomicAdd(out + col[e] * b + o, w[e] * dot(s, Mo + (i64)cell[e] * ab, a, b));
+        atomicAdd(out + col[e] * b + o, entry_contribution(e, cell, w, s, a, M, b, depthwise, o));
 }
 
 // --------------------------------------------------------------------------------------------
@@ -1437,13 +1445,11 @@ __global__ void conv_entries_fixed(long long rows, const long long* __restrict__
     if (!entry_lane(rows, b, row, o)) return;
     const i64 e1 = splits[row + 1];
     const F* s = src + row * a;
-    const i64 ab = (i64)a * b;
     for (i64 e = splits[row]; e < e1; ++e) {
         const i64 j = col[e];
         if (!finite_bound(bound[j])) continue;
         const int shift = fixed_shift(bound[j], per_point[j]);
-        const F v = depthwise ? w[e] * s[o] * M[(i64)cell[e] * a + o]
-                              : w[e] * dot(s, M + o + (i64)cell[e] * ab, a, b);
+        const F v = entry_contribution(e, cell, w, s, a, M, b, depthwise, o);
         const long long q = __double2ll_rn(ldexp((double)v, shift));
         atomicAdd(acc + j * b + o, (unsigned long long)q);
     }
