@@ -1219,6 +1219,21 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
     return p, offsets, q, q_off, x, w, dy
 
 
+def _set_scheme(monkeypatch, scheme: str) -> None:
+    """The GPU operator's switches for a test's scheme name: "auto", "rows", "bycell", or "auto-"
+    with atomic (PWCONV_CUDA_DETERMINISTIC=0), cells (PWCONV_CUDA_WEIGHT_GRAD), shuffle
+    (PWCONV_CUDA_ENTRIES_LOADS) or fixed (PWCONV_CUDA_INPUT_GRAD)."""
+    from pwconv_cy.cuda import _conv
+
+    base, _, variant = scheme.partition("-")
+    monkeypatch.setenv(_conv.OPERATOR_ENV, base)
+    env = {"atomic": (_conv.DETERMINISTIC_ENV, "0"), "cells": (_conv.WEIGHT_GRAD_ENV, "cells"),
+           "shuffle": (_conv.ENTRIES_LOADS_ENV, "shuffle"),
+           "fixed": (_conv.INPUT_GRAD_ENV, "fixed")}
+    if variant:
+        monkeypatch.setenv(*env[variant])
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -1232,23 +1247,15 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
     each operator scheme (auto takes "entries" up to 32 channels), with the opt-in atomic input
-    gradient (PWCONV_CUDA_DETERMINISTIC=0) and with the entries' weight gradient by cell
-    (PWCONV_CUDA_WEIGHT_GRAD=cells)."""
+    gradient (PWCONV_CUDA_DETERMINISTIC=0), with the entries' weight gradient by cell
+    (PWCONV_CUDA_WEIGHT_GRAD=cells), shuffled source loads and the fixed-point input gradient
+    (_set_scheme)."""
     import cupy
 
     import pwconv_cy
     from pwconv_cy import cuda
-    from pwconv_cy.cuda import _conv
 
-    monkeypatch.setenv(_conv.OPERATOR_ENV, scheme.split("-")[0])
-    if scheme.endswith("atomic"):
-        monkeypatch.setenv(_conv.DETERMINISTIC_ENV, "0")
-    if scheme.endswith("cells"):
-        monkeypatch.setenv(_conv.WEIGHT_GRAD_ENV, "cells")
-    if scheme.endswith("shuffle"):
-        monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, "shuffle")
-    if scheme.endswith("fixed"):
-        monkeypatch.setenv(_conv.INPUT_GRAD_ENV, "fixed")
+    _set_scheme(monkeypatch, scheme)
 
     rng = np.random.default_rng(c_in * 31 + c_out + dilation)
     p, offsets, q, q_off, x, w, dy = _conv_case(rng, dtype, depthwise, c_in, c_out, queries)
@@ -1278,15 +1285,8 @@ def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     import cupy
 
     from pwconv_cy import cuda
-    from pwconv_cy.cuda import _conv
 
-    monkeypatch.setenv(_conv.OPERATOR_ENV, scheme.split("-")[0])
-    if scheme.endswith("cells"):
-        monkeypatch.setenv(_conv.WEIGHT_GRAD_ENV, "cells")
-    if scheme.endswith("shuffle"):
-        monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, "shuffle")
-    if scheme.endswith("fixed"):
-        monkeypatch.setenv(_conv.INPUT_GRAD_ENV, "fixed")
+    _set_scheme(monkeypatch, scheme)
 
     rng = np.random.default_rng(11)
     p, offsets, _, _, x, w, dy = _conv_case(rng, np.float32, depthwise, 9, 9, False)
