@@ -283,20 +283,21 @@ def _scan(be, row_len, every: int = 0):
     return splits, (np.asarray(host[:-1], dtype=np.int64) if every else int(host[0])), longest
 
 
-def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status, what: str,
+def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status,
                  cell_bits=None):
     """(keys (n_pairs,) int64, counts) of a fill pass, rows of at most SHORT_ROW entries sorted
     (by the fill threads themselves, or by sort_rows_by_rank after an unsorted fill:
     row_sort_mode).  With cell_bits (kernel maps: the keys' cell bits, 0 for K = 1), the rank
     sort also counts each sorted entry's n_i(f): counts (n_pairs,) int32, complete for the rows it
-    sorted; None when it did not run."""
+    sorted; None when it did not run.  The caller checks the fill's status once everything is
+    queued (the kernels after it stay within their arrays whatever the keys), so the device does
+    not idle while the host reads it."""
     xp = be.xp
     m = int(splits.shape[0]) - 1
     by_rank = row_sort_mode() == "rank"
     keys = xp.empty(n_pairs, dtype=xp.int64)
     be.launch(fill_name, grid_dim, (SEARCH_THREADS,),
               head + (dummy, splits, keys, i64(0 if by_rank else SHORT_ROW), status))
-    be.check_status(status, what)
     counts = None
     if by_rank and n_pairs:
         unsorted, keys = keys, xp.empty(n_pairs, dtype=xp.int64)
@@ -405,8 +406,9 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
                   "reduce voxel_size, kernel_size or dilation, or split the batch"
                   + ("" if n_maps == 1 else ", or make fewer maps per call"))
     keys, counts = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy, splits,
-                                n_pairs, status, "kernel_map fill pass", cell_bits=bits)
+                                n_pairs, status, cell_bits=bits)
     if longest > SHORT_ROW:
+        be.check_status(status, "kernel_map fill pass")  # before the sort reads the keys
         keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
     index = xp.empty(n_pairs, dtype=xp.int64)
     cell = xp.empty(n_pairs, dtype=cell_dtype)
@@ -415,6 +417,8 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     del keys
     if counts is None or longest > SHORT_ROW:  # rows the rank sort did not count
         counts = entry_cell_counts(be, splits, cell, n_cells)
+    if longest <= SHORT_ROW:  # checked above otherwise
+        be.check_status(status, "kernel_map fill pass")
     if n_maps == 1:
         return [(splits, index, cell, counts)]
     out = []
@@ -451,8 +455,8 @@ def radius_search_arrays(be, grid: DeviceGrid, radius: float, euclidean: bool, b
     del row_len
     _budget_check(n_pairs, 16 * n_pairs, budget, "radius_search (GPU)",
                   "reduce the radius, search fewer queries per call or split the batch")
-    keys, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs, status,
-                           "radius_search fill pass")
+    keys, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs, status)
+    be.check_status(status, "radius_search fill pass")
     if longest > SHORT_ROW:
         keys = _sort_long_rows(be, splits, keys, max(1, grid.n_points).bit_length())
     return splits, keys
