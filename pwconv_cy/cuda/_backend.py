@@ -25,6 +25,7 @@ __all__ = [
     "CupyBackend",
     "compile_options",
     "debug_enabled",
+    "env_choice",
     "get_backend",
     "include_dir",
     "kernel_source",
@@ -143,6 +144,16 @@ BARRIER_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "conv_gather_dense"
 
 class CudaKernelError(RuntimeError):
     """A CUDA kernel of pwconv failed to compile, to launch or to run."""
+
+
+def env_choice(name: str, choices: tuple, default: str) -> str:
+    """The value of environment switch `name` (trimmed, lower case; unset or empty: `default`),
+    which must be one of `choices`; ValueError naming the variable otherwise."""
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        allowed = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
 
 
 def debug_enabled() -> bool:

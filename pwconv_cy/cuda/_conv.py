@@ -38,7 +38,7 @@ import os
 
 import numpy as np
 
-from pwconv_cy.cuda._backend import conv_name, order_name, rows_name
+from pwconv_cy.cuda._backend import conv_name, env_choice, order_name, rows_name
 from pwconv_cy.cuda._search import THREADS, blocks, cell_bits_for, expand_rows
 
 __all__ = [
@@ -103,10 +103,7 @@ INPUT_GRAD_ENV = "PWCONV_CUDA_INPUT_GRAD"
 
 def input_grad_mode() -> str:
     """PWCONV_CUDA_INPUT_GRAD: "gather" (default) or "fixed"."""
-    mode = os.environ.get(INPUT_GRAD_ENV, "gather").strip().lower() or "gather"
-    if mode not in ("gather", "fixed"):
-        raise ValueError(f"{INPUT_GRAD_ENV} must be gather or fixed, got {mode!r}")
-    return mode
+    return env_choice(INPUT_GRAD_ENV, ("gather", "fixed"), "gather")
 
 
 #: How conv_entries' lanes get a source row: "broadcast" (default: every lane loads each value,
@@ -117,10 +114,7 @@ ENTRIES_LOADS_ENV = "PWCONV_CUDA_ENTRIES_LOADS"
 
 def entries_loads() -> str:
     """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default) or "shuffle"."""
-    mode = os.environ.get(ENTRIES_LOADS_ENV, "broadcast").strip().lower() or "broadcast"
-    if mode not in ("broadcast", "shuffle"):
-        raise ValueError(f"{ENTRIES_LOADS_ENV} must be broadcast or shuffle, got {mode!r}")
-    return mode
+    return env_choice(ENTRIES_LOADS_ENV, ("broadcast", "shuffle"), "broadcast")
 
 
 def weight_grad_mode() -> str:
@@ -131,10 +125,7 @@ def weight_grad_mode() -> str:
     time per layer against 0.41-0.64 ms for sorting the entries by cell and running
     conv_weight_cells.  "cells" is used anyway where the weight outgrows the rows kernel's
     shared accumulators (rows_plan)."""
-    mode = os.environ.get(WEIGHT_GRAD_ENV, "rows").strip().lower() or "rows"
-    if mode not in WEIGHT_GRAD_MODES:
-        raise ValueError(f"{WEIGHT_GRAD_ENV} must be rows or cells, got {mode!r}")
-    return mode
+    return env_choice(WEIGHT_GRAD_ENV, WEIGHT_GRAD_MODES, "rows")
 
 
 def deterministic() -> bool:
@@ -150,11 +141,7 @@ def deterministic() -> bool:
 
 def operator_scheme() -> str:
     """The scheme asked for by PWCONV_CUDA_OPERATOR: auto (default), rows or bycell."""
-    scheme = os.environ.get(OPERATOR_ENV, "auto").strip().lower() or "auto"
-    if scheme not in OPERATOR_SCHEMES:
-        raise ValueError(f"{OPERATOR_ENV} must be one of {', '.join(OPERATOR_SCHEMES)}, got "
-                         f"{scheme!r}")
-    return scheme
+    return env_choice(OPERATOR_ENV, OPERATOR_SCHEMES, "auto")
 
 
 def scheme_for(n_cells: int, a: int, b: int, itemsize: int, weight_entries: int = 0) -> str:

@@ -21,6 +21,7 @@ from pwconv_cy.cuda._backend import (
     SHORT_ROW,
     counts_name,
     digest_name,
+    env_choice,
     kernel_map_name,
     radius_name,
     split_name,
@@ -50,10 +51,7 @@ ROW_SORT_ENV = "PWCONV_CUDA_ROW_SORT"
 
 def row_sort_mode() -> str:
     """PWCONV_CUDA_ROW_SORT: "rank" (default) or "thread"."""
-    mode = os.environ.get(ROW_SORT_ENV, "rank").strip().lower() or "rank"
-    if mode not in ("rank", "thread"):
-        raise ValueError(f"{ROW_SORT_ENV} must be rank or thread, got {mode!r}")
-    return mode
+    return env_choice(ROW_SORT_ENV, ("rank", "thread"), "rank")
 
 
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)

@@ -280,18 +280,15 @@ struct KernelVisit {
         const double* Z = g->z;
         if (tx == -2) {  // dilation > 1, the row's x ranges merged into one run (see
                          // merge_touching_ranges): the exact box along y and z, the kernel cell
-                         // along x by its thresholds (none: a hole)
+                         // along x by binning.hpp's axis_cell_index (none: a hole)
             const double y0 = sd[ty], y1 = ed[ty], z0 = sd[tz], z1 = ed[tz];
             const i64 fzy = ((i64)tz * K + ty) * K;
             for (i64 p = b; p < e; ++p) {
                 const double dy = Y[p] - lo[1], dz = Z[p] - lo[2];
                 if (!(dy >= y0 && dy < y1 && dz >= z0 && dz < z1)) continue;
                 const double dx = X[p] - lo[0];
-                for (int k = 0; k < K; ++k)
-                    if (dx >= sd[k] && dx < ed[k]) {
-                        sink->push((g->order[p] << cell_bits) | (fzy + k));
-                        break;
-                    }
+                const int kx = pwconv::axis_cell_index(dx, sd, K);
+                if (dx >= sd[0] && dx < ed[kx]) sink->push((g->order[p] << cell_bits) | (fzy + kx));
             }
             return;
         }
@@ -1572,7 +1569,7 @@ __global__ void entry_cell_counts(long long m, const long long* __restrict__ spl
     for (long long e = e0; e < e1; ++e) counts[e] = tally[(int)cell[e]];
 }
 
-/// w[e] = 1 / counts[e] (the entry's n_i(f)), as entry_weights computes it: F(1) / F(n).
+/// w[e] = 1 / counts[e] (the entry's n_i(f)), one rounding: F(1) / F(n).
 template <class F>
 __global__ void weights_from_counts(long long n_entries, const int* __restrict__ counts,
                                     F* __restrict__ w) {
