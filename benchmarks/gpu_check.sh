@@ -83,11 +83,12 @@ step benchmark 140 bench.log \
 
 # The opt-in K = 3 kernel-map kernels (PWCONV_CUDA_SPECIALISE_K=3): every GPU test of
 # tests/test_cuda.py with them (the evidence for making them the default), then their maps and
-# times against the shipped kernels' (identical maps required).
+# times against the shipped kernels' (identical maps required), each also by count + fill passes
+# (PWCONV_CUDA_MAP_PASSES=two) against the shipped single search pass.
 step k3_maps 120 k3.log \
     bash -c 'PWCONV_CUDA_SPECIALISE_K=3 PWCONV_CUDA_DEBUG=1 "$1" -m pytest -q -m gpu \
         tests/test_cuda.py -p no:cacheprovider --maxfail=3; \
-        "$1" benchmarks/gpu_search_tuning.py none k3' _ "$PY"
+        "$1" benchmarks/gpu_search_tuning.py none k3 two k3-two' _ "$PY"
 
 # The operator's "entries" kernel unrolled 1, 2 (shipped) and 4 entries at a time, and with its
 # source rows exchanged by shuffles: per-layer times, identical results required.

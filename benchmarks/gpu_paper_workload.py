@@ -16,8 +16,9 @@ Timed with CUDA events after a warm-up, medians of several runs, per stage:
 
 pwconv's forward and backward are timed with each GPU operator scheme ("entries", the default for
 these channel counts, "rows" and "by cell": PWCONV_CUDA_OPERATOR), the default also with the
-opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), the kernel maps also with the fill
-threads sorting their own rows (PWCONV_CUDA_ROW_SORT=thread), and a breakdown times the grid, each
+opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), the kernel maps also by count + fill
+passes (PWCONV_CUDA_MAP_PASSES=two) and with the fill threads sorting their own rows
+(PWCONV_CUDA_ROW_SORT=thread), and a breakdown times the grid, each
 map, the per-call checks and each kernel stage of every layer (the rows scheme's beside them).
 
 Both are checked first: identical pair counts per layer and outputs / weight gradients equal
@@ -231,6 +232,9 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
             lambda s=s: index.kernel_map(K, s), warmup, runs)
     out["kernel maps s=1-4 together"] = time_cuda(
         lambda: index.kernel_maps(K, [s for _, _, s in LAYERS]), warmup, runs)
+    with _env(_search.MAP_PASSES_ENV, "two"):
+        out["kernel maps s=1-4 together, count + fill passes"] = time_cuda(
+            lambda: index.kernel_maps(K, [s for _, _, s in LAYERS]), warmup, runs)
     out["points digest (float32 points)"] = time_cuda(
         lambda: _search.points_digest(be, pw.points, pw.offsets), warmup, runs)
     out["points digest (float64 points)"] = time_cuda(
@@ -582,6 +586,8 @@ def main(argv=None) -> int:
                         **schemes["auto"]}
     record["schemes"] = schemes
     record["kernel_maps_one_by_one"] = time_cuda(pw.kernel_maps_one_by_one, warmup, runs)
+    with _env(_search.MAP_PASSES_ENV, "two"):  # count pass, scan, fill pass, as before
+        record["kernel_maps_two_passes"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.ROW_SORT_ENV, "thread"):  # each fill thread sorts its row, as before
         record["kernel_maps_thread_sort"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.ROW_TABLE_ENV, "0"):  # the grid rows found by binary search, as before
@@ -673,6 +679,8 @@ def main(argv=None) -> int:
         ratio = f"{b / a:15.1f}x" if b is not None and a > 0 else f"{'-':>16}"
         print(f"{key:<14}{fmt_ms(a):>16}{fmt_ms(b):>16}{ratio}   (before: by-cell scheme, "
               f"binary-searched rows {fmt_ms(old).strip()})")
+    print(f"kernel maps by count + fill passes (PWCONV_CUDA_MAP_PASSES=two): "
+          f"{fmt_ms(record['kernel_maps_two_passes']['median_s'])}")
     print(f"kernel maps with the fill threads sorting their rows (PWCONV_CUDA_ROW_SORT=thread): "
           f"{fmt_ms(record['kernel_maps_thread_sort']['median_s'])}")
     print(f"kernel maps one after the other (kernel_map per layer): "

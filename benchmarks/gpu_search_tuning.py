@@ -5,10 +5,12 @@ variant's):
 * ``none``: as shipped;
 * ``N`` (a number): compiled with ``__launch_bounds__(128, N)`` (kernels.cu's
   PWCONV_CUDA_SEARCH_MIN_BLOCKS, given to NVRTC as -D): the register budget;
-* ``k3``: the kernel size 3 compiled as a constant (PWCONV_CUDA_SPECIALISE_K=3, opt-in).
+* ``k3``: the kernel size 3 compiled as a constant (PWCONV_CUDA_SPECIALISE_K=3, opt-in);
+* ``two``: the maps by count + fill passes (PWCONV_CUDA_MAP_PASSES=two) instead of one pass;
+* ``k3-two``: both.
 
     python benchmarks/gpu_search_tuning.py            # none 6 8
-    python benchmarks/gpu_search_tuning.py none k3
+    python benchmarks/gpu_search_tuning.py none k3 two k3-two
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def measure(variant: str) -> dict:
-    if variant == "k3":  # read when pwconv_cy.cuda is imported
+    if variant.startswith("k3"):  # read when pwconv_cy.cuda is imported
         os.environ["PWCONV_CUDA_SPECIALISE_K"] = "3"
+    if variant.endswith("two"):
+        os.environ["PWCONV_CUDA_MAP_PASSES"] = "two"
     import numpy as np
 
     sys.path.insert(0, str(HERE))

@@ -364,8 +364,9 @@ static void run_block_fibers(std::vector<Fiber>& fibers) {
     }
 }
 
-// reversed != 0: kernels without barriers run their blocks and threads last to first, another
-// legal schedule (what integer atomics hand out then changes, the results must not).
+// reversed != 0: kernels without barriers run their blocks and threads last to first, kernels
+// with barriers their blocks: another legal schedule (what integer atomics hand out then
+// changes, the results must not).
 extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                           unsigned by, unsigned bz, int threaded, int reversed, void** params) {
     if (registry().empty()) register_all();
@@ -397,6 +398,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
                     }
                     continue;
                 }
+                if (reversed) blockIdx = {gx - 1 - x, gy - 1 - y, gz - 1 - z};
                 current_fn = &fn;
                 current_params = params;
                 if (block_fibers.size() != n_threads) {
@@ -641,6 +643,7 @@ def _emulate_scenario(be, name, operator=True):
         np.testing.assert_array_equal(me, od.counts[rows_d, od.cell],
                                       err_msg=f"{name}: maps, s={d}: entry counts")
     assert _search.kernel_maps_arrays(be, grid, v, k, (), _cell_dtype(k), 1 << 40) == []
+    _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, multi)
 
     # radius search (both metrics) against brute force
     r = v * 1.5
@@ -763,6 +766,74 @@ def _emulate_scenario(be, name, operator=True):
     return report
 
 
+def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
+    """The maps `want` (made the default way) again: by count + fill; in one pass with the scratch
+    sized from a sample of the queries (a stride over them), under the reversed schedule (other
+    warps claim the scratch first); and with a scratch estimate far too small, which must fall
+    back to the fill pass.  Always the same maps, and the passes each way claims to run."""
+    from pwconv_cy.cuda import _search
+    from pwconv_cy.neighbors import _cell_dtype
+
+    defaults = (_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK)
+    q = None if q is None else np.ascontiguousarray(q)
+    n_pairs = sum(int(w[0][-1]) for w in want)
+    long_rows = max((int(np.diff(w[0]).max()) for w in want if len(w[0]) > 1), default=0) \
+        > _search.SHORT_ROW
+    ways = (("two", defaults, False), ("one", (3, defaults[1], defaults[2]), False),
+            ("one", (3, defaults[1], defaults[2]), True), ("one", (defaults[0], 0.25, 0), False))
+    try:
+        for passes, (sample, margin, slack), reverse in ways:
+            os.environ[_search.MAP_PASSES_ENV] = passes
+            _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
+                sample, margin, slack
+            start = len(be.launches)
+            be.reversed = reverse
+            capacities = []
+            search_once = _search._search_once
+
+            def spy(*args, _capacities=capacities, _search_once=search_once):
+                _capacities.append(args[-1])
+                return _search_once(*args)
+
+            _search._search_once = spy
+            try:
+                got = _search.kernel_maps_arrays(be, grid, v, k, dils, _cell_dtype(k), 1 << 40,
+                                                 q, q_offsets)
+            finally:
+                be.reversed = False
+                _search._search_once = search_once
+            ran = [n.split("<")[0] for n in be.launches[start:]]
+            what = f"{name}: {passes} pass(es), capacity {(sample, margin, slack)}"
+            for g, w in zip(got, want):
+                for a, b in zip(g, w):
+                    np.testing.assert_array_equal(a, b, err_msg=what)
+            if grid.n_points == 0:
+                continue
+            if capacities:  # the estimate: the sampled queries' rows, scaled to all queries
+                m = len(want[0][0]) - 1
+                stride = max(1, m // sample)
+                qrow = np.arange(m) if q is not None else np.asarray(grid.order)
+                sampled = qrow[::stride]
+                total = sum(int(np.diff(w[0])[sampled].sum()) for w in want)
+                estimate = total * (m / len(sampled))
+                assert capacities == [int(estimate * float(margin)) + int(slack)], \
+                    (what, capacities, total, stride)
+            once = ran.count("kernel_map_once")
+            fills = [n for n in be.launches[start:] if n.startswith("kernel_map_pass<")
+                     and n.endswith(", 1>")]
+            if passes == "two":
+                assert once == 0 and len(fills) == 1, (what, ran)
+            elif long_rows:  # a sample that sees them skips the one pass, else it falls back
+                assert once <= (sample < defaults[0]) and len(fills) == 1, (what, ran)
+            elif margin < 1 and n_pairs:  # the scratch falls short: fill pass after all
+                assert once == 1 and len(fills) == 1, (what, ran)
+            elif margin >= 1:
+                assert once == 1 and not fills, (what, ran)
+    finally:
+        os.environ.pop(_search.MAP_PASSES_ENV, None)
+        _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = defaults
+
+
 def _check_fixed_input_grad(be, km, om, rng, name):
     """PWCONV_CUDA_INPUT_GRAD=fixed on nasty output gradients: a row 1e30 (float64) / 1e15
     (float32) times the others, within rounding of the oracle norm-wise; a NaN makes exactly the
@@ -849,7 +920,8 @@ def _check_points_digest(be, p, offsets):
 def _emulate_property(be, max_examples: int = 80):
     """Hypothesis: random packed batches of every cloud kind (empty clouds, duplicates, points on
     cell faces), queries or not, K in {1, 3}, dilations 1-3, 1-12 channels, float32/64, dense or
-    depthwise, either sort of the filled rows, one or several weight-gradient chunks per cell: the
+    depthwise, either sort of the filled rows, one or several weight-gradient chunks per cell, the
+    maps searched once (scratch estimates exact, sampled or short) or twice: the
     GPU orchestration on the emulator gives the oracle's kernel map and the operator within
     rounding, with each scheme; the default scheme's forward and gradients also under a reversed
     schedule, bit for bit."""
@@ -881,16 +953,25 @@ def _emulate_property(be, max_examples: int = 80):
         igrad = draw(st.sampled_from(["gather", "fixed"]))  # the deterministic input gradient
         # the map alone, or made after another dilation's in the same launches
         before = draw(st.sampled_from([(), (1,), (3, 2)]))
+        # the maps' search: count + fill, or one pass with its scratch sized from every query,
+        # from a sample (every second or third), or too small (the fill pass after all)
+        passes = draw(st.sampled_from(["one", "two"]))
+        capacity = draw(st.sampled_from([(_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, 0),
+                                         (7, _search.CAPACITY_MARGIN, 0),
+                                         (_search.CAPACITY_SAMPLE, 0.5, 0)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, chunk, row_sort, (wgrad, loads, igrad), before, draw(strategies.seeds)
+            short, chunk, row_sort, (wgrad, loads, igrad), before, (passes, capacity), \
+            draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases())
     def check(case):
         (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk, row_sort,
-         (wgrad, loads, igrad), before, seed) = case
+         (wgrad, loads, igrad), before, (passes, capacity), seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
+        os.environ[_search.MAP_PASSES_ENV] = passes
+        _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = capacity
         os.environ[_search.ROW_SORT_ENV] = row_sort
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         os.environ[_conv.ENTRIES_LOADS_ENV] = loads
@@ -954,10 +1035,14 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ.pop(_conv.OPERATOR_ENV)
 
     default, default_chunk = _search.SHORT_ROW, _conv.CELL_CHUNK
+    default_capacity = (_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK)
     try:
         check()
     finally:
         _search.SHORT_ROW, _conv.CELL_CHUNK = default, default_chunk
+        _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
+            default_capacity
+        os.environ.pop(_search.MAP_PASSES_ENV, None)
         os.environ.pop(_search.ROW_SORT_ENV, None)
         os.environ.pop(_conv.WEIGHT_GRAD_ENV, None)
         os.environ.pop(_conv.ENTRIES_LOADS_ENV, None)
@@ -1010,6 +1095,8 @@ def test_gpu_switches_are_validated(monkeypatch):
              True),
             (_search.ROW_SORT_ENV, _search.row_sort_mode, {"thread": "thread", "rank": "rank"},
              "rank"),
+            (_search.MAP_PASSES_ENV, _search.map_passes_mode, {"two": "two", " One": "one"},
+             "one"),
             (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode, {"cells": "cells", " Rows ": "rows"},
              "rows"),
             (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
@@ -1059,8 +1146,9 @@ def test_emulated_kernel_map_with_k3_specialised():
             for name in ("random", "lattice_s2", "lattice_s4", "queries", "wide_coordinates",
                          "long_rows"):
                 T._emulate_scenario(be, name, operator=False)  # the K = 3 search kernels
-        ran = {name for name in be.launches if name.startswith("kernel_map_pass")}
-        assert ran == {"kernel_map_pass<3, 0>", "kernel_map_pass<3, 1>"}, ran
+        ran = {name for name in be.launches if name.startswith("kernel_map_")}
+        assert ran == {"kernel_map_pass<3, 0>", "kernel_map_pass<3, 1>",
+                       "kernel_map_once<3>"}, ran
         print("ok")
     """)
     env = dict(os.environ, PWCONV_CUDA_SPECIALISE_K="3")
@@ -1155,16 +1243,23 @@ def test_gpu_kernel_map_identical_on_dyadic_lattice(kernel_size, dilation):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("row_sort", ["rank", "thread"])
-def test_gpu_kernel_map_identical_on_sphere_batch(row_sort, monkeypatch):
-    """The paper's layers on a batch of sphere clouds (one shared GPU index)."""
+@pytest.mark.parametrize("way", ["one pass", "one pass, scratch short", "two passes",
+                                 "thread sort"])
+def test_gpu_kernel_map_identical_on_sphere_batch(way, monkeypatch):
+    """The paper's layers on a batch of sphere clouds (one shared GPU index), the maps searched
+    once (the scratch sized from a sample of every 4th query: 32,768 queries; or sized far too
+    small, falling back to the fill pass) or twice (count + fill; the fill threads sorting their
+    own rows)."""
     import cupy
 
     import pwconv_cy
     from pwconv_cy import cuda
     from pwconv_cy.cuda import _search
 
-    monkeypatch.setenv(_search.ROW_SORT_ENV, row_sort)
+    monkeypatch.setenv(_search.ROW_SORT_ENV, "thread" if way == "thread sort" else "rank")
+    monkeypatch.setenv(_search.MAP_PASSES_ENV, "two" if way == "two passes" else "one")
+    if way == "one pass, scratch short":
+        monkeypatch.setattr(_search, "CAPACITY_MARGIN", 0.5)
 
     rng = np.random.default_rng(7)
     p = rng.standard_normal((16 * 2048, 3))

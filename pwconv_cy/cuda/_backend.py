@@ -75,6 +75,11 @@ def kernel_map_name(kernel_size: int, fill: bool) -> str:
     return f"kernel_map_pass<{k}, {int(fill)}>"
 
 
+def kernel_map_once_name(kernel_size: int) -> str:
+    k = kernel_size if kernel_size in SPECIALISED_K else 0
+    return f"kernel_map_once<{k}>"
+
+
 def radius_name(fill: bool) -> str:
     return f"radius_pass<{int(fill)}>"
 
@@ -120,6 +125,7 @@ ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "permute_entries", "conv_entrie
 #: Template instantiations requested from NVRTC (get_function needs these exact strings).
 NAME_EXPRESSIONS = tuple(
     [kernel_map_name(k, fill) for k in SPECIALISED_K + (0,) for fill in (False, True)]
+    + [kernel_map_once_name(k) for k in SPECIALISED_K + (0,)]
     + [radius_name(fill) for fill in (False, True)]
     + [split_name(dt) for dt in CELL_CTYPES]
     + [order_name(dt) for dt in CELL_CTYPES]
@@ -139,7 +145,7 @@ PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "grid_cell_keys",
 BARRIER_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "conv_gather_dense",
                    "conv_weight_partial_dense", "conv_rows", "conv_weight_rows",
                    "conv_weight_cells", "points_digest", "sum_partials",
-                   "conv_entries_shuffle")
+                   "conv_entries_shuffle", "kernel_map_once")
 
 
 class CudaKernelError(RuntimeError):

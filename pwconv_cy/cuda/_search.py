@@ -1,4 +1,12 @@
-"""GPU neighbour search: the grid, the kernel map (count -> scan -> fill) and the radius search.
+"""GPU neighbour search: the grid, the kernel map and the radius search.
+
+The kernel map is counted, scanned and filled like the CPU's, but each query is searched once
+(map_passes_mode "one"): kernel_map_once counts every row exactly and leaves its keys in a
+scratch buffer (sized from a count over a sample of the queries, so no buffer is sized by
+queries x neighbours); the scan of the counts gives the CSR, and sort_rows_by_rank moves each row
+into place sorted.  Where the scratch estimate falls short or a row exceeds SHORT_ROW, the counts
+are already exact and the fill pass runs as in "two" (count pass, scan, fill pass).  The radius
+search counts and fills.
 
 Works on canonical arrays (validated by the caller) through a backend (``_backend.py``): ``be.xp``
 is the array module, ``be.launch`` runs a kernel of kernels.cu.  The results are the CPU's, bit for
@@ -23,6 +31,7 @@ from pwconv_cy.cuda._backend import (
     digest_name,
     env_choice,
     kernel_map_name,
+    kernel_map_once_name,
     radius_name,
     split_name,
 )
@@ -52,6 +61,28 @@ ROW_SORT_ENV = "PWCONV_CUDA_ROW_SORT"
 def row_sort_mode() -> str:
     """PWCONV_CUDA_ROW_SORT: "rank" (default) or "thread"."""
     return env_choice(ROW_SORT_ENV, ("rank", "thread"), "rank")
+
+
+#: How kernel maps are searched: "one" (default: kernel_map_once searches every query once,
+#: its rows reserved in a scratch buffer sized from a sampled count) or "two" (count pass, scan,
+#: fill pass: every query searched twice).  Same maps.  "one" falls back to the fill pass where
+#: rows are longer than SHORT_ROW or the scratch estimate fell short; row_sort_mode "thread"
+#: implies "two".
+MAP_PASSES_ENV = "PWCONV_CUDA_MAP_PASSES"
+
+
+def map_passes_mode() -> str:
+    """PWCONV_CUDA_MAP_PASSES: "one" (default) or "two"."""
+    return env_choice(MAP_PASSES_ENV, ("one", "two"), "one")
+
+
+#: One-pass maps: the scratch buffer is sized from a count pass over about this many queries
+#: per map (every stride-th in grid order, spatially even), times CAPACITY_MARGIN, plus
+#: CAPACITY_SLACK keys.  A short estimate costs the fill pass the one pass saved, never a
+#: wrong map (tests shrink these to force it).
+CAPACITY_SAMPLE = 8192
+CAPACITY_MARGIN = 1.125
+CAPACITY_SLACK = 32 * SHORT_ROW
 
 
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
@@ -266,19 +297,27 @@ def expand_rows(be, splits, n_entries: int):
     return row_of
 
 
-def _scan(be, row_len, every: int = 0):
+def _scan(be, row_len, every: int = 0, flag=None):
     """splits (m + 1,) int64 and, on the host, (total, longest row) -- with every > 0 (a divisor
-    of m), (splits[::every] as a host array, longest row), in the same one transfer."""
+    of m), (splits[::every] as a host array, longest row), in the same one transfer.  With flag
+    (a device int32 scalar, e.g. a status word), its value comes in that transfer too, as a
+    fourth result."""
     xp = be.xp
     m = int(row_len.shape[0])
     splits = xp.zeros(m + 1, dtype=xp.int64)
+    parts = [] if flag is None else [flag.astype(xp.int64).reshape(1)]
     if m == 0:
-        return splits, (np.zeros(1, dtype=np.int64) if every else 0), 0
+        marks_host = np.zeros(1, dtype=np.int64) if every else 0
+        flag_value = int(be.to_host(parts[0])[0]) if parts else 0
+        return (splits, marks_host, 0) + (() if flag is None else (flag_value,))
     splits[1:] = xp.cumsum(row_len)
     marks = splits[::every] if every else splits[-1:]
-    host = be.to_host(xp.concatenate([marks, row_len.max().reshape(1)]))
+    host = be.to_host(xp.concatenate([marks, row_len.max().reshape(1)] + parts))
+    if parts:
+        flag_value, host = int(host[-1]), host[:-1]
     longest = int(host[-1])
-    return splits, (np.asarray(host[:-1], dtype=np.int64) if every else int(host[0])), longest
+    out = (splits, (np.asarray(host[:-1], dtype=np.int64) if every else int(host[0])), longest)
+    return out + (() if flag is None else (flag_value,))
 
 
 def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status,
@@ -302,7 +341,7 @@ def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, sta
         with_counts = cell_bits is not None
         counts = xp.empty(n_pairs if with_counts else 1, dtype=xp.int32)
         be.launch("sort_rows_by_rank", (blocks(32 * m),), (THREADS,),
-                  (i64(m), splits, unsorted, keys, i64(SHORT_ROW),
+                  (i64(m), splits, unsorted, dummy, i32(0), keys, i64(SHORT_ROW),
                    i64((1 << cell_bits) - 1 if with_counts else 0), i32(int(with_counts)),
                    counts))
         del unsorted
@@ -388,23 +427,44 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     head = (i64(m), qrow, qx, qy, qz, q_offsets, i64(grid.n_clouds)) + grid.grid_args() + (
         f64(voxel_size), i32(k), dil, i32(bits), axis_d)
     rows = n_maps * m
-    row_len = xp.zeros(rows, dtype=xp.int64)
     status = xp.zeros(1, dtype=xp.int32)
     dummy = xp.zeros(1, dtype=xp.int64)
     grid_dim = (blocks(m, SEARCH_THREADS), n_maps)
-    be.launch(kernel_map_name(k, False), grid_dim, (SEARCH_THREADS,),
-              head + (row_len, dummy, dummy, i64(SHORT_ROW), status))
-    splits, firsts, longest = _scan(be, row_len, every=max(m, 1))
-    n_pairs = int(firsts[-1])  # firsts[d]: where map d's entries start
-    del row_len
     counts_bytes = 4 * rows * n_cells  # made if KernelMap.counts is read: keep room for them
     pair_bytes = 20 + np.dtype(cell_dtype).itemsize  # keys x 2, index, entry count, cell
     what = "kernel_map (GPU)" if n_maps == 1 else f"kernel_maps (GPU, {n_maps} dilations)"
+    keys = counts = scratch = row_at = None
+    once = None
+    if m and map_passes_mode() == "one" and row_sort_mode() == "rank":
+        capacity = _scratch_capacity(be, k, head, m, n_maps, q_offsets, grid.n_clouds, qrow,
+                                     qx, qy, qz)
+        if capacity is not None and pair_bytes * capacity + counts_bytes <= budget:
+            once = _search_once(be, k, head, grid_dim, rows, capacity)
+    if once is not None:
+        row_len, row_at, scratch, overflow = once
+        splits, firsts, longest, overflow = _scan(be, row_len, every=m, flag=overflow)
+    else:
+        row_len = xp.zeros(rows, dtype=xp.int64)
+        be.launch(kernel_map_name(k, False), grid_dim, (SEARCH_THREADS,),
+                  head + (row_len, dummy, dummy, i64(SHORT_ROW), status))
+        splits, firsts, longest = _scan(be, row_len, every=max(m, 1))
+    n_pairs = int(firsts[-1])  # firsts[d]: where map d's entries start
+    del row_len
     _budget_check(n_pairs, pair_bytes * n_pairs + counts_bytes, budget, what,
                   "reduce voxel_size, kernel_size or dilation, or split the batch"
                   + ("" if n_maps == 1 else ", or make fewer maps per call"))
-    keys, counts = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy, splits,
-                                n_pairs, status, cell_bits=bits)
+    if once is not None and not overflow and longest <= SHORT_ROW:
+        # every row is in the scratch buffer: sort it into place, counting n_i(f) on the way
+        keys = xp.empty(n_pairs, dtype=xp.int64)
+        counts = xp.empty(max(n_pairs, 1), dtype=xp.int32)
+        be.launch("sort_rows_by_rank", (blocks(32 * rows),), (THREADS,),
+                  (i64(rows), splits, scratch, row_at, i32(1), keys, i64(SHORT_ROW),
+                   i64((1 << bits) - 1), i32(1), counts))
+        counts = counts[:n_pairs]
+    once = scratch = row_at = None  # not needed any more: the fill pass, if any, gets the room
+    if keys is None:
+        keys, counts = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy, splits,
+                                    n_pairs, status, cell_bits=bits)
     if longest > SHORT_ROW:
         be.check_status(status, "kernel_map fill pass")  # before the sort reads the keys
         keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
@@ -425,6 +485,51 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
         split_d = splits[d * m:(d + 1) * m + 1] - i64(a)
         out.append((split_d, index[a:b], cell[a:b], counts[a:b]))
     return out
+
+
+def _scratch_capacity(be, k: int, head: tuple, m: int, n_maps: int, q_offsets, n_clouds: int,
+                      qrow, qx, qy, qz):
+    """Keys to reserve for kernel_map_once: the count pass over every stride-th query (about
+    CAPACITY_SAMPLE per map; all of them for small batches), scaled to all m queries, times
+    CAPACITY_MARGIN plus CAPACITY_SLACK.  None when a sampled row is longer than SHORT_ROW (such
+    rows are not buffered: the one pass would fall back to the fill anyway)."""
+    xp = be.xp
+    stride = max(1, m // max(1, int(CAPACITY_SAMPLE)))
+    if stride == 1:
+        sample = head
+        m_s = m
+    else:
+        # query r of the sample is query r * stride; clouds are contiguous in query order, so
+        # cloud c's sampled queries are those from ceil(offsets[c] / stride)
+        m_s = (m + stride - 1) // stride
+        pick = [xp.ascontiguousarray(a[::stride]) for a in (qx, qy, qz)]
+        offsets_s = (q_offsets + (stride - 1)) // stride
+        sample = (i64(m_s), xp.arange(m_s, dtype=xp.int64), *pick, offsets_s,
+                  i64(n_clouds)) + head[7:]
+    row_len = xp.zeros(n_maps * m_s, dtype=xp.int64)
+    status = xp.zeros(1, dtype=xp.int32)
+    dummy = xp.zeros(1, dtype=xp.int64)
+    be.launch(kernel_map_name(k, False), (blocks(m_s, SEARCH_THREADS), n_maps),
+              (SEARCH_THREADS,), sample + (row_len, dummy, dummy, i64(SHORT_ROW), status))
+    total, longest = (int(v) for v in be.to_host(xp.stack([row_len.sum(), row_len.max()])))
+    if longest > SHORT_ROW:
+        return None
+    estimate = total * (m / m_s)
+    return int(estimate * float(CAPACITY_MARGIN)) + int(CAPACITY_SLACK)
+
+
+def _search_once(be, k: int, head: tuple, grid_dim: tuple, rows: int, capacity: int):
+    """Launches kernel_map_once: (row_len (rows,), row_at (rows,), scratch (capacity,) int64,
+    status), all on the device (see kernels.cu)."""
+    xp = be.xp
+    row_len = xp.empty(rows, dtype=xp.int64)
+    row_at = xp.empty(rows, dtype=xp.int64)
+    scratch = xp.empty(max(int(capacity), 1), dtype=xp.int64)
+    cursor = xp.zeros(1, dtype=xp.uint64)
+    status = xp.zeros(1, dtype=xp.int32)
+    be.launch(kernel_map_once_name(k), grid_dim, (SEARCH_THREADS,),
+              head + (row_len, row_at, scratch, i64(capacity), cursor, i64(SHORT_ROW), status))
+    return row_len, row_at, scratch, status
 
 
 def kernel_map_counts(be, splits, cell, n_cells: int):

@@ -487,45 +487,41 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
 // Kernel map (SPEC §1): count pass, scan (in Python), fill pass
 // ============================================================================================
 
-/// One thread per query and map.  Several maps of the same queries (same voxel size and kernel
-/// size, dilations[d] for map d = blockIdx.y) are made by one launch, as one CSR of
-/// n_maps * m rows, map d's rows at d * m: the maps' threads share the device (one wave of
-/// latency-bound threads instead of several) and their scan one host synchronisation.
-/// Thread t handles query row qrow[t] at (qx[t], qy[t], qz[t]) (for the points themselves: the
-/// sorted grid order, which keeps neighbouring threads on neighbouring cells); its cloud is
-/// found in query_offsets.
-/// FILL = 0: row_len[d * m + row] = number of neighbours.  FILL = 1: writes the keys
-/// (index << cell_bits) | cell of the row at keys[splits[d * m + row]...], sorted ascending when
-/// the row has at most short_row entries; *status = 1 if a row's count differs from its length.
+/// The search kernels' arguments (kernel_map_pass, kernel_map_once): the queries, the grid and
+/// the kernel.  One list, spelled once, so the kernels and kernel_map_search cannot drift apart.
+#define PWCONV_CUDA_KERNEL_MAP_PARAMS                                                             \
+    long long m, const long long *qrow, const double *qx, const double *qy, const double *qz,   \
+        const long long *query_offsets, long long n_clouds, /* grid */ const double *gx,        \
+        const double *gy, const double *gz, const long long *gorder,                           \
+        const long long *cell_start, const long long *cell_x, const long long *cell_y,         \
+        const long long *cell_z, const long long *cloud_cell_begin, const double *origin,      \
+        double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y,            \
+        long long cmax_z, const long long *row_cell_begin,                                     \
+        const unsigned long long *table_keys, const long long *table_rows, int table_bits,     \
+        /* kernels; axis_d (n_maps, 2K): kernel_axis_differences' start_d then end_d of each   \
+           map's dilation (kernel_axis_diffs) */                                                \
+        double voxel_size, int kernel_size, const int *dilations, int cell_bits,               \
+        const double *axis_d_all
+#define PWCONV_CUDA_KERNEL_MAP_ARGS                                                               \
+    m, qrow, qx, qy, qz, query_offsets, n_clouds, gx, gy, gz, gorder, cell_start, cell_x,       \
+        cell_y, cell_z, cloud_cell_begin, origin, cell_size, inv_cell_size, cmax_x, cmax_y,     \
+        cmax_z, row_cell_begin, table_keys, table_rows, table_bits, voxel_size, kernel_size,    \
+        dilations, cell_bits, axis_d_all
+
+namespace pwconv_cuda {
+
+/// Searches query t (< m) of map d: every accepted neighbour's key (index << cell_bits) | cell
+/// goes to sink, in a fixed order.  Returns the query's row in the maps' CSR (d * m + qrow[t]).
 /// KC: the kernel size at compile time (0: runtime, up to PWCONV_CUDA_MAX_K).
-template <int KC, int FILL>
-__global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
-    long long m, const long long* qrow, const double* qx, const double* qy, const double* qz,
-    const long long* query_offsets, long long n_clouds,
-    // grid
-    const double* gx, const double* gy, const double* gz, const long long* gorder,
-    const long long* cell_start, const long long* cell_x, const long long* cell_y,
-    const long long* cell_z, const long long* cloud_cell_begin, const double* origin,
-    double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y, long long cmax_z,
-    const long long* row_cell_begin, const unsigned long long* table_keys,
-    const long long* table_rows, int table_bits,
-    // kernels; axis_d (n_maps, 2K): kernel_axis_differences' start_d then end_d of each map's
-    // dilation (kernel_axis_diffs)
-    double voxel_size, int kernel_size, const int* dilations, int cell_bits,
-    const double* axis_d_all,
-    // outputs
-    long long* row_len, const long long* splits, long long* keys, long long short_row,
-    int* status) {
-    using namespace pwconv_cuda;
+template <int KC>
+__device__ __forceinline__ i64 kernel_map_search(PWCONV_CUDA_KERNEL_MAP_PARAMS, i64 t, int d,
+                                                 RowSink& sink) {
     constexpr int KMAX = KC > 0 ? KC : PWCONV_CUDA_MAX_K;
-    const i64 t = global_thread();
-    if (t >= m) return;
     const int K = KC > 0 ? KC : kernel_size;
     const GridView g{gx,         gy,         gz,     gorder,    cell_start,
                      cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
                      cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
                      row_cell_begin, table_keys, table_rows, table_bits};
-    const int d = blockIdx.y;  // the map
     const int dilation = dilations[d];
     const double* axis_d = axis_d_all + (i64)d * 2 * K;
     const i64 row = qrow[t] + (i64)d * m;  // the row in the maps' CSR
@@ -556,6 +552,43 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
     }
     if (dilation > 1) merge_touching_ranges(r[0]);  // x only: y and z name the grid rows
 
+    KernelVisit visit{&g, sd, ed, {lo[0], lo[1], lo[2]}, K, cell_bits, &sink};
+    for_each_run(g, cloud, r[0], r[1], r[2], visit);
+    return row;
+}
+
+/// Inclusive sum of v over the lanes of a full warp up to this one (shuffles only).
+__device__ __forceinline__ i64 warp_inclusive_sum(i64 v, int lane) {
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const i64 other = __shfl_sync(0xffffffffu, v, lane >= offset ? lane - offset : lane);
+        if (lane >= offset) v += other;
+    }
+    return v;
+}
+
+}  // namespace pwconv_cuda
+
+/// Count and fill passes of a kernel map (count -> scan -> fill).  One thread per query and
+/// map.  Several maps of the same queries (same voxel size and kernel size, dilations[d] for map
+/// d = blockIdx.y) are made by one launch, as one CSR of n_maps * m rows, map d's rows at d * m:
+/// the maps' threads share the device (one wave of latency-bound threads instead of several)
+/// and their scan one host synchronisation.  Thread t handles query row qrow[t] at (qx[t], qy[t],
+/// qz[t]) (for the points themselves: the sorted grid order, which keeps neighbouring threads on
+/// neighbouring cells); its cloud is found in query_offsets.
+/// FILL = 0: row_len[d * m + row] = number of neighbours.  FILL = 1: writes the keys
+/// (index << cell_bits) | cell of the row at keys[splits[d * m + row]...], sorted ascending when
+/// the row has at most short_row entries; *status = 1 if a row's count differs from its length.
+template <int KC, int FILL>
+__global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(PWCONV_CUDA_KERNEL_MAP_PARAMS,
+                                                          long long* row_len,
+                                                          const long long* splits,
+                                                          long long* keys, long long short_row,
+                                                          int* status) {
+    using namespace pwconv_cuda;
+    const i64 t = global_thread();
+    if (t >= m) return;
+    const int d = blockIdx.y;  // the map
+    const i64 row = qrow[t] + (i64)d * m;
     RowSink sink;
     i64 base = 0, len = 0;
     if (FILL) {
@@ -568,8 +601,7 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
         sink.capacity = 0;
     }
     sink.n = 0;
-    KernelVisit visit{&g, sd, ed, {lo[0], lo[1], lo[2]}, K, cell_bits, &sink};
-    for_each_run(g, cloud, r[0], r[1], r[2], visit);
+    kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, t, d, sink);
 
     if (!FILL) {
         row_len[row] = sink.n;
@@ -582,17 +614,66 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(
     if (len <= short_row) sort_short(keys + base, len);
 }
 
+/// The kernel map in one search pass (same threads and rows as kernel_map_pass): each thread
+/// keeps its row's keys (at most short_row <= PWCONV_CUDA_SHORT_ROW) in a local buffer while it
+/// searches; then each warp reserves room for its rows in `scratch` with one integer atomicAdd
+/// on *cursor and writes them there, unsorted.  row_len[row] = the row's length (always: the
+/// count pass's output), row_at[row] = where its keys start in scratch, or -1 when they are not
+/// there: the row is longer than short_row, or scratch (capacity keys) is full (*status = 1).
+/// Where a row lands depends on the schedule; the map sort_rows_by_rank makes from scratch does
+/// not (it sorts each row's distinct keys).  Saves the count pass's second search of every
+/// query; a caller that gets -1 rows falls back to the fill pass, row_len serving as the count.
+template <int KC>
+__global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP_PARAMS,
+                                                          long long* row_len, long long* row_at,
+                                                          long long* scratch,
+                                                          long long capacity,
+                                                          unsigned long long* cursor,
+                                                          long long short_row, int* status) {
+    using namespace pwconv_cuda;
+    const i64 t = global_thread();
+    const int d = blockIdx.y;  // the map
+    const int lane = threadIdx.x % 32;  // blocks are whole warps: every lane reaches the shuffles
+    i64 buffer[PWCONV_CUDA_SHORT_ROW];
+    RowSink sink;
+    sink.keys = buffer;
+    sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
+    sink.n = 0;
+    i64 row = -1;
+    if (t < m) row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, t, d, sink);
+    const i64 need = (row >= 0 && sink.n <= sink.capacity) ? sink.n : 0;
+    const i64 end = warp_inclusive_sum(need, lane);  // this lane's rows end at base + end
+    const i64 total = __shfl_sync(0xffffffffu, end, 31);
+    unsigned long long base = 0;
+    if (lane == 31 && total > 0) base = atomicAdd(cursor, (unsigned long long)total);
+    base = __shfl_sync(0xffffffffu, base, 31);
+    if (row < 0) return;
+    row_len[row] = sink.n;
+    const bool fits = base + (unsigned long long)total <= (unsigned long long)capacity;
+    if (sink.n > sink.capacity || (need > 0 && !fits)) {
+        row_at[row] = -1;
+        if (need > 0) *status = 1;
+        return;
+    }
+    const i64 at = (i64)base + end - need;
+    row_at[row] = at;
+    for (i64 i = 0; i < need; ++i) scratch[at + i] = buffer[i];
+}
+
 /// out = in with every row of at most short_row entries sorted ascending (keys distinct within a
 /// row, as a map's (index << bits | cell) keys are): one warp per row, each lane placing its keys
 /// at their rank (the number of smaller keys in the row), all lanes reading the row's keys at one
 /// address.  Longer rows are copied as they are (the caller sorts them).  Replaces the fill
 /// thread's own insertion sort, which moved keys in global memory one place at a time.
+/// Row r's keys are read from in[in_at[r]...] when gathered (kernel_map_once's scratch, rows in
+/// any order), else from in[splits[r]...]; they go to out[splits[r]...].
 /// With count_cells (kernel maps; cell_mask: the key's cell bits, 0 for K = 1), the same pass
 /// over the row also counts the row's keys in each key's cell: counts[b + rank] = n_i(f) of the
 /// sorted entry, which the operator's weights 1 / n_i(f) are made from (rows longer than
 /// short_row: left to the caller).
 extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __restrict__ splits,
                                              const long long* __restrict__ in,
+                                             const long long* __restrict__ in_at, int gathered,
                                              long long* __restrict__ out, long long short_row,
                                              long long cell_mask, int count_cells,
                                              int* __restrict__ counts) {
@@ -600,16 +681,17 @@ extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __res
     const int lane = threadIdx.x % 32;
     if (row >= m) return;
     const long long b = splits[row], len = splits[row + 1] - b;
+    const long long* row_in = in + (gathered ? in_at[row] : b);
     if (len > short_row) {
-        for (long long i = lane; i < len; i += 32) out[b + i] = in[b + i];
+        for (long long i = lane; i < len; i += 32) out[b + i] = row_in[i];
         return;
     }
     for (long long i = lane; i < len; i += 32) {
-        const long long key = in[b + i];
+        const long long key = row_in[i];
         long long rank = 0;
         int same_cell = 0;
         for (long long j = 0; j < len; ++j) {
-            const long long other = in[b + j];
+            const long long other = row_in[j];
             rank += other < key;
             same_cell += ((other ^ key) & cell_mask) == 0;
         }
