@@ -2,7 +2,8 @@
 # One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
 #   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
 #   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
-#   the opt-in K = 3 map kernels (tests, maps, times) -> the operator kernel's unroll variants ->
+#   the opt-in K = 3 map kernels (tests) -> the search kernels' variants (K = 3, row batches) ->
+#   the operator kernel's unroll variants ->
 #   kernel-time profile (ncu, if installed).
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
@@ -82,13 +83,16 @@ step benchmark 140 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
 
 # The opt-in K = 3 kernel-map kernels (PWCONV_CUDA_SPECIALISE_K=3): every GPU test of
-# tests/test_cuda.py with them (the evidence for making them the default), then their maps and
-# times against the shipped kernels' (identical maps required), each also by count + fill passes
-# (PWCONV_CUDA_MAP_PASSES=two) against the shipped single search pass.
-step k3_maps 120 k3.log \
-    bash -c 'PWCONV_CUDA_SPECIALISE_K=3 PWCONV_CUDA_DEBUG=1 "$1" -m pytest -q -m gpu \
-        tests/test_cuda.py -p no:cacheprovider --maxfail=3; \
-        "$1" benchmarks/gpu_search_tuning.py none k3 two k3-two' _ "$PY"
+# tests/test_cuda.py with them (the evidence for making them the default).
+step k3_tests 120 k3.log \
+    env PWCONV_CUDA_SPECIALISE_K=3 PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -m gpu \
+    tests/test_cuda.py -p no:cacheprovider --maxfail=3
+
+# The search kernels' variants, each in a fresh process (identical maps required): as shipped,
+# with K = 3 compiled in, and with the grid rows looked up one at a time (b1: as before) or
+# eight at a time (b8) instead of four.  (The benchmark above times one pass against two.)
+step search_tuning 150 k3.log \
+    "$PY" benchmarks/gpu_search_tuning.py none k3 b1 b8
 
 # The operator's "entries" kernel unrolled 1, 2 (shipped) and 4 entries at a time, and with its
 # source rows exchanged by shuffles: per-layer times, identical results required.

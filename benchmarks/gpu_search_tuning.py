@@ -7,10 +7,12 @@ variant's):
   PWCONV_CUDA_SEARCH_MIN_BLOCKS, given to NVRTC as -D): the register budget;
 * ``k3``: the kernel size 3 compiled as a constant (PWCONV_CUDA_SPECIALISE_K=3, opt-in);
 * ``two``: the maps by count + fill passes (PWCONV_CUDA_MAP_PASSES=two) instead of one pass;
-* ``k3-two``: both.
+* ``k3-two``: both;
+* ``bN`` (b1, b2, b8): the grid rows of a query looked up N at a time (kernels.cu's
+  PWCONV_CUDA_ROW_BATCH, given to NVRTC as -D; 4 shipped, b1 is the earlier one by one).
 
     python benchmarks/gpu_search_tuning.py            # none 6 8
-    python benchmarks/gpu_search_tuning.py none k3 two k3-two
+    python benchmarks/gpu_search_tuning.py none k3 two k3-two b1 b8
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def measure(variant: str) -> dict:
     if variant.isdigit():
         base = _backend.compile_options
         _backend.compile_options = lambda: base() + (f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={variant}",)
+    if variant[:1] == "b" and variant[1:].isdigit():
+        base_b = _backend.compile_options
+        _backend.compile_options = lambda: base_b() + (f"-DPWCONV_CUDA_ROW_BATCH={variant[1:]}",)
     import cupy
 
     points = cupy.asarray(wl.sphere(128 * 2048, 0))

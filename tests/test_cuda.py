@@ -417,8 +417,9 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
 """
 
 
-def build_emulator(out_dir: Path) -> Path:
-    """Compile kernels.cu for the host with the emulator around it; returns the shared library."""
+def build_emulator(out_dir: Path, defines=()) -> Path:
+    """Compile kernels.cu for the host with the emulator around it (plus -D`defines`, the tuning
+    knobs NVRTC may be given); returns the shared library."""
     registry = "\n".join(
         f'    registry().emplace("{name}", [](void** p) {{ call(&{name}, p); }});'
         for name in _names())
@@ -428,7 +429,7 @@ def build_emulator(out_dir: Path) -> Path:
     cpp.write_text(source)
     cxx = os.environ.get("CXX", "g++")
     cmd = [cxx, "-std=c++17", "-O1", "-g", "-ffp-contract=off", "-fPIC", "-shared",
-           f"-I{INCLUDE}", str(cpp), "-o", str(lib)]
+           f"-I{INCLUDE}", *(f"-D{d}" for d in defines), str(cpp), "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
@@ -1050,12 +1051,13 @@ def _emulate_property(be, max_examples: int = 80):
     return {"scenario": "property", "examples": max_examples}
 
 
-def _run_emulation(names, lib=None):
+def _run_emulation(names, lib=None, defines=(), operator=True):
     with tempfile.TemporaryDirectory() as tmp:
-        lib = lib or build_emulator(Path(tmp))
+        lib = lib or build_emulator(Path(tmp), defines)
         be = EmulatedBackend(lib)
         for name in names:
-            report = _emulate_property(be) if name == "property" else _emulate_scenario(be, name)
+            report = _emulate_property(be) if name == "property" else \
+                _emulate_scenario(be, name, operator=operator)
             print(json.dumps(report), flush=True)
 
 
@@ -1081,6 +1083,25 @@ def test_emulated_kernels_match_oracles(emulator_lib, scenario):
                     f"{exc.stdout}\n{exc.stderr}")
     assert proc.returncode == 0, (f"emulation of {scenario} failed (rc {proc.returncode}):\n"
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_emulated_searches_with_other_row_batches(batch):
+    """The grid rows a query visits are looked up PWCONV_CUDA_ROW_BATCH at a time (a tuning knob
+    given to NVRTC as -D; 4 shipped): one at a time, 3 (batches cut mid-range) and 8 give the
+    oracle's maps too, in the same order (the scenarios' searches, in a fresh process)."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no host C++ compiler ({cxx}) to emulate the kernels")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--emulate",
+           "random,lattice_s2,lattice_s3_k5,lattice_s4,queries,batch_empty_clouds",
+           "--searches-only", "--define", f"PWCONV_CUDA_ROW_BATCH={batch}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(TESTS),
+                          check=False)
+    assert proc.returncode == 0, (f"emulation with row batches of {batch} failed "
+                                  f"(rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                                  f"{proc.stderr[-8000:]}")
+    assert proc.stdout.count('"scenario"') == 6, proc.stdout
 
 
 def test_gpu_switches_are_validated(monkeypatch):
@@ -1598,5 +1619,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--emulate", required=True, help="scenario name, or 'all'")
     parser.add_argument("--lib", default=None, help="a prebuilt emulator library")
+    parser.add_argument("--define", action="append", default=[],
+                        help="NAME=VALUE given to the emulator's build as -D (tuning knobs)")
+    parser.add_argument("--searches-only", action="store_true",
+                        help="the scenarios' searches, not their operator")
     opts = parser.parse_args()
-    _run_emulation(SCENARIOS if opts.emulate == "all" else [opts.emulate], opts.lib)
+    _run_emulation(SCENARIOS if opts.emulate == "all" else opts.emulate.split(","), opts.lib,
+                   opts.define, operator=not opts.searches_only)

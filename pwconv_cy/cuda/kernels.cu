@@ -105,17 +105,6 @@ __device__ __forceinline__ unsigned long long row_slot(unsigned long long key, i
     return (key * 0x9E3779B97F4A7C15ull) >> (64 - table_bits);
 }
 
-/// The row of (cloud, cz, cy) through the hash table (linear probing), or -1 if unoccupied.
-__device__ __forceinline__ i64 find_row(const GridView& g, i64 cloud, i64 cz, i64 cy) {
-    const unsigned long long key = row_key(cloud, cz, cy, g.cmax[1], g.cmax[2]);
-    const unsigned long long mask = (1ull << g.table_bits) - 1ull;
-    for (unsigned long long h = row_slot(key, g.table_bits);; h = (h + 1) & mask) {
-        const unsigned long long k = g.table_keys[h];
-        if (k == key) return g.table_rows[h];
-        if (k == PWCONV_CUDA_EMPTY_SLOT) return -1;
-    }
-}
-
 /// First cell in [b, e) of one grid row whose cx is not below cx.  A few linear steps first: a
 /// query's x ranges ascend and each search starts at the previous range's first cell, so the
 /// answer is mostly a few occupied cells away (rows of a surface hold few cells); a binary
@@ -189,33 +178,103 @@ __device__ __forceinline__ void merge_touching_ranges(AxisRanges<N>& r) {
     r.count = 1;
 }
 
+/// Grid rows looked up side by side by for_each_run (an NVRTC -D option, for tuning; 1: one
+/// after the other).  A query visits up to dozens of grid rows, each found through three
+/// dependent loads (hash slot, the slot's row, the row's cells); with the batch's loads issued
+/// together, a thread waits for each of the three once per batch instead of once per row.
+#ifndef PWCONV_CUDA_ROW_BATCH
+#define PWCONV_CUDA_ROW_BATCH 4
+#endif
+
+/// The x ranges' runs of one grid row whose cells are [lo, hi) (ascending x): visit(tz, ty,
+/// tag_x, begin, end) per run of sorted point positions.
+template <int N, class Visit>
+__device__ __forceinline__ void visit_row(const GridView& g, i64 lo, const i64 hi,
+                                          const AxisRanges<N>& rx, int tz, int ty, Visit& visit) {
+    for (int kx = 0; kx < rx.count; ++kx) {
+        const i64 c0 = lower_bound_x(g, lo, hi, rx.first[kx]);
+        lo = c0;  // ranges ascend, but may share a cell: not past c1
+        i64 c1 = c0;
+        while (c1 < hi && g.cell_x[c1] <= rx.last[kx]) ++c1;
+        if (c1 > c0) visit(tz, ty, rx.tag[kx], g.cell_start[c0], g.cell_start[c1]);
+    }
+}
+
 /// Calls visit(tag_z, tag_y, tag_x, begin, end) for the runs of sorted point positions of cloud
-/// `cloud` lying in the grid cells of the ranges rz x ry x rx.  Deterministic order.
+/// `cloud` lying in the grid cells of the ranges rz x ry x rx.  Deterministic order: grid rows
+/// (cz, cy) ascending within each (z range, y range) pair, x ranges ascending within a row --
+/// the same whatever PWCONV_CUDA_ROW_BATCH.
 template <int N, class Visit>
 __device__ __forceinline__ void for_each_run(const GridView& g, i64 cloud, const AxisRanges<N>& rx,
                                              const AxisRanges<N>& ry, const AxisRanges<N>& rz,
                                              Visit& visit) {
     const i64 cb = g.cloud_cell_begin[cloud], ce = g.cloud_cell_begin[cloud + 1];
     if (cb == ce) return;
-    if (g.table_bits > 0) {  // one hash probe per grid row, short searches within it
-        for (int kz = 0; kz < rz.count; ++kz)
-            for (i64 cz = rz.first[kz]; cz <= rz.last[kz]; ++cz)
-                for (int ky = 0; ky < ry.count; ++ky)
-                    for (i64 cy = ry.first[ky]; cy <= ry.last[ky]; ++cy) {
-                        const i64 row = find_row(g, cloud, cz, cy);
-                        if (row < 0) continue;
-                        i64 lo = g.row_cell_begin[row];
-                        const i64 hi = g.row_cell_begin[row + 1];
-                        for (int kx = 0; kx < rx.count; ++kx) {
-                            const i64 c0 = lower_bound_x(g, lo, hi, rx.first[kx]);
-                            lo = c0;  // ranges ascend, but may share a cell: not past c1
-                            i64 c1 = c0;
-                            while (c1 < hi && g.cell_x[c1] <= rx.last[kx]) ++c1;
-                            if (c1 > c0)
-                                visit(rz.tag[kz], ry.tag[ky], rx.tag[kx], g.cell_start[c0],
-                                      g.cell_start[c1]);
+    if (g.table_bits > 0) {  // hash probes for a batch of grid rows, then short searches in each
+        constexpr int B = PWCONV_CUDA_ROW_BATCH;
+        const unsigned long long mask = (1ull << g.table_bits) - 1ull;
+        // every loop over the batch is unrolled, so its arrays stay in registers
+        i64 bz[B], by[B];
+        int btz[B], bty[B];
+        int kz = 0, ky = 0;
+        i64 cz = rz.count > 0 ? rz.first[0] : 0, cy = ry.count > 0 ? ry.first[0] : 0;
+        bool more = rz.count > 0 && ry.count > 0;
+        while (more) {
+            int nb = 0;
+#pragma unroll
+            for (int i = 0; i < B; ++i) {  // the next grid rows, in the nested loops' order
+                if (!more) continue;
+                bz[i] = cz;
+                by[i] = cy;
+                btz[i] = rz.tag[kz];
+                bty[i] = ry.tag[ky];
+                nb = i + 1;
+                if (++cy > ry.last[ky]) {  // next y range, then next z cell, then next z range
+                    if (++ky == ry.count) {
+                        ky = 0;
+                        if (++cz > rz.last[kz]) {
+                            if (++kz == rz.count) more = false;
+                            else cz = rz.first[kz];
                         }
                     }
+                    cy = ry.first[ky];
+                }
+            }
+            unsigned long long key[B], slot[B], found[B];
+            i64 row[B], lo[B], hi[B];
+#pragma unroll
+            for (int i = 0; i < B; ++i) {  // the home slots' keys: independent loads
+                row[i] = -1;
+                if (i < nb) {
+                    key[i] = row_key(cloud, bz[i], by[i], g.cmax[1], g.cmax[2]);
+                    slot[i] = row_slot(key[i], g.table_bits);
+                    found[i] = g.table_keys[slot[i]];
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < B; ++i) {
+                if (i >= nb) continue;
+                // a collision (rare at load <= 1/2): probe on, one slot after the other
+                for (unsigned long long h = slot[i];;) {
+                    if (found[i] == key[i]) {
+                        row[i] = g.table_rows[h];
+                        break;
+                    }
+                    if (found[i] == PWCONV_CUDA_EMPTY_SLOT) break;
+                    h = (h + 1) & mask;
+                    found[i] = g.table_keys[h];
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < B; ++i)  // the rows' cells: independent loads
+                if (row[i] >= 0) {
+                    lo[i] = g.row_cell_begin[row[i]];
+                    hi[i] = g.row_cell_begin[row[i] + 1];
+                }
+#pragma unroll
+            for (int i = 0; i < B; ++i)
+                if (row[i] >= 0) visit_row(g, lo[i], hi[i], rx, btz[i], bty[i], visit);
+        }
         return;
     }
     for (int kz = 0; kz < rz.count; ++kz)
@@ -461,7 +520,7 @@ extern "C" __global__ void grid_cells(long long n_cells, long long n, const long
 /// Inserts every grid row r (its first cell row_cell_begin[r]; cell_cloud / cell_z / cell_y of
 /// that cell give its key) into the open-addressing table (2^table_bits slots, keys preset to
 /// ~0).  Slots are claimed with an integer compare-and-swap, so where a colliding key lands
-/// depends on the schedule; what find_row returns for a key does not.
+/// depends on the schedule; the row a probe finds for a key (for_each_run) does not.
 extern "C" __global__ void build_row_table(long long n_rows, const long long* row_cell_begin,
                                            const long long* cell_cloud, const long long* cell_z,
                                            const long long* cell_y, long long cmax_y,
