@@ -16,7 +16,8 @@ Timed with CUDA events after a warm-up, medians of several runs, per stage:
 
 pwconv's forward and backward are timed with each GPU operator scheme ("entries", the default for
 these channel counts, "rows" and "by cell": PWCONV_CUDA_OPERATOR), the default also with the
-opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), the kernel maps also by count + fill
+opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0) and with each row's entries grouped by
+cell (PWCONV_CUDA_ENTRIES_ORDER=cells, its maps timed too), the kernel maps also by count + fill
 passes (PWCONV_CUDA_MAP_PASSES=two) and with the fill threads sorting their own rows
 (PWCONV_CUDA_ROW_SORT=thread), and a breakdown times the grid, each
 map, the per-call checks and each kernel stage of every layer (the rows scheme's beside them).
@@ -287,6 +288,17 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
         with _env(_conv.INPUT_GRAD_ENV, "fixed"):
             out[f"{tag}: input gradient, opt-in fixed point (no transposed map)"] = time_cuda(
                 kernels["input gradient kernel"], warmup, runs)
+        with _env(_conv.ENTRIES_ORDER_ENV, "cells"):  # conv_groups; its orders cached first
+            _conv.grouped_keys(be, km)
+            for what in ("forward kernel", "input gradient kernel"):
+                out[f"{tag}: {what}, entries grouped by cell"] = time_cuda(kernels[what],
+                                                                          warmup, runs)
+
+            def fresh_groups(km=km):
+                km._cache.pop("cuda_transposed_groups_float32", None)
+                _conv.transposed_groups(be, km, cupy.float32)
+
+            out[f"{tag}: transposed map grouped by cell"] = time_cuda(fresh_groups, warmup, runs)
         with _env(_conv.WEIGHT_GRAD_ENV, "cells"):  # by cell, its sorted entries cached
             out[f"{tag}: weight gradient kernels (by cell)"] = time_cuda(
                 kernels["weight gradient kernels"], warmup, runs)
@@ -524,28 +536,30 @@ def main(argv=None) -> int:
     print("checks:", json.dumps(record["checks"]))
 
     # --- timings ----------------------------------------------------------------------------
-    from pwconv_cy.cuda import ENTRY_COUNTS_KEY
+    from pwconv_cy.cuda import ENTRY_COUNTS_KEY, GROUPED_KEYS_KEY
 
     def clear_derived(km):
         """Drop what the operator derives from a map (weights, orders, transposed maps): they
-        are built per batch, so the stages include them.  The entry counts stay: the map's row
-        sort makes them with the map (the kernel-map stage)."""
-        for key in [k for k in km._cache if k != ENTRY_COUNTS_KEY]:
+        are built per batch, so the stages include them.  The entry counts (and the grouped
+        keys) stay: the map's row sort makes them with the map (the kernel-map stage)."""
+        for key in [k for k in km._cache if k not in (ENTRY_COUNTS_KEY, GROUPED_KEYS_KEY)]:
             del km._cache[key]
 
+    active = {"kms": kms}  # the maps the schemes run on (the grouped scheme makes its own)
+
     def pw_forward_fresh():
-        for km in kms:
+        for km in active["kms"]:
             clear_derived(km)
-        pw.forward(kms)
+        pw.forward(active["kms"])
 
     state = {}
 
     def pw_backward_fresh():
-        for km in kms:  # the transposed maps are built per batch: include them
+        for km in active["kms"]:  # the transposed maps are built per batch: include them
             for key in [k for k in km._cache
                         if k.startswith(("cuda_transposed", "cuda_row_of", "cuda_cell_entries"))]:
                 del km._cache[key]
-        pw.backward(kms, state["xs"], state["zs"])
+        pw.backward(active["kms"], state["xs"], state["zs"])
 
     from pwconv_cy.cuda import _conv, _search
 
@@ -556,20 +570,27 @@ def main(argv=None) -> int:
     # figures before 2026-11-26 21:00 were taken), the entries kernel's shuffled source loads,
     # the deterministic fixed-point input gradient
     for scheme in ("bycell", "rows", "auto", "auto-atomic", "auto-cells", "auto-dx1",
-                   "auto-shuffle", "auto-fixed"):
+                   "auto-shuffle", "auto-fixed", "auto-grouped"):
         os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if scheme.endswith("atomic") else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = "cells" if scheme.endswith("cells") else "rows"
         os.environ[_conv.ENTRIES_LOADS_ENV] = \
             "shuffle" if scheme.endswith("shuffle") else "broadcast"
         os.environ[_conv.INPUT_GRAD_ENV] = "fixed" if scheme.endswith("fixed") else "gather"
+        grouped = scheme.endswith("grouped")
+        os.environ[_conv.ENTRIES_ORDER_ENV] = "cells" if grouped else "map"
         pw.first_input_grad = scheme.endswith("dx1")
         try:
-            for km in kms:
+            # the grouped scheme's maps carry their rows grouped by cell (made by the row sort):
+            # its kernel-map stage is timed too
+            active["kms"] = pw.kernel_maps() if grouped else kms
+            for km in active["kms"]:
                 clear_derived(km)
-            state["xs"], state["zs"] = pw.forward(kms)
+            state["xs"], state["zs"] = pw.forward(active["kms"])
             schemes[scheme] = {"forward": time_cuda(pw_forward_fresh, warmup, runs),
                                "backward": time_cuda(pw_backward_fresh, warmup, runs)}
+            if grouped:
+                schemes[scheme]["kernel_maps"] = time_cuda(pw.kernel_maps, warmup, runs)
         except Exception as exc:  # noqa: BLE001 - keep the other scheme's figures
             record[f"scheme_{scheme}_error"] = f"{type(exc).__name__}: {exc}"
             print(f"scheme {scheme} failed: {record[f'scheme_{scheme}_error']}")
@@ -578,6 +599,8 @@ def main(argv=None) -> int:
     os.environ.pop(_conv.WEIGHT_GRAD_ENV)
     os.environ.pop(_conv.ENTRIES_LOADS_ENV)
     os.environ.pop(_conv.INPUT_GRAD_ENV)
+    os.environ.pop(_conv.ENTRIES_ORDER_ENV)
+    active["kms"] = kms
     pw.first_input_grad = False
     if "auto" not in schemes:
         schemes["auto"] = schemes["bycell"]
@@ -686,8 +709,10 @@ def main(argv=None) -> int:
     print(f"kernel maps one after the other (kernel_map per layer): "
           f"{fmt_ms(record['kernel_maps_one_by_one']['median_s'])}")
     for name, sch in schemes.items():
+        maps = f"  kernel maps {fmt_ms(sch['kernel_maps']['median_s'])}" \
+            if "kernel_maps" in sch else ""
         print(f"scheme {name:<8} forward {fmt_ms(sch['forward']['median_s'])}  backward "
-              f"{fmt_ms(sch['backward']['median_s'])}")
+              f"{fmt_ms(sch['backward']['median_s'])}{maps}")
     print("\nbreakdown (pwconv, default scheme; medians, CUDA events):")
     for name, t in record["breakdown"].items():
         print(f"  {name:<44}{fmt_ms(t['median_s'])}")

@@ -633,7 +633,8 @@ def _emulate_scenario(be, name, operator=True):
         be, grid, v, k, dils, _cell_dtype(k), 1 << 40,
         None if q is None else np.ascontiguousarray(q), q_offsets)
     assert len(multi) == len(dils)
-    for d, (ms, mi, mc, me) in zip(dils, multi):
+    for d, (ms, mi, mc, me, mg) in zip(dils, multi):
+        assert mg is None  # grouped keys only when asked for
         od = om if d == s else oracles.kernel_map(p, v, k, d, offsets, q, q_offsets)
         np.testing.assert_array_equal(ms, od.splits, err_msg=f"{name}: maps, s={d}: splits")
         np.testing.assert_array_equal(mi, od.index, err_msg=f"{name}: maps, s={d}: index")
@@ -667,17 +668,19 @@ def _emulate_scenario(be, name, operator=True):
     errors = {}
     configs = ((False, (3, 5)), (False, (9, 9)), (False, (32, 17)), (False, (40, 3)),
                (True, (6, 6)), (True, (33, 33)))
-    for scheme, atomic, wgrad, loads, igrad in (
-            ("bycell", False, "rows", "broadcast", "gather"),
-            ("rows", False, "rows", "broadcast", "gather"),
-            ("auto", False, "rows", "broadcast", "gather"),
-            ("auto", False, "cells", "shuffle", "fixed"),
-            ("auto", True, "rows", "broadcast", "gather")):
+    for scheme, atomic, wgrad, loads, igrad, order in (
+            ("bycell", False, "rows", "broadcast", "gather", "map"),
+            ("rows", False, "rows", "broadcast", "gather", "map"),
+            ("auto", False, "rows", "broadcast", "gather", "map"),
+            ("auto", False, "rows", "broadcast", "gather", "cells"),
+            ("auto", False, "cells", "shuffle", "fixed", "map"),
+            ("auto", True, "rows", "broadcast", "gather", "map")):
         os.environ[_conv.OPERATOR_ENV] = scheme
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if atomic else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         os.environ[_conv.ENTRIES_LOADS_ENV] = loads
         os.environ[_conv.INPUT_GRAD_ENV] = igrad
+        os.environ[_conv.ENTRIES_ORDER_ENV] = order
         for dtype in (np.float32, np.float64):
             for depthwise, (c_in, c_out) in configs:
                 km._cache.clear()
@@ -701,7 +704,15 @@ def _emulate_scenario(be, name, operator=True):
                 want = {"bycell": (False, False, False), "rows": rows_ok,
                         "auto": (lanes, lanes, lanes)}[scheme]
                 entries = "conv_entries_shuffle" if loads == "shuffle" else "conv_entries"
-                assert (entries in ran) == (scheme == "auto" and lanes), (scheme, loads, ran)
+                # PWCONV_CUDA_ENTRIES_ORDER=cells: forward and input gradient by conv_groups
+                grouped = order == "cells" and scheme == "auto" and lanes
+                assert (entries in ran) == (scheme == "auto" and lanes and not grouped), \
+                    (scheme, loads, order, ran)
+                assert sum(n.startswith("conv_groups<") for n in be.launches[start:]) == \
+                    2 * grouped, (order, ran)
+                assert ("cuda_grouped_keys" in km._cache) == grouped, (order, ran)
+                if grouped:
+                    want = (True, False, True)  # no transposed rows: transposed groups
                 # the entries scheme's weight gradient: the rows kernel where it holds the
                 # weight (PWCONV_CUDA_WEIGHT_GRAD=rows, the default), else by cell
                 by_rows = wgrad == "rows" and rows_ok[2]
@@ -727,7 +738,7 @@ def _emulate_scenario(be, name, operator=True):
                 assert cached == want[1], (scheme, c_in, c_out, ran)
                 ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
                 tol = 1e-5 if dtype == np.float32 else 1e-12
-                key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {loads} {igrad} "
+                key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {loads} {igrad} {order} "
                        f"{np.dtype(dtype).name} "
                        f"{'depthwise' if depthwise else 'dense'} {c_in}->{c_out}")
                 errors[key] = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
@@ -738,6 +749,8 @@ def _emulate_scenario(be, name, operator=True):
     os.environ.pop(_conv.WEIGHT_GRAD_ENV)
     os.environ.pop(_conv.ENTRIES_LOADS_ENV)
     os.environ.pop(_conv.INPUT_GRAD_ENV)
+    os.environ.pop(_conv.ENTRIES_ORDER_ENV)
+    _check_groups(be, name, km, splits, index, cell, om, p, offsets, q, q_offsets)
     # the rows scheme's transposed map: each point's entries by ascending row (a row names a
     # point once), whatever the schedule, with weights 1 / n_i(f)
     rows = np.repeat(np.arange(m), np.diff(splits))
@@ -765,6 +778,56 @@ def _emulate_scenario(be, name, operator=True):
     _check_fixed_input_grad(be, km, om, rng, name)
     _check_points_digest(be, p, offsets)
     return report
+
+
+def _check_groups(be, name, km, splits, index, cell, om, p, offsets, q, q_offsets):
+    """conv_groups' orders: the map's rows by (cell, index) -- made by the fallback sort and, the
+    same, by the row sort of maps built with group_cells (one pass, and count + fill) -- and the
+    transposed map by (point, cell, row) with weights 1 / n_i(f), the same under another
+    schedule."""
+    from pwconv_cy.cuda import GROUPED_KEYS_KEY, _conv, _search
+    from pwconv_cy.neighbors import _cell_dtype
+
+    k = km.kernel_size
+    bits = _search.cell_bits_for(k)
+    rows = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
+    c64 = cell.astype(np.int64)
+    want = (index[np.lexsort((index, c64, rows))] << bits) | c64[np.lexsort((index, c64, rows))]
+    km._cache.pop(GROUPED_KEYS_KEY, None)
+    np.testing.assert_array_equal(_conv.grouped_keys(be, km), want, err_msg=f"{name}: grouped")
+    grid = _search.build_grid(be, np.ascontiguousarray(p), np.asarray(offsets, np.int64),
+                              km.voxel_size)
+    q = None if q is None else np.ascontiguousarray(q)
+    long_rows = len(splits) > 1 and int(np.diff(splits).max()) > _search.SHORT_ROW
+    for passes in ("one", "two"):
+        os.environ[_search.MAP_PASSES_ENV] = passes
+        try:
+            made = _search.kernel_maps_arrays(be, grid, km.voxel_size, k, (km.dilation,),
+                                              _cell_dtype(k), 1 << 40, q, q_offsets,
+                                              group_cells=True)[0]
+        finally:
+            os.environ.pop(_search.MAP_PASSES_ENV)
+        np.testing.assert_array_equal(made[1], index, err_msg=f"{name}: {passes}")
+        if long_rows:  # not sorted by the row sort: left to grouped_keys' sort
+            assert made[4] is None, name
+        else:
+            np.testing.assert_array_equal(made[4], want, err_msg=f"{name}: {passes}: grouped")
+    trows = np.lexsort((rows, c64, index))  # by (point, cell, row)
+    for dtype in (np.float32, np.float64):
+        key = f"cuda_transposed_groups_{np.dtype(dtype).name}"
+        km._cache.pop(key, None)
+        tg = _conv.transposed_groups(be, km, dtype)
+        be.reversed = True
+        km._cache.pop(key)
+        tg_r = _conv.transposed_groups(be, km, dtype)
+        be.reversed = False
+        for part in tg:
+            np.testing.assert_array_equal(tg_r[part], tg[part], err_msg=f"{name}: {part}")
+        np.testing.assert_array_equal(tg["splits"][1:],
+                                      np.cumsum(np.bincount(index, minlength=km.n_points)))
+        np.testing.assert_array_equal(tg["keys"], (rows[trows] << bits) | c64[trows])
+        np.testing.assert_array_equal(
+            tg["weight"], (1 / om.counts[rows[trows], c64[trows]].astype(dtype)).astype(dtype))
 
 
 def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
@@ -922,7 +985,8 @@ def _emulate_property(be, max_examples: int = 80):
     """Hypothesis: random packed batches of every cloud kind (empty clouds, duplicates, points on
     cell faces), queries or not, K in {1, 3}, dilations 1-3, 1-12 channels, float32/64, dense or
     depthwise, either sort of the filled rows, one or several weight-gradient chunks per cell, the
-    maps searched once (scratch estimates exact, sampled or short) or twice: the
+    maps searched once (scratch estimates exact, sampled or short) or twice, the entries read in
+    map order or grouped by cell: the
     GPU orchestration on the emulator gives the oracle's kernel map and the operator within
     rounding, with each scheme; the default scheme's forward and gradients also under a reversed
     schedule, bit for bit."""
@@ -957,11 +1021,12 @@ def _emulate_property(be, max_examples: int = 80):
         # the maps' search: count + fill, or one pass with its scratch sized from every query,
         # from a sample (every second or third), or too small (the fill pass after all)
         passes = draw(st.sampled_from(["one", "two"]))
+        order = draw(st.sampled_from(["map", "cells"]))  # conv_entries or conv_groups
         capacity = draw(st.sampled_from([(_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, 0),
                                          (7, _search.CAPACITY_MARGIN, 0),
                                          (_search.CAPACITY_SAMPLE, 0.5, 0)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, chunk, row_sort, (wgrad, loads, igrad), before, (passes, capacity), \
+            short, chunk, row_sort, (wgrad, loads, igrad, order), before, (passes, capacity), \
             draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
@@ -969,7 +1034,7 @@ def _emulate_property(be, max_examples: int = 80):
     @given(cases())
     def check(case):
         (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk, row_sort,
-         (wgrad, loads, igrad), before, (passes, capacity), seed) = case
+         (wgrad, loads, igrad, order), before, (passes, capacity), seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
         os.environ[_search.MAP_PASSES_ENV] = passes
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = capacity
@@ -977,13 +1042,15 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         os.environ[_conv.ENTRIES_LOADS_ENV] = loads
         os.environ[_conv.INPUT_GRAD_ENV] = igrad
+        os.environ[_conv.ENTRIES_ORDER_ENV] = order
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
         q_off = None if queries is None else queries.offsets
         grid = _search.build_grid(be, np.ascontiguousarray(p), offsets, v)
-        splits, index, cell, entry_counts = _search.kernel_maps_arrays(
+        splits, index, cell, entry_counts, grouped = _search.kernel_maps_arrays(
             be, grid, v, k, before + (s,), _cell_dtype(k), 1 << 40,
-            None if q is None else np.ascontiguousarray(q), q_off)[-1]
+            None if q is None else np.ascontiguousarray(q), q_off,
+            group_cells=order == "cells")[-1]
         om = oracles.kernel_map(p, v, k, s, offsets, q, q_off)
         np.testing.assert_array_equal(splits, om.splits)
         np.testing.assert_array_equal(index, om.index)
@@ -1004,6 +1071,8 @@ def _emulate_property(be, max_examples: int = 80):
                            voxel_size=v, kernel_size=k, dilation=s, n_points=len(p),
                            offsets=offsets, query_offsets=offsets if q is None else q_off)
             km._cache["cuda_entry_counts"] = entry_counts  # as the map's row sort counted them
+            if grouped is not None:  # as the map's row sort grouped them (else: grouped_keys)
+                km._cache["cuda_grouped_keys"] = grouped
             y = _conv.forward(be, km, x, w, c_out, depthwise)
             dx = _conv.backward_input(be, km, dy, w, c_in, depthwise)
             dw = _conv.backward_weight(be, km, x, dy, c_out, depthwise).reshape(w.shape)
@@ -1048,6 +1117,7 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ.pop(_conv.WEIGHT_GRAD_ENV, None)
         os.environ.pop(_conv.ENTRIES_LOADS_ENV, None)
         os.environ.pop(_conv.INPUT_GRAD_ENV, None)
+        os.environ.pop(_conv.ENTRIES_ORDER_ENV, None)
     return {"scenario": "property", "examples": max_examples}
 
 
@@ -1123,7 +1193,9 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
              {"shuffle": "shuffle", "broadcast": "broadcast"}, "broadcast"),
             (_conv.INPUT_GRAD_ENV, _conv.input_grad_mode, {"fixed": "fixed", "GATHER": "gather"},
-             "gather")):
+             "gather"),
+            (_conv.ENTRIES_ORDER_ENV, _conv.entries_order, {"cells": "cells", "Map": "map"},
+             "map")):
         monkeypatch.delenv(env, raising=False)
         assert fn() == default, env
         for value, want in good.items():
@@ -1338,14 +1410,16 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
 def _set_scheme(monkeypatch, scheme: str) -> None:
     """The GPU operator's switches for a test's scheme name: "auto", "rows", "bycell", or "auto-"
     with atomic (PWCONV_CUDA_DETERMINISTIC=0), cells (PWCONV_CUDA_WEIGHT_GRAD), shuffle
-    (PWCONV_CUDA_ENTRIES_LOADS) or fixed (PWCONV_CUDA_INPUT_GRAD)."""
+    (PWCONV_CUDA_ENTRIES_LOADS), fixed (PWCONV_CUDA_INPUT_GRAD) or grouped
+    (PWCONV_CUDA_ENTRIES_ORDER=cells)."""
     from pwconv_cy.cuda import _conv
 
     base, _, variant = scheme.partition("-")
     monkeypatch.setenv(_conv.OPERATOR_ENV, base)
     env = {"atomic": (_conv.DETERMINISTIC_ENV, "0"), "cells": (_conv.WEIGHT_GRAD_ENV, "cells"),
            "shuffle": (_conv.ENTRIES_LOADS_ENV, "shuffle"),
-           "fixed": (_conv.INPUT_GRAD_ENV, "fixed")}
+           "fixed": (_conv.INPUT_GRAD_ENV, "fixed"),
+           "grouped": (_conv.ENTRIES_ORDER_ENV, "cells")}
     if variant:
         monkeypatch.setenv(*env[variant])
 
@@ -1358,14 +1432,14 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells",
-                                    "auto-shuffle", "auto-fixed"])
+                                    "auto-shuffle", "auto-fixed", "auto-grouped"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
     each operator scheme (auto takes "entries" up to 32 channels), with the opt-in atomic input
     gradient (PWCONV_CUDA_DETERMINISTIC=0), with the entries' weight gradient by cell
-    (PWCONV_CUDA_WEIGHT_GRAD=cells), shuffled source loads and the fixed-point input gradient
-    (_set_scheme)."""
+    (PWCONV_CUDA_WEIGHT_GRAD=cells), shuffled source loads, the fixed-point input gradient and
+    the entries grouped by cell (_set_scheme)."""
     import cupy
 
     import pwconv_cy
@@ -1395,7 +1469,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-shuffle",
-                                    "auto-fixed"])
+                                    "auto-fixed", "auto-grouped"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -1577,7 +1651,7 @@ def test_gpu_real_lidar_tile_map_identical_to_cpu(shared_data):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-grouped"])
 def test_gpu_real_modelnet_layers_match_cpu(shared_data, scheme, monkeypatch):
     """32 real ModelNet40 shapes (float16 as stored, dense (B, 1024, 3)) through the paper's four
     layers on the GPU: forward and both gradients equal to the CPU's within float32 rounding."""
@@ -1585,9 +1659,7 @@ def test_gpu_real_modelnet_layers_match_cpu(shared_data, scheme, monkeypatch):
 
     import pwconv_cy
     from pwconv_cy import cuda
-    from pwconv_cy.cuda import _conv
-
-    monkeypatch.setenv(_conv.OPERATOR_ENV, scheme)
+    _set_scheme(monkeypatch, scheme)
     with np.load(shared_data / "modelnet40_1024" / "train.npz") as z:
         shapes = z["points"][:32]
     rng = np.random.default_rng(2)

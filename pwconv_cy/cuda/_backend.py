@@ -118,7 +118,7 @@ def digest_name(dtype) -> str:
 
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
                 "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells",
-                "weights_from_counts", "fixed_bounds", "fixed_to_float")
+                "weights_from_counts", "fixed_bounds", "fixed_to_float", "conv_groups")
 ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "permute_entries", "conv_entries",
                 "conv_entries_shuffle", "conv_entries_scatter", "conv_entries_fixed")
 
@@ -145,7 +145,7 @@ PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "grid_cell_keys",
 BARRIER_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "conv_gather_dense",
                    "conv_weight_partial_dense", "conv_rows", "conv_weight_rows",
                    "conv_weight_cells", "points_digest", "sum_partials",
-                   "conv_entries_shuffle", "kernel_map_once")
+                   "conv_entries_shuffle", "kernel_map_once", "conv_groups")
 
 
 class CudaKernelError(RuntimeError):

@@ -24,6 +24,9 @@ Three schemes, with the same results to rounding and each bit-identical from run
 (benchmarks, tests); the default ("auto") picks "entries" up to 32 channels, "by cell" beyond.
 ``PWCONV_CUDA_DETERMINISTIC=0`` opts into the one non-deterministic path: the "entries" input
 gradient added straight over the map with floating-point atomics (no transposed map).
+``PWCONV_CUDA_ENTRIES_ORDER=cells`` opts into conv_groups for the "entries" forward and input
+gradient: each row's entries grouped by cell (the map's row sort makes that order with the map),
+each cell's sources summed first and multiplied by its matrix once.
 
 The "by cell" kernels read the map "by cell": each row's entries ordered by (cell, index), so
 that every Omega_i(f) is one run (a counting sort per row, one thread per row).  The input gradient
@@ -48,15 +51,18 @@ __all__ = [
     "cell_entries",
     "deterministic",
     "entries_loads",
+    "entries_order",
     "entry_counts",
     "entry_weights",
     "forward",
+    "grouped_keys",
     "input_grad_mode",
     "rows_per_partial",
     "rows_plan",
     "scheme_for",
     "transposed",
     "transposed_by_cell",
+    "transposed_groups",
     "transposed_rows",
     "weight_grad_mode",
 ]
@@ -115,6 +121,20 @@ ENTRIES_LOADS_ENV = "PWCONV_CUDA_ENTRIES_LOADS"
 def entries_loads() -> str:
     """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default) or "shuffle"."""
     return env_choice(ENTRIES_LOADS_ENV, ("broadcast", "shuffle"), "broadcast")
+
+
+#: In which order the "entries" scheme's forward and deterministic input gradient read a row:
+#: "map" (default: conv_entries, every entry's source times its cell's matrix) or "cells"
+#: (opt-in: conv_groups over the rows grouped by cell -- the map's rows in (cell, index) order,
+#: made by its row sort, and the transposed map in (point, cell, row) order -- each cell's
+#: sources summed first, one matrix product per non-empty cell).  Results within rounding of
+#: each other, each bit-identical from run to run.
+ENTRIES_ORDER_ENV = "PWCONV_CUDA_ENTRIES_ORDER"
+
+
+def entries_order() -> str:
+    """PWCONV_CUDA_ENTRIES_ORDER: "map" (default) or "cells"."""
+    return env_choice(ENTRIES_ORDER_ENV, ("map", "cells"), "map")
 
 
 def weight_grad_mode() -> str:
@@ -246,6 +266,41 @@ def transposed_by_cell(be, km) -> dict:
             "cell": xp.ascontiguousarray(km.cell[order].astype(xp.int32)),
         }
     return km._cache["cuda_transposed_by_cell"]
+
+
+def grouped_keys(be, km):
+    """keys (E,) int64: (index << cell bits) | cell of every map entry, each row in (cell, index)
+    order -- conv_groups' forward map.  Made with the map by its row sort when
+    PWCONV_CUDA_ENTRIES_ORDER=cells was set then (pwconv_cy.cuda.GROUPED_KEYS_KEY), else here by
+    one stable sort of (row, cell) over the map's (index-ascending) rows, and cached."""
+    from pwconv_cy.cuda import GROUPED_KEYS_KEY
+
+    if GROUPED_KEYS_KEY not in km._cache:
+        xp = be.xp
+        bits = cell_bits_for(km.kernel_size)
+        key = _sort_key(be, _row_of(be, km), km.cell, km.kernel_size ** 3, km.n_queries)
+        order = be.argsort(key)  # stable: indices ascend within each (row, cell)
+        km._cache[GROUPED_KEYS_KEY] = xp.ascontiguousarray(
+            (km.index[order] << bits) | km.cell[order].astype(xp.int64))
+    return km._cache[GROUPED_KEYS_KEY]
+
+
+def transposed_groups(be, km, dtype) -> dict:
+    """conv_groups' input-gradient map: for every point j the entries (i, f) with j in
+    Omega_i(f), ordered by (f, i): splits (n+1,) int64, keys (E,) int64 = (i << cell bits) | f,
+    weight (E,) `dtype` = 1 / n_i(f).  One stable sort of (point, cell) over the map, cached."""
+    key_name = f"cuda_transposed_groups_{np.dtype(dtype).name}"
+    if key_name not in km._cache:
+        xp = be.xp
+        bits = cell_bits_for(km.kernel_size)
+        key = _sort_key(be, km.index, km.cell, km.kernel_size ** 3, km.n_points)
+        order = xp.ascontiguousarray(be.argsort(key), dtype=xp.int64)  # stable: rows ascend
+        del key
+        trow, _, tcell, tw = _permute_entries(be, km, dtype, order, with_col=False)
+        del order
+        km._cache[key_name] = {"splits": _point_splits(be, km),
+                               "keys": (trow << bits) | tcell.astype(xp.int64), "weight": tw}
+    return km._cache[key_name]
 
 
 def entry_counts(be, km):
@@ -402,6 +457,19 @@ def _entries_launch(be, kernel, dtype, rows, splits, col, cell, weight, src, a, 
                i32(1 if depthwise else 0), out))
 
 
+def _groups_launch(be, dtype, rows, splits, keys, kernel_size, weight, src, a, M, b, depthwise,
+                   out):
+    """conv_groups: max(a, b) lanes per row, rounded up to a power of two (_group); weight None:
+    each cell's mean (the forward), else the weighted sum (the input gradient)."""
+    g = _group(a, b)
+    n_threads = -(-rows // (32 // g)) * 32
+    weighted = weight is not None
+    be.launch(conv_name("conv_groups", dtype), (blocks(n_threads),), (THREADS,),
+              (i64(rows), splits, keys, i32(cell_bits_for(kernel_size)), i32(int(weighted)),
+               weight if weighted else src, src, i32(a), M, i32(b), i32(1 if depthwise else 0),
+               i32(g), out))
+
+
 def forward(be, km, x, w, c_out: int, depthwise: bool):
     """y (m, c_out) = sum_f mean_{Omega_i(f)} x . W_f (x (n, c_in), w C-contiguous)."""
     xp = be.xp
@@ -412,6 +480,10 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
     if m == 0:
         return y
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize)
+    if scheme == "entries" and entries_order() == "cells":  # each cell's mean, then W_f
+        _groups_launch(be, x.dtype, m, km.splits, grouped_keys(be, km), km.kernel_size, None, x,
+                       c_in, w, c_out, depthwise, y)
+        return y
     if scheme == "entries":  # W as it is, (K^3, c_in, c_out): a row's lanes read along c_out
         _entries_launch(be, "conv_entries", x.dtype, m, km.splits, km.index, km.cell,
                         entry_weights(be, km, x.dtype), x, c_in, w, c_out, depthwise, y)
@@ -450,6 +522,11 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
             return dx
         if input_grad_mode() == "fixed":  # opt-in: integer atomics straight over the map
             _input_grad_fixed(be, km, dy, M, c_out, c_in, depthwise, dx)
+            return dx
+        if entries_order() == "cells":  # each cell's weighted sum, then W_f^T
+            tg = transposed_groups(be, km, dy.dtype)
+            _groups_launch(be, dy.dtype, n, tg["splits"], tg["keys"], km.kernel_size,
+                           tg["weight"], dy, c_out, M, c_in, depthwise, dx)
             return dx
         tr = transposed_rows(be, km, dy.dtype)
         _entries_launch(be, "conv_entries", dy.dtype, n, tr["splits"], tr["row"], tr["cell"],

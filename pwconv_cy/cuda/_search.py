@@ -321,12 +321,13 @@ def _scan(be, row_len, every: int = 0, flag=None):
 
 
 def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status,
-                 cell_bits=None):
+                 cell_bits=None, group_cells: bool = False):
     """(keys (n_pairs,) int64, counts) of a fill pass, rows of at most SHORT_ROW entries sorted
     (by the fill threads themselves, or by sort_rows_by_rank after an unsorted fill:
     row_sort_mode).  With cell_bits (kernel maps: the keys' cell bits, 0 for K = 1), the rank
     sort also counts each sorted entry's n_i(f): counts (n_pairs,) int32, complete for the rows it
-    sorted; None when it did not run.  The caller checks the fill's status once everything is
+    sorted; None when it did not run.  With group_cells, also the rows' keys in (cell, key) order
+    (E,) int64, complete for the rows the rank sort sorted (else None).  The caller checks the fill's status once everything is
     queued (the kernels after it stay within their arrays whatever the keys), so the device does
     not idle while the host reads it."""
     xp = be.xp
@@ -335,19 +336,22 @@ def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, sta
     keys = xp.empty(n_pairs, dtype=xp.int64)
     be.launch(fill_name, grid_dim, (SEARCH_THREADS,),
               head + (dummy, splits, keys, i64(0 if by_rank else SHORT_ROW), status))
-    counts = None
+    counts = grouped = None
     if by_rank and n_pairs:
         unsorted, keys = keys, xp.empty(n_pairs, dtype=xp.int64)
         with_counts = cell_bits is not None
         counts = xp.empty(n_pairs if with_counts else 1, dtype=xp.int32)
+        grouped = xp.empty(n_pairs if group_cells else 1, dtype=xp.int64)
         be.launch("sort_rows_by_rank", (blocks(32 * m),), (THREADS,),
                   (i64(m), splits, unsorted, dummy, i32(0), keys, i64(SHORT_ROW),
                    i64((1 << cell_bits) - 1 if with_counts else 0), i32(int(with_counts)),
-                   counts))
+                   counts, i32(int(group_cells)), grouped))
         del unsorted
         if not with_counts:
             counts = None
-    return keys, counts
+        if not group_cells:
+            grouped = None
+    return keys, counts, grouped
 
 
 def entry_cell_counts(be, splits, cell, n_cells: int):
@@ -400,12 +404,16 @@ def kernel_map_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int,
 
 
 def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int, dilations,
-                       cell_dtype, budget: int, queries=None, query_offsets=None) -> list:
+                       cell_dtype, budget: int, queries=None, query_offsets=None,
+                       group_cells: bool = False) -> list:
     """The kernel maps of the same queries for each dilation in `dilations` (same voxel size and
     kernel size), as kernel_map_arrays' (splits, index, cell) each plus entry_counts (E,) int32
-    (n_i(f) of each entry, counted by the row sort), made together: one count launch, one scan
-    (one host synchronisation), one fill launch, one row sort for all of them (map d is rows
-    d * m ... of one CSR; its index, cell and entry_counts are views of shared arrays)."""
+    (n_i(f) of each entry, counted by the row sort) and grouped: with group_cells, the map's
+    keys (index << cell bits | cell) with each row in (cell, index) order, as the row sort makes
+    them (conv_groups' map), else None (also when rows longer than SHORT_ROW were not sorted by
+    it).  Made together: one search launch (see the module docstring), one scan (one host
+    synchronisation), one row sort for all of them (map d is rows d * m ... of one CSR; its
+    arrays are views of shared ones)."""
     xp = be.xp
     k = int(kernel_size)
     dilations = [int(s) for s in dilations]
@@ -431,9 +439,10 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     dummy = xp.zeros(1, dtype=xp.int64)
     grid_dim = (blocks(m, SEARCH_THREADS), n_maps)
     counts_bytes = 4 * rows * n_cells  # made if KernelMap.counts is read: keep room for them
-    pair_bytes = 20 + np.dtype(cell_dtype).itemsize  # keys x 2, index, entry count, cell
+    # keys x 2, index, entry count, cell (and the grouped keys)
+    pair_bytes = 20 + np.dtype(cell_dtype).itemsize + (8 if group_cells else 0)
     what = "kernel_map (GPU)" if n_maps == 1 else f"kernel_maps (GPU, {n_maps} dilations)"
-    keys = counts = scratch = row_at = None
+    keys = counts = grouped = scratch = row_at = None
     once = None
     if m and map_passes_mode() == "one" and row_sort_mode() == "rank":
         capacity = _scratch_capacity(be, k, head, m, n_maps, q_offsets, grid.n_clouds, qrow,
@@ -457,14 +466,19 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
         # every row is in the scratch buffer: sort it into place, counting n_i(f) on the way
         keys = xp.empty(n_pairs, dtype=xp.int64)
         counts = xp.empty(max(n_pairs, 1), dtype=xp.int32)
+        grouped = xp.empty(max(n_pairs, 1) if group_cells else 1, dtype=xp.int64)
         be.launch("sort_rows_by_rank", (blocks(32 * rows),), (THREADS,),
                   (i64(rows), splits, scratch, row_at, i32(1), keys, i64(SHORT_ROW),
-                   i64((1 << bits) - 1), i32(1), counts))
+                   i64((1 << bits) - 1), i32(1), counts, i32(int(group_cells)), grouped))
         counts = counts[:n_pairs]
+        grouped = grouped[:n_pairs] if group_cells else None
     once = scratch = row_at = None  # not needed any more: the fill pass, if any, gets the room
     if keys is None:
-        keys, counts = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy, splits,
-                                    n_pairs, status, cell_bits=bits)
+        keys, counts, grouped = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy,
+                                             splits, n_pairs, status, cell_bits=bits,
+                                             group_cells=group_cells)
+    if longest > SHORT_ROW:
+        grouped = None  # the long rows are not grouped: conv_groups' caller sorts them
     if longest > SHORT_ROW:
         be.check_status(status, "kernel_map fill pass")  # before the sort reads the keys
         keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
@@ -478,12 +492,13 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     if longest <= SHORT_ROW:  # checked above otherwise
         be.check_status(status, "kernel_map fill pass")
     if n_maps == 1:
-        return [(splits, index, cell, counts)]
+        return [(splits, index, cell, counts, grouped)]
     out = []
     for d in range(n_maps):  # each map's splits from 0
         a, b = (int(firsts[d]), int(firsts[d + 1])) if m else (0, 0)
         split_d = splits[d * m:(d + 1) * m + 1] - i64(a)
-        out.append((split_d, index[a:b], cell[a:b], counts[a:b]))
+        out.append((split_d, index[a:b], cell[a:b], counts[a:b],
+                    None if grouped is None else grouped[a:b]))
     return out
 
 
@@ -558,7 +573,8 @@ def radius_search_arrays(be, grid: DeviceGrid, radius: float, euclidean: bool, b
     del row_len
     _budget_check(n_pairs, 16 * n_pairs, budget, "radius_search (GPU)",
                   "reduce the radius, search fewer queries per call or split the batch")
-    keys, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs, status)
+    keys, _, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs,
+                              status)
     be.check_status(status, "radius_search fill pass")
     if longest > SHORT_ROW:
         keys = _sort_long_rows(be, splits, keys, max(1, grid.n_points).bit_length())

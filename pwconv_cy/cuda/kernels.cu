@@ -729,13 +729,15 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
 /// With count_cells (kernel maps; cell_mask: the key's cell bits, 0 for K = 1), the same pass
 /// over the row also counts the row's keys in each key's cell: counts[b + rank] = n_i(f) of the
 /// sorted entry, which the operator's weights 1 / n_i(f) are made from (rows longer than
-/// short_row: left to the caller).
+/// short_row: left to the caller).  With group_cells, grouped[splits[r]...] gets row r's keys in
+/// (cell, key) order too: conv_groups' map (opt-in, PWCONV_CUDA_ENTRIES_ORDER=cells).
 extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __restrict__ splits,
                                              const long long* __restrict__ in,
                                              const long long* __restrict__ in_at, int gathered,
                                              long long* __restrict__ out, long long short_row,
                                              long long cell_mask, int count_cells,
-                                             int* __restrict__ counts) {
+                                             int* __restrict__ counts, int group_cells,
+                                             long long* __restrict__ grouped) {
     const long long row = pwconv_cuda::global_thread() / 32;
     const int lane = threadIdx.x % 32;
     if (row >= m) return;
@@ -747,15 +749,19 @@ extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __res
     }
     for (long long i = lane; i < len; i += 32) {
         const long long key = row_in[i];
-        long long rank = 0;
+        const long long key_cell = key & cell_mask;
+        long long rank = 0, cell_rank = 0;
         int same_cell = 0;
         for (long long j = 0; j < len; ++j) {
             const long long other = row_in[j];
+            const long long other_cell = other & cell_mask;
             rank += other < key;
-            same_cell += ((other ^ key) & cell_mask) == 0;
+            same_cell += other_cell == key_cell;
+            cell_rank += other_cell < key_cell || (other_cell == key_cell && other < key);
         }
         out[b + rank] = key;
         if (count_cells) counts[b + rank] = same_cell;
+        if (group_cells) grouped[b + cell_rank] = key;
     }
 }
 
@@ -1469,6 +1475,68 @@ __global__ void conv_entries_shuffle(long long rows, const long long* __restrict
                                      const F* __restrict__ src, int a, const F* __restrict__ M,
                                      int b, int depthwise, F* __restrict__ out) {
     pwconv_cuda::entries_rows<true>(rows, splits, col, cell, w, src, a, M, b, depthwise, out);
+}
+
+/// out (rows, b), the "entries" scheme with each row's entries grouped by cell (opt-in,
+/// PWCONV_CUDA_ENTRIES_ORDER=cells): keys[e] = (col << cell_bits) | cell, the entries of a row
+/// grouped by cell (for the forward: the map's rows in (cell, index) order, which its row sort
+/// makes; for the input gradient: the transposed map in (point, cell, row) order).  Lane c of a
+/// row adds source channel c over each cell's entries -- weighted == 0 (forward): the plain sum,
+/// divided by the group's length n_i(f) at its end, the cell's mean; weighted == 1 (input
+/// gradient): w[e] * src -- then the row's lanes exchange the a sums (__shfl_sync) and lane o
+/// adds their product with M[f, :, o] (dense, M (n_cells, a, b)) or sum * M[f, o] (depthwise,
+/// M (n_cells, a), a == b).  One load of the source row per entry (lane c its value c) and one
+/// matrix product per non-empty cell, where conv_entries makes a loads and a product per entry.
+/// g lanes per row (a power of two >= max(a, b), at most 32), 32 / g rows per warp; the row's
+/// lanes take every branch together.  Fixed order: bit-identical runs.
+template <class F>
+__global__ void conv_groups(long long rows, const long long* __restrict__ splits,
+                            const long long* __restrict__ keys, int cell_bits, int weighted,
+                            const F* __restrict__ w, const F* __restrict__ src, int a,
+                            const F* __restrict__ M, int b, int depthwise, int g,
+                            F* __restrict__ out) {
+    using namespace pwconv_cuda;
+    const i64 t = global_thread();
+    const int lane = threadIdx.x % 32;
+    const int l = lane % g;  // the lane's channel within its row
+    const int first = lane - l;  // the row's first lane in the warp
+    const i64 row = t / g;
+    if (row >= rows) return;  // whole rows only: g divides 32
+    const unsigned mask = (g == 32 ? 0xffffffffu : ((1u << g) - 1u)) << first;
+    const i64 cell_mask = ((i64)1 << cell_bits) - 1;
+    const i64 e1 = splits[row + 1];
+    F acc = F(0), sum = F(0);
+    int n = 0;
+    i64 f = -1;
+    for (i64 e = splits[row];; ++e) {
+        const bool end = e >= e1;
+        const i64 key = end ? 0 : keys[e];
+        const i64 fe = end ? -1 : (key & cell_mask);
+        if (fe != f || end) {  // the group of cell f ends: its product
+            if (n > 0) {
+                const F s = weighted ? sum : sum / F(n);
+                if (depthwise) {
+                    if (l < a) acc = mul_add(s, M[f * a + l], acc);
+                } else {
+                    const F* m = M + f * a * b + (l < b ? l : 0);
+                    F prod = F(0);
+                    for (int c = 0; c < a; ++c) {
+                        const F v = __shfl_sync(mask, s, first + c);
+                        if (l < b) prod = mul_add(v, m[(i64)c * b], prod);
+                    }
+                    acc += prod;
+                }
+            }
+            if (end) break;
+            f = fe;
+            n = 0;
+            sum = F(0);
+        }
+        const F v = l < a ? src[(key >> cell_bits) * a + l] : F(0);
+        sum = weighted ? mul_add(w[e], v, sum) : sum + v;
+        ++n;
+    }
+    if (l < b) out[row * b + l] = acc;
 }
 
 namespace pwconv_cuda {
