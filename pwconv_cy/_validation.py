@@ -351,7 +351,9 @@ def check_map_matches(km, voxel_size: float, kernel_size: int, dilation: int,
     """A ``kernel_map`` argument was built for this call: its voxel size, kernel size and
     dilation, its points (``same_points()``: the fingerprint check of the caller's path, run only
     after the cheap checks pass) and its queries (``same_queries()``; ``q`` is the call's query
-    array or None).  Shared by the CPU and GPU paths; ValueError naming what differs."""
+    array or None).  Shared by the CPU and GPU paths; ValueError naming what differs.
+    same_points / same_queries None (the caller's ``check_map=False``): the sizes, offsets and
+    whether there are queries are checked, not the coordinates."""
     for name, have, want in (("voxel_size", km.voxel_size, voxel_size),
                              ("kernel_size", km.kernel_size, kernel_size),
                              ("dilation", km.dilation, dilation)):
@@ -359,14 +361,25 @@ def check_map_matches(km, voxel_size: float, kernel_size: int, dilation: int,
             raise ValueError(f"kernel_map was built for {name}={have}, but this call has "
                              f"{name}={want}; rebuild it or pass matching arguments")
     n = batch.points.shape[0]
-    if km.n_points != n or not np.array_equal(km.offsets, batch.offsets) or not same_points():
+    if km.n_points != n or not np.array_equal(km.offsets, batch.offsets) or (
+            same_points is not None and not same_points()):
         raise ValueError(f"kernel_map was built for other points ({km.n_points} points in "
                          f"{km.offsets.shape[0] - 1} cloud(s)), not for these ({n} points in "
                          f"{batch.offsets.shape[0] - 1} cloud(s)); rebuild it for these points")
+    if same_queries is None:  # unchecked coordinates: whether there are queries, and how many
+        same_queries = (lambda: (km.queries_digest is None) == (q is None)
+                        and (q is None or km.n_queries == q.shape[0]))
     if not same_queries():
         raise ValueError("kernel_map was built for other query points than this call's "
                          f"(queries {'None' if q is None else q.shape}); rebuild it or pass the "
                          "same queries")
+
+
+def check_bool(value, name: str) -> bool:
+    """A True/False flag argument (NumPy booleans too); TypeError naming it otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_grad_out(grad_out, m: int, c_out: int, dtype, dense_shape, check_finite: bool = True,

@@ -10,6 +10,7 @@ import numpy as np
 from pwconv_cy import _core
 from pwconv_cy._arrays import CallArrays
 from pwconv_cy._validation import (
+    check_bool,
     check_choice,
     check_dilation,
     check_features,
@@ -38,7 +39,7 @@ def _call_arrays(points, feats, weight, queries, offsets, query_offsets, kernel_
 
 
 def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offsets, kernel_map,
-                 method, threads) -> tuple[KernelMap, tuple | None]:
+                 method, threads, check_map=True) -> tuple[KernelMap, tuple | None]:
     """The kernel map to use (computed, or the caller's after checking it fits) and the dense
     output shape (B, m) or None."""
     q, q_offsets, q_dense = check_queries(queries, query_offsets, batch)
@@ -62,14 +63,15 @@ def _resolve_map(batch, voxel_size, kernel_size, dilation, queries, query_offset
         return False
 
     check_map_matches(
-        km, voxel_size, kernel_size, dilation, batch, q, same_points=same_points,
-        same_queries=lambda: (km.queries_digest is None) == (q is None) and (
-            q is None or digest_matches(km.queries_digest, q, q_offsets)))
+        km, voxel_size, kernel_size, dilation, batch, q,
+        same_points=same_points if check_map else None,
+        same_queries=(lambda: (km.queries_digest is None) == (q is None) and (
+            q is None or digest_matches(km.queries_digest, q, q_offsets))) if check_map else None)
     return km, out_dense
 
 
 def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
-             kernel_map, depthwise, method, num_threads, check_finite):
+             kernel_map, depthwise, method, num_threads, check_finite, check_map=True):
     # With a kernel map, the points only have to be the map's (compared by digest): their
     # finiteness was checked when the map was built, and is checked again only on a mismatch.
     batch = (check_points(points, offsets) if kernel_map is None else
@@ -83,13 +85,13 @@ def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, quer
     x = check_features(feats, batch, "feats", check_finite)
     w, k, c_out = check_weight(weight, x.shape[1], x.dtype, bool(depthwise), check_finite)
     km, out_dense = _resolve_map(batch, v, k, s, queries, query_offsets, kernel_map, method,
-                                 threads)
+                                 threads, check_bool(check_map, "check_map"))
     return x, w, k, c_out, km, out_dense, threads
 
 
 def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=None, queries=None,
                    query_offsets=None, kernel_map=None, depthwise=False, method="grid",
-                   num_threads=None, check_finite=True):
+                   num_threads=None, check_finite=True, check_map=True):
     """Pointwise convolution (Hua et al., CVPR 2018), exactly as SPEC §1 defines it.
 
     ``y_i = sum_f sum_{j in Omega_i(f)} x_j W_f / n_i(f)``: the features of the neighbours in each
@@ -124,6 +126,13 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
         Neighbour-search method and OpenMP threads (None: the OpenMP default).
     check_finite : bool
         Reject NaN/Inf in features and weights (default); False skips the scan.
+    check_map : bool
+        With ``kernel_map``: check that its points (and queries) are these, by fingerprinting
+        the coordinates (default).  False checks only the sizes, offsets, voxel size, kernel
+        size and dilation: for loops that pass a map they have just built from these very
+        points (on the GPU the fingerprint costs a pass over the coordinates and a device-to-host
+        synchronisation per call).  A map of other points with the same sizes then gives a
+        wrong result, not an error.
 
     Returns
     -------
@@ -137,11 +146,11 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
             call["points"], call["feats"], call["weight"], voxel_size, dilation=dilation,
             offsets=offsets, queries=call["queries"], query_offsets=query_offsets,
             kernel_map=call.kernel_map, depthwise=depthwise, method=method,
-            num_threads=num_threads, check_finite=check_finite))
+            num_threads=num_threads, check_finite=check_finite, check_map=check_map))
     x, w, k, c_out, km, out_dense, threads = _prepare(
         call["points"], call["feats"], call["weight"], voxel_size, dilation, offsets,
         call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
-        check_finite)
+        check_finite, check_map)
     y = np.empty((km.n_queries, c_out), dtype=x.dtype)
     _core.conv_forward_(km.splits, km._stored_index(), km.cell, k, x, w.reshape(-1), c_out,
                         bool(depthwise), y, threads)
@@ -151,7 +160,7 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
 def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dilation=1,
                             offsets=None, queries=None, query_offsets=None, kernel_map=None,
                             depthwise=False, method="grid", num_threads=None, check_finite=True,
-                            feats_grad=True):
+                            feats_grad=True, check_map=True):
     """Gradients of :func:`pointwise_conv` (its exact adjoint; no gradient for coordinates).
 
     ``dx_j = sum_i sum_{f: j in Omega_i(f)} dy_i W_f^T / n_i(f)`` and
@@ -166,7 +175,7 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     grad_out : (m, c_out) or (B, m, c_out)
         Gradient of the loss with respect to the output.
     points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
-    depthwise, method, num_threads, check_finite
+    depthwise, method, num_threads, check_finite, check_map
         As in :func:`pointwise_conv`.
     feats_grad : bool, default True
         Compute ``d_feats``.  False skips it (``d_feats`` is None; ``d_weight`` is the same):
@@ -189,12 +198,12 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
             dilation=dilation, offsets=offsets, queries=call["queries"],
             query_offsets=query_offsets, kernel_map=call.kernel_map, depthwise=depthwise,
             method=method, num_threads=num_threads, check_finite=check_finite,
-            feats_grad=bool(feats_grad))
+            feats_grad=bool(feats_grad), check_map=check_map)
         return call.export((d_feats, d_weight))
     x, w, k, c_out, km, out_dense, threads = _prepare(
         call["points"], call["feats"], call["weight"], voxel_size, dilation, offsets,
         call["queries"], query_offsets, call.kernel_map, depthwise, method, num_threads,
-        check_finite)
+        check_finite, check_map)
     dy = check_grad_out(call["grad_out"], km.n_queries, c_out, x.dtype, out_dense, check_finite)
     dx = np.empty_like(x) if feats_grad else None
     dw = np.empty(w.size, dtype=x.dtype)

@@ -153,7 +153,9 @@ class _PointwiseNet:
         outs = []
         h = x
         for conv, selu in zip(self.convs, self.conv_selus):
-            h = conv.forward(pts, h, offsets=offsets, kernel_map=self.kernel_maps[conv.dilation])
+            # maps made from pts by _prepare just now: no fingerprint of pts per layer
+            h = conv.forward(pts, h, offsets=offsets, kernel_map=self.kernel_maps[conv.dilation],
+                             check_map=False)
             h = selu.forward(h)
             outs.append(h)
         return self.concat.forward(outs)
@@ -404,7 +406,8 @@ class PointwiseCNNSegmenter(_PointwiseNet):
         self._offsets = offsets
         pts, x = self._prepare(points, feats, offsets)
         h = self._trunk_forward(pts, x, offsets)
-        return self.head.forward(pts, h, offsets=offsets, kernel_map=self.kernel_maps[1])
+        return self.head.forward(pts, h, offsets=offsets, kernel_map=self.kernel_maps[1],
+                                 check_map=False)
 
     def backward(self, d_logits, *, input_grad=True) -> dict:
         """Gradients of all parameters (keyed like ``params``); also sets ``input_grad`` (d feats),

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from pwconv_cy._validation import check_dilation, check_kernel_size, check_positive
+from pwconv_cy._validation import check_bool, check_dilation, check_kernel_size, check_positive
 from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import kernel_map as _kernel_map
 
@@ -174,11 +174,15 @@ class _PointwiseBase(_Layer):
         queries=None,
         query_offsets=None,
         num_threads=None,
+        check_map=True,
     ):
         """Output (m, c_out) (or (B, m, c_out) for dense input) for features (n, c_in) on
         `points`; the kernel map (the caller's or computed here) is kept for backward.
 
-        Arguments as in :func:`pwconv_cy.pointwise_conv`."""
+        Arguments as in :func:`pwconv_cy.pointwise_conv`; ``check_map`` applies to a caller's
+        ``kernel_map`` (a map computed here is these points' by construction: not fingerprinted,
+        in forward or backward)."""
+        check_map = check_bool(check_map, "check_map")
         km = self._map_for(points, offsets, kernel_map, queries, query_offsets, num_threads)
         self._save(
             points=points,
@@ -188,6 +192,7 @@ class _PointwiseBase(_Layer):
             query_offsets=query_offsets,
             kernel_map=km,
             num_threads=num_threads,
+            check_map=check_map and kernel_map is not None,
         )
         y = self._forward(points, feats, self._op_kwargs(self._ctx))
         if self.use_bias:
@@ -239,6 +244,7 @@ class _PointwiseBase(_Layer):
             "query_offsets": ctx["query_offsets"],
             "kernel_map": ctx["kernel_map"],
             "num_threads": ctx["num_threads"],
+            "check_map": ctx["check_map"],
         }
 
 

@@ -853,6 +853,60 @@ def test_kernel_map_for_other_geometry_raises(built, used, match, which):
             pointwise_conv_backward(np.ones((m, 3)), used["points"], x, w, used["voxel_size"], **kw)
 
 
+#: Mismatches that check_map=False does not see: same sizes and offsets, other coordinates.
+COORDINATES_ONLY = ("other points", "other queries")
+
+
+@pytest.mark.parametrize(
+    "built,used,match,case",
+    [c[1:] + (c[0],) for c in _mismatch_cases()], ids=[c[0] for c in _mismatch_cases()]
+)
+def test_check_map_false_keeps_the_structural_checks(built, used, match, case):
+    """check_map=False skips only the coordinates' fingerprint: every mismatch of sizes, offsets,
+    voxel size, kernel size, dilation or query presence still raises (forward and backward); a
+    map of other coordinates of the same sizes is then used as it is (documented)."""
+    km = pwconv_cy.kernel_map(
+        built["points"], built["voxel_size"], kernel_size=built["kernel_size"],
+        dilation=built["dilation"], offsets=built["offsets"], queries=built["queries"],
+        query_offsets=built["query_offsets"])
+    k, n = used["kernel_size"], len(used["points"])
+    m = n if used["queries"] is None else len(used["queries"])
+    x, w, dy = np.ones((n, 2)), np.ones((k, k, k, 2, 3)), np.ones((m, 3))
+    kw = {"dilation": used["dilation"], "offsets": used["offsets"], "queries": used["queries"],
+          "query_offsets": used["query_offsets"], "kernel_map": km, "check_map": False}
+    if case in COORDINATES_ONLY:
+        y = pointwise_conv(used["points"], x, w, used["voxel_size"], **kw)
+        assert y.shape == (m, 3)
+        pointwise_conv_backward(dy, used["points"], x, w, used["voxel_size"], **kw)
+        return
+    with pytest.raises(ValueError, match=match):
+        pointwise_conv(used["points"], x, w, used["voxel_size"], **kw)
+    with pytest.raises(ValueError, match=match):
+        pointwise_conv_backward(dy, used["points"], x, w, used["voxel_size"], **kw)
+
+
+def test_check_map_false_gives_the_same_results_and_is_validated():
+    """With the map's own points, check_map=False changes nothing but the work done; a flag that
+    is not a bool is refused, naming check_map."""
+    rng = np.random.default_rng(3)
+    points = rng.random((200, 3))
+    offsets = np.array([0, 80, 200])
+    km = pwconv_cy.kernel_map(points, 0.15, dilation=2, offsets=offsets)
+    x, w = rng.standard_normal((200, 4)), rng.standard_normal((3, 3, 3, 4, 5))
+    dy = rng.standard_normal((200, 5))
+    kw = {"dilation": 2, "offsets": offsets, "kernel_map": km}
+    y = pointwise_conv(points, x, w, 0.15, **kw)
+    assert np.array_equal(pointwise_conv(points, x, w, 0.15, check_map=False, **kw), y)
+    dx, dw = pointwise_conv_backward(dy, points, x, w, 0.15, **kw)
+    dx2, dw2 = pointwise_conv_backward(dy, points, x, w, 0.15, check_map=False, **kw)
+    assert np.array_equal(dx, dx2) and np.array_equal(dw, dw2)
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match="check_map must be True or False"):
+            pointwise_conv(points, x, w, 0.15, check_map=bad, **kw)
+        with pytest.raises(TypeError, match="check_map must be True or False"):
+            pointwise_conv_backward(dy, points, x, w, 0.15, check_map=bad, **kw)
+
+
 @pytest.mark.parametrize("change", ["swap two rows", "opposite moves"])
 def test_kernel_map_for_subtly_other_points_raises(change):
     """A large cloud changed so that its size, offsets and coordinate sum stay the same: the map

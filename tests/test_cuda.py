@@ -1579,7 +1579,8 @@ def test_gpu_errors_are_clear():
 def test_gpu_reused_map_checks_points():
     """A map passed back is checked against the call's points in one pass, without converting
     them: float32 and float64 copies of the same values are the same points; a moved point is
-    "other points"; a NaN is reported as a NaN (row named), with and without a map."""
+    "other points"; a NaN is reported as a NaN (row named), with and without a map;
+    check_map=False skips the fingerprint only."""
     import cupy
 
     from pwconv_cy import cuda
@@ -1600,6 +1601,20 @@ def test_gpu_reused_map_checks_points():
     for kw in ({"kernel_map": km}, {}):
         with pytest.raises(ValueError, match="first at row 31"):
             cuda.pointwise_conv(nan, x, w, 0.1, **kw)
+    # check_map=False: no fingerprint (no pass, no synchronisation), same results; the sizes are
+    # still checked
+    y_trusted = cuda.pointwise_conv(p32, x, w, 0.1, kernel_map=km, check_map=False)
+    assert cupy.asnumpy(y_trusted).tobytes() == cupy.asnumpy(y).tobytes()
+    dy = cupy.ones_like(y)
+    for a, b in zip(cuda.pointwise_conv_backward(dy, p32, x, w, 0.1, kernel_map=km),
+                    cuda.pointwise_conv_backward(dy, p32, x, w, 0.1, kernel_map=km,
+                                                 check_map=False)):
+        assert cupy.asnumpy(a).tobytes() == cupy.asnumpy(b).tobytes()
+    cuda.pointwise_conv(moved, x, w, 0.1, kernel_map=km, check_map=False)  # trusted, as said
+    with pytest.raises(ValueError, match="other points"):
+        cuda.pointwise_conv(p32[:300], x[:300], w, 0.1, kernel_map=km, check_map=False)
+    with pytest.raises(TypeError, match="check_map must be True or False"):
+        cuda.pointwise_conv(p32, x, w, 0.1, kernel_map=km, check_map=1)
 
 
 @pytest.mark.gpu

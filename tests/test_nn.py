@@ -169,6 +169,40 @@ def test_callers_kernel_map_is_used_and_checked(cls, rng):
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+def test_layer_check_map(cls, rng, monkeypatch):
+    """A caller's map is fingerprinted against the points by default (a map of moved points is
+    refused); check_map=False trusts it (the models pass their own maps so), the sizes still
+    checked; a map the layer computed itself is never fingerprinted, forward or backward."""
+    from pwconv_cy import functional
+
+    points, offsets = sphere_batch(rng, [50, 30])
+    moved = points.copy()
+    moved[3] += 0.05
+    km_moved = NeighborIndex(moved, 0.3, offsets=offsets).kernel_map(3, 2)
+    layer = cls(3, 4, 0.3, dilation=2, dtype=np.float64, rng=0)
+    with pytest.raises(ValueError, match="kernel_map was built for other points"):
+        layer.forward(points, points, offsets=offsets, kernel_map=km_moved)
+    y = layer.forward(points, points, offsets=offsets, kernel_map=km_moved, check_map=False)
+    layer.backward(np.ones_like(y))  # the same trust in backward
+    with pytest.raises(ValueError, match="kernel_map was built for other points"):
+        layer.forward(points[:70], points[:70], offsets=np.array([0, 50, 70]),
+                      kernel_map=km_moved, check_map=False)
+    with pytest.raises(TypeError, match="check_map must be True or False"):
+        layer.forward(points, points, offsets=offsets, check_map="yes")
+    seen = []
+    original = functional.check_map_matches
+
+    def spy(*args, same_points=None, **kwargs):
+        seen.append(same_points is not None)
+        return original(*args, same_points=same_points, **kwargs)
+
+    monkeypatch.setattr(functional, "check_map_matches", spy)
+    y = layer.forward(points, points, offsets=offsets)  # its own map
+    layer.backward(np.ones_like(y))
+    assert seen and not any(seen), seen
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 def test_dense_input_gives_dense_output_and_gradient(cls, rng):
     layer = cls(3, 5, 0.4, bias=True, dtype=np.float64, rng=0)
     points = rng.random((2, 30, 3))

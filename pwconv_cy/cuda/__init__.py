@@ -356,7 +356,7 @@ def _check_device_map(km) -> None:
                         "map built by pwconv_cy.cuda.kernel_map on CuPy arrays")
 
 
-def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map):
+def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map, check_map=True):
     from pwconv_cy.cuda import _validation as V
 
     q, q_offsets, q_dense = V.check_queries(queries, query_offsets, batch)
@@ -379,17 +379,17 @@ def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map):
         return digest == km.points_digest
 
     check_map_matches(
-        km, v, k, s, batch, q, same_points=same_points,
-        same_queries=lambda: km.queries_digest == (
-            None if q is None else _device_digest(be, q, q_offsets)))
+        km, v, k, s, batch, q, same_points=same_points if check_map else None,
+        same_queries=(lambda: km.queries_digest == (
+            None if q is None else _device_digest(be, q, q_offsets))) if check_map else None)
     return km, out_dense
 
 
 def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
-             kernel_map, depthwise, method, check_finite):
+             kernel_map, depthwise, method, check_finite, check_map=True):
     import numpy as np
 
-    from pwconv_cy._validation import check_dilation, check_positive
+    from pwconv_cy._validation import check_bool, check_dilation, check_positive
     from pwconv_cy.cuda import _validation as V
 
     be = _checked_backend()
@@ -403,14 +403,16 @@ def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, quer
         raise TypeError(f"depthwise must be True or False, got {depthwise!r}")
     x = V.check_features(feats, batch, "feats", check_finite)
     w, k, c_out = V.check_weight(weight, x.shape[1], x.dtype, bool(depthwise), check_finite)
+    check_map = check_bool(check_map, "check_map")
     with _device_of(batch.points):
-        km, out_dense = _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map)
+        km, out_dense = _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map,
+                                     check_map)
     return be, batch, x, w, c_out, km, out_dense
 
 
 def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=None, queries=None,
                    query_offsets=None, kernel_map=None, depthwise=False, method="grid",
-                   num_threads=None, check_finite=True):
+                   num_threads=None, check_finite=True, check_map=True):
     """Pointwise convolution on the GPU: :func:`pwconv_cy.pointwise_conv` with CuPy arrays.
 
     ``y_i = sum_f sum_{j in Omega_i(f)} x_j W_f / n_i(f)`` (SPEC §1).  Parameters as the CPU
@@ -424,7 +426,7 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
 
     be, _, x, w, c_out, km, out_dense = _prepare(
         points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
-        depthwise, method, check_finite)
+        depthwise, method, check_finite, check_map)
     with _device_of(x):
         y = forward(be, km, x, w, c_out, bool(depthwise))
     return y.reshape(*out_dense, c_out) if out_dense is not None else y
@@ -433,7 +435,7 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
 def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dilation=1,
                             offsets=None, queries=None, query_offsets=None, kernel_map=None,
                             depthwise=False, method="grid", num_threads=None, check_finite=True,
-                            feats_grad=True):
+                            feats_grad=True, check_map=True):
     """Gradients of :func:`pointwise_conv` on the GPU (its exact adjoint): ``(d_feats, d_weight)``
     CuPy arrays shaped like ``feats`` and ``weight`` (``d_feats`` None, and not computed, with
     ``feats_grad=False``).  The input gradient gathers over the transposed kernel map (built on
@@ -448,7 +450,7 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
         raise TypeError(f"feats_grad must be True or False, got {feats_grad!r}")
     be, _, x, w, c_out, km, out_dense = _prepare(
         points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
-        depthwise, method, check_finite)
+        depthwise, method, check_finite, check_map)
     dy = V.check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite)
     with _device_of(x):
         dx = backward_input(be, km, dy, w, int(x.shape[1]), bool(depthwise)) if feats_grad \

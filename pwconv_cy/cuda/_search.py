@@ -195,6 +195,8 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
         key = xp.empty(n, dtype=xp.int64)
         be.launch("grid_cell_keys", (blocks(n),), (THREADS,),
                   (i64(n), cloud, cxyz, i64(rx), i64(ry), i64(rz), key))
+        if n_clouds * rz * ry * rx <= np.iinfo(np.uint32).max:  # the same order, half the
+            key = key.astype(xp.uint32)                          # radix passes
         order = be.argsort(key)
         del key
     else:  # cell coordinates too wide to pack: sort the four columns
