@@ -16,8 +16,9 @@ Timed with CUDA events after a warm-up, medians of several runs, per stage:
 
 pwconv's forward and backward are timed with each GPU operator scheme ("entries", the default for
 these channel counts, "rows" and "by cell": PWCONV_CUDA_OPERATOR), the default also with the
-opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0) and with each row's entries grouped by
-cell (PWCONV_CUDA_ENTRIES_ORDER=cells, its maps timed too), the kernel maps also by count + fill
+opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), with each row's entries grouped by
+cell (PWCONV_CUDA_ENTRIES_ORDER=cells, its maps timed too) and with the weight gradient from cell
+means and a matrix product (PWCONV_CUDA_WEIGHT_GRAD=means), the kernel maps also by count + fill
 passes (PWCONV_CUDA_MAP_PASSES=two) and with the fill threads sorting their own rows
 (PWCONV_CUDA_ROW_SORT=thread), and a breakdown times the grid, each
 map, the per-call checks and each kernel stage of every layer (the rows scheme's beside them).
@@ -305,6 +306,9 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
                 _conv.transposed_groups(be, km, cupy.float32)
 
             out[f"{tag}: transposed map grouped by cell"] = time_cuda(fresh_groups, warmup, runs)
+        with _env(_conv.WEIGHT_GRAD_ENV, "means"):  # cell means + GEMM (grouped keys cached)
+            out[f"{tag}: weight gradient, cell means + matrix product"] = time_cuda(
+                kernels["weight gradient kernels"], warmup, runs)
         with _env(_conv.WEIGHT_GRAD_ENV, "cells"):  # by cell, its sorted entries cached
             out[f"{tag}: weight gradient kernels (by cell)"] = time_cuda(
                 kernels["weight gradient kernels"], warmup, runs)
@@ -576,19 +580,21 @@ def main(argv=None) -> int:
     # figures before 2026-11-26 21:00 were taken), the entries kernel's shuffled source loads,
     # the deterministic fixed-point input gradient
     for scheme in ("bycell", "rows", "auto", "auto-atomic", "auto-cells", "auto-dx1",
-                   "auto-shuffle", "auto-fixed", "auto-grouped"):
+                   "auto-shuffle", "auto-fixed", "auto-grouped", "auto-means",
+                   "auto-grouped+means", "auto-grouped+means+fixed"):
+        variants = set(scheme.partition("-")[2].split("+"))
         os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
-        os.environ[_conv.DETERMINISTIC_ENV] = "0" if scheme.endswith("atomic") else "1"
-        os.environ[_conv.WEIGHT_GRAD_ENV] = "cells" if scheme.endswith("cells") else "rows"
-        os.environ[_conv.ENTRIES_LOADS_ENV] = \
-            "shuffle" if scheme.endswith("shuffle") else "broadcast"
-        os.environ[_conv.INPUT_GRAD_ENV] = "fixed" if scheme.endswith("fixed") else "gather"
-        grouped = scheme.endswith("grouped")
-        os.environ[_conv.ENTRIES_ORDER_ENV] = "cells" if grouped else "map"
-        pw.first_input_grad = scheme.endswith("dx1")
+        os.environ[_conv.DETERMINISTIC_ENV] = "0" if "atomic" in variants else "1"
+        os.environ[_conv.WEIGHT_GRAD_ENV] = \
+            "cells" if "cells" in variants else "means" if "means" in variants else "rows"
+        os.environ[_conv.ENTRIES_LOADS_ENV] = "shuffle" if "shuffle" in variants else "broadcast"
+        os.environ[_conv.INPUT_GRAD_ENV] = "fixed" if "fixed" in variants else "gather"
+        grouped = "grouped" in variants or "means" in variants  # both read the grouped rows
+        os.environ[_conv.ENTRIES_ORDER_ENV] = "cells" if "grouped" in variants else "map"
+        pw.first_input_grad = "dx1" in variants
         try:
-            # the grouped scheme's maps carry their rows grouped by cell (made by the row sort):
-            # its kernel-map stage is timed too
+            # the grouped schemes' maps carry their rows grouped by cell (made by the row sort):
+            # their kernel-map stage is timed too
             active["kms"] = pw.kernel_maps() if grouped else kms
             for km in active["kms"]:
                 clear_derived(km)

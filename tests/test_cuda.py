@@ -673,6 +673,7 @@ def _emulate_scenario(be, name, operator=True):
             ("rows", False, "rows", "broadcast", "gather", "map"),
             ("auto", False, "rows", "broadcast", "gather", "map"),
             ("auto", False, "rows", "broadcast", "gather", "cells"),
+            ("auto", False, "means", "broadcast", "gather", "cells"),
             ("auto", False, "cells", "shuffle", "fixed", "map"),
             ("auto", True, "rows", "broadcast", "gather", "map")):
         os.environ[_conv.OPERATOR_ENV] = scheme
@@ -706,18 +707,22 @@ def _emulate_scenario(be, name, operator=True):
                 entries = "conv_entries_shuffle" if loads == "shuffle" else "conv_entries"
                 # PWCONV_CUDA_ENTRIES_ORDER=cells: forward and input gradient by conv_groups
                 grouped = order == "cells" and scheme == "auto" and lanes
+                by_means = wgrad == "means" and scheme == "auto" and lanes and not depthwise
                 assert (entries in ran) == (scheme == "auto" and lanes and not grouped), \
                     (scheme, loads, order, ran)
                 assert sum(n.startswith("conv_groups<") for n in be.launches[start:]) == \
                     2 * grouped, (order, ran)
-                assert ("cuda_grouped_keys" in km._cache) == grouped, (order, ran)
+                assert ("cuda_grouped_keys" in km._cache) == (grouped or by_means), (order, ran)
                 if grouped:
                     want = (True, False, True)  # no transposed rows: transposed groups
                 # the entries scheme's weight gradient: the rows kernel where it holds the
-                # weight (PWCONV_CUDA_WEIGHT_GRAD=rows, the default), else by cell
-                by_rows = wgrad == "rows" and rows_ok[2]
+                # weight (PWCONV_CUDA_WEIGHT_GRAD=rows, the default), else by cell; "means"
+                # (dense weights): cell means and a matrix product, depthwise ones by rows
+                by_rows = (wgrad == "rows" or (wgrad == "means" and depthwise)) and rows_ok[2]
+                assert ("cell_means" in ran) == by_means, (scheme, wgrad, ran)
                 assert ("conv_weight_cells" in ran) == (scheme == "auto" and lanes
-                                                        and not by_rows), (scheme, wgrad, ran)
+                                                        and not by_rows and not by_means), \
+                    (scheme, wgrad, ran)
                 # PWCONV_CUDA_DETERMINISTIC=0: the entries' input gradient by atomics, no
                 # transposed map
                 assert ("conv_entries_scatter" in ran) == (atomic and lanes), (scheme, ran)
@@ -1013,7 +1018,10 @@ def _emulate_property(be, max_examples: int = 80):
         # the weight gradient's chunks: one per cell, or many (each cell's sum over several)
         chunk = draw(st.sampled_from([_conv.CELL_CHUNK, 1, 3]))
         row_sort = draw(st.sampled_from(["rank", "thread"]))  # who sorts the filled short rows
-        wgrad = draw(st.sampled_from(["rows", "cells"]))  # the entries' weight-gradient kernels
+        # the entries' weight-gradient kernels
+        wgrad = draw(st.sampled_from(["rows", "cells", "means"]))
+        # "means": its rows in one chunk, one row per chunk, or a few rows per chunk
+        means_bytes = draw(st.sampled_from([_conv.MEANS_BYTES, 1, 700]))
         loads = draw(st.sampled_from(["broadcast", "shuffle"]))  # conv_entries' source loads
         igrad = draw(st.sampled_from(["gather", "fixed"]))  # the deterministic input gradient
         # the map alone, or made after another dilation's in the same launches
@@ -1026,16 +1034,16 @@ def _emulate_property(be, max_examples: int = 80):
                                          (7, _search.CAPACITY_MARGIN, 0),
                                          (_search.CAPACITY_SAMPLE, 0.5, 0)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, chunk, row_sort, (wgrad, loads, igrad, order), before, (passes, capacity), \
-            draw(strategies.seeds)
+            short, (chunk, means_bytes), row_sort, (wgrad, loads, igrad, order), before, \
+            (passes, capacity), draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases())
     def check(case):
-        (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk, row_sort,
-         (wgrad, loads, igrad, order), before, (passes, capacity), seed) = case
-        _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
+        (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, (chunk, means_bytes),
+         row_sort, (wgrad, loads, igrad, order), before, (passes, capacity), seed) = case
+        _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES = short, chunk, means_bytes
         os.environ[_search.MAP_PASSES_ENV] = passes
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = capacity
         os.environ[_search.ROW_SORT_ENV] = row_sort
@@ -1104,12 +1112,13 @@ def _emulate_property(be, max_examples: int = 80):
                 assert (np.diff(point * (m + 1) + tr["row"]) > 0).all()
         os.environ.pop(_conv.OPERATOR_ENV)
 
-    default, default_chunk = _search.SHORT_ROW, _conv.CELL_CHUNK
+    default, default_chunk, default_means = _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES
     default_capacity = (_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK)
     try:
         check()
     finally:
-        _search.SHORT_ROW, _conv.CELL_CHUNK = default, default_chunk
+        _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES = \
+            default, default_chunk, default_means
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
             default_capacity
         os.environ.pop(_search.MAP_PASSES_ENV, None)
@@ -1188,8 +1197,8 @@ def test_gpu_switches_are_validated(monkeypatch):
              "rank"),
             (_search.MAP_PASSES_ENV, _search.map_passes_mode, {"two": "two", " One": "one"},
              "one"),
-            (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode, {"cells": "cells", " Rows ": "rows"},
-             "rows"),
+            (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode,
+             {"cells": "cells", " Rows ": "rows", "MEANS": "means"}, "rows"),
             (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
              {"shuffle": "shuffle", "broadcast": "broadcast"}, "broadcast"),
             (_conv.INPUT_GRAD_ENV, _conv.input_grad_mode, {"fixed": "fixed", "GATHER": "gather"},
@@ -1410,17 +1419,19 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
 def _set_scheme(monkeypatch, scheme: str) -> None:
     """The GPU operator's switches for a test's scheme name: "auto", "rows", "bycell", or "auto-"
     with atomic (PWCONV_CUDA_DETERMINISTIC=0), cells (PWCONV_CUDA_WEIGHT_GRAD), shuffle
-    (PWCONV_CUDA_ENTRIES_LOADS), fixed (PWCONV_CUDA_INPUT_GRAD) or grouped
-    (PWCONV_CUDA_ENTRIES_ORDER=cells)."""
+    (PWCONV_CUDA_ENTRIES_LOADS), fixed (PWCONV_CUDA_INPUT_GRAD), grouped
+    (PWCONV_CUDA_ENTRIES_ORDER=cells) or means (PWCONV_CUDA_WEIGHT_GRAD=means), several joined
+    by "+"."""
     from pwconv_cy.cuda import _conv
 
-    base, _, variant = scheme.partition("-")
+    base, _, variants = scheme.partition("-")
     monkeypatch.setenv(_conv.OPERATOR_ENV, base)
     env = {"atomic": (_conv.DETERMINISTIC_ENV, "0"), "cells": (_conv.WEIGHT_GRAD_ENV, "cells"),
            "shuffle": (_conv.ENTRIES_LOADS_ENV, "shuffle"),
            "fixed": (_conv.INPUT_GRAD_ENV, "fixed"),
-           "grouped": (_conv.ENTRIES_ORDER_ENV, "cells")}
-    if variant:
+           "grouped": (_conv.ENTRIES_ORDER_ENV, "cells"),
+           "means": (_conv.WEIGHT_GRAD_ENV, "means")}
+    for variant in filter(None, variants.split("+")):
         monkeypatch.setenv(*env[variant])
 
 
@@ -1432,14 +1443,14 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells",
-                                    "auto-shuffle", "auto-fixed", "auto-grouped"])
+                                    "auto-shuffle", "auto-fixed", "auto-grouped+means"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
     each operator scheme (auto takes "entries" up to 32 channels), with the opt-in atomic input
     gradient (PWCONV_CUDA_DETERMINISTIC=0), with the entries' weight gradient by cell
     (PWCONV_CUDA_WEIGHT_GRAD=cells), shuffled source loads, the fixed-point input gradient and
-    the entries grouped by cell (_set_scheme)."""
+    the entries grouped by cell with the weight gradient by cell means (_set_scheme)."""
     import cupy
 
     import pwconv_cy
@@ -1469,7 +1480,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-shuffle",
-                                    "auto-fixed", "auto-grouped"])
+                                    "auto-fixed", "auto-grouped+means"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -1666,7 +1677,7 @@ def test_gpu_real_lidar_tile_map_identical_to_cpu(shared_data):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-grouped"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-grouped+means"])
 def test_gpu_real_modelnet_layers_match_cpu(shared_data, scheme, monkeypatch):
     """32 real ModelNet40 shapes (float16 as stored, dense (B, 1024, 3)) through the paper's four
     layers on the GPU: forward and both gradients equal to the CPU's within float32 rounding."""

@@ -24,7 +24,8 @@ from pwconv_cy.cuda._backend import MAX_KERNEL_SIZE, CudaKernelError, debug_enab
 #: Where a GPU kernel map keeps n_i(f) of each entry ((E,) int32, made with the map).
 ENTRY_COUNTS_KEY = "cuda_entry_counts"
 #: Where a GPU kernel map keeps its keys with each row in (cell, index) order ((E,) int64, made
-#: with the map under PWCONV_CUDA_ENTRIES_ORDER=cells; else on first use).
+#: with the map under PWCONV_CUDA_ENTRIES_ORDER=cells or PWCONV_CUDA_WEIGHT_GRAD=means; else on
+#: first use).
 GROUPED_KEYS_KEY = "cuda_grouped_keys"
 
 __all__ = [
@@ -250,11 +251,13 @@ class NeighborIndex:
         q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
         be = self._be
         with _device_of(self._batch.points):
-            from pwconv_cy.cuda._conv import entries_order
+            from pwconv_cy.cuda._conv import entries_order, weight_grad_mode
 
+            # the rows grouped by cell, made by the row sort, when an opt-in kernel reads them
+            group_cells = entries_order() == "cells" or weight_grad_mode() == "means"
             arrays = kernel_maps_arrays(be, self._grid, v, k, dilations, _cell_dtype(k),
                                         _budget(be, memory_budget), q, q_offsets,
-                                        group_cells=entries_order() == "cells")
+                                        group_cells=group_cells)
             q_digest = None if q is None or not dilations else _device_digest(be, q, q_offsets)
             maps = []
             for s, (splits, index, cell, entry_counts, grouped) in zip(dilations, arrays):

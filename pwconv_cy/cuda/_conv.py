@@ -93,10 +93,15 @@ CELL_CHUNK = 1024
 
 DETERMINISTIC_ENV = "PWCONV_CUDA_DETERMINISTIC"
 #: Which kernels make the "entries" scheme's weight gradient: "rows" (default: conv_weight_rows
-#: over the map as it is, where its shared accumulators hold the weight) or "cells"
-#: (conv_weight_cells over the entries sorted by cell).  Same results to rounding.
+#: over the map as it is, where its shared accumulators hold the weight), "cells"
+#: (conv_weight_cells over the entries sorted by cell) or "means" (opt-in, dense layers: every
+#: row's cell means written out by cell_means, a chunk of rows at a time, then one matrix
+#: product means^T dy per chunk, added in chunk order).  Same results to rounding.
 WEIGHT_GRAD_ENV = "PWCONV_CUDA_WEIGHT_GRAD"
-WEIGHT_GRAD_MODES = ("rows", "cells")
+WEIGHT_GRAD_MODES = ("rows", "cells", "means")
+#: Bytes of cell means held at once by the "means" weight gradient (rows per chunk follow from
+#: the sizes alone, so the order of the additions never depends on the device).
+MEANS_BYTES = 256 * 1024 * 1024
 
 
 #: How the "entries" scheme's deterministic input gradient is made: "gather" (default: over the
@@ -138,7 +143,7 @@ def entries_order() -> str:
 
 
 def weight_grad_mode() -> str:
-    """PWCONV_CUDA_WEIGHT_GRAD: "rows" (default) or "cells".
+    """PWCONV_CUDA_WEIGHT_GRAD: "rows" (default), "cells" or "means".
 
     "rows" reads the map in its own order, a block of rows at a time, and needs no sorted copy
     of the map: on an H200 (paper workload, 19:42 run of 2026-11-26) it took 0.31-0.41 ms of wall
@@ -587,6 +592,9 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
         return dw
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
     plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
+    if scheme == "entries" and not depthwise and weight_grad_mode() == "means":
+        _weight_by_means(be, km, x, dy, c_in, c_out, dw)
+        return dw
     if scheme == "entries" and (weight_grad_mode() == "cells" or plan is None):
         _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw)
         return dw
@@ -619,6 +627,35 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
                    i64(n_co_tiles), partial))
     _sum_partials(be, n_blocks, w_size, partial, dw)
     return dw
+
+
+def means_rows_per_chunk(m: int, n_cells: int, c_in: int, itemsize: int) -> int:
+    """Rows whose cell means the "means" weight gradient holds at once (MEANS_BYTES)."""
+    return max(1, min(m, MEANS_BYTES // max(1, n_cells * c_in * itemsize)))
+
+
+def _weight_by_means(be, km, x, dy, c_in, c_out, dw) -> None:
+    """dw = sum over chunks of rows, in order, of means^T dy (dense weight, (K^3 c_in, c_out)
+    row-major as the weight): cell_means over the map grouped by cell (grouped_keys), then one
+    matrix product per chunk (cuBLAS through CuPy: the same bits on every run)."""
+    xp = be.xp
+    m = km.n_queries
+    n_cells = km.kernel_size ** 3
+    keys = grouped_keys(be, km)
+    bits = i32(cell_bits_for(km.kernel_size))
+    lanes = _group(c_in, 1)
+    chunk = means_rows_per_chunk(m, n_cells, c_in, x.dtype.itemsize)
+    total = None
+    for r0 in range(0, m, chunk):
+        r1 = min(m, r0 + chunk)
+        means = xp.zeros((r1 - r0, n_cells * c_in), dtype=x.dtype)
+        be.launch(conv_name("cell_means", x.dtype), (blocks((r1 - r0) * lanes),), (THREADS,),
+                  (i64(r0), i64(r1), km.splits, keys, bits, x, i32(c_in), i32(n_cells),
+                   i32(lanes), means))
+        part = means.T @ dy[r0:r1]
+        total = part if total is None else total + part
+        del means
+    dw[...] = xp.ascontiguousarray(total).reshape(-1)
 
 
 def _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw) -> None:

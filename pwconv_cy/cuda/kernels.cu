@@ -1539,6 +1539,44 @@ __global__ void conv_groups(long long rows, const long long* __restrict__ splits
     if (l < b) out[row * b + l] = acc;
 }
 
+/// means (rows - row0, n_cells, a): the cell means of rows [row0, rows) from the rows grouped by
+/// cell (keys as conv_groups' forward map): means[r, f, c] = sum of src[j, c] over the row's
+/// cell-f entries, divided by their number; rows' empty cells are left as they are (the caller
+/// zeroes the array).  For the weight gradient dW = means^T dy as one matrix product
+/// (opt-in, PWCONV_CUDA_WEIGHT_GRAD=means).  A lane per channel, lanes_per_row = a power of two
+/// >= a (at most 32); fixed order.
+template <class F>
+__global__ void cell_means(long long row0, long long rows, const long long* __restrict__ splits,
+                           const long long* __restrict__ keys, int cell_bits,
+                           const F* __restrict__ src, int a, int n_cells, int lanes_per_row,
+                           F* __restrict__ means) {
+    using namespace pwconv_cuda;
+    const i64 t = global_thread();
+    const int l = (int)(t % lanes_per_row);
+    const i64 row = row0 + t / lanes_per_row;
+    if (row >= rows || l >= a) return;
+    const i64 cell_mask = ((i64)1 << cell_bits) - 1;
+    F* out = means + (row - row0) * n_cells * a + l;
+    const i64 e1 = splits[row + 1];
+    F sum = F(0);
+    int n = 0;
+    i64 f = -1;
+    for (i64 e = splits[row];; ++e) {
+        const bool end = e >= e1;
+        const i64 key = end ? 0 : keys[e];
+        const i64 fe = end ? -1 : (key & cell_mask);
+        if (fe != f || end) {
+            if (n > 0) out[f * a] = sum / F(n);
+            if (end) break;
+            f = fe;
+            n = 0;
+            sum = F(0);
+        }
+        sum += src[(key >> cell_bits) * a + l];
+        ++n;
+    }
+}
+
 namespace pwconv_cuda {
 
 /// Channel o of map entry e's contribution to its point's input gradient: w[e] * (s . M[f, :, o])
