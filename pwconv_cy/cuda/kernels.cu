@@ -1477,6 +1477,34 @@ __global__ void conv_entries_shuffle(long long rows, const long long* __restrict
     pwconv_cuda::entries_rows<true>(rows, splits, col, cell, w, src, a, M, b, depthwise, out);
 }
 
+namespace pwconv_cuda {
+
+/// Walks the entries [e0, e1) of a row grouped by cell (keys[e] = (col << cell_bits) | cell):
+/// add(e, col) for each entry in order, then done(f, n) at the end of each cell f's group of n
+/// entries.  conv_groups and cell_means.
+template <class Add, class Done>
+__device__ __forceinline__ void for_each_cell_group(i64 e0, i64 e1, const i64* __restrict__ keys,
+                                                    int cell_bits, Add& add, Done& done) {
+    const i64 cell_mask = ((i64)1 << cell_bits) - 1;
+    int n = 0;
+    i64 f = -1;
+    for (i64 e = e0;; ++e) {
+        const bool end = e >= e1;
+        const i64 key = end ? 0 : keys[e];
+        const i64 fe = end ? -1 : (key & cell_mask);
+        if (fe != f || end) {  // the group of cell f ends
+            if (n > 0) done(f, n);
+            if (end) return;
+            f = fe;
+            n = 0;
+        }
+        add(e, key >> cell_bits);
+        ++n;
+    }
+}
+
+}  // namespace pwconv_cuda
+
 /// out (rows, b), the "entries" scheme with each row's entries grouped by cell (opt-in,
 /// PWCONV_CUDA_ENTRIES_ORDER=cells): keys[e] = (col << cell_bits) | cell, the entries of a row
 /// grouped by cell (for the forward: the map's rows in (cell, index) order, which its row sort
@@ -1503,39 +1531,27 @@ __global__ void conv_groups(long long rows, const long long* __restrict__ splits
     const i64 row = t / g;
     if (row >= rows) return;  // whole rows only: g divides 32
     const unsigned mask = (g == 32 ? 0xffffffffu : ((1u << g) - 1u)) << first;
-    const i64 cell_mask = ((i64)1 << cell_bits) - 1;
-    const i64 e1 = splits[row + 1];
     F acc = F(0), sum = F(0);
-    int n = 0;
-    i64 f = -1;
-    for (i64 e = splits[row];; ++e) {
-        const bool end = e >= e1;
-        const i64 key = end ? 0 : keys[e];
-        const i64 fe = end ? -1 : (key & cell_mask);
-        if (fe != f || end) {  // the group of cell f ends: its product
-            if (n > 0) {
-                const F s = weighted ? sum : sum / F(n);
-                if (depthwise) {
-                    if (l < a) acc = mul_add(s, M[f * a + l], acc);
-                } else {
-                    const F* m = M + f * a * b + (l < b ? l : 0);
-                    F prod = F(0);
-                    for (int c = 0; c < a; ++c) {
-                        const F v = __shfl_sync(mask, s, first + c);
-                        if (l < b) prod = mul_add(v, m[(i64)c * b], prod);
-                    }
-                    acc += prod;
-                }
-            }
-            if (end) break;
-            f = fe;
-            n = 0;
-            sum = F(0);
-        }
-        const F v = l < a ? src[(key >> cell_bits) * a + l] : F(0);
+    auto add = [&](i64 e, i64 j) {
+        const F v = l < a ? src[j * a + l] : F(0);
         sum = weighted ? mul_add(w[e], v, sum) : sum + v;
-        ++n;
-    }
+    };
+    auto done = [&](i64 f, int n) {  // the cell's product
+        const F s = weighted ? sum : sum / F(n);
+        sum = F(0);
+        if (depthwise) {
+            if (l < a) acc = mul_add(s, M[f * a + l], acc);
+            return;
+        }
+        const F* m = M + f * a * b + (l < b ? l : 0);
+        F prod = F(0);
+        for (int c = 0; c < a; ++c) {
+            const F v = __shfl_sync(mask, s, first + c);
+            if (l < b) prod = mul_add(v, m[(i64)c * b], prod);
+        }
+        acc += prod;
+    };
+    for_each_cell_group(splits[row], splits[row + 1], keys, cell_bits, add, done);
     if (l < b) out[row * b + l] = acc;
 }
 
@@ -1555,26 +1571,14 @@ __global__ void cell_means(long long row0, long long rows, const long long* __re
     const int l = (int)(t % lanes_per_row);
     const i64 row = row0 + t / lanes_per_row;
     if (row >= rows || l >= a) return;
-    const i64 cell_mask = ((i64)1 << cell_bits) - 1;
     F* out = means + (row - row0) * n_cells * a + l;
-    const i64 e1 = splits[row + 1];
     F sum = F(0);
-    int n = 0;
-    i64 f = -1;
-    for (i64 e = splits[row];; ++e) {
-        const bool end = e >= e1;
-        const i64 key = end ? 0 : keys[e];
-        const i64 fe = end ? -1 : (key & cell_mask);
-        if (fe != f || end) {
-            if (n > 0) out[f * a] = sum / F(n);
-            if (end) break;
-            f = fe;
-            n = 0;
-            sum = F(0);
-        }
-        sum += src[(key >> cell_bits) * a + l];
-        ++n;
-    }
+    auto add = [&](i64, i64 j) { sum += src[j * a + l]; };
+    auto done = [&](i64 f, int n) {
+        out[f * a] = sum / F(n);
+        sum = F(0);
+    };
+    for_each_cell_group(splits[row], splits[row + 1], keys, cell_bits, add, done);
 }
 
 namespace pwconv_cuda {
