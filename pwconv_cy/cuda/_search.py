@@ -329,9 +329,9 @@ def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, sta
     row_sort_mode).  With cell_bits (kernel maps: the keys' cell bits, 0 for K = 1), the rank
     sort also counts each sorted entry's n_i(f): counts (n_pairs,) int32, complete for the rows it
     sorted; None when it did not run.  With group_cells, also the rows' keys in (cell, key) order
-    (E,) int64, complete for the rows the rank sort sorted (else None).  The caller checks the fill's status once everything is
-    queued (the kernels after it stay within their arrays whatever the keys), so the device does
-    not idle while the host reads it."""
+    (E,) int64, complete for the rows the rank sort sorted (else None).  The caller checks the
+    fill's status once everything is queued (the kernels after it stay within their arrays
+    whatever the keys), so the device does not idle while the host reads it."""
     xp = be.xp
     m = int(splits.shape[0]) - 1
     by_rank = row_sort_mode() == "rank"
