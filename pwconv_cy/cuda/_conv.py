@@ -257,14 +257,19 @@ def _point_splits(be, km):
     return tsplits
 
 
+def _order_by_point_cell(be, km):
+    """order (E,) int64: the map's entries ordered by (point, cell), rows ascending within each
+    (one stable sort of the map, whose rows ascend)."""
+    key = _sort_key(be, km.index, km.cell, km.kernel_size ** 3, km.n_points)
+    return be.xp.ascontiguousarray(be.argsort(key), dtype=be.xp.int64)
+
+
 def transposed_by_cell(be, km) -> dict:
     """For every point j the entries (i, f) with j in Omega_i(f), ordered by (f, i):
     splits (n+1,) int64, row (E,) int64, cell (E,) int32."""
     if "cuda_transposed_by_cell" not in km._cache:
         xp = be.xp
-        n_cells = km.kernel_size ** 3
-        key = _sort_key(be, km.index, km.cell, n_cells, km.n_points)
-        order = be.argsort(key)  # stable: rows ascend within each (point, cell)
+        order = _order_by_point_cell(be, km)
         km._cache["cuda_transposed_by_cell"] = {
             "splits": _point_splits(be, km),
             "row": xp.ascontiguousarray(_row_of(be, km)[order]),
@@ -298,9 +303,7 @@ def transposed_groups(be, km, dtype) -> dict:
     if key_name not in km._cache:
         xp = be.xp
         bits = cell_bits_for(km.kernel_size)
-        key = _sort_key(be, km.index, km.cell, km.kernel_size ** 3, km.n_points)
-        order = xp.ascontiguousarray(be.argsort(key), dtype=xp.int64)  # stable: rows ascend
-        del key
+        order = _order_by_point_cell(be, km)
         trow, _, tcell, tw = _permute_entries(be, km, dtype, order, with_col=False)
         del order
         km._cache[key_name] = {"splits": _point_splits(be, km),

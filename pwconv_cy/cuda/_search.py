@@ -333,27 +333,35 @@ def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, sta
     fill's status once everything is queued (the kernels after it stay within their arrays
     whatever the keys), so the device does not idle while the host reads it."""
     xp = be.xp
-    m = int(splits.shape[0]) - 1
     by_rank = row_sort_mode() == "rank"
     keys = xp.empty(n_pairs, dtype=xp.int64)
     be.launch(fill_name, grid_dim, (SEARCH_THREADS,),
               head + (dummy, splits, keys, i64(0 if by_rank else SHORT_ROW), status))
-    counts = grouped = None
-    if by_rank and n_pairs:
-        unsorted, keys = keys, xp.empty(n_pairs, dtype=xp.int64)
-        with_counts = cell_bits is not None
-        counts = xp.empty(n_pairs if with_counts else 1, dtype=xp.int32)
-        grouped = xp.empty(n_pairs if group_cells else 1, dtype=xp.int64)
-        be.launch("sort_rows_by_rank", (blocks(32 * m),), (THREADS,),
-                  (i64(m), splits, unsorted, dummy, i32(0), keys, i64(SHORT_ROW),
-                   i64((1 << cell_bits) - 1 if with_counts else 0), i32(int(with_counts)),
-                   counts, i32(int(group_cells)), grouped))
-        del unsorted
-        if not with_counts:
-            counts = None
-        if not group_cells:
-            grouped = None
-    return keys, counts, grouped
+    if not (by_rank and n_pairs):
+        return keys, None, None
+    return _rank_sort(be, splits, keys, None, n_pairs, cell_bits, group_cells)
+
+
+def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None,
+               group_cells: bool = False):
+    """sort_rows_by_rank: (keys (n_pairs,) int64 with rows of at most SHORT_ROW entries sorted,
+    counts, grouped).  Row r is read from unsorted[row_at[r]...] (kernel_map_once's scratch), or
+    with row_at None from unsorted[splits[r]...].  counts (n_i(f) per entry, int32) with
+    cell_bits (kernel maps), grouped (the keys in (cell, key) order per row) with group_cells;
+    else None."""
+    xp = be.xp
+    m = int(splits.shape[0]) - 1
+    with_counts = cell_bits is not None
+    keys = xp.empty(n_pairs, dtype=xp.int64)
+    counts = xp.empty(max(n_pairs, 1) if with_counts else 1, dtype=xp.int32)
+    grouped = xp.empty(max(n_pairs, 1) if group_cells else 1, dtype=xp.int64)
+    gathered = row_at is not None
+    be.launch("sort_rows_by_rank", (blocks(32 * m),), (THREADS,),
+              (i64(m), splits, unsorted, row_at if gathered else splits, i32(int(gathered)),
+               keys, i64(SHORT_ROW), i64((1 << cell_bits) - 1 if with_counts else 0),
+               i32(int(with_counts)), counts, i32(int(group_cells)), grouped))
+    return (keys, counts[:n_pairs] if with_counts else None,
+            grouped[:n_pairs] if group_cells else None)
 
 
 def entry_cell_counts(be, splits, cell, n_cells: int):
@@ -444,20 +452,17 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     # keys x 2, index, entry count, cell (and the grouped keys)
     pair_bytes = 20 + np.dtype(cell_dtype).itemsize + (8 if group_cells else 0)
     what = "kernel_map (GPU)" if n_maps == 1 else f"kernel_maps (GPU, {n_maps} dilations)"
-    keys = counts = grouped = scratch = row_at = None
+    keys = counts = grouped = None
     once = None
     if m and map_passes_mode() == "one" and row_sort_mode() == "rank":
-        capacity = _scratch_capacity(be, k, head, m, n_maps, q_offsets, grid.n_clouds, qrow,
-                                     qx, qy, qz)
+        capacity = _scratch_capacity(be, k, head, n_maps)
         if capacity is not None and pair_bytes * capacity + counts_bytes <= budget:
             once = _search_once(be, k, head, grid_dim, rows, capacity)
     if once is not None:
         row_len, row_at, scratch, overflow = once
         splits, firsts, longest, overflow = _scan(be, row_len, every=m, flag=overflow)
     else:
-        row_len = xp.zeros(rows, dtype=xp.int64)
-        be.launch(kernel_map_name(k, False), grid_dim, (SEARCH_THREADS,),
-                  head + (row_len, dummy, dummy, i64(SHORT_ROW), status))
+        row_len = _count_rows(be, k, head, n_maps)
         splits, firsts, longest = _scan(be, row_len, every=max(m, 1))
     n_pairs = int(firsts[-1])  # firsts[d]: where map d's entries start
     del row_len
@@ -466,14 +471,8 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
                   + ("" if n_maps == 1 else ", or make fewer maps per call"))
     if once is not None and not overflow and longest <= SHORT_ROW:
         # every row is in the scratch buffer: sort it into place, counting n_i(f) on the way
-        keys = xp.empty(n_pairs, dtype=xp.int64)
-        counts = xp.empty(max(n_pairs, 1), dtype=xp.int32)
-        grouped = xp.empty(max(n_pairs, 1) if group_cells else 1, dtype=xp.int64)
-        be.launch("sort_rows_by_rank", (blocks(32 * rows),), (THREADS,),
-                  (i64(rows), splits, scratch, row_at, i32(1), keys, i64(SHORT_ROW),
-                   i64((1 << bits) - 1), i32(1), counts, i32(int(group_cells)), grouped))
-        counts = counts[:n_pairs]
-        grouped = grouped[:n_pairs] if group_cells else None
+        keys, counts, grouped = _rank_sort(be, splits, scratch, row_at, n_pairs, bits,
+                                           group_cells)
     once = scratch = row_at = None  # not needed any more: the fill pass, if any, gets the room
     if keys is None:
         keys, counts, grouped = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy,
@@ -481,7 +480,6 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
                                              group_cells=group_cells)
     if longest > SHORT_ROW:
         grouped = None  # the long rows are not grouped: conv_groups' caller sorts them
-    if longest > SHORT_ROW:
         be.check_status(status, "kernel_map fill pass")  # before the sort reads the keys
         keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
     index = xp.empty(n_pairs, dtype=xp.int64)
@@ -504,13 +502,26 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     return out
 
 
-def _scratch_capacity(be, k: int, head: tuple, m: int, n_maps: int, q_offsets, n_clouds: int,
-                      qrow, qx, qy, qz):
-    """Keys to reserve for kernel_map_once: the count pass over every stride-th query (about
-    CAPACITY_SAMPLE per map; all of them for small batches), scaled to all m queries, times
-    CAPACITY_MARGIN plus CAPACITY_SLACK.  None when a sampled row is longer than SHORT_ROW (such
-    rows are not buffered: the one pass would fall back to the fill anyway)."""
+def _count_rows(be, k: int, head: tuple, n_maps: int):
+    """row_len (n_maps * m,) int64: the count pass (kernel_map_pass<K, 0>) over the queries of
+    `head` (the search kernels' leading arguments, m first)."""
     xp = be.xp
+    m = int(head[0])
+    row_len = xp.zeros(n_maps * m, dtype=xp.int64)
+    dummy = xp.zeros(1, dtype=xp.int64)
+    be.launch(kernel_map_name(k, False), (blocks(m, SEARCH_THREADS), n_maps), (SEARCH_THREADS,),
+              head + (row_len, dummy, dummy, i64(SHORT_ROW), xp.zeros(1, dtype=xp.int32)))
+    return row_len
+
+
+def _scratch_capacity(be, k: int, head: tuple, n_maps: int):
+    """Keys to reserve for kernel_map_once: the count pass over every stride-th query of `head`
+    (about CAPACITY_SAMPLE per map; all of them for small batches), scaled to all m queries,
+    times CAPACITY_MARGIN plus CAPACITY_SLACK.  None when a sampled row is longer than SHORT_ROW
+    (such rows are not buffered: the one pass would fall back to the fill anyway)."""
+    xp = be.xp
+    m, _, qx, qy, qz, q_offsets, n_clouds = head[:7]
+    m = int(m)
     stride = max(1, m // max(1, int(CAPACITY_SAMPLE)))
     if stride == 1:
         sample = head
@@ -521,13 +532,8 @@ def _scratch_capacity(be, k: int, head: tuple, m: int, n_maps: int, q_offsets, n
         m_s = (m + stride - 1) // stride
         pick = [xp.ascontiguousarray(a[::stride]) for a in (qx, qy, qz)]
         offsets_s = (q_offsets + (stride - 1)) // stride
-        sample = (i64(m_s), xp.arange(m_s, dtype=xp.int64), *pick, offsets_s,
-                  i64(n_clouds)) + head[7:]
-    row_len = xp.zeros(n_maps * m_s, dtype=xp.int64)
-    status = xp.zeros(1, dtype=xp.int32)
-    dummy = xp.zeros(1, dtype=xp.int64)
-    be.launch(kernel_map_name(k, False), (blocks(m_s, SEARCH_THREADS), n_maps),
-              (SEARCH_THREADS,), sample + (row_len, dummy, dummy, i64(SHORT_ROW), status))
+        sample = (i64(m_s), xp.arange(m_s, dtype=xp.int64), *pick, offsets_s, n_clouds) + head[7:]
+    row_len = _count_rows(be, k, sample, n_maps)
     total, longest = (int(v) for v in be.to_host(xp.stack([row_len.sum(), row_len.max()])))
     if longest > SHORT_ROW:
         return None
