@@ -2,9 +2,9 @@
 # One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
 #   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
 #   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
-#   the opt-in K = 3 map kernels (tests) -> the search kernels' variants (K = 3, row batches) ->
-#   the operator kernel's unroll variants ->
-#   kernel-time profile (ncu, if installed).
+#   the search kernels' variants (rows sorted by 8 / 16 threads, K = 3, row batches) -> the
+#   operator kernel's unroll variants -> kernel-time profile and the heaviest kernels' ncu
+#   sections (if ncu is installed) -> the opt-in K = 3 map kernels (tests).
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
@@ -82,22 +82,18 @@ step gpu_tests 180 pytest.log \
 step benchmark 140 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
 
-# The opt-in K = 3 kernel-map kernels (PWCONV_CUDA_SPECIALISE_K=3): every GPU test of
-# tests/test_cuda.py with them (the evidence for making them the default).
-step k3_tests 120 k3.log \
-    env PWCONV_CUDA_SPECIALISE_K=3 PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -m gpu \
-    tests/test_cuda.py -p no:cacheprovider --maxfail=3
-
-# The search kernels' variants, each in a fresh process (identical maps required): as shipped,
-# with K = 3 compiled in, and with the grid rows looked up one at a time (b1: as before) or
-# eight at a time (b8) instead of four.  (The benchmark above times one pass against two.)
+# The search kernels' variants, each in a fresh process (identical maps required), alternated
+# (the first process measured runs slow): as shipped, the maps' rows sorted into place by 8 or
+# 16 threads per row instead of a warp (r8, r16), with K = 3 compiled in, and with the grid rows
+# looked up four at a time (b4, the default before 2026-11-27) instead of one.  (The benchmark
+# above times one pass against two.)
 step search_tuning 150 k3.log \
-    "$PY" benchmarks/gpu_search_tuning.py none k3 b1 b8
+    "$PY" benchmarks/gpu_search_tuning.py none r8 r16 k3 b4 none r8 r16
 
-# The operator's "entries" kernel unrolled 1, 2 (shipped) and 4 entries at a time, and with its
-# source rows exchanged by shuffles: per-layer times, identical results required.
+# The operator's "entries" kernel unrolled 2 and 4 (shipped) entries at a time, alternated, and
+# with its source rows exchanged by shuffles: per-layer times, identical results required.
 step conv_tuning 120 conv.log \
-    "$PY" benchmarks/gpu_conv_tuning.py none u1 u4 shuffle
+    "$PY" benchmarks/gpu_conv_tuning.py u2 none u2 none shuffle
 
 # Kernel time of one iteration (Nsight Compute, where installed): where the time goes.
 if command -v ncu >/dev/null; then
@@ -105,7 +101,24 @@ if command -v ncu >/dev/null; then
         bash -c 'ncu --profile-from-start off --csv --metrics gpu__time_duration.sum "$1" \
             benchmarks/gpu_profile.py > "$2/ncu_kernels.csv" && "$1" benchmarks/gpu_profile.py \
             --table "$2/ncu_kernels.csv"' _ "$PY" "$LOG_DIR"
+    # Why the four heaviest kernels take that long: registers, local memory (stack frame),
+    # occupancy, the warps' stall reasons and memory traffic: the first 8 launches of them.
+    step ncu_detail 90 profile.log \
+        bash -c 'ncu --profile-from-start off \
+            -k regex:"kernel_map_once|conv_entries|conv_weight_rows|sort_rows_by_rank" \
+            --launch-count 8 --section LaunchStats --section Occupancy --section SpeedOfLight \
+            --section WarpStateStats --section MemoryWorkloadAnalysis "$1" \
+            benchmarks/gpu_profile.py > "$2/ncu_detail.txt" 2>&1; \
+            grep -E "^  [a-z_]+.*\(|Registers Per Thread|Local Memory|Stack Size|Achieved Occ|Theoretical Occ|Duration|Memory Throughput|Compute \(SM\) Th|Stall" \
+            "$2/ncu_detail.txt" | head -80' _ "$PY" "$LOG_DIR"
 fi
+
+# The opt-in K = 3 kernel-map kernels (PWCONV_CUDA_SPECIALISE_K=3): every GPU test of
+# tests/test_cuda.py with them (the evidence for making them the default).
+step k3_tests 120 k3.log \
+    env PWCONV_CUDA_SPECIALISE_K=3 PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -m gpu \
+    tests/test_cuda.py -p no:cacheprovider --maxfail=3
+
 
 echo
 echo "=== summary ($(date -u +%H:%M:%S)) ==="

@@ -4,13 +4,16 @@ results required identical to the first variant's (the variants change the sched
 not the arithmetic):
 
 * ``none``: as shipped;
-* ``uN`` (e.g. ``u4``): conv_entries' loop over a row unrolled N entries at a time (kernels.cu's
-  PWCONV_CUDA_ENTRIES_UNROLL, given to NVRTC as -D);
+* ``uN`` (e.g. ``u2``): conv_entries' loop over a row unrolled N entries at a time (kernels.cu's
+  PWCONV_CUDA_ENTRIES_UNROLL, given to NVRTC as -D; 4 shipped, 2 before 2026-11-27);
 * ``shuffle``: the source rows loaded once per row and exchanged between its lanes
   (PWCONV_CUDA_ENTRIES_LOADS=shuffle).
 
-    python benchmarks/gpu_conv_tuning.py              # none u1 u4 shuffle
-    python benchmarks/gpu_conv_tuning.py none u8
+A variant may be named more than once: on the H200 the first process measured ran 5-10 %
+slower than the same code later on, so compare variants alternated (``u2 none u2 none``).
+
+    python benchmarks/gpu_conv_tuning.py              # u2 none u2 none shuffle
+    python benchmarks/gpu_conv_tuning.py none u1 none u8
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ def main(argv) -> int:
     sys.path.insert(0, str(HERE))
     import _common
 
-    return _common.run_variants(__file__, argv or ["none", "u1", "u4", "shuffle"], "results_sha256", "results")
+    return _common.run_variants(__file__, argv or ["u2", "none", "u2", "none", "shuffle"], "results_sha256", "results")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,17 @@ variant's):
 * ``k3``: the kernel size 3 compiled as a constant (PWCONV_CUDA_SPECIALISE_K=3, opt-in);
 * ``two``: the maps by count + fill passes (PWCONV_CUDA_MAP_PASSES=two) instead of one pass;
 * ``k3-two``: both;
-* ``bN`` (b1, b2, b8): the grid rows of a query looked up N at a time (kernels.cu's
-  PWCONV_CUDA_ROW_BATCH, given to NVRTC as -D; 4 shipped, b1 is the earlier one by one).
+* ``bN`` (b2, b4, b8): the grid rows of a query looked up N at a time (kernels.cu's
+  PWCONV_CUDA_ROW_BATCH, given to NVRTC as -D; 1 shipped, b4 the default before 2026-11-27).
+
+* ``rN`` (r8, r16): the maps' rows sorted into place by N threads per row instead of 32
+  (``_search.SORT_LANES``).
+
+A variant may be named more than once: on the H200 the first process measured ran 5-10 %
+slower than the same code later on, so compare variants alternated (``none b4 none b4``).
 
     python benchmarks/gpu_search_tuning.py            # none 6 8
-    python benchmarks/gpu_search_tuning.py none k3 two k3-two b1 b8
+    python benchmarks/gpu_search_tuning.py none k3 none k3 two b4
 """
 from __future__ import annotations
 
@@ -41,6 +47,10 @@ def measure(variant: str) -> dict:
     if variant.isdigit():
         base = _backend.compile_options
         _backend.compile_options = lambda: base() + (f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={variant}",)
+    if variant[:1] == "r" and variant[1:].isdigit():
+        from pwconv_cy.cuda import _search
+
+        _search.SORT_LANES = int(variant[1:])
     if variant[:1] == "b" and variant[1:].isdigit():
         base_b = _backend.compile_options
         _backend.compile_options = lambda: base_b() + (f"-DPWCONV_CUDA_ROW_BATCH={variant[1:]}",)

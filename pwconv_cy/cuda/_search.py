@@ -86,6 +86,10 @@ CAPACITY_SLACK = 32 * SHORT_ROW
 
 
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
+#: Threads per row of sort_rows_by_rank (a divisor of 32; the results do not depend on it).  A
+#: warp per row leaves most lanes idle on rows of ~7-18 entries (the paper workload's), which
+#: 8 or 16 would not; benchmarks/gpu_search_tuning.py times them (variants r8, r16).
+SORT_LANES = 32
 THREADS = 256
 #: Cell tallies per block of entry_cell_counts (kernels.cu's PWCONV_CUDA_WEIGHTS_TALLY_CAP).
 WEIGHTS_TALLY_CAP = 8192
@@ -356,10 +360,11 @@ def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None,
     counts = xp.empty(max(n_pairs, 1) if with_counts else 1, dtype=xp.int32)
     grouped = xp.empty(max(n_pairs, 1) if group_cells else 1, dtype=xp.int64)
     gathered = row_at is not None
-    be.launch("sort_rows_by_rank", (blocks(32 * m),), (THREADS,),
+    lanes = int(SORT_LANES)
+    be.launch("sort_rows_by_rank", (blocks(lanes * m),), (THREADS,),
               (i64(m), splits, unsorted, row_at if gathered else splits, i32(int(gathered)),
                keys, i64(SHORT_ROW), i64((1 << cell_bits) - 1 if with_counts else 0),
-               i32(int(with_counts)), counts, i32(int(group_cells)), grouped))
+               i32(int(with_counts)), counts, i32(int(group_cells)), grouped, i32(lanes)))
     return (keys, counts[:n_pairs] if with_counts else None,
             grouped[:n_pairs] if group_cells else None)
 
@@ -474,7 +479,8 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
         keys, counts, grouped = _rank_sort(be, splits, scratch, row_at, n_pairs, bits,
                                            group_cells)
     once = scratch = row_at = None  # not needed any more: the fill pass, if any, gets the room
-    if keys is None:
+    filled = keys is None  # else the one pass's rows are in place: no fill, no status to read
+    if filled:
         keys, counts, grouped = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy,
                                              splits, n_pairs, status, cell_bits=bits,
                                              group_cells=group_cells)
@@ -489,7 +495,7 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     del keys
     if counts is None or longest > SHORT_ROW:  # rows the rank sort did not count
         counts = entry_cell_counts(be, splits, cell, n_cells)
-    if longest <= SHORT_ROW:  # checked above otherwise
+    if filled and longest <= SHORT_ROW:  # checked above otherwise (a host synchronisation)
         be.check_status(status, "kernel_map fill pass")
     if n_maps == 1:
         return [(splits, index, cell, counts, grouped)]

@@ -181,9 +181,12 @@ __device__ __forceinline__ void merge_touching_ranges(AxisRanges<N>& r) {
 /// Grid rows looked up side by side by for_each_run (an NVRTC -D option, for tuning; 1: one
 /// after the other).  A query visits up to dozens of grid rows, each found through three
 /// dependent loads (hash slot, the slot's row, the row's cells); with the batch's loads issued
-/// together, a thread waits for each of the three once per batch instead of once per row.
+/// together, a thread waits for each of the three once per batch instead of once per row.  But
+/// the batch's arrays cost registers: on the H200 (2026-11-27, benchmarks/gpu_search_tuning.py)
+/// the paper workload's four maps took 5.4 ms one row at a time against 6.4-6.5 ms four at a
+/// time and 8.6 ms eight at a time (the 1M-point sphere's map 3.2-3.5 against 3.9-4.0 ms).
 #ifndef PWCONV_CUDA_ROW_BATCH
-#define PWCONV_CUDA_ROW_BATCH 4
+#define PWCONV_CUDA_ROW_BATCH 1
 #endif
 
 /// The x ranges' runs of one grid row whose cells are [lo, hi) (ascending x): visit(tz, ty,
@@ -720,7 +723,8 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
 }
 
 /// out = in with every row of at most short_row entries sorted ascending (keys distinct within a
-/// row, as a map's (index << bits | cell) keys are): one warp per row, each lane placing its keys
+/// row, as a map's (index << bits | cell) keys are): `lanes` threads per row (32: a warp; 4, 8
+/// or 16: several rows per warp, fewer idle lanes on short rows), each lane placing its keys
 /// at their rank (the number of smaller keys in the row), all lanes reading the row's keys at one
 /// address.  Longer rows are copied as they are (the caller sorts them).  Replaces the fill
 /// thread's own insertion sort, which moved keys in global memory one place at a time.
@@ -737,17 +741,18 @@ extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __res
                                              long long* __restrict__ out, long long short_row,
                                              long long cell_mask, int count_cells,
                                              int* __restrict__ counts, int group_cells,
-                                             long long* __restrict__ grouped) {
-    const long long row = pwconv_cuda::global_thread() / 32;
-    const int lane = threadIdx.x % 32;
+                                             long long* __restrict__ grouped, int lanes) {
+    const long long t = pwconv_cuda::global_thread();  // lanes need not divide the block
+    const long long row = t / lanes;
+    const int lane = (int)(t % lanes);
     if (row >= m) return;
     const long long b = splits[row], len = splits[row + 1] - b;
     const long long* row_in = in + (gathered ? in_at[row] : b);
     if (len > short_row) {
-        for (long long i = lane; i < len; i += 32) out[b + i] = row_in[i];
+        for (long long i = lane; i < len; i += lanes) out[b + i] = row_in[i];
         return;
     }
-    for (long long i = lane; i < len; i += 32) {
+    for (long long i = lane; i < len; i += lanes) {
         const long long key = row_in[i];
         const long long key_cell = key & cell_mask;
         long long rank = 0, cell_rank = 0;
@@ -1381,9 +1386,11 @@ __device__ __forceinline__ bool entry_lane(i64 rows, int b, i64& row, int& o) {
 
 /// Entries per unrolled step of conv_entries' loop over a row: the loads of that many entries
 /// (their points, then the points' features) can be in flight together.  An NVRTC -D option
-/// for tuning (benchmarks/gpu_conv_tuning.py); the results do not depend on it.
+/// for tuning (benchmarks/gpu_conv_tuning.py); the results do not depend on it.  On the H200
+/// (2026-11-27, the variants alternated) the paper workload's 4 forward + 4 input-gradient calls
+/// took 1.95 ms unrolled by 4 against 2.16 ms by 2; 8 and 1 were no faster than 2.
 #ifndef PWCONV_CUDA_ENTRIES_UNROLL
-#define PWCONV_CUDA_ENTRIES_UNROLL 2
+#define PWCONV_CUDA_ENTRIES_UNROLL 4
 #endif
 
 /// sum over c < a of s[c] * m[c * stride], FMAs in ascending c.  The "entries" kernels pass
