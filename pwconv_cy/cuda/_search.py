@@ -86,9 +86,9 @@ CAPACITY_SLACK = 32 * SHORT_ROW
 
 
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
-#: Threads per row of sort_rows_by_rank (a divisor of 32; the results do not depend on it).  A
-#: warp per row leaves most lanes idle on rows of ~7-18 entries (the paper workload's), which
-#: 8 or 16 would not; benchmarks/gpu_search_tuning.py times them (variants r8, r16).
+#: Threads per row of sort_rows_by_rank (any positive number; the results do not depend on
+#: it).  A warp per row leaves most lanes idle on rows of ~7-18 entries (the paper workload's),
+#: which 8 or 16 would not; benchmarks/gpu_search_tuning.py times them (variants r8, r16).
 SORT_LANES = 32
 THREADS = 256
 #: Cell tallies per block of entry_cell_counts (kernels.cu's PWCONV_CUDA_WEIGHTS_TALLY_CAP).

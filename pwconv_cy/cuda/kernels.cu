@@ -1388,7 +1388,8 @@ __device__ __forceinline__ bool entry_lane(i64 rows, int b, i64& row, int& o) {
 /// (their points, then the points' features) can be in flight together.  An NVRTC -D option
 /// for tuning (benchmarks/gpu_conv_tuning.py); the results do not depend on it.  On the H200
 /// (2026-11-27, the variants alternated) the paper workload's 4 forward + 4 input-gradient calls
-/// took 1.95 ms unrolled by 4 against 2.16 ms by 2; 8 and 1 were no faster than 2.
+/// took 1.95 ms unrolled by 4 against 2.16 ms by 2 (by 1 and by 8, each timed once: see
+/// benchmarks/RESULTS.md).
 #ifndef PWCONV_CUDA_ENTRIES_UNROLL
 #define PWCONV_CUDA_ENTRIES_UNROLL 4
 #endif
