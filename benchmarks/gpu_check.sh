@@ -83,12 +83,12 @@ step benchmark 140 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
 
 # The search kernels' variants, each in a fresh process (identical maps required), alternated
-# (the first process measured runs slow): as shipped, the maps' rows sorted into place by 8 or
-# 16 threads per row instead of a warp (r8, r16), with K = 3 compiled in, and with the grid rows
-# looked up four at a time (b4, the default before 2026-11-27) instead of one.  (The benchmark
-# above times one pass against two.)
+# (the first process measured runs slow): as shipped; by count + fill passes (two: the 1M-point
+# map took 2.18 ms that way at 19:42, 3.6 ms in one pass on 2026-11-27); the maps' rows sorted
+# into place by 8 or 16 threads per row instead of a warp (r8, r16); with K = 3 compiled in;
+# and with the grid rows looked up four at a time (b4, the default before 2026-11-27).
 step search_tuning 150 k3.log \
-    "$PY" benchmarks/gpu_search_tuning.py none r8 r16 k3 b4 none r8 r16
+    "$PY" benchmarks/gpu_search_tuning.py none two r8 r16 k3 b4 none two r8 r16
 
 # The operator's "entries" kernel unrolled 2 and 4 (shipped) entries at a time, alternated, and
 # with its source rows exchanged by shuffles: per-layer times, identical results required.
