@@ -80,8 +80,7 @@ def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, quer
     s = check_dilation(dilation)
     threads = check_num_threads(num_threads)
     check_choice(method, "method", METHODS)
-    if not isinstance(depthwise, (bool, np.bool_)):
-        raise TypeError(f"depthwise must be True or False, got {depthwise!r}")
+    check_bool(depthwise, "depthwise")
     x = check_features(feats, batch, "feats", check_finite)
     w, k, c_out = check_weight(weight, x.shape[1], x.dtype, bool(depthwise), check_finite)
     km, out_dense = _resolve_map(batch, v, k, s, queries, query_offsets, kernel_map, method,
@@ -186,8 +185,7 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     d_feats : shaped like ``feats`` (packed (n, c_in) or dense (B, n, c_in)), or None
     d_weight : shaped like ``weight``
     """
-    if not isinstance(feats_grad, (bool, np.bool_)):
-        raise TypeError(f"feats_grad must be True or False, got {feats_grad!r}")
+    check_bool(feats_grad, "feats_grad")
     call = _call_arrays(points, feats, weight, queries, offsets, query_offsets, kernel_map,
                         grad_out=grad_out)
     if call.on_gpu:

@@ -306,8 +306,7 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
     -------
     y : (m, c_out) or (B, m, c_out) array in the features' dtype.
     """
-    if not isinstance(depthwise, (bool, np.bool_)):
-        raise TypeError(f"depthwise must be True or False, got {depthwise!r}")
+    _v.check_bool(depthwise, "depthwise")
     if kernel_map is not None and not isinstance(kernel_map, _neighbors.KernelMap):
         raise TypeError(f"kernel_map must be a pwconv_cy.KernelMap (from pwconv_cy.kernel_map), "
                         f"got {type(kernel_map).__name__}")

@@ -38,6 +38,7 @@ import numpy as np
 
 from pwconv_cy import data, nn
 from pwconv_cy._atomic import atomic_open
+from pwconv_cy._validation import check_bool
 from pwconv_cy.neighbors import NeighborIndex
 
 __all__ = ["PointwiseCNNClassifier", "PointwiseCNNSegmenter", "format_version", "load",
@@ -161,8 +162,7 @@ class _PointwiseNet:
         return self.concat.forward(outs)
 
     def _trunk_backward(self, d_cat, grads, input_grad):
-        if not isinstance(input_grad, (bool, np.bool_)):
-            raise TypeError(f"input_grad must be True or False, got {input_grad!r}")
+        check_bool(input_grad, "input_grad")
         d_outs, _ = self.concat.backward(d_cat)
         carry = None
         for i in reversed(range(len(self.convs))):

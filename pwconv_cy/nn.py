@@ -155,8 +155,7 @@ class _PointwiseBase(_Layer):
         self.voxel_size = check_positive(voxel_size, "voxel_size")
         self.dilation = check_dilation(dilation)
         self.kernel_size = check_kernel_size(kernel_size)
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
+        check_bool(bias, "bias")
         self.use_bias = bool(bias)
         self.dtype = _check_dtype(dtype)
         self._rng = np.random.default_rng(rng)
@@ -388,8 +387,7 @@ class Linear(_Layer):
         super().__init__()
         self.c_in = _check_channels(c_in, "c_in")
         self.c_out = _check_channels(c_out, "c_out")
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
+        check_bool(bias, "bias")
         self.use_bias = bool(bias)
         self.dtype = _check_dtype(dtype)
         self._rng = np.random.default_rng(rng)

@@ -44,7 +44,7 @@ import sys
 import numpy as np
 
 from . import _core
-from ._validation import check_num_threads
+from ._validation import check_bool, check_num_threads
 
 __all__ = [
     "SGD",
@@ -260,8 +260,7 @@ def _begin_update(optimizer, params, grads, state, inplace) -> tuple:
     _check_params(params)
     _check_grads(params, grads)
     step = _check_state(params, state, optimizer._slots)
-    if not isinstance(inplace, (bool, np.bool_)):
-        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    check_bool(inplace, "inplace")
     if inplace:
         _check_writeable(params, state, optimizer._slots)
     return step, _lr_at(optimizer.lr, step), check_num_threads(None)

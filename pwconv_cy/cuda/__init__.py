@@ -390,8 +390,6 @@ def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map, check_m
 
 def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
              kernel_map, depthwise, method, check_finite, check_map=True):
-    import numpy as np
-
     from pwconv_cy._validation import check_bool, check_dilation, check_positive
     from pwconv_cy.cuda import _validation as V
 
@@ -402,8 +400,7 @@ def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, quer
     batch = V.check_points(points, offsets, finite=False)
     v = check_positive(voxel_size, "voxel_size")
     s = check_dilation(dilation)
-    if not isinstance(depthwise, (bool, np.bool_)):
-        raise TypeError(f"depthwise must be True or False, got {depthwise!r}")
+    check_bool(depthwise, "depthwise")
     x = V.check_features(feats, batch, "feats", check_finite)
     w, k, c_out = V.check_weight(weight, x.shape[1], x.dtype, bool(depthwise), check_finite)
     check_map = check_bool(check_map, "check_map")
@@ -444,13 +441,11 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     ``feats_grad=False``).  The input gradient gathers over the transposed kernel map (built on
     the device, cached on the map); the weight gradient is reduced from fixed blocks of rows in a
     fixed order: bit-identical from run to run."""
-    import numpy as np
-
+    from pwconv_cy._validation import check_bool
     from pwconv_cy.cuda import _validation as V
     from pwconv_cy.cuda._conv import backward_input, backward_weight
 
-    if not isinstance(feats_grad, (bool, np.bool_)):
-        raise TypeError(f"feats_grad must be True or False, got {feats_grad!r}")
+    check_bool(feats_grad, "feats_grad")
     be, _, x, w, c_out, km, out_dense = _prepare(
         points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
         depthwise, method, check_finite, check_map)
