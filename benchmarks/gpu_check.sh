@@ -3,8 +3,8 @@
 #   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
 #   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
 #   the search kernels' variants (rows sorted by 8 / 16 threads, K = 3, row batches) -> the
-#   operator kernel's unroll variants -> kernel-time profile and the heaviest kernels' ncu
-#   sections (if ncu is installed) -> the opt-in K = 3 map kernels (tests).
+#   operator kernels' variants (one thread per row, chunks, unroll) -> kernel-time profile and
+#   the heaviest kernels' ncu sections (if ncu is installed) -> the opt-in K = 3 map kernels.
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
@@ -83,17 +83,21 @@ step benchmark 140 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
 
 # The search kernels' variants, each in a fresh process (identical maps required), alternated
-# (the first process measured runs slow): as shipped; by count + fill passes (two: the 1M-point
-# map took 2.18 ms that way at 19:42, 3.6 ms in one pass on 2026-11-27); the maps' rows sorted
-# into place by 8 or 16 threads per row instead of a warp (r8, r16); with K = 3 compiled in;
-# and with the grid rows looked up four at a time (b4, the default before 2026-11-27).
-step search_tuning 150 k3.log \
-    "$PY" benchmarks/gpu_search_tuning.py none two r8 r16 k3 b4 none two r8 r16
+# (the first process measured runs slow): as shipped; the one pass with each cloud's coordinates
+# in shared memory (tiles) over the row table as (key, cells) pairs (slots), also with K = 3
+# compiled in; the slots alone; grid cells twice the voxel's edge (c2); the maps' rows sorted
+# into place by 8 threads per row instead of a warp (r8).  (Count + fill passes: the benchmark
+# times them; row batches of 4: 5.4 against 6.4 ms on 2026-11-27, not repeated.)
+step search_tuning 170 k3.log \
+    "$PY" benchmarks/gpu_search_tuning.py none tiles+slots slots tiles+slots+k3 c2 r8 none \
+    tiles+slots slots c2
 
-# The operator's "entries" kernel unrolled 2 and 4 (shipped) entries at a time, alternated, and
-# with its source rows exchanged by shuffles: per-layer times, identical results required.
+# The operator's "entries" kernels as shipped against one thread per row (conv_entries_thread)
+# with the weight gradient by chunks sorted by cell (conv_weight_chunks) and the transposed map
+# by rank sorts, alternated, and unrolled by 2: per-layer times, identical forward and input
+# gradients required.
 step conv_tuning 120 conv.log \
-    "$PY" benchmarks/gpu_conv_tuning.py u2 none u2 none shuffle
+    "$PY" benchmarks/gpu_conv_tuning.py none thread+chunks+rank none thread+chunks+rank u2
 
 # Kernel time of one iteration (Nsight Compute, where installed): where the time goes.
 if command -v ncu >/dev/null; then
@@ -101,11 +105,13 @@ if command -v ncu >/dev/null; then
         bash -c 'ncu --profile-from-start off --csv --metrics gpu__time_duration.sum "$1" \
             benchmarks/gpu_profile.py > "$2/ncu_kernels.csv" && "$1" benchmarks/gpu_profile.py \
             --table "$2/ncu_kernels.csv"' _ "$PY" "$LOG_DIR"
-    # Why the four heaviest kernels take that long: registers, local memory (stack frame),
-    # occupancy, the warps' stall reasons and memory traffic: the first 8 launches of them.
+    # Why the heaviest kernels take that long: registers, local memory (stack frame), occupancy,
+    # the warps' stall reasons and memory traffic: the first 8 launches of them, with the opt-in
+    # one-thread-per-row operator kernels (conv_entries_thread, conv_weight_chunks).
     step ncu_detail 90 profile.log \
+        env PWCONV_CUDA_ENTRIES_LOADS=thread PWCONV_CUDA_WEIGHT_GRAD=chunks \
         bash -c 'ncu --profile-from-start off \
-            -k regex:"kernel_map_once|conv_entries|conv_weight_rows|sort_rows_by_rank" \
+            -k regex:"kernel_map_once|conv_entries|conv_weight_chunks|sort_rows_by_rank" \
             --launch-count 8 --section LaunchStats --section Occupancy --section SpeedOfLight \
             --section WarpStateStats --section MemoryWorkloadAnalysis "$1" \
             benchmarks/gpu_profile.py > "$2/ncu_detail.txt" 2>&1; \

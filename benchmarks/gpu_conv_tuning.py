@@ -1,18 +1,26 @@
-"""Variants of the GPU operator's "entries" kernel, each in a fresh process, on the paper
-workload's four layers: the forward and input-gradient kernels timed per layer (CUDA events), the
-results required identical to the first variant's (the variants change the schedule of the loads,
-not the arithmetic):
+"""Variants of the GPU operator's "entries" kernels, each in a fresh process, on the paper
+workload's four layers: the forward, input-gradient and weight-gradient kernels timed per layer
+(CUDA events), the forward and input gradient required identical to the first variant's (the
+variants change the schedule of the loads, not the arithmetic; the weight gradient's variants
+change its order of additions, so its bits are not compared):
 
 * ``none``: as shipped;
 * ``uN`` (e.g. ``u2``): conv_entries' loop over a row unrolled N entries at a time (kernels.cu's
   PWCONV_CUDA_ENTRIES_UNROLL, given to NVRTC as -D; 4 shipped, 2 before 2026-11-27);
 * ``shuffle``: the source rows loaded once per row and exchanged between its lanes
-  (PWCONV_CUDA_ENTRIES_LOADS=shuffle).
+  (PWCONV_CUDA_ENTRIES_LOADS=shuffle);
+* ``thread``: one thread per row, all its outputs, the cell matrices in shared memory
+  (PWCONV_CUDA_ENTRIES_LOADS=thread: conv_entries_thread);
+* ``chunks``: the weight gradient by chunks of rows sorted by cell in shared memory
+  (PWCONV_CUDA_WEIGHT_GRAD=chunks: conv_weight_chunks);
+* ``rank``: the transposed map (timed per layer with every variant) by per-point rank sorts
+  (PWCONV_CUDA_TRANSPOSE=rank);
+* several joined by ``+`` (``thread+chunks+rank``).
 
 A variant may be named more than once: on the H200 the first process measured ran 5-10 %
 slower than the same code later on, so compare variants alternated (``u2 none u2 none``).
 
-    python benchmarks/gpu_conv_tuning.py              # u2 none u2 none shuffle
+    python benchmarks/gpu_conv_tuning.py     # none thread+chunks+rank none thread+chunks+rank
     python benchmarks/gpu_conv_tuning.py none u1 none u8
 """
 from __future__ import annotations
@@ -37,12 +45,19 @@ def measure(variant: str) -> dict:
     from pwconv_cy.cuda import _backend, _conv
     from pwconv_cy.cuda._backend import get_backend
 
-    if variant == "shuffle":
-        os.environ[_conv.ENTRIES_LOADS_ENV] = "shuffle"
-    elif variant.startswith("u"):
-        base = _backend.compile_options
-        unroll = int(variant[1:])
-        _backend.compile_options = lambda: base() + (f"-DPWCONV_CUDA_ENTRIES_UNROLL={unroll}",)
+    for part in variant.split("+"):
+        if part in ("shuffle", "thread"):
+            os.environ[_conv.ENTRIES_LOADS_ENV] = part
+        elif part == "chunks":
+            os.environ[_conv.WEIGHT_GRAD_ENV] = "chunks"
+        elif part == "rank":
+            os.environ[_conv.TRANSPOSE_ENV] = "rank"
+        elif part.startswith("u"):
+            define = f"-DPWCONV_CUDA_ENTRIES_UNROLL={int(part[1:])}"
+            _backend.compile_options = \
+                lambda base=_backend.compile_options, define=define: base() + (define,)
+        elif part != "none":
+            raise SystemExit(f"unknown variant {part!r}")
     import cupy
 
     n_clouds, n_points = 128, 2048
@@ -70,6 +85,16 @@ def measure(variant: str) -> dict:
         out[f"{tag}_input_grad_us"] = wl.time_cuda(
             lambda km=km, dy=dy, w=w, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in, False),
             3, 20)["median_s"] * 1e6
+
+        def fresh_transposed(km=km):
+            km._cache.pop("cuda_transposed_rows_float32", None)
+            _conv.transposed_rows(be, km, cupy.float32)
+
+        out[f"{tag}_transposed_us"] = wl.time_cuda(fresh_transposed, 3, 20)["median_s"] * 1e6
+        out[f"{tag}_weight_grad_us"] = wl.time_cuda(
+            lambda km=km, x=x, dy=dy, c_out=c_out: _conv.backward_weight(be, km, x, dy, c_out,
+                                                                         False),
+            3, 20)["median_s"] * 1e6
     out["results_sha256"] = digest.hexdigest()[:16]
     return out
 
@@ -81,7 +106,7 @@ def main(argv) -> int:
     sys.path.insert(0, str(HERE))
     import _common
 
-    return _common.run_variants(__file__, argv or ["u2", "none", "u2", "none", "shuffle"], "results_sha256", "results")
+    return _common.run_variants(__file__, argv or ["none", "thread+chunks+rank", "none", "thread+chunks+rank"], "results_sha256", "results")
 
 
 if __name__ == "__main__":

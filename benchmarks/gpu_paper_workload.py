@@ -18,10 +18,15 @@ Timed with CUDA events after a warm-up, medians of several runs, per stage:
 pwconv's forward and backward are timed with each GPU operator scheme ("entries", the default for
 these channel counts, "rows" and "by cell": PWCONV_CUDA_OPERATOR), the default also with the
 opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), with each row's entries grouped by
-cell (PWCONV_CUDA_ENTRIES_ORDER=cells, its maps timed too) and with the weight gradient from cell
-means and a matrix product (PWCONV_CUDA_WEIGHT_GRAD=means), the kernel maps also by count + fill
-passes (PWCONV_CUDA_MAP_PASSES=two) and with the fill threads sorting their own rows
-(PWCONV_CUDA_ROW_SORT=thread), and a breakdown times the grid, each
+cell (PWCONV_CUDA_ENTRIES_ORDER=cells, its maps timed too), with the weight gradient from cell
+means and a matrix product (PWCONV_CUDA_WEIGHT_GRAD=means), with one thread per row forming all
+its outputs (PWCONV_CUDA_ENTRIES_LOADS=thread) and the weight gradient by chunks of rows sorted by
+cell in shared memory (PWCONV_CUDA_WEIGHT_GRAD=chunks) and the transposed maps by per-point rank
+sorts (PWCONV_CUDA_TRANSPOSE=rank), the kernel maps also by count + fill passes
+(PWCONV_CUDA_MAP_PASSES=two), with the fill threads sorting their own rows
+(PWCONV_CUDA_ROW_SORT=thread), with the row table as (key, cells) pairs
+(PWCONV_CUDA_ROW_SLOTS=1) and with each cloud's coordinates in shared memory too
+(PWCONV_CUDA_MAP_TILES=1), and a breakdown times the grid, each
 map, the per-call checks and each kernel stage of every layer (the rows scheme's beside them).
 
 Both are checked first: identical pair counts per layer and outputs / weight gradients equal
@@ -285,6 +290,8 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
             _conv.transposed_rows(be, km, cupy.float32)
 
         out[f"{tag}: transposed map"] = time_cuda(fresh_transposed, warmup, runs)
+        with _env(_conv.TRANSPOSE_ENV, "rank"):
+            out[f"{tag}: transposed map, rank sorts"] = time_cuda(fresh_transposed, warmup, runs)
 
         def fresh_cell_entries(km=km):
             km._cache.pop("cuda_cell_entries_float32", None)
@@ -300,17 +307,13 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
         with _env(_conv.INPUT_GRAD_ENV, "fixed"):
             out[f"{tag}: input gradient, opt-in fixed point (no transposed map)"] = time_cuda(
                 kernels["input gradient kernel"], warmup, runs)
-        with _env(_conv.ENTRIES_ORDER_ENV, "cells"):  # conv_groups; its orders cached first
-            _conv.grouped_keys(be, km)
+        with _env(_conv.ENTRIES_LOADS_ENV, "thread"):  # conv_entries_thread, same caches
             for what in ("forward kernel", "input gradient kernel"):
-                out[f"{tag}: {what}, entries grouped by cell"] = time_cuda(kernels[what],
-                                                                          warmup, runs)
-
-            def fresh_groups(km=km):
-                km._cache.pop("cuda_transposed_groups_float32", None)
-                _conv.transposed_groups(be, km, cupy.float32)
-
-            out[f"{tag}: transposed map grouped by cell"] = time_cuda(fresh_groups, warmup, runs)
+                out[f"{tag}: {what}, one thread per row"] = time_cuda(kernels[what], warmup,
+                                                                     runs)
+        with _env(_conv.WEIGHT_GRAD_ENV, "chunks"):  # conv_weight_chunks (entry weights cached)
+            out[f"{tag}: weight gradient kernels (chunks sorted by cell)"] = time_cuda(
+                kernels["weight gradient kernels"], warmup, runs)
         with _env(_conv.WEIGHT_GRAD_ENV, "means"):  # cell means + GEMM (grouped keys cached)
             out[f"{tag}: weight gradient, cell means + matrix product"] = time_cuda(
                 kernels["weight gradient kernels"], warmup, runs)
@@ -589,17 +592,22 @@ def main(argv=None) -> int:
     # the operator's GPU schemes side by side, the opt-in atomic input gradient, the entries'
     # weight gradient by cell, the default with the first layer's input gradient (as the
     # figures before 2026-11-26 21:00 were taken), the entries kernel's shuffled source loads,
-    # the deterministic fixed-point input gradient
-    for scheme in ("bycell", "rows", "auto", "auto-atomic", "auto-cells", "auto-dx1",
-                   "auto-shuffle", "auto-fixed", "auto-grouped", "auto-means",
-                   "auto-grouped+means", "auto-grouped+means+fixed"):
+    # the deterministic fixed-point input gradient, the entries grouped by cell, one thread per
+    # row (PWCONV_CUDA_ENTRIES_LOADS=thread) and the weight gradient by chunks of rows sorted by
+    # cell (PWCONV_CUDA_WEIGHT_GRAD=chunks)
+    for scheme in ("bycell", "rows", "auto", "auto-thread", "auto-chunks", "auto-rank",
+                   "auto-thread+chunks+rank", "auto-atomic", "auto-cells", "auto-dx1",
+                   "auto-shuffle", "auto-fixed", "auto-means", "auto-grouped+means",
+                   "auto-thread+chunks+fixed"):
         variants = set(scheme.partition("-")[2].split("+"))
         os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if "atomic" in variants else "1"
-        os.environ[_conv.WEIGHT_GRAD_ENV] = \
-            "cells" if "cells" in variants else "means" if "means" in variants else "rows"
-        os.environ[_conv.ENTRIES_LOADS_ENV] = "shuffle" if "shuffle" in variants else "broadcast"
+        os.environ[_conv.WEIGHT_GRAD_ENV] = next(
+            (mode for mode in ("cells", "means", "chunks") if mode in variants), "rows")
+        os.environ[_conv.ENTRIES_LOADS_ENV] = next(
+            (mode for mode in ("shuffle", "thread") if mode in variants), "broadcast")
         os.environ[_conv.INPUT_GRAD_ENV] = "fixed" if "fixed" in variants else "gather"
+        os.environ[_conv.TRANSPOSE_ENV] = "rank" if "rank" in variants else "sort"
         grouped = "grouped" in variants or "means" in variants  # both read the grouped rows
         os.environ[_conv.ENTRIES_ORDER_ENV] = "cells" if "grouped" in variants else "map"
         pw.first_input_grad = "dx1" in variants
@@ -623,6 +631,7 @@ def main(argv=None) -> int:
     os.environ.pop(_conv.ENTRIES_LOADS_ENV)
     os.environ.pop(_conv.INPUT_GRAD_ENV)
     os.environ.pop(_conv.ENTRIES_ORDER_ENV)
+    os.environ.pop(_conv.TRANSPOSE_ENV)
     active["kms"] = kms
     pw.first_input_grad = False
     if "auto" not in schemes:
@@ -636,6 +645,10 @@ def main(argv=None) -> int:
         record["kernel_maps_two_passes"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.ROW_SORT_ENV, "thread"):  # each fill thread sorts its row, as before
         record["kernel_maps_thread_sort"] = time_cuda(pw.kernel_maps, warmup, runs)
+    with _env(_search.ROW_SLOTS_ENV, "1"):  # the row table as (key, cells) pairs (opt-in)
+        record["kernel_maps_row_slots"] = time_cuda(pw.kernel_maps, warmup, runs)
+        with _env(_search.MAP_TILES_ENV, "1"):  # and the clouds in shared memory (opt-in)
+            record["kernel_maps_tiles_slots"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.ROW_TABLE_ENV, "0"):  # the grid rows found by binary search, as before
         record["kernel_maps_without_row_table"] = time_cuda(pw.kernel_maps, warmup, runs)
     # the previous GPU code's schemes: by-cell operator, rows found by binary search
@@ -736,6 +749,10 @@ def main(argv=None) -> int:
           f"{fmt_ms(record['kernel_maps_two_passes']['median_s'])}")
     print(f"kernel maps with the fill threads sorting their rows (PWCONV_CUDA_ROW_SORT=thread): "
           f"{fmt_ms(record['kernel_maps_thread_sort']['median_s'])}")
+    print(f"kernel maps with the row table as (key, cells) pairs (PWCONV_CUDA_ROW_SLOTS=1): "
+          f"{fmt_ms(record['kernel_maps_row_slots']['median_s'])}; and each cloud in shared "
+          f"memory (PWCONV_CUDA_MAP_TILES=1): "
+          f"{fmt_ms(record['kernel_maps_tiles_slots']['median_s'])}")
     print(f"kernel maps one after the other (kernel_map per layer): "
           f"{fmt_ms(record['kernel_maps_one_by_one']['median_s'])}")
     for name, sch in schemes.items():

@@ -12,7 +12,15 @@ variant's):
   PWCONV_CUDA_ROW_BATCH, given to NVRTC as -D; 1 shipped, b4 the default before 2026-11-27).
 
 * ``rN`` (r8, r16): the maps' rows sorted into place by N threads per row instead of 32
-  (``_search.SORT_LANES``).
+  (``_search.SORT_LANES``);
+* ``slots``: the grid's row table as (key, the row's cells) pairs, one load per probe
+  (PWCONV_CUDA_ROW_SLOTS=1, opt-in);
+* ``cF`` (c1.5, c2): the grid's cells F times the voxel's edge (``NeighborIndex(points,
+  F * v)``; any cell size gives the same maps): fewer grid rows per query, more points per cell;
+* ``tiles``: the one pass as kernel_map_tiled, each cloud's coordinates in shared memory
+  (PWCONV_CUDA_MAP_TILES=1, opt-in; the 1M-point cloud is too big for it and keeps
+  kernel_map_once);
+* several joined by ``+`` (``tiles+slots+k3``).
 
 A variant may be named more than once: on the H200 the first process measured ran 5-10 %
 slower than the same code later on, so compare variants alternated (``none b4 none b4``).
@@ -32,28 +40,39 @@ HERE = Path(__file__).resolve().parent
 
 
 def measure(variant: str) -> dict:
-    if variant.startswith("k3"):  # read when pwconv_cy.cuda is imported
+    parts = variant.replace("k3-two", "k3+two").split("+")
+    if "k3" in parts:  # read when pwconv_cy.cuda is imported
         os.environ["PWCONV_CUDA_SPECIALISE_K"] = "3"
-    if variant.endswith("two"):
+    if "two" in parts:
         os.environ["PWCONV_CUDA_MAP_PASSES"] = "two"
+    if "slots" in parts:  # read when a grid is built
+        os.environ["PWCONV_CUDA_ROW_SLOTS"] = "1"
+    if "tiles" in parts:  # read when a map is made
+        os.environ["PWCONV_CUDA_MAP_TILES"] = "1"
     import numpy as np
 
     sys.path.insert(0, str(HERE))
     import gpu_paper_workload as wl
 
     from pwconv_cy import cuda
-    from pwconv_cy.cuda import _backend
+    from pwconv_cy.cuda import _backend, _search
 
-    if variant.isdigit():
-        base = _backend.compile_options
-        _backend.compile_options = lambda: base() + (f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={variant}",)
-    if variant[:1] == "r" and variant[1:].isdigit():
-        from pwconv_cy.cuda import _search
-
-        _search.SORT_LANES = int(variant[1:])
-    if variant[:1] == "b" and variant[1:].isdigit():
-        base_b = _backend.compile_options
-        _backend.compile_options = lambda: base_b() + (f"-DPWCONV_CUDA_ROW_BATCH={variant[1:]}",)
+    defines = []
+    factor = 1.0  # the grid's cell / voxel
+    for part in parts:
+        if part.isdigit():
+            defines.append(f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={part}")
+        elif part[:1] == "r" and part[1:].isdigit():
+            _search.SORT_LANES = int(part[1:])
+        elif part[:1] == "b" and part[1:].isdigit():
+            defines.append(f"-DPWCONV_CUDA_ROW_BATCH={part[1:]}")
+        elif part[:1] == "c":
+            factor = float(part[1:])
+        elif part not in ("none", "k3", "two", "slots", "tiles"):
+            raise SystemExit(f"unknown variant {part!r}")
+    if defines:
+        _backend.compile_options = \
+            lambda base=_backend.compile_options, extra=tuple(defines): base() + extra
     import cupy
 
     points = cupy.asarray(wl.sphere(128 * 2048, 0))
@@ -62,14 +81,14 @@ def measure(variant: str) -> dict:
     cuda.compile_kernels()
 
     def maps():
-        index = cuda.NeighborIndex(points, wl.VOXEL, offsets=offsets)
+        index = cuda.NeighborIndex(points, factor * wl.VOXEL, offsets=offsets)
         return index.kernel_maps(wl.K, [s for _, _, s in wl.LAYERS])
 
     digest = hashlib.sha256()
-    for km in maps() + [cuda.NeighborIndex(big, wl.BIG_VOXEL).kernel_map(wl.K, 1)]:
+    big_index = cuda.NeighborIndex(big, factor * wl.BIG_VOXEL)
+    for km in maps() + [big_index.kernel_map(wl.K, 1)]:
         for a in (km.splits, km.index, km.cell):
             digest.update(cupy.asnumpy(a).tobytes())
-    big_index = cuda.NeighborIndex(big, wl.BIG_VOXEL)
     return {"variant": variant, "kernel": _backend.kernel_map_name(3, True),
             "paper_maps_ms": wl.time_cuda(maps, 3, 20)["median_s"] * 1e3,
             "sphere_1m_map_ms": wl.time_cuda(lambda: big_index.kernel_map(wl.K, 1), 2, 10)[

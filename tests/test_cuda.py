@@ -241,6 +241,30 @@ inline T __shfl_sync(unsigned mask, T v, int src_lane) {
     __syncwarp(mask);
     return out;
 }
+// __match_any_sync: as __shfl_sync, each lane leaves its value in its slot; the lanes of the mask
+// holding the same bits as the caller's form the result.
+template <class T>
+inline unsigned __match_any_sync(unsigned mask, T v) {
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "a 64-bit value at most");
+    const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if (tid >= shfl_slots.size()) emu_fail("__match_any_sync outside a threaded kernel");
+    if (!((mask >> (tid % 32)) & 1u)) emu_fail("__match_any_sync: the calling lane is not in mask");
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    shfl_slots[tid] = bits;
+    __syncwarp(mask);
+    unsigned peers = 0;
+    for (unsigned l = 0; l < 32; ++l)
+        if (((mask >> l) & 1u) && tid / 32 * 32 + l < shfl_slots.size() &&
+            shfl_slots[tid / 32 * 32 + l] == bits)
+            peers |= 1u << l;
+    __syncwarp(mask);
+    return peers;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+struct alignas(16) ulonglong2 { unsigned long long x, y; };
 static void trampoline() {
     (*current_fn)(current_params);
     current->done = true;
@@ -281,6 +305,12 @@ inline double __longlong_as_double(long long bits) {
 inline long long __double2ll_rn(double v) { return std::llrint(v); }  // the default: to nearest
 using std::frexp;
 using std::ldexp;
+
+// Dynamic shared memory: one buffer, big enough for any launch the tests make (blocks run one
+// after the other; EmulatedBackend checks the size asked for).
+alignas(16) static unsigned char emu_dynamic_shared[EMU_DYNAMIC_SHARED_BYTES];
+#define PWCONV_CUDA_DYNAMIC_SHARED(type, name) \
+    type* name = reinterpret_cast<type*>(emu_dynamic_shared)
 
 #define __global__
 #define __launch_bounds__(...)
@@ -417,13 +447,19 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
 """
 
 
+#: The emulator's dynamic shared memory (and what EmulatedBackend.max_shared_bytes reports: an
+#: H100's opt-in limit per block).
+EMU_DYNAMIC_SHARED_BYTES = 227 * 1024
+
+
 def build_emulator(out_dir: Path, defines=()) -> Path:
     """Compile kernels.cu for the host with the emulator around it (plus -D`defines`, the tuning
     knobs NVRTC may be given); returns the shared library."""
     registry = "\n".join(
         f'    registry().emplace("{name}", [](void** p) {{ call(&{name}, p); }});'
         for name in _names())
-    source = EMULATOR_CPP.replace("KERNELS_CU", str(KERNELS_CU)).replace("REGISTRY", registry)
+    source = (EMULATOR_CPP.replace("KERNELS_CU", str(KERNELS_CU)).replace("REGISTRY", registry)
+              .replace("EMU_DYNAMIC_SHARED_BYTES", str(EMU_DYNAMIC_SHARED_BYTES)))
     cpp = out_dir / "pwconv_cuda_emulator.cpp"
     lib = out_dir / "pwconv_cuda_emulator.so"
     cpp.write_text(source)
@@ -475,6 +511,9 @@ class EmulatedBackend:
                 raise TypeError(f"argument {k} of {name} is {type(a).__name__} {a!r}: pass "
                                 "NumPy scalars of the kernel parameter's type")
         threaded = int(name.split("<")[0] in BARRIER_KERNELS)
+        if shared_mem > EMU_DYNAMIC_SHARED_BYTES:
+            raise AssertionError(f"{name}: {shared_mem} bytes of dynamic shared memory, more than "
+                                 f"the emulator's {EMU_DYNAMIC_SHARED_BYTES}")
         self.launches.append(name)
         rc = self.lib.emu_launch(name.encode(), *grid, *block, threaded, int(self.reversed),
                                  params)
@@ -504,6 +543,9 @@ class EmulatedBackend:
 
     def device_memory_bytes(self):
         return 1 << 34
+
+    def max_shared_bytes(self):
+        return EMU_DYNAMIC_SHARED_BYTES
 
     def check_status(self, status, what):
         assert int(status[0]) == 0, f"{what}: status {int(status[0])}"
@@ -592,9 +634,22 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / scale)
 
 
-def _emulate_scenario(be, name, operator=True):
-    """Runs one scenario through the GPU orchestration on the emulator (the operator too unless
-    operator=False: the searches only); returns a report."""
+#: The operator's switches the emulated scenarios run with: (PWCONV_CUDA_OPERATOR, atomic
+#: input gradient, _WEIGHT_GRAD, _ENTRIES_LOADS, _INPUT_GRAD, _ENTRIES_ORDER, _TRANSPOSE).
+OPERATOR_VARIANTS = (
+    ("bycell", False, "rows", "broadcast", "gather", "map", "sort"),
+    ("rows", False, "rows", "broadcast", "gather", "map", "rank"),
+    ("auto", False, "rows", "broadcast", "gather", "map", "sort"),
+    # the entries grouped by cell (conv_groups), with the weight gradient by cell means
+    ("auto", False, "means", "broadcast", "gather", "cells", "sort"),
+    ("auto", False, "cells", "shuffle", "fixed", "map", "sort"),
+    ("auto", False, "chunks", "thread", "gather", "map", "rank"),
+    ("auto", True, "rows", "broadcast", "gather", "map", "sort"))
+
+
+def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
+    """Runs one scenario through the GPU orchestration on the emulator (the operator too, with
+    each of `variants`, unless operator=False: the searches only); returns a report."""
     import oracles
 
     from pwconv_cy.cuda import _conv, _search
@@ -603,6 +658,7 @@ def _emulate_scenario(be, name, operator=True):
     rng = np.random.default_rng(sum(map(ord, name)))
     p, offsets, q, q_offsets, v, k, s = scenario_clouds(name, rng)
     offsets = np.array([0, len(p)]) if offsets is None else np.asarray(offsets)
+    first_launch = len(be.launches)  # this scenario's launches start here
     grid = _search.build_grid(be, np.ascontiguousarray(p), offsets.astype(np.int64), v)
     splits, index, cell = _search.kernel_map_arrays(
         be, grid, v, k, s, _cell_dtype(k), 1 << 40, None if q is None else np.ascontiguousarray(q),
@@ -625,7 +681,12 @@ def _emulate_scenario(be, name, operator=True):
     be.reversed = False
     for a, b in zip(again, (splits, index, cell)):
         np.testing.assert_array_equal(a, b, err_msg=f"{name}: reversed schedule")
-    report["row_table_slots"] = int(grid.table_keys.shape[0]) if grid.table_bits else 0
+    report["row_table_slots"] = 1 << grid.table_bits if grid.table_bits else 0
+    ran = {n.split("<")[0] for n in be.launches[first_launch:]}
+    report["tiled_search"] = "kernel_map_tiled" in ran
+    report["once_search"] = "kernel_map_once" in ran
+    assert grid.table_slots == (grid.table_bits > 0 and _search.row_slots_mode()), \
+        "the row table's layout is not the one PWCONV_CUDA_ROW_SLOTS asks for"
     # several maps of one grid made together (one launch per pass, map d = grid row d): each
     # the oracle's, the same dilation twice included
     dils = (s, 1, s + 1, s)
@@ -668,22 +729,22 @@ def _emulate_scenario(be, name, operator=True):
     errors = {}
     configs = ((False, (3, 5)), (False, (9, 9)), (False, (32, 17)), (False, (40, 3)),
                (True, (6, 6)), (True, (33, 33)))
-    for scheme, atomic, wgrad, loads, igrad, order in (
-            ("bycell", False, "rows", "broadcast", "gather", "map"),
-            ("rows", False, "rows", "broadcast", "gather", "map"),
-            ("auto", False, "rows", "broadcast", "gather", "map"),
-            ("auto", False, "rows", "broadcast", "gather", "cells"),
-            ("auto", False, "means", "broadcast", "gather", "cells"),
-            ("auto", False, "cells", "shuffle", "fixed", "map"),
-            ("auto", True, "rows", "broadcast", "gather", "map")):
+    for scheme, atomic, wgrad, loads, igrad, order, transpose in variants:
+        os.environ[_conv.TRANSPOSE_ENV] = transpose
         os.environ[_conv.OPERATOR_ENV] = scheme
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if atomic else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         os.environ[_conv.ENTRIES_LOADS_ENV] = loads
         os.environ[_conv.INPUT_GRAD_ENV] = igrad
         os.environ[_conv.ENTRIES_ORDER_ENV] = order
+        # the opt-in switches of "auto" act up to 32 channels; wider layers run the "by cell"
+        # kernels whatever they say, which the plain "auto" and "bycell" variants cover
+        opt_in = scheme == "auto" and (atomic, wgrad, loads, igrad, order, transpose) != (
+            False, "rows", "broadcast", "gather", "map", "sort")
         for dtype in (np.float32, np.float64):
             for depthwise, (c_in, c_out) in configs:
+                if opt_in and max(c_in, c_out) > _conv.LANE_CHANNELS:
+                    continue
                 km._cache.clear()
                 x = rng.standard_normal((len(p), c_in)).astype(dtype)
                 w_shape = (k, k, k, c_in) if depthwise else (k, k, k, c_in, c_out)
@@ -708,8 +769,16 @@ def _emulate_scenario(be, name, operator=True):
                 # PWCONV_CUDA_ENTRIES_ORDER=cells: forward and input gradient by conv_groups
                 grouped = order == "cells" and scheme == "auto" and lanes
                 by_means = wgrad == "means" and scheme == "auto" and lanes and not depthwise
-                assert (entries in ran) == (scheme == "auto" and lanes and not grouped), \
-                    (scheme, loads, order, ran)
+                # PWCONV_CUDA_ENTRIES_LOADS=thread: one thread per row where the cell matrices
+                # fit its shared copy (forward, input gradient), else conv_entries
+                by_thread = [loads == "thread" and scheme == "auto" and lanes and not grouped
+                             and _conv.thread_plan(k ** 3, a, b, x.itemsize, depthwise,
+                                                   cell.dtype) is not None
+                             for a, b in ((c_in, c_out), (c_out, c_in))]
+                by_thread[1] = by_thread[1] and not atomic and igrad == "gather"
+                assert ("conv_entries_thread" in ran) == any(by_thread), (c_in, c_out, ran)
+                assert (entries in ran) == (scheme == "auto" and lanes and not grouped
+                                            and not all(by_thread)), (scheme, loads, order, ran)
                 assert sum(n.startswith("conv_groups<") for n in be.launches[start:]) == \
                     2 * grouped, (order, ran)
                 assert ("cuda_grouped_keys" in km._cache) == (grouped or by_means), (order, ran)
@@ -718,10 +787,16 @@ def _emulate_scenario(be, name, operator=True):
                 # the entries scheme's weight gradient: the rows kernel where it holds the
                 # weight (PWCONV_CUDA_WEIGHT_GRAD=rows, the default), else by cell; "means"
                 # (dense weights): cell means and a matrix product, depthwise ones by rows
-                by_rows = (wgrad == "rows" or (wgrad == "means" and depthwise)) and rows_ok[2]
+                # "chunks": conv_weight_chunks where its block holds every (cell, channel)
+                chunked = (wgrad == "chunks" and scheme == "auto" and lanes and
+                           _conv.chunks_plan(k ** 3, c_in, c_out, depthwise, cell.dtype)
+                           is not None)
+                assert ("conv_weight_chunks" in ran) == chunked, (wgrad, c_in, c_out, ran)
+                by_rows = (wgrad == "rows" or (wgrad == "means" and depthwise)
+                           or (wgrad == "chunks" and not chunked)) and rows_ok[2]
                 assert ("cell_means" in ran) == by_means, (scheme, wgrad, ran)
-                assert ("conv_weight_cells" in ran) == (scheme == "auto" and lanes
-                                                        and not by_rows and not by_means), \
+                assert ("conv_weight_cells" in ran) == (scheme == "auto" and lanes and not by_rows
+                                                        and not by_means and not chunked), \
                     (scheme, wgrad, ran)
                 # PWCONV_CUDA_DETERMINISTIC=0: the entries' input gradient by atomics, no
                 # transposed map
@@ -739,22 +814,23 @@ def _emulate_scenario(be, name, operator=True):
                                                            and by_rows), (scheme, wgrad, ran)
                 if not any(want):
                     assert "conv_gather_dense" in ran or "conv_gather_depthwise" in ran, ran
+                # the one-thread-per-row input gradient reads the transposed map's counts
                 cached = f"cuda_transposed_rows_{np.dtype(dtype).name}" in km._cache
-                assert cached == want[1], (scheme, c_in, c_out, ran)
+                assert cached == (want[1] and not by_thread[1]), (scheme, c_in, c_out, ran)
+                assert ("cuda_transposed_counts" in km._cache) == by_thread[1], (c_in, c_out, ran)
                 ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
                 tol = 1e-5 if dtype == np.float32 else 1e-12
                 key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {loads} {igrad} {order} "
+                       f"{transpose} "
                        f"{np.dtype(dtype).name} "
                        f"{'depthwise' if depthwise else 'dense'} {c_in}->{c_out}")
                 errors[key] = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
                 assert y.dtype == dx.dtype == dw.dtype == dtype
                 assert max(errors[key]) <= tol, f"{name} {key}: relative errors {errors[key]} > {tol}"
-    os.environ.pop(_conv.OPERATOR_ENV)
-    os.environ.pop(_conv.DETERMINISTIC_ENV)
-    os.environ.pop(_conv.WEIGHT_GRAD_ENV)
-    os.environ.pop(_conv.ENTRIES_LOADS_ENV)
-    os.environ.pop(_conv.INPUT_GRAD_ENV)
-    os.environ.pop(_conv.ENTRIES_ORDER_ENV)
+    for env in (_conv.OPERATOR_ENV, _conv.DETERMINISTIC_ENV, _conv.WEIGHT_GRAD_ENV,
+                _conv.ENTRIES_LOADS_ENV, _conv.INPUT_GRAD_ENV, _conv.ENTRIES_ORDER_ENV,
+                _conv.TRANSPOSE_ENV):
+        os.environ.pop(env, None)
     _check_groups(be, name, km, splits, index, cell, om, p, offsets, q, q_offsets)
     # the rows scheme's transposed map: each point's entries by ascending row (a row names a
     # point once), whatever the schedule, with weights 1 / n_i(f)
@@ -864,9 +940,10 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
             capacities = []
             search_once = _search._search_once
 
-            def spy(*args, _capacities=capacities, _search_once=search_once):
-                _capacities.append(args[-1])
-                return _search_once(*args)
+            def spy(be, k, head, grid_dim, rows, capacity, *rest, _capacities=capacities,
+                    _search_once=search_once):
+                _capacities.append(capacity)
+                return _search_once(be, k, head, grid_dim, rows, capacity, *rest)
 
             _search._search_once = spy
             try:
@@ -891,7 +968,7 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
                 estimate = total * (m / len(sampled))
                 assert capacities == [int(estimate * float(margin)) + int(slack)], \
                     (what, capacities, total, stride)
-            once = ran.count("kernel_map_once")
+            once = ran.count("kernel_map_once") + ran.count("kernel_map_tiled")
             fills = [n for n in be.launches[start:] if n.startswith("kernel_map_pass<")
                      and n.endswith(", 1>")]
             if passes == "two":
@@ -1024,11 +1101,17 @@ def _emulate_property(be, max_examples: int = 80):
         chunk = draw(st.sampled_from([_conv.CELL_CHUNK, 1, 3]))
         row_sort = draw(st.sampled_from(["rank", "thread"]))  # who sorts the filled short rows
         # the entries' weight-gradient kernels
-        wgrad = draw(st.sampled_from(["rows", "cells", "means"]))
+        wgrad = draw(st.sampled_from(["rows", "cells", "means", "chunks"]))
         # "means": its rows in one chunk, one row per chunk, or a few rows per chunk
         means_bytes = draw(st.sampled_from([_conv.MEANS_BYTES, 1, 700]))
-        loads = draw(st.sampled_from(["broadcast", "shuffle"]))  # conv_entries' source loads
+        # conv_entries' source loads, or one thread per row (conv_entries_thread)
+        loads = draw(st.sampled_from(["broadcast", "shuffle", "thread"]))
         igrad = draw(st.sampled_from(["gather", "fixed"]))  # the deterministic input gradient
+        transpose = draw(st.sampled_from(["sort", "rank"]))  # how the transposed map is made
+        slots = draw(st.sampled_from(["0", "1"]))  # the grid's row table: split, or pairs
+        tiles = draw(st.sampled_from(["0", "1"]))  # the one pass with clouds in shared memory
+        # its queries per block: each cloud's in one block, or in several
+        tile_queries = draw(st.sampled_from([_search.TILE_QUERIES, 5, 64]))
         # the map alone, or made after another dilation's in the same launches
         before = draw(st.sampled_from([(), (1,), (3, 2)]))
         # the maps' search: count + fill, or one pass with its scratch sized from every query,
@@ -1040,7 +1123,8 @@ def _emulate_property(be, max_examples: int = 80):
                                          (7, _search.CAPACITY_MARGIN, 0),
                                          (_search.CAPACITY_SAMPLE, 0.5, 0)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, (chunk, means_bytes), row_sort, (wgrad, loads, igrad, order), before, \
+            short, (chunk, means_bytes), (row_sort, slots, tiles, tile_queries), \
+            (wgrad, loads, igrad, order, transpose), before, \
             (passes, capacity, sort_lanes), draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
@@ -1048,8 +1132,8 @@ def _emulate_property(be, max_examples: int = 80):
     @given(cases())
     def check(case):
         (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, (chunk, means_bytes),
-         row_sort, (wgrad, loads, igrad, order), before, (passes, capacity, sort_lanes),
-         seed) = case
+         (row_sort, slots, tiles, tile_queries), (wgrad, loads, igrad, order, transpose), before,
+         (passes, capacity, sort_lanes), seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES = short, chunk, means_bytes
         os.environ[_search.MAP_PASSES_ENV] = passes
         _search.SORT_LANES = sort_lanes
@@ -1059,6 +1143,10 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ[_conv.ENTRIES_LOADS_ENV] = loads
         os.environ[_conv.INPUT_GRAD_ENV] = igrad
         os.environ[_conv.ENTRIES_ORDER_ENV] = order
+        os.environ[_conv.TRANSPOSE_ENV] = transpose
+        os.environ[_search.ROW_SLOTS_ENV] = slots
+        os.environ[_search.MAP_TILES_ENV] = tiles
+        _search.TILE_QUERIES = tile_queries
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
         q_off = None if queries is None else queries.offsets
@@ -1116,25 +1204,46 @@ def _emulate_property(be, max_examples: int = 80):
                 assert y_r.tobytes() == y.tobytes()
                 assert dx_r.tobytes() == dx.tobytes()
                 assert dw_r.tobytes() == dw.tobytes()
-                # the other way of loading the source rows: the same products, the same bits
-                os.environ[_conv.ENTRIES_LOADS_ENV] = \
-                    "broadcast" if loads == "shuffle" else "shuffle"
-                y_o = _conv.forward(be, km, x, w, c_out, depthwise)
-                dx_o = _conv.backward_input(be, km, dy, w, c_in, depthwise)
+                # the other ways of loading the source rows: the same products, the same bits
+                for other in {"broadcast", "shuffle", "thread"} - {loads}:
+                    os.environ[_conv.ENTRIES_LOADS_ENV] = other
+                    y_o = _conv.forward(be, km, x, w, c_out, depthwise)
+                    dx_o = _conv.backward_input(be, km, dy, w, c_in, depthwise)
+                    assert y_o.tobytes() == y.tobytes(), other
+                    assert dx_o.tobytes() == dx.tobytes(), other
                 os.environ[_conv.ENTRIES_LOADS_ENV] = loads
-                assert y_o.tobytes() == y.tobytes()
-                assert dx_o.tobytes() == dx.tobytes()
                 tr = _conv.transposed_rows(be, km, dtype)  # (point, row) ascending, any length
                 point = np.repeat(np.arange(len(p)), np.diff(tr["splits"]))
                 assert (np.diff(point * (m + 1) + tr["row"]) > 0).all()
+                # the other way of making it, on another schedule (the rank sort's atomic
+                # cursors then hand out other places): the same transposed map
+                other = {"sort": "rank", "rank": "sort"}[transpose]
+                os.environ[_conv.TRANSPOSE_ENV] = other
+                km._cache.pop(f"cuda_transposed_rows_{np.dtype(dtype).name}")
+                be.reversed = True
+                try:
+                    tr_o = _conv.transposed_rows(be, km, dtype)
+                finally:
+                    be.reversed = False
+                os.environ[_conv.TRANSPOSE_ENV] = transpose
+                for part in ("splits", "row", "cell", "weight"):
+                    assert tr_o[part].tobytes() == tr[part].tobytes(), (other, part)
+                # the one-thread-per-row kernels' version: counts n_i(f) in place of weights
+                km._cache.pop("cuda_transposed_counts", None)
+                tc = _conv.transposed_counts(be, km)
+                for part in ("splits", "row", "cell"):
+                    assert tc[part].tobytes() == tr[part].tobytes(), part
+                assert (dtype(1) / tc["count"].astype(dtype)).tobytes() == tr["weight"].tobytes()
         os.environ.pop(_conv.OPERATOR_ENV)
 
     default, default_chunk, default_means = _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES
     default_capacity = (_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK)
     default_sort_lanes = _search.SORT_LANES
+    default_tile_queries = _search.TILE_QUERIES
     try:
         check()
     finally:
+        _search.TILE_QUERIES = default_tile_queries
         _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES = \
             default, default_chunk, default_means
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
@@ -1146,16 +1255,19 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ.pop(_conv.ENTRIES_LOADS_ENV, None)
         os.environ.pop(_conv.INPUT_GRAD_ENV, None)
         os.environ.pop(_conv.ENTRIES_ORDER_ENV, None)
+        os.environ.pop(_conv.TRANSPOSE_ENV, None)
+        os.environ.pop(_search.ROW_SLOTS_ENV, None)
+        os.environ.pop(_search.MAP_TILES_ENV, None)
     return {"scenario": "property", "examples": max_examples}
 
 
-def _run_emulation(names, lib=None, defines=(), operator=True):
+def _run_emulation(names, lib=None, defines=(), operator=True, variants=OPERATOR_VARIANTS):
     with tempfile.TemporaryDirectory() as tmp:
         lib = lib or build_emulator(Path(tmp), defines)
         be = EmulatedBackend(lib)
         for name in names:
             report = _emulate_property(be) if name == "property" else \
-                _emulate_scenario(be, name, operator=operator)
+                _emulate_scenario(be, name, operator=operator, variants=variants)
             print(json.dumps(report), flush=True)
 
 
@@ -1183,23 +1295,54 @@ def test_emulated_kernels_match_oracles(emulator_lib, scenario):
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
-@pytest.mark.parametrize("batch", [4, 3, 8])
-def test_emulated_searches_with_other_row_batches(batch):
+@pytest.mark.parametrize("batch,slots,tiles", [(4, "0", "0"), (3, "1", "1"), (8, "0", "1"),
+                                               (1, "1", "0")])
+def test_emulated_searches_with_other_row_batches(batch, slots, tiles):
     """The grid rows a query visits are looked up PWCONV_CUDA_ROW_BATCH at a time (a tuning knob
     given to NVRTC as -D; 1 shipped): 4, 3 (batches cut mid-range) and 8 at a time give the
-    oracle's maps too, in the same order (the scenarios' searches, in a fresh process)."""
+    oracle's maps too, in the same order, and so does the row table laid out as (key, cells)
+    pairs (PWCONV_CUDA_ROW_SLOTS=1), one row or three at a time, and the one pass with each
+    cloud's coordinates in shared memory (PWCONV_CUDA_MAP_TILES=1) (the scenarios' searches, in
+    a fresh process)."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         pytest.skip(f"no host C++ compiler ({cxx}) to emulate the kernels")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--emulate",
            "random,lattice_s2,lattice_s3_k5,lattice_s4,queries,batch_empty_clouds",
-           "--searches-only", "--define", f"PWCONV_CUDA_ROW_BATCH={batch}"]
+           "--searches-only", "--define", f"PWCONV_CUDA_ROW_BATCH={batch}",
+           "--tile-queries", str(7 * batch)]  # several blocks per cloud
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(TESTS),
-                          check=False)
+                          check=False, env=dict(os.environ, PWCONV_CUDA_ROW_SLOTS=slots,
+                                                PWCONV_CUDA_MAP_TILES=tiles))
     assert proc.returncode == 0, (f"emulation with row batches of {batch} failed "
                                   f"(rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
                                   f"{proc.stderr[-8000:]}")
     assert proc.stdout.count('"scenario"') == 6, proc.stdout
+    # every scenario here has a row table and small clouds: where asked, the one pass (where a
+    # scenario's maps take it) is the tiled search, and some do
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if tiles == "1":
+        assert any(r["tiled_search"] for r in reports), reports
+        assert not any(r["once_search"] for r in reports), reports
+    else:
+        assert not any(r["tiled_search"] for r in reports), reports
+
+
+def test_emulated_weight_chunks_in_pieces():
+    """conv_weight_chunks sorts a chunk's entries by cell PWCONV_CUDA_CHUNK_ENTRIES at a time (a
+    -D knob, 1,024 shipped): 32 at a time, every chunk of the scenarios' maps in many pieces, the
+    weight gradient stays the oracle's (the one-thread-per-row variants, in a fresh process)."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no host C++ compiler ({cxx}) to emulate the kernels")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--emulate",
+           "random,long_rows", "--loads", "thread", "--define", "PWCONV_CUDA_CHUNK_ENTRIES=32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(TESTS),
+                          check=False)
+    assert proc.returncode == 0, (f"emulation with pieces of 32 entries failed "
+                                  f"(rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                                  f"{proc.stderr[-8000:]}")
+    assert proc.stdout.count('"scenario"') == 2, proc.stdout
 
 
 def test_gpu_switches_are_validated(monkeypatch):
@@ -1217,13 +1360,17 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_search.MAP_PASSES_ENV, _search.map_passes_mode, {"two": "two", " One": "one"},
              "one"),
             (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode,
-             {"cells": "cells", " Rows ": "rows", "MEANS": "means"}, "rows"),
+             {"cells": "cells", " Rows ": "rows", "MEANS": "means", "chunks": "chunks"}, "rows"),
             (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
-             {"shuffle": "shuffle", "broadcast": "broadcast"}, "broadcast"),
+             {"shuffle": "shuffle", "broadcast": "broadcast", "Thread": "thread"}, "broadcast"),
             (_conv.INPUT_GRAD_ENV, _conv.input_grad_mode, {"fixed": "fixed", "GATHER": "gather"},
              "gather"),
             (_conv.ENTRIES_ORDER_ENV, _conv.entries_order, {"cells": "cells", "Map": "map"},
-             "map")):
+             "map"),
+            (_conv.TRANSPOSE_ENV, _conv.transpose_mode, {"rank": "rank", "SORT": "sort"},
+             "sort"),
+            (_search.ROW_SLOTS_ENV, _search.row_slots_mode, {"1": True, "off": False}, False),
+            (_search.MAP_TILES_ENV, _search.map_tiles_mode, {"yes": True, "0": False}, False)):
         monkeypatch.delenv(env, raising=False)
         assert fn() == default, env
         for value, want in good.items():
@@ -1312,7 +1459,7 @@ def _assert_same_map(gk, ck, what):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("scenario", SCENARIOS)
-@pytest.mark.parametrize("row_sort", ["rank", "thread"])
+@pytest.mark.parametrize("row_sort", ["rank", "thread", "rank+tiles+slots"])
 def test_gpu_kernel_map_identical_to_cpu(scenario, row_sort, monkeypatch):
     import cupy
 
@@ -1320,7 +1467,10 @@ def test_gpu_kernel_map_identical_to_cpu(scenario, row_sort, monkeypatch):
     from pwconv_cy import cuda
     from pwconv_cy.cuda import _search
 
-    monkeypatch.setenv(_search.ROW_SORT_ENV, row_sort)
+    monkeypatch.setenv(_search.ROW_SORT_ENV, row_sort.split("+")[0])
+    if "tiles" in row_sort:  # the opt-in search kernel and row table layout
+        monkeypatch.setenv(_search.MAP_TILES_ENV, "1")
+        monkeypatch.setenv(_search.ROW_SLOTS_ENV, "1")
 
     rng = np.random.default_rng(sum(map(ord, scenario)))
     p, offsets, q, q_offsets, v, k, s = scenario_clouds(scenario, rng)
@@ -1365,7 +1515,7 @@ def test_gpu_kernel_map_identical_on_dyadic_lattice(kernel_size, dilation):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("way", ["one pass", "one pass, scratch short", "two passes",
-                                 "thread sort"])
+                                 "thread sort", "one pass, tiles and slots"])
 def test_gpu_kernel_map_identical_on_sphere_batch(way, monkeypatch):
     """The paper's layers on a batch of sphere clouds (one shared GPU index), the maps searched
     once (the scratch sized from a sample of every 4th query: 32,768 queries; or sized far too
@@ -1381,6 +1531,9 @@ def test_gpu_kernel_map_identical_on_sphere_batch(way, monkeypatch):
     monkeypatch.setenv(_search.MAP_PASSES_ENV, "two" if way == "two passes" else "one")
     if way == "one pass, scratch short":
         monkeypatch.setattr(_search, "CAPACITY_MARGIN", 0.5)
+    if way == "one pass, tiles and slots":  # kernel_map_tiled over the row table's pairs
+        monkeypatch.setenv(_search.MAP_TILES_ENV, "1")
+        monkeypatch.setenv(_search.ROW_SLOTS_ENV, "1")
 
     rng = np.random.default_rng(7)
     p = rng.standard_normal((16 * 2048, 3))
@@ -1439,8 +1592,9 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     """The GPU operator's switches for a test's scheme name: "auto", "rows", "bycell", or "auto-"
     with atomic (PWCONV_CUDA_DETERMINISTIC=0), cells (PWCONV_CUDA_WEIGHT_GRAD), shuffle
     (PWCONV_CUDA_ENTRIES_LOADS), fixed (PWCONV_CUDA_INPUT_GRAD), grouped
-    (PWCONV_CUDA_ENTRIES_ORDER=cells) or means (PWCONV_CUDA_WEIGHT_GRAD=means), several joined
-    by "+"."""
+    (PWCONV_CUDA_ENTRIES_ORDER=cells), means (PWCONV_CUDA_WEIGHT_GRAD=means), thread
+    (PWCONV_CUDA_ENTRIES_LOADS=thread), chunks (PWCONV_CUDA_WEIGHT_GRAD=chunks) or rank
+    (PWCONV_CUDA_TRANSPOSE=rank), several joined by "+"."""
     from pwconv_cy.cuda import _conv
 
     base, _, variants = scheme.partition("-")
@@ -1449,7 +1603,10 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
            "shuffle": (_conv.ENTRIES_LOADS_ENV, "shuffle"),
            "fixed": (_conv.INPUT_GRAD_ENV, "fixed"),
            "grouped": (_conv.ENTRIES_ORDER_ENV, "cells"),
-           "means": (_conv.WEIGHT_GRAD_ENV, "means")}
+           "means": (_conv.WEIGHT_GRAD_ENV, "means"),
+           "thread": (_conv.ENTRIES_LOADS_ENV, "thread"),
+           "chunks": (_conv.WEIGHT_GRAD_ENV, "chunks"),
+           "rank": (_conv.TRANSPOSE_ENV, "rank")}
     for variant in filter(None, variants.split("+")):
         monkeypatch.setenv(*env[variant])
 
@@ -1462,14 +1619,17 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells",
-                                    "auto-shuffle", "auto-fixed", "auto-grouped+means"])
+                                    "auto-shuffle", "auto-fixed", "auto-grouped+means",
+                                    "auto-thread+chunks+rank"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
     each operator scheme (auto takes "entries" up to 32 channels), with the opt-in atomic input
     gradient (PWCONV_CUDA_DETERMINISTIC=0), with the entries' weight gradient by cell
-    (PWCONV_CUDA_WEIGHT_GRAD=cells), shuffled source loads, the fixed-point input gradient and
-    the entries grouped by cell with the weight gradient by cell means (_set_scheme)."""
+    (PWCONV_CUDA_WEIGHT_GRAD=cells), shuffled source loads, the fixed-point input gradient,
+    the entries grouped by cell with the weight gradient by cell means, and one thread per row
+    with the weight gradient by chunks of rows sorted by cell and the transposed map by rank
+    sorts (_set_scheme)."""
     import cupy
 
     import pwconv_cy
@@ -1499,7 +1659,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-shuffle",
-                                    "auto-fixed", "auto-grouped+means"])
+                                    "auto-fixed", "auto-grouped+means", "auto-thread+chunks+rank"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -1696,7 +1856,8 @@ def test_gpu_real_lidar_tile_map_identical_to_cpu(shared_data):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-grouped+means"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-grouped+means",
+                                    "auto-thread+chunks+rank"])
 def test_gpu_real_modelnet_layers_match_cpu(shared_data, scheme, monkeypatch):
     """32 real ModelNet40 shapes (float16 as stored, dense (B, 1024, 3)) through the paper's four
     layers on the GPU: forward and both gradients equal to the CPU's within float32 rounding."""
@@ -1740,6 +1901,16 @@ if __name__ == "__main__":
                         help="NAME=VALUE given to the emulator's build as -D (tuning knobs)")
     parser.add_argument("--searches-only", action="store_true",
                         help="the scenarios' searches, not their operator")
+    parser.add_argument("--loads", default=None,
+                        help="only the operator variants with this PWCONV_CUDA_ENTRIES_LOADS")
+    parser.add_argument("--tile-queries", type=int, default=None,
+                        help="queries per block of kernel_map_tiled (_search.TILE_QUERIES)")
     opts = parser.parse_args()
+    if opts.tile_queries is not None:
+        from pwconv_cy.cuda import _search
+
+        _search.TILE_QUERIES = opts.tile_queries
     _run_emulation(SCENARIOS if opts.emulate == "all" else opts.emulate.split(","), opts.lib,
-                   opts.define, operator=not opts.searches_only)
+                   opts.define, operator=not opts.searches_only,
+                   variants=tuple(v for v in OPERATOR_VARIANTS
+                                  if opts.loads in (None, v[3])))

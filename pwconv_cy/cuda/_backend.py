@@ -80,6 +80,11 @@ def kernel_map_once_name(kernel_size: int) -> str:
     return f"kernel_map_once<{k}>"
 
 
+def kernel_map_tiled_name(kernel_size: int) -> str:
+    k = kernel_size if kernel_size in SPECIALISED_K else 0
+    return f"kernel_map_tiled<{k}>"
+
+
 def radius_name(fill: bool) -> str:
     return f"radius_pass<{int(fill)}>"
 
@@ -104,6 +109,16 @@ def conv_name(kernel: str, dtype) -> str:
     return f"{kernel}<{FLOAT_CTYPES[np.dtype(dtype)]}>"
 
 
+#: Outputs per thread (BM) of the one-thread-per-row kernels (conv_entries_thread,
+#: conv_weight_chunks): the smallest that holds the channels is used.
+THREAD_OUTPUTS = (8, 16, 32)
+
+
+def thread_name(kernel: str, dtype, outputs: int) -> str:
+    """A one-thread-per-row kernel (map cells uint8), templated on the float and BM."""
+    return f"{kernel}<{FLOAT_CTYPES[np.dtype(dtype)]}, unsigned char, {int(outputs)}>"
+
+
 def rows_name(kernel: str, dtype, cell_dtype) -> str:
     """A kernel of the "rows" operator scheme, templated on the float and the cell type."""
     return f"{kernel}<{FLOAT_CTYPES[np.dtype(dtype)]}, {CELL_CTYPES[np.dtype(cell_dtype)]}>"
@@ -123,10 +138,14 @@ CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_parti
 ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "permute_entries", "conv_entries",
                 "conv_entries_shuffle", "conv_entries_scatter", "conv_entries_fixed")
 
+#: Dynamic shared memory a launch may use without opting in (cudaFuncSetAttribute).
+DEFAULT_SHARED_BYTES = 48 * 1024
+
 #: Template instantiations requested from NVRTC (get_function needs these exact strings).
 NAME_EXPRESSIONS = tuple(
     [kernel_map_name(k, fill) for k in SPECIALISED_K + (0,) for fill in (False, True)]
     + [kernel_map_once_name(k) for k in SPECIALISED_K + (0,)]
+    + [kernel_map_tiled_name(k) for k in SPECIALISED_K + (0,)]
     + [radius_name(fill) for fill in (False, True)]
     + [split_name(dt) for dt in CELL_CTYPES]
     + [order_name(dt) for dt in CELL_CTYPES]
@@ -134,19 +153,23 @@ NAME_EXPRESSIONS = tuple(
     + [entry_counts_name(dt) for dt in CELL_CTYPES]
     + [conv_name(k, dt) for k in CONV_KERNELS for dt in FLOAT_CTYPES]
     + [rows_name(k, dt, ct) for k in ROWS_KERNELS for dt in FLOAT_CTYPES for ct in CELL_CTYPES]
+    + [thread_name(k, dt, bm) for k in ("conv_entries_thread", "conv_weight_chunks")
+       for dt in FLOAT_CTYPES for bm in THREAD_OUTPUTS]
     + [digest_name(dt) for dt in DIGEST_TYPES])
 
 #: Kernels declared extern "C" (looked up by their plain name).
 PLAIN_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "grid_cell_keys",
                  "grid_sorted_points", "grid_cells", "build_row_table", "expand_rows",
-                 "count_per_point", "kernel_axis_diffs", "sort_rows_by_rank")
+                 "count_per_point", "kernel_axis_diffs", "sort_rows_by_rank",
+                 "scatter_by_point")
 
 #: Kernels that use __syncthreads / __syncwarp / __shfl_sync (the host emulation runs them with
 #: real threads).
 BARRIER_KERNELS = ("cloud_lower_corner", "grid_cell_coords", "conv_gather_dense",
                    "conv_weight_partial_dense", "conv_rows", "conv_weight_rows",
                    "conv_weight_cells", "points_digest", "sum_partials",
-                   "conv_entries_shuffle", "kernel_map_once", "conv_groups")
+                   "conv_entries_shuffle", "kernel_map_once", "conv_groups",
+                   "conv_entries_thread", "conv_weight_chunks", "kernel_map_tiled")
 
 
 class CudaKernelError(RuntimeError):
@@ -261,6 +284,8 @@ class CupyBackend:
                                 f"{type(a).__name__} {a!r}; pass a NumPy scalar of the exact type")
         fn = self._function(self._cupy.cuda.Device().id, name)
         try:
+            if shared_mem > DEFAULT_SHARED_BYTES and fn.max_dynamic_shared_size_bytes < shared_mem:
+                fn.max_dynamic_shared_size_bytes = shared_mem  # beyond the default: opt in
             fn(grid, block, tuple(args), shared_mem=shared_mem)
         except Exception as exc:
             raise CudaKernelError(f"launching kernel {name} (grid {grid}, block {block}) failed: "
@@ -298,6 +323,10 @@ class CupyBackend:
 
     def device_memory_bytes(self) -> int:
         return int(self._cupy.cuda.Device().mem_info[1])
+
+    def max_shared_bytes(self) -> int:
+        """Dynamic shared memory a block of the current device can opt into."""
+        return int(self._cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
 
     def check_status(self, status, what: str) -> None:
         """Raise when a kernel flagged an inconsistency in its status word."""

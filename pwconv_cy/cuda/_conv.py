@@ -27,6 +27,13 @@ gradient added straight over the map with floating-point atomics (no transposed 
 ``PWCONV_CUDA_ENTRIES_ORDER=cells`` opts into conv_groups for the "entries" forward and input
 gradient: each row's entries grouped by cell (the map's row sort makes that order with the map),
 each cell's sources summed first and multiplied by its matrix once.
+Three more opt-ins for the "entries" scheme, written for the load pattern that bounds it (its
+lanes load each value at one address, so one load instruction serves few values):
+``PWCONV_CUDA_ENTRIES_LOADS=thread`` runs the forward and input gradient one thread per row
+(conv_entries_thread: vector loads of the source rows, the cell matrices in shared memory, the
+same bits), ``PWCONV_CUDA_WEIGHT_GRAD=chunks`` the weight gradient by chunks of rows whose entries
+are sorted by cell in shared memory (conv_weight_chunks), and ``PWCONV_CUDA_TRANSPOSE=rank``
+makes the transposed map by per-point rank sorts instead of one radix sort (the same map).
 
 The "by cell" kernels read the map "by cell": each row's entries ordered by (cell, index), so
 that every Omega_i(f) is one run (a counting sort per row, one thread per row).  The input gradient
@@ -41,7 +48,14 @@ import os
 
 import numpy as np
 
-from pwconv_cy.cuda._backend import conv_name, env_choice, order_name, rows_name
+from pwconv_cy.cuda._backend import (
+    THREAD_OUTPUTS,
+    conv_name,
+    env_choice,
+    order_name,
+    rows_name,
+    thread_name,
+)
 from pwconv_cy.cuda._search import THREADS, blocks, cell_bits_for, expand_rows
 
 __all__ = [
@@ -49,6 +63,8 @@ __all__ = [
     "backward_weight",
     "by_cell",
     "cell_entries",
+    "chunk_blocks",
+    "chunks_plan",
     "deterministic",
     "entries_loads",
     "entries_order",
@@ -60,8 +76,11 @@ __all__ = [
     "rows_per_partial",
     "rows_plan",
     "scheme_for",
+    "thread_plan",
+    "transpose_mode",
     "transposed",
     "transposed_by_cell",
+    "transposed_counts",
     "transposed_groups",
     "transposed_rows",
     "weight_grad_mode",
@@ -97,8 +116,11 @@ DETERMINISTIC_ENV = "PWCONV_CUDA_DETERMINISTIC"
 #: (conv_weight_cells over the entries sorted by cell) or "means" (opt-in, dense layers: every
 #: row's cell means written out by cell_means, a chunk of rows at a time, then one matrix
 #: product means^T dy per chunk, added in chunk order).  Same results to rounding.
+#: "chunks" (opt-in): conv_weight_chunks, one thread per (cell, input channel) adding its cell's
+#: entries of a chunk of rows, sorted by cell in shared memory, in registers (see
+#: chunks_plan for where it applies; elsewhere the default).
 WEIGHT_GRAD_ENV = "PWCONV_CUDA_WEIGHT_GRAD"
-WEIGHT_GRAD_MODES = ("rows", "cells", "means")
+WEIGHT_GRAD_MODES = ("rows", "cells", "means", "chunks")
 #: Bytes of cell means held at once by the "means" weight gradient (rows per chunk follow from
 #: the sizes alone, so the order of the additions never depends on the device).
 MEANS_BYTES = 256 * 1024 * 1024
@@ -112,20 +134,72 @@ MEANS_BYTES = 256 * 1024 * 1024
 INPUT_GRAD_ENV = "PWCONV_CUDA_INPUT_GRAD"
 
 
+#: How transposed_rows puts the map's entries in point order: "sort" (default: one stable radix
+#: sort of the entries by point) or "rank" (opt-in: each entry scattered into its point's segment
+#: by an integer atomic cursor, then every segment sorted by rank (sort_rows_by_rank; segments
+#: longer than _search.SHORT_ROW by one global sort, which costs a host synchronisation to know
+#: of).  The same transposed map either way.
+TRANSPOSE_ENV = "PWCONV_CUDA_TRANSPOSE"
+
+
+def transpose_mode() -> str:
+    """PWCONV_CUDA_TRANSPOSE: "sort" (default) or "rank"."""
+    return env_choice(TRANSPOSE_ENV, ("sort", "rank"), "sort")
+
+
 def input_grad_mode() -> str:
     """PWCONV_CUDA_INPUT_GRAD: "gather" (default) or "fixed"."""
     return env_choice(INPUT_GRAD_ENV, ("gather", "fixed"), "gather")
 
 
 #: How conv_entries' lanes get a source row: "broadcast" (default: every lane loads each value,
-#: the row's lanes at one address) or "shuffle" (each lane loads one value, the lanes exchange
-#: them with __shfl_sync; dense products with no more source than output channels).  Same bits.
+#: the row's lanes at one address), "shuffle" (each lane loads one value, the lanes exchange
+#: them with __shfl_sync; dense products with no more source than output channels) or "thread"
+#: (conv_entries_thread: one thread per row forms all its outputs from 16-byte vector loads of
+#: the source rows and the cell matrices in shared memory, where thread_plan allows).  Same bits.
 ENTRIES_LOADS_ENV = "PWCONV_CUDA_ENTRIES_LOADS"
+
+#: conv_entries_thread's shared copy of the cell matrices (kernels.cu's
+#: PWCONV_CUDA_THREAD_MATS_BYTES) and conv_weight_chunks' sizes (PWCONV_CUDA_CHUNK_ROWS,
+#: _CHUNK_MAX_CELLS): keep in step.
+THREAD_MATS_BYTES = 32768
+CHUNK_ROWS = 64
+CHUNK_MAX_CELLS = 64
+#: Blocks of conv_weight_chunks at most (each adds a fixed run of chunks; a constant, so the
+#: summation order never depends on the device).
+CHUNK_BLOCKS = 2048
 
 
 def entries_loads() -> str:
-    """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default) or "shuffle"."""
-    return env_choice(ENTRIES_LOADS_ENV, ("broadcast", "shuffle"), "broadcast")
+    """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default), "shuffle" or "thread"."""
+    return env_choice(ENTRIES_LOADS_ENV, ("broadcast", "shuffle", "thread"), "broadcast")
+
+
+def _thread_outputs(n: int):
+    """The smallest BM of the one-thread-per-row kernels holding n outputs, or None."""
+    return next((bm for bm in THREAD_OUTPUTS if n <= bm), None)
+
+
+def thread_plan(n_cells: int, a: int, b: int, itemsize: int, depthwise: bool, cell_dtype):
+    """BM of conv_entries_thread summing `a` source channels per cell into `b` outputs, or None
+    where it does not apply: map cells wider than uint8, more than 32 outputs, or cell matrices
+    beyond its shared copy (THREAD_MATS_BYTES)."""
+    per_cell = a if depthwise else a * b
+    if np.dtype(cell_dtype) != np.uint8 or n_cells * per_cell * itemsize > THREAD_MATS_BYTES:
+        return None
+    return _thread_outputs(b)
+
+
+def chunks_plan(n_cells: int, a: int, b: int, depthwise: bool, cell_dtype):
+    """(BM, threads per block) of conv_weight_chunks, or None where it does not apply: map cells
+    wider than uint8 or more than CHUNK_MAX_CELLS, more than 32 channels, or more (cell, input
+    channel) pairs than a block's 1,024 threads."""
+    bm = 8 if depthwise else _thread_outputs(b)
+    n_pairs = n_cells * a
+    if (np.dtype(cell_dtype) != np.uint8 or n_cells > CHUNK_MAX_CELLS or bm is None or a > 32
+            or n_pairs > 1024):
+        return None
+    return bm, max(128, -(-n_pairs // 32) * 32)
 
 
 #: In which order the "entries" scheme's forward and deterministic input gradient read a row:
@@ -143,7 +217,7 @@ def entries_order() -> str:
 
 
 def weight_grad_mode() -> str:
-    """PWCONV_CUDA_WEIGHT_GRAD: "rows" (default), "cells" or "means".
+    """PWCONV_CUDA_WEIGHT_GRAD: "rows" (default), "cells", "means" or "chunks".
 
     "rows" reads the map in its own order, a block of rows at a time, and needs no sorted copy
     of the map: on an H200 (paper workload, 19:42 run of 2026-11-26) it took 0.31-0.41 ms of wall
@@ -246,15 +320,37 @@ def _per_point(be, km):
     return per_point
 
 
-def _point_splits(be, km):
-    """(n+1,) int64: where each point's entries start in the transposed map (_per_point, then a
-    scan)."""
+def _point_splits(be, km, per_point=None):
+    """(n+1,) int64: where each point's entries start in the transposed map (_per_point, or the
+    given counts, then a scan)."""
     xp = be.xp
     n = km.n_points
     tsplits = xp.zeros(n + 1, dtype=xp.int64)
     if n:
-        tsplits[1:] = xp.cumsum(_per_point(be, km), dtype=xp.int64)
+        tsplits[1:] = xp.cumsum(_per_point(be, km) if per_point is None else per_point,
+                                dtype=xp.int64)
     return tsplits
+
+
+def _order_by_point_rank(be, km, per_point, tsplits):
+    """order (E,) int64: the map's entries ordered by point, rows ascending within each (entry
+    numbers ascend with the rows, and a row names a point once): scatter_by_point puts every
+    entry's number in its point's segment, sort_rows_by_rank sorts the segments of at most
+    SHORT_ROW entries, one global sort the longer ones."""
+    from pwconv_cy.cuda import _search
+
+    xp = be.xp
+    n_entries = int(km.index.shape[0])
+    cursor = xp.zeros(km.n_points, dtype=xp.int32)
+    scattered = xp.empty(max(n_entries, 1), dtype=xp.int64)
+    be.launch("scatter_by_point", (blocks(n_entries),), (THREADS,),
+              (i64(n_entries), km.index, tsplits, cursor, scattered))
+    del cursor
+    order, _, _ = _search._rank_sort(be, tsplits, scattered, None, n_entries)
+    del scattered
+    if n_entries and int(be.to_host(per_point.max())) > _search.SHORT_ROW:
+        order = _search._sort_long_rows(be, tsplits, order, max(1, n_entries).bit_length())
+    return order
 
 
 def _order_by_point_cell(be, km):
@@ -358,20 +454,24 @@ def cell_entries(be, km, dtype) -> dict:
     return km._cache[key]
 
 
-def _permute_entries(be, km, dtype, order, with_col: bool):
+def _permute_entries(be, km, dtype, order, with_col: bool, with_counts: bool = False):
     """(row, col or None, cell, weight) of the map's entries taken in `order` (permute_entries:
-    one kernel; rows from the map's cached row_of, weights from entry_weights)."""
+    one kernel; rows from the map's cached row_of, weights from entry_weights) -- with_counts:
+    their n_i(f) (entry_counts, int32) in place of the weights."""
     xp = be.xp
     n_entries = int(order.shape[0])
-    weight = entry_weights(be, km, dtype)
+    counts = entry_counts(be, km) if with_counts else xp.empty(1, dtype=xp.int32)
+    weight = xp.empty(1, dtype=dtype) if with_counts else entry_weights(be, km, dtype)
     row = xp.empty(n_entries, dtype=xp.int64)
     col = xp.empty(n_entries if with_col else 1, dtype=xp.int64)
     cell = xp.empty(n_entries, dtype=km.cell.dtype)
-    w = xp.empty(n_entries, dtype=dtype)
+    w = xp.empty(1 if with_counts else n_entries, dtype=dtype)
+    out_counts = xp.empty(n_entries if with_counts else 1, dtype=xp.int32)
     be.launch(rows_name("permute_entries", dtype, km.cell.dtype), (blocks(n_entries),),
               (THREADS,), (i64(n_entries), order, _row_of(be, km), km.index, km.cell, weight,
-                           i32(1 if with_col else 0), row, col, cell, w))
-    return row, (col if with_col else None), cell, w
+                           counts, i32(1 if with_col else 0), i32(0 if with_counts else 1),
+                           i32(1 if with_counts else 0), row, col, cell, w, out_counts))
+    return row, (col if with_col else None), cell, (out_counts if with_counts else w)
 
 
 def _cell_chunk(n_entries: int, n_cells: int, n_vals: int, itemsize: int) -> int:
@@ -392,17 +492,42 @@ def transposed_rows(be, km, dtype) -> dict:
     whatever the schedule."""
     key = f"cuda_transposed_rows_{np.dtype(dtype).name}"
     if key not in km._cache:
-        xp = be.xp
-        n = km.n_points
-        # 32-bit keys when the points allow: a radix sort of half the passes
-        point = km.index.astype(xp.uint32) if n <= np.iinfo(np.uint32).max else km.index
-        order = xp.ascontiguousarray(be.argsort(point), dtype=xp.int64)  # stable
-        del point
+        tsplits, order = _transposed_order(be, km)
         trow, _, tcell, tw = _permute_entries(be, km, dtype, order, with_col=False)
         del order
-        km._cache[key] = {"splits": _point_splits(be, km), "row": trow, "cell": tcell,
-                          "weight": tw}
+        km._cache[key] = {"splits": tsplits, "row": trow, "cell": tcell, "weight": tw}
     return km._cache[key]
+
+
+def transposed_counts(be, km) -> dict:
+    """transposed_rows with each entry's n_i(f) (int32, "count") in place of its weight: the
+    one-thread-per-row input gradient (conv_entries_thread) forms 1 / n_i(f) itself, so no
+    weights are made.  Cached on the map."""
+    if "cuda_transposed_counts" not in km._cache:
+        tsplits, order = _transposed_order(be, km)
+        trow, _, tcell, tcount = _permute_entries(be, km, np.float32, order, with_col=False,
+                                                  with_counts=True)
+        del order
+        km._cache["cuda_transposed_counts"] = {"splits": tsplits, "row": trow, "cell": tcell,
+                                               "count": tcount}
+    return km._cache["cuda_transposed_counts"]
+
+
+def _transposed_order(be, km):
+    """(splits (n+1,) int64, order (E,) int64) of the transposed map: where each point's entries
+    start, and the map's entries ordered by point, rows ascending within each (one stable radix
+    sort by point, or with PWCONV_CUDA_TRANSPOSE=rank per-point rank sorts)."""
+    xp = be.xp
+    n = km.n_points
+    if transpose_mode() == "rank":
+        per_point = _per_point(be, km)
+        tsplits = _point_splits(be, km, per_point)
+        return tsplits, _order_by_point_rank(be, km, per_point, tsplits)
+    # 32-bit keys when the points allow: a radix sort of half the passes
+    point = km.index.astype(xp.uint32) if n <= np.iinfo(np.uint32).max else km.index
+    order = xp.ascontiguousarray(be.argsort(point), dtype=xp.int64)  # stable
+    del point
+    return _point_splits(be, km), order
 
 
 def transposed(be, km):
@@ -465,6 +590,31 @@ def _entries_launch(be, kernel, dtype, rows, splits, col, cell, weight, src, a, 
                i32(1 if depthwise else 0), out))
 
 
+def _thread_bm(km, a: int, b: int, itemsize: int, depthwise: bool):
+    """BM of conv_entries_thread for this product where PWCONV_CUDA_ENTRIES_LOADS=thread asks for
+    it and thread_plan allows, else None."""
+    if entries_loads() != "thread":
+        return None
+    return thread_plan(km.kernel_size ** 3, a, b, itemsize, depthwise, km.cell.dtype)
+
+
+def _entries_thread_launch(be, dtype, rows, splits, col, cell, counts, src, a, M, n_cells, b,
+                           depthwise, bm, out):
+    """conv_entries_thread: one thread per row, each entry's weight 1 / n_i(f) from its count;
+    the source rows padded to 16 bytes (a copy where `a` values are not a multiple of that) for
+    its vector loads."""
+    xp = be.xp
+    per_vector = 16 // src.dtype.itemsize
+    lda = -(-a // per_vector) * per_vector
+    if lda != a:
+        padded = xp.zeros((int(src.shape[0]), lda), dtype=src.dtype)
+        padded[:, :a] = src
+        src = padded
+    be.launch(thread_name("conv_entries_thread", dtype, bm), (blocks(rows),), (THREADS,),
+              (i64(rows), splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M,
+               i32(n_cells), i32(b), i32(1 if depthwise else 0), out))
+
+
 def _groups_launch(be, dtype, rows, splits, keys, kernel_size, weight, src, a, M, b, depthwise,
                    out):
     """conv_groups: max(a, b) lanes per row, rounded up to a power of two (_group); weight None:
@@ -491,6 +641,11 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
     if scheme == "entries" and entries_order() == "cells":  # each cell's mean, then W_f
         _groups_launch(be, x.dtype, m, km.splits, grouped_keys(be, km), km.kernel_size, None, x,
                        c_in, w, c_out, depthwise, y)
+        return y
+    bm = _thread_bm(km, c_in, c_out, x.dtype.itemsize, depthwise) if scheme == "entries" else None
+    if bm is not None:  # one thread per row (opt-in)
+        _entries_thread_launch(be, x.dtype, m, km.splits, km.index, km.cell, entry_counts(be, km),
+                               x, c_in, w, n_cells, c_out, depthwise, bm, y)
         return y
     if scheme == "entries":  # W as it is, (K^3, c_in, c_out): a row's lanes read along c_out
         _entries_launch(be, "conv_entries", x.dtype, m, km.splits, km.index, km.cell,
@@ -535,6 +690,12 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
             tg = transposed_groups(be, km, dy.dtype)
             _groups_launch(be, dy.dtype, n, tg["splits"], tg["keys"], km.kernel_size,
                            tg["weight"], dy, c_out, M, c_in, depthwise, dx)
+            return dx
+        bm = _thread_bm(km, c_out, c_in, dy.dtype.itemsize, depthwise)
+        if bm is not None:  # one thread per row (opt-in), over the transposed map's counts
+            tc = transposed_counts(be, km)
+            _entries_thread_launch(be, dy.dtype, n, tc["splits"], tc["row"], tc["cell"],
+                                   tc["count"], dy, c_out, M, n_cells, c_in, depthwise, bm, dx)
             return dx
         tr = transposed_rows(be, km, dy.dtype)
         _entries_launch(be, "conv_entries", dy.dtype, n, tr["splits"], tr["row"], tr["cell"],
@@ -595,6 +756,10 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
         return dw
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
     plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
+    chunks = chunks_plan(n_cells, c_in, c_out, depthwise, km.cell.dtype)
+    if scheme == "entries" and weight_grad_mode() == "chunks" and chunks is not None:
+        _weight_by_chunks(be, km, x, dy, c_in, c_out, depthwise, chunks, dw)
+        return dw
     if scheme == "entries" and not depthwise and weight_grad_mode() == "means":
         _weight_by_means(be, km, x, dy, c_in, c_out, dw)
         return dw
@@ -659,6 +824,32 @@ def _weight_by_means(be, km, x, dy, c_in, c_out, dw) -> None:
         total = part if total is None else total + part
         del means
     dw[...] = xp.ascontiguousarray(total).reshape(-1)
+
+
+def chunk_blocks(m: int, w_size: int, itemsize: int) -> tuple:
+    """(blocks, chunks per block) of conv_weight_chunks over m rows: CHUNK_BLOCKS blocks at most,
+    fewer where their partial sums would exceed PARTIAL_BYTES.  Sizes only: the summation order
+    never depends on the device."""
+    n_chunks = -(-m // CHUNK_ROWS)
+    most = max(1, min(CHUNK_BLOCKS, PARTIAL_BYTES // max(1, w_size * itemsize)))
+    per_block = -(-n_chunks // most)
+    return -(-n_chunks // per_block), per_block
+
+
+def _weight_by_chunks(be, km, x, dy, c_in, c_out, depthwise, plan, dw) -> None:
+    """dw = conv_weight_chunks' block partials (each block's run of chunks of rows, every entry's
+    product added by its (cell, input channel) thread in map order), then sum_partials in block
+    order.  Each entry's weight 1 / n_i(f) made in the kernel from its count (entry_counts)."""
+    bm, threads = plan
+    m = km.n_queries
+    n_cells = km.kernel_size ** 3
+    w_size = int(dw.shape[0])
+    n_blocks, per_block = chunk_blocks(m, w_size, x.dtype.itemsize)
+    partial = be.xp.empty(n_blocks * w_size, dtype=x.dtype)
+    be.launch(thread_name("conv_weight_chunks", x.dtype, bm), (n_blocks,), (threads,),
+              (i64(m), km.splits, km.index, km.cell, entry_counts(be, km), i32(1), i32(n_cells),
+               x, i32(c_in), dy, i32(c_out), i32(1 if depthwise else 0), i64(per_block), partial))
+    _sum_partials(be, n_blocks, w_size, partial, dw)
 
 
 def _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw) -> None:

@@ -6,7 +6,9 @@ scratch buffer (sized from a count over a sample of the queries, so no buffer is
 queries x neighbours); the scan of the counts gives the CSR, and sort_rows_by_rank moves each row
 into place sorted.  Where the scratch estimate falls short or a row exceeds SHORT_ROW, the counts
 are already exact and the fill pass runs as in "two" (count pass, scan, fill pass).  The radius
-search counts and fills.
+search counts and fills.  Opt-in, for timing on a GPU: PWCONV_CUDA_MAP_TILES=1 (the one pass
+with each cloud's coordinates in shared memory, kernel_map_tiled) and PWCONV_CUDA_ROW_SLOTS=1
+(the row table as (key, cells) pairs); the same maps either way.
 
 Works on canonical arrays (validated by the caller) through a backend (``_backend.py``): ``be.xp``
 is the array module, ``be.launch`` runs a kernel of kernels.cu.  The results are the CPU's, bit for
@@ -32,6 +34,7 @@ from pwconv_cy.cuda._backend import (
     env_choice,
     kernel_map_name,
     kernel_map_once_name,
+    kernel_map_tiled_name,
     radius_name,
     split_name,
 )
@@ -53,6 +56,19 @@ __all__ = [
 #: PWCONV_CUDA_ROW_TABLE=0 finds grid rows by binary search instead of the hash table (for
 #: comparisons: the results are the same).
 ROW_TABLE_ENV = "PWCONV_CUDA_ROW_TABLE"
+#: PWCONV_CUDA_ROW_SLOTS=1 (opt-in) lays the grid's row table out as (key, the row's cells)
+#: pairs: one 16-byte load per probe instead of the key, the row and its first and end cells
+#: (four dependent loads).  The same maps; read when a grid is built.
+ROW_SLOTS_ENV = "PWCONV_CUDA_ROW_SLOTS"
+
+
+def row_slots_mode() -> bool:
+    """True when PWCONV_CUDA_ROW_SLOTS asks for the pairs layout of the row table (1 / true /
+    yes / on; 0 / false / no / off or unset: the split layout)."""
+    value = os.environ.get(ROW_SLOTS_ENV, "0").strip().lower() or "0"
+    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"{ROW_SLOTS_ENV} must be 0 (the default) or 1, got {value!r}")
+    return value in ("1", "true", "yes", "on")
 #: How the fill passes' short rows are sorted: "rank" (default: sort_rows_by_rank, a warp per
 #: row, after the fill) or "thread" (each fill thread sorts its own row in place).  Same results.
 ROW_SORT_ENV = "PWCONV_CUDA_ROW_SORT"
@@ -74,6 +90,25 @@ MAP_PASSES_ENV = "PWCONV_CUDA_MAP_PASSES"
 def map_passes_mode() -> str:
     """PWCONV_CUDA_MAP_PASSES: "one" (default) or "two"."""
     return env_choice(MAP_PASSES_ENV, ("one", "two"), "one")
+
+
+#: PWCONV_CUDA_MAP_TILES=1 (opt-in) runs the one-pass search as kernel_map_tiled: a block per
+#: (cloud, run of TILE_QUERIES queries, map), its cloud's coordinates copied to shared memory
+#: first, where the clouds' coordinates fit a block's shared memory and the grid has its row
+#: table.  The same maps.
+MAP_TILES_ENV = "PWCONV_CUDA_MAP_TILES"
+#: Threads per block of kernel_map_tiled (its __launch_bounds__) and queries per block.
+TILE_THREADS = 256
+TILE_QUERIES = 512
+
+
+def map_tiles_mode() -> bool:
+    """True when PWCONV_CUDA_MAP_TILES asks for kernel_map_tiled (1 / true / yes / on; 0 / false /
+    no / off or unset: kernel_map_once)."""
+    value = os.environ.get(MAP_TILES_ENV, "0").strip().lower() or "0"
+    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"{MAP_TILES_ENV} must be 0 (the default) or 1, got {value!r}")
+    return value in ("1", "true", "yes", "on")
 
 
 #: One-pass maps: the scratch buffer is sized from a count pass over about this many queries
@@ -147,6 +182,7 @@ class DeviceGrid:
     table_keys: object = None
     table_rows: object = None
     table_bits: int = 0
+    table_slots: int = 0  # 1: table_keys holds (key, the row's cells) pairs (ROW_SLOTS_ENV)
 
     @property
     def n_cells(self) -> int:
@@ -164,7 +200,8 @@ class DeviceGrid:
         return (self.x, self.y, self.z, self.order, self.cell_start, self.cell_x, self.cell_y,
                 self.cell_z, self.cloud_cell_begin, self.origin, f64(self.cell_size),
                 f64(self.inv_cell_size), i64(self.cmax[0]), i64(self.cmax[1]), i64(self.cmax[2]),
-                self.row_cell_begin, self.table_keys, self.table_rows, i32(self.table_bits))
+                self.row_cell_begin, self.table_keys, self.table_rows, i32(self.table_bits),
+                i32(self.table_slots))
 
 
 def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
@@ -229,32 +266,36 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
         offsets_dev=offsets_dev, x=x, y=y, z=z, order=order, cell_start=cell_start,
         cell_x=cell_x, cell_y=cell_y, cell_z=cell_z,
         cloud_cell_begin=xp.ascontiguousarray(cloud_cell_begin), origin=origin, cmax=cmax,
-        row_cell_begin=rows[0], table_keys=rows[1], table_rows=rows[2], table_bits=rows[3])
+        row_cell_begin=rows[0], table_keys=rows[1], table_rows=rows[2], table_bits=rows[3],
+        table_slots=rows[4])
 
 
 def _no_row_table(xp) -> tuple:
     """The row fields of a grid without a hash table (placeholders the kernels never read)."""
     return (xp.zeros(1, dtype=xp.int64), xp.zeros(1, dtype=xp.uint64),
-            xp.zeros(1, dtype=xp.int64), 0)
+            xp.zeros(1, dtype=xp.int64), 0, 0)
 
 
 def _row_table(be, new_row, cell_cloud, cell_z, cell_y, cmax) -> tuple:
-    """(row_cell_begin (n_rows + 1,), table_keys, table_rows, table_bits): the grid rows
-    (cloud, cz, cy) -- runs of consecutive cells, which are sorted by (cloud, cz, cy, cx); new_row
-    marks each run's first cell -- and a hash table with at least twice as many slots as rows
-    (O(points) memory)."""
+    """(row_cell_begin (n_rows + 1,), table_keys, table_rows, table_bits, table_slots): the grid
+    rows (cloud, cz, cy) -- runs of consecutive cells, which are sorted by (cloud, cz, cy, cx);
+    new_row marks each run's first cell -- and a hash table with at least twice as many slots as
+    rows (O(points) memory): keys and rows apart, or (PWCONV_CUDA_ROW_SLOTS=1, fewer than 2^32
+    cells) each key beside its row's cells."""
     xp = be.xp
     n_cells = int(cell_z.shape[0])
     first = xp.flatnonzero(new_row).astype(xp.int64, copy=False)
     n_rows = int(first.shape[0])
     row_cell_begin = xp.concatenate([first, xp.full(1, n_cells, dtype=xp.int64)])
     table_bits = max(4, (2 * n_rows - 1).bit_length())
-    table_keys = xp.full(1 << table_bits, np.uint64(np.iinfo(np.uint64).max), dtype=xp.uint64)
-    table_rows = xp.empty(1 << table_bits, dtype=xp.int64)
+    slots = row_slots_mode() and n_cells < (1 << 32)
+    table_keys = xp.full((2 if slots else 1) << table_bits, np.uint64(np.iinfo(np.uint64).max),
+                         dtype=xp.uint64)
+    table_rows = xp.empty(1 if slots else 1 << table_bits, dtype=xp.int64)
     be.launch("build_row_table", (blocks(n_rows),), (THREADS,),
               (i64(n_rows), row_cell_begin, cell_cloud, cell_z, cell_y, i64(cmax[1]),
-               i64(cmax[2]), i32(table_bits), table_keys, table_rows))
-    return row_cell_begin, table_keys, table_rows, table_bits
+               i64(cmax[2]), i32(table_bits), i32(int(slots)), table_keys, table_rows))
+    return row_cell_begin, table_keys, table_rows, table_bits, int(slots)
 
 
 def points_digest(be, points, offsets) -> tuple[str, int]:
@@ -462,7 +503,8 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     if m and map_passes_mode() == "one" and row_sort_mode() == "rank":
         capacity = _scratch_capacity(be, k, head, n_maps)
         if capacity is not None and pair_bytes * capacity + counts_bytes <= budget:
-            once = _search_once(be, k, head, grid_dim, rows, capacity)
+            tiles = _tile_plan(be, grid, query_offsets if queries is not None else grid.offsets)
+            once = _search_once(be, k, head, grid_dim, rows, capacity, tiles)
     if once is not None:
         row_len, row_at, scratch, overflow = once
         splits, firsts, longest, overflow = _scan(be, row_len, every=m, flag=overflow)
@@ -547,17 +589,39 @@ def _scratch_capacity(be, k: int, head: tuple, n_maps: int):
     return int(estimate * float(CAPACITY_MARGIN)) + int(CAPACITY_SLACK)
 
 
-def _search_once(be, k: int, head: tuple, grid_dim: tuple, rows: int, capacity: int):
-    """Launches kernel_map_once: (row_len (rows,), row_at (rows,), scratch (capacity,) int64,
-    status), all on the device (see kernels.cu)."""
+def _tile_plan(be, grid: DeviceGrid, query_offsets):
+    """(points per tile, blocks per cloud) of kernel_map_tiled, or None where it is not asked for
+    (PWCONV_CUDA_MAP_TILES) or does not apply: no row table, or the largest cloud's coordinates
+    (24 bytes a point) beyond a block's shared memory.  query_offsets: host row splits of the
+    queries by cloud."""
+    if not map_tiles_mode() or grid.table_bits == 0 or grid.n_clouds == 0:
+        return None
+    largest = int(np.diff(np.asarray(grid.offsets)).max())
+    if 24 * max(largest, 1) > be.max_shared_bytes():
+        return None
+    most_queries = int(np.diff(np.asarray(query_offsets, dtype=np.int64)).max())
+    return max(largest, 1), max(1, -(-most_queries // TILE_QUERIES))
+
+
+def _search_once(be, k: int, head: tuple, grid_dim: tuple, rows: int, capacity: int,
+                 tiles=None):
+    """Launches kernel_map_once, or kernel_map_tiled with tiles (_tile_plan): (row_len (rows,),
+    row_at (rows,), scratch (capacity,) int64, status), all on the device (see kernels.cu)."""
     xp = be.xp
     row_len = xp.empty(rows, dtype=xp.int64)
     row_at = xp.empty(rows, dtype=xp.int64)
     scratch = xp.empty(max(int(capacity), 1), dtype=xp.int64)
     cursor = xp.zeros(1, dtype=xp.uint64)
     status = xp.zeros(1, dtype=xp.int32)
-    be.launch(kernel_map_once_name(k), grid_dim, (SEARCH_THREADS,),
-              head + (row_len, row_at, scratch, i64(capacity), cursor, i64(SHORT_ROW), status))
+    tail = (row_len, row_at, scratch, i64(capacity), cursor, i64(SHORT_ROW), status)
+    if tiles is None:
+        be.launch(kernel_map_once_name(k), grid_dim, (SEARCH_THREADS,), head + tail)
+    else:
+        tile_points, per_cloud = tiles
+        n_clouds = int(head[6])
+        be.launch(kernel_map_tiled_name(k), (n_clouds * per_cloud, grid_dim[1]), (TILE_THREADS,),
+                  head + tail + (i64(tile_points), i64(per_cloud), i64(TILE_QUERIES)),
+                  shared_mem=24 * tile_points)
     return row_len, row_at, scratch, status
 
 

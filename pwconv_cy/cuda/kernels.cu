@@ -90,6 +90,13 @@ struct GridView {
     const unsigned long long* table_keys;  // (2^table_bits,) row key, or ~0: empty slot
     const i64* table_rows;        // (2^table_bits,) the row of the slot's key
     int table_bits;
+    // table_slots != 0 (PWCONV_CUDA_ROW_SLOTS=1): table_keys holds (2^table_bits, 2) pairs, the
+    // row key and the row's cells (first << 32 | end), one 16-byte load per probe where the
+    // split layout takes the key, the row, then its first and end cells (table_rows unused).
+    int table_slots;
+    // x, y and z of sorted point p are at x[p - point_base] (0; kernel_map_tiled: its cloud's
+    // first sorted point, x / y / z then in shared memory).
+    i64 point_base;
 };
 
 #define PWCONV_CUDA_EMPTY_SLOT 0xFFFFFFFFFFFFFFFFull
@@ -98,6 +105,14 @@ struct GridView {
 __device__ __forceinline__ unsigned long long row_key(i64 cloud, i64 cz, i64 cy, i64 cmax_y,
                                                       i64 cmax_z) {
     return (unsigned long long)((cloud * (cmax_z + 1) + cz) * (cmax_y + 1) + cy);
+}
+
+/// Slot h of the pairs layout (table_slots): its key and the row's cells (first << 32 | end).
+__device__ __forceinline__ void load_slot(const unsigned long long* slots, unsigned long long h,
+                                          unsigned long long& key, unsigned long long& cells) {
+    const ulonglong2 kv = *reinterpret_cast<const ulonglong2*>(slots + 2 * h);
+    key = kv.x;
+    cells = kv.y;
 }
 
 /// Home slot of a row key: multiplicative hashing, the top table_bits bits.
@@ -243,7 +258,7 @@ __device__ __forceinline__ void for_each_run(const GridView& g, i64 cloud, const
                     cy = ry.first[ky];
                 }
             }
-            unsigned long long key[B], slot[B], found[B];
+            unsigned long long key[B], slot[B], found[B], cells[B];
             i64 row[B], lo[B], hi[B];
 #pragma unroll
             for (int i = 0; i < B; ++i) {  // the home slots' keys: independent loads
@@ -251,7 +266,10 @@ __device__ __forceinline__ void for_each_run(const GridView& g, i64 cloud, const
                 if (i < nb) {
                     key[i] = row_key(cloud, bz[i], by[i], g.cmax[1], g.cmax[2]);
                     slot[i] = row_slot(key[i], g.table_bits);
-                    found[i] = g.table_keys[slot[i]];
+                    if (g.table_slots)
+                        load_slot(g.table_keys, slot[i], found[i], cells[i]);
+                    else
+                        found[i] = g.table_keys[slot[i]];
                 }
             }
 #pragma unroll
@@ -260,17 +278,26 @@ __device__ __forceinline__ void for_each_run(const GridView& g, i64 cloud, const
                 // a collision (rare at load <= 1/2): probe on, one slot after the other
                 for (unsigned long long h = slot[i];;) {
                     if (found[i] == key[i]) {
-                        row[i] = g.table_rows[h];
+                        if (g.table_slots) {  // the row's cells came with the key
+                            row[i] = 0;
+                            lo[i] = (i64)(cells[i] >> 32);
+                            hi[i] = (i64)(cells[i] & 0xFFFFFFFFull);
+                        } else {
+                            row[i] = g.table_rows[h];
+                        }
                         break;
                     }
                     if (found[i] == PWCONV_CUDA_EMPTY_SLOT) break;
                     h = (h + 1) & mask;
-                    found[i] = g.table_keys[h];
+                    if (g.table_slots)
+                        load_slot(g.table_keys, h, found[i], cells[i]);
+                    else
+                        found[i] = g.table_keys[h];
                 }
             }
 #pragma unroll
             for (int i = 0; i < B; ++i)  // the rows' cells: independent loads
-                if (row[i] >= 0) {
+                if (row[i] >= 0 && !g.table_slots) {
                     lo[i] = g.row_cell_begin[row[i]];
                     hi[i] = g.row_cell_begin[row[i] + 1];
                 }
@@ -340,15 +367,16 @@ struct KernelVisit {
         const double* X = g->x;
         const double* Y = g->y;
         const double* Z = g->z;
+        const i64 pb = g->point_base;
         if (tx == -2) {  // dilation > 1, the row's x ranges merged into one run (see
                          // merge_touching_ranges): the exact box along y and z, the kernel cell
                          // along x by binning.hpp's axis_cell_index (none: a hole)
             const double y0 = sd[ty], y1 = ed[ty], z0 = sd[tz], z1 = ed[tz];
             const i64 fzy = ((i64)tz * K + ty) * K;
             for (i64 p = b; p < e; ++p) {
-                const double dy = Y[p] - lo[1], dz = Z[p] - lo[2];
+                const double dy = Y[p - pb] - lo[1], dz = Z[p - pb] - lo[2];
                 if (!(dy >= y0 && dy < y1 && dz >= z0 && dz < z1)) continue;
-                const double dx = X[p] - lo[0];
+                const double dx = X[p - pb] - lo[0];
                 const int kx = pwconv::axis_cell_index(dx, sd, K);
                 if (dx >= sd[0] && dx < ed[kx]) sink->push((g->order[p] << cell_bits) | (fzy + kx));
             }
@@ -357,7 +385,8 @@ struct KernelVisit {
         if (tx < 0) {  // dilation 1: the K cells tile the support; tell the cells apart per axis
             const double first = sd[0], last = ed[K - 1];
             for (i64 p = b; p < e; ++p) {
-                const double dx = X[p] - lo[0], dy = Y[p] - lo[1], dz = Z[p] - lo[2];
+                const double dx = X[p - pb] - lo[0], dy = Y[p - pb] - lo[1],
+                             dz = Z[p - pb] - lo[2];
                 if (pwconv::support_contains(dx, dy, dz, first, last))
                     sink->push((g->order[p] << cell_bits) |
                                (i64)pwconv::support_cell(dx, dy, dz, sd, K));
@@ -368,7 +397,7 @@ struct KernelVisit {
         const double x0 = sd[tx], x1 = ed[tx], y0 = sd[ty], y1 = ed[ty], z0 = sd[tz], z1 = ed[tz];
         const i64 f = ((i64)tz * K + ty) * K + tx;
         for (i64 p = b; p < e; ++p) {
-            const double dx = X[p] - lo[0], dy = Y[p] - lo[1], dz = Z[p] - lo[2];
+            const double dx = X[p - pb] - lo[0], dy = Y[p - pb] - lo[1], dz = Z[p - pb] - lo[2];
             if (dx >= x0 && dx < x1 && dy >= y0 && dy < y1 && dz >= z0 && dz < z1)
                 sink->push((g->order[p] << cell_bits) | f);
         }
@@ -381,10 +410,12 @@ struct RadiusVisit {
     int euclidean;
     RowSink* sink;
     __device__ __forceinline__ void operator()(int, int, int, i64 b, i64 e) const {
+        const i64 pb = g->point_base;
         for (i64 p = b; p < e; ++p) {
-            const bool ok =
-                euclidean ? pwconv::within_euclidean(g->x[p], g->y[p], g->z[p], qx, qy, qz, radius_sq)
-                          : pwconv::within_chebyshev(g->x[p], g->y[p], g->z[p], qx, qy, qz, radius);
+            const double x = g->x[p - pb], y = g->y[p - pb], z = g->z[p - pb];
+            const bool ok = euclidean
+                                ? pwconv::within_euclidean(x, y, z, qx, qy, qz, radius_sq)
+                                : pwconv::within_chebyshev(x, y, z, qx, qy, qz, radius);
             if (ok) sink->push(g->order[p]);
         }
     }
@@ -522,12 +553,14 @@ extern "C" __global__ void grid_cells(long long n_cells, long long n, const long
 
 /// Inserts every grid row r (its first cell row_cell_begin[r]; cell_cloud / cell_z / cell_y of
 /// that cell give its key) into the open-addressing table (2^table_bits slots, keys preset to
-/// ~0).  Slots are claimed with an integer compare-and-swap, so where a colliding key lands
-/// depends on the schedule; the row a probe finds for a key (for_each_run) does not.
+/// ~0), the row in table_rows, or with `slots` the row's cells beside its key (the pairs layout
+/// of GridView::table_slots).  Slots are claimed with an integer compare-and-swap, so where a
+/// colliding key lands depends on the schedule; the row a probe finds for a key (for_each_run)
+/// does not.
 extern "C" __global__ void build_row_table(long long n_rows, const long long* row_cell_begin,
                                            const long long* cell_cloud, const long long* cell_z,
                                            const long long* cell_y, long long cmax_y,
-                                           long long cmax_z, int table_bits,
+                                           long long cmax_z, int table_bits, int slots,
                                            unsigned long long* table_keys,
                                            long long* table_rows) {
     using namespace pwconv_cuda;
@@ -536,10 +569,16 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
     const i64 c = row_cell_begin[r];
     const unsigned long long key = row_key(cell_cloud[c], cell_z[c], cell_y[c], cmax_y, cmax_z);
     const unsigned long long mask = (1ull << table_bits) - 1ull;
+    const int step = slots ? 2 : 1;
     for (unsigned long long h = row_slot(key, table_bits);; h = (h + 1) & mask) {
-        const unsigned long long old = atomicCAS(table_keys + h, PWCONV_CUDA_EMPTY_SLOT, key);
+        const unsigned long long old =
+            atomicCAS(table_keys + step * h, PWCONV_CUDA_EMPTY_SLOT, key);
         if (old == PWCONV_CUDA_EMPTY_SLOT) {
-            table_rows[h] = r;
+            if (slots)  // the row's cells beside its key (fewer than 2^32 cells: the caller)
+                table_keys[2 * h + 1] =
+                    ((unsigned long long)c << 32) | (unsigned long long)row_cell_begin[r + 1];
+            else
+                table_rows[h] = r;
             return;
         }
     }
@@ -560,30 +599,34 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
         double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y,            \
         long long cmax_z, const long long *row_cell_begin,                                     \
         const unsigned long long *table_keys, const long long *table_rows, int table_bits,     \
-        /* kernels; axis_d (n_maps, 2K): kernel_axis_differences' start_d then end_d of each   \
+        int table_slots, /* kernels; axis_d (n_maps, 2K): kernel_axis_differences' start_d then end_d of each   \
            map's dilation (kernel_axis_diffs) */                                                \
         double voxel_size, int kernel_size, const int *dilations, int cell_bits,               \
         const double *axis_d_all
 #define PWCONV_CUDA_KERNEL_MAP_ARGS                                                               \
     m, qrow, qx, qy, qz, query_offsets, n_clouds, gx, gy, gz, gorder, cell_start, cell_x,       \
         cell_y, cell_z, cloud_cell_begin, origin, cell_size, inv_cell_size, cmax_x, cmax_y,     \
-        cmax_z, row_cell_begin, table_keys, table_rows, table_bits, voxel_size, kernel_size,    \
+        cmax_z, row_cell_begin, table_keys, table_rows, table_bits, table_slots, voxel_size,   \
+        kernel_size,                                                                           \
         dilations, cell_bits, axis_d_all
 
 namespace pwconv_cuda {
 
 /// Searches query t (< m) of map d: every accepted neighbour's key (index << cell_bits) | cell
 /// goes to sink, in a fixed order.  Returns the query's row in the maps' CSR (d * m + qrow[t]).
-/// KC: the kernel size at compile time (0: runtime, up to PWCONV_CUDA_MAX_K).
+/// KC: the kernel size at compile time (0: runtime, up to PWCONV_CUDA_MAX_K).  The sorted
+/// points' coordinates are read from tx / ty / tz at p - tile_base (the grid's own arrays and 0,
+/// or kernel_map_tiled's copy of one cloud's in shared memory).
 template <int KC>
-__device__ __forceinline__ i64 kernel_map_search(PWCONV_CUDA_KERNEL_MAP_PARAMS, i64 t, int d,
-                                                 RowSink& sink) {
+__device__ __forceinline__ i64 kernel_map_search(PWCONV_CUDA_KERNEL_MAP_PARAMS, const double* tx,
+                                                 const double* ty, const double* tz,
+                                                 i64 tile_base, i64 t, int d, RowSink& sink) {
     constexpr int KMAX = KC > 0 ? KC : PWCONV_CUDA_MAX_K;
     const int K = KC > 0 ? KC : kernel_size;
-    const GridView g{gx,         gy,         gz,     gorder,    cell_start,
+    const GridView g{tx,         ty,         tz,     gorder,    cell_start,
                      cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
                      cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
-                     row_cell_begin, table_keys, table_rows, table_bits};
+                     row_cell_begin, table_keys, table_rows, table_bits, table_slots, tile_base};
     const int dilation = dilations[d];
     const double* axis_d = axis_d_all + (i64)d * 2 * K;
     const i64 row = qrow[t] + (i64)d * m;  // the row in the maps' CSR
@@ -663,7 +706,7 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(PWCONV_CUDA_KERNEL_MAP
         sink.capacity = 0;
     }
     sink.n = 0;
-    kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, t, d, sink);
+    kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, gx, gy, gz, 0, t, d, sink);
 
     if (!FILL) {
         row_len[row] = sink.n;
@@ -676,15 +719,45 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(PWCONV_CUDA_KERNEL_MAP
     if (len <= short_row) sort_short(keys + base, len);
 }
 
+namespace pwconv_cuda {
+
+/// The one-pass kernels' output (kernel_map_once, kernel_map_tiled), called by every lane of a
+/// warp together: row (-1 for lanes without a query) and its keys buffered in sink.  The warp
+/// reserves room for its buffered rows in `scratch` with one integer atomicAdd on *cursor and
+/// writes them there, unsorted; row_len[row] = the row's length (always: the count pass's
+/// output), row_at[row] = where its keys start in scratch, or -1 when they are not there: the
+/// row is longer than the buffer, or scratch (capacity keys) is full (*status = 1).
+__device__ __forceinline__ void emit_once_row(i64 row, const RowSink& sink, int lane,
+                                              long long* row_len, long long* row_at,
+                                              long long* scratch, long long capacity,
+                                              unsigned long long* cursor, int* status) {
+    const i64 need = (row >= 0 && sink.n <= sink.capacity) ? sink.n : 0;
+    const i64 end = warp_inclusive_sum(need, lane);  // this lane's rows end at base + end
+    const i64 total = __shfl_sync(0xffffffffu, end, 31);
+    unsigned long long base = 0;
+    if (lane == 31 && total > 0) base = atomicAdd(cursor, (unsigned long long)total);
+    base = __shfl_sync(0xffffffffu, base, 31);
+    if (row < 0) return;
+    row_len[row] = sink.n;
+    const bool fits = base + (unsigned long long)total <= (unsigned long long)capacity;
+    if (sink.n > sink.capacity || (need > 0 && !fits)) {
+        row_at[row] = -1;
+        if (need > 0) *status = 1;
+        return;
+    }
+    const i64 at = (i64)base + end - need;
+    row_at[row] = at;
+    for (i64 i = 0; i < need; ++i) scratch[at + i] = sink.keys[i];
+}
+
+}  // namespace pwconv_cuda
+
 /// The kernel map in one search pass (same threads and rows as kernel_map_pass): each thread
 /// keeps its row's keys (at most short_row <= PWCONV_CUDA_SHORT_ROW) in a local buffer while it
-/// searches; then each warp reserves room for its rows in `scratch` with one integer atomicAdd
-/// on *cursor and writes them there, unsorted.  row_len[row] = the row's length (always: the
-/// count pass's output), row_at[row] = where its keys start in scratch, or -1 when they are not
-/// there: the row is longer than short_row, or scratch (capacity keys) is full (*status = 1).
-/// Where a row lands depends on the schedule; the map sort_rows_by_rank makes from scratch does
-/// not (it sorts each row's distinct keys).  Saves the count pass's second search of every
-/// query; a caller that gets -1 rows falls back to the fill pass, row_len serving as the count.
+/// searches, then emit_once_row puts them in `scratch`.  Where a row lands depends on the
+/// schedule; the map sort_rows_by_rank makes from scratch does not (it sorts each row's distinct
+/// keys).  Saves the count pass's second search of every query; a caller that gets -1 rows
+/// falls back to the fill pass, row_len serving as the count.
 template <int KC>
 __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP_PARAMS,
                                                           long long* row_len, long long* row_at,
@@ -702,24 +775,63 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
     sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
     sink.n = 0;
     i64 row = -1;
-    if (t < m) row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, t, d, sink);
-    const i64 need = (row >= 0 && sink.n <= sink.capacity) ? sink.n : 0;
-    const i64 end = warp_inclusive_sum(need, lane);  // this lane's rows end at base + end
-    const i64 total = __shfl_sync(0xffffffffu, end, 31);
-    unsigned long long base = 0;
-    if (lane == 31 && total > 0) base = atomicAdd(cursor, (unsigned long long)total);
-    base = __shfl_sync(0xffffffffu, base, 31);
-    if (row < 0) return;
-    row_len[row] = sink.n;
-    const bool fits = base + (unsigned long long)total <= (unsigned long long)capacity;
-    if (sink.n > sink.capacity || (need > 0 && !fits)) {
-        row_at[row] = -1;
-        if (need > 0) *status = 1;
-        return;
+    if (t < m)
+        row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, gx, gy, gz, 0, t, d, sink);
+    emit_once_row(row, sink, lane, row_len, row_at, scratch, capacity, cursor, status);
+}
+
+/// Dynamic shared memory (the host emulation defines its own).
+#ifndef PWCONV_CUDA_DYNAMIC_SHARED
+#define PWCONV_CUDA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
+/// kernel_map_once with blocks_per_cloud blocks per (cloud, map) (opt-in, PWCONV_CUDA_MAP_TILES=1):
+/// a block first copies its cloud's sorted coordinates to shared memory (3 * tile_points
+/// doubles of dynamic shared memory, tile_points >= the cloud's points), then its threads search
+/// its run of tile_queries of the cloud's queries [query_offsets[c], query_offsets[c + 1]) (run
+/// blockIdx.x % blocks_per_cloud) a block's width at a time, reading
+/// every candidate's coordinates there instead of from global memory: the candidates are most
+/// of a search's loads, each thread's at its own address.  Needs the grid's row table (the
+/// binary search over cells reads cell coordinates this kernel does not copy).  Same keys, same
+/// output as kernel_map_once.
+template <int KC>
+__global__ void __launch_bounds__(256)
+    kernel_map_tiled(PWCONV_CUDA_KERNEL_MAP_PARAMS, long long* row_len, long long* row_at,
+                     long long* scratch, long long capacity, unsigned long long* cursor,
+                     long long short_row, int* status, long long tile_points,
+                     long long blocks_per_cloud, long long tile_queries) {
+    using namespace pwconv_cuda;
+    PWCONV_CUDA_DYNAMIC_SHARED(double, tile);
+    const i64 c = blockIdx.x / blocks_per_cloud;  // the cloud
+    const i64 part = blockIdx.x % blocks_per_cloud;  // which run of its queries
+    const int d = blockIdx.y;  // the map
+    const int lane = threadIdx.x % 32;
+    const i64 pb = cell_start[cloud_cell_begin[c]];
+    const i64 n_c = cell_start[cloud_cell_begin[c + 1]] - pb;  // the cloud's points
+    double* sx = tile;
+    double* sy = tile + tile_points;
+    double* sz = tile + 2 * tile_points;
+    for (i64 i = threadIdx.x; i < n_c; i += blockDim.x) {
+        sx[i] = gx[pb + i];
+        sy[i] = gy[pb + i];
+        sz[i] = gz[pb + i];
     }
-    const i64 at = (i64)base + end - need;
-    row_at[row] = at;
-    for (i64 i = 0; i < need; ++i) scratch[at + i] = buffer[i];
+    __syncthreads();
+    const i64 q_end = query_offsets[c + 1];
+    const i64 q0 = query_offsets[c] + part * tile_queries;
+    const i64 q1 = q0 + tile_queries < q_end ? q0 + tile_queries : q_end;
+    i64 buffer[PWCONV_CUDA_SHORT_ROW];
+    for (i64 first = q0; first < q1; first += blockDim.x) {  // the same trip count for all lanes
+        const i64 t = first + threadIdx.x;
+        RowSink sink;
+        sink.keys = buffer;
+        sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
+        sink.n = 0;
+        i64 row = -1;
+        if (t < q1)
+            row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, sx, sy, sz, pb, t, d, sink);
+        emit_once_row(row, sink, lane, row_len, row_at, scratch, capacity, cursor, status);
+    }
 }
 
 /// out = in with every row of at most short_row entries sorted ascending (keys distinct within a
@@ -793,7 +905,7 @@ __global__ void radius_pass(
     const long long* cell_z, const long long* cloud_cell_begin, const double* origin,
     double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y, long long cmax_z,
     const long long* row_cell_begin, const unsigned long long* table_keys,
-    const long long* table_rows, int table_bits,
+    const long long* table_rows, int table_bits, int table_slots,
     // search
     double radius, int euclidean,
     // outputs
@@ -805,7 +917,7 @@ __global__ void radius_pass(
     const GridView g{gx,         gy,         gz,     gorder,    cell_start,
                      cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
                      cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
-                     row_cell_begin, table_keys, table_rows, table_bits};
+                     row_cell_begin, table_keys, table_rows, table_bits, table_slots, 0};
     const i64 row = qrow[t];
     const double q[3] = {qx[t], qy[t], qz[t]};
     const i64 cloud = segment_of(query_offsets, n_clouds, row);
@@ -1810,6 +1922,20 @@ extern "C" __global__ void count_per_point(long long n_entries, const long long*
     atomicAdd(per_point + col[e], 1);
 }
 
+/// out[starts[j] + k] = e for the entries e naming point j (j = col[e]), k handed out by an
+/// integer atomic cursor per point (cursor zeroed by the caller): each point's entries in its
+/// segment in a schedule-dependent order, which the caller's sort of each segment then fixes
+/// (the transposed map of PWCONV_CUDA_TRANSPOSE=rank).
+extern "C" __global__ void scatter_by_point(long long n_entries, const long long* __restrict__ col,
+                                            const long long* __restrict__ starts,
+                                            int* __restrict__ cursor,
+                                            long long* __restrict__ out) {
+    const long long e = pwconv_cuda::global_thread();
+    if (e >= n_entries) return;
+    const long long j = col[e];
+    out[starts[j] + atomicAdd(cursor + j, 1)] = e;
+}
+
 /// counts[e] = n_i(f) for every entry e of row i in cell f (the row's entries in cell f): one
 /// thread per row, its cell tally in shared memory (blockDim.x * n_cells <=
 /// PWCONV_CUDA_WEIGHTS_TALLY_CAP); no atomics.  For the maps whose rows sort_rows_by_rank did not
@@ -1839,23 +1965,267 @@ __global__ void weights_from_counts(long long n_entries, const int* __restrict__
 
 /// The map's entries in a new order (order: position -> map entry; the entries sorted stably by
 /// point for the transposed map, by cell for the weight gradient): out_row[p] = row_of[order[p]],
-/// out_cell[p] = cell[order[p]], out_w[p] = w[order[p]], and out_col[p] = col[order[p]] when
-/// with_col.  One thread per entry, one kernel instead of four gathers.
+/// out_cell[p] = cell[order[p]], out_w[p] = w[order[p]] when with_w, out_count[p] =
+/// counts[order[p]] when with_count, and out_col[p] = col[order[p]] when with_col.  One thread
+/// per entry, one kernel instead of four gathers.
 template <class F, class CellT>
 __global__ void permute_entries(long long n_entries, const long long* __restrict__ order,
                                 const long long* __restrict__ row_of,
                                 const long long* __restrict__ col,
                                 const CellT* __restrict__ cell, const F* __restrict__ w,
-                                int with_col, long long* __restrict__ out_row,
+                                const int* __restrict__ counts, int with_col, int with_w,
+                                int with_count, long long* __restrict__ out_row,
                                 long long* __restrict__ out_col, CellT* __restrict__ out_cell,
-                                F* __restrict__ out_w) {
+                                F* __restrict__ out_w, int* __restrict__ out_count) {
     const long long p = pwconv_cuda::global_thread();
     if (p >= n_entries) return;
     const long long e = order[p];
     out_row[p] = row_of[e];
     if (with_col) out_col[p] = col[e];
     out_cell[p] = cell[e];
-    out_w[p] = w[e];
+    if (with_w) out_w[p] = w[e];
+    if (with_count) out_count[p] = counts[e];
+}
+
+// ============================================================================================
+// Operator, one thread per row (opt-in, PWCONV_CUDA_ENTRIES_LOADS=thread and
+// PWCONV_CUDA_WEIGHT_GRAD=chunks).  conv_entries gives each output channel of a row its own lane:
+// the row's lanes load every source value and every map entry at one address, and each load
+// instruction of a warp serves its three rows' one value -- on the H200 the paper layers' forward
+// took about as many L1 passes as a model of one pass per distinct row and value predicts
+// (0.28 ms for 2.8M entries).  Here one thread forms all outputs of its row: the source rows come
+// in 16-byte vector loads (rows padded to 16 bytes by the caller), the cell matrices from shared
+// memory, the same products and sums in the same order as conv_entries (bit-identical results).
+// The weight gradient's conv_weight_chunks sorts each chunk of rows' entries by cell in shared
+// memory (a stable counting sort), then each thread of a (cell, input channel) adds its cell's
+// entries' products with the chunk's output gradients, held in shared memory, in registers.
+// ============================================================================================
+
+/// Bytes of conv_entries_thread's shared copy of the cell matrices (_conv.THREAD_MATS_BYTES).
+#define PWCONV_CUDA_THREAD_MATS_BYTES 32768
+/// conv_weight_chunks: rows per chunk (their output gradients staged in shared memory, at most
+/// 32 channels) and kernel cells at most (_conv.CHUNK_ROWS, _conv.CHUNK_MAX_CELLS); map entries
+/// sorted by cell at a time (a multiple of 32; an NVRTC -D option: the tests sort a few at a time).
+#define PWCONV_CUDA_CHUNK_ROWS 64
+#define PWCONV_CUDA_CHUNK_MAX_CELLS 64
+#ifndef PWCONV_CUDA_CHUNK_ENTRIES
+#define PWCONV_CUDA_CHUNK_ENTRIES 1024
+#endif
+
+namespace pwconv_cuda {
+
+/// The 16-byte vector of F (V values) and its load from a 16-byte aligned address.
+template <class F>
+struct Vec16;
+template <>
+struct Vec16<float> {
+    static constexpr int V = 4;
+    static __device__ __forceinline__ void load(const float* __restrict__ p, float* v) {
+        const float4 q = *reinterpret_cast<const float4*>(p);
+        v[0] = q.x;
+        v[1] = q.y;
+        v[2] = q.z;
+        v[3] = q.w;
+    }
+};
+template <>
+struct Vec16<double> {
+    static constexpr int V = 2;
+    static __device__ __forceinline__ void load(const double* __restrict__ p, double* v) {
+        const double2 q = *reinterpret_cast<const double2*>(p);
+        v[0] = q.x;
+        v[1] = q.y;
+    }
+};
+
+/// The weight 1 / n_i(f) of entry e: w[e] (weights_from_counts'), or with `counts` computed from
+/// the entry's n_i(f) the same way (one rounding: the same bits), so that the kernels below need
+/// no weight array of their own.
+template <class F>
+__device__ __forceinline__ F entry_weight(const void* __restrict__ weight, int counts, i64 e) {
+    return counts ? F(1) / (F)(static_cast<const int*>(weight)[e])
+                  : static_cast<const F*>(weight)[e];
+}
+
+}  // namespace pwconv_cuda
+
+/// out (rows, b), as conv_entries (same arguments, but the weights: weight_is_count, see
+/// entry_weight): one thread per row, all b <= BM outputs in registers; src rows `lda` values
+/// apart, lda a multiple of Vec16<F>::V and src 16-byte aligned (a padded copy where a is not);
+/// M (n_cells, a, b) dense or (n_cells, a) depthwise, copied to shared memory (n_cells * a * b *
+/// sizeof(F) <= PWCONV_CUDA_THREAD_MATS_BYTES).  Per entry: t_o = sum over c ascending of src_c *
+/// M[cell, c, o] (FMAs), then acc_o = w * t_o + acc_o -- conv_entries' order, so the same bits.
+template <class F, class CellT, int BM>
+__global__ void __launch_bounds__(256, sizeof(F) * BM <= 64 ? 4 : 2)
+    conv_entries_thread(long long rows, const long long* __restrict__ splits,
+                        const long long* __restrict__ col, const CellT* __restrict__ cell,
+                        const void* __restrict__ weight, int weight_is_count,
+                        const F* __restrict__ src, int a, int lda, const F* __restrict__ M,
+                        int n_cells, int b, int depthwise, F* __restrict__ out) {
+    using namespace pwconv_cuda;
+    constexpr int V = Vec16<F>::V;
+    __shared__ F mats[PWCONV_CUDA_THREAD_MATS_BYTES / sizeof(F)];
+    const int cell_size = depthwise ? a : a * b;
+    for (int i = threadIdx.x; i < n_cells * cell_size; i += blockDim.x) mats[i] = M[i];
+    __syncthreads();
+    const i64 row = global_thread();
+    if (row >= rows) return;
+    F acc[BM];
+#pragma unroll
+    for (int o = 0; o < BM; ++o) acc[o] = F(0);
+    const i64 e1 = splits[row + 1];
+    for (i64 e = splits[row]; e < e1; ++e) {
+        const F we = entry_weight<F>(weight, weight_is_count, e);
+        const F* __restrict__ s = src + col[e] * lda;
+        const F* m = mats + (int)cell[e] * cell_size;
+        if (depthwise) {  // acc_c = (w * src_c) * M[cell, c] + acc_c
+#pragma unroll
+            for (int c0 = 0; c0 < BM; c0 += V) {
+                if (c0 >= a) break;
+                F v[V];
+                Vec16<F>::load(s + c0, v);
+#pragma unroll
+                for (int u = 0; u < V; ++u)
+                    if (c0 + u < a) acc[c0 + u] = mul_add(we * v[u], m[c0 + u], acc[c0 + u]);
+            }
+            continue;
+        }
+        F t[BM];
+#pragma unroll
+        for (int o = 0; o < BM; ++o) t[o] = F(0);
+        for (int c0 = 0; c0 < a; c0 += V) {
+            F v[V];
+            Vec16<F>::load(s + c0, v);
+#pragma unroll
+            for (int u = 0; u < V; ++u) {
+                if (c0 + u >= a) break;
+                const F* mc = m + (c0 + u) * b;
+#pragma unroll
+                for (int o = 0; o < BM; ++o)
+                    if (o < b) t[o] = mul_add(v[u], mc[o], t[o]);
+            }
+        }
+#pragma unroll
+        for (int o = 0; o < BM; ++o) acc[o] = mul_add(we, t[o], acc[o]);
+    }
+    F* __restrict__ y = out + row * b;
+#pragma unroll
+    for (int o = 0; o < BM; ++o)
+        if (o < b) y[o] = acc[o];
+}
+
+/// Weight gradient, pass 1 of PWCONV_CUDA_WEIGHT_GRAD=chunks: partial[blk, :] = block blk's share
+/// of dW, over the chunks of PWCONV_CUDA_CHUNK_ROWS rows [blk * chunks_per_block, ...) in order.
+/// Thread p of the first n_cells * a * n_tiles is (cell f, input channel ci, output tile): it adds
+/// w_e * x[col_e, ci] * dy[row_e, co] for co in its tile (BM outputs from co0; depthwise: co = ci)
+/// over the entries e of cell f, in map order, in registers.  For that, each chunk's entries are
+/// sorted by cell in shared memory PWCONV_CUDA_CHUNK_ENTRIES at a time, stably (each warp tile of
+/// 32 entries ranks its lanes by __match_any_sync, the tiles' counts are scanned per cell in tile
+/// order), and the chunk's output-gradient rows wait in shared memory.  Every sum has a fixed
+/// order (bit-identical runs); pass 2 is sum_partials.  Needs blockDim.x a multiple of 32,
+/// n_cells <= PWCONV_CUDA_CHUNK_MAX_CELLS, b <= 32.
+template <class F, class CellT, int BM>
+__global__ void __launch_bounds__(1024)
+    conv_weight_chunks(long long m, const long long* __restrict__ splits,
+                       const long long* __restrict__ col, const CellT* __restrict__ cell,
+                       const void* __restrict__ weight, int weight_is_count, int n_cells,
+                       const F* __restrict__ x, int a,
+                       const F* __restrict__ dy, int b, int depthwise, long long chunks_per_block,
+                       F* __restrict__ partial) {
+    using namespace pwconv_cuda;
+    constexpr int R = PWCONV_CUDA_CHUNK_ROWS;
+    constexpr int CAP = PWCONV_CUDA_CHUNK_ENTRIES;
+    __shared__ i64 s_splits[R + 1];
+    __shared__ F s_dy[R * 32];
+    __shared__ i64 s_col[CAP];
+    __shared__ F s_w[CAP];
+    __shared__ unsigned short s_row[CAP];
+    __shared__ unsigned char s_rank[CAP];
+    __shared__ int tile_at[(CAP / 32) * PWCONV_CUDA_CHUNK_MAX_CELLS];
+    __shared__ int cell_start[PWCONV_CUDA_CHUNK_MAX_CELLS + 1];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, n_warps = blockDim.x / 32;
+    const int n_tiles_co = depthwise ? 1 : (b + BM - 1) / BM;
+    const int n_pairs = n_cells * a * n_tiles_co;
+    const bool owner = tid < n_pairs;
+    const int f = owner ? tid / (a * n_tiles_co) : 0;
+    const int ci = owner ? (tid / n_tiles_co) % a : 0;
+    const int co0 = depthwise ? ci : (tid % n_tiles_co) * BM;
+    F acc[BM];
+#pragma unroll
+    for (int o = 0; o < BM; ++o) acc[o] = F(0);
+    const i64 n_chunks = (m + R - 1) / R;
+    const i64 k0 = (i64)blockIdx.x * chunks_per_block;
+    const i64 k1 = k0 + chunks_per_block < n_chunks ? k0 + chunks_per_block : n_chunks;
+    for (i64 k = k0; k < k1; ++k) {
+        const i64 r0 = k * R;
+        const int nr = (int)(m - r0 < R ? m - r0 : R);
+        for (int i = tid; i <= nr; i += blockDim.x) s_splits[i] = splits[r0 + i];
+        for (int i = tid; i < nr * b; i += blockDim.x) s_dy[i] = dy[r0 * b + i];
+        __syncthreads();  // the chunk's splits and output gradients are in place
+        const i64 e_end = s_splits[nr];
+        for (i64 p0 = s_splits[0]; p0 < e_end; p0 += CAP) {
+            const int n_e = (int)(e_end - p0 < CAP ? e_end - p0 : CAP);
+            const int n_tiles = (n_e + 31) / 32;
+            for (int i = tid; i < n_tiles * n_cells; i += blockDim.x) tile_at[i] = 0;
+            __syncthreads();
+            for (int t = warp; t < n_tiles; t += n_warps) {  // each tile's cells, ranked
+                const int i = t * 32 + lane;
+                const int fe = i < n_e ? (int)cell[p0 + i] : -1;
+                const unsigned peers = __match_any_sync(0xffffffffu, fe);
+                const int rank = __popc(peers & ((1u << lane) - 1u));
+                if (fe >= 0) {
+                    s_rank[i] = (unsigned char)rank;
+                    if (rank == 0) tile_at[t * n_cells + fe] = __popc(peers);
+                }
+            }
+            __syncthreads();
+            if (tid < n_cells) {  // cell tid's tiles: counts -> offsets within the cell
+                int run = 0;
+                for (int t = 0; t < n_tiles; ++t) {
+                    const int c = tile_at[t * n_cells + tid];
+                    tile_at[t * n_cells + tid] = run;
+                    run += c;
+                }
+                cell_start[tid + 1] = run;
+            }
+            __syncthreads();
+            if (tid == 0) {
+                cell_start[0] = 0;
+                for (int c = 0; c < n_cells; ++c) cell_start[c + 1] += cell_start[c];
+            }
+            __syncthreads();
+            for (int i = tid; i < n_e; i += blockDim.x) {  // into place, stable within a cell
+                const i64 e = p0 + i;
+                const int fe = (int)cell[e];
+                const int at = cell_start[fe] + tile_at[(i / 32) * n_cells + fe] + s_rank[i];
+                s_col[at] = col[e];
+                s_w[at] = entry_weight<F>(weight, weight_is_count, e);
+                s_row[at] = (unsigned short)segment_of(s_splits, nr, e);
+            }
+            __syncthreads();
+            if (owner) {  // unrolled: several entries' source loads in flight at once
+#pragma unroll 4
+                for (int j = cell_start[f]; j < cell_start[f + 1]; ++j) {
+                    const F v = s_w[j] * x[s_col[j] * a + ci];
+                    const F* d = s_dy + (int)s_row[j] * b + co0;
+#pragma unroll
+                    for (int o = 0; o < BM; ++o)
+                        if (depthwise ? o == 0 : co0 + o < b) acc[o] = mul_add(v, d[o], acc[o]);
+                }
+            }
+            __syncthreads();  // before the next piece (or chunk) overwrites the shared arrays
+        }
+    }
+    if (!owner) return;
+    const i64 n_w = depthwise ? (i64)n_cells * a : (i64)n_cells * a * b;
+    F* out = partial + (i64)blockIdx.x * n_w;
+    if (depthwise) {
+        out[f * a + ci] = acc[0];
+        return;
+    }
+#pragma unroll
+    for (int o = 0; o < BM; ++o)
+        if (co0 + o < b) out[((i64)f * a + ci) * b + co0 + o] = acc[o];
 }
 
 // ============================================================================================
