@@ -2,18 +2,21 @@
 # One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
 #   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
 #   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
-#   the search kernels' variants (rows sorted by 8 / 16 threads, K = 3, row batches) -> the
-#   operator kernels' variants (one thread per row, chunks, unroll) -> kernel-time profile and
-#   the heaviest kernels' ncu sections (if ncu is installed) -> the opt-in K = 3 map kernels.
+#   the search kernels' variants (tiles, row slots, cell size, K = 3, rows sorted by 8 threads)
+#   -> the operator kernels' variants (one thread per row, chunks, rank transposition, unroll)
+#   -> kernel-time profile and the heaviest kernels' ncu sections (if ncu is installed).
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
 #   bash benchmarks/gpu_check.sh
-# Env: PWCONV_PYTEST_FLAGS (default "--maxfail=10"), PWCONV_BENCH_FLAGS (default ""), timeouts
-# below.  The real-data GPU tests read ../shared/data beside the checkout, else $PWCONV_SHARED_DATA
-# (they skip, saying so, without it): where only the checkout reaches the GPU machine, bring
-# lidar_als_labelled/ign_lambert93_tile_698k.npz and modelnet40_1024/train.npz (its first 32 shapes
-# suffice) in a folder of the same layout and point the variable there.
+# Env: PWCONV_GPU_STEPS (the steps to run, by name, e.g. "install gpu_tests benchmark"; all by
+# default: one call of the device tool runs at most 10 minutes, so a session may run the steps in
+# two calls on the same warm machine), PWCONV_PYTEST_FLAGS (default "--maxfail=10"),
+# PWCONV_BENCH_FLAGS (default ""), timeouts below.  The real-data GPU tests read ../shared/data
+# beside the checkout, else $PWCONV_SHARED_DATA (they skip, saying so, without it): where only the
+# checkout reaches the GPU machine, `python benchmarks/gpu_data.py .gpudata` copies the LiDAR tile
+# and the first 32 ModelNet40 shapes into .gpudata/ (ignored by git: name it in the device tool's
+# carry) and PWCONV_SHARED_DATA=.gpudata points the tests there.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +29,9 @@ STATUS=()
 step() {  # step NAME TIMEOUT_S LOGFILE COMMAND...
     local name="$1" limit="$2" log="$3"
     shift 3
+    if [ -n "${PWCONV_GPU_STEPS:-}" ] && [[ " $PWCONV_GPU_STEPS " != *" $name "* ]]; then
+        return 0  # not asked for this time
+    fi
     echo
     echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s) ==="
     local start=$SECONDS
@@ -73,24 +79,24 @@ import pwconv_cy.cuda as c; print('pwconv_cy.cuda available:', c.is_available(),
 import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/loaded in {time.time() - t:.1f} s')"
 
 # shellcheck disable=SC2086
-step gpu_tests 180 pytest.log \
+step gpu_tests 240 pytest.log \
     env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:---maxfail=10} -m gpu \
     tests/test_cuda.py tests/test_interop.py tests/test_torch_adapter.py \
     -p no:cacheprovider
 
 # shellcheck disable=SC2086
-step benchmark 140 bench.log \
+step benchmark 170 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
 
 # The search kernels' variants, each in a fresh process (identical maps required), alternated
 # (the first process measured runs slow): as shipped; the one pass with each cloud's coordinates
-# in shared memory (tiles) over the row table as (key, cells) pairs (slots), also with K = 3
-# compiled in; the slots alone; grid cells twice the voxel's edge (c2); the maps' rows sorted
-# into place by 8 threads per row instead of a warp (r8).  (Count + fill passes: the benchmark
-# times them; row batches of 4: 5.4 against 6.4 ms on 2026-11-27, not repeated.)
+# (tiles; tiles2: and cells) in shared memory over the row table as (key, cells) pairs (slots),
+# also with K = 3 compiled in; the slots alone; grid cells twice the voxel's edge (c2); the
+# maps' rows sorted into place by 8 threads per row instead of a warp (r8).  (Count + fill
+# passes: the benchmark times them; row batches of 4: 5.4 against 6.4 ms on 2026-11-27.)
 step search_tuning 170 k3.log \
-    "$PY" benchmarks/gpu_search_tuning.py none tiles+slots slots tiles+slots+k3 c2 r8 none \
-    tiles+slots slots c2
+    "$PY" benchmarks/gpu_search_tuning.py none tiles+slots tiles2+slots slots tiles2+slots+k3 \
+    c2 r8 none tiles+slots tiles2+slots slots
 
 # The operator's "entries" kernels as shipped against one thread per row (conv_entries_thread)
 # with the weight gradient by chunks sorted by cell (conv_weight_chunks) and the transposed map
@@ -119,19 +125,15 @@ if command -v ncu >/dev/null; then
             "$2/ncu_detail.txt" | head -80' _ "$PY" "$LOG_DIR"
 fi
 
-# The opt-in K = 3 kernel-map kernels (PWCONV_CUDA_SPECIALISE_K=3): every GPU test of
-# tests/test_cuda.py with them (the evidence for making them the default).
-step k3_tests 120 k3.log \
-    env PWCONV_CUDA_SPECIALISE_K=3 PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -m gpu \
-    tests/test_cuda.py -p no:cacheprovider --maxfail=3
-
-
 echo
 echo "=== summary ($(date -u +%H:%M:%S)) ==="
 printf '%s\n' "${STATUS[@]}" | tee "$LOG_DIR/summary.txt"
-grep -E "passed|failed|error|skipped" "$LOG_DIR/pytest.log" | tail -1 | tee -a "$LOG_DIR/summary.txt"
-if ! grep -qE "[0-9]+ passed" "$LOG_DIR/pytest.log"; then
-    echo "!!! no GPU test passed: see the skip reasons / errors in $LOG_DIR/pytest.log" \
+if [ -f "$LOG_DIR/pytest.log" ]; then
+    grep -E "passed|failed|error|skipped" "$LOG_DIR/pytest.log" | tail -1 \
         | tee -a "$LOG_DIR/summary.txt"
+    if ! grep -qE "[0-9]+ passed" "$LOG_DIR/pytest.log"; then
+        echo "!!! no GPU test passed: see the skip reasons / errors in $LOG_DIR/pytest.log" \
+            | tee -a "$LOG_DIR/summary.txt"
+    fi
 fi
 echo "logs: $LOG_DIR"

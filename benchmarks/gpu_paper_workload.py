@@ -25,8 +25,8 @@ cell in shared memory (PWCONV_CUDA_WEIGHT_GRAD=chunks) and the transposed maps b
 sorts (PWCONV_CUDA_TRANSPOSE=rank), the kernel maps also by count + fill passes
 (PWCONV_CUDA_MAP_PASSES=two), with the fill threads sorting their own rows
 (PWCONV_CUDA_ROW_SORT=thread), with the row table as (key, cells) pairs
-(PWCONV_CUDA_ROW_SLOTS=1) and with each cloud's coordinates in shared memory too
-(PWCONV_CUDA_MAP_TILES=1), and a breakdown times the grid, each
+(PWCONV_CUDA_ROW_SLOTS=1) and with each cloud's coordinates (and cells) in shared memory too
+(PWCONV_CUDA_MAP_TILES=1, 2), and a breakdown times the grid, each
 map, the per-call checks and each kernel stage of every layer (the rows scheme's beside them).
 
 Both are checked first: identical pair counts per layer and outputs / weight gradients equal
@@ -649,6 +649,8 @@ def main(argv=None) -> int:
         record["kernel_maps_row_slots"] = time_cuda(pw.kernel_maps, warmup, runs)
         with _env(_search.MAP_TILES_ENV, "1"):  # and the clouds in shared memory (opt-in)
             record["kernel_maps_tiles_slots"] = time_cuda(pw.kernel_maps, warmup, runs)
+        with _env(_search.MAP_TILES_ENV, "2"):  # their cells too
+            record["kernel_maps_tiles2_slots"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.ROW_TABLE_ENV, "0"):  # the grid rows found by binary search, as before
         record["kernel_maps_without_row_table"] = time_cuda(pw.kernel_maps, warmup, runs)
     # the previous GPU code's schemes: by-cell operator, rows found by binary search
@@ -752,7 +754,8 @@ def main(argv=None) -> int:
     print(f"kernel maps with the row table as (key, cells) pairs (PWCONV_CUDA_ROW_SLOTS=1): "
           f"{fmt_ms(record['kernel_maps_row_slots']['median_s'])}; and each cloud in shared "
           f"memory (PWCONV_CUDA_MAP_TILES=1): "
-          f"{fmt_ms(record['kernel_maps_tiles_slots']['median_s'])}")
+          f"{fmt_ms(record['kernel_maps_tiles_slots']['median_s'])}, with their cells (=2): "
+          f"{fmt_ms(record['kernel_maps_tiles2_slots']['median_s'])}")
     print(f"kernel maps one after the other (kernel_map per layer): "
           f"{fmt_ms(record['kernel_maps_one_by_one']['median_s'])}")
     for name, sch in schemes.items():

@@ -17,9 +17,9 @@ variant's):
   (PWCONV_CUDA_ROW_SLOTS=1, opt-in);
 * ``cF`` (c1.5, c2): the grid's cells F times the voxel's edge (``NeighborIndex(points,
   F * v)``; any cell size gives the same maps): fewer grid rows per query, more points per cell;
-* ``tiles``: the one pass as kernel_map_tiled, each cloud's coordinates in shared memory
-  (PWCONV_CUDA_MAP_TILES=1, opt-in; the 1M-point cloud is too big for it and keeps
-  kernel_map_once);
+* ``tiles``, ``tiles2``: the one pass as kernel_map_tiled, each cloud's coordinates (and with
+  tiles2 its cells) in shared memory (PWCONV_CUDA_MAP_TILES=1 or 2, opt-in; the 1M-point cloud
+  is too big for it and keeps kernel_map_once);
 * several joined by ``+`` (``tiles+slots+k3``).
 
 A variant may be named more than once: on the H200 the first process measured ran 5-10 %
@@ -47,8 +47,8 @@ def measure(variant: str) -> dict:
         os.environ["PWCONV_CUDA_MAP_PASSES"] = "two"
     if "slots" in parts:  # read when a grid is built
         os.environ["PWCONV_CUDA_ROW_SLOTS"] = "1"
-    if "tiles" in parts:  # read when a map is made
-        os.environ["PWCONV_CUDA_MAP_TILES"] = "1"
+    if "tiles" in parts or "tiles2" in parts:  # read when a map is made
+        os.environ["PWCONV_CUDA_MAP_TILES"] = "2" if "tiles2" in parts else "1"
     import numpy as np
 
     sys.path.insert(0, str(HERE))
@@ -68,7 +68,7 @@ def measure(variant: str) -> dict:
             defines.append(f"-DPWCONV_CUDA_ROW_BATCH={part[1:]}")
         elif part[:1] == "c":
             factor = float(part[1:])
-        elif part not in ("none", "k3", "two", "slots", "tiles"):
+        elif part not in ("none", "k3", "two", "slots", "tiles", "tiles2"):
             raise SystemExit(f"unknown variant {part!r}")
     if defines:
         _backend.compile_options = \

@@ -312,6 +312,10 @@ alignas(16) static unsigned char emu_dynamic_shared[EMU_DYNAMIC_SHARED_BYTES];
 #define PWCONV_CUDA_DYNAMIC_SHARED(type, name) \
     type* name = reinterpret_cast<type*>(emu_dynamic_shared)
 
+// 16-byte vector loads must be 16-byte aligned on a GPU: checked here
+#define PWCONV_CUDA_CHECK_ALIGNED(p) \
+    if (reinterpret_cast<unsigned long long>(p) % 16 != 0) emu_fail("misaligned 16-byte load")
+
 #define __global__
 #define __launch_bounds__(...)
 #define __device__
@@ -1109,9 +1113,12 @@ def _emulate_property(be, max_examples: int = 80):
         igrad = draw(st.sampled_from(["gather", "fixed"]))  # the deterministic input gradient
         transpose = draw(st.sampled_from(["sort", "rank"]))  # how the transposed map is made
         slots = draw(st.sampled_from(["0", "1"]))  # the grid's row table: split, or pairs
-        tiles = draw(st.sampled_from(["0", "1"]))  # the one pass with clouds in shared memory
+        # the one pass with clouds' coordinates (1) and cells (2) in shared memory
+        tiles = draw(st.sampled_from(["0", "1", "2"]))
         # its queries per block: each cloud's in one block, or in several
         tile_queries = draw(st.sampled_from([_search.TILE_QUERIES, 5, 64]))
+        # features and gradients in arrays whose first element is not 16-byte aligned
+        misaligned = draw(st.booleans())
         # the map alone, or made after another dilation's in the same launches
         before = draw(st.sampled_from([(), (1,), (3, 2)]))
         # the maps' search: count + fill, or one pass with its scratch sized from every query,
@@ -1123,7 +1130,7 @@ def _emulate_property(be, max_examples: int = 80):
                                          (7, _search.CAPACITY_MARGIN, 0),
                                          (_search.CAPACITY_SAMPLE, 0.5, 0)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, (chunk, means_bytes), (row_sort, slots, tiles, tile_queries), \
+            short, (chunk, means_bytes), (row_sort, slots, tiles, tile_queries, misaligned), \
             (wgrad, loads, igrad, order, transpose), before, \
             (passes, capacity, sort_lanes), draw(strategies.seeds)
 
@@ -1132,7 +1139,8 @@ def _emulate_property(be, max_examples: int = 80):
     @given(cases())
     def check(case):
         (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, (chunk, means_bytes),
-         (row_sort, slots, tiles, tile_queries), (wgrad, loads, igrad, order, transpose), before,
+         (row_sort, slots, tiles, tile_queries, misaligned), (wgrad, loads, igrad, order,
+                                                              transpose), before,
          (passes, capacity, sort_lanes), seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES = short, chunk, means_bytes
         os.environ[_search.MAP_PASSES_ENV] = passes
@@ -1167,6 +1175,9 @@ def _emulate_property(be, max_examples: int = 80):
         w = rng.standard_normal((k, k, k, c_in) if depthwise else (k, k, k, c_in, c_out))
         w = w.astype(dtype)
         dy = rng.standard_normal((m, c_out)).astype(dtype)
+        if misaligned:  # C-contiguous views one element into a buffer (vector loads must not)
+            x, dy = (np.frombuffer(np.concatenate([np.zeros(1, dtype), a.ravel()]).data,
+                                   dtype=dtype)[1:].reshape(a.shape) for a in (x, dy))
         ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
         # the sums of the terms' magnitudes: the scale of any float sum's rounding error (a
         # one-channel K = 1 weight gradient is one sum of random signs, which can cancel far
@@ -1295,15 +1306,15 @@ def test_emulated_kernels_match_oracles(emulator_lib, scenario):
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
-@pytest.mark.parametrize("batch,slots,tiles", [(4, "0", "0"), (3, "1", "1"), (8, "0", "1"),
-                                               (1, "1", "0")])
+@pytest.mark.parametrize("batch,slots,tiles", [(4, "0", "0"), (3, "1", "1"), (8, "0", "2"),
+                                               (1, "1", "2")])
 def test_emulated_searches_with_other_row_batches(batch, slots, tiles):
     """The grid rows a query visits are looked up PWCONV_CUDA_ROW_BATCH at a time (a tuning knob
     given to NVRTC as -D; 1 shipped): 4, 3 (batches cut mid-range) and 8 at a time give the
     oracle's maps too, in the same order, and so does the row table laid out as (key, cells)
     pairs (PWCONV_CUDA_ROW_SLOTS=1), one row or three at a time, and the one pass with each
-    cloud's coordinates in shared memory (PWCONV_CUDA_MAP_TILES=1) (the scenarios' searches, in
-    a fresh process)."""
+    cloud's coordinates, and its cells, in shared memory (PWCONV_CUDA_MAP_TILES=1, 2) (the
+    scenarios' searches, in a fresh process)."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         pytest.skip(f"no host C++ compiler ({cxx}) to emulate the kernels")
@@ -1321,7 +1332,7 @@ def test_emulated_searches_with_other_row_batches(batch, slots, tiles):
     # every scenario here has a row table and small clouds: where asked, the one pass (where a
     # scenario's maps take it) is the tiled search, and some do
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if tiles == "1":
+    if tiles != "0":
         assert any(r["tiled_search"] for r in reports), reports
         assert not any(r["once_search"] for r in reports), reports
     else:
@@ -1370,7 +1381,7 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_conv.TRANSPOSE_ENV, _conv.transpose_mode, {"rank": "rank", "SORT": "sort"},
              "sort"),
             (_search.ROW_SLOTS_ENV, _search.row_slots_mode, {"1": True, "off": False}, False),
-            (_search.MAP_TILES_ENV, _search.map_tiles_mode, {"yes": True, "0": False}, False)):
+            (_search.MAP_TILES_ENV, _search.map_tiles_mode, {"1": 1, " 2 ": 2}, 0)):
         monkeypatch.delenv(env, raising=False)
         assert fn() == default, env
         for value, want in good.items():
@@ -1531,8 +1542,8 @@ def test_gpu_kernel_map_identical_on_sphere_batch(way, monkeypatch):
     monkeypatch.setenv(_search.MAP_PASSES_ENV, "two" if way == "two passes" else "one")
     if way == "one pass, scratch short":
         monkeypatch.setattr(_search, "CAPACITY_MARGIN", 0.5)
-    if way == "one pass, tiles and slots":  # kernel_map_tiled over the row table's pairs
-        monkeypatch.setenv(_search.MAP_TILES_ENV, "1")
+    if way == "one pass, tiles and slots":  # kernel_map_tiled (cells too) over the table's pairs
+        monkeypatch.setenv(_search.MAP_TILES_ENV, "2")
         monkeypatch.setenv(_search.ROW_SLOTS_ENV, "1")
 
     rng = np.random.default_rng(7)

@@ -598,6 +598,11 @@ def _thread_bm(km, a: int, b: int, itemsize: int, depthwise: bool):
     return thread_plan(km.kernel_size ** 3, a, b, itemsize, depthwise, km.cell.dtype)
 
 
+def _address(a) -> int:
+    """The address of a's first element (a CuPy or, on the host emulation, a NumPy array)."""
+    return int(a.data.ptr) if hasattr(a.data, "ptr") else int(a.ctypes.data)
+
+
 def _entries_thread_launch(be, dtype, rows, splits, col, cell, counts, src, a, M, n_cells, b,
                            depthwise, bm, out):
     """conv_entries_thread: one thread per row, each entry's weight 1 / n_i(f) from its count;
@@ -606,7 +611,7 @@ def _entries_thread_launch(be, dtype, rows, splits, col, cell, counts, src, a, M
     xp = be.xp
     per_vector = 16 // src.dtype.itemsize
     lda = -(-a // per_vector) * per_vector
-    if lda != a:
+    if lda != a or _address(src) % 16:  # padded rows, or an array that does not start aligned
         padded = xp.zeros((int(src.shape[0]), lda), dtype=src.dtype)
         padded[:, :a] = src
         src = padded

@@ -6,9 +6,9 @@ scratch buffer (sized from a count over a sample of the queries, so no buffer is
 queries x neighbours); the scan of the counts gives the CSR, and sort_rows_by_rank moves each row
 into place sorted.  Where the scratch estimate falls short or a row exceeds SHORT_ROW, the counts
 are already exact and the fill pass runs as in "two" (count pass, scan, fill pass).  The radius
-search counts and fills.  Opt-in, for timing on a GPU: PWCONV_CUDA_MAP_TILES=1 (the one pass
-with each cloud's coordinates in shared memory, kernel_map_tiled) and PWCONV_CUDA_ROW_SLOTS=1
-(the row table as (key, cells) pairs); the same maps either way.
+search counts and fills.  Opt-in, for timing on a GPU: PWCONV_CUDA_MAP_TILES=1 or 2 (the one
+pass with each cloud's coordinates, or also its cells, in shared memory: kernel_map_tiled) and
+PWCONV_CUDA_ROW_SLOTS=1 (the row table as (key, cells) pairs); the same maps either way.
 
 Works on canonical arrays (validated by the caller) through a backend (``_backend.py``): ``be.xp``
 is the array module, ``be.launch`` runs a kernel of kernels.cu.  The results are the CPU's, bit for
@@ -92,23 +92,21 @@ def map_passes_mode() -> str:
     return env_choice(MAP_PASSES_ENV, ("one", "two"), "one")
 
 
-#: PWCONV_CUDA_MAP_TILES=1 (opt-in) runs the one-pass search as kernel_map_tiled: a block per
+#: PWCONV_CUDA_MAP_TILES (opt-in) runs the one-pass search as kernel_map_tiled: a block per
 #: (cloud, run of TILE_QUERIES queries, map), its cloud's coordinates copied to shared memory
-#: first, where the clouds' coordinates fit a block's shared memory and the grid has its row
-#: table.  The same maps.
+#: first (1: the coordinates, 24 bytes a point; 2: the cells' x and first point too, 40 bytes a
+#: point), where the largest cloud fits a block's shared memory and the grid has its row table.
+#: The same maps.
 MAP_TILES_ENV = "PWCONV_CUDA_MAP_TILES"
 #: Threads per block of kernel_map_tiled (its __launch_bounds__) and queries per block.
 TILE_THREADS = 256
 TILE_QUERIES = 512
 
 
-def map_tiles_mode() -> bool:
-    """True when PWCONV_CUDA_MAP_TILES asks for kernel_map_tiled (1 / true / yes / on; 0 / false /
-    no / off or unset: kernel_map_once)."""
-    value = os.environ.get(MAP_TILES_ENV, "0").strip().lower() or "0"
-    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-        raise ValueError(f"{MAP_TILES_ENV} must be 0 (the default) or 1, got {value!r}")
-    return value in ("1", "true", "yes", "on")
+def map_tiles_mode() -> int:
+    """PWCONV_CUDA_MAP_TILES: 0 (default: kernel_map_once), 1 (kernel_map_tiled, the clouds'
+    coordinates in shared memory) or 2 (their cells too)."""
+    return int(env_choice(MAP_TILES_ENV, ("0", "1", "2"), "0"))
 
 
 #: One-pass maps: the scratch buffer is sized from a count pass over about this many queries
@@ -590,17 +588,23 @@ def _scratch_capacity(be, k: int, head: tuple, n_maps: int):
 
 
 def _tile_plan(be, grid: DeviceGrid, query_offsets):
-    """(points per tile, blocks per cloud) of kernel_map_tiled, or None where it is not asked for
-    (PWCONV_CUDA_MAP_TILES) or does not apply: no row table, or the largest cloud's coordinates
-    (24 bytes a point) beyond a block's shared memory.  query_offsets: host row splits of the
-    queries by cloud."""
-    if not map_tiles_mode() or grid.table_bits == 0 or grid.n_clouds == 0:
+    """(points per tile, blocks per cloud, cells too) of kernel_map_tiled, or None where it is not
+    asked for (PWCONV_CUDA_MAP_TILES) or does not apply: no row table, or the largest cloud's
+    coordinates (and cells) beyond a block's shared memory.  query_offsets: host row splits of
+    the queries by cloud."""
+    mode = map_tiles_mode()
+    if not mode or grid.table_bits == 0 or grid.n_clouds == 0:
         return None
-    largest = int(np.diff(np.asarray(grid.offsets)).max())
-    if 24 * max(largest, 1) > be.max_shared_bytes():
+    largest = max(1, int(np.diff(np.asarray(grid.offsets)).max()))
+    if _tile_bytes(largest, mode == 2) > be.max_shared_bytes():
         return None
     most_queries = int(np.diff(np.asarray(query_offsets, dtype=np.int64)).max())
-    return max(largest, 1), max(1, -(-most_queries // TILE_QUERIES))
+    return largest, max(1, -(-most_queries // TILE_QUERIES)), mode == 2
+
+
+def _tile_bytes(tile_points: int, cells: bool) -> int:
+    """kernel_map_tiled's dynamic shared memory: x, y, z (and cell x, first points) of a cloud."""
+    return 24 * tile_points + (16 * tile_points + 8 if cells else 0)
 
 
 def _search_once(be, k: int, head: tuple, grid_dim: tuple, rows: int, capacity: int,
@@ -617,11 +621,11 @@ def _search_once(be, k: int, head: tuple, grid_dim: tuple, rows: int, capacity: 
     if tiles is None:
         be.launch(kernel_map_once_name(k), grid_dim, (SEARCH_THREADS,), head + tail)
     else:
-        tile_points, per_cloud = tiles
+        tile_points, per_cloud, cells = tiles
         n_clouds = int(head[6])
         be.launch(kernel_map_tiled_name(k), (n_clouds * per_cloud, grid_dim[1]), (TILE_THREADS,),
-                  head + tail + (i64(tile_points), i64(per_cloud), i64(TILE_QUERIES)),
-                  shared_mem=24 * tile_points)
+                  head + tail + (i64(tile_points), i64(per_cloud), i64(TILE_QUERIES),
+                                 i32(int(cells))), shared_mem=_tile_bytes(tile_points, cells))
     return row_len, row_at, scratch, status
 
 

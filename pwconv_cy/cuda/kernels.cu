@@ -95,11 +95,35 @@ struct GridView {
     // split layout takes the key, the row, then its first and end cells (table_rows unused).
     int table_slots;
     // x, y and z of sorted point p are at x[p - point_base] (0; kernel_map_tiled: its cloud's
-    // first sorted point, x / y / z then in shared memory).
+    // first sorted point, x / y / z then in shared memory), cell c's x coordinate and first
+    // point at cell_x[c - cell_base] and cell_start[c - cell_base] (0, or its cloud's first
+    // cell: kernel_map_tiled with the cells in shared memory too).  The binary search over cells
+    // (no row table) reads cell_y / cell_z: only ever with cell_base 0.
     i64 point_base;
+    i64 cell_base;
+    __device__ __forceinline__ i64 cx(i64 c) const { return cell_x[c - cell_base]; }
+    __device__ __forceinline__ i64 start(i64 c) const { return cell_start[c - cell_base]; }
+};
+
+/// Where the search reads the sorted points' coordinates and the cells' x and first point: the
+/// grid's own arrays (bases 0), or kernel_map_tiled's copies of one cloud's in shared memory.
+struct TileView {
+    const double* x;
+    const double* y;
+    const double* z;
+    i64 point_base;
+    const i64* cell_x;
+    const i64* cell_start;
+    i64 cell_base;
 };
 
 #define PWCONV_CUDA_EMPTY_SLOT 0xFFFFFFFFFFFFFFFFull
+
+/// Checks the address of a 16-byte vector load (a no-op here; the host emulation fails on a
+/// misaligned one, which a GPU would fault on).
+#ifndef PWCONV_CUDA_CHECK_ALIGNED
+#define PWCONV_CUDA_CHECK_ALIGNED(p) ((void)0)
+#endif
 
 /// Row key (cloud * (cmax_z + 1) + cz) * (cmax_y + 1) + cy (fits 63 bits when a table is built).
 __device__ __forceinline__ unsigned long long row_key(i64 cloud, i64 cz, i64 cy, i64 cmax_y,
@@ -110,6 +134,7 @@ __device__ __forceinline__ unsigned long long row_key(i64 cloud, i64 cz, i64 cy,
 /// Slot h of the pairs layout (table_slots): its key and the row's cells (first << 32 | end).
 __device__ __forceinline__ void load_slot(const unsigned long long* slots, unsigned long long h,
                                           unsigned long long& key, unsigned long long& cells) {
+    PWCONV_CUDA_CHECK_ALIGNED(slots + 2 * h);
     const ulonglong2 kv = *reinterpret_cast<const ulonglong2*>(slots + 2 * h);
     key = kv.x;
     cells = kv.y;
@@ -126,12 +151,12 @@ __device__ __forceinline__ unsigned long long row_slot(unsigned long long key, i
 /// search finishes the rest.
 __device__ __forceinline__ i64 lower_bound_x(const GridView& g, i64 b, i64 e, i64 cx) {
     for (int step = 0; step < 4; ++step) {
-        if (b == e || g.cell_x[b] >= cx) return b;
+        if (b == e || g.cx(b) >= cx) return b;
         ++b;
     }
     while (b < e) {
         const i64 mid = b + (e - b) / 2;
-        if (g.cell_x[mid] < cx)
+        if (g.cx(mid) < cx)
             b = mid + 1;
         else
             e = mid;
@@ -144,7 +169,7 @@ __device__ __forceinline__ i64 lower_bound_cell(const GridView& g, i64 b, i64 e,
                                                 i64 cx) {
     while (b < e) {
         const i64 mid = b + (e - b) / 2;
-        const i64 mz = g.cell_z[mid], my = g.cell_y[mid], mx = g.cell_x[mid];
+        const i64 mz = g.cell_z[mid], my = g.cell_y[mid], mx = g.cx(mid);
         const bool before = mz < cz || (mz == cz && (my < cy || (my == cy && mx < cx)));
         if (before)
             b = mid + 1;
@@ -213,8 +238,8 @@ __device__ __forceinline__ void visit_row(const GridView& g, i64 lo, const i64 h
         const i64 c0 = lower_bound_x(g, lo, hi, rx.first[kx]);
         lo = c0;  // ranges ascend, but may share a cell: not past c1
         i64 c1 = c0;
-        while (c1 < hi && g.cell_x[c1] <= rx.last[kx]) ++c1;
-        if (c1 > c0) visit(tz, ty, rx.tag[kx], g.cell_start[c0], g.cell_start[c1]);
+        while (c1 < hi && g.cx(c1) <= rx.last[kx]) ++c1;
+        if (c1 > c0) visit(tz, ty, rx.tag[kx], g.start(c0), g.start(c1));
     }
 }
 
@@ -317,11 +342,11 @@ __device__ __forceinline__ void for_each_run(const GridView& g, i64 cloud, const
                         lo = c0;
                         i64 c1 = c0;
                         while (c1 < ce && g.cell_z[c1] == cz && g.cell_y[c1] == cy &&
-                               g.cell_x[c1] <= rx.last[kx])
+                               g.cx(c1) <= rx.last[kx])
                             ++c1;
                         if (c1 > c0)
-                            visit(rz.tag[kz], ry.tag[ky], rx.tag[kx], g.cell_start[c0],
-                                  g.cell_start[c1]);
+                            visit(rz.tag[kz], ry.tag[ky], rx.tag[kx], g.start(c0),
+                                  g.start(c1));
                     }
                 }
 }
@@ -615,18 +640,18 @@ namespace pwconv_cuda {
 /// Searches query t (< m) of map d: every accepted neighbour's key (index << cell_bits) | cell
 /// goes to sink, in a fixed order.  Returns the query's row in the maps' CSR (d * m + qrow[t]).
 /// KC: the kernel size at compile time (0: runtime, up to PWCONV_CUDA_MAX_K).  The sorted
-/// points' coordinates are read from tx / ty / tz at p - tile_base (the grid's own arrays and 0,
-/// or kernel_map_tiled's copy of one cloud's in shared memory).
+/// points' coordinates and the cells' x and first point are read where `tile` says.
 template <int KC>
-__device__ __forceinline__ i64 kernel_map_search(PWCONV_CUDA_KERNEL_MAP_PARAMS, const double* tx,
-                                                 const double* ty, const double* tz,
-                                                 i64 tile_base, i64 t, int d, RowSink& sink) {
+__device__ __forceinline__ i64 kernel_map_search(PWCONV_CUDA_KERNEL_MAP_PARAMS,
+                                                 const TileView& tile, i64 t, int d,
+                                                 RowSink& sink) {
     constexpr int KMAX = KC > 0 ? KC : PWCONV_CUDA_MAX_K;
     const int K = KC > 0 ? KC : kernel_size;
-    const GridView g{tx,         ty,         tz,     gorder,    cell_start,
-                     cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
+    const GridView g{tile.x,     tile.y,        tile.z,     gorder,    tile.cell_start,
+                     tile.cell_x, cell_y,       cell_z,     cloud_cell_begin, origin,
                      cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
-                     row_cell_begin, table_keys, table_rows, table_bits, table_slots, tile_base};
+                     row_cell_begin, table_keys, table_rows, table_bits, table_slots,
+                     tile.point_base, tile.cell_base};
     const int dilation = dilations[d];
     const double* axis_d = axis_d_all + (i64)d * 2 * K;
     const i64 row = qrow[t] + (i64)d * m;  // the row in the maps' CSR
@@ -706,7 +731,8 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(PWCONV_CUDA_KERNEL_MAP
         sink.capacity = 0;
     }
     sink.n = 0;
-    kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, gx, gy, gz, 0, t, d, sink);
+    kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS,
+                          TileView{gx, gy, gz, 0, cell_x, cell_start, 0}, t, d, sink);
 
     if (!FILL) {
         row_len[row] = sink.n;
@@ -776,7 +802,8 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
     sink.n = 0;
     i64 row = -1;
     if (t < m)
-        row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, gx, gy, gz, 0, t, d, sink);
+        row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS,
+                                    TileView{gx, gy, gz, 0, cell_x, cell_start, 0}, t, d, sink);
     emit_once_row(row, sink, lane, row_len, row_at, scratch, capacity, cursor, status);
 }
 
@@ -785,36 +812,47 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
 #define PWCONV_CUDA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #endif
 
-/// kernel_map_once with blocks_per_cloud blocks per (cloud, map) (opt-in, PWCONV_CUDA_MAP_TILES=1):
+/// kernel_map_once with blocks_per_cloud blocks per (cloud, map) (opt-in, PWCONV_CUDA_MAP_TILES):
 /// a block first copies its cloud's sorted coordinates to shared memory (3 * tile_points
-/// doubles of dynamic shared memory, tile_points >= the cloud's points), then its threads search
-/// its run of tile_queries of the cloud's queries [query_offsets[c], query_offsets[c + 1]) (run
-/// blockIdx.x % blocks_per_cloud) a block's width at a time, reading
-/// every candidate's coordinates there instead of from global memory: the candidates are most
-/// of a search's loads, each thread's at its own address.  Needs the grid's row table (the
-/// binary search over cells reads cell coordinates this kernel does not copy).  Same keys, same
-/// output as kernel_map_once.
+/// doubles of dynamic shared memory, tile_points >= the cloud's points) and, with tile_cells,
+/// its cells' x and first point (2 * tile_points + 1 more 64-bit values; cells <= points), then
+/// its threads search its run of tile_queries of the cloud's queries [query_offsets[c],
+/// query_offsets[c + 1]) (run blockIdx.x % blocks_per_cloud) a block's width at a time, reading
+/// every candidate's coordinates (and the cells) there instead of from global memory: the
+/// candidates are most of a search's loads, each thread's at its own address.  Needs the grid's
+/// row table (the binary search over cells reads cell coordinates this kernel does not copy).
+/// Same keys, same output as kernel_map_once.
 template <int KC>
 __global__ void __launch_bounds__(256)
     kernel_map_tiled(PWCONV_CUDA_KERNEL_MAP_PARAMS, long long* row_len, long long* row_at,
                      long long* scratch, long long capacity, unsigned long long* cursor,
                      long long short_row, int* status, long long tile_points,
-                     long long blocks_per_cloud, long long tile_queries) {
+                     long long blocks_per_cloud, long long tile_queries, int tile_cells) {
     using namespace pwconv_cuda;
     PWCONV_CUDA_DYNAMIC_SHARED(double, tile);
     const i64 c = blockIdx.x / blocks_per_cloud;  // the cloud
     const i64 part = blockIdx.x % blocks_per_cloud;  // which run of its queries
     const int d = blockIdx.y;  // the map
     const int lane = threadIdx.x % 32;
-    const i64 pb = cell_start[cloud_cell_begin[c]];
-    const i64 n_c = cell_start[cloud_cell_begin[c + 1]] - pb;  // the cloud's points
-    double* sx = tile;
-    double* sy = tile + tile_points;
-    double* sz = tile + 2 * tile_points;
+    const i64 cb = cloud_cell_begin[c], ce = cloud_cell_begin[c + 1];
+    const i64 pb = cell_start[cb];
+    const i64 n_c = cell_start[ce] - pb;  // the cloud's points
+    TileView view{tile, tile + tile_points, tile + 2 * tile_points, pb, cell_x, cell_start, 0};
     for (i64 i = threadIdx.x; i < n_c; i += blockDim.x) {
-        sx[i] = gx[pb + i];
-        sy[i] = gy[pb + i];
-        sz[i] = gz[pb + i];
+        tile[i] = gx[pb + i];
+        tile[tile_points + i] = gy[pb + i];
+        tile[2 * tile_points + i] = gz[pb + i];
+    }
+    if (tile_cells) {  // after the coordinates: cell x (ce - cb), then first points (one more)
+        i64* tile_cx = reinterpret_cast<i64*>(tile + 3 * tile_points);
+        i64* tile_start = tile_cx + tile_points;
+        for (i64 i = threadIdx.x; i <= ce - cb; i += blockDim.x) {
+            if (i < ce - cb) tile_cx[i] = cell_x[cb + i];
+            tile_start[i] = cell_start[cb + i];
+        }
+        view.cell_x = tile_cx;
+        view.cell_start = tile_start;
+        view.cell_base = cb;
     }
     __syncthreads();
     const i64 q_end = query_offsets[c + 1];
@@ -828,8 +866,7 @@ __global__ void __launch_bounds__(256)
         sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
         sink.n = 0;
         i64 row = -1;
-        if (t < q1)
-            row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, sx, sy, sz, pb, t, d, sink);
+        if (t < q1) row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, view, t, d, sink);
         emit_once_row(row, sink, lane, row_len, row_at, scratch, capacity, cursor, status);
     }
 }
@@ -2021,6 +2058,7 @@ template <>
 struct Vec16<float> {
     static constexpr int V = 4;
     static __device__ __forceinline__ void load(const float* __restrict__ p, float* v) {
+        PWCONV_CUDA_CHECK_ALIGNED(p);
         const float4 q = *reinterpret_cast<const float4*>(p);
         v[0] = q.x;
         v[1] = q.y;
@@ -2032,6 +2070,7 @@ template <>
 struct Vec16<double> {
     static constexpr int V = 2;
     static __device__ __forceinline__ void load(const double* __restrict__ p, double* v) {
+        PWCONV_CUDA_CHECK_ALIGNED(p);
         const double2 q = *reinterpret_cast<const double2*>(p);
         v[0] = q.x;
         v[1] = q.y;
