@@ -325,8 +325,17 @@ class CupyBackend:
         return int(self._cupy.cuda.Device().mem_info[1])
 
     def max_shared_bytes(self) -> int:
-        """Dynamic shared memory a block of the current device can opt into."""
-        return int(self._cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
+        """Dynamic shared memory a block of the current device can opt into
+        (cudaDevAttrMaxSharedMemoryPerBlockOptin; 48 KiB where it cannot be read)."""
+        device = self._cupy.cuda.Device()
+        try:
+            return int(device.attributes["MaxSharedMemoryPerBlockOptin"])
+        except KeyError:
+            pass
+        try:
+            return int(self._cupy.cuda.runtime.deviceGetAttribute(97, device.id))
+        except Exception:  # noqa: BLE001 - any failure: the limit every device has
+            return DEFAULT_SHARED_BYTES
 
     def check_status(self, status, what: str) -> None:
         """Raise when a kernel flagged an inconsistency in its status word."""
