@@ -20,6 +20,8 @@ variant's):
 * ``tiles``, ``tiles2``: the one pass as kernel_map_tiled, each cloud's coordinates (and with
   tiles2 its cells) in shared memory (PWCONV_CUDA_MAP_TILES=1 or 2, opt-in; the 1M-point cloud
   is too big for it and keeps kernel_map_once);
+* ``last``: the one pass's scratch sized from the last maps of the kind instead of a sampled
+  count (PWCONV_CUDA_MAP_CAPACITY=last, opt-in);
 * several joined by ``+`` (``tiles+slots+k3``).
 
 A variant may be named more than once: on the H200 the first process measured ran 5-10 %
@@ -47,6 +49,8 @@ def measure(variant: str) -> dict:
         os.environ["PWCONV_CUDA_MAP_PASSES"] = "two"
     if "slots" in parts:  # read when a grid is built
         os.environ["PWCONV_CUDA_ROW_SLOTS"] = "1"
+    if "last" in parts:  # read when a map is made
+        os.environ["PWCONV_CUDA_MAP_CAPACITY"] = "last"
     if "tiles" in parts or "tiles2" in parts:  # read when a map is made
         os.environ["PWCONV_CUDA_MAP_TILES"] = "2" if "tiles2" in parts else "1"
     import numpy as np
@@ -68,7 +72,7 @@ def measure(variant: str) -> dict:
             defines.append(f"-DPWCONV_CUDA_ROW_BATCH={part[1:]}")
         elif part[:1] == "c":
             factor = float(part[1:])
-        elif part not in ("none", "k3", "two", "slots", "tiles", "tiles2"):
+        elif part not in ("none", "k3", "two", "slots", "tiles", "tiles2", "last"):
             raise SystemExit(f"unknown variant {part!r}")
     if defines:
         _backend.compile_options = \

@@ -1119,6 +1119,9 @@ def _emulate_property(be, max_examples: int = 80):
         tile_queries = draw(st.sampled_from([_search.TILE_QUERIES, 5, 64]))
         # features and gradients in arrays whose first element is not 16-byte aligned
         misaligned = draw(st.booleans())
+        # the one pass's scratch from a sample, or from the last maps of the kind (another
+        # example's: often short, then the fill pass)
+        capacity_mode = draw(st.sampled_from(["sample", "last"]))
         # the map alone, or made after another dilation's in the same launches
         before = draw(st.sampled_from([(), (1,), (3, 2)]))
         # the maps' search: count + fill, or one pass with its scratch sized from every query,
@@ -1130,7 +1133,8 @@ def _emulate_property(be, max_examples: int = 80):
                                          (7, _search.CAPACITY_MARGIN, 0),
                                          (_search.CAPACITY_SAMPLE, 0.5, 0)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, (chunk, means_bytes), (row_sort, slots, tiles, tile_queries, misaligned), \
+            short, (chunk, means_bytes), (row_sort, slots, tiles, tile_queries, misaligned,
+                                          capacity_mode), \
             (wgrad, loads, igrad, order, transpose), before, \
             (passes, capacity, sort_lanes), draw(strategies.seeds)
 
@@ -1139,8 +1143,8 @@ def _emulate_property(be, max_examples: int = 80):
     @given(cases())
     def check(case):
         (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, (chunk, means_bytes),
-         (row_sort, slots, tiles, tile_queries, misaligned), (wgrad, loads, igrad, order,
-                                                              transpose), before,
+         (row_sort, slots, tiles, tile_queries, misaligned, capacity_mode),
+         (wgrad, loads, igrad, order, transpose), before,
          (passes, capacity, sort_lanes), seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES = short, chunk, means_bytes
         os.environ[_search.MAP_PASSES_ENV] = passes
@@ -1154,6 +1158,7 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ[_conv.TRANSPOSE_ENV] = transpose
         os.environ[_search.ROW_SLOTS_ENV] = slots
         os.environ[_search.MAP_TILES_ENV] = tiles
+        os.environ[_search.MAP_CAPACITY_ENV] = capacity_mode
         _search.TILE_QUERIES = tile_queries
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
@@ -1269,6 +1274,7 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ.pop(_conv.TRANSPOSE_ENV, None)
         os.environ.pop(_search.ROW_SLOTS_ENV, None)
         os.environ.pop(_search.MAP_TILES_ENV, None)
+        os.environ.pop(_search.MAP_CAPACITY_ENV, None)
     return {"scenario": "property", "examples": max_examples}
 
 
@@ -1339,6 +1345,40 @@ def test_emulated_searches_with_other_row_batches(batch, slots, tiles):
         assert not any(r["tiled_search"] for r in reports), reports
 
 
+def test_emulated_maps_sized_from_the_last(emulator_lib, monkeypatch):
+    """PWCONV_CUDA_MAP_CAPACITY=last: the first maps of a kind count a sample to size the one
+    pass's scratch, the next ones use the pairs per query of the last (no sample count), and a
+    short estimate (the last maps' batch was sparser) falls back to the fill pass: the same maps
+    every time."""
+    import oracles
+
+    from pwconv_cy.cuda import _search
+    from pwconv_cy.neighbors import _cell_dtype
+
+    be = EmulatedBackend(emulator_lib)
+    monkeypatch.setenv(_search.MAP_CAPACITY_ENV, "last")
+    monkeypatch.setattr(_search, "_LAST_PAIRS_PER_QUERY", {})
+    rng = np.random.default_rng(3)
+    # about 16 and 2 neighbours per point (rows within SHORT_ROW: the one pass applies)
+    dense, sparse = (np.ascontiguousarray(rng.random((600, 3)) * side) for side in (2.0, 4.0))
+    offsets = np.array([0, 600], dtype=np.int64)
+    for points, want_sample, want_fill in ((sparse, True, False), (sparse, False, False),
+                                           (dense, False, True), (dense, False, False)):
+        start = len(be.launches)
+        grid = _search.build_grid(be, points, offsets, 0.2)
+        (splits, index, cell, _, _), = _search.kernel_maps_arrays(
+            be, grid, 0.2, 3, (1,), _cell_dtype(3), 1 << 40)
+        ran = be.launches[start:]
+        counts = [n for n in ran if n.startswith("kernel_map_pass<") and n.endswith(", 0>")]
+        fills = [n for n in ran if n.startswith("kernel_map_pass<") and n.endswith(", 1>")]
+        assert bool(counts) == want_sample, ran
+        assert bool(fills) == want_fill, ran
+        om = oracles.kernel_map(points, 0.2, 3, 1, offsets)
+        np.testing.assert_array_equal(splits, om.splits)
+        np.testing.assert_array_equal(index, om.index)
+        np.testing.assert_array_equal(cell.astype(np.int64), om.cell)
+
+
 def test_emulated_weight_chunks_in_pieces():
     """conv_weight_chunks sorts a chunk's entries by cell PWCONV_CUDA_CHUNK_ENTRIES at a time (a
     -D knob, 1,024 shipped): 32 at a time, every chunk of the scenarios' maps in many pieces, the
@@ -1381,7 +1421,8 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_conv.TRANSPOSE_ENV, _conv.transpose_mode, {"rank": "rank", "SORT": "sort"},
              "sort"),
             (_search.ROW_SLOTS_ENV, _search.row_slots_mode, {"1": True, "off": False}, False),
-            (_search.MAP_TILES_ENV, _search.map_tiles_mode, {"1": 1, " 2 ": 2}, 0)):
+            (_search.MAP_TILES_ENV, _search.map_tiles_mode, {"1": 1, " 2 ": 2}, 0),
+            (_search.MAP_CAPACITY_ENV, _search.map_capacity_mode, {"LAST": "last"}, "sample")):
         monkeypatch.delenv(env, raising=False)
         assert fn() == default, env
         for value, want in good.items():

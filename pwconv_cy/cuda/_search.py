@@ -117,6 +117,19 @@ CAPACITY_SAMPLE = 8192
 CAPACITY_MARGIN = 1.125
 CAPACITY_SLACK = 32 * SHORT_ROW
 
+#: PWCONV_CUDA_MAP_CAPACITY=last (opt-in) sizes the scratch from the pairs per query of the last
+#: maps made with the same kernel, dilations, voxel and cell sizes (a training loop's previous
+#: batch), times CAPACITY_MARGIN plus CAPACITY_SLACK, instead of counting a sample first (one
+#: search launch of few threads, and a host synchronisation); the first such maps still count
+#: a sample.  The maps are the same either way: a short estimate runs the fill pass.
+MAP_CAPACITY_ENV = "PWCONV_CUDA_MAP_CAPACITY"
+_LAST_PAIRS_PER_QUERY: dict = {}
+
+
+def map_capacity_mode() -> str:
+    """PWCONV_CUDA_MAP_CAPACITY: "sample" (default) or "last"."""
+    return env_choice(MAP_CAPACITY_ENV, ("sample", "last"), "sample")
+
 
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
 #: Threads per row of sort_rows_by_rank (any positive number; the results do not depend on
@@ -498,8 +511,17 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     what = "kernel_map (GPU)" if n_maps == 1 else f"kernel_maps (GPU, {n_maps} dilations)"
     keys = counts = grouped = None
     once = None
+    remember = None  # the key under which this call's pairs per query are kept ("last")
     if m and map_passes_mode() == "one" and row_sort_mode() == "rank":
-        capacity = _scratch_capacity(be, k, head, n_maps)
+        capacity = None
+        if map_capacity_mode() == "last":
+            remember = (k, tuple(dilations), float(voxel_size), grid.cell_size,
+                        queries is None)
+            if remember in _LAST_PAIRS_PER_QUERY:
+                capacity = int(m * _LAST_PAIRS_PER_QUERY[remember] * float(CAPACITY_MARGIN)) \
+                    + int(CAPACITY_SLACK)
+        if capacity is None:
+            capacity = _scratch_capacity(be, k, head, n_maps)
         if capacity is not None and pair_bytes * capacity + counts_bytes <= budget:
             tiles = _tile_plan(be, grid, query_offsets if queries is not None else grid.offsets)
             once = _search_once(be, k, head, grid_dim, rows, capacity, tiles)
@@ -511,6 +533,10 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
         splits, firsts, longest = _scan(be, row_len, every=max(m, 1))
     n_pairs = int(firsts[-1])  # firsts[d]: where map d's entries start
     del row_len
+    if remember is not None:
+        if len(_LAST_PAIRS_PER_QUERY) >= 64 and remember not in _LAST_PAIRS_PER_QUERY:
+            _LAST_PAIRS_PER_QUERY.clear()  # a few kinds of maps are expected: keep it small
+        _LAST_PAIRS_PER_QUERY[remember] = n_pairs / m
     _budget_check(n_pairs, pair_bytes * n_pairs + counts_bytes, budget, what,
                   "reduce voxel_size, kernel_size or dilation, or split the batch"
                   + ("" if n_maps == 1 else ", or make fewer maps per call"))
