@@ -26,6 +26,7 @@ __all__ = [
     "compile_options",
     "debug_enabled",
     "env_choice",
+    "env_flag",
     "get_backend",
     "include_dir",
     "kernel_source",
@@ -184,6 +185,17 @@ def env_choice(name: str, choices: tuple, default: str) -> str:
         allowed = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return value
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The on/off environment switch `name`: 1 / true / yes / on or 0 / false / no / off (any
+    case, trimmed; unset or empty: `default`); ValueError naming the variable otherwise."""
+    fallback = "1" if default else "0"
+    value = os.environ.get(name, fallback).strip().lower() or fallback
+    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"{name} must be {fallback} (the default) or {1 - int(fallback)}, "
+                         f"got {value!r}")
+    return value in ("1", "true", "yes", "on")
 
 
 def debug_enabled() -> bool:

@@ -44,14 +44,13 @@ adds them in block order.  No floating-point atomics: bit-identical results from
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from pwconv_cy.cuda._backend import (
     THREAD_OUTPUTS,
     conv_name,
     env_choice,
+    env_flag,
     order_name,
     rows_name,
     thread_name,
@@ -232,10 +231,7 @@ def deterministic() -> bool:
     gradient then adds straight over the map with floating-point atomics (conv_entries_scatter:
     no transposed map, last bits varying from run to run).  True by default: every result
     bit-identical from run to run."""
-    value = os.environ.get(DETERMINISTIC_ENV, "1").strip().lower() or "1"
-    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-        raise ValueError(f"{DETERMINISTIC_ENV} must be 1 (the default) or 0, got {value!r}")
-    return value not in ("0", "false", "no", "off")
+    return env_flag(DETERMINISTIC_ENV, True)
 
 
 def operator_scheme() -> str:
@@ -761,8 +757,8 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
         return dw
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
     plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
-    chunks = chunks_plan(n_cells, c_in, c_out, depthwise, km.cell.dtype)
-    if scheme == "entries" and weight_grad_mode() == "chunks" and chunks is not None:
+    if scheme == "entries" and weight_grad_mode() == "chunks" and (
+            chunks := chunks_plan(n_cells, c_in, c_out, depthwise, km.cell.dtype)) is not None:
         _weight_by_chunks(be, km, x, dy, c_in, c_out, depthwise, chunks, dw)
         return dw
     if scheme == "entries" and not depthwise and weight_grad_mode() == "means":

@@ -32,6 +32,7 @@ from pwconv_cy.cuda._backend import (
     counts_name,
     digest_name,
     env_choice,
+    env_flag,
     kernel_map_name,
     kernel_map_once_name,
     kernel_map_tiled_name,
@@ -65,10 +66,7 @@ ROW_SLOTS_ENV = "PWCONV_CUDA_ROW_SLOTS"
 def row_slots_mode() -> bool:
     """True when PWCONV_CUDA_ROW_SLOTS asks for the pairs layout of the row table (1 / true /
     yes / on; 0 / false / no / off or unset: the split layout)."""
-    value = os.environ.get(ROW_SLOTS_ENV, "0").strip().lower() or "0"
-    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-        raise ValueError(f"{ROW_SLOTS_ENV} must be 0 (the default) or 1, got {value!r}")
-    return value in ("1", "true", "yes", "on")
+    return env_flag(ROW_SLOTS_ENV, False)
 #: How the fill passes' short rows are sorted: "rank" (default: sort_rows_by_rank, a warp per
 #: row, after the fill) or "thread" (each fill thread sorts its own row in place).  Same results.
 ROW_SORT_ENV = "PWCONV_CUDA_ROW_SORT"
@@ -518,8 +516,7 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
             remember = (k, tuple(dilations), float(voxel_size), grid.cell_size,
                         queries is None)
             if remember in _LAST_PAIRS_PER_QUERY:
-                capacity = int(m * _LAST_PAIRS_PER_QUERY[remember] * float(CAPACITY_MARGIN)) \
-                    + int(CAPACITY_SLACK)
+                capacity = _with_margin(m * _LAST_PAIRS_PER_QUERY[remember])
         if capacity is None:
             capacity = _scratch_capacity(be, k, head, n_maps)
         if capacity is not None and pair_bytes * capacity + counts_bytes <= budget:
@@ -609,7 +606,12 @@ def _scratch_capacity(be, k: int, head: tuple, n_maps: int):
     total, longest = (int(v) for v in be.to_host(xp.stack([row_len.sum(), row_len.max()])))
     if longest > SHORT_ROW:
         return None
-    estimate = total * (m / m_s)
+    return _with_margin(total * (m / m_s))
+
+
+def _with_margin(estimate: float) -> int:
+    """Scratch keys for an estimated number of pairs: CAPACITY_MARGIN times it plus
+    CAPACITY_SLACK."""
     return int(estimate * float(CAPACITY_MARGIN)) + int(CAPACITY_SLACK)
 
 

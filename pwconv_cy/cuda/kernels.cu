@@ -624,8 +624,8 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
         double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y,            \
         long long cmax_z, const long long *row_cell_begin,                                     \
         const unsigned long long *table_keys, const long long *table_rows, int table_bits,     \
-        int table_slots, /* kernels; axis_d (n_maps, 2K): kernel_axis_differences' start_d then end_d of each   \
-           map's dilation (kernel_axis_diffs) */                                                \
+        int table_slots, /* kernels; axis_d (n_maps, 2K): kernel_axis_differences' start_d */  \
+        /* then end_d of each map's dilation (kernel_axis_diffs) */                             \
         double voxel_size, int kernel_size, const int *dilations, int cell_bits,               \
         const double *axis_d_all
 #define PWCONV_CUDA_KERNEL_MAP_ARGS                                                               \
