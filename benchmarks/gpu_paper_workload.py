@@ -26,9 +26,10 @@ sorts (PWCONV_CUDA_TRANSPOSE=rank), the kernel maps also by count + fill passes
 (PWCONV_CUDA_MAP_PASSES=two), with the fill threads sorting their own rows
 (PWCONV_CUDA_ROW_SORT=thread), with the row table as (key, cells) pairs
 (PWCONV_CUDA_ROW_SLOTS=1) and with each cloud's coordinates (and cells) in shared memory too
-(PWCONV_CUDA_MAP_TILES=1, 2), with the one pass's scratch sized from the last maps
-(PWCONV_CUDA_MAP_CAPACITY=last), and a breakdown times the grid, each
-map, the per-call checks and each kernel stage of every layer (the rows scheme's beside them).
+(PWCONV_CUDA_MAP_TILES=1, 2), each cloud's coordinates, cells and grid rows there
+(PWCONV_CUDA_MAP_TILES=3), with the one pass's scratch sized from the last maps
+(PWCONV_CUDA_MAP_CAPACITY=last), and a breakdown times the grid (also with its cells from one
+scan: PWCONV_CUDA_GRID_BUILD=scan), each map, the per-call checks and each kernel stage of every layer (the rows scheme's beside them).
 
 Both are checked first: identical pair counts per layer and outputs / weight gradients equal
 within float32 rounding.  Also timed: the kernel map of one 1,000,000-point sphere-surface cloud
@@ -241,6 +242,9 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
     points64 = pw.points.astype(cupy.float64)
     out["grid (NeighborIndex)"] = time_cuda(
         lambda: cuda.NeighborIndex(pw.points, VOXEL, offsets=pw.offsets), warmup, runs)
+    with _env(_search.GRID_BUILD_ENV, "scan"):  # cells, rows, clouds from one scan (opt-in)
+        out["grid (NeighborIndex), one scan"] = time_cuda(
+            lambda: cuda.NeighborIndex(pw.points, VOXEL, offsets=pw.offsets), warmup, runs)
     index = cuda.NeighborIndex(pw.points, VOXEL, offsets=pw.offsets)
     for (_, _, s), km in zip(LAYERS, kms):
         out[f"kernel map s={s} ({km.n_pairs:,} pairs)"] = time_cuda(
@@ -655,6 +659,8 @@ def main(argv=None) -> int:
             record["kernel_maps_tiles_slots"] = time_cuda(pw.kernel_maps, warmup, runs)
         with _env(_search.MAP_TILES_ENV, "2"):  # their cells too
             record["kernel_maps_tiles2_slots"] = time_cuda(pw.kernel_maps, warmup, runs)
+    with _env(_search.MAP_TILES_ENV, "3"):  # their cells and grid rows too (opt-in)
+        record["kernel_maps_tiles3"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.ROW_TABLE_ENV, "0"):  # the grid rows found by binary search, as before
         record["kernel_maps_without_row_table"] = time_cuda(pw.kernel_maps, warmup, runs)
     # the previous GPU code's schemes: by-cell operator, rows found by binary search
@@ -721,6 +727,8 @@ def main(argv=None) -> int:
     }
     with _env(_search.MAP_PASSES_ENV, "two"):  # at 19:42 (two passes) this map took 2.18 ms
         record["sphere_1m"]["kernel_map_two_passes"] = time_cuda(big_map, 1, big_runs)
+    with _env(_search.GRID_BUILD_ENV, "scan"):  # the grid's cells from one scan (opt-in)
+        record["sphere_1m"]["grid_build_scan"] = time_cuda(big_grid, 1, big_runs)
     km = holder["km"]
     record["sphere_1m"]["pairs"] = km.n_pairs
     record["sphere_1m"]["mean_neighbours"] = km.n_pairs / big_n
@@ -761,7 +769,9 @@ def main(argv=None) -> int:
           f"{fmt_ms(record['kernel_maps_row_slots']['median_s'])}; and each cloud in shared "
           f"memory (PWCONV_CUDA_MAP_TILES=1): "
           f"{fmt_ms(record['kernel_maps_tiles_slots']['median_s'])}, with their cells (=2): "
-          f"{fmt_ms(record['kernel_maps_tiles2_slots']['median_s'])}")
+          f"{fmt_ms(record['kernel_maps_tiles2_slots']['median_s'])}; cells and grid rows in "
+          f"shared memory (PWCONV_CUDA_MAP_TILES=3): "
+          f"{fmt_ms(record['kernel_maps_tiles3']['median_s'])}")
     print(f"kernel maps one after the other (kernel_map per layer): "
           f"{fmt_ms(record['kernel_maps_one_by_one']['median_s'])}")
     for name, sch in schemes.items():
@@ -778,7 +788,8 @@ def main(argv=None) -> int:
           f"per point; grid {fmt_ms(s1m['grid_build']['median_s']).strip()}, kernel map "
           f"{fmt_ms(s1m['kernel_map']['median_s']).strip()}, both "
           f"{fmt_ms(s1m['grid_plus_kernel_map']['median_s']).strip()}; the map by count + fill "
-          f"passes {fmt_ms(s1m['kernel_map_two_passes']['median_s']).strip()}")
+          f"passes {fmt_ms(s1m['kernel_map_two_passes']['median_s']).strip()}; the grid from one "
+          f"scan (PWCONV_CUDA_GRID_BUILD=scan) {fmt_ms(s1m['grid_build_scan']['median_s']).strip()}")
     print("paper (CPU, 16 threads): forward 1272 ms, backward 2423 ms")
 
     path = results_path()

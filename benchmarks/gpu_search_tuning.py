@@ -5,6 +5,8 @@ variant's):
 * ``none``: as shipped;
 * ``N`` (a number): compiled with ``__launch_bounds__(128, N)`` (kernels.cu's
   PWCONV_CUDA_SEARCH_MIN_BLOCKS, given to NVRTC as -D): the register budget;
+* ``tbN`` (tb1, tb3, tb4): kernel_map_tiled compiled for N resident blocks per multiprocessor
+  instead of 2 (PWCONV_CUDA_TILE_MIN_BLOCKS, -D): its register budget;
 * ``k3``: the kernel size 3 compiled as a constant (PWCONV_CUDA_SPECIALISE_K=3, opt-in);
 * ``two``: the maps by count + fill passes (PWCONV_CUDA_MAP_PASSES=two) instead of one pass;
 * ``k3-two``: both;
@@ -17,9 +19,12 @@ variant's):
   (PWCONV_CUDA_ROW_SLOTS=1, opt-in);
 * ``cF`` (c1.5, c2): the grid's cells F times the voxel's edge (``NeighborIndex(points,
   F * v)``; any cell size gives the same maps): fewer grid rows per query, more points per cell;
-* ``tiles``, ``tiles2``: the one pass as kernel_map_tiled, each cloud's coordinates (and with
-  tiles2 its cells) in shared memory (PWCONV_CUDA_MAP_TILES=1 or 2, opt-in; the 1M-point cloud
-  is too big for it and keeps kernel_map_once);
+* ``tiles``, ``tiles2``, ``tiles3``: the one pass as kernel_map_tiled, each cloud's
+  coordinates (with tiles2 its cells too, with tiles3 its grid rows too) in shared memory
+  (PWCONV_CUDA_MAP_TILES=1, 2 or 3, opt-in; the 1M-point cloud is too big for it and keeps
+  kernel_map_once);
+* ``scan``: the grid's cells, rows and clouds' first cells from one scan and one kernel
+  (PWCONV_CUDA_GRID_BUILD=scan, opt-in; the maps timed here include the grid);
 * ``last``: the one pass's scratch sized from the last maps of the kind instead of a sampled
   count (PWCONV_CUDA_MAP_CAPACITY=last, opt-in);
 * several joined by ``+`` (``tiles+slots+k3``).
@@ -49,10 +54,13 @@ def measure(variant: str) -> dict:
         os.environ["PWCONV_CUDA_MAP_PASSES"] = "two"
     if "slots" in parts:  # read when a grid is built
         os.environ["PWCONV_CUDA_ROW_SLOTS"] = "1"
+    if "scan" in parts:  # read when a grid is built
+        os.environ["PWCONV_CUDA_GRID_BUILD"] = "scan"
     if "last" in parts:  # read when a map is made
         os.environ["PWCONV_CUDA_MAP_CAPACITY"] = "last"
-    if "tiles" in parts or "tiles2" in parts:  # read when a map is made
-        os.environ["PWCONV_CUDA_MAP_TILES"] = "2" if "tiles2" in parts else "1"
+    for mode, part in (("1", "tiles"), ("2", "tiles2"), ("3", "tiles3")):
+        if part in parts:  # read when a map is made
+            os.environ["PWCONV_CUDA_MAP_TILES"] = mode
     import numpy as np
 
     sys.path.insert(0, str(HERE))
@@ -66,13 +74,16 @@ def measure(variant: str) -> dict:
     for part in parts:
         if part.isdigit():
             defines.append(f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={part}")
+        elif part[:2] == "tb" and part[2:].isdigit():
+            defines.append(f"-DPWCONV_CUDA_TILE_MIN_BLOCKS={part[2:]}")
         elif part[:1] == "r" and part[1:].isdigit():
             _search.SORT_LANES = int(part[1:])
         elif part[:1] == "b" and part[1:].isdigit():
             defines.append(f"-DPWCONV_CUDA_ROW_BATCH={part[1:]}")
         elif part[:1] == "c":
             factor = float(part[1:])
-        elif part not in ("none", "k3", "two", "slots", "tiles", "tiles2", "last"):
+        elif part not in ("none", "k3", "two", "slots", "tiles", "tiles2", "tiles3", "last",
+                          "scan"):
             raise SystemExit(f"unknown variant {part!r}")
     if defines:
         _backend.compile_options = \

@@ -489,6 +489,7 @@ class EmulatedBackend:
         self.lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
             ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
         self.launches = []
+        self.tiled_row_launches = 0  # kernel_map_tiled launches with the rows in shared memory
         self.reversed = False  # run barrier-free kernels last thread first (see emu_launch)
 
     def launch(self, name, grid, block, args, shared_mem=0):
@@ -519,6 +520,8 @@ class EmulatedBackend:
             raise AssertionError(f"{name}: {shared_mem} bytes of dynamic shared memory, more than "
                                  f"the emulator's {EMU_DYNAMIC_SHARED_BYTES}")
         self.launches.append(name)
+        if name.startswith("kernel_map_tiled<") and int(args[-1]) > 0:  # its tile_row_bits
+            self.tiled_row_launches += 1
         rc = self.lib.emu_launch(name.encode(), *grid, *block, threaded, int(self.reversed),
                                  params)
         if rc != 0:
@@ -651,6 +654,45 @@ OPERATOR_VARIANTS = (
     ("auto", True, "rows", "broadcast", "gather", "map", "sort"))
 
 
+def _host(a):
+    """A NumPy copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def _assert_same_grid(a, b, what):
+    """Two grids of the same points hold the same arrays (the row tables' slots aside: where
+    colliding keys land depends on the schedule)."""
+    for field in ("x", "y", "z", "order", "cell_start", "cell_x", "cell_y", "cell_z",
+                  "cloud_cell_begin", "origin", "row_cell_begin"):
+        np.testing.assert_array_equal(_host(getattr(a, field)), _host(getattr(b, field)),
+                                      err_msg=f"{what}: grid {field}")
+    assert (a.cmax, a.table_bits, a.table_slots) == (b.cmax, b.table_bits, b.table_slots), what
+
+
+def _other_grid_build(be, points, offsets, cell_size):
+    """The grid built the other way (PWCONV_CUDA_GRID_BUILD: scan <-> nonzero)."""
+    from pwconv_cy.cuda import _search
+
+    other = "nonzero" if _search.grid_build_mode() == "scan" else "scan"
+    before = os.environ.get(_search.GRID_BUILD_ENV)
+    os.environ[_search.GRID_BUILD_ENV] = other
+    try:
+        return _search.build_grid(be, points, offsets, cell_size)
+    finally:
+        if before is None:
+            os.environ.pop(_search.GRID_BUILD_ENV)
+        else:
+            os.environ[_search.GRID_BUILD_ENV] = before
+
+
+def _assert_lower_corners(grid, points, offsets, what):
+    """The grid's origin is each cloud's per-axis minimum (0 for an empty cloud), exactly."""
+    p = np.asarray(points, dtype=np.float64)
+    want = np.array([p[a:b].min(axis=0) if b > a else np.zeros(3)
+                     for a, b in zip(offsets[:-1], offsets[1:])]).reshape(-1, 3)
+    np.testing.assert_array_equal(np.asarray(grid.origin), want, err_msg=f"{what}: origin")
+
+
 def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
     """Runs one scenario through the GPU orchestration on the emulator (the operator too, with
     each of `variants`, unless operator=False: the searches only); returns a report."""
@@ -663,7 +705,11 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
     p, offsets, q, q_offsets, v, k, s = scenario_clouds(name, rng)
     offsets = np.array([0, len(p)]) if offsets is None else np.asarray(offsets)
     first_launch = len(be.launches)  # this scenario's launches start here
+    first_tiled_rows = be.tiled_row_launches
     grid = _search.build_grid(be, np.ascontiguousarray(p), offsets.astype(np.int64), v)
+    _assert_lower_corners(grid, p, offsets, name)
+    _assert_same_grid(grid, _other_grid_build(be, np.ascontiguousarray(p),
+                                              offsets.astype(np.int64), v), name)
     splits, index, cell = _search.kernel_map_arrays(
         be, grid, v, k, s, _cell_dtype(k), 1 << 40, None if q is None else np.ascontiguousarray(q),
         q_offsets)
@@ -689,6 +735,7 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
     ran = {n.split("<")[0] for n in be.launches[first_launch:]}
     report["tiled_search"] = "kernel_map_tiled" in ran
     report["once_search"] = "kernel_map_once" in ran
+    report["tiled_rows"] = be.tiled_row_launches > first_tiled_rows
     assert grid.table_slots == (grid.table_bits > 0 and _search.row_slots_mode()), \
         "the row table's layout is not the one PWCONV_CUDA_ROW_SLOTS asks for"
     # several maps of one grid made together (one launch per pass, map d = grid row d): each
@@ -1103,7 +1150,9 @@ def _emulate_property(be, max_examples: int = 80):
         short = draw(st.sampled_from([_search.SHORT_ROW, 3]))
         # the weight gradient's chunks: one per cell, or many (each cell's sum over several)
         chunk = draw(st.sampled_from([_conv.CELL_CHUNK, 1, 3]))
-        row_sort = draw(st.sampled_from(["rank", "thread"]))  # who sorts the filled short rows
+        # who sorts the filled short rows ("rank" twice as often: only it takes the one pass, and
+        # with it the tiled searches)
+        row_sort = draw(st.sampled_from(["rank", "rank", "thread"]))
         # the entries' weight-gradient kernels
         wgrad = draw(st.sampled_from(["rows", "cells", "means", "chunks"]))
         # "means": its rows in one chunk, one row per chunk, or a few rows per chunk
@@ -1113,8 +1162,9 @@ def _emulate_property(be, max_examples: int = 80):
         igrad = draw(st.sampled_from(["gather", "fixed"]))  # the deterministic input gradient
         transpose = draw(st.sampled_from(["sort", "rank"]))  # how the transposed map is made
         slots = draw(st.sampled_from(["0", "1"]))  # the grid's row table: split, or pairs
-        # the one pass with clouds' coordinates (1) and cells (2) in shared memory
-        tiles = draw(st.sampled_from(["0", "1", "2"]))
+        # the one pass with clouds' coordinates (1), cells (2) and grid rows (3) in shared memory
+        # (3, which runs the most code, twice as often)
+        tiles = draw(st.sampled_from(["0", "1", "2", "3", "3"]))
         # its queries per block: each cloud's in one block, or in several
         tile_queries = draw(st.sampled_from([_search.TILE_QUERIES, 5, 64]))
         # features and gradients in arrays whose first element is not 16-byte aligned
@@ -1126,8 +1176,11 @@ def _emulate_property(be, max_examples: int = 80):
         before = draw(st.sampled_from([(), (1,), (3, 2)]))
         # the maps' search: count + fill, or one pass with its scratch sized from every query,
         # from a sample (every second or third), or too small (the fill pass after all)
-        passes = draw(st.sampled_from(["one", "two"]))
+        passes = draw(st.sampled_from(["one", "one", "two"]))
         sort_lanes = draw(st.sampled_from([32, 8, 3]))  # sort_rows_by_rank's threads per row
+        # points per block of cloud_lower_corner: one block a cloud, or several and a merge
+        corner_chunk = draw(st.sampled_from([_search.LOWER_CORNER_CHUNK, 4, 33]))
+        grid_build = draw(st.sampled_from(["nonzero", "scan"]))  # the cells by which way
         order = draw(st.sampled_from(["map", "cells"]))  # conv_entries or conv_groups
         capacity = draw(st.sampled_from([(_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, 0),
                                          (7, _search.CAPACITY_MARGIN, 0),
@@ -1136,7 +1189,7 @@ def _emulate_property(be, max_examples: int = 80):
             short, (chunk, means_bytes), (row_sort, slots, tiles, tile_queries, misaligned,
                                           capacity_mode), \
             (wgrad, loads, igrad, order, transpose), before, \
-            (passes, capacity, sort_lanes), draw(strategies.seeds)
+            (passes, capacity, sort_lanes, corner_chunk, grid_build), draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
@@ -1145,10 +1198,11 @@ def _emulate_property(be, max_examples: int = 80):
         (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, (chunk, means_bytes),
          (row_sort, slots, tiles, tile_queries, misaligned, capacity_mode),
          (wgrad, loads, igrad, order, transpose), before,
-         (passes, capacity, sort_lanes), seed) = case
+         (passes, capacity, sort_lanes, corner_chunk, grid_build), seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES = short, chunk, means_bytes
         os.environ[_search.MAP_PASSES_ENV] = passes
         _search.SORT_LANES = sort_lanes
+        _search.LOWER_CORNER_CHUNK = corner_chunk
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = capacity
         os.environ[_search.ROW_SORT_ENV] = row_sort
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
@@ -1159,11 +1213,15 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ[_search.ROW_SLOTS_ENV] = slots
         os.environ[_search.MAP_TILES_ENV] = tiles
         os.environ[_search.MAP_CAPACITY_ENV] = capacity_mode
+        os.environ[_search.GRID_BUILD_ENV] = grid_build
         _search.TILE_QUERIES = tile_queries
         p, offsets = batch.points, batch.offsets
         q = None if queries is None else queries.points
         q_off = None if queries is None else queries.offsets
         grid = _search.build_grid(be, np.ascontiguousarray(p), offsets, v)
+        _assert_lower_corners(grid, p, offsets, "property")
+        _assert_same_grid(grid, _other_grid_build(be, np.ascontiguousarray(p), offsets, v),
+                          "property")
         splits, index, cell, entry_counts, grouped = _search.kernel_maps_arrays(
             be, grid, v, k, before + (s,), _cell_dtype(k), 1 << 40,
             None if q is None else np.ascontiguousarray(q), q_off,
@@ -1255,6 +1313,7 @@ def _emulate_property(be, max_examples: int = 80):
     default, default_chunk, default_means = _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES
     default_capacity = (_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK)
     default_sort_lanes = _search.SORT_LANES
+    default_corner_chunk = _search.LOWER_CORNER_CHUNK
     default_tile_queries = _search.TILE_QUERIES
     try:
         check()
@@ -1265,6 +1324,7 @@ def _emulate_property(be, max_examples: int = 80):
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
             default_capacity
         _search.SORT_LANES = default_sort_lanes
+        _search.LOWER_CORNER_CHUNK = default_corner_chunk
         os.environ.pop(_search.MAP_PASSES_ENV, None)
         os.environ.pop(_search.ROW_SORT_ENV, None)
         os.environ.pop(_conv.WEIGHT_GRAD_ENV, None)
@@ -1275,7 +1335,9 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ.pop(_search.ROW_SLOTS_ENV, None)
         os.environ.pop(_search.MAP_TILES_ENV, None)
         os.environ.pop(_search.MAP_CAPACITY_ENV, None)
-    return {"scenario": "property", "examples": max_examples}
+        os.environ.pop(_search.GRID_BUILD_ENV, None)
+    return {"scenario": "property", "examples": max_examples,
+            "tiled_row_launches": be.tiled_row_launches}
 
 
 def _run_emulation(names, lib=None, defines=(), operator=True, variants=OPERATOR_VARIANTS):
@@ -1310,24 +1372,28 @@ def test_emulated_kernels_match_oracles(emulator_lib, scenario):
                     f"{exc.stdout}\n{exc.stderr}")
     assert proc.returncode == 0, (f"emulation of {scenario} failed (rc {proc.returncode}):\n"
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    if scenario == "property":  # the draws reach the opt-in search with the rows in shared memory
+        assert json.loads(proc.stdout.splitlines()[-1])["tiled_row_launches"] > 0, proc.stdout
 
 
 @pytest.mark.parametrize("batch,slots,tiles", [(4, "0", "0"), (3, "1", "1"), (8, "0", "2"),
-                                               (1, "1", "2")])
+                                               (1, "1", "2"), (1, "0", "3"), (4, "1", "3")])
 def test_emulated_searches_with_other_row_batches(batch, slots, tiles):
     """The grid rows a query visits are looked up PWCONV_CUDA_ROW_BATCH at a time (a tuning knob
     given to NVRTC as -D; 1 shipped): 4, 3 (batches cut mid-range) and 8 at a time give the
     oracle's maps too, in the same order, and so does the row table laid out as (key, cells)
     pairs (PWCONV_CUDA_ROW_SLOTS=1), one row or three at a time, and the one pass with each
-    cloud's coordinates, and its cells, in shared memory (PWCONV_CUDA_MAP_TILES=1, 2) (the
-    scenarios' searches, in a fresh process)."""
+    cloud's coordinates, its cells, and its grid rows in shared memory (PWCONV_CUDA_MAP_TILES=1,
+    2, 3) (the scenarios' searches, in a fresh process; the clouds' lower corners from blocks of
+    a few points each and a merge, checked too)."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         pytest.skip(f"no host C++ compiler ({cxx}) to emulate the kernels")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--emulate",
            "random,lattice_s2,lattice_s3_k5,lattice_s4,queries,batch_empty_clouds",
            "--searches-only", "--define", f"PWCONV_CUDA_ROW_BATCH={batch}",
-           "--tile-queries", str(7 * batch)]  # several blocks per cloud
+           "--tile-queries", str(7 * batch),  # several blocks per cloud
+           "--corner-chunk", str(5 * batch)]  # its lower corner from several blocks' minima
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(TESTS),
                           check=False, env=dict(os.environ, PWCONV_CUDA_ROW_SLOTS=slots,
                                                 PWCONV_CUDA_MAP_TILES=tiles))
@@ -1343,6 +1409,9 @@ def test_emulated_searches_with_other_row_batches(batch, slots, tiles):
         assert not any(r["once_search"] for r in reports), reports
     else:
         assert not any(r["tiled_search"] for r in reports), reports
+    # the rows go to shared memory where asked (3), and only there
+    assert [r["tiled_rows"] for r in reports] == [r["tiled_search"] and tiles == "3"
+                                                  for r in reports], reports
 
 
 def test_emulated_maps_sized_from_the_last(emulator_lib, monkeypatch):
@@ -1421,8 +1490,9 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_conv.TRANSPOSE_ENV, _conv.transpose_mode, {"rank": "rank", "SORT": "sort"},
              "sort"),
             (_search.ROW_SLOTS_ENV, _search.row_slots_mode, {"1": True, "off": False}, False),
-            (_search.MAP_TILES_ENV, _search.map_tiles_mode, {"1": 1, " 2 ": 2}, 0),
-            (_search.MAP_CAPACITY_ENV, _search.map_capacity_mode, {"LAST": "last"}, "sample")):
+            (_search.MAP_TILES_ENV, _search.map_tiles_mode, {"1": 1, " 2 ": 2, "3": 3}, 0),
+            (_search.MAP_CAPACITY_ENV, _search.map_capacity_mode, {"LAST": "last"}, "sample"),
+            (_search.GRID_BUILD_ENV, _search.grid_build_mode, {"Scan": "scan"}, "nonzero")):
         monkeypatch.delenv(env, raising=False)
         assert fn() == default, env
         for value, want in good.items():
@@ -1511,7 +1581,7 @@ def _assert_same_map(gk, ck, what):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("scenario", SCENARIOS)
-@pytest.mark.parametrize("row_sort", ["rank", "thread", "rank+tiles+slots"])
+@pytest.mark.parametrize("row_sort", ["rank", "thread", "rank+tiles+slots", "rank+tiles3"])
 def test_gpu_kernel_map_identical_to_cpu(scenario, row_sort, monkeypatch):
     import cupy
 
@@ -1520,9 +1590,10 @@ def test_gpu_kernel_map_identical_to_cpu(scenario, row_sort, monkeypatch):
     from pwconv_cy.cuda import _search
 
     monkeypatch.setenv(_search.ROW_SORT_ENV, row_sort.split("+")[0])
-    if "tiles" in row_sort:  # the opt-in search kernel and row table layout
-        monkeypatch.setenv(_search.MAP_TILES_ENV, "1")
-        monkeypatch.setenv(_search.ROW_SLOTS_ENV, "1")
+    if "tiles" in row_sort:  # the opt-in search kernel and row table layout (3: the clouds'
+        # cells and rows in shared memory too, over the grid's split table)
+        monkeypatch.setenv(_search.MAP_TILES_ENV, "3" if "tiles3" in row_sort else "1")
+        monkeypatch.setenv(_search.ROW_SLOTS_ENV, "0" if "tiles3" in row_sort else "1")
 
     rng = np.random.default_rng(sum(map(ord, scenario)))
     p, offsets, q, q_offsets, v, k, s = scenario_clouds(scenario, rng)
@@ -1566,13 +1637,74 @@ def test_gpu_kernel_map_identical_on_dyadic_lattice(kernel_size, dilation):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_gpu_grid_by_one_scan_is_the_same(scenario, monkeypatch):
+    """PWCONV_CUDA_GRID_BUILD=scan (opt-in: the cells, rows and clouds' first cells from one scan)
+    builds the same grid as the default, array for array, and its maps are the CPU's."""
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _backend, _search
+
+    be = _backend.get_backend()
+    rng = np.random.default_rng(sum(map(ord, scenario)))
+    p, offsets, q, q_offsets, v, k, s = scenario_clouds(scenario, rng)
+    packed = np.array([0, len(p)]) if offsets is None else np.asarray(offsets, dtype=np.int64)
+    points = cupy.asarray(np.ascontiguousarray(p, dtype=np.float64))
+    grid = _search.build_grid(be, points, packed, v)
+    scanned = _other_grid_build(be, points, packed, v)
+    _assert_same_grid(grid, scanned, scenario)
+    monkeypatch.setenv(_search.GRID_BUILD_ENV, "scan")
+    cpu = pwconv_cy.kernel_map(p, v, kernel_size=k, dilation=s, offsets=offsets, queries=q,
+                               query_offsets=q_offsets)
+    dev = cuda.kernel_map(points, v, kernel_size=k, dilation=s, offsets=offsets,
+                          queries=None if q is None else cupy.asarray(q),
+                          query_offsets=q_offsets)
+    _assert_same_map(dev, cpu, f"{scenario}, grid by one scan")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_grid_lower_corners_of_long_clouds():
+    """Each cloud's lower corner (the grid's origin) is its exact per-axis minimum, also for a
+    cloud long enough to be split over many blocks (cloud_lower_corner, then its merge): the
+    minima of x, y and z in different blocks' chunks, one far outlier, empty clouds around; and
+    the map of the long cloud is still the CPU's."""
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _search
+
+    rng = np.random.default_rng(11)
+    n_long = 5 * _search.LOWER_CORNER_CHUNK + 123
+    long_cloud = rng.uniform(-1.0, 1.0, size=(n_long, 3))
+    long_cloud[n_long - 1, 0] = -1.5  # x's minimum in the last chunk
+    long_cloud[_search.LOWER_CORNER_CHUNK + 7, 1] = -1.25  # y's in the second
+    long_cloud[3, 2] = -1e6  # a far outlier: z's minimum in the first
+    short = rng.uniform(2.0, 3.0, size=(50, 3))
+    p = np.concatenate([short, long_cloud, short[:10]])
+    offsets = np.array([0, 0, 50, 50, 50 + n_long, 60 + n_long, 60 + n_long])
+    index = cuda.NeighborIndex(cupy.asarray(p), 0.25, offsets=cupy.asarray(offsets))
+    want = np.array([p[a:b].min(axis=0) if b > a else np.zeros(3)
+                     for a, b in zip(offsets[:-1], offsets[1:])])
+    np.testing.assert_array_equal(cupy.asnumpy(index._grid.origin), want)
+    cpu = pwconv_cy.NeighborIndex(p, 0.25, offsets=offsets)
+    _assert_same_map(index.kernel_map(3, 1), cpu.kernel_map(3, 1), "long cloud with an outlier")
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("way", ["one pass", "one pass, scratch short", "two passes",
-                                 "thread sort", "one pass, tiles and slots"])
+                                 "thread sort", "one pass, tiles and slots",
+                                 "one pass, rows in shared memory"])
 def test_gpu_kernel_map_identical_on_sphere_batch(way, monkeypatch):
     """The paper's layers on a batch of sphere clouds (one shared GPU index), the maps searched
     once (the scratch sized from a sample of every 4th query: 32,768 queries; or sized far too
     small, falling back to the fill pass) or twice (count + fill; the fill threads sorting their
-    own rows)."""
+    own rows); and by the opt-in tiled search, each cloud's coordinates and cells in shared memory
+    over the table's pairs, or its rows there too."""
     import cupy
 
     import pwconv_cy
@@ -1586,6 +1718,12 @@ def test_gpu_kernel_map_identical_on_sphere_batch(way, monkeypatch):
     if way == "one pass, tiles and slots":  # kernel_map_tiled (cells too) over the table's pairs
         monkeypatch.setenv(_search.MAP_TILES_ENV, "2")
         monkeypatch.setenv(_search.ROW_SLOTS_ENV, "1")
+    plans = []
+    if way == "one pass, rows in shared memory":  # kernel_map_tiled: each cloud's rows too
+        monkeypatch.setenv(_search.MAP_TILES_ENV, "3")
+        plan_tiles = _search._tile_plan
+        monkeypatch.setattr(_search, "_tile_plan", lambda *a: plans.append(plan_tiles(*a))
+                            or plans[-1])
 
     rng = np.random.default_rng(7)
     p = rng.standard_normal((16 * 2048, 3))
@@ -1600,6 +1738,8 @@ def test_gpu_kernel_map_identical_on_sphere_batch(way, monkeypatch):
     for s, km in zip((1, 2, 3, 4), index.kernel_maps(3, (1, 2, 3, 4))):
         assert km.dilation == s
         _assert_same_map(km, cpu_index.kernel_map(3, s), f"sphere kernel_maps s={s}")
+    if way == "one pass, rows in shared memory":  # it ran so, not the fallback
+        assert plans and all(plan is not None and plan.row_bits > 0 for plan in plans), plans
 
 
 @pytest.mark.gpu
@@ -1957,11 +2097,15 @@ if __name__ == "__main__":
                         help="only the operator variants with this PWCONV_CUDA_ENTRIES_LOADS")
     parser.add_argument("--tile-queries", type=int, default=None,
                         help="queries per block of kernel_map_tiled (_search.TILE_QUERIES)")
+    parser.add_argument("--corner-chunk", type=int, default=None,
+                        help="points per block of cloud_lower_corner (_search.LOWER_CORNER_CHUNK)")
     opts = parser.parse_args()
-    if opts.tile_queries is not None:
-        from pwconv_cy.cuda import _search
+    from pwconv_cy.cuda import _search
 
+    if opts.tile_queries is not None:
         _search.TILE_QUERIES = opts.tile_queries
+    if opts.corner_chunk is not None:
+        _search.LOWER_CORNER_CHUNK = opts.corner_chunk
     _run_emulation(SCENARIOS if opts.emulate == "all" else opts.emulate.split(","), opts.lib,
                    opts.define, operator=not opts.searches_only,
                    variants=tuple(v for v in OPERATOR_VARIANTS

@@ -6,9 +6,9 @@ scratch buffer (sized from a count over a sample of the queries, so no buffer is
 queries x neighbours); the scan of the counts gives the CSR, and sort_rows_by_rank moves each row
 into place sorted.  Where the scratch estimate falls short or a row exceeds SHORT_ROW, the counts
 are already exact and the fill pass runs as in "two" (count pass, scan, fill pass).  The radius
-search counts and fills.  Opt-in, for timing on a GPU: PWCONV_CUDA_MAP_TILES=1 or 2 (the one
-pass with each cloud's coordinates, or also its cells, in shared memory: kernel_map_tiled) and
-PWCONV_CUDA_ROW_SLOTS=1 (the row table as (key, cells) pairs); the same maps either way.
+search counts and fills.  Opt-in, for timing on a GPU: PWCONV_CUDA_MAP_TILES=1, 2 or 3 (the one
+pass with each cloud's coordinates, also its cells, also its grid rows, in shared memory:
+kernel_map_tiled) and PWCONV_CUDA_ROW_SLOTS=1 (the row table as (key, cells) pairs); the same maps either way.
 
 Works on canonical arrays (validated by the caller) through a backend (``_backend.py``): ``be.xp``
 is the array module, ``be.launch`` runs a kernel of kernels.cu.  The results are the CPU's, bit for
@@ -85,6 +85,19 @@ def row_sort_mode() -> str:
 MAP_PASSES_ENV = "PWCONV_CUDA_MAP_PASSES"
 
 
+#: PWCONV_CUDA_GRID_BUILD=scan (opt-in): the grid's cells, rows and clouds' first cells from one
+#: inclusive scan of the sorted points' cell and row starts and one kernel (one host
+#: synchronisation), instead of flatnonzero over the cell starts, a kernel, a search for the
+#: clouds and flatnonzero over the row starts (three synchronisations, about twelve CuPy calls).
+#: The same grid.
+GRID_BUILD_ENV = "PWCONV_CUDA_GRID_BUILD"
+
+
+def grid_build_mode() -> str:
+    """PWCONV_CUDA_GRID_BUILD: "nonzero" (default) or "scan"."""
+    return env_choice(GRID_BUILD_ENV, ("nonzero", "scan"), "nonzero")
+
+
 def map_passes_mode() -> str:
     """PWCONV_CUDA_MAP_PASSES: "one" (default) or "two"."""
     return env_choice(MAP_PASSES_ENV, ("one", "two"), "one")
@@ -93,8 +106,8 @@ def map_passes_mode() -> str:
 #: PWCONV_CUDA_MAP_TILES (opt-in) runs the one-pass search as kernel_map_tiled: a block per
 #: (cloud, run of TILE_QUERIES queries, map), its cloud's coordinates copied to shared memory
 #: first (1: the coordinates, 24 bytes a point; 2: the cells' x and first point too, 40 bytes a
-#: point), where the largest cloud fits a block's shared memory and the grid has its row table.
-#: The same maps.
+#: point; 3: and a hash table of the cloud's grid rows, 32 bytes or more a row), where the
+#: largest cloud fits a block's shared memory and the grid has its row table.  The same maps.
 MAP_TILES_ENV = "PWCONV_CUDA_MAP_TILES"
 #: Threads per block of kernel_map_tiled (its __launch_bounds__) and queries per block.
 TILE_THREADS = 256
@@ -103,8 +116,8 @@ TILE_QUERIES = 512
 
 def map_tiles_mode() -> int:
     """PWCONV_CUDA_MAP_TILES: 0 (default: kernel_map_once), 1 (kernel_map_tiled, the clouds'
-    coordinates in shared memory) or 2 (their cells too)."""
-    return int(env_choice(MAP_TILES_ENV, ("0", "1", "2"), "0"))
+    coordinates in shared memory), 2 (their cells too) or 3 (and their grid rows)."""
+    return int(env_choice(MAP_TILES_ENV, ("0", "1", "2", "3"), "0"))
 
 
 #: One-pass maps: the scratch buffer is sized from a count pass over about this many queries
@@ -129,6 +142,10 @@ def map_capacity_mode() -> str:
     return env_choice(MAP_CAPACITY_ENV, ("sample", "last"), "sample")
 
 
+#: Points of a cloud per block when finding the clouds' lower corners (cloud_lower_corner): 64
+#: per thread; a longer cloud takes several blocks and a merge.
+LOWER_CORNER_CHUNK = 16384
+
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
 #: Threads per row of sort_rows_by_rank (any positive number; the results do not depend on
 #: it).  A warp per row leaves most lanes idle on rows of ~7-18 entries (the paper workload's),
@@ -141,6 +158,7 @@ WEIGHTS_TALLY_CAP = 8192
 i64 = np.int64
 i32 = np.int32
 f64 = np.float64
+_NULL = np.uint64(0)  # a null pointer argument of a kernel (the kernel tests it)
 
 
 def blocks(n: int, threads: int = THREADS) -> int:
@@ -192,6 +210,9 @@ class DeviceGrid:
     table_rows: object = None
     table_bits: int = 0
     table_slots: int = 0  # 1: table_keys holds (key, the row's cells) pairs (ROW_SLOTS_ENV)
+    # (cloud_row_begin (B + 1,) int64 on the device: each cloud's first row, the most rows of a
+    # cloud): made by the first search that asks for them (PWCONV_CUDA_MAP_TILES=3)
+    cloud_rows: tuple | None = None
 
     @property
     def n_cells(self) -> int:
@@ -221,9 +242,7 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
     cell_size = float(cell_size)
     inv = inverse_cell_size(cell_size)
     offsets_dev = be.to_device(np.ascontiguousarray(offsets, dtype=np.int64))
-    origin = xp.zeros((max(n_clouds, 0), 3), dtype=xp.float64)
-    be.launch("cloud_lower_corner", (n_clouds if n else 0,), (256,),
-              (points, offsets_dev, i64(n_clouds), origin))
+    origin = cloud_lower_corners(be, points, offsets, offsets_dev)
     cloud = xp.empty(n, dtype=xp.int64)
     cxyz = xp.empty((3, n), dtype=xp.int64)  # columns cx, cy, cz
     cmax_dev = xp.zeros(3, dtype=xp.int64)
@@ -241,33 +260,30 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
     cmax = tuple(int(c) for c in be.to_host(cmax_dev))
     rx, ry, rz = cmax[0] + 1, cmax[1] + 1, cmax[2] + 1
     packed = n_clouds * rz * ry * rx <= np.iinfo(np.int64).max  # exact Python integers
+    scan = grid_build_mode() == "scan" and n < (1 << 32)  # the starts' scan packs 32-bit counts
     if packed:
-        key = xp.empty(n, dtype=xp.int64)
+        narrow = n_clouds * rz * ry * rx <= np.iinfo(np.uint32).max  # the same order, half the
+        key = xp.empty(n, dtype=xp.uint32 if narrow and scan else xp.int64)  # radix passes
         be.launch("grid_cell_keys", (blocks(n),), (THREADS,),
-                  (i64(n), cloud, cxyz, i64(rx), i64(ry), i64(rz), key))
-        if n_clouds * rz * ry * rx <= np.iinfo(np.uint32).max:  # the same order, half the
-            key = key.astype(xp.uint32)                          # radix passes
+                  (i64(n), cloud, cxyz, i64(rx), i64(ry), i64(rz), key,
+                   key if narrow and scan else _NULL))
+        if narrow and not scan:
+            key = key.astype(xp.uint32)
         order = be.argsort(key)
         del key
     else:  # cell coordinates too wide to pack: sort the four columns
         order = be.lexsort(xp.stack([cxyz[0], cxyz[1], cxyz[2], cloud]))
     order = xp.ascontiguousarray(order, dtype=xp.int64)
     x, y, z = (xp.empty(n, dtype=xp.float64) for _ in range(3))
-    new_cell = xp.empty(n, dtype=xp.int32)
-    be.launch("grid_sorted_points", (blocks(n),), (THREADS,),
-              (i64(n), order, points, cloud, cxyz, x, y, z, new_cell))
-    first = xp.flatnonzero(new_cell).astype(xp.int64, copy=False)
-    n_cells = int(first.shape[0])
-    cell_start = xp.empty(n_cells + 1, dtype=xp.int64)
-    cell_x, cell_y, cell_z, cell_cloud = (xp.empty(n_cells, dtype=xp.int64) for _ in range(4))
-    new_row = xp.empty(n_cells, dtype=xp.int32)
-    be.launch("grid_cells", (blocks(n_cells + 1),), (THREADS,),
-              (i64(n_cells), i64(n), first, order, cloud, cxyz, cell_start, cell_x, cell_y,
-               cell_z, cell_cloud, new_row))
-    cloud_cell_begin = xp.searchsorted(cell_cloud, xp.arange(n_clouds + 1, dtype=xp.int64),
-                                       side="left").astype(xp.int64)
-    if packed and os.environ.get(ROW_TABLE_ENV, "1").strip() != "0":  # the row key fits too
-        rows = _row_table(be, new_row, cell_cloud, cell_z, cell_y, cmax)
+    with_table = packed and os.environ.get(ROW_TABLE_ENV, "1").strip() != "0"  # the row key fits
+    if scan:
+        cells = _cells_by_scan(be, n, n_clouds, order, points, cloud, cxyz, x, y, z)
+    else:
+        cells = _cells_by_nonzero(be, n, n_clouds, order, points, cloud, cxyz, x, y, z,
+                                  with_table)
+    cell_start, cell_x, cell_y, cell_z, cell_cloud, cloud_cell_begin, row_cell_begin = cells
+    if with_table:
+        rows = _row_table(be, row_cell_begin, cell_cloud, cell_z, cell_y, cmax)
     else:
         rows = _no_row_table(xp)
     return DeviceGrid(
@@ -279,24 +295,91 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
         table_slots=rows[4])
 
 
+def _cells_by_nonzero(be, n, n_clouds, order, points, cloud, cxyz, x, y, z, rows: bool) -> tuple:
+    """The sorted points' coordinates into x, y, z, and (cell_start, cell_x, cell_y, cell_z,
+    cell_cloud, cloud_cell_begin, row_cell_begin or None) from the cells' first points
+    (flatnonzero: a host synchronisation), the clouds' first cells by a search, and with `rows`
+    the rows' first cells (another flatnonzero)."""
+    xp = be.xp
+    new_cell = xp.empty(n, dtype=xp.int32)
+    be.launch("grid_sorted_points", (blocks(n),), (THREADS,),
+              (i64(n), order, points, cloud, cxyz, x, y, z, new_cell, _NULL))
+    first = xp.flatnonzero(new_cell).astype(xp.int64, copy=False)
+    n_cells = int(first.shape[0])
+    cell_start = xp.empty(n_cells + 1, dtype=xp.int64)
+    cell_x, cell_y, cell_z, cell_cloud = (xp.empty(n_cells, dtype=xp.int64) for _ in range(4))
+    new_row = xp.empty(n_cells, dtype=xp.int32)
+    be.launch("grid_cells", (blocks(n_cells + 1),), (THREADS,),
+              (i64(n_cells), i64(n), first, order, cloud, cxyz, cell_start, cell_x, cell_y,
+               cell_z, cell_cloud, new_row))
+    cloud_cell_begin = xp.searchsorted(cell_cloud, xp.arange(n_clouds + 1, dtype=xp.int64),
+                                       side="left").astype(xp.int64)
+    row_cell_begin = None
+    if rows:
+        row_first = xp.flatnonzero(new_row).astype(xp.int64, copy=False)
+        row_cell_begin = xp.concatenate([row_first, xp.full(1, n_cells, dtype=xp.int64)])
+    return (cell_start, cell_x, cell_y, cell_z, cell_cloud,
+            xp.ascontiguousarray(cloud_cell_begin), row_cell_begin)
+
+
+def _cells_by_scan(be, n, n_clouds, order, points, cloud, cxyz, x, y, z) -> tuple:
+    """_cells_by_nonzero's arrays (the rows' first cells always) from one inclusive scan of the
+    sorted points' cell and row starts and one kernel (grid_cells_scanned), one host
+    synchronisation for the numbers of cells and rows (PWCONV_CUDA_GRID_BUILD=scan)."""
+    xp = be.xp
+    starts = xp.empty(n, dtype=xp.int64)
+    be.launch("grid_sorted_points", (blocks(n),), (THREADS,),
+              (i64(n), order, points, cloud, cxyz, x, y, z, _NULL, starts))
+    scanned = xp.cumsum(starts)
+    total = int(be.to_host(scanned[-1:])[0])
+    n_cells, n_rows = total & 0xFFFFFFFF, total >> 32
+    cell_start = xp.empty(n_cells + 1, dtype=xp.int64)
+    cell_x, cell_y, cell_z, cell_cloud = (xp.empty(n_cells, dtype=xp.int64) for _ in range(4))
+    row_cell_begin = xp.empty(n_rows + 1, dtype=xp.int64)
+    cloud_cell_begin = xp.empty(n_clouds + 1, dtype=xp.int64)
+    be.launch("grid_cells_scanned", (blocks(n),), (THREADS,),
+              (i64(n), i64(n_clouds), order, cloud, cxyz, starts, scanned, cell_start, cell_x,
+               cell_y, cell_z, cell_cloud, row_cell_begin, cloud_cell_begin))
+    return cell_start, cell_x, cell_y, cell_z, cell_cloud, cloud_cell_begin, row_cell_begin
+
+
+def cloud_lower_corners(be, points, offsets: np.ndarray, offsets_dev):
+    """origin (B, 3) float64 on the device: each cloud's per-axis minimum (0 for an empty one).
+    A block per LOWER_CORNER_CHUNK points of a cloud, then, where a cloud has several, one merge
+    per cloud: a long cloud is not left to one block."""
+    xp = be.xp
+    n_clouds = int(offsets.shape[0]) - 1
+    longest = int(np.diff(offsets).max()) if n_clouds > 0 else 0
+    if longest == 0:  # no points (or no clouds): nothing to launch
+        return xp.zeros((max(n_clouds, 0), 3), dtype=xp.float64)
+    n_chunks = min(-(-longest // int(LOWER_CORNER_CHUNK)), 65535)  # a CUDA grid's y limit
+    chunk = -(-longest // n_chunks)
+    origin = xp.empty((n_clouds, 3), dtype=xp.float64)
+    partial = xp.empty(n_clouds * n_chunks * 3 if n_chunks > 1 else 1, dtype=xp.float64)
+    be.launch("cloud_lower_corner", (n_clouds, n_chunks), (256,),
+              (points, offsets_dev, i64(chunk), partial, origin))
+    if n_chunks > 1:
+        be.launch("cloud_lower_corner_merge", (n_clouds,), (256,),
+                  (offsets_dev, i64(n_chunks), partial, origin))
+    return origin
+
+
 def _no_row_table(xp) -> tuple:
     """The row fields of a grid without a hash table (placeholders the kernels never read)."""
     return (xp.zeros(1, dtype=xp.int64), xp.zeros(1, dtype=xp.uint64),
             xp.zeros(1, dtype=xp.int64), 0, 0)
 
 
-def _row_table(be, new_row, cell_cloud, cell_z, cell_y, cmax) -> tuple:
+def _row_table(be, row_cell_begin, cell_cloud, cell_z, cell_y, cmax) -> tuple:
     """(row_cell_begin (n_rows + 1,), table_keys, table_rows, table_bits, table_slots): the grid
     rows (cloud, cz, cy) -- runs of consecutive cells, which are sorted by (cloud, cz, cy, cx);
-    new_row marks each run's first cell -- and a hash table with at least twice as many slots as
-    rows (O(points) memory): keys and rows apart, or (PWCONV_CUDA_ROW_SLOTS=1, fewer than 2^32
-    cells) each key beside its row's cells."""
+    row_cell_begin holds each run's first cell, then n_cells -- and a hash table with at least
+    twice as many slots as rows (O(points) memory): keys and rows apart, or
+    (PWCONV_CUDA_ROW_SLOTS=1, fewer than 2^32 cells) each key beside its row's cells."""
     xp = be.xp
     n_cells = int(cell_z.shape[0])
-    first = xp.flatnonzero(new_row).astype(xp.int64, copy=False)
-    n_rows = int(first.shape[0])
-    row_cell_begin = xp.concatenate([first, xp.full(1, n_cells, dtype=xp.int64)])
-    table_bits = max(4, (2 * n_rows - 1).bit_length())
+    n_rows = int(row_cell_begin.shape[0]) - 1
+    table_bits = _row_table_bits(n_rows)
     slots = row_slots_mode() and n_cells < (1 << 32)
     table_keys = xp.full((2 if slots else 1) << table_bits, np.uint64(np.iinfo(np.uint64).max),
                          dtype=xp.uint64)
@@ -615,24 +698,68 @@ def _with_margin(estimate: float) -> int:
     return int(estimate * float(CAPACITY_MARGIN)) + int(CAPACITY_SLACK)
 
 
-def _tile_plan(be, grid: DeviceGrid, query_offsets):
-    """(points per tile, blocks per cloud, cells too) of kernel_map_tiled, or None where it is not
-    asked for (PWCONV_CUDA_MAP_TILES) or does not apply: no row table, or the largest cloud's
-    coordinates (and cells) beyond a block's shared memory.  query_offsets: host row splits of
-    the queries by cloud."""
+@dataclass
+class TilePlan:
+    """How kernel_map_tiled runs (see kernels.cu): points per tile (>= the largest cloud's),
+    blocks per (cloud, map), whether the cells go to shared memory too and, where the rows do
+    (row_bits > 0), each cloud's first row (B + 1,) on the device."""
+
+    tile_points: int
+    blocks_per_cloud: int
+    cells: bool
+    row_bits: int = 0
+    cloud_row_begin: object = None
+
+    @property
+    def shared_bytes(self) -> int:
+        return _tile_bytes(self.tile_points, self.cells, self.row_bits)
+
+
+def _tile_plan(be, grid: DeviceGrid, query_offsets) -> TilePlan | None:
+    """kernel_map_tiled's plan, or None where it is not asked for (PWCONV_CUDA_MAP_TILES) or does
+    not apply: no row table, or the largest cloud's coordinates (and cells, rows) beyond a
+    block's shared memory; mode 3 falls back to 2 where its rows do not fit or the grid has
+    2^32 cells or more (the pairs' cell fields).  query_offsets: host row splits of the queries
+    by cloud."""
     mode = map_tiles_mode()
     if not mode or grid.table_bits == 0 or grid.n_clouds == 0:
         return None
     largest = max(1, int(np.diff(np.asarray(grid.offsets)).max()))
-    if _tile_bytes(largest, mode == 2) > be.max_shared_bytes():
+    if _tile_bytes(largest, mode >= 2) > be.max_shared_bytes():
         return None
     most_queries = int(np.diff(np.asarray(query_offsets, dtype=np.int64)).max())
-    return largest, max(1, -(-most_queries // TILE_QUERIES)), mode == 2
+    plan = TilePlan(largest, max(1, -(-most_queries // TILE_QUERIES)), mode >= 2)
+    if mode == 3 and grid.n_cells < (1 << 32):
+        cloud_row_begin, most_rows = cloud_rows(be, grid)
+        row_bits = _row_table_bits(most_rows)
+        if _tile_bytes(largest, True, row_bits) <= be.max_shared_bytes():
+            plan.row_bits, plan.cloud_row_begin = row_bits, cloud_row_begin
+    return plan
 
 
-def _tile_bytes(tile_points: int, cells: bool) -> int:
-    """kernel_map_tiled's dynamic shared memory: x, y, z (and cell x, first points) of a cloud."""
-    return 24 * tile_points + (16 * tile_points + 8 if cells else 0)
+def cloud_rows(be, grid: DeviceGrid) -> tuple:
+    """(cloud_row_begin (B + 1,) int64 on the device, the most grid rows of any cloud), kept on
+    the grid: made once (a host synchronisation) for all the searches over it.  A cloud's cells
+    begin a row (the row key holds the cloud), so its first row is where its first cell is."""
+    if grid.cloud_rows is None:
+        xp = be.xp
+        begin = xp.searchsorted(grid.row_cell_begin, grid.cloud_cell_begin).astype(xp.int64)
+        grid.cloud_rows = (begin, int(be.to_host(xp.diff(begin).max())))
+    return grid.cloud_rows
+
+
+def _row_table_bits(n_rows: int) -> int:
+    """log2 of a row table's slots: at least twice as many as rows (load <= 1/2), 16 or more."""
+    return max(4, (2 * int(n_rows) - 1).bit_length())
+
+
+def _tile_bytes(tile_points: int, cells: bool, row_bits: int = 0) -> int:
+    """kernel_map_tiled's dynamic shared memory: x, y, z (and cell x, first points; and the rows'
+    (key, cells) pairs from an even 64-bit word) of a cloud."""
+    if not cells:
+        return 24 * tile_points
+    words = 5 * tile_points + 1
+    return 8 * words if row_bits == 0 else 8 * (words + (words & 1)) + (16 << row_bits)
 
 
 def _search_once(be, k: int, head: tuple, grid_dim: tuple, rows: int, capacity: int,
@@ -649,11 +776,13 @@ def _search_once(be, k: int, head: tuple, grid_dim: tuple, rows: int, capacity: 
     if tiles is None:
         be.launch(kernel_map_once_name(k), grid_dim, (SEARCH_THREADS,), head + tail)
     else:
-        tile_points, per_cloud, cells = tiles
         n_clouds = int(head[6])
-        be.launch(kernel_map_tiled_name(k), (n_clouds * per_cloud, grid_dim[1]), (TILE_THREADS,),
-                  head + tail + (i64(tile_points), i64(per_cloud), i64(TILE_QUERIES),
-                                 i32(int(cells))), shared_mem=_tile_bytes(tile_points, cells))
+        row_begin = tiles.cloud_row_begin if tiles.row_bits else cursor  # unread without rows
+        be.launch(kernel_map_tiled_name(k), (n_clouds * tiles.blocks_per_cloud, grid_dim[1]),
+                  (TILE_THREADS,),
+                  head + tail + (i64(tiles.tile_points), i64(tiles.blocks_per_cloud),
+                                 i64(TILE_QUERIES), i32(int(tiles.cells)), row_begin,
+                                 i32(tiles.row_bits)), shared_mem=tiles.shared_bytes)
     return row_len, row_at, scratch, status
 
 

@@ -44,6 +44,14 @@ typedef long long i64;
 #define PWCONV_CUDA_SEARCH_BOUNDS
 #endif
 
+/// kernel_map_tiled's resident blocks of 256 threads per multiprocessor (its register budget).
+/// Its shared memory allows 2 for the paper's clouds of 2,048 points with the cells in it (80
+/// KiB or more a block); without a minimum, ptxas (CUDA 13.0, sm_90) gave it 64 registers and
+/// 244 bytes of spills, with 2: 128 registers (118 with K = 3 compiled in), no spills.
+#ifndef PWCONV_CUDA_TILE_MIN_BLOCKS
+#define PWCONV_CUDA_TILE_MIN_BLOCKS 2
+#endif
+
 /// Grid cell coordinate floor((x - origin) * inv_cell_size), saturated to [-2^62, 2^62]; as
 /// pwconv::grid_coord (grid.hpp).  Monotone in x: a candidate filter only.
 __device__ __forceinline__ i64 grid_coord(double x, double origin, double cell_size,
@@ -105,8 +113,9 @@ struct GridView {
     __device__ __forceinline__ i64 start(i64 c) const { return cell_start[c - cell_base]; }
 };
 
-/// Where the search reads the sorted points' coordinates and the cells' x and first point: the
-/// grid's own arrays (bases 0), or kernel_map_tiled's copies of one cloud's in shared memory.
+/// Where the search reads the sorted points' coordinates, the cells' x and first point and the
+/// row table: the grid's own arrays (bases 0), or kernel_map_tiled's copies of one cloud's in
+/// shared memory (with tile_rows, a table of the cloud's rows alone, as (key, cells) pairs).
 struct TileView {
     const double* x;
     const double* y;
@@ -115,6 +124,9 @@ struct TileView {
     const i64* cell_x;
     const i64* cell_start;
     i64 cell_base;
+    const unsigned long long* table_keys;
+    int table_bits;
+    int table_slots;
 };
 
 #define PWCONV_CUDA_EMPTY_SLOT 0xFFFFFFFFFFFFFFFFull
@@ -456,22 +468,13 @@ __device__ __forceinline__ i64 global_thread() {
 // Grid construction
 // ============================================================================================
 
-/// origin (n_clouds, 3) = per-axis minimum of each cloud's points (0 for an empty cloud).
-/// One block of 256 threads per cloud.
-extern "C" __global__ void cloud_lower_corner(const double* points, const long long* offsets,
-                                              long long n_clouds, double* origin) {
-    __shared__ double low[3][256];
-    const long long c = blockIdx.x;
+namespace pwconv_cuda {
+
+/// Per-axis minima of (m0, m1, m2) over a block of 256 threads (every thread calls it): the
+/// three results in low[a][0] on return.  Minima are exact: any order gives the same bits.
+__device__ __forceinline__ void block_min3(double (&low)[3][256], double m0, double m1,
+                                           double m2) {
     const int t = threadIdx.x;
-    const long long b = offsets[c], e = offsets[c + 1];
-    const double big = 1.7976931348623157e308;  // points are finite
-    double m0 = big, m1 = big, m2 = big;
-    for (long long p = b + t; p < e; p += blockDim.x) {
-        const double x = points[3 * p], y = points[3 * p + 1], z = points[3 * p + 2];
-        m0 = x < m0 ? x : m0;
-        m1 = y < m1 ? y : m1;
-        m2 = z < m2 ? z : m2;
-    }
     low[0][t] = m0;
     low[1][t] = m1;
     low[2][t] = m2;
@@ -482,8 +485,57 @@ extern "C" __global__ void cloud_lower_corner(const double* points, const long l
                 low[a][t] = low[a][t + half] < low[a][t] ? low[a][t + half] : low[a][t];
         __syncthreads();
     }
-    if (t < 3) origin[3 * c + t] = e > b ? low[t][0] : 0.0;
-    (void)n_clouds;
+}
+
+/// Larger than any finite coordinate: the minimum of no points.
+constexpr double NO_POINT = 1.7976931348623157e308;
+
+}  // namespace pwconv_cuda
+
+/// origin (n_clouds, 3) = per-axis minimum of each cloud's points (0 for an empty cloud).
+/// Blocks of 256 threads, (cloud, chunk) = (blockIdx.x, blockIdx.y): block (c, k) takes points
+/// [offsets[c] + k * chunk, ...) up to chunk of them.  One chunk per cloud (gridDim.y == 1): the
+/// block writes origin; several (a long cloud: one block reading a million points took most of
+/// a millisecond): partial[(c * gridDim.y + k) * 3 + a] gets each chunk's minima (NO_POINT for
+/// none) and cloud_lower_corner_merge makes origin from them.
+extern "C" __global__ void cloud_lower_corner(const double* points, const long long* offsets,
+                                              long long chunk, double* partial,
+                                              double* origin) {
+    using namespace pwconv_cuda;
+    __shared__ double low[3][256];
+    const i64 c = blockIdx.x;
+    const i64 e = offsets[c + 1];
+    const i64 b = offsets[c] + (i64)blockIdx.y * chunk;
+    const i64 stop = b + chunk < e ? b + chunk : e;
+    double m0 = NO_POINT, m1 = NO_POINT, m2 = NO_POINT;
+    for (i64 p = b + threadIdx.x; p < stop; p += blockDim.x) {
+        const double x = points[3 * p], y = points[3 * p + 1], z = points[3 * p + 2];
+        m0 = x < m0 ? x : m0;
+        m1 = y < m1 ? y : m1;
+        m2 = z < m2 ? z : m2;
+    }
+    block_min3(low, m0, m1, m2);
+    if (threadIdx.x >= 3) return;
+    if (gridDim.y == 1)
+        origin[3 * c + threadIdx.x] = e > b ? low[threadIdx.x][0] : 0.0;
+    else
+        partial[(c * gridDim.y + blockIdx.y) * 3 + threadIdx.x] = low[threadIdx.x][0];
+}
+
+/// origin[c] from the n_chunks partial minima of cloud c (cloud_lower_corner's, several chunks
+/// a cloud): one block of 256 threads per cloud; 0 for an empty cloud.
+extern "C" __global__ void cloud_lower_corner_merge(const long long* offsets, long long n_chunks,
+                                                    const double* partial, double* origin) {
+    using namespace pwconv_cuda;
+    __shared__ double low[3][256];
+    const i64 c = blockIdx.x;
+    const double* mine = partial + c * n_chunks * 3;
+    double m[3] = {NO_POINT, NO_POINT, NO_POINT};
+    for (i64 k = threadIdx.x; k < n_chunks; k += blockDim.x)
+        for (int a = 0; a < 3; ++a) m[a] = mine[3 * k + a] < m[a] ? mine[3 * k + a] : m[a];
+    block_min3(low, m[0], m[1], m[2]);
+    if (threadIdx.x < 3)
+        origin[3 * c + threadIdx.x] = offsets[c + 1] > offsets[c] ? low[threadIdx.x][0] : 0.0;
 }
 
 /// For every point p: its cloud and grid cell (cx, cy, cz) relative to its cloud's origin, as
@@ -517,35 +569,85 @@ extern "C" __global__ void grid_cell_coords(const double* points, long long n,
 }
 
 /// key[p] = ((cloud * rz + cz) * ry + cy) * rx + cx: the cell's place in (cloud, cz, cy, cx)
-/// order, when it fits 63 bits (the caller checks).
+/// order, when it fits 63 bits (the caller checks); into key32 instead (not null) when it fits
+/// 32 bits: the same order, half the radix sort's passes.
 extern "C" __global__ void grid_cell_keys(long long n, const long long* cloud,
                                           const long long* cell_xyz, long long rx, long long ry,
-                                          long long rz, long long* key) {
+                                          long long rz, long long* key, unsigned int* key32) {
     const long long p = pwconv_cuda::global_thread();
     if (p >= n) return;
-    key[p] = ((cloud[p] * rz + cell_xyz[2 * n + p]) * ry + cell_xyz[n + p]) * rx + cell_xyz[p];
+    const long long k =
+        ((cloud[p] * rz + cell_xyz[2 * n + p]) * ry + cell_xyz[n + p]) * rx + cell_xyz[p];
+    if (key32)
+        key32[p] = (unsigned int)k;
+    else
+        key[p] = k;
 }
 
 /// Sorted position i (order: sorted position -> point): the point's coordinates as three
 /// columns, and new_cell[i] = 1 where a cell starts (i == 0, or (cloud, cell) differs from the
-/// previous point's).
+/// previous point's); or, with starts (not null; new_cell unused), starts[i] = new cell | new
+/// grid row (cloud, cz, cy) << 32, whose inclusive scan numbers both (grid_cells_scanned).
 extern "C" __global__ void grid_sorted_points(long long n, const long long* order,
                                               const double* points, const long long* cloud,
                                               const long long* cell_xyz, double* x, double* y,
-                                              double* z, int* new_cell) {
+                                              double* z, int* new_cell, long long* starts) {
     const long long i = pwconv_cuda::global_thread();
     if (i >= n) return;
     const long long o = order[i];
     x[i] = points[3 * o];
     y[i] = points[3 * o + 1];
     z[i] = points[3 * o + 2];
-    int start = 1;
+    int row = 1, cell = 1;
     if (i > 0) {
         const long long q = order[i - 1];
-        start = cloud[o] != cloud[q] || cell_xyz[o] != cell_xyz[q] ||
-                cell_xyz[n + o] != cell_xyz[n + q] || cell_xyz[2 * n + o] != cell_xyz[2 * n + q];
+        row = cloud[o] != cloud[q] || cell_xyz[2 * n + o] != cell_xyz[2 * n + q] ||
+              cell_xyz[n + o] != cell_xyz[n + q];
+        cell = row || cell_xyz[o] != cell_xyz[q];
     }
-    new_cell[i] = start;
+    if (starts)
+        starts[i] = (long long)cell | ((long long)row << 32);
+    else
+        new_cell[i] = cell;
+}
+
+/// The grid's cells, rows and clouds from the sorted points (PWCONV_CUDA_GRID_BUILD=scan): one
+/// thread per sorted position i, `scanned` the inclusive scan of grid_sorted_points' starts
+/// (low 32 bits: cells so far, high: rows so far; fewer than 2^32 points).  A point that starts
+/// cell c writes cell_start[c], the cell's coordinates and cloud, and where it starts row r,
+/// row_cell_begin[r] = c; where its cloud differs from the previous point's, cloud_cell_begin
+/// gets c for that cloud and the empty ones before it.  The last point writes the ends
+/// (cell_start[n_cells] = n, row_cell_begin[n_rows] = n_cells) and the empty clouds after it.
+/// Same arrays as grid_cells + the searches over new_cell / new_row, without their host
+/// synchronisations.
+extern "C" __global__ void grid_cells_scanned(long long n, long long n_clouds,
+                                              const long long* order, const long long* cloud,
+                                              const long long* cell_xyz, const long long* starts,
+                                              const long long* scanned, long long* cell_start,
+                                              long long* cell_x, long long* cell_y,
+                                              long long* cell_z, long long* cell_cloud,
+                                              long long* row_cell_begin,
+                                              long long* cloud_cell_begin) {
+    const long long i = pwconv_cuda::global_thread();
+    if (i >= n) return;
+    const long long o = order[i];
+    const long long mine = cloud[o];
+    if (i == n - 1) {
+        const long long n_cells = scanned[i] & 0xFFFFFFFFll, n_rows = scanned[i] >> 32;
+        cell_start[n_cells] = n;
+        row_cell_begin[n_rows] = n_cells;
+        for (long long k = mine + 1; k <= n_clouds; ++k) cloud_cell_begin[k] = n_cells;
+    }
+    if (!(starts[i] & 1)) return;
+    const long long c = (scanned[i] & 0xFFFFFFFFll) - 1;
+    cell_start[c] = i;
+    cell_x[c] = cell_xyz[o];
+    cell_y[c] = cell_xyz[n + o];
+    cell_z[c] = cell_xyz[2 * n + o];
+    cell_cloud[c] = mine;
+    if (starts[i] >> 32) row_cell_begin[(scanned[i] >> 32) - 1] = c;
+    const long long before = i == 0 ? -1 : cloud[order[i - 1]];
+    for (long long k = before + 1; k <= mine; ++k) cloud_cell_begin[k] = c;
 }
 
 /// Cell c (first sorted point first[c]): cell_start[c], its coordinates and cloud, and
@@ -576,6 +678,27 @@ extern "C" __global__ void grid_cells(long long n_cells, long long n, const long
     new_row[c] = start;
 }
 
+namespace pwconv_cuda {
+
+/// Claims a free slot of an open-addressing table of 2^bits slots, `step` words apart (1: keys
+/// alone, 2: (key, value) pairs), for a key not in it yet: linear probing from the key's home
+/// slot, each slot taken by an integer compare-and-swap.  Where colliding keys land depends on
+/// the schedule; the slot a probe finds a key in (for_each_run) does not matter.
+__device__ __forceinline__ unsigned long long claim_slot(unsigned long long* table, int step,
+                                                         int bits, unsigned long long key) {
+    const unsigned long long mask = (1ull << bits) - 1ull;
+    for (unsigned long long h = row_slot(key, bits);; h = (h + 1) & mask)
+        if (atomicCAS(table + step * h, PWCONV_CUDA_EMPTY_SLOT, key) == PWCONV_CUDA_EMPTY_SLOT)
+            return h;
+}
+
+/// A row's cells [first, end) as the pairs layout stores them (first << 32 | end; < 2^32 cells).
+__device__ __forceinline__ unsigned long long row_cells(i64 first, i64 end) {
+    return ((unsigned long long)first << 32) | (unsigned long long)end;
+}
+
+}  // namespace pwconv_cuda
+
 /// Inserts every grid row r (its first cell row_cell_begin[r]; cell_cloud / cell_z / cell_y of
 /// that cell give its key) into the open-addressing table (2^table_bits slots, keys preset to
 /// ~0), the row in table_rows, or with `slots` the row's cells beside its key (the pairs layout
@@ -593,20 +716,11 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
     if (r >= n_rows) return;
     const i64 c = row_cell_begin[r];
     const unsigned long long key = row_key(cell_cloud[c], cell_z[c], cell_y[c], cmax_y, cmax_z);
-    const unsigned long long mask = (1ull << table_bits) - 1ull;
-    const int step = slots ? 2 : 1;
-    for (unsigned long long h = row_slot(key, table_bits);; h = (h + 1) & mask) {
-        const unsigned long long old =
-            atomicCAS(table_keys + step * h, PWCONV_CUDA_EMPTY_SLOT, key);
-        if (old == PWCONV_CUDA_EMPTY_SLOT) {
-            if (slots)  // the row's cells beside its key (fewer than 2^32 cells: the caller)
-                table_keys[2 * h + 1] =
-                    ((unsigned long long)c << 32) | (unsigned long long)row_cell_begin[r + 1];
-            else
-                table_rows[h] = r;
-            return;
-        }
-    }
+    const unsigned long long h = claim_slot(table_keys, slots ? 2 : 1, table_bits, key);
+    if (slots)  // the row's cells beside its key (fewer than 2^32 cells: the caller)
+        table_keys[2 * h + 1] = row_cells(c, row_cell_begin[r + 1]);
+    else
+        table_rows[h] = r;
 }
 
 // ============================================================================================
@@ -650,8 +764,8 @@ __device__ __forceinline__ i64 kernel_map_search(PWCONV_CUDA_KERNEL_MAP_PARAMS,
     const GridView g{tile.x,     tile.y,        tile.z,     gorder,    tile.cell_start,
                      tile.cell_x, cell_y,       cell_z,     cloud_cell_begin, origin,
                      cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
-                     row_cell_begin, table_keys, table_rows, table_bits, table_slots,
-                     tile.point_base, tile.cell_base};
+                     row_cell_begin, tile.table_keys, table_rows, tile.table_bits,
+                     tile.table_slots, tile.point_base, tile.cell_base};
     const int dilation = dilations[d];
     const double* axis_d = axis_d_all + (i64)d * 2 * K;
     const i64 row = qrow[t] + (i64)d * m;  // the row in the maps' CSR
@@ -731,8 +845,9 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(PWCONV_CUDA_KERNEL_MAP
         sink.capacity = 0;
     }
     sink.n = 0;
-    kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS,
-                          TileView{gx, gy, gz, 0, cell_x, cell_start, 0}, t, d, sink);
+    const TileView grid_arrays{gx, gy, gz, 0, cell_x, cell_start, 0, table_keys, table_bits,
+                               table_slots};
+    kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, grid_arrays, t, d, sink);
 
     if (!FILL) {
         row_len[row] = sink.n;
@@ -801,9 +916,9 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
     sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
     sink.n = 0;
     i64 row = -1;
-    if (t < m)
-        row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS,
-                                    TileView{gx, gy, gz, 0, cell_x, cell_start, 0}, t, d, sink);
+    const TileView grid_arrays{gx, gy, gz, 0, cell_x, cell_start, 0, table_keys, table_bits,
+                               table_slots};
+    if (t < m) row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, grid_arrays, t, d, sink);
     emit_once_row(row, sink, lane, row_len, row_at, scratch, capacity, cursor, status);
 }
 
@@ -819,15 +934,20 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
 /// its threads search its run of tile_queries of the cloud's queries [query_offsets[c],
 /// query_offsets[c + 1]) (run blockIdx.x % blocks_per_cloud) a block's width at a time, reading
 /// every candidate's coordinates (and the cells) there instead of from global memory: the
-/// candidates are most of a search's loads, each thread's at its own address.  Needs the grid's
-/// row table (the binary search over cells reads cell coordinates this kernel does not copy).
+/// candidates are most of a search's loads, each thread's at its own address.  With
+/// tile_row_bits > 0 (and tile_cells), the cloud's grid rows [cloud_row_begin[c],
+/// cloud_row_begin[c + 1]) go to a hash table of their own after the cells (2^tile_row_bits
+/// (key, cells) pairs, the layout of GridView::table_slots, from an even 64-bit word): every
+/// load of the search but the query's own then reads shared memory.  Needs the grid's row
+/// table (the binary search over cells reads cell coordinates this kernel does not copy).
 /// Same keys, same output as kernel_map_once.
 template <int KC>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, PWCONV_CUDA_TILE_MIN_BLOCKS)
     kernel_map_tiled(PWCONV_CUDA_KERNEL_MAP_PARAMS, long long* row_len, long long* row_at,
                      long long* scratch, long long capacity, unsigned long long* cursor,
                      long long short_row, int* status, long long tile_points,
-                     long long blocks_per_cloud, long long tile_queries, int tile_cells) {
+                     long long blocks_per_cloud, long long tile_queries, int tile_cells,
+                     const long long* cloud_row_begin, int tile_row_bits) {
     using namespace pwconv_cuda;
     PWCONV_CUDA_DYNAMIC_SHARED(double, tile);
     const i64 c = blockIdx.x / blocks_per_cloud;  // the cloud
@@ -837,7 +957,8 @@ __global__ void __launch_bounds__(256)
     const i64 cb = cloud_cell_begin[c], ce = cloud_cell_begin[c + 1];
     const i64 pb = cell_start[cb];
     const i64 n_c = cell_start[ce] - pb;  // the cloud's points
-    TileView view{tile, tile + tile_points, tile + 2 * tile_points, pb, cell_x, cell_start, 0};
+    TileView view{tile,       tile + tile_points, tile + 2 * tile_points, pb, cell_x,
+                  cell_start, 0,                  table_keys, table_bits, table_slots};
     for (i64 i = threadIdx.x; i < n_c; i += blockDim.x) {
         tile[i] = gx[pb + i];
         tile[tile_points + i] = gy[pb + i];
@@ -853,6 +974,23 @@ __global__ void __launch_bounds__(256)
         view.cell_x = tile_cx;
         view.cell_start = tile_start;
         view.cell_base = cb;
+    }
+    if (tile_row_bits > 0) {  // after the cells, 16-byte aligned: the cloud's rows as pairs
+        unsigned long long* table =
+            reinterpret_cast<unsigned long long*>(tile) + ((5 * tile_points + 2) & ~1ll);
+        for (i64 i = threadIdx.x; i < (2ll << tile_row_bits); i += blockDim.x)
+            table[i] = PWCONV_CUDA_EMPTY_SLOT;
+        __syncthreads();
+        for (i64 r = cloud_row_begin[c] + threadIdx.x; r < cloud_row_begin[c + 1];
+             r += blockDim.x) {
+            const i64 f = row_cell_begin[r];
+            const unsigned long long key = row_key(c, cell_z[f], cell_y[f], cmax_y, cmax_z);
+            const unsigned long long h = claim_slot(table, 2, tile_row_bits, key);
+            table[2 * h + 1] = row_cells(f, row_cell_begin[r + 1]);
+        }
+        view.table_keys = table;
+        view.table_bits = tile_row_bits;
+        view.table_slots = 1;
     }
     __syncthreads();
     const i64 q_end = query_offsets[c + 1];
