@@ -92,13 +92,14 @@ step benchmark 170 bench.log \
 # (the first process measured runs slow): as shipped; the one pass with each cloud's coordinates
 # (tiles; tiles2: and cells) in shared memory over the row table as (key, cells) pairs (slots);
 # with the cloud's grid rows there too (tiles3), also with K = 3 compiled in, and with the
-# scratch sized from the last maps (last); the grid's cells from one scan (scan); grid cells
-# twice the voxel's edge (c2); the maps' rows sorted into place by 8 threads per row instead of
-# a warp (r8); the tiled search compiled for 4 blocks per multiprocessor instead of 2 (tb4).  (Count + fill passes: the
+# scratch sized from the last maps (last); the grid's cells from one scan (scan); grid cells of
+# 3/4 and 1/2 the voxel's edge (c0.75, c0.5: fewer candidates, more rows; cells of 2v would test
+# 2.4x the candidates for s >= 2, benchmarks/search_work_model.py); the maps' rows sorted into
+# place by 8 threads per row instead of a warp (r8).  (Count + fill passes: the
 # benchmark times them; row batches of 4: 5.4 against 6.4 ms on 2026-11-27.)
 step search_tuning 170 k3.log \
     "$PY" benchmarks/gpu_search_tuning.py none tiles2+slots tiles3 scan tiles3+k3 tiles3+last \
-    c2 r8 none tiles+slots+tb4 tiles2+slots tiles3+scan
+    c0.75 tiles3+c0.5 none tiles3+c0.75 r8 tiles3+scan
 
 # The operator's "entries" kernels as shipped against one thread per row (conv_entries_thread)
 # with the weight gradient by chunks sorted by cell (conv_weight_chunks) and the transposed map

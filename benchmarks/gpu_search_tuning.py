@@ -5,6 +5,8 @@ variant's):
 * ``none``: as shipped;
 * ``N`` (a number): compiled with ``__launch_bounds__(128, N)`` (kernels.cu's
   PWCONV_CUDA_SEARCH_MIN_BLOCKS, given to NVRTC as -D): the register budget;
+* ``qN`` (q256, q1024, q2048): kernel_map_tiled with N queries per block instead of 512
+  (``_search.TILE_QUERIES``; 2048: one block per cloud and map for the paper's clouds);
 * ``tbN`` (tb1, tb3, tb4): kernel_map_tiled compiled for N resident blocks per multiprocessor
   instead of 2 (PWCONV_CUDA_TILE_MIN_BLOCKS, -D): its register budget;
 * ``k3``: the kernel size 3 compiled as a constant (PWCONV_CUDA_SPECIALISE_K=3, opt-in);
@@ -74,6 +76,8 @@ def measure(variant: str) -> dict:
     for part in parts:
         if part.isdigit():
             defines.append(f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={part}")
+        elif part[:1] == "q" and part[1:].isdigit():
+            _search.TILE_QUERIES = int(part[1:])
         elif part[:2] == "tb" and part[2:].isdigit():
             defines.append(f"-DPWCONV_CUDA_TILE_MIN_BLOCKS={part[2:]}")
         elif part[:1] == "r" and part[1:].isdigit():

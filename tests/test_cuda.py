@@ -1448,6 +1448,56 @@ def test_emulated_maps_sized_from_the_last(emulator_lib, monkeypatch):
         np.testing.assert_array_equal(cell.astype(np.int64), om.cell)
 
 
+def test_emulated_tile_plan_fits_shared_memory(emulator_lib, monkeypatch):
+    """kernel_map_tiled's plan (PWCONV_CUDA_MAP_TILES): with 3, each cloud's first grid row and
+    the most rows of a cloud as the grid's rows say, and a table at least twice as big; where the
+    rows do not fit a block's shared memory, the cells still go (2); where the cells do not, no
+    tiles at all; none without the row table.  The shared memory asked for is what the kernel
+    lays out (the pairs from an even 64-bit word)."""
+    from pwconv_cy.cuda import _search
+
+    be = EmulatedBackend(emulator_lib)
+    rng = np.random.default_rng(5)
+    sizes = [300, 0, 450, 20]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    points = np.ascontiguousarray(rng.random((offsets[-1], 3)) * 2.0)
+    grid = _search.build_grid(be, points, offsets, 0.2)
+    # the rows per cloud, from the cells: a row starts where (cloud, cz, cy) changes
+    key = np.stack([np.searchsorted(grid.cloud_cell_begin, np.arange(grid.n_cells), "right") - 1,
+                    grid.cell_z, grid.cell_y], axis=1)
+    starts = np.ones(grid.n_cells, dtype=bool)
+    starts[1:] = np.any(key[1:] != key[:-1], axis=1)
+    rows_per_cloud = np.bincount(key[starts, 0], minlength=len(sizes))
+    largest = max(sizes)
+
+    monkeypatch.setenv(_search.MAP_TILES_ENV, "3")
+    plan = _search._tile_plan(be, grid, offsets)
+    np.testing.assert_array_equal(plan.cloud_row_begin,
+                                  np.concatenate([[0], np.cumsum(rows_per_cloud)]))
+    assert (1 << plan.row_bits) >= 2 * rows_per_cloud.max() > (1 << plan.row_bits) // 2
+    assert (plan.tile_points, plan.cells) == (largest, True)
+    words = 5 * largest + 1
+    assert plan.shared_bytes == 8 * (words + words % 2) + 16 * (1 << plan.row_bits)
+
+    class Tight(EmulatedBackend):  # a block's shared memory: just the cells, or less
+        room = 0
+
+        def max_shared_bytes(self):
+            return self.room
+
+    tight = Tight(emulator_lib)
+    tight.room = _search._tile_bytes(largest, True)
+    plan = _search._tile_plan(tight, grid, offsets)
+    assert (plan.cells, plan.row_bits, plan.shared_bytes) == (True, 0, tight.room)
+    tight.room -= 1
+    assert _search._tile_plan(tight, grid, offsets) is None
+    monkeypatch.setenv(_search.MAP_TILES_ENV, "2")
+    assert _search._tile_plan(be, grid, offsets).row_bits == 0
+    monkeypatch.setenv(_search.MAP_TILES_ENV, "3")
+    monkeypatch.setenv(_search.ROW_TABLE_ENV, "0")
+    assert _search._tile_plan(be, _search.build_grid(be, points, offsets, 0.2), offsets) is None
+
+
 def test_emulated_weight_chunks_in_pieces():
     """conv_weight_chunks sorts a chunk's entries by cell PWCONV_CUDA_CHUNK_ENTRIES at a time (a
     -D knob, 1,024 shipped): 32 at a time, every chunk of the scenarios' maps in many pieces, the
@@ -1686,11 +1736,11 @@ def test_gpu_grid_lower_corners_of_long_clouds():
     short = rng.uniform(2.0, 3.0, size=(50, 3))
     p = np.concatenate([short, long_cloud, short[:10]])
     offsets = np.array([0, 0, 50, 50, 50 + n_long, 60 + n_long, 60 + n_long])
-    index = cuda.NeighborIndex(cupy.asarray(p), 0.25, offsets=cupy.asarray(offsets))
-    want = np.array([p[a:b].min(axis=0) if b > a else np.zeros(3)
+    index = cuda.NeighborIndex(cupy.asarray(p), 0.03, offsets=cupy.asarray(offsets))  # ~8 pairs
+    want = np.array([p[a:b].min(axis=0) if b > a else np.zeros(3)                  # a point
                      for a, b in zip(offsets[:-1], offsets[1:])])
     np.testing.assert_array_equal(cupy.asnumpy(index._grid.origin), want)
-    cpu = pwconv_cy.NeighborIndex(p, 0.25, offsets=offsets)
+    cpu = pwconv_cy.NeighborIndex(p, 0.03, offsets=offsets)
     _assert_same_map(index.kernel_map(3, 1), cpu.kernel_map(3, 1), "long cloud with an outlier")
 
 

@@ -167,8 +167,8 @@ PLAIN_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_co
 #: Kernels that use __syncthreads / __syncwarp / __shfl_sync (the host emulation runs them with
 #: real threads).
 BARRIER_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_coords",
-                   "conv_gather_dense", "conv_weight_partial_dense", "conv_rows", "conv_weight_rows",
-                   "conv_weight_cells", "points_digest", "sum_partials",
+                   "conv_gather_dense", "conv_weight_partial_dense", "conv_rows",
+                   "conv_weight_rows", "conv_weight_cells", "points_digest", "sum_partials",
                    "conv_entries_shuffle", "kernel_map_once", "conv_groups",
                    "conv_entries_thread", "conv_weight_chunks", "kernel_map_tiled")
 

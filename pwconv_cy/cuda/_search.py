@@ -8,7 +8,8 @@ into place sorted.  Where the scratch estimate falls short or a row exceeds SHOR
 are already exact and the fill pass runs as in "two" (count pass, scan, fill pass).  The radius
 search counts and fills.  Opt-in, for timing on a GPU: PWCONV_CUDA_MAP_TILES=1, 2 or 3 (the one
 pass with each cloud's coordinates, also its cells, also its grid rows, in shared memory:
-kernel_map_tiled) and PWCONV_CUDA_ROW_SLOTS=1 (the row table as (key, cells) pairs); the same maps either way.
+kernel_map_tiled), PWCONV_CUDA_ROW_SLOTS=1 (the row table as (key, cells) pairs) and
+PWCONV_CUDA_GRID_BUILD=scan (the grid's cells and rows from one scan); the same maps either way.
 
 Works on canonical arrays (validated by the caller) through a backend (``_backend.py``): ``be.xp``
 is the array module, ``be.launch`` runs a kernel of kernels.cu.  The results are the CPU's, bit for
@@ -730,14 +731,14 @@ def _tile_plan(be, grid: DeviceGrid, query_offsets) -> TilePlan | None:
     most_queries = int(np.diff(np.asarray(query_offsets, dtype=np.int64)).max())
     plan = TilePlan(largest, max(1, -(-most_queries // TILE_QUERIES)), mode >= 2)
     if mode == 3 and grid.n_cells < (1 << 32):
-        cloud_row_begin, most_rows = cloud_rows(be, grid)
+        cloud_row_begin, most_rows = _cloud_rows(be, grid)
         row_bits = _row_table_bits(most_rows)
         if _tile_bytes(largest, True, row_bits) <= be.max_shared_bytes():
             plan.row_bits, plan.cloud_row_begin = row_bits, cloud_row_begin
     return plan
 
 
-def cloud_rows(be, grid: DeviceGrid) -> tuple:
+def _cloud_rows(be, grid: DeviceGrid) -> tuple:
     """(cloud_row_begin (B + 1,) int64 on the device, the most grid rows of any cloud), kept on
     the grid: made once (a host synchronisation) for all the searches over it.  A cloud's cells
     begin a row (the row key holds the cloud), so its first row is where its first cell is."""
