@@ -115,7 +115,7 @@ struct GridView {
 
 /// Where the search reads the sorted points' coordinates, the cells' x and first point and the
 /// row table: the grid's own arrays (bases 0), or kernel_map_tiled's copies of one cloud's in
-/// shared memory (with tile_rows, a table of the cloud's rows alone, as (key, cells) pairs).
+/// shared memory (with tile_row_bits, a table of the cloud's rows alone, as (key, cells) pairs).
 struct TileView {
     const double* x;
     const double* y;
