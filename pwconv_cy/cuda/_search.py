@@ -68,6 +68,8 @@ def row_slots_mode() -> bool:
     """True when PWCONV_CUDA_ROW_SLOTS asks for the pairs layout of the row table (1 / true /
     yes / on; 0 / false / no / off or unset: the split layout)."""
     return env_flag(ROW_SLOTS_ENV, False)
+
+
 #: How the fill passes' short rows are sorted: "rank" (default: sort_rows_by_rank, a warp per
 #: row, after the fill) or "thread" (each fill thread sorts its own row in place).  Same results.
 ROW_SORT_ENV = "PWCONV_CUDA_ROW_SORT"
@@ -264,10 +266,10 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
     scan = grid_build_mode() == "scan" and n < (1 << 32)  # the starts' scan packs 32-bit counts
     if packed:
         narrow = n_clouds * rz * ry * rx <= np.iinfo(np.uint32).max  # the same order, half the
-        key = xp.empty(n, dtype=xp.uint32 if narrow and scan else xp.int64)  # radix passes
+        key32 = narrow and scan  # radix passes; written as 32-bit by the kernel itself
+        key = xp.empty(n, dtype=xp.uint32 if key32 else xp.int64)
         be.launch("grid_cell_keys", (blocks(n),), (THREADS,),
-                  (i64(n), cloud, cxyz, i64(rx), i64(ry), i64(rz), key,
-                   key if narrow and scan else _NULL))
+                  (i64(n), cloud, cxyz, i64(rx), i64(ry), i64(rz), key, key if key32 else _NULL))
         if narrow and not scan:
             key = key.astype(xp.uint32)
         order = be.argsort(key)

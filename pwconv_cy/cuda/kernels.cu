@@ -2129,13 +2129,25 @@ __global__ void entry_cell_counts(long long m, const long long* __restrict__ spl
     for (long long e = e0; e < e1; ++e) counts[e] = tally[(int)cell[e]];
 }
 
-/// w[e] = 1 / counts[e] (the entry's n_i(f)), one rounding: F(1) / F(n).
+namespace pwconv_cuda {
+
+/// The weight 1 / n of an entry whose cell holds n of its row's entries, one rounding: F(1) /
+/// F(n).  The one formula of weights_from_counts and of the kernels that form weights from the
+/// counts themselves (entry_weight): the same bits either way.
+template <class F>
+__device__ __forceinline__ F weight_of_count(int n) {
+    return F(1) / (F)n;
+}
+
+}  // namespace pwconv_cuda
+
+/// w[e] = 1 / counts[e] (the entry's n_i(f)): weight_of_count.
 template <class F>
 __global__ void weights_from_counts(long long n_entries, const int* __restrict__ counts,
                                     F* __restrict__ w) {
     const long long e = pwconv_cuda::global_thread();
     if (e >= n_entries) return;
-    w[e] = F(1) / (F)counts[e];
+    w[e] = pwconv_cuda::weight_of_count<F>(counts[e]);
 }
 
 /// The map's entries in a new order (order: position -> map entry; the entries sorted stably by
@@ -2216,11 +2228,11 @@ struct Vec16<double> {
 };
 
 /// The weight 1 / n_i(f) of entry e: w[e] (weights_from_counts'), or with `counts` computed from
-/// the entry's n_i(f) the same way (one rounding: the same bits), so that the kernels below need
-/// no weight array of their own.
+/// the entry's n_i(f) by the same weight_of_count (the same bits), so that the kernels below
+/// need no weight array of their own.
 template <class F>
 __device__ __forceinline__ F entry_weight(const void* __restrict__ weight, int counts, i64 e) {
-    return counts ? F(1) / (F)(static_cast<const int*>(weight)[e])
+    return counts ? weight_of_count<F>(static_cast<const int*>(weight)[e])
                   : static_cast<const F*>(weight)[e];
 }
 
