@@ -884,17 +884,21 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
         os.environ.pop(env, None)
     _check_groups(be, name, km, splits, index, cell, om, p, offsets, q, q_offsets)
     # the rows scheme's transposed map: each point's entries by ascending row (a row names a
-    # point once), whatever the schedule, with weights 1 / n_i(f)
+    # point once), whatever the schedule, with weights 1 / n_i(f); by one radix sort or by rank
+    # (the long-rows scenario's points are named by more than SHORT_ROW rows)
     rows = np.repeat(np.arange(m), np.diff(splits))
     order = np.lexsort((rows, index))
-    for dtype in (np.float32, np.float64):
+    for dtype, transpose in ((np.float32, "sort"), (np.float64, "sort"), (np.float32, "rank")):
+        os.environ[_conv.TRANSPOSE_ENV] = transpose
+        km._cache.pop(f"cuda_transposed_rows_{np.dtype(dtype).name}", None)
         tr = _conv.transposed_rows(be, km, dtype)
         be.reversed = True  # threads run in another order
         km._cache.pop(f"cuda_transposed_rows_{np.dtype(dtype).name}")
         tr_reversed = _conv.transposed_rows(be, km, dtype)
         be.reversed = False
+        os.environ.pop(_conv.TRANSPOSE_ENV)
         for key in tr:
-            np.testing.assert_array_equal(tr_reversed[key], tr[key], err_msg=key)
+            np.testing.assert_array_equal(tr_reversed[key], tr[key], err_msg=f"{transpose} {key}")
         np.testing.assert_array_equal(tr["splits"][1:],
                                       np.cumsum(np.bincount(index, minlength=len(p))))
         np.testing.assert_array_equal(tr["row"], rows[order])

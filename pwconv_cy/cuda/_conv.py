@@ -135,10 +135,11 @@ INPUT_GRAD_ENV = "PWCONV_CUDA_INPUT_GRAD"
 
 #: How transposed_rows puts the map's entries in point order: "sort" (default: one stable radix
 #: sort of the entries by point) or "rank" (opt-in: each entry scattered into its point's segment
-#: by an integer atomic cursor, then every segment sorted by rank (sort_rows_by_rank; segments
-#: longer than _search.SHORT_ROW by one global sort, which costs a host synchronisation to know
-#: of).  The same transposed map either way.
+#: by an integer atomic cursor, then every segment sorted by rank: sort_rows_by_rank with
+#: SORT_EVERY_ROW, no host synchronisation).  The same transposed map either way.
 TRANSPOSE_ENV = "PWCONV_CUDA_TRANSPOSE"
+#: sort_rows_by_rank's row-length limit that sorts every row (the transposition by rank).
+SORT_EVERY_ROW = 1 << 62
 
 
 def transpose_mode() -> str:
@@ -328,11 +329,15 @@ def _point_splits(be, km, per_point=None):
     return tsplits
 
 
-def _order_by_point_rank(be, km, per_point, tsplits):
+def _order_by_point_rank(be, km, tsplits):
     """order (E,) int64: the map's entries ordered by point, rows ascending within each (entry
     numbers ascend with the rows, and a row names a point once): scatter_by_point puts every
-    entry's number in its point's segment, sort_rows_by_rank sorts the segments of at most
-    SHORT_ROW entries, one global sort the longer ones."""
+    entry's number in its point's segment, sort_rows_by_rank sorts every segment, whatever its
+    length.  No host synchronisation: the map's rows have one global sort for their long rows,
+    which needs the host to know that there are some; here a segment of L entries costs
+    L^2 / SORT_LANES comparisons per lane instead (7-18 entries a point in the paper's maps; a
+    point named by thousands of rows, in dense clouds under wide kernels, would take
+    milliseconds -- the default transposition, one radix sort, has no such case)."""
     from pwconv_cy.cuda import _search
 
     xp = be.xp
@@ -342,10 +347,8 @@ def _order_by_point_rank(be, km, per_point, tsplits):
     be.launch("scatter_by_point", (blocks(n_entries),), (THREADS,),
               (i64(n_entries), km.index, tsplits, cursor, scattered))
     del cursor
-    order, _, _ = _search._rank_sort(be, tsplits, scattered, None, n_entries)
-    del scattered
-    if n_entries and int(be.to_host(per_point.max())) > _search.SHORT_ROW:
-        order = _search._sort_long_rows(be, tsplits, order, max(1, n_entries).bit_length())
+    order, _, _ = _search._rank_sort(be, tsplits, scattered, None, n_entries,
+                                     short_row=SORT_EVERY_ROW)
     return order
 
 
@@ -516,9 +519,8 @@ def _transposed_order(be, km):
     xp = be.xp
     n = km.n_points
     if transpose_mode() == "rank":
-        per_point = _per_point(be, km)
-        tsplits = _point_splits(be, km, per_point)
-        return tsplits, _order_by_point_rank(be, km, per_point, tsplits)
+        tsplits = _point_splits(be, km)
+        return tsplits, _order_by_point_rank(be, km, tsplits)
     # 32-bit keys when the points allow: a radix sort of half the passes
     point = km.index.astype(xp.uint32) if n <= np.iinfo(np.uint32).max else km.index
     order = xp.ascontiguousarray(be.argsort(point), dtype=xp.int64)  # stable

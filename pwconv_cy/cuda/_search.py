@@ -483,10 +483,10 @@ def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, sta
 
 
 def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None,
-               group_cells: bool = False):
-    """sort_rows_by_rank: (keys (n_pairs,) int64 with rows of at most SHORT_ROW entries sorted,
-    counts, grouped).  Row r is read from unsorted[row_at[r]...] (kernel_map_once's scratch), or
-    with row_at None from unsorted[splits[r]...].  counts (n_i(f) per entry, int32) with
+               group_cells: bool = False, short_row=None):
+    """sort_rows_by_rank: (keys (n_pairs,) int64 with rows of at most short_row (default
+    SHORT_ROW) entries sorted, counts, grouped).  Row r is read from unsorted[row_at[r]...]
+    (kernel_map_once's scratch), or with row_at None from unsorted[splits[r]...].  counts (n_i(f) per entry, int32) with
     cell_bits (kernel maps), grouped (the keys in (cell, key) order per row) with group_cells;
     else None."""
     xp = be.xp
@@ -499,7 +499,8 @@ def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None,
     lanes = int(SORT_LANES)
     be.launch("sort_rows_by_rank", (blocks(lanes * m),), (THREADS,),
               (i64(m), splits, unsorted, row_at if gathered else splits, i32(int(gathered)),
-               keys, i64(SHORT_ROW), i64((1 << cell_bits) - 1 if with_counts else 0),
+               keys, i64(SHORT_ROW if short_row is None else short_row),
+               i64((1 << cell_bits) - 1 if with_counts else 0),
                i32(int(with_counts)), counts, i32(int(group_cells)), grouped, i32(lanes)))
     return (keys, counts[:n_pairs] if with_counts else None,
             grouped[:n_pairs] if group_cells else None)

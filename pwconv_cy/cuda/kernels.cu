@@ -1013,7 +1013,8 @@ __global__ void __launch_bounds__(256, PWCONV_CUDA_TILE_MIN_BLOCKS)
 /// row, as a map's (index << bits | cell) keys are): `lanes` threads per row (32: a warp; 4, 8
 /// or 16: several rows per warp, fewer idle lanes on short rows), each lane placing its keys
 /// at their rank (the number of smaller keys in the row), all lanes reading the row's keys at one
-/// address.  Longer rows are copied as they are (the caller sorts them).  Replaces the fill
+/// address.  Longer rows are copied as they are (the caller sorts them; a short_row beyond
+/// every row sorts them all here, at len^2 / lanes comparisons per lane).  Replaces the fill
 /// thread's own insertion sort, which moved keys in global memory one place at a time.
 /// Row r's keys are read from in[in_at[r]...] when gathered (kernel_map_once's scratch, rows in
 /// any order), else from in[splits[r]...]; they go to out[splits[r]...].
