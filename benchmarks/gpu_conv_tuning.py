@@ -7,8 +7,6 @@ change its order of additions, so its bits are not compared):
 * ``none``: as shipped;
 * ``uN`` (e.g. ``u2``): conv_entries' loop over a row unrolled N entries at a time (kernels.cu's
   PWCONV_CUDA_ENTRIES_UNROLL, given to NVRTC as -D; 4 shipped, 2 before 2026-11-27);
-* ``shuffle``: the source rows loaded once per row and exchanged between its lanes
-  (PWCONV_CUDA_ENTRIES_LOADS=shuffle);
 * ``thread``: one thread per row, all its outputs, the cell matrices in shared memory
   (PWCONV_CUDA_ENTRIES_LOADS=thread: conv_entries_thread);
 * ``chunks``: the weight gradient by chunks of rows sorted by cell in shared memory
@@ -46,7 +44,7 @@ def measure(variant: str) -> dict:
     from pwconv_cy.cuda._backend import get_backend
 
     for part in variant.split("+"):
-        if part in ("shuffle", "thread"):
+        if part == "thread":
             os.environ[_conv.ENTRIES_LOADS_ENV] = part
         elif part == "chunks":
             os.environ[_conv.WEIGHT_GRAD_ENV] = "chunks"

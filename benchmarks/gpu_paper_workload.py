@@ -17,9 +17,7 @@ Timed with CUDA events after a warm-up, medians of several runs, per stage:
 
 pwconv's forward and backward are timed with each GPU operator scheme ("entries", the default for
 these channel counts, "rows" and "by cell": PWCONV_CUDA_OPERATOR), the default also with the
-opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), with each row's entries grouped by
-cell (PWCONV_CUDA_ENTRIES_ORDER=cells, its maps timed too), with the weight gradient from cell
-means and a matrix product (PWCONV_CUDA_WEIGHT_GRAD=means), with one thread per row forming all
+opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), with one thread per row forming all
 its outputs (PWCONV_CUDA_ENTRIES_LOADS=thread) and the weight gradient by chunks of rows sorted by
 cell in shared memory (PWCONV_CUDA_WEIGHT_GRAD=chunks) and the transposed maps by per-point rank
 sorts (PWCONV_CUDA_TRANSPOSE=rank), the kernel maps also by count + fill passes
@@ -320,9 +318,6 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
         with _env(_conv.WEIGHT_GRAD_ENV, "chunks"):  # conv_weight_chunks (entry weights cached)
             out[f"{tag}: weight gradient kernels (chunks sorted by cell)"] = time_cuda(
                 kernels["weight gradient kernels"], warmup, runs)
-        with _env(_conv.WEIGHT_GRAD_ENV, "means"):  # cell means + GEMM (grouped keys cached)
-            out[f"{tag}: weight gradient, cell means + matrix product"] = time_cuda(
-                kernels["weight gradient kernels"], warmup, runs)
         with _env(_conv.WEIGHT_GRAD_ENV, "cells"):  # by cell, its sorted entries cached
             out[f"{tag}: weight gradient kernels (by cell)"] = time_cuda(
                 kernels["weight gradient kernels"], warmup, runs)
@@ -566,16 +561,16 @@ def main(argv=None) -> int:
     print("checks:", json.dumps(record["checks"]))
 
     # --- timings ----------------------------------------------------------------------------
-    from pwconv_cy.cuda import ENTRY_COUNTS_KEY, GROUPED_KEYS_KEY
+    from pwconv_cy.cuda import ENTRY_COUNTS_KEY
 
     def clear_derived(km):
         """Drop what the operator derives from a map (weights, orders, transposed maps): they
-        are built per batch, so the stages include them.  The entry counts (and the grouped
-        keys) stay: the map's row sort makes them with the map (the kernel-map stage)."""
-        for key in [k for k in km._cache if k not in (ENTRY_COUNTS_KEY, GROUPED_KEYS_KEY)]:
+        are built per batch, so the stages include them.  The entry counts stay: the map's row
+        sort makes them with the map (the kernel-map stage)."""
+        for key in [k for k in km._cache if k != ENTRY_COUNTS_KEY]:
             del km._cache[key]
 
-    active = {"kms": kms}  # the maps the schemes run on (the grouped scheme makes its own)
+    active = {"kms": kms}  # the maps the schemes run on
 
     def pw_forward_fresh():
         for km in active["kms"]:
@@ -597,37 +592,27 @@ def main(argv=None) -> int:
     schemes = {}
     # the operator's GPU schemes side by side, the opt-in atomic input gradient, the entries'
     # weight gradient by cell, the default with the first layer's input gradient (as the
-    # figures before 2026-11-26 21:00 were taken), the entries kernel's shuffled source loads,
-    # the deterministic fixed-point input gradient, the entries grouped by cell, one thread per
-    # row (PWCONV_CUDA_ENTRIES_LOADS=thread) and the weight gradient by chunks of rows sorted by
-    # cell (PWCONV_CUDA_WEIGHT_GRAD=chunks)
+    # figures before 2026-11-26 21:00 were taken), the deterministic fixed-point input
+    # gradient, one thread per row (PWCONV_CUDA_ENTRIES_LOADS=thread) and the weight gradient by
+    # chunks of rows sorted by cell (PWCONV_CUDA_WEIGHT_GRAD=chunks)
     for scheme in ("bycell", "rows", "auto", "auto-thread", "auto-chunks", "auto-rank",
                    "auto-thread+chunks+rank", "auto-atomic", "auto-cells", "auto-dx1",
-                   "auto-shuffle", "auto-fixed", "auto-means", "auto-grouped+means",
-                   "auto-thread+chunks+fixed"):
+                   "auto-fixed", "auto-thread+chunks+fixed"):
         variants = set(scheme.partition("-")[2].split("+"))
         os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if "atomic" in variants else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = next(
-            (mode for mode in ("cells", "means", "chunks") if mode in variants), "rows")
-        os.environ[_conv.ENTRIES_LOADS_ENV] = next(
-            (mode for mode in ("shuffle", "thread") if mode in variants), "broadcast")
+            (mode for mode in ("cells", "chunks") if mode in variants), "rows")
+        os.environ[_conv.ENTRIES_LOADS_ENV] = "thread" if "thread" in variants else "broadcast"
         os.environ[_conv.INPUT_GRAD_ENV] = "fixed" if "fixed" in variants else "gather"
         os.environ[_conv.TRANSPOSE_ENV] = "rank" if "rank" in variants else "sort"
-        grouped = "grouped" in variants or "means" in variants  # both read the grouped rows
-        os.environ[_conv.ENTRIES_ORDER_ENV] = "cells" if "grouped" in variants else "map"
         pw.first_input_grad = "dx1" in variants
         try:
-            # the grouped schemes' maps carry their rows grouped by cell (made by the row sort):
-            # their kernel-map stage is timed too
-            active["kms"] = pw.kernel_maps() if grouped else kms
             for km in active["kms"]:
                 clear_derived(km)
             state["xs"], state["zs"] = pw.forward(active["kms"])
             schemes[scheme] = {"forward": time_cuda(pw_forward_fresh, warmup, runs),
                                "backward": time_cuda(pw_backward_fresh, warmup, runs)}
-            if grouped:
-                schemes[scheme]["kernel_maps"] = time_cuda(pw.kernel_maps, warmup, runs)
         except Exception as exc:  # noqa: BLE001 - keep the other scheme's figures
             record[f"scheme_{scheme}_error"] = f"{type(exc).__name__}: {exc}"
             print(f"scheme {scheme} failed: {record[f'scheme_{scheme}_error']}")
@@ -636,9 +621,7 @@ def main(argv=None) -> int:
     os.environ.pop(_conv.WEIGHT_GRAD_ENV)
     os.environ.pop(_conv.ENTRIES_LOADS_ENV)
     os.environ.pop(_conv.INPUT_GRAD_ENV)
-    os.environ.pop(_conv.ENTRIES_ORDER_ENV)
     os.environ.pop(_conv.TRANSPOSE_ENV)
-    active["kms"] = kms
     pw.first_input_grad = False
     if "auto" not in schemes:
         schemes["auto"] = schemes["bycell"]

@@ -642,16 +642,14 @@ def rel_err(a, b):
 
 
 #: The operator's switches the emulated scenarios run with: (PWCONV_CUDA_OPERATOR, atomic
-#: input gradient, _WEIGHT_GRAD, _ENTRIES_LOADS, _INPUT_GRAD, _ENTRIES_ORDER, _TRANSPOSE).
+#: input gradient, _WEIGHT_GRAD, _ENTRIES_LOADS, _INPUT_GRAD, _TRANSPOSE).
 OPERATOR_VARIANTS = (
-    ("bycell", False, "rows", "broadcast", "gather", "map", "sort"),
-    ("rows", False, "rows", "broadcast", "gather", "map", "rank"),
-    ("auto", False, "rows", "broadcast", "gather", "map", "sort"),
-    # the entries grouped by cell (conv_groups), with the weight gradient by cell means
-    ("auto", False, "means", "broadcast", "gather", "cells", "sort"),
-    ("auto", False, "cells", "shuffle", "fixed", "map", "sort"),
-    ("auto", False, "chunks", "thread", "gather", "map", "rank"),
-    ("auto", True, "rows", "broadcast", "gather", "map", "sort"))
+    ("bycell", False, "rows", "broadcast", "gather", "sort"),
+    ("rows", False, "rows", "broadcast", "gather", "rank"),
+    ("auto", False, "rows", "broadcast", "gather", "sort"),
+    ("auto", False, "cells", "broadcast", "fixed", "sort"),
+    ("auto", False, "chunks", "thread", "gather", "rank"),
+    ("auto", True, "rows", "broadcast", "gather", "sort"))
 
 
 def _host(a):
@@ -745,8 +743,7 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
         be, grid, v, k, dils, _cell_dtype(k), 1 << 40,
         None if q is None else np.ascontiguousarray(q), q_offsets)
     assert len(multi) == len(dils)
-    for d, (ms, mi, mc, me, mg) in zip(dils, multi):
-        assert mg is None  # grouped keys only when asked for
+    for d, (ms, mi, mc, me) in zip(dils, multi):
         od = om if d == s else oracles.kernel_map(p, v, k, d, offsets, q, q_offsets)
         np.testing.assert_array_equal(ms, od.splits, err_msg=f"{name}: maps, s={d}: splits")
         np.testing.assert_array_equal(mi, od.index, err_msg=f"{name}: maps, s={d}: index")
@@ -780,18 +777,17 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
     errors = {}
     configs = ((False, (3, 5)), (False, (9, 9)), (False, (32, 17)), (False, (40, 3)),
                (True, (6, 6)), (True, (33, 33)))
-    for scheme, atomic, wgrad, loads, igrad, order, transpose in variants:
+    for scheme, atomic, wgrad, loads, igrad, transpose in variants:
         os.environ[_conv.TRANSPOSE_ENV] = transpose
         os.environ[_conv.OPERATOR_ENV] = scheme
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if atomic else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         os.environ[_conv.ENTRIES_LOADS_ENV] = loads
         os.environ[_conv.INPUT_GRAD_ENV] = igrad
-        os.environ[_conv.ENTRIES_ORDER_ENV] = order
         # the opt-in switches of "auto" act up to 32 channels; wider layers run the "by cell"
         # kernels whatever they say, which the plain "auto" and "bycell" variants cover
-        opt_in = scheme == "auto" and (atomic, wgrad, loads, igrad, order, transpose) != (
-            False, "rows", "broadcast", "gather", "map", "sort")
+        opt_in = scheme == "auto" and (atomic, wgrad, loads, igrad, transpose) != (
+            False, "rows", "broadcast", "gather", "sort")
         for dtype in (np.float32, np.float64):
             for depthwise, (c_in, c_out) in configs:
                 if opt_in and max(c_in, c_out) > _conv.LANE_CHANNELS:
@@ -816,38 +812,26 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
                     assert all(rows_ok), (c_in, c_out, k)
                 want = {"bycell": (False, False, False), "rows": rows_ok,
                         "auto": (lanes, lanes, lanes)}[scheme]
-                entries = "conv_entries_shuffle" if loads == "shuffle" else "conv_entries"
-                # PWCONV_CUDA_ENTRIES_ORDER=cells: forward and input gradient by conv_groups
-                grouped = order == "cells" and scheme == "auto" and lanes
-                by_means = wgrad == "means" and scheme == "auto" and lanes and not depthwise
                 # PWCONV_CUDA_ENTRIES_LOADS=thread: one thread per row where the cell matrices
                 # fit its shared copy (forward, input gradient), else conv_entries
-                by_thread = [loads == "thread" and scheme == "auto" and lanes and not grouped
+                by_thread = [loads == "thread" and scheme == "auto" and lanes
                              and _conv.thread_plan(k ** 3, a, b, x.itemsize, depthwise,
                                                    cell.dtype) is not None
                              for a, b in ((c_in, c_out), (c_out, c_in))]
                 by_thread[1] = by_thread[1] and not atomic and igrad == "gather"
                 assert ("conv_entries_thread" in ran) == any(by_thread), (c_in, c_out, ran)
-                assert (entries in ran) == (scheme == "auto" and lanes and not grouped
-                                            and not all(by_thread)), (scheme, loads, order, ran)
-                assert sum(n.startswith("conv_groups<") for n in be.launches[start:]) == \
-                    2 * grouped, (order, ran)
-                assert ("cuda_grouped_keys" in km._cache) == (grouped or by_means), (order, ran)
-                if grouped:
-                    want = (True, False, True)  # no transposed rows: transposed groups
+                assert ("conv_entries" in ran) == (scheme == "auto" and lanes
+                                                   and not all(by_thread)), (scheme, loads, ran)
                 # the entries scheme's weight gradient: the rows kernel where it holds the
-                # weight (PWCONV_CUDA_WEIGHT_GRAD=rows, the default), else by cell; "means"
-                # (dense weights): cell means and a matrix product, depthwise ones by rows
+                # weight (PWCONV_CUDA_WEIGHT_GRAD=rows, the default), else by cell;
                 # "chunks": conv_weight_chunks where its block holds every (cell, channel)
                 chunked = (wgrad == "chunks" and scheme == "auto" and lanes and
                            _conv.chunks_plan(k ** 3, c_in, c_out, depthwise, cell.dtype)
                            is not None)
                 assert ("conv_weight_chunks" in ran) == chunked, (wgrad, c_in, c_out, ran)
-                by_rows = (wgrad == "rows" or (wgrad == "means" and depthwise)
-                           or (wgrad == "chunks" and not chunked)) and rows_ok[2]
-                assert ("cell_means" in ran) == by_means, (scheme, wgrad, ran)
+                by_rows = (wgrad == "rows" or (wgrad == "chunks" and not chunked)) and rows_ok[2]
                 assert ("conv_weight_cells" in ran) == (scheme == "auto" and lanes and not by_rows
-                                                        and not by_means and not chunked), \
+                                                        and not chunked), \
                     (scheme, wgrad, ran)
                 # PWCONV_CUDA_DETERMINISTIC=0: the entries' input gradient by atomics, no
                 # transposed map
@@ -871,7 +855,7 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
                 assert ("cuda_transposed_counts" in km._cache) == by_thread[1], (c_in, c_out, ran)
                 ry, rdx, rdw = conv_oracle(om, x, w, depthwise, dy)
                 tol = 1e-5 if dtype == np.float32 else 1e-12
-                key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {loads} {igrad} {order} "
+                key = (f"{scheme}{' atomic' if atomic else ''} {wgrad} {loads} {igrad} "
                        f"{transpose} "
                        f"{np.dtype(dtype).name} "
                        f"{'depthwise' if depthwise else 'dense'} {c_in}->{c_out}")
@@ -879,10 +863,8 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
                 assert y.dtype == dx.dtype == dw.dtype == dtype
                 assert max(errors[key]) <= tol, f"{name} {key}: relative errors {errors[key]} > {tol}"
     for env in (_conv.OPERATOR_ENV, _conv.DETERMINISTIC_ENV, _conv.WEIGHT_GRAD_ENV,
-                _conv.ENTRIES_LOADS_ENV, _conv.INPUT_GRAD_ENV, _conv.ENTRIES_ORDER_ENV,
-                _conv.TRANSPOSE_ENV):
+                _conv.ENTRIES_LOADS_ENV, _conv.INPUT_GRAD_ENV, _conv.TRANSPOSE_ENV):
         os.environ.pop(env, None)
-    _check_groups(be, name, km, splits, index, cell, om, p, offsets, q, q_offsets)
     # the rows scheme's transposed map: each point's entries by ascending row (a row names a
     # point once), whatever the schedule, with weights 1 / n_i(f); by one radix sort or by rank
     # (the long-rows scenario's points are named by more than SHORT_ROW rows)
@@ -914,56 +896,6 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
     _check_fixed_input_grad(be, km, om, rng, name)
     _check_points_digest(be, p, offsets)
     return report
-
-
-def _check_groups(be, name, km, splits, index, cell, om, p, offsets, q, q_offsets):
-    """conv_groups' orders: the map's rows by (cell, index) -- made by the fallback sort and, the
-    same, by the row sort of maps built with group_cells (one pass, and count + fill) -- and the
-    transposed map by (point, cell, row) with weights 1 / n_i(f), the same under another
-    schedule."""
-    from pwconv_cy.cuda import GROUPED_KEYS_KEY, _conv, _search
-    from pwconv_cy.neighbors import _cell_dtype
-
-    k = km.kernel_size
-    bits = _search.cell_bits_for(k)
-    rows = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
-    c64 = cell.astype(np.int64)
-    want = (index[np.lexsort((index, c64, rows))] << bits) | c64[np.lexsort((index, c64, rows))]
-    km._cache.pop(GROUPED_KEYS_KEY, None)
-    np.testing.assert_array_equal(_conv.grouped_keys(be, km), want, err_msg=f"{name}: grouped")
-    grid = _search.build_grid(be, np.ascontiguousarray(p), np.asarray(offsets, np.int64),
-                              km.voxel_size)
-    q = None if q is None else np.ascontiguousarray(q)
-    long_rows = len(splits) > 1 and int(np.diff(splits).max()) > _search.SHORT_ROW
-    for passes in ("one", "two"):
-        os.environ[_search.MAP_PASSES_ENV] = passes
-        try:
-            made = _search.kernel_maps_arrays(be, grid, km.voxel_size, k, (km.dilation,),
-                                              _cell_dtype(k), 1 << 40, q, q_offsets,
-                                              group_cells=True)[0]
-        finally:
-            os.environ.pop(_search.MAP_PASSES_ENV)
-        np.testing.assert_array_equal(made[1], index, err_msg=f"{name}: {passes}")
-        if long_rows:  # not sorted by the row sort: left to grouped_keys' sort
-            assert made[4] is None, name
-        else:
-            np.testing.assert_array_equal(made[4], want, err_msg=f"{name}: {passes}: grouped")
-    trows = np.lexsort((rows, c64, index))  # by (point, cell, row)
-    for dtype in (np.float32, np.float64):
-        key = f"cuda_transposed_groups_{np.dtype(dtype).name}"
-        km._cache.pop(key, None)
-        tg = _conv.transposed_groups(be, km, dtype)
-        be.reversed = True
-        km._cache.pop(key)
-        tg_r = _conv.transposed_groups(be, km, dtype)
-        be.reversed = False
-        for part in tg:
-            np.testing.assert_array_equal(tg_r[part], tg[part], err_msg=f"{name}: {part}")
-        np.testing.assert_array_equal(tg["splits"][1:],
-                                      np.cumsum(np.bincount(index, minlength=km.n_points)))
-        np.testing.assert_array_equal(tg["keys"], (rows[trows] << bits) | c64[trows])
-        np.testing.assert_array_equal(
-            tg["weight"], (1 / om.counts[rows[trows], c64[trows]].astype(dtype)).astype(dtype))
 
 
 def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
@@ -1127,9 +1059,8 @@ def _emulate_property(be, max_examples: int = 80):
     """Hypothesis: random packed batches of every cloud kind (empty clouds, duplicates, points on
     cell faces), queries or not, K in {1, 3}, dilations 1-3, 1-12 channels, float32/64, dense or
     depthwise, either sort of the filled rows, one or several weight-gradient chunks per cell, the
-    maps searched once (scratch estimates exact, sampled or short) or twice, the entries read in
-    map order or grouped by cell: the
-    GPU orchestration on the emulator gives the oracle's kernel map and the operator within
+    maps searched once (scratch estimates exact, sampled or short) or twice: the GPU
+    orchestration on the emulator gives the oracle's kernel map and the operator within
     rounding, with each scheme; the default scheme's forward and gradients also under a reversed
     schedule, bit for bit."""
     import oracles
@@ -1158,11 +1089,9 @@ def _emulate_property(be, max_examples: int = 80):
         # with it the tiled searches)
         row_sort = draw(st.sampled_from(["rank", "rank", "thread"]))
         # the entries' weight-gradient kernels
-        wgrad = draw(st.sampled_from(["rows", "cells", "means", "chunks"]))
-        # "means": its rows in one chunk, one row per chunk, or a few rows per chunk
-        means_bytes = draw(st.sampled_from([_conv.MEANS_BYTES, 1, 700]))
+        wgrad = draw(st.sampled_from(["rows", "cells", "chunks"]))
         # conv_entries' source loads, or one thread per row (conv_entries_thread)
-        loads = draw(st.sampled_from(["broadcast", "shuffle", "thread"]))
+        loads = draw(st.sampled_from(["broadcast", "thread"]))
         igrad = draw(st.sampled_from(["gather", "fixed"]))  # the deterministic input gradient
         transpose = draw(st.sampled_from(["sort", "rank"]))  # how the transposed map is made
         slots = draw(st.sampled_from(["0", "1"]))  # the grid's row table: split, or pairs
@@ -1185,25 +1114,23 @@ def _emulate_property(be, max_examples: int = 80):
         # points per block of cloud_lower_corner: one block a cloud, or several and a merge
         corner_chunk = draw(st.sampled_from([_search.LOWER_CORNER_CHUNK, 4, 33]))
         grid_build = draw(st.sampled_from(["nonzero", "scan"]))  # the cells by which way
-        order = draw(st.sampled_from(["map", "cells"]))  # conv_entries or conv_groups
         capacity = draw(st.sampled_from([(_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, 0),
                                          (7, _search.CAPACITY_MARGIN, 0),
                                          (_search.CAPACITY_SAMPLE, 0.5, 0)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
-            short, (chunk, means_bytes), (row_sort, slots, tiles, tile_queries, misaligned,
-                                          capacity_mode), \
-            (wgrad, loads, igrad, order, transpose), before, \
+            short, chunk, (row_sort, slots, tiles, tile_queries, misaligned, capacity_mode), \
+            (wgrad, loads, igrad, transpose), before, \
             (passes, capacity, sort_lanes, corner_chunk, grid_build), draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases())
     def check(case):
-        (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, (chunk, means_bytes),
+        (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk,
          (row_sort, slots, tiles, tile_queries, misaligned, capacity_mode),
-         (wgrad, loads, igrad, order, transpose), before,
+         (wgrad, loads, igrad, transpose), before,
          (passes, capacity, sort_lanes, corner_chunk, grid_build), seed) = case
-        _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES = short, chunk, means_bytes
+        _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
         os.environ[_search.MAP_PASSES_ENV] = passes
         _search.SORT_LANES = sort_lanes
         _search.LOWER_CORNER_CHUNK = corner_chunk
@@ -1212,7 +1139,6 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ[_conv.WEIGHT_GRAD_ENV] = wgrad
         os.environ[_conv.ENTRIES_LOADS_ENV] = loads
         os.environ[_conv.INPUT_GRAD_ENV] = igrad
-        os.environ[_conv.ENTRIES_ORDER_ENV] = order
         os.environ[_conv.TRANSPOSE_ENV] = transpose
         os.environ[_search.ROW_SLOTS_ENV] = slots
         os.environ[_search.MAP_TILES_ENV] = tiles
@@ -1226,10 +1152,9 @@ def _emulate_property(be, max_examples: int = 80):
         _assert_lower_corners(grid, p, offsets, "property")
         _assert_same_grid(grid, _other_grid_build(be, np.ascontiguousarray(p), offsets, v),
                           "property")
-        splits, index, cell, entry_counts, grouped = _search.kernel_maps_arrays(
+        splits, index, cell, entry_counts = _search.kernel_maps_arrays(
             be, grid, v, k, before + (s,), _cell_dtype(k), 1 << 40,
-            None if q is None else np.ascontiguousarray(q), q_off,
-            group_cells=order == "cells")[-1]
+            None if q is None else np.ascontiguousarray(q), q_off)[-1]
         om = oracles.kernel_map(p, v, k, s, offsets, q, q_off)
         np.testing.assert_array_equal(splits, om.splits)
         np.testing.assert_array_equal(index, om.index)
@@ -1258,8 +1183,6 @@ def _emulate_property(be, max_examples: int = 80):
                            voxel_size=v, kernel_size=k, dilation=s, n_points=len(p),
                            offsets=offsets, query_offsets=offsets if q is None else q_off)
             km._cache["cuda_entry_counts"] = entry_counts  # as the map's row sort counted them
-            if grouped is not None:  # as the map's row sort grouped them (else: grouped_keys)
-                km._cache["cuda_grouped_keys"] = grouped
             y = _conv.forward(be, km, x, w, c_out, depthwise)
             dx = _conv.backward_input(be, km, dy, w, c_in, depthwise)
             dw = _conv.backward_weight(be, km, x, dy, c_out, depthwise).reshape(w.shape)
@@ -1283,7 +1206,7 @@ def _emulate_property(be, max_examples: int = 80):
                 assert dx_r.tobytes() == dx.tobytes()
                 assert dw_r.tobytes() == dw.tobytes()
                 # the other ways of loading the source rows: the same products, the same bits
-                for other in {"broadcast", "shuffle", "thread"} - {loads}:
+                for other in {"broadcast", "thread"} - {loads}:
                     os.environ[_conv.ENTRIES_LOADS_ENV] = other
                     y_o = _conv.forward(be, km, x, w, c_out, depthwise)
                     dx_o = _conv.backward_input(be, km, dy, w, c_in, depthwise)
@@ -1314,7 +1237,7 @@ def _emulate_property(be, max_examples: int = 80):
                 assert (dtype(1) / tc["count"].astype(dtype)).tobytes() == tr["weight"].tobytes()
         os.environ.pop(_conv.OPERATOR_ENV)
 
-    default, default_chunk, default_means = _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES
+    default, default_chunk = _search.SHORT_ROW, _conv.CELL_CHUNK
     default_capacity = (_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK)
     default_sort_lanes = _search.SORT_LANES
     default_corner_chunk = _search.LOWER_CORNER_CHUNK
@@ -1323,8 +1246,7 @@ def _emulate_property(be, max_examples: int = 80):
         check()
     finally:
         _search.TILE_QUERIES = default_tile_queries
-        _search.SHORT_ROW, _conv.CELL_CHUNK, _conv.MEANS_BYTES = \
-            default, default_chunk, default_means
+        _search.SHORT_ROW, _conv.CELL_CHUNK = default, default_chunk
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
             default_capacity
         _search.SORT_LANES = default_sort_lanes
@@ -1334,7 +1256,6 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ.pop(_conv.WEIGHT_GRAD_ENV, None)
         os.environ.pop(_conv.ENTRIES_LOADS_ENV, None)
         os.environ.pop(_conv.INPUT_GRAD_ENV, None)
-        os.environ.pop(_conv.ENTRIES_ORDER_ENV, None)
         os.environ.pop(_conv.TRANSPOSE_ENV, None)
         os.environ.pop(_search.ROW_SLOTS_ENV, None)
         os.environ.pop(_search.MAP_TILES_ENV, None)
@@ -1439,7 +1360,7 @@ def test_emulated_maps_sized_from_the_last(emulator_lib, monkeypatch):
                                            (dense, False, True), (dense, False, False)):
         start = len(be.launches)
         grid = _search.build_grid(be, points, offsets, 0.2)
-        (splits, index, cell, _, _), = _search.kernel_maps_arrays(
+        (splits, index, cell, _), = _search.kernel_maps_arrays(
             be, grid, 0.2, 3, (1,), _cell_dtype(3), 1 << 40)
         ran = be.launches[start:]
         counts = [n for n in ran if n.startswith("kernel_map_pass<") and n.endswith(", 0>")]
@@ -1534,13 +1455,11 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_search.MAP_PASSES_ENV, _search.map_passes_mode, {"two": "two", " One": "one"},
              "one"),
             (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode,
-             {"cells": "cells", " Rows ": "rows", "MEANS": "means", "chunks": "chunks"}, "rows"),
+             {"cells": "cells", " Rows ": "rows", "CHUNKS": "chunks"}, "rows"),
             (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
-             {"shuffle": "shuffle", "broadcast": "broadcast", "Thread": "thread"}, "broadcast"),
+             {"broadcast": "broadcast", "Thread": "thread"}, "broadcast"),
             (_conv.INPUT_GRAD_ENV, _conv.input_grad_mode, {"fixed": "fixed", "GATHER": "gather"},
              "gather"),
-            (_conv.ENTRIES_ORDER_ENV, _conv.entries_order, {"cells": "cells", "Map": "map"},
-             "map"),
             (_conv.TRANSPOSE_ENV, _conv.transpose_mode, {"rank": "rank", "SORT": "sort"},
              "sort"),
             (_search.ROW_SLOTS_ENV, _search.row_slots_mode, {"1": True, "off": False}, False),
@@ -1834,20 +1753,15 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
 
 def _set_scheme(monkeypatch, scheme: str) -> None:
     """The GPU operator's switches for a test's scheme name: "auto", "rows", "bycell", or "auto-"
-    with atomic (PWCONV_CUDA_DETERMINISTIC=0), cells (PWCONV_CUDA_WEIGHT_GRAD), shuffle
-    (PWCONV_CUDA_ENTRIES_LOADS), fixed (PWCONV_CUDA_INPUT_GRAD), grouped
-    (PWCONV_CUDA_ENTRIES_ORDER=cells), means (PWCONV_CUDA_WEIGHT_GRAD=means), thread
-    (PWCONV_CUDA_ENTRIES_LOADS=thread), chunks (PWCONV_CUDA_WEIGHT_GRAD=chunks) or rank
+    with atomic (PWCONV_CUDA_DETERMINISTIC=0), cells (PWCONV_CUDA_WEIGHT_GRAD), fixed
+    (PWCONV_CUDA_INPUT_GRAD), thread (PWCONV_CUDA_ENTRIES_LOADS=thread), chunks (PWCONV_CUDA_WEIGHT_GRAD=chunks) or rank
     (PWCONV_CUDA_TRANSPOSE=rank), several joined by "+"."""
     from pwconv_cy.cuda import _conv
 
     base, _, variants = scheme.partition("-")
     monkeypatch.setenv(_conv.OPERATOR_ENV, base)
     env = {"atomic": (_conv.DETERMINISTIC_ENV, "0"), "cells": (_conv.WEIGHT_GRAD_ENV, "cells"),
-           "shuffle": (_conv.ENTRIES_LOADS_ENV, "shuffle"),
            "fixed": (_conv.INPUT_GRAD_ENV, "fixed"),
-           "grouped": (_conv.ENTRIES_ORDER_ENV, "cells"),
-           "means": (_conv.WEIGHT_GRAD_ENV, "means"),
            "thread": (_conv.ENTRIES_LOADS_ENV, "thread"),
            "chunks": (_conv.WEIGHT_GRAD_ENV, "chunks"),
            "rank": (_conv.TRANSPOSE_ENV, "rank")}
@@ -1863,15 +1777,13 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells",
-                                    "auto-shuffle", "auto-fixed", "auto-grouped+means",
-                                    "auto-thread+chunks+rank"])
+                                    "auto-fixed", "auto-thread+chunks+rank"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
     each operator scheme (auto takes "entries" up to 32 channels), with the opt-in atomic input
     gradient (PWCONV_CUDA_DETERMINISTIC=0), with the entries' weight gradient by cell
-    (PWCONV_CUDA_WEIGHT_GRAD=cells), shuffled source loads, the fixed-point input gradient,
-    the entries grouped by cell with the weight gradient by cell means, and one thread per row
+    (PWCONV_CUDA_WEIGHT_GRAD=cells), the fixed-point input gradient, and one thread per row
     with the weight gradient by chunks of rows sorted by cell and the transposed map by rank
     sorts (_set_scheme)."""
     import cupy
@@ -1902,8 +1814,8 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-shuffle",
-                                    "auto-fixed", "auto-grouped+means", "auto-thread+chunks+rank"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-fixed",
+                                    "auto-thread+chunks+rank"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -2100,8 +2012,7 @@ def test_gpu_real_lidar_tile_map_identical_to_cpu(shared_data):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-grouped+means",
-                                    "auto-thread+chunks+rank"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-thread+chunks+rank"])
 def test_gpu_real_modelnet_layers_match_cpu(shared_data, scheme, monkeypatch):
     """32 real ModelNet40 shapes (float16 as stored, dense (B, 1024, 3)) through the paper's four
     layers on the GPU: forward and both gradients equal to the CPU's within float32 rounding."""

@@ -23,10 +23,6 @@ from pwconv_cy.cuda._backend import MAX_KERNEL_SIZE, CudaKernelError, debug_enab
 
 #: Where a GPU kernel map keeps n_i(f) of each entry ((E,) int32, made with the map).
 ENTRY_COUNTS_KEY = "cuda_entry_counts"
-#: Where a GPU kernel map keeps its keys with each row in (cell, index) order ((E,) int64, made
-#: with the map under PWCONV_CUDA_ENTRIES_ORDER=cells or PWCONV_CUDA_WEIGHT_GRAD=means; else on
-#: first use).
-GROUPED_KEYS_KEY = "cuda_grouped_keys"
 
 __all__ = [
     "MAX_KERNEL_SIZE",
@@ -251,16 +247,11 @@ class NeighborIndex:
         q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
         be = self._be
         with _device_of(self._batch.points):
-            from pwconv_cy.cuda._conv import entries_order, weight_grad_mode
-
-            # the rows grouped by cell, made by the row sort, when an opt-in kernel reads them
-            group_cells = entries_order() == "cells" or weight_grad_mode() == "means"
             arrays = kernel_maps_arrays(be, self._grid, v, k, dilations, _cell_dtype(k),
-                                        _budget(be, memory_budget), q, q_offsets,
-                                        group_cells=group_cells)
+                                        _budget(be, memory_budget), q, q_offsets)
             q_digest = None if q is None or not dilations else _device_digest(be, q, q_offsets)
             maps = []
-            for s, (splits, index, cell, entry_counts, grouped) in zip(dilations, arrays):
+            for s, (splits, index, cell, entry_counts) in zip(dilations, arrays):
                 km = KernelMap(
                     splits=splits, index=index, cell=cell, counts=None, voxel_size=v,
                     kernel_size=k, dilation=s, n_points=self.n_points,
@@ -269,8 +260,6 @@ class NeighborIndex:
                     points_digest=self.points_digest, queries_digest=q_digest)
                 # n_i(f) of every entry, counted by the map's row sort: the operator's weights
                 km._cache[ENTRY_COUNTS_KEY] = entry_counts
-                if grouped is not None:  # conv_groups' order of the map, sorted with it
-                    km._cache[GROUPED_KEYS_KEY] = grouped
                 maps.append(km)
             return maps
 

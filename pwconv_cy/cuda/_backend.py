@@ -134,10 +134,9 @@ def digest_name(dtype) -> str:
 
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
                 "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells",
-                "weights_from_counts", "fixed_bounds", "fixed_to_float", "conv_groups",
-                "cell_means")
+                "weights_from_counts", "fixed_bounds", "fixed_to_float")
 ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "permute_entries", "conv_entries",
-                "conv_entries_shuffle", "conv_entries_scatter", "conv_entries_fixed")
+                "conv_entries_scatter", "conv_entries_fixed")
 
 #: Dynamic shared memory a launch may use without opting in (cudaFuncSetAttribute).
 DEFAULT_SHARED_BYTES = 48 * 1024
@@ -169,8 +168,7 @@ PLAIN_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_co
 BARRIER_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_coords",
                    "conv_gather_dense", "conv_weight_partial_dense", "conv_rows",
                    "conv_weight_rows", "conv_weight_cells", "points_digest", "sum_partials",
-                   "conv_entries_shuffle", "kernel_map_once", "conv_groups",
-                   "conv_entries_thread", "conv_weight_chunks", "kernel_map_tiled")
+                   "kernel_map_once", "conv_entries_thread", "conv_weight_chunks", "kernel_map_tiled")
 
 
 class CudaKernelError(RuntimeError):

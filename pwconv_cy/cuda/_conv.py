@@ -24,9 +24,6 @@ Three schemes, with the same results to rounding and each bit-identical from run
 (benchmarks, tests); the default ("auto") picks "entries" up to 32 channels, "by cell" beyond.
 ``PWCONV_CUDA_DETERMINISTIC=0`` opts into the one non-deterministic path: the "entries" input
 gradient added straight over the map with floating-point atomics (no transposed map).
-``PWCONV_CUDA_ENTRIES_ORDER=cells`` opts into conv_groups for the "entries" forward and input
-gradient: each row's entries grouped by cell (the map's row sort makes that order with the map),
-each cell's sources summed first and multiplied by its matrix once.
 Three more opt-ins for the "entries" scheme, written for the load pattern that bounds it (its
 lanes load each value at one address, so one load instruction serves few values):
 ``PWCONV_CUDA_ENTRIES_LOADS=thread`` runs the forward and input gradient one thread per row
@@ -66,11 +63,9 @@ __all__ = [
     "chunks_plan",
     "deterministic",
     "entries_loads",
-    "entries_order",
     "entry_counts",
     "entry_weights",
     "forward",
-    "grouped_keys",
     "input_grad_mode",
     "rows_per_partial",
     "rows_plan",
@@ -80,7 +75,6 @@ __all__ = [
     "transposed",
     "transposed_by_cell",
     "transposed_counts",
-    "transposed_groups",
     "transposed_rows",
     "weight_grad_mode",
 ]
@@ -111,18 +105,13 @@ CELL_CHUNK = 1024
 
 DETERMINISTIC_ENV = "PWCONV_CUDA_DETERMINISTIC"
 #: Which kernels make the "entries" scheme's weight gradient: "rows" (default: conv_weight_rows
-#: over the map as it is, where its shared accumulators hold the weight), "cells"
-#: (conv_weight_cells over the entries sorted by cell) or "means" (opt-in, dense layers: every
-#: row's cell means written out by cell_means, a chunk of rows at a time, then one matrix
-#: product means^T dy per chunk, added in chunk order).  Same results to rounding.
+#: over the map as it is, where its shared accumulators hold the weight) or "cells"
+#: (conv_weight_cells over the entries sorted by cell).  Same results to rounding.
 #: "chunks" (opt-in): conv_weight_chunks, one thread per (cell, input channel) adding its cell's
 #: entries of a chunk of rows, sorted by cell in shared memory, in registers (see
 #: chunks_plan for where it applies; elsewhere the default).
 WEIGHT_GRAD_ENV = "PWCONV_CUDA_WEIGHT_GRAD"
-WEIGHT_GRAD_MODES = ("rows", "cells", "means", "chunks")
-#: Bytes of cell means held at once by the "means" weight gradient (rows per chunk follow from
-#: the sizes alone, so the order of the additions never depends on the device).
-MEANS_BYTES = 256 * 1024 * 1024
+WEIGHT_GRAD_MODES = ("rows", "cells", "chunks")
 
 
 #: How the "entries" scheme's deterministic input gradient is made: "gather" (default: over the
@@ -152,11 +141,10 @@ def input_grad_mode() -> str:
     return env_choice(INPUT_GRAD_ENV, ("gather", "fixed"), "gather")
 
 
-#: How conv_entries' lanes get a source row: "broadcast" (default: every lane loads each value,
-#: the row's lanes at one address), "shuffle" (each lane loads one value, the lanes exchange
-#: them with __shfl_sync; dense products with no more source than output channels) or "thread"
-#: (conv_entries_thread: one thread per row forms all its outputs from 16-byte vector loads of
-#: the source rows and the cell matrices in shared memory, where thread_plan allows).  Same bits.
+#: How the "entries" forward and input gradient load a row: "broadcast" (default, conv_entries:
+#: every lane loads each value, the row's lanes at one address) or "thread" (conv_entries_thread:
+#: one thread per row forms all its outputs from 16-byte vector loads of the source rows and the
+#: cell matrices in shared memory, where thread_plan allows).  Same bits.
 ENTRIES_LOADS_ENV = "PWCONV_CUDA_ENTRIES_LOADS"
 
 #: conv_entries_thread's shared copy of the cell matrices (kernels.cu's
@@ -171,8 +159,8 @@ CHUNK_BLOCKS = 2048
 
 
 def entries_loads() -> str:
-    """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default), "shuffle" or "thread"."""
-    return env_choice(ENTRIES_LOADS_ENV, ("broadcast", "shuffle", "thread"), "broadcast")
+    """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default) or "thread"."""
+    return env_choice(ENTRIES_LOADS_ENV, ("broadcast", "thread"), "broadcast")
 
 
 def _thread_outputs(n: int):
@@ -202,22 +190,8 @@ def chunks_plan(n_cells: int, a: int, b: int, depthwise: bool, cell_dtype):
     return bm, max(128, -(-n_pairs // 32) * 32)
 
 
-#: In which order the "entries" scheme's forward and deterministic input gradient read a row:
-#: "map" (default: conv_entries, every entry's source times its cell's matrix) or "cells"
-#: (opt-in: conv_groups over the rows grouped by cell -- the map's rows in (cell, index) order,
-#: made by its row sort, and the transposed map in (point, cell, row) order -- each cell's
-#: sources summed first, one matrix product per non-empty cell).  Results within rounding of
-#: each other, each bit-identical from run to run.
-ENTRIES_ORDER_ENV = "PWCONV_CUDA_ENTRIES_ORDER"
-
-
-def entries_order() -> str:
-    """PWCONV_CUDA_ENTRIES_ORDER: "map" (default) or "cells"."""
-    return env_choice(ENTRIES_ORDER_ENV, ("map", "cells"), "map")
-
-
 def weight_grad_mode() -> str:
-    """PWCONV_CUDA_WEIGHT_GRAD: "rows" (default), "cells", "means" or "chunks".
+    """PWCONV_CUDA_WEIGHT_GRAD: "rows" (default), "cells" or "chunks".
 
     "rows" reads the map in its own order, a block of rows at a time, and needs no sorted copy
     of the map: on an H200 (paper workload, 19:42 run of 2026-11-26) it took 0.31-0.41 ms of wall
@@ -347,8 +321,8 @@ def _order_by_point_rank(be, km, tsplits):
     be.launch("scatter_by_point", (blocks(n_entries),), (THREADS,),
               (i64(n_entries), km.index, tsplits, cursor, scattered))
     del cursor
-    order, _, _ = _search._rank_sort(be, tsplits, scattered, None, n_entries,
-                                     short_row=SORT_EVERY_ROW)
+    order, _ = _search._rank_sort(be, tsplits, scattered, None, n_entries,
+                                  short_row=SORT_EVERY_ROW)
     return order
 
 
@@ -371,39 +345,6 @@ def transposed_by_cell(be, km) -> dict:
             "cell": xp.ascontiguousarray(km.cell[order].astype(xp.int32)),
         }
     return km._cache["cuda_transposed_by_cell"]
-
-
-def grouped_keys(be, km):
-    """keys (E,) int64: (index << cell bits) | cell of every map entry, each row in (cell, index)
-    order -- conv_groups' forward map.  Made with the map by its row sort when
-    PWCONV_CUDA_ENTRIES_ORDER=cells was set then (pwconv_cy.cuda.GROUPED_KEYS_KEY), else here by
-    one stable sort of (row, cell) over the map's (index-ascending) rows, and cached."""
-    from pwconv_cy.cuda import GROUPED_KEYS_KEY
-
-    if GROUPED_KEYS_KEY not in km._cache:
-        xp = be.xp
-        bits = cell_bits_for(km.kernel_size)
-        key = _sort_key(be, _row_of(be, km), km.cell, km.kernel_size ** 3, km.n_queries)
-        order = be.argsort(key)  # stable: indices ascend within each (row, cell)
-        km._cache[GROUPED_KEYS_KEY] = xp.ascontiguousarray(
-            (km.index[order] << bits) | km.cell[order].astype(xp.int64))
-    return km._cache[GROUPED_KEYS_KEY]
-
-
-def transposed_groups(be, km, dtype) -> dict:
-    """conv_groups' input-gradient map: for every point j the entries (i, f) with j in
-    Omega_i(f), ordered by (f, i): splits (n+1,) int64, keys (E,) int64 = (i << cell bits) | f,
-    weight (E,) `dtype` = 1 / n_i(f).  One stable sort of (point, cell) over the map, cached."""
-    key_name = f"cuda_transposed_groups_{np.dtype(dtype).name}"
-    if key_name not in km._cache:
-        xp = be.xp
-        bits = cell_bits_for(km.kernel_size)
-        order = _order_by_point_cell(be, km)
-        trow, _, tcell, tw = _permute_entries(be, km, dtype, order, with_col=False)
-        del order
-        km._cache[key_name] = {"splits": _point_splits(be, km),
-                               "keys": (trow << bits) | tcell.astype(xp.int64), "weight": tw}
-    return km._cache[key_name]
 
 
 def entry_counts(be, km):
@@ -581,8 +522,6 @@ def _entries_launch(be, kernel, dtype, rows, splits, col, cell, weight, src, a, 
     """conv_entries or conv_entries_scatter: b lanes per row, 32 // b rows per warp; M
     (n_cells, a, b) (dense) or (n_cells, a) (depthwise), C-contiguous."""
     n_threads = -(-rows // (32 // b)) * 32
-    if kernel == "conv_entries" and entries_loads() == "shuffle":
-        kernel = "conv_entries_shuffle"
     be.launch(rows_name(kernel, dtype, cell.dtype), (blocks(n_threads),), (THREADS,),
               (i64(rows), splits, col, cell, weight, src, i32(a), M, i32(b),
                i32(1 if depthwise else 0), out))
@@ -618,19 +557,6 @@ def _entries_thread_launch(be, dtype, rows, splits, col, cell, counts, src, a, M
                i32(n_cells), i32(b), i32(1 if depthwise else 0), out))
 
 
-def _groups_launch(be, dtype, rows, splits, keys, kernel_size, weight, src, a, M, b, depthwise,
-                   out):
-    """conv_groups: max(a, b) lanes per row, rounded up to a power of two (_group); weight None:
-    each cell's mean (the forward), else the weighted sum (the input gradient)."""
-    g = _group(a, b)
-    n_threads = -(-rows // (32 // g)) * 32
-    weighted = weight is not None
-    be.launch(conv_name("conv_groups", dtype), (blocks(n_threads),), (THREADS,),
-              (i64(rows), splits, keys, i32(cell_bits_for(kernel_size)), i32(int(weighted)),
-               weight if weighted else src, src, i32(a), M, i32(b), i32(1 if depthwise else 0),
-               i32(g), out))
-
-
 def forward(be, km, x, w, c_out: int, depthwise: bool):
     """y (m, c_out) = sum_f mean_{Omega_i(f)} x . W_f (x (n, c_in), w C-contiguous)."""
     xp = be.xp
@@ -641,10 +567,6 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
     if m == 0:
         return y
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize)
-    if scheme == "entries" and entries_order() == "cells":  # each cell's mean, then W_f
-        _groups_launch(be, x.dtype, m, km.splits, grouped_keys(be, km), km.kernel_size, None, x,
-                       c_in, w, c_out, depthwise, y)
-        return y
     bm = _thread_bm(km, c_in, c_out, x.dtype.itemsize, depthwise) if scheme == "entries" else None
     if bm is not None:  # one thread per row (opt-in)
         _entries_thread_launch(be, x.dtype, m, km.splits, km.index, km.cell, entry_counts(be, km),
@@ -688,11 +610,6 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
             return dx
         if input_grad_mode() == "fixed":  # opt-in: integer atomics straight over the map
             _input_grad_fixed(be, km, dy, M, c_out, c_in, depthwise, dx)
-            return dx
-        if entries_order() == "cells":  # each cell's weighted sum, then W_f^T
-            tg = transposed_groups(be, km, dy.dtype)
-            _groups_launch(be, dy.dtype, n, tg["splits"], tg["keys"], km.kernel_size,
-                           tg["weight"], dy, c_out, M, c_in, depthwise, dx)
             return dx
         bm = _thread_bm(km, c_out, c_in, dy.dtype.itemsize, depthwise)
         if bm is not None:  # one thread per row (opt-in), over the transposed map's counts
@@ -763,9 +680,6 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
             chunks := chunks_plan(n_cells, c_in, c_out, depthwise, km.cell.dtype)) is not None:
         _weight_by_chunks(be, km, x, dy, c_in, c_out, depthwise, chunks, dw)
         return dw
-    if scheme == "entries" and not depthwise and weight_grad_mode() == "means":
-        _weight_by_means(be, km, x, dy, c_in, c_out, dw)
-        return dw
     if scheme == "entries" and (weight_grad_mode() == "cells" or plan is None):
         _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw)
         return dw
@@ -798,35 +712,6 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
                    i64(n_co_tiles), partial))
     _sum_partials(be, n_blocks, w_size, partial, dw)
     return dw
-
-
-def means_rows_per_chunk(m: int, n_cells: int, c_in: int, itemsize: int) -> int:
-    """Rows whose cell means the "means" weight gradient holds at once (MEANS_BYTES)."""
-    return max(1, min(m, MEANS_BYTES // max(1, n_cells * c_in * itemsize)))
-
-
-def _weight_by_means(be, km, x, dy, c_in, c_out, dw) -> None:
-    """dw = sum over chunks of rows, in order, of means^T dy (dense weight, (K^3 c_in, c_out)
-    row-major as the weight): cell_means over the map grouped by cell (grouped_keys), then one
-    matrix product per chunk (cuBLAS through CuPy: the same bits on every run)."""
-    xp = be.xp
-    m = km.n_queries
-    n_cells = km.kernel_size ** 3
-    keys = grouped_keys(be, km)
-    bits = i32(cell_bits_for(km.kernel_size))
-    lanes = _group(c_in, 1)
-    chunk = means_rows_per_chunk(m, n_cells, c_in, x.dtype.itemsize)
-    total = None
-    for r0 in range(0, m, chunk):
-        r1 = min(m, r0 + chunk)
-        means = xp.zeros((r1 - r0, n_cells * c_in), dtype=x.dtype)
-        be.launch(conv_name("cell_means", x.dtype), (blocks((r1 - r0) * lanes),), (THREADS,),
-                  (i64(r0), i64(r1), km.splits, keys, bits, x, i32(c_in), i32(n_cells),
-                   i32(lanes), means))
-        part = means.T @ dy[r0:r1]
-        total = part if total is None else total + part
-        del means
-    dw[...] = xp.ascontiguousarray(total).reshape(-1)
 
 
 def chunk_blocks(m: int, w_size: int, itemsize: int) -> tuple:

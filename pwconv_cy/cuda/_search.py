@@ -463,13 +463,12 @@ def _scan(be, row_len, every: int = 0, flag=None):
 
 
 def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status,
-                 cell_bits=None, group_cells: bool = False):
+                 cell_bits=None):
     """(keys (n_pairs,) int64, counts) of a fill pass, rows of at most SHORT_ROW entries sorted
     (by the fill threads themselves, or by sort_rows_by_rank after an unsorted fill:
     row_sort_mode).  With cell_bits (kernel maps: the keys' cell bits, 0 for K = 1), the rank
     sort also counts each sorted entry's n_i(f): counts (n_pairs,) int32, complete for the rows it
-    sorted; None when it did not run.  With group_cells, also the rows' keys in (cell, key) order
-    (E,) int64, complete for the rows the rank sort sorted (else None).  The caller checks the
+    sorted; None when it did not run.  The caller checks the
     fill's status once everything is queued (the kernels after it stay within their arrays
     whatever the keys), so the device does not idle while the host reads it."""
     xp = be.xp
@@ -478,32 +477,28 @@ def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, sta
     be.launch(fill_name, grid_dim, (SEARCH_THREADS,),
               head + (dummy, splits, keys, i64(0 if by_rank else SHORT_ROW), status))
     if not (by_rank and n_pairs):
-        return keys, None, None
-    return _rank_sort(be, splits, keys, None, n_pairs, cell_bits, group_cells)
+        return keys, None
+    return _rank_sort(be, splits, keys, None, n_pairs, cell_bits)
 
 
-def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None,
-               group_cells: bool = False, short_row=None):
+def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None, short_row=None):
     """sort_rows_by_rank: (keys (n_pairs,) int64 with rows of at most short_row (default
-    SHORT_ROW) entries sorted, counts, grouped).  Row r is read from unsorted[row_at[r]...]
-    (kernel_map_once's scratch), or with row_at None from unsorted[splits[r]...].  counts (n_i(f) per entry, int32) with
-    cell_bits (kernel maps), grouped (the keys in (cell, key) order per row) with group_cells;
-    else None."""
+    SHORT_ROW) entries sorted, counts).  Row r is read from unsorted[row_at[r]...]
+    (kernel_map_once's scratch), or with row_at None from unsorted[splits[r]...].  counts (n_i(f)
+    per entry, int32) with cell_bits (kernel maps), else None."""
     xp = be.xp
     m = int(splits.shape[0]) - 1
     with_counts = cell_bits is not None
     keys = xp.empty(n_pairs, dtype=xp.int64)
     counts = xp.empty(max(n_pairs, 1) if with_counts else 1, dtype=xp.int32)
-    grouped = xp.empty(max(n_pairs, 1) if group_cells else 1, dtype=xp.int64)
     gathered = row_at is not None
     lanes = int(SORT_LANES)
     be.launch("sort_rows_by_rank", (blocks(lanes * m),), (THREADS,),
               (i64(m), splits, unsorted, row_at if gathered else splits, i32(int(gathered)),
                keys, i64(SHORT_ROW if short_row is None else short_row),
                i64((1 << cell_bits) - 1 if with_counts else 0),
-               i32(int(with_counts)), counts, i32(int(group_cells)), grouped, i32(lanes)))
-    return (keys, counts[:n_pairs] if with_counts else None,
-            grouped[:n_pairs] if group_cells else None)
+               i32(int(with_counts)), counts, i32(lanes)))
+    return keys, counts[:n_pairs] if with_counts else None
 
 
 def entry_cell_counts(be, splits, cell, n_cells: int):
@@ -556,14 +551,10 @@ def kernel_map_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int,
 
 
 def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int, dilations,
-                       cell_dtype, budget: int, queries=None, query_offsets=None,
-                       group_cells: bool = False) -> list:
+                       cell_dtype, budget: int, queries=None, query_offsets=None) -> list:
     """The kernel maps of the same queries for each dilation in `dilations` (same voxel size and
     kernel size), as kernel_map_arrays' (splits, index, cell) each plus entry_counts (E,) int32
-    (n_i(f) of each entry, counted by the row sort) and grouped: with group_cells, the map's
-    keys (index << cell bits | cell) with each row in (cell, index) order, as the row sort makes
-    them (conv_groups' map), else None (also when rows longer than SHORT_ROW were not sorted by
-    it).  Made together: one search launch (see the module docstring), one scan (one host
+    (n_i(f) of each entry, counted by the row sort).  Made together: one search launch (see the module docstring), one scan (one host
     synchronisation), one row sort for all of them (map d is rows d * m ... of one CSR; its
     arrays are views of shared ones)."""
     xp = be.xp
@@ -591,10 +582,10 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     dummy = xp.zeros(1, dtype=xp.int64)
     grid_dim = (blocks(m, SEARCH_THREADS), n_maps)
     counts_bytes = 4 * rows * n_cells  # made if KernelMap.counts is read: keep room for them
-    # keys x 2, index, entry count, cell (and the grouped keys)
-    pair_bytes = 20 + np.dtype(cell_dtype).itemsize + (8 if group_cells else 0)
+    # keys x 2, index, entry count, cell
+    pair_bytes = 20 + np.dtype(cell_dtype).itemsize
     what = "kernel_map (GPU)" if n_maps == 1 else f"kernel_maps (GPU, {n_maps} dilations)"
-    keys = counts = grouped = None
+    keys = counts = None
     once = None
     remember = None  # the key under which this call's pairs per query are kept ("last")
     if m and map_passes_mode() == "one" and row_sort_mode() == "rank":
@@ -626,16 +617,13 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
                   + ("" if n_maps == 1 else ", or make fewer maps per call"))
     if once is not None and not overflow and longest <= SHORT_ROW:
         # every row is in the scratch buffer: sort it into place, counting n_i(f) on the way
-        keys, counts, grouped = _rank_sort(be, splits, scratch, row_at, n_pairs, bits,
-                                           group_cells)
+        keys, counts = _rank_sort(be, splits, scratch, row_at, n_pairs, bits)
     once = scratch = row_at = None  # not needed any more: the fill pass, if any, gets the room
     filled = keys is None  # else the one pass's rows are in place: no fill, no status to read
     if filled:
-        keys, counts, grouped = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy,
-                                             splits, n_pairs, status, cell_bits=bits,
-                                             group_cells=group_cells)
+        keys, counts = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy,
+                                    splits, n_pairs, status, cell_bits=bits)
     if longest > SHORT_ROW:
-        grouped = None  # the long rows are not grouped: conv_groups' caller sorts them
         be.check_status(status, "kernel_map fill pass")  # before the sort reads the keys
         keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
     index = xp.empty(n_pairs, dtype=xp.int64)
@@ -648,13 +636,12 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     if filled and longest <= SHORT_ROW:  # checked above otherwise (a host synchronisation)
         be.check_status(status, "kernel_map fill pass")
     if n_maps == 1:
-        return [(splits, index, cell, counts, grouped)]
+        return [(splits, index, cell, counts)]
     out = []
     for d in range(n_maps):  # each map's splits from 0
         a, b = (int(firsts[d]), int(firsts[d + 1])) if m else (0, 0)
         split_d = splits[d * m:(d + 1) * m + 1] - i64(a)
-        out.append((split_d, index[a:b], cell[a:b], counts[a:b],
-                    None if grouped is None else grouped[a:b]))
+        out.append((split_d, index[a:b], cell[a:b], counts[a:b]))
     return out
 
 
@@ -816,8 +803,8 @@ def radius_search_arrays(be, grid: DeviceGrid, radius: float, euclidean: bool, b
     del row_len
     _budget_check(n_pairs, 16 * n_pairs, budget, "radius_search (GPU)",
                   "reduce the radius, search fewer queries per call or split the batch")
-    keys, _, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs,
-                              status)
+    keys, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs,
+                           status)
     be.check_status(status, "radius_search fill pass")
     if longest > SHORT_ROW:
         keys = _sort_long_rows(be, splits, keys, max(1, grid.n_points).bit_length())

@@ -1021,15 +1021,13 @@ __global__ void __launch_bounds__(256, PWCONV_CUDA_TILE_MIN_BLOCKS)
 /// With count_cells (kernel maps; cell_mask: the key's cell bits, 0 for K = 1), the same pass
 /// over the row also counts the row's keys in each key's cell: counts[b + rank] = n_i(f) of the
 /// sorted entry, which the operator's weights 1 / n_i(f) are made from (rows longer than
-/// short_row: left to the caller).  With group_cells, grouped[splits[r]...] gets row r's keys in
-/// (cell, key) order too: conv_groups' map (opt-in, PWCONV_CUDA_ENTRIES_ORDER=cells).
+/// short_row: left to the caller).
 extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __restrict__ splits,
                                              const long long* __restrict__ in,
                                              const long long* __restrict__ in_at, int gathered,
                                              long long* __restrict__ out, long long short_row,
                                              long long cell_mask, int count_cells,
-                                             int* __restrict__ counts, int group_cells,
-                                             long long* __restrict__ grouped, int lanes) {
+                                             int* __restrict__ counts, int lanes) {
     const long long t = pwconv_cuda::global_thread();  // lanes need not divide the block
     const long long row = t / lanes;
     const int lane = (int)(t % lanes);
@@ -1043,18 +1041,15 @@ extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __res
     for (long long i = lane; i < len; i += lanes) {
         const long long key = row_in[i];
         const long long key_cell = key & cell_mask;
-        long long rank = 0, cell_rank = 0;
+        long long rank = 0;
         int same_cell = 0;
         for (long long j = 0; j < len; ++j) {
             const long long other = row_in[j];
-            const long long other_cell = other & cell_mask;
             rank += other < key;
-            same_cell += other_cell == key_cell;
-            cell_rank += other_cell < key_cell || (other_cell == key_cell && other < key);
+            same_cell += (other & cell_mask) == key_cell;
         }
         out[b + rank] = key;
         if (count_cells) counts[b + rank] = same_cell;
-        if (group_cells) grouped[b + cell_rank] = key;
     }
 }
 
@@ -1709,19 +1704,13 @@ __device__ __forceinline__ F dot(const F* __restrict__ s, const F* __restrict__ 
 /// thread per (row, o): b lanes per row (b <= 32), 32 / b rows per warp, so a row's lanes read
 /// each source value at one address.  No shared memory, no atomics, no barriers: each thread adds
 /// its row's entries in map order, the same on every run.
-/// conv_entries_shuffle (dense, a <= b; opt-in, PWCONV_CUDA_ENTRIES_LOADS=shuffle): lane c of a
-/// row loads src[col[e], c] and the row's lanes take the a values from one another
-/// (__shfl_sync), one load per entry and row instead of a loads of one address each; the same
-/// products in the same order, so the same bits.
-namespace pwconv_cuda {
-
-template <bool SHUFFLE, class F, class CellT>
-__device__ __forceinline__ void entries_rows(long long rows, const long long* __restrict__ splits,
-                                             const long long* __restrict__ col,
-                                             const CellT* __restrict__ cell,
-                                             const F* __restrict__ w, const F* __restrict__ src,
-                                             int a, const F* __restrict__ M, int b,
-                                             int depthwise, F* __restrict__ out) {
+template <class F, class CellT>
+__global__ void conv_entries(long long rows, const long long* __restrict__ splits,
+                             const long long* __restrict__ col, const CellT* __restrict__ cell,
+                             const F* __restrict__ w, const F* __restrict__ src, int a,
+                             const F* __restrict__ M, int b, int depthwise,
+                             F* __restrict__ out) {
+    using namespace pwconv_cuda;
     i64 row;
     int o;
     if (!entry_lane(rows, b, row, o)) return;
@@ -1730,18 +1719,6 @@ __device__ __forceinline__ void entries_rows(long long rows, const long long* __
     if (depthwise) {
         for (i64 e = splits[row]; e < e1; ++e)
             acc = mul_add(w[e] * src[col[e] * a + o], M[(i64)cell[e] * a + o], acc);
-    } else if (SHUFFLE && a <= b) {
-        const int base = (int)(threadIdx.x % 32) - o;  // the row's first lane in the warp
-        const unsigned mask = (b == 32 ? 0xffffffffu : ((1u << b) - 1u)) << base;
-        const i64 ab = (i64)a * b;
-        const F* Mo = M + o;
-        for (i64 e = splits[row]; e < e1; ++e) {
-            const F mine = o < a ? src[col[e] * a + o] : F(0);
-            const F* m = Mo + (i64)cell[e] * ab;
-            F t = F(0);
-            for (int c = 0; c < a; ++c) t = mul_add(__shfl_sync(mask, mine, base + c), m[c * b], t);
-            acc = mul_add(w[e], t, acc);
-        }
     } else {
         const i64 ab = (i64)a * b;
         const F* Mo = M + o;
@@ -1751,130 +1728,6 @@ __device__ __forceinline__ void entries_rows(long long rows, const long long* __
             acc = mul_add(w[e], dot(src + col[e] * a, Mo + (i64)cell[e] * ab, a, b), acc);
     }
     out[row * b + o] = acc;
-}
-
-}  // namespace pwconv_cuda
-
-template <class F, class CellT>
-__global__ void conv_entries(long long rows, const long long* __restrict__ splits,
-                             const long long* __restrict__ col, const CellT* __restrict__ cell,
-                             const F* __restrict__ w, const F* __restrict__ src, int a,
-                             const F* __restrict__ M, int b, int depthwise,
-                             F* __restrict__ out) {
-    pwconv_cuda::entries_rows<false>(rows, splits, col, cell, w, src, a, M, b, depthwise, out);
-}
-
-template <class F, class CellT>
-__global__ void conv_entries_shuffle(long long rows, const long long* __restrict__ splits,
-                                     const long long* __restrict__ col,
-                                     const CellT* __restrict__ cell, const F* __restrict__ w,
-                                     const F* __restrict__ src, int a, const F* __restrict__ M,
-                                     int b, int depthwise, F* __restrict__ out) {
-    pwconv_cuda::entries_rows<true>(rows, splits, col, cell, w, src, a, M, b, depthwise, out);
-}
-
-namespace pwconv_cuda {
-
-/// Walks the entries [e0, e1) of a row grouped by cell (keys[e] = (col << cell_bits) | cell):
-/// add(e, col) for each entry in order, then done(f, n) at the end of each cell f's group of n
-/// entries.  conv_groups and cell_means.
-template <class Add, class Done>
-__device__ __forceinline__ void for_each_cell_group(i64 e0, i64 e1, const i64* __restrict__ keys,
-                                                    int cell_bits, Add& add, Done& done) {
-    const i64 cell_mask = ((i64)1 << cell_bits) - 1;
-    int n = 0;
-    i64 f = -1;
-    for (i64 e = e0;; ++e) {
-        const bool end = e >= e1;
-        const i64 key = end ? 0 : keys[e];
-        const i64 fe = end ? -1 : (key & cell_mask);
-        if (fe != f || end) {  // the group of cell f ends
-            if (n > 0) done(f, n);
-            if (end) return;
-            f = fe;
-            n = 0;
-        }
-        add(e, key >> cell_bits);
-        ++n;
-    }
-}
-
-}  // namespace pwconv_cuda
-
-/// out (rows, b), the "entries" scheme with each row's entries grouped by cell (opt-in,
-/// PWCONV_CUDA_ENTRIES_ORDER=cells): keys[e] = (col << cell_bits) | cell, the entries of a row
-/// grouped by cell (for the forward: the map's rows in (cell, index) order, which its row sort
-/// makes; for the input gradient: the transposed map in (point, cell, row) order).  Lane c of a
-/// row adds source channel c over each cell's entries -- weighted == 0 (forward): the plain sum,
-/// divided by the group's length n_i(f) at its end, the cell's mean; weighted == 1 (input
-/// gradient): w[e] * src -- then the row's lanes exchange the a sums (__shfl_sync) and lane o
-/// adds their product with M[f, :, o] (dense, M (n_cells, a, b)) or sum * M[f, o] (depthwise,
-/// M (n_cells, a), a == b).  One load of the source row per entry (lane c its value c) and one
-/// matrix product per non-empty cell, where conv_entries makes a loads and a product per entry.
-/// g lanes per row (a power of two >= max(a, b), at most 32), 32 / g rows per warp; the row's
-/// lanes take every branch together.  Fixed order: bit-identical runs.
-template <class F>
-__global__ void conv_groups(long long rows, const long long* __restrict__ splits,
-                            const long long* __restrict__ keys, int cell_bits, int weighted,
-                            const F* __restrict__ w, const F* __restrict__ src, int a,
-                            const F* __restrict__ M, int b, int depthwise, int g,
-                            F* __restrict__ out) {
-    using namespace pwconv_cuda;
-    const i64 t = global_thread();
-    const int lane = threadIdx.x % 32;
-    const int l = lane % g;  // the lane's channel within its row
-    const int first = lane - l;  // the row's first lane in the warp
-    const i64 row = t / g;
-    if (row >= rows) return;  // whole rows only: g divides 32
-    const unsigned mask = (g == 32 ? 0xffffffffu : ((1u << g) - 1u)) << first;
-    F acc = F(0), sum = F(0);
-    auto add = [&](i64 e, i64 j) {
-        const F v = l < a ? src[j * a + l] : F(0);
-        sum = weighted ? mul_add(w[e], v, sum) : sum + v;
-    };
-    auto done = [&](i64 f, int n) {  // the cell's product
-        const F s = weighted ? sum : sum / F(n);
-        sum = F(0);
-        if (depthwise) {
-            if (l < a) acc = mul_add(s, M[f * a + l], acc);
-            return;
-        }
-        const F* m = M + f * a * b + (l < b ? l : 0);
-        F prod = F(0);
-        for (int c = 0; c < a; ++c) {
-            const F v = __shfl_sync(mask, s, first + c);
-            if (l < b) prod = mul_add(v, m[(i64)c * b], prod);
-        }
-        acc += prod;
-    };
-    for_each_cell_group(splits[row], splits[row + 1], keys, cell_bits, add, done);
-    if (l < b) out[row * b + l] = acc;
-}
-
-/// means (rows - row0, n_cells, a): the cell means of rows [row0, rows) from the rows grouped by
-/// cell (keys as conv_groups' forward map): means[r, f, c] = sum of src[j, c] over the row's
-/// cell-f entries, divided by their number; rows' empty cells are left as they are (the caller
-/// zeroes the array).  For the weight gradient dW = means^T dy as one matrix product
-/// (opt-in, PWCONV_CUDA_WEIGHT_GRAD=means).  A lane per channel, lanes_per_row = a power of two
-/// >= a (at most 32); fixed order.
-template <class F>
-__global__ void cell_means(long long row0, long long rows, const long long* __restrict__ splits,
-                           const long long* __restrict__ keys, int cell_bits,
-                           const F* __restrict__ src, int a, int n_cells, int lanes_per_row,
-                           F* __restrict__ means) {
-    using namespace pwconv_cuda;
-    const i64 t = global_thread();
-    const int l = (int)(t % lanes_per_row);
-    const i64 row = row0 + t / lanes_per_row;
-    if (row >= rows || l >= a) return;
-    F* out = means + (row - row0) * n_cells * a + l;
-    F sum = F(0);
-    auto add = [&](i64, i64 j) { sum += src[j * a + l]; };
-    auto done = [&](i64 f, int n) {
-        out[f * a] = sum / F(n);
-        sum = F(0);
-    };
-    for_each_cell_group(splits[row], splits[row + 1], keys, cell_bits, add, done);
 }
 
 namespace pwconv_cuda {
