@@ -134,7 +134,7 @@ def digest_name(dtype) -> str:
 
 CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_partial_dense",
                 "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells",
-                "weights_from_counts", "fixed_bounds", "fixed_to_float")
+                "weights_from_counts", "fixed_bounds", "fixed_to_float", "pad_rows")
 ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "permute_entries", "conv_entries",
                 "conv_entries_scatter", "conv_entries_fixed")
 

@@ -543,14 +543,16 @@ def _address(a) -> int:
 def _entries_thread_launch(be, dtype, rows, splits, col, cell, counts, src, a, M, n_cells, b,
                            depthwise, bm, out):
     """conv_entries_thread: one thread per row, each entry's weight 1 / n_i(f) from its count;
-    the source rows padded to 16 bytes (a copy where `a` values are not a multiple of that) for
-    its vector loads."""
+    the source rows padded to 16 bytes (a copy by pad_rows where `a` values are not a multiple
+    of that, or the array does not start aligned) for its vector loads."""
     xp = be.xp
     per_vector = 16 // src.dtype.itemsize
     lda = -(-a // per_vector) * per_vector
-    if lda != a or _address(src) % 16:  # padded rows, or an array that does not start aligned
-        padded = xp.zeros((int(src.shape[0]), lda), dtype=src.dtype)
-        padded[:, :a] = src
+    if lda != a or _address(src) % 16:
+        n_src = int(src.shape[0])
+        padded = xp.empty((n_src, lda), dtype=src.dtype)
+        be.launch(conv_name("pad_rows", src.dtype), (blocks(n_src * lda),), (THREADS,),
+                  (i64(n_src), i32(a), i32(lda), xp.ascontiguousarray(src), padded))
         src = padded
     be.launch(thread_name("conv_entries_thread", dtype, bm), (blocks(rows),), (THREADS,),
               (i64(rows), splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M,

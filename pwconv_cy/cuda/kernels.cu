@@ -2092,6 +2092,19 @@ __device__ __forceinline__ F entry_weight(const void* __restrict__ weight, int c
 
 }  // namespace pwconv_cuda
 
+/// out (n, lda) = src (n, a) C-contiguous, each row padded with lda - a zeros: the 16-byte
+/// aligned rows conv_entries_thread loads as vectors, in one pass (a zero fill and a strided
+/// copy made two).
+template <class F>
+__global__ void pad_rows(long long n, int a, int lda, const F* __restrict__ src,
+                         F* __restrict__ out) {
+    const long long t = pwconv_cuda::global_thread();
+    if (t >= n * lda) return;
+    const long long r = t / lda;
+    const int c = (int)(t - r * lda);
+    out[t] = c < a ? src[r * a + c] : F(0);
+}
+
 /// out (rows, b), as conv_entries (same arguments, but the weights: weight_is_count, see
 /// entry_weight): one thread per row, all b <= BM outputs in registers; src rows `lda` values
 /// apart, lda a multiple of Vec16<F>::V and src 16-byte aligned (a padded copy where a is not);
