@@ -4,7 +4,8 @@
 #   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
 #   the search kernels' variants (tiles, row slots, cell size, K = 3, rows sorted by 8 threads)
 #   -> the operator kernels' variants (one thread per row, chunks, rank transposition, unroll)
-#   -> kernel-time profile and the heaviest kernels' ncu sections (if ncu is installed).
+#   -> kernel-time profiles (defaults; every opt-in) and the heaviest kernels' ncu sections
+#   (if ncu is installed).
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
@@ -108,24 +109,37 @@ step search_tuning 170 k3.log \
 step conv_tuning 120 conv.log \
     "$PY" benchmarks/gpu_conv_tuning.py none thread+chunks+rank none thread+chunks+rank u2
 
-# Kernel time of one iteration (Nsight Compute, where installed): where the time goes.
+# Kernel time of one iteration (Nsight Compute, where installed): where the time goes, with the
+# defaults (profile) and with every opt-in not yet adopted (profile_opt: gpu_profile.py's
+# OPT_INS), kernel by kernel.
 if command -v ncu >/dev/null; then
     step profile 50 profile.log \
         bash -c 'ncu --profile-from-start off --csv --metrics gpu__time_duration.sum "$1" \
             benchmarks/gpu_profile.py > "$2/ncu_kernels.csv" && "$1" benchmarks/gpu_profile.py \
             --table "$2/ncu_kernels.csv"' _ "$PY" "$LOG_DIR"
+    step profile_opt 50 profile.log \
+        bash -c 'ncu --profile-from-start off --csv --metrics gpu__time_duration.sum "$1" \
+            benchmarks/gpu_profile.py --opt-ins > "$2/ncu_kernels_opt.csv" && "$1" \
+            benchmarks/gpu_profile.py --table "$2/ncu_kernels_opt.csv"' _ "$PY" "$LOG_DIR"
     # Why the heaviest kernels take that long: registers, local memory (stack frame), occupancy,
-    # the warps' stall reasons and memory traffic: the first 8 launches of them, with the opt-in
-    # one-thread-per-row operator kernels (conv_entries_thread, conv_weight_chunks).
-    step ncu_detail 90 profile.log \
-        env PWCONV_CUDA_ENTRIES_LOADS=thread PWCONV_CUDA_WEIGHT_GRAD=chunks \
-        bash -c 'ncu --profile-from-start off \
-            -k regex:"kernel_map_once|conv_entries|conv_weight_chunks|sort_rows_by_rank" \
-            --launch-count 8 --section LaunchStats --section Occupancy --section SpeedOfLight \
-            --section WarpStateStats --section MemoryWorkloadAnalysis "$1" \
-            benchmarks/gpu_profile.py > "$2/ncu_detail.txt" 2>&1; \
-            grep -E "^  [a-z_]+.*\(|Registers Per Thread|Local Memory|Stack Size|Achieved Occ|Theoretical Occ|Duration|Memory Throughput|Compute \(SM\) Th|Stall" \
-            "$2/ncu_detail.txt" | head -80' _ "$PY" "$LOG_DIR"
+    # the warps' stall reasons and memory traffic (L1 wavefronts: benchmarks/RESULTS.md's load
+    # model): the first launches of the defaults' heavy kernels (ncu_detail) and of the opt-ins'
+    # (ncu_detail_opt).
+    for which in default opt; do
+        flag=""; regex="kernel_map_once|conv_entries|conv_weight_rows|sort_rows_by_rank"
+        if [ "$which" = opt ]; then
+            flag="--opt-ins"
+            regex="kernel_map_tiled|conv_entries_thread|conv_weight_chunks|sort_rows_by_rank"
+        fi
+        name=ncu_detail; [ "$which" = opt ] && name=ncu_detail_opt
+        step "$name" 90 profile.log \
+            bash -c 'ncu --profile-from-start off -k regex:"$3" --launch-count 12 \
+                --section LaunchStats --section Occupancy --section SpeedOfLight \
+                --section WarpStateStats --section MemoryWorkloadAnalysis "$1" \
+                benchmarks/gpu_profile.py $4 > "$2/$5.txt" 2>&1; \
+                grep -E "^  [a-z_]+.*\(|Registers Per Thread|Local Memory|Stack Size|Achieved Occ|Theoretical Occ|Duration|Memory Throughput|Compute \(SM\) Th|L1/TEX Hit|Mem Busy|Stall" \
+                "$2/$5.txt" | head -80' _ "$PY" "$LOG_DIR" "$regex" "$flag" "$name"
+    done
 fi
 
 echo
