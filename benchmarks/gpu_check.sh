@@ -102,12 +102,13 @@ step search_tuning 170 k3.log \
     "$PY" benchmarks/gpu_search_tuning.py none tiles2+slots tiles3 scan tiles3+k3 tiles3+last \
     c0.75 tiles3+c0.5 none tiles3+c0.75 r8 tiles3+scan
 
-# The operator's "entries" kernels as shipped against one thread per row (conv_entries_thread)
-# with the weight gradient by chunks sorted by cell (conv_weight_chunks) and the transposed map
-# by rank sorts, alternated, and unrolled by 2: per-layer times, identical forward and input
-# gradients required.
+# The operator's "entries" kernels as shipped against one thread per row (conv_entries_thread;
+# tile: each cloud's source rows in shared memory, conv_entries_tile) with the weight gradient by
+# chunks sorted by cell (conv_weight_chunks) and the transposed map by rank sorts, alternated:
+# per-layer times, identical forward and input gradients required.
 step conv_tuning 120 conv.log \
-    "$PY" benchmarks/gpu_conv_tuning.py none thread+chunks+rank none thread+chunks+rank u2
+    "$PY" benchmarks/gpu_conv_tuning.py none thread+chunks+rank tile+chunks+rank none \
+    thread+chunks+rank tile+chunks+rank
 
 # Kernel time of one iteration (Nsight Compute, where installed): where the time goes, with the
 # defaults (profile) and with every opt-in not yet adopted (profile_opt: gpu_profile.py's
@@ -129,7 +130,7 @@ if command -v ncu >/dev/null; then
         flag=""; regex="kernel_map_once|conv_entries|conv_weight_rows|sort_rows_by_rank"
         if [ "$which" = opt ]; then
             flag="--opt-ins"
-            regex="kernel_map_tiled|conv_entries_thread|conv_weight_chunks|sort_rows_by_rank"
+            regex="kernel_map_tiled|conv_entries_tile|conv_weight_chunks|sort_rows_by_rank"
         fi
         name=ncu_detail; [ "$which" = opt ] && name=ncu_detail_opt
         step "$name" 90 profile.log \

@@ -9,6 +9,8 @@ change its order of additions, so its bits are not compared):
   PWCONV_CUDA_ENTRIES_UNROLL, given to NVRTC as -D; 4 shipped, 2 before 2026-11-27);
 * ``thread``: one thread per row, all its outputs, the cell matrices in shared memory
   (PWCONV_CUDA_ENTRIES_LOADS=thread: conv_entries_thread);
+* ``tile``: as ``thread``, each cloud's source rows in shared memory too
+  (PWCONV_CUDA_ENTRIES_LOADS=tile: conv_entries_tile);
 * ``chunks``: the weight gradient by chunks of rows sorted by cell in shared memory
   (PWCONV_CUDA_WEIGHT_GRAD=chunks: conv_weight_chunks);
 * ``rank``: the transposed map (timed per layer with every variant) by per-point rank sorts
@@ -44,7 +46,7 @@ def measure(variant: str) -> dict:
     from pwconv_cy.cuda._backend import get_backend
 
     for part in variant.split("+"):
-        if part == "thread":
+        if part in ("thread", "tile"):
             os.environ[_conv.ENTRIES_LOADS_ENV] = part
         elif part == "chunks":
             os.environ[_conv.WEIGHT_GRAD_ENV] = "chunks"

@@ -649,6 +649,7 @@ OPERATOR_VARIANTS = (
     ("auto", False, "rows", "broadcast", "gather", "sort"),
     ("auto", False, "cells", "broadcast", "fixed", "sort"),
     ("auto", False, "chunks", "thread", "gather", "rank"),
+    ("auto", False, "rows", "tile", "gather", "sort"),
     ("auto", True, "rows", "broadcast", "gather", "sort"))
 
 
@@ -775,6 +776,9 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
                    kernel_size=k, dilation=s, n_points=len(p), offsets=offsets,
                    query_offsets=offsets if q is None else np.asarray(q_offsets))
     errors = {}
+    # conv_entries_tile (PWCONV_CUDA_ENTRIES_LOADS=tile) in small blocks: several blocks a cloud,
+    # several rows a thread, and quick to emulate
+    _conv.TILE_THREADS, _conv.TILE_ROWS = 32, 80
     configs = ((False, (3, 5)), (False, (9, 9)), (False, (32, 17)), (False, (40, 3)),
                (True, (6, 6)), (True, (33, 33)))
     for scheme, atomic, wgrad, loads, igrad, transpose in variants:
@@ -812,14 +816,22 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
                     assert all(rows_ok), (c_in, c_out, k)
                 want = {"bycell": (False, False, False), "rows": rows_ok,
                         "auto": (lanes, lanes, lanes)}[scheme]
-                # PWCONV_CUDA_ENTRIES_LOADS=thread: one thread per row where the cell matrices
-                # fit its shared copy (forward, input gradient), else conv_entries
-                by_thread = [loads == "thread" and scheme == "auto" and lanes
+                # PWCONV_CUDA_ENTRIES_LOADS=thread (or tile): one thread per row where the cell
+                # matrices fit its shared copy (forward, input gradient), else conv_entries;
+                # with tile, the clouds' source rows in shared memory where they fit
+                by_thread = [loads in ("thread", "tile") and scheme == "auto" and lanes
                              and _conv.thread_plan(k ** 3, a, b, x.itemsize, depthwise,
                                                    cell.dtype) is not None
                              for a, b in ((c_in, c_out), (c_out, c_in))]
                 by_thread[1] = by_thread[1] and not atomic and igrad == "gather"
-                assert ("conv_entries_thread" in ran) == any(by_thread), (c_in, c_out, ran)
+                by_tile = [t and _conv.tile_plan(be, rows_by, src_by, k ** 3, a, b, x.itemsize,
+                                                 depthwise) is not None
+                           for t, (a, b), rows_by, src_by in zip(
+                               by_thread, ((c_in, c_out), (c_out, c_in)),
+                               (km.query_offsets, km.offsets), (km.offsets, km.query_offsets))]
+                assert ("conv_entries_tile" in ran) == any(by_tile), (c_in, c_out, ran)
+                assert ("conv_entries_thread" in ran) == any(
+                    t and not u for t, u in zip(by_thread, by_tile)), (c_in, c_out, ran)
                 assert ("conv_entries" in ran) == (scheme == "auto" and lanes
                                                    and not all(by_thread)), (scheme, loads, ran)
                 # the entries scheme's weight gradient: the rows kernel where it holds the
@@ -1090,8 +1102,11 @@ def _emulate_property(be, max_examples: int = 80):
         row_sort = draw(st.sampled_from(["rank", "rank", "thread"]))
         # the entries' weight-gradient kernels
         wgrad = draw(st.sampled_from(["rows", "cells", "chunks"]))
-        # conv_entries' source loads, or one thread per row (conv_entries_thread)
-        loads = draw(st.sampled_from(["broadcast", "thread"]))
+        # conv_entries' source loads, or one thread per row (conv_entries_thread), also with the
+        # clouds' rows in shared memory (conv_entries_tile: a cloud's rows in blocks of 1,024,
+        # 5 or 64, its threads 32 or 64)
+        loads = draw(st.sampled_from(["broadcast", "thread", "tile"]))
+        tile = (draw(st.sampled_from([_conv.TILE_ROWS, 5, 64])), draw(st.sampled_from([32, 64])))
         igrad = draw(st.sampled_from(["gather", "fixed"]))  # the deterministic input gradient
         transpose = draw(st.sampled_from(["sort", "rank"]))  # how the transposed map is made
         slots = draw(st.sampled_from(["0", "1"]))  # the grid's row table: split, or pairs
@@ -1119,7 +1134,7 @@ def _emulate_property(be, max_examples: int = 80):
                                          (_search.CAPACITY_SAMPLE, 0.5, 0)]))
         return batch, queries, k, s, voxel, c_in, c_in if depthwise else c_out, depthwise, dtype, \
             short, chunk, (row_sort, slots, tiles, tile_queries, misaligned, capacity_mode), \
-            (wgrad, loads, igrad, transpose), before, \
+            (wgrad, loads, igrad, transpose, tile), before, \
             (passes, capacity, sort_lanes, corner_chunk, grid_build), draw(strategies.seeds)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
@@ -1128,9 +1143,10 @@ def _emulate_property(be, max_examples: int = 80):
     def check(case):
         (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk,
          (row_sort, slots, tiles, tile_queries, misaligned, capacity_mode),
-         (wgrad, loads, igrad, transpose), before,
+         (wgrad, loads, igrad, transpose, (tile_rows, tile_threads)), before,
          (passes, capacity, sort_lanes, corner_chunk, grid_build), seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
+        _conv.TILE_ROWS, _conv.TILE_THREADS = tile_rows, tile_threads
         os.environ[_search.MAP_PASSES_ENV] = passes
         _search.SORT_LANES = sort_lanes
         _search.LOWER_CORNER_CHUNK = corner_chunk
@@ -1206,7 +1222,7 @@ def _emulate_property(be, max_examples: int = 80):
                 assert dx_r.tobytes() == dx.tobytes()
                 assert dw_r.tobytes() == dw.tobytes()
                 # the other ways of loading the source rows: the same products, the same bits
-                for other in {"broadcast", "thread"} - {loads}:
+                for other in {"broadcast", "thread", "tile"} - {loads}:
                     os.environ[_conv.ENTRIES_LOADS_ENV] = other
                     y_o = _conv.forward(be, km, x, w, c_out, depthwise)
                     dx_o = _conv.backward_input(be, km, dy, w, c_in, depthwise)
@@ -1238,6 +1254,7 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ.pop(_conv.OPERATOR_ENV)
 
     default, default_chunk = _search.SHORT_ROW, _conv.CELL_CHUNK
+    default_tile = (_conv.TILE_ROWS, _conv.TILE_THREADS)
     default_capacity = (_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK)
     default_sort_lanes = _search.SORT_LANES
     default_corner_chunk = _search.LOWER_CORNER_CHUNK
@@ -1247,6 +1264,7 @@ def _emulate_property(be, max_examples: int = 80):
     finally:
         _search.TILE_QUERIES = default_tile_queries
         _search.SHORT_ROW, _conv.CELL_CHUNK = default, default_chunk
+        _conv.TILE_ROWS, _conv.TILE_THREADS = default_tile
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
             default_capacity
         _search.SORT_LANES = default_sort_lanes
@@ -1373,6 +1391,78 @@ def test_emulated_maps_sized_from_the_last(emulator_lib, monkeypatch):
         np.testing.assert_array_equal(cell.astype(np.int64), om.cell)
 
 
+def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):
+    """conv_entries_tile's plan (PWCONV_CUDA_ENTRIES_LOADS=tile): blocks per cloud from the most
+    rows of a cloud, shared memory for the cell matrices (padded to 16 bytes) and the largest
+    cloud's source rows (padded to 16 bytes); None where that is beyond a block, or not asked
+    for.  Where it is beyond a block, the forward and input gradient run conv_entries_thread
+    instead, with the same bits as conv_entries_tile where that fits."""
+    from pwconv_cy.cuda import _conv
+    from pwconv_cy.neighbors import KernelMap
+
+    monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, "tile")
+    monkeypatch.setattr(_conv, "TILE_ROWS", 100)
+    monkeypatch.setattr(_conv, "TILE_THREADS", 32)
+    rows_by = np.array([0, 250, 250, 251])  # queries per cloud: 250, 0, 1
+    src_by = np.array([0, 10, 310, 320])  # points per cloud: 10, 300, 10
+    be = EmulatedBackend(emulator_lib)
+    # 27 cells x 9 x 9 float32 = 2,187 values (2,188 padded); 300 rows of 9 channels padded to 12
+    want_bytes = (2188 + 300 * 12) * 4
+    assert _conv.tile_plan(be, rows_by, src_by, 27, 9, 9, 4, False) == (3, want_bytes)
+    # depthwise float64: 27 x 6 = 162 values; rows of 6 padded to 6 (two doubles a vector)
+    assert _conv.tile_plan(be, rows_by, src_by, 27, 6, 6, 8, True) == (3, (162 + 300 * 6) * 8)
+
+    class Tight(EmulatedBackend):
+        room = 0
+
+        def max_shared_bytes(self):
+            return self.room
+
+    tight = Tight(emulator_lib)
+    tight.room = want_bytes
+    assert _conv.tile_plan(tight, rows_by, src_by, 27, 9, 9, 4, False) == (3, want_bytes)
+    tight.room -= 1
+    assert _conv.tile_plan(tight, rows_by, src_by, 27, 9, 9, 4, False) is None
+    monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, "thread")
+    assert _conv.tile_plan(be, rows_by, src_by, 27, 9, 9, 4, False) is None
+
+    # a map of 3 clouds, the forward and input gradient with the tiles, then without room
+    rng = np.random.default_rng(3)
+    points = rng.random((320, 3))
+    splits, index, cell = _emulated_map(be, points, src_by, 0.3)
+    counts = np.zeros((320, 27), dtype=np.int32)
+    rows = np.repeat(np.arange(320), np.diff(splits))
+    np.add.at(counts, (rows, cell.astype(np.int64)), 1)
+    km = KernelMap(splits=splits, index=index, cell=cell, counts=counts, voxel_size=0.3,
+                   kernel_size=3, dilation=1, n_points=320, offsets=src_by,
+                   query_offsets=src_by)
+    x = rng.standard_normal((320, 9)).astype(np.float32)
+    w = rng.standard_normal((27, 9, 9)).astype(np.float32)
+    dy = rng.standard_normal((320, 9)).astype(np.float32)
+    results = {}
+    for loads, backend in (("tile", be), ("tile", tight), ("thread", be)):
+        monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, loads)
+        km._cache.clear()
+        start = len(backend.launches)
+        y = _conv.forward(backend, km, x, w, 9, False)
+        dx = _conv.backward_input(backend, km, dy, w, 9, False)
+        ran = {n.split("<")[0] for n in backend.launches[start:]}
+        tiled = loads == "tile" and backend is be
+        assert ("conv_entries_tile" in ran) == tiled, (loads, ran)
+        assert ("conv_entries_thread" in ran) == (not tiled), (loads, ran)
+        results[(loads, backend is be)] = (y.tobytes(), dx.tobytes())
+    assert len(set(results.values())) == 1  # the same bits every way
+
+
+def _emulated_map(be, points, offsets, v, k=3, s=1):
+    """(splits, index, cell) of the GPU orchestration's kernel map on the emulator."""
+    from pwconv_cy.cuda import _search
+    from pwconv_cy.neighbors import _cell_dtype
+
+    grid = _search.build_grid(be, np.ascontiguousarray(points), np.asarray(offsets, np.int64), v)
+    return _search.kernel_map_arrays(be, grid, v, k, s, _cell_dtype(k), 1 << 40)
+
+
 def test_emulated_tile_plan_fits_shared_memory(emulator_lib, monkeypatch):
     """kernel_map_tiled's plan (PWCONV_CUDA_MAP_TILES): with 3, each cloud's first grid row and
     the most rows of a cloud as the grid's rows say, and a table at least twice as big; where the
@@ -1457,7 +1547,7 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode,
              {"cells": "cells", " Rows ": "rows", "CHUNKS": "chunks"}, "rows"),
             (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
-             {"broadcast": "broadcast", "Thread": "thread"}, "broadcast"),
+             {"broadcast": "broadcast", "Thread": "thread", " TILE": "tile"}, "broadcast"),
             (_conv.INPUT_GRAD_ENV, _conv.input_grad_mode, {"fixed": "fixed", "GATHER": "gather"},
              "gather"),
             (_conv.TRANSPOSE_ENV, _conv.transpose_mode, {"rank": "rank", "SORT": "sort"},
@@ -1754,7 +1844,7 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
 def _set_scheme(monkeypatch, scheme: str) -> None:
     """The GPU operator's switches for a test's scheme name: "auto", "rows", "bycell", or "auto-"
     with atomic (PWCONV_CUDA_DETERMINISTIC=0), cells (PWCONV_CUDA_WEIGHT_GRAD), fixed
-    (PWCONV_CUDA_INPUT_GRAD), thread (PWCONV_CUDA_ENTRIES_LOADS=thread), chunks (PWCONV_CUDA_WEIGHT_GRAD=chunks) or rank
+    (PWCONV_CUDA_INPUT_GRAD), thread (PWCONV_CUDA_ENTRIES_LOADS=thread), tile (=tile), chunks (PWCONV_CUDA_WEIGHT_GRAD=chunks) or rank
     (PWCONV_CUDA_TRANSPOSE=rank), several joined by "+"."""
     from pwconv_cy.cuda import _conv
 
@@ -1763,6 +1853,7 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     env = {"atomic": (_conv.DETERMINISTIC_ENV, "0"), "cells": (_conv.WEIGHT_GRAD_ENV, "cells"),
            "fixed": (_conv.INPUT_GRAD_ENV, "fixed"),
            "thread": (_conv.ENTRIES_LOADS_ENV, "thread"),
+           "tile": (_conv.ENTRIES_LOADS_ENV, "tile"),
            "chunks": (_conv.WEIGHT_GRAD_ENV, "chunks"),
            "rank": (_conv.TRANSPOSE_ENV, "rank")}
     for variant in filter(None, variants.split("+")):
@@ -1777,15 +1868,15 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells",
-                                    "auto-fixed", "auto-thread+chunks+rank"])
+                                    "auto-fixed", "auto-thread+chunks+rank", "auto-tile"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
     each operator scheme (auto takes "entries" up to 32 channels), with the opt-in atomic input
     gradient (PWCONV_CUDA_DETERMINISTIC=0), with the entries' weight gradient by cell
-    (PWCONV_CUDA_WEIGHT_GRAD=cells), the fixed-point input gradient, and one thread per row
-    with the weight gradient by chunks of rows sorted by cell and the transposed map by rank
-    sorts (_set_scheme)."""
+    (PWCONV_CUDA_WEIGHT_GRAD=cells), the fixed-point input gradient, one thread per row with
+    the clouds' source rows in shared memory, and one thread per row with the weight gradient by
+    chunks of rows sorted by cell and the transposed map by rank sorts (_set_scheme)."""
     import cupy
 
     import pwconv_cy
@@ -1815,7 +1906,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-fixed",
-                                    "auto-thread+chunks+rank"])
+                                    "auto-thread+chunks+rank", "auto-tile"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -2012,7 +2103,8 @@ def test_gpu_real_lidar_tile_map_identical_to_cpu(shared_data):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-thread+chunks+rank"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-thread+chunks+rank",
+                                    "auto-tile"])
 def test_gpu_real_modelnet_layers_match_cpu(shared_data, scheme, monkeypatch):
     """32 real ModelNet40 shapes (float16 as stored, dense (B, 1024, 3)) through the paper's four
     layers on the GPU: forward and both gradients equal to the CPU's within float32 rounding."""

@@ -153,7 +153,8 @@ NAME_EXPRESSIONS = tuple(
     + [entry_counts_name(dt) for dt in CELL_CTYPES]
     + [conv_name(k, dt) for k in CONV_KERNELS for dt in FLOAT_CTYPES]
     + [rows_name(k, dt, ct) for k in ROWS_KERNELS for dt in FLOAT_CTYPES for ct in CELL_CTYPES]
-    + [thread_name(k, dt, bm) for k in ("conv_entries_thread", "conv_weight_chunks")
+    + [thread_name(k, dt, bm) for k in ("conv_entries_thread", "conv_entries_tile",
+                                        "conv_weight_chunks")
        for dt in FLOAT_CTYPES for bm in THREAD_OUTPUTS]
     + [digest_name(dt) for dt in DIGEST_TYPES])
 
@@ -168,7 +169,8 @@ PLAIN_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_co
 BARRIER_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_coords",
                    "conv_gather_dense", "conv_weight_partial_dense", "conv_rows",
                    "conv_weight_rows", "conv_weight_cells", "points_digest", "sum_partials",
-                   "kernel_map_once", "conv_entries_thread", "conv_weight_chunks", "kernel_map_tiled")
+                   "kernel_map_once", "conv_entries_thread", "conv_entries_tile",
+                   "conv_weight_chunks", "kernel_map_tiled")
 
 
 class CudaKernelError(RuntimeError):

@@ -142,9 +142,11 @@ def input_grad_mode() -> str:
 
 
 #: How the "entries" forward and input gradient load a row: "broadcast" (default, conv_entries:
-#: every lane loads each value, the row's lanes at one address) or "thread" (conv_entries_thread:
+#: every lane loads each value, the row's lanes at one address), "thread" (conv_entries_thread:
 #: one thread per row forms all its outputs from 16-byte vector loads of the source rows and the
-#: cell matrices in shared memory, where thread_plan allows).  Same bits.
+#: cell matrices in shared memory, where thread_plan allows) or "tile" (conv_entries_tile: as
+#: "thread", each cloud's source rows copied to shared memory first, where tile_plan allows;
+#: else "thread").  Same bits.
 ENTRIES_LOADS_ENV = "PWCONV_CUDA_ENTRIES_LOADS"
 
 #: conv_entries_thread's shared copy of the cell matrices (kernels.cu's
@@ -156,11 +158,15 @@ CHUNK_MAX_CELLS = 64
 #: Blocks of conv_weight_chunks at most (each adds a fixed run of chunks; a constant, so the
 #: summation order never depends on the device).
 CHUNK_BLOCKS = 2048
+#: conv_entries_tile's threads per block (at most its __launch_bounds__, 512) and rows per block
+#: (a cloud's rows in blocks of that many; each block copies the cloud's source rows once).
+TILE_THREADS = 512
+TILE_ROWS = 1024
 
 
 def entries_loads() -> str:
-    """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default) or "thread"."""
-    return env_choice(ENTRIES_LOADS_ENV, ("broadcast", "thread"), "broadcast")
+    """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default), "thread" or "tile"."""
+    return env_choice(ENTRIES_LOADS_ENV, ("broadcast", "thread", "tile"), "broadcast")
 
 
 def _thread_outputs(n: int):
@@ -528,11 +534,45 @@ def _entries_launch(be, kernel, dtype, rows, splits, col, cell, weight, src, a, 
 
 
 def _thread_bm(km, a: int, b: int, itemsize: int, depthwise: bool):
-    """BM of conv_entries_thread for this product where PWCONV_CUDA_ENTRIES_LOADS=thread asks for
-    it and thread_plan allows, else None."""
-    if entries_loads() != "thread":
+    """BM of conv_entries_thread (or _tile) for this product where PWCONV_CUDA_ENTRIES_LOADS=thread
+    (or tile) asks for it and thread_plan allows, else None."""
+    if entries_loads() not in ("thread", "tile"):
         return None
     return thread_plan(km.kernel_size ** 3, a, b, itemsize, depthwise, km.cell.dtype)
+
+
+def _lda(a: int, itemsize: int) -> int:
+    """Source values a row of the one-thread-per-row kernels: a, rounded up to 16 bytes."""
+    per_vector = 16 // itemsize
+    return -(-a // per_vector) * per_vector
+
+
+def tile_plan(be, row_offsets, src_offsets, n_cells: int, a: int, b: int, itemsize: int,
+              depthwise: bool):
+    """(blocks per cloud, dynamic shared bytes) of conv_entries_tile for rows split by cloud as
+    row_offsets and their source rows as src_offsets (host arrays), or None where it is not
+    asked for (PWCONV_CUDA_ENTRIES_LOADS=tile) or the largest cloud's source rows and the cell
+    matrices do not fit a block's shared memory."""
+    if entries_loads() != "tile":
+        return None
+    row_offsets = np.asarray(row_offsets, dtype=np.int64)
+    src_offsets = np.asarray(src_offsets, dtype=np.int64)
+    if len(row_offsets) != len(src_offsets) or len(row_offsets) < 2:
+        return None
+    per_vector = 16 // itemsize
+    mats = -(-n_cells * (a if depthwise else a * b) // per_vector) * per_vector
+    shared = (mats + int(np.diff(src_offsets).max()) * _lda(a, itemsize)) * itemsize
+    if shared > be.max_shared_bytes():
+        return None
+    return max(1, -(-int(np.diff(row_offsets).max()) // TILE_ROWS)), shared
+
+
+def _device_offsets(be, km, which: str):
+    """km.offsets or km.query_offsets (which) as an int64 device array, cached on the map."""
+    key = f"cuda_{which}"
+    if key not in km._cache:
+        km._cache[key] = be.to_device(np.ascontiguousarray(getattr(km, which), dtype=np.int64))
+    return km._cache[key]
 
 
 def _address(a) -> int:
@@ -545,18 +585,40 @@ def _entries_thread_launch(be, dtype, rows, splits, col, cell, counts, src, a, M
     """conv_entries_thread: one thread per row, each entry's weight 1 / n_i(f) from its count;
     the source rows padded to 16 bytes (a copy by pad_rows where `a` values are not a multiple
     of that, or the array does not start aligned) for its vector loads."""
+    src, lda = _padded_rows(be, src, a)
+    be.launch(thread_name("conv_entries_thread", dtype, bm), (blocks(rows),), (THREADS,),
+              (i64(rows), splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M,
+               i32(n_cells), i32(b), i32(1 if depthwise else 0), out))
+
+
+def _padded_rows(be, src, a: int):
+    """(src, lda): the source rows 16-byte aligned, `lda` values apart -- src itself where it
+    is already, else a copy by pad_rows."""
     xp = be.xp
-    per_vector = 16 // src.dtype.itemsize
-    lda = -(-a // per_vector) * per_vector
+    lda = _lda(a, src.dtype.itemsize)
     if lda != a or _address(src) % 16:
         n_src = int(src.shape[0])
         padded = xp.empty((n_src, lda), dtype=src.dtype)
         be.launch(conv_name("pad_rows", src.dtype), (blocks(n_src * lda),), (THREADS,),
                   (i64(n_src), i32(a), i32(lda), xp.ascontiguousarray(src), padded))
         src = padded
-    be.launch(thread_name("conv_entries_thread", dtype, bm), (blocks(rows),), (THREADS,),
-              (i64(rows), splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M,
-               i32(n_cells), i32(b), i32(1 if depthwise else 0), out))
+    return src, lda
+
+
+def _entries_tile_launch(be, km, dtype, rows_by, splits, col, cell, counts, src, a, M, n_cells,
+                         b, depthwise, bm, plan, out):
+    """conv_entries_tile over rows split by cloud as km's `rows_by` offsets ("query_offsets": the
+    map's rows, sources the points; "offsets": the transposed map's, sources the queries)."""
+    blocks_per_cloud, shared = plan
+    src_by = "offsets" if rows_by == "query_offsets" else "query_offsets"
+    src, lda = _padded_rows(be, src, a)
+    n_clouds = len(km.offsets) - 1
+    be.launch(thread_name("conv_entries_tile", dtype, bm), (n_clouds * blocks_per_cloud,),
+              (TILE_THREADS,),
+              (splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M, i32(n_cells), i32(b),
+               i32(1 if depthwise else 0), _device_offsets(be, km, rows_by),
+               _device_offsets(be, km, src_by), i64(blocks_per_cloud), i64(TILE_ROWS), out),
+              shared_mem=shared)
 
 
 def forward(be, km, x, w, c_out: int, depthwise: bool):
@@ -570,7 +632,14 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
         return y
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize)
     bm = _thread_bm(km, c_in, c_out, x.dtype.itemsize, depthwise) if scheme == "entries" else None
-    if bm is not None:  # one thread per row (opt-in)
+    if bm is not None:  # one thread per row (opt-in), the clouds' rows in shared memory or not
+        plan = tile_plan(be, km.query_offsets, km.offsets, n_cells, c_in, c_out,
+                         x.dtype.itemsize, depthwise)
+        if plan is not None:
+            _entries_tile_launch(be, km, x.dtype, "query_offsets", km.splits, km.index, km.cell,
+                                 entry_counts(be, km), x, c_in, w, n_cells, c_out, depthwise, bm,
+                                 plan, y)
+            return y
         _entries_thread_launch(be, x.dtype, m, km.splits, km.index, km.cell, entry_counts(be, km),
                                x, c_in, w, n_cells, c_out, depthwise, bm, y)
         return y
@@ -616,6 +685,13 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
         bm = _thread_bm(km, c_out, c_in, dy.dtype.itemsize, depthwise)
         if bm is not None:  # one thread per row (opt-in), over the transposed map's counts
             tc = transposed_counts(be, km)
+            plan = tile_plan(be, km.offsets, km.query_offsets, n_cells, c_out, c_in,
+                             dy.dtype.itemsize, depthwise)
+            if plan is not None:
+                _entries_tile_launch(be, km, dy.dtype, "offsets", tc["splits"], tc["row"],
+                                     tc["cell"], tc["count"], dy, c_out, M, n_cells, c_in,
+                                     depthwise, bm, plan, dx)
+                return dx
             _entries_thread_launch(be, dy.dtype, n, tc["splits"], tc["row"], tc["cell"],
                                    tc["count"], dy, c_out, M, n_cells, c_in, depthwise, bm, dx)
             return dx

@@ -2105,34 +2105,28 @@ __global__ void pad_rows(long long n, int a, int lda, const F* __restrict__ src,
     out[t] = c < a ? src[r * a + c] : F(0);
 }
 
-/// out (rows, b), as conv_entries (same arguments, but the weights: weight_is_count, see
-/// entry_weight): one thread per row, all b <= BM outputs in registers; src rows `lda` values
-/// apart, lda a multiple of Vec16<F>::V and src 16-byte aligned (a padded copy where a is not);
-/// M (n_cells, a, b) dense or (n_cells, a) depthwise, copied to shared memory (n_cells * a * b *
-/// sizeof(F) <= PWCONV_CUDA_THREAD_MATS_BYTES).  Per entry: t_o = sum over c ascending of src_c *
-/// M[cell, c, o] (FMAs), then acc_o = w * t_o + acc_o -- conv_entries' order, so the same bits.
-template <class F, class CellT, int BM>
-__global__ void __launch_bounds__(256, sizeof(F) * BM <= 64 ? 4 : 2)
-    conv_entries_thread(long long rows, const long long* __restrict__ splits,
-                        const long long* __restrict__ col, const CellT* __restrict__ cell,
-                        const void* __restrict__ weight, int weight_is_count,
-                        const F* __restrict__ src, int a, int lda, const F* __restrict__ M,
-                        int n_cells, int b, int depthwise, F* __restrict__ out) {
-    using namespace pwconv_cuda;
+namespace pwconv_cuda {
+
+/// out[row, :b] of the one-thread-per-row kernels (conv_entries_thread, conv_entries_tile): the
+/// entries [e0, e1) of the row, each source row at source(col[e]) (16-byte aligned, Vec16 loads),
+/// its cell's matrix in mats (cell_size values a cell).  Per entry: t_o = sum over c ascending
+/// of src_c * M[cell, c, o] (FMAs), then acc_o = w * t_o + acc_o -- conv_entries' order, so the
+/// same bits whichever kernel calls it and wherever the source rows are.
+template <class F, class CellT, int BM, class Source>
+__device__ __forceinline__ void thread_row(i64 row, i64 e0, i64 e1,
+                                           const long long* __restrict__ col,
+                                           const CellT* __restrict__ cell,
+                                           const void* __restrict__ weight, int weight_is_count,
+                                           const Source& source, int a, const F* mats,
+                                           int cell_size, int b, int depthwise,
+                                           F* __restrict__ out) {
     constexpr int V = Vec16<F>::V;
-    __shared__ F mats[PWCONV_CUDA_THREAD_MATS_BYTES / sizeof(F)];
-    const int cell_size = depthwise ? a : a * b;
-    for (int i = threadIdx.x; i < n_cells * cell_size; i += blockDim.x) mats[i] = M[i];
-    __syncthreads();
-    const i64 row = global_thread();
-    if (row >= rows) return;
     F acc[BM];
 #pragma unroll
     for (int o = 0; o < BM; ++o) acc[o] = F(0);
-    const i64 e1 = splits[row + 1];
-    for (i64 e = splits[row]; e < e1; ++e) {
+    for (i64 e = e0; e < e1; ++e) {
         const F we = entry_weight<F>(weight, weight_is_count, e);
-        const F* __restrict__ s = src + col[e] * lda;
+        const F* s = source(col[e]);
         const F* m = mats + (int)cell[e] * cell_size;
         if (depthwise) {  // acc_c = (w * src_c) * M[cell, c] + acc_c
 #pragma unroll
@@ -2168,6 +2162,94 @@ __global__ void __launch_bounds__(256, sizeof(F) * BM <= 64 ? 4 : 2)
 #pragma unroll
     for (int o = 0; o < BM; ++o)
         if (o < b) y[o] = acc[o];
+}
+
+/// Source row j of the one-thread-per-row kernels: src + j * lda in global memory.
+template <class F>
+struct GlobalRows {
+    const F* src;
+    int lda;
+    __device__ __forceinline__ const F* operator()(i64 j) const { return src + j * lda; }
+};
+
+/// Source row j of conv_entries_tile: in the block's shared copy of its cloud's rows [first,
+/// first + n), else (an index outside the cloud, which no map of this library holds) in global
+/// memory.
+template <class F>
+struct TileRows {
+    const F* tile;
+    const F* src;
+    i64 first, n;
+    int lda;
+    __device__ __forceinline__ const F* operator()(i64 j) const {
+        const i64 local = j - first;
+        return (local >= 0 && local < n) ? tile + local * lda : src + j * lda;
+    }
+};
+
+}  // namespace pwconv_cuda
+
+/// out (rows, b), as conv_entries (same arguments, but the weights: weight_is_count, see
+/// entry_weight): one thread per row, all b <= BM outputs in registers (thread_row); src rows
+/// `lda` values apart, lda a multiple of Vec16<F>::V and src 16-byte aligned (a padded copy
+/// where a is not); M (n_cells, a, b) dense or (n_cells, a) depthwise, copied to shared memory
+/// (n_cells * a * b * sizeof(F) <= PWCONV_CUDA_THREAD_MATS_BYTES).
+template <class F, class CellT, int BM>
+__global__ void __launch_bounds__(256, sizeof(F) * BM <= 64 ? 4 : 2)
+    conv_entries_thread(long long rows, const long long* __restrict__ splits,
+                        const long long* __restrict__ col, const CellT* __restrict__ cell,
+                        const void* __restrict__ weight, int weight_is_count,
+                        const F* __restrict__ src, int a, int lda, const F* __restrict__ M,
+                        int n_cells, int b, int depthwise, F* __restrict__ out) {
+    using namespace pwconv_cuda;
+    __shared__ F mats[PWCONV_CUDA_THREAD_MATS_BYTES / sizeof(F)];
+    const int cell_size = depthwise ? a : a * b;
+    for (int i = threadIdx.x; i < n_cells * cell_size; i += blockDim.x) mats[i] = M[i];
+    __syncthreads();
+    const i64 row = global_thread();
+    if (row >= rows) return;
+    thread_row<F, CellT, BM>(row, splits[row], splits[row + 1], col, cell, weight,
+                             weight_is_count, GlobalRows<F>{src, lda}, a, mats, cell_size, b,
+                             depthwise, out);
+}
+
+/// conv_entries_thread with each cloud's source rows in shared memory too (opt-in,
+/// PWCONV_CUDA_ENTRIES_LOADS=tile): blocks_per_cloud blocks per cloud c, block `part` taking
+/// the rows [row_offsets[c] + part * rows_per_block, ...) of the cloud (up to rows_per_block,
+/// a block's width at a time), each first copying the cloud's source rows [src_offsets[c],
+/// src_offsets[c + 1]) (at most tile_rows, lda values each) and the cell matrices to dynamic
+/// shared memory: (n_cells * cell_size rounded up to 16 bytes + tile_rows * lda) values.  A
+/// map's neighbours are in the query's cloud (SPEC §2), so every source row of an entry is then
+/// read from shared memory, where 32 threads' rows at 32 places cost a few passes instead of a
+/// line each.  The same products in the same order as conv_entries_thread: the same bits.
+template <class F, class CellT, int BM>
+__global__ void __launch_bounds__(512, sizeof(F) * BM <= 64 ? 2 : 1)
+    conv_entries_tile(const long long* __restrict__ splits, const long long* __restrict__ col,
+                      const CellT* __restrict__ cell, const void* __restrict__ weight,
+                      int weight_is_count, const F* __restrict__ src, int a, int lda,
+                      const F* __restrict__ M, int n_cells, int b, int depthwise,
+                      const long long* __restrict__ row_offsets,
+                      const long long* __restrict__ src_offsets, long long blocks_per_cloud,
+                      long long rows_per_block, F* __restrict__ out) {
+    using namespace pwconv_cuda;
+    PWCONV_CUDA_DYNAMIC_SHARED(double, shared);  // double: 8-byte (and 16-byte) alignment
+    F* mats = reinterpret_cast<F*>(shared);
+    const int cell_size = depthwise ? a : a * b;
+    const int mats_len = n_cells * cell_size;
+    const int mats_padded = (mats_len + Vec16<F>::V - 1) / Vec16<F>::V * Vec16<F>::V;
+    F* tile = mats + mats_padded;
+    const i64 c = blockIdx.x / blocks_per_cloud, part = blockIdx.x % blocks_per_cloud;
+    const i64 first = src_offsets[c], n_src = src_offsets[c + 1] - first;
+    for (int i = threadIdx.x; i < mats_len; i += blockDim.x) mats[i] = M[i];
+    for (i64 i = threadIdx.x; i < n_src * lda; i += blockDim.x) tile[i] = src[first * lda + i];
+    __syncthreads();
+    const i64 r_end = row_offsets[c + 1];
+    const i64 r0 = row_offsets[c] + part * rows_per_block;
+    const i64 r1 = r0 + rows_per_block < r_end ? r0 + rows_per_block : r_end;
+    const TileRows<F> source{tile, src, first, n_src, lda};
+    for (i64 row = r0 + threadIdx.x; row < r1; row += blockDim.x)
+        thread_row<F, CellT, BM>(row, splits[row], splits[row + 1], col, cell, weight,
+                                 weight_is_count, source, a, mats, cell_size, b, depthwise, out);
 }
 
 /// Weight gradient, pass 1 of PWCONV_CUDA_WEIGHT_GRAD=chunks: partial[blk, :] = block blk's share
