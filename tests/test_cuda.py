@@ -1491,7 +1491,8 @@ def test_emulated_tile_plan_fits_shared_memory(emulator_lib, monkeypatch):
                                   np.concatenate([[0], np.cumsum(rows_per_cloud)]))
     assert (1 << plan.row_bits) >= 2 * rows_per_cloud.max() > (1 << plan.row_bits) // 2
     assert (plan.tile_points, plan.cells) == (largest, True)
-    words = 5 * largest + 1
+    # x, y, z, cell x, first points (one more), the order as 32-bit offsets
+    words = 5 * largest + 1 + (largest + 1) // 2
     assert plan.shared_bytes == 8 * (words + words % 2) + 16 * (1 << plan.row_bits)
 
     class Tight(EmulatedBackend):  # a block's shared memory: just the cells, or less

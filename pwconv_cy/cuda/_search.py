@@ -745,12 +745,14 @@ def _row_table_bits(n_rows: int) -> int:
 
 
 def _tile_bytes(tile_points: int, cells: bool, row_bits: int = 0) -> int:
-    """kernel_map_tiled's dynamic shared memory: x, y, z (and cell x, first points; and the rows'
-    (key, cells) pairs from an even 64-bit word) of a cloud."""
+    """kernel_map_tiled's dynamic shared memory: x, y, z (and cell x, first points; and the
+    points' order and the rows' (key, cells) pairs from an even 64-bit word) of a cloud."""
     if not cells:
         return 24 * tile_points
-    words = 5 * tile_points + 1
-    return 8 * words if row_bits == 0 else 8 * (words + (words & 1)) + (16 << row_bits)
+    if row_bits == 0:
+        return 8 * (5 * tile_points + 1)
+    words = 5 * tile_points + 1 + (tile_points + 1) // 2  # the order as 32-bit offsets
+    return 8 * (words + (words & 1)) + (16 << row_bits)
 
 
 def _search_once(be, k: int, head: tuple, grid_dim: tuple, rows: int, capacity: int,

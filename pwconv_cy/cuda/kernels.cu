@@ -83,7 +83,8 @@ struct GridView {
     const double* x;  // (n,) sorted coordinates
     const double* y;
     const double* z;
-    const i64* order;             // (n,) sorted position -> caller's point index
+    const i64* order;             // (n,) sorted position p -> caller's point: order[p - point_base]
+    // (or, with order32 set: point_base + order32[p - point_base], kernel_map_tiled's copy)
     const i64* cell_start;        // (n_cells + 1,)
     const i64* cell_x;            // (n_cells,)
     const i64* cell_y;
@@ -102,14 +103,20 @@ struct GridView {
     // row key and the row's cells (first << 32 | end), one 16-byte load per probe where the
     // split layout takes the key, the row, then its first and end cells (table_rows unused).
     int table_slots;
-    // x, y and z of sorted point p are at x[p - point_base] (0; kernel_map_tiled: its cloud's
-    // first sorted point, x / y / z then in shared memory), cell c's x coordinate and first
+    // x, y, z and order of sorted point p are at x[p - point_base] (0; kernel_map_tiled: its
+    // cloud's first sorted point, x / y / z then in shared memory, and order too with the
+    // rows), cell c's x coordinate and first
     // point at cell_x[c - cell_base] and cell_start[c - cell_base] (0, or its cloud's first
     // cell: kernel_map_tiled with the cells in shared memory too).  The binary search over cells
     // (no row table) reads cell_y / cell_z: only ever with cell_base 0.
     i64 point_base;
     i64 cell_base;
+    const unsigned* order32;
     __device__ __forceinline__ i64 cx(i64 c) const { return cell_x[c - cell_base]; }
+    /// The caller's index of sorted point p.
+    __device__ __forceinline__ i64 point(i64 p) const {
+        return order32 ? point_base + (i64)order32[p - point_base] : order[p - point_base];
+    }
     __device__ __forceinline__ i64 start(i64 c) const { return cell_start[c - cell_base]; }
 };
 
@@ -120,6 +127,7 @@ struct TileView {
     const double* x;
     const double* y;
     const double* z;
+    const i64* order;  // order[p - point_base]: the grid's (offset)
     i64 point_base;
     const i64* cell_x;
     const i64* cell_start;
@@ -127,6 +135,10 @@ struct TileView {
     const unsigned long long* table_keys;
     int table_bits;
     int table_slots;
+    // kernel_map_tiled with the rows: its cloud's order in shared memory, as offsets from its
+    // first point (a cloud's points are sorted positions [p0, p0 + n) and caller indices
+    // [p0, p0 + n) alike: the batch is packed by cloud), else null
+    const unsigned* order32;
 };
 
 #define PWCONV_CUDA_EMPTY_SLOT 0xFFFFFFFFFFFFFFFFull
@@ -415,7 +427,8 @@ struct KernelVisit {
                 if (!(dy >= y0 && dy < y1 && dz >= z0 && dz < z1)) continue;
                 const double dx = X[p - pb] - lo[0];
                 const int kx = pwconv::axis_cell_index(dx, sd, K);
-                if (dx >= sd[0] && dx < ed[kx]) sink->push((g->order[p] << cell_bits) | (fzy + kx));
+                if (dx >= sd[0] && dx < ed[kx])
+                    sink->push((g->point(p) << cell_bits) | (fzy + kx));
             }
             return;
         }
@@ -425,7 +438,7 @@ struct KernelVisit {
                 const double dx = X[p - pb] - lo[0], dy = Y[p - pb] - lo[1],
                              dz = Z[p - pb] - lo[2];
                 if (pwconv::support_contains(dx, dy, dz, first, last))
-                    sink->push((g->order[p] << cell_bits) |
+                    sink->push((g->point(p) << cell_bits) |
                                (i64)pwconv::support_cell(dx, dy, dz, sd, K));
             }
             return;
@@ -436,7 +449,7 @@ struct KernelVisit {
         for (i64 p = b; p < e; ++p) {
             const double dx = X[p - pb] - lo[0], dy = Y[p - pb] - lo[1], dz = Z[p - pb] - lo[2];
             if (dx >= x0 && dx < x1 && dy >= y0 && dy < y1 && dz >= z0 && dz < z1)
-                sink->push((g->order[p] << cell_bits) | f);
+                sink->push((g->point(p) << cell_bits) | f);
         }
     }
 };
@@ -453,7 +466,7 @@ struct RadiusVisit {
             const bool ok = euclidean
                                 ? pwconv::within_euclidean(x, y, z, qx, qy, qz, radius_sq)
                                 : pwconv::within_chebyshev(x, y, z, qx, qy, qz, radius);
-            if (ok) sink->push(g->order[p]);
+            if (ok) sink->push(g->point(p));
         }
     }
 };
@@ -761,11 +774,11 @@ __device__ __forceinline__ i64 kernel_map_search(PWCONV_CUDA_KERNEL_MAP_PARAMS,
                                                  RowSink& sink) {
     constexpr int KMAX = KC > 0 ? KC : PWCONV_CUDA_MAX_K;
     const int K = KC > 0 ? KC : kernel_size;
-    const GridView g{tile.x,     tile.y,        tile.z,     gorder,    tile.cell_start,
+    const GridView g{tile.x,     tile.y,        tile.z,     tile.order, tile.cell_start,
                      tile.cell_x, cell_y,       cell_z,     cloud_cell_begin, origin,
                      cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
                      row_cell_begin, tile.table_keys, table_rows, tile.table_bits,
-                     tile.table_slots, tile.point_base, tile.cell_base};
+                     tile.table_slots, tile.point_base, tile.cell_base, tile.order32};
     const int dilation = dilations[d];
     const double* axis_d = axis_d_all + (i64)d * 2 * K;
     const i64 row = qrow[t] + (i64)d * m;  // the row in the maps' CSR
@@ -845,8 +858,8 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(PWCONV_CUDA_KERNEL_MAP
         sink.capacity = 0;
     }
     sink.n = 0;
-    const TileView grid_arrays{gx, gy, gz, 0, cell_x, cell_start, 0, table_keys, table_bits,
-                               table_slots};
+    const TileView grid_arrays{gx, gy, gz, gorder, 0, cell_x, cell_start, 0, table_keys,
+                               table_bits, table_slots, 0};
     kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, grid_arrays, t, d, sink);
 
     if (!FILL) {
@@ -916,8 +929,8 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
     sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
     sink.n = 0;
     i64 row = -1;
-    const TileView grid_arrays{gx, gy, gz, 0, cell_x, cell_start, 0, table_keys, table_bits,
-                               table_slots};
+    const TileView grid_arrays{gx, gy, gz, gorder, 0, cell_x, cell_start, 0, table_keys,
+                               table_bits, table_slots, 0};
     if (t < m) row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, grid_arrays, t, d, sink);
     emit_once_row(row, sink, lane, row_len, row_at, scratch, capacity, cursor, status);
 }
@@ -935,10 +948,12 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
 /// query_offsets[c + 1]) (run blockIdx.x % blocks_per_cloud) a block's width at a time, reading
 /// every candidate's coordinates (and the cells) there instead of from global memory: the
 /// candidates are most of a search's loads, each thread's at its own address.  With
-/// tile_row_bits > 0 (and tile_cells), the cloud's grid rows [cloud_row_begin[c],
-/// cloud_row_begin[c + 1]) go to a hash table of their own after the cells (2^tile_row_bits
-/// (key, cells) pairs, the layout of GridView::table_slots, from an even 64-bit word): every
-/// load of the search but the query's own then reads shared memory.  Needs the grid's row
+/// tile_row_bits > 0 (and tile_cells), the points' order (tile_points 32-bit offsets from the
+/// cloud's first point, from a 64-bit word) and the
+/// cloud's grid rows [cloud_row_begin[c], cloud_row_begin[c + 1]) in a hash table of their own
+/// go after the cells (2^tile_row_bits (key, cells) pairs, the layout of
+/// GridView::table_slots, from an even 64-bit word): every load of the search but the query's
+/// own then reads shared memory.  Needs the grid's row
 /// table (the binary search over cells reads cell coordinates this kernel does not copy).
 /// Same keys, same output as kernel_map_once.
 template <int KC>
@@ -957,8 +972,9 @@ __global__ void __launch_bounds__(256, PWCONV_CUDA_TILE_MIN_BLOCKS)
     const i64 cb = cloud_cell_begin[c], ce = cloud_cell_begin[c + 1];
     const i64 pb = cell_start[cb];
     const i64 n_c = cell_start[ce] - pb;  // the cloud's points
-    TileView view{tile,       tile + tile_points, tile + 2 * tile_points, pb, cell_x,
-                  cell_start, 0,                  table_keys, table_bits, table_slots};
+    TileView view{tile,   tile + tile_points, tile + 2 * tile_points, gorder + pb, pb,
+                  cell_x, cell_start,         0,                      table_keys, table_bits,
+                  table_slots, 0};
     for (i64 i = threadIdx.x; i < n_c; i += blockDim.x) {
         tile[i] = gx[pb + i];
         tile[tile_points + i] = gy[pb + i];
@@ -975,9 +991,14 @@ __global__ void __launch_bounds__(256, PWCONV_CUDA_TILE_MIN_BLOCKS)
         view.cell_start = tile_start;
         view.cell_base = cb;
     }
-    if (tile_row_bits > 0) {  // after the cells, 16-byte aligned: the cloud's rows as pairs
-        unsigned long long* table =
-            reinterpret_cast<unsigned long long*>(tile) + ((5 * tile_points + 2) & ~1ll);
+    if (tile_row_bits > 0) {  // after the cells: the points' order, then (16-byte aligned) the
+                              // cloud's rows as pairs
+        unsigned* tile_order = reinterpret_cast<unsigned*>(tile + 5 * tile_points + 1);
+        for (i64 i = threadIdx.x; i < n_c; i += blockDim.x)
+            tile_order[i] = (unsigned)(gorder[pb + i] - pb);
+        view.order32 = tile_order;
+        unsigned long long* table = reinterpret_cast<unsigned long long*>(tile) +
+                                    ((5 * tile_points + 1 + (tile_points + 1) / 2 + 1) & ~1ll);
         for (i64 i = threadIdx.x; i < (2ll << tile_row_bits); i += blockDim.x)
             table[i] = PWCONV_CUDA_EMPTY_SLOT;
         __syncthreads();
@@ -1088,7 +1109,8 @@ __global__ void radius_pass(
     const GridView g{gx,         gy,         gz,     gorder,    cell_start,
                      cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
                      cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
-                     row_cell_begin, table_keys, table_rows, table_bits, table_slots, 0};
+                     row_cell_begin, table_keys, table_rows, table_bits, table_slots, 0, 0,
+                     0};
     const i64 row = qrow[t];
     const double q[3] = {qx[t], qy[t], qz[t]};
     const i64 cloud = segment_of(query_offsets, n_clouds, row);
