@@ -2,7 +2,7 @@
 # One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
 #   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
 #   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
-#   the search kernels' variants (tiles, row slots, cell size, K = 3, rows sorted by 8 threads)
+#   the search kernels' variants (tiles, row slots, cell size, K = 3, rows sorted by a warp)
 #   -> the operator kernels' variants (one thread per row, chunks, rank transposition, unroll)
 #   -> kernel-time profiles (defaults; every opt-in) and the heaviest kernels' ncu sections
 #   (if ncu is installed).
@@ -96,11 +96,12 @@ step benchmark 170 bench.log \
 # scratch sized from the last maps (last); the grid's cells from one scan (scan); grid cells of
 # 3/4 and 1/2 the voxel's edge (c0.75, c0.5: fewer candidates, more rows; cells of 2v would test
 # 2.4x the candidates for s >= 2, benchmarks/search_work_model.py); the maps' rows sorted into
-# place by 8 threads per row instead of a warp (r8).  (Count + fill passes: the
+# place by a warp per row (r32: the default before 2026-11-27, now 8 threads).  (Count + fill
+# passes: the
 # benchmark times them; row batches of 4: 5.4 against 6.4 ms on 2026-11-27.)
 step search_tuning 170 k3.log \
     "$PY" benchmarks/gpu_search_tuning.py none tiles2+slots tiles3 scan tiles3+k3 tiles3+last \
-    c0.75 tiles3+c0.5 none tiles3+c0.75 r8 tiles3+scan
+    c0.75 tiles3+c0.5 none tiles3+c0.75 r32 tiles3+scan
 
 # The operator's "entries" kernels as shipped against one thread per row (conv_entries_thread;
 # tile: each cloud's source rows in shared memory, conv_entries_tile) with the weight gradient by

@@ -9,8 +9,7 @@ kernel time it recorded:
 Without a profiler the first command prints the iteration's wall time (CUDA events) only.
 ``--opt-ins`` runs the iteration with every opt-in written for speed and not yet adopted
 (OPT_INS: the maps' search with each cloud's coordinates, cells and grid rows in shared memory,
-the grid from one scan, the scratch sized from the last maps, the maps' rows sorted by 8 threads
-each; the operator one thread per row with each cloud's source rows in shared memory, its
+the grid from one scan, the scratch sized from the last maps; the operator one thread per row with each cloud's source rows in shared memory, its
 weight gradient by chunks sorted by cell, its transposed maps by rank sorts), so that ncu shows them kernel by kernel beside the defaults.
 """
 from __future__ import annotations
@@ -25,21 +24,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_paper_workload as wl
 
-#: The opt-ins of --opt-ins: environment variables, and sort_rows_by_rank's threads per row.
+#: The opt-ins of --opt-ins (environment variables).
 OPT_INS = {"PWCONV_CUDA_MAP_TILES": "3", "PWCONV_CUDA_GRID_BUILD": "scan",
            "PWCONV_CUDA_MAP_CAPACITY": "last", "PWCONV_CUDA_ENTRIES_LOADS": "tile",
            "PWCONV_CUDA_WEIGHT_GRAD": "chunks", "PWCONV_CUDA_TRANSPOSE": "rank"}
-OPT_IN_SORT_LANES = 8
 
 
 def use_opt_ins() -> None:
     """Switches this process to OPT_INS (the modes are read at every call)."""
     import os
 
-    from pwconv_cy.cuda import _search
-
     os.environ.update(OPT_INS)
-    _search.SORT_LANES = OPT_IN_SORT_LANES
 
 
 def main(argv=None) -> int:
@@ -50,7 +45,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--opt-ins" in argv:
         use_opt_ins()
-        print("opt-ins:", OPT_INS, f"sort_rows_by_rank lanes {OPT_IN_SORT_LANES}")
+        print("opt-ins:", OPT_INS)
 
     n_clouds, n_points = 128, 2048
     points = wl.sphere(n_clouds * n_points, 0)
