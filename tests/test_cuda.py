@@ -1933,6 +1933,59 @@ def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_tiled_operator_on_paper_sized_clouds(dtype, monkeypatch):
+    """PWCONV_CUDA_ENTRIES_LOADS=tile on clouds of the paper's size (2,048 points on a sphere, 9
+    channels): each block's shared memory is beyond the 48 KiB a launch gets without opting in,
+    the tiled kernel runs (forward and input gradient), and its bits are conv_entries_thread's
+    and the default's."""
+    import cupy
+
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _conv
+    from pwconv_cy.cuda._backend import DEFAULT_SHARED_BYTES, get_backend
+
+    rng = np.random.default_rng(17)
+    n, b = 2048, 4
+    p = rng.standard_normal((b * n, 3))
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    offsets = np.arange(b + 1) * n
+    x = rng.standard_normal((b * n, 9)).astype(dtype)
+    w = rng.standard_normal((3, 3, 3, 9, 9)).astype(dtype)
+    dy = rng.standard_normal((b * n, 9)).astype(dtype)
+    g = cupy.asarray
+    km = cuda.kernel_map(g(p), 0.1, dilation=2, offsets=offsets)
+    be = get_backend()
+    launched = []
+    launch = be.launch
+
+    def spy(name, *args, **kwargs):
+        launched.append(name.split("<")[0])
+        return launch(name, *args, **kwargs)
+
+    monkeypatch.setattr(be, "launch", spy)
+    results = {}
+    for loads in ("tile", "thread", "broadcast"):
+        monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, loads)
+        if loads == "tile":
+            plan = _conv.tile_plan(be, offsets, offsets, 27, 9, 9, np.dtype(dtype).itemsize,
+                                   False)
+            assert plan is not None and plan[1] > DEFAULT_SHARED_BYTES, plan
+        km._cache.clear()
+        del launched[:]
+        y = cuda.pointwise_conv(g(p), g(x), g(w), 0.1, dilation=2, offsets=offsets,
+                                kernel_map=km)
+        dx, _ = cuda.pointwise_conv_backward(g(dy), g(p), g(x), g(w), 0.1, dilation=2,
+                                             offsets=offsets, kernel_map=km)
+        want = {"tile": "conv_entries_tile", "thread": "conv_entries_thread",
+                "broadcast": "conv_entries"}[loads]
+        assert launched.count(want) == 2, (loads, launched)  # the forward, the input gradient
+        results[loads] = (cupy.asnumpy(y).tobytes(), cupy.asnumpy(dx).tobytes())
+    assert results["tile"] == results["thread"] == results["broadcast"]
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_dense_batch_and_shared_map():
     """Dense (B, n, 3) input keeps its shape; a map built once serves forward and backward."""
     import cupy

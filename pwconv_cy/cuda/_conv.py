@@ -28,9 +28,10 @@ Three more opt-ins for the "entries" scheme, written for the load pattern that b
 lanes load each value at one address, so one load instruction serves few values):
 ``PWCONV_CUDA_ENTRIES_LOADS=thread`` runs the forward and input gradient one thread per row
 (conv_entries_thread: vector loads of the source rows, the cell matrices in shared memory, the
-same bits), ``PWCONV_CUDA_WEIGHT_GRAD=chunks`` the weight gradient by chunks of rows whose entries
-are sorted by cell in shared memory (conv_weight_chunks), and ``PWCONV_CUDA_TRANSPOSE=rank``
-makes the transposed map by per-point rank sorts instead of one radix sort (the same map).
+same bits; ``=tile``: conv_entries_tile, each cloud's source rows in shared memory too),
+``PWCONV_CUDA_WEIGHT_GRAD=chunks`` the weight gradient by chunks of rows whose entries are
+sorted by cell in shared memory (conv_weight_chunks), and ``PWCONV_CUDA_TRANSPOSE=rank`` makes
+the transposed map by per-point rank sorts instead of one radix sort (the same map).
 
 The "by cell" kernels read the map "by cell": each row's entries ordered by (cell, index), so
 that every Omega_i(f) is one run (a counting sort per row, one thread per row).  The input gradient
