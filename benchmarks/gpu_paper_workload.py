@@ -19,8 +19,8 @@ pwconv's forward and backward are timed with each GPU operator scheme ("entries"
 these channel counts, "rows" and "by cell": PWCONV_CUDA_OPERATOR), the default also with the
 opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), with one thread per row forming all
 its outputs (PWCONV_CUDA_ENTRIES_LOADS=thread; =tile: each cloud's source rows in shared memory
-too) and the weight gradient by chunks of rows sorted by
-cell in shared memory (PWCONV_CUDA_WEIGHT_GRAD=chunks) and the transposed maps by per-point rank
+too) and the weight gradient by chunks of rows sorted by cell in shared memory
+(PWCONV_CUDA_WEIGHT_GRAD=chunks) and the transposed maps by per-point rank
 sorts (PWCONV_CUDA_TRANSPOSE=rank), the kernel maps also by count + fill passes
 (PWCONV_CUDA_MAP_PASSES=two), with the fill threads sorting their own rows
 (PWCONV_CUDA_ROW_SORT=thread), with the row table as (key, cells) pairs
@@ -575,21 +575,19 @@ def main(argv=None) -> int:
         for key in [k for k in km._cache if k != ENTRY_COUNTS_KEY]:
             del km._cache[key]
 
-    active = {"kms": kms}  # the maps the schemes run on
-
     def pw_forward_fresh():
-        for km in active["kms"]:
+        for km in kms:
             clear_derived(km)
-        pw.forward(active["kms"])
+        pw.forward(kms)
 
     state = {}
 
     def pw_backward_fresh():
-        for km in active["kms"]:  # the transposed maps are built per batch: include them
+        for km in kms:  # the transposed maps are built per batch: include them
             for key in [k for k in km._cache
                         if k.startswith(("cuda_transposed", "cuda_row_of", "cuda_cell_entries"))]:
                 del km._cache[key]
-        pw.backward(active["kms"], state["xs"], state["zs"])
+        pw.backward(kms, state["xs"], state["zs"])
 
     from pwconv_cy.cuda import _conv, _search
 
@@ -598,8 +596,8 @@ def main(argv=None) -> int:
     # the operator's GPU schemes side by side, the opt-in atomic input gradient, the entries'
     # weight gradient by cell, the default with the first layer's input gradient (as the
     # figures before 2026-11-26 21:00 were taken), the deterministic fixed-point input
-    # gradient, one thread per row (PWCONV_CUDA_ENTRIES_LOADS=thread) and the weight gradient by
-    # chunks of rows sorted by cell (PWCONV_CUDA_WEIGHT_GRAD=chunks)
+    # gradient, one thread per row (PWCONV_CUDA_ENTRIES_LOADS=thread, =tile) and the weight
+    # gradient by chunks of rows sorted by cell (PWCONV_CUDA_WEIGHT_GRAD=chunks)
     for scheme in ("bycell", "rows", "auto", "auto-thread", "auto-tile", "auto-chunks",
                    "auto-rank", "auto-thread+chunks+rank", "auto-tile+chunks+rank", "auto-atomic",
                    "auto-cells", "auto-dx1", "auto-fixed", "auto-thread+chunks+fixed"):
@@ -614,9 +612,9 @@ def main(argv=None) -> int:
         os.environ[_conv.TRANSPOSE_ENV] = "rank" if "rank" in variants else "sort"
         pw.first_input_grad = "dx1" in variants
         try:
-            for km in active["kms"]:
+            for km in kms:
                 clear_derived(km)
-            state["xs"], state["zs"] = pw.forward(active["kms"])
+            state["xs"], state["zs"] = pw.forward(kms)
             schemes[scheme] = {"forward": time_cuda(pw_forward_fresh, warmup, runs),
                                "backward": time_cuda(pw_backward_fresh, warmup, runs)}
         except Exception as exc:  # noqa: BLE001 - keep the other scheme's figures

@@ -9,13 +9,16 @@ kernel time it recorded:
 Without a profiler the first command prints the iteration's wall time (CUDA events) only.
 ``--opt-ins`` runs the iteration with every opt-in written for speed and not yet adopted
 (OPT_INS: the maps' search with each cloud's coordinates, cells and grid rows in shared memory,
-the grid from one scan, the scratch sized from the last maps; the operator one thread per row with each cloud's source rows in shared memory, its
-weight gradient by chunks sorted by cell, its transposed maps by rank sorts), so that ncu shows them kernel by kernel beside the defaults.
+the grid from one scan, the scratch sized from the last maps; the operator one thread per row
+with each cloud's source rows in shared memory, its weight gradient by chunks sorted by cell,
+its transposed maps by rank sorts), so that ncu shows them kernel by kernel beside the
+defaults.
 """
 from __future__ import annotations
 
 import collections
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -24,17 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_paper_workload as wl
 
-#: The opt-ins of --opt-ins (environment variables).
+#: The opt-ins of --opt-ins: environment variables (the modes are read at every call).
 OPT_INS = {"PWCONV_CUDA_MAP_TILES": "3", "PWCONV_CUDA_GRID_BUILD": "scan",
            "PWCONV_CUDA_MAP_CAPACITY": "last", "PWCONV_CUDA_ENTRIES_LOADS": "tile",
            "PWCONV_CUDA_WEIGHT_GRAD": "chunks", "PWCONV_CUDA_TRANSPOSE": "rank"}
-
-
-def use_opt_ins() -> None:
-    """Switches this process to OPT_INS (the modes are read at every call)."""
-    import os
-
-    os.environ.update(OPT_INS)
 
 
 def main(argv=None) -> int:
@@ -44,7 +40,7 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if "--opt-ins" in argv:
-        use_opt_ins()
+        os.environ.update(OPT_INS)
         print("opt-ins:", OPT_INS)
 
     n_clouds, n_points = 128, 2048

@@ -1293,6 +1293,15 @@ def _run_emulation(names, lib=None, defines=(), operator=True, variants=OPERATOR
             print(json.dumps(report), flush=True)
 
 
+class TightBackend(EmulatedBackend):
+    """The emulator with a block's shared memory limited to `room` bytes (the plans' fallbacks)."""
+
+    room = 0
+
+    def max_shared_bytes(self):
+        return self.room
+
+
 @pytest.fixture(scope="module")
 def emulator_lib(tmp_path_factory):
     cxx = os.environ.get("CXX", "g++")
@@ -1397,8 +1406,8 @@ def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):
     cloud's source rows (padded to 16 bytes); None where that is beyond a block, or not asked
     for.  Where it is beyond a block, the forward and input gradient run conv_entries_thread
     instead, with the same bits as conv_entries_tile where that fits."""
-    from pwconv_cy.cuda import _conv
-    from pwconv_cy.neighbors import KernelMap
+    from pwconv_cy.cuda import _conv, _search
+    from pwconv_cy.neighbors import KernelMap, _cell_dtype
 
     monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, "tile")
     monkeypatch.setattr(_conv, "TILE_ROWS", 100)
@@ -1411,14 +1420,7 @@ def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):
     assert _conv.tile_plan(be, rows_by, src_by, 27, 9, 9, 4, False) == (3, want_bytes)
     # depthwise float64: 27 x 6 = 162 values; rows of 6 padded to 6 (two doubles a vector)
     assert _conv.tile_plan(be, rows_by, src_by, 27, 6, 6, 8, True) == (3, (162 + 300 * 6) * 8)
-
-    class Tight(EmulatedBackend):
-        room = 0
-
-        def max_shared_bytes(self):
-            return self.room
-
-    tight = Tight(emulator_lib)
+    tight = TightBackend(emulator_lib)
     tight.room = want_bytes
     assert _conv.tile_plan(tight, rows_by, src_by, 27, 9, 9, 4, False) == (3, want_bytes)
     tight.room -= 1
@@ -1429,7 +1431,8 @@ def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):
     # a map of 3 clouds, the forward and input gradient with the tiles, then without room
     rng = np.random.default_rng(3)
     points = rng.random((320, 3))
-    splits, index, cell = _emulated_map(be, points, src_by, 0.3)
+    grid = _search.build_grid(be, points, src_by.astype(np.int64), 0.3)
+    splits, index, cell = _search.kernel_map_arrays(be, grid, 0.3, 3, 1, _cell_dtype(3), 1 << 40)
     counts = np.zeros((320, 27), dtype=np.int32)
     rows = np.repeat(np.arange(320), np.diff(splits))
     np.add.at(counts, (rows, cell.astype(np.int64)), 1)
@@ -1452,15 +1455,6 @@ def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):
         assert ("conv_entries_thread" in ran) == (not tiled), (loads, ran)
         results[(loads, backend is be)] = (y.tobytes(), dx.tobytes())
     assert len(set(results.values())) == 1  # the same bits every way
-
-
-def _emulated_map(be, points, offsets, v, k=3, s=1):
-    """(splits, index, cell) of the GPU orchestration's kernel map on the emulator."""
-    from pwconv_cy.cuda import _search
-    from pwconv_cy.neighbors import _cell_dtype
-
-    grid = _search.build_grid(be, np.ascontiguousarray(points), np.asarray(offsets, np.int64), v)
-    return _search.kernel_map_arrays(be, grid, v, k, s, _cell_dtype(k), 1 << 40)
 
 
 def test_emulated_tile_plan_fits_shared_memory(emulator_lib, monkeypatch):
@@ -1495,13 +1489,7 @@ def test_emulated_tile_plan_fits_shared_memory(emulator_lib, monkeypatch):
     words = 5 * largest + 1 + (largest + 1) // 2
     assert plan.shared_bytes == 8 * (words + words % 2) + 16 * (1 << plan.row_bits)
 
-    class Tight(EmulatedBackend):  # a block's shared memory: just the cells, or less
-        room = 0
-
-        def max_shared_bytes(self):
-            return self.room
-
-    tight = Tight(emulator_lib)
+    tight = TightBackend(emulator_lib)  # a block's shared memory: just the cells, or less
     tight.room = _search._tile_bytes(largest, True)
     plan = _search._tile_plan(tight, grid, offsets)
     assert (plan.cells, plan.row_bits, plan.shared_bytes) == (True, 0, tight.room)

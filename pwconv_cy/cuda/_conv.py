@@ -298,15 +298,14 @@ def _per_point(be, km):
     return per_point
 
 
-def _point_splits(be, km, per_point=None):
-    """(n+1,) int64: where each point's entries start in the transposed map (_per_point, or the
-    given counts, then a scan)."""
+def _point_splits(be, km):
+    """(n+1,) int64: where each point's entries start in the transposed map (_per_point, then a
+    scan)."""
     xp = be.xp
     n = km.n_points
     tsplits = xp.zeros(n + 1, dtype=xp.int64)
     if n:
-        tsplits[1:] = xp.cumsum(_per_point(be, km) if per_point is None else per_point,
-                                dtype=xp.int64)
+        tsplits[1:] = xp.cumsum(_per_point(be, km), dtype=xp.int64)
     return tsplits
 
 
@@ -465,15 +464,12 @@ def _transposed_order(be, km):
     start, and the map's entries ordered by point, rows ascending within each (one stable radix
     sort by point, or with PWCONV_CUDA_TRANSPOSE=rank per-point rank sorts)."""
     xp = be.xp
-    n = km.n_points
+    tsplits = _point_splits(be, km)
     if transpose_mode() == "rank":
-        tsplits = _point_splits(be, km)
         return tsplits, _order_by_point_rank(be, km, tsplits)
     # 32-bit keys when the points allow: a radix sort of half the passes
-    point = km.index.astype(xp.uint32) if n <= np.iinfo(np.uint32).max else km.index
-    order = xp.ascontiguousarray(be.argsort(point), dtype=xp.int64)  # stable
-    del point
-    return _point_splits(be, km), order
+    point = km.index.astype(xp.uint32) if km.n_points <= np.iinfo(np.uint32).max else km.index
+    return tsplits, xp.ascontiguousarray(be.argsort(point), dtype=xp.int64)  # stable
 
 
 def transposed(be, km):
@@ -542,10 +538,11 @@ def _thread_bm(km, a: int, b: int, itemsize: int, depthwise: bool):
     return thread_plan(km.kernel_size ** 3, a, b, itemsize, depthwise, km.cell.dtype)
 
 
-def _lda(a: int, itemsize: int) -> int:
-    """Source values a row of the one-thread-per-row kernels: a, rounded up to 16 bytes."""
+def _padded(n_values: int, itemsize: int) -> int:
+    """n_values rounded up to a multiple of 16 bytes (of Vec16 vectors): a source row's length
+    in the one-thread-per-row kernels, conv_entries_tile's cell matrices."""
     per_vector = 16 // itemsize
-    return -(-a // per_vector) * per_vector
+    return -(-n_values // per_vector) * per_vector
 
 
 def tile_plan(be, row_offsets, src_offsets, n_cells: int, a: int, b: int, itemsize: int,
@@ -560,9 +557,8 @@ def tile_plan(be, row_offsets, src_offsets, n_cells: int, a: int, b: int, itemsi
     src_offsets = np.asarray(src_offsets, dtype=np.int64)
     if len(row_offsets) != len(src_offsets) or len(row_offsets) < 2:
         return None
-    per_vector = 16 // itemsize
-    mats = -(-n_cells * (a if depthwise else a * b) // per_vector) * per_vector
-    shared = (mats + int(np.diff(src_offsets).max()) * _lda(a, itemsize)) * itemsize
+    mats = _padded(n_cells * (a if depthwise else a * b), itemsize)
+    shared = (mats + int(np.diff(src_offsets).max()) * _padded(a, itemsize)) * itemsize
     if shared > be.max_shared_bytes():
         return None
     return max(1, -(-int(np.diff(row_offsets).max()) // TILE_ROWS)), shared
@@ -581,22 +577,38 @@ def _address(a) -> int:
     return int(a.data.ptr) if hasattr(a.data, "ptr") else int(a.ctypes.data)
 
 
-def _entries_thread_launch(be, dtype, rows, splits, col, cell, counts, src, a, M, n_cells, b,
-                           depthwise, bm, out):
-    """conv_entries_thread: one thread per row, each entry's weight 1 / n_i(f) from its count;
-    the source rows padded to 16 bytes (a copy by pad_rows where `a` values are not a multiple
-    of that, or the array does not start aligned) for its vector loads."""
+def _thread_rows_launch(be, km, rows_by, splits, col, cell, counts, src, a, M, n_cells, b,
+                        depthwise, bm, out):
+    """One thread per row, each entry's weight 1 / n_i(f) from its count, over rows split by
+    cloud as km's `rows_by` offsets ("query_offsets": the map's rows, sources the points;
+    "offsets": the transposed map's, sources the queries): conv_entries_tile where
+    PWCONV_CUDA_ENTRIES_LOADS=tile asks and tile_plan allows, else conv_entries_thread.  The
+    source rows padded to 16 bytes (_padded_rows) for their vector loads."""
+    src_by = "offsets" if rows_by == "query_offsets" else "query_offsets"
+    dtype = src.dtype
+    plan = tile_plan(be, getattr(km, rows_by), getattr(km, src_by), n_cells, a, b,
+                     dtype.itemsize, depthwise)
     src, lda = _padded_rows(be, src, a)
-    be.launch(thread_name("conv_entries_thread", dtype, bm), (blocks(rows),), (THREADS,),
-              (i64(rows), splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M,
-               i32(n_cells), i32(b), i32(1 if depthwise else 0), out))
+    head = (splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M, i32(n_cells), i32(b),
+            i32(1 if depthwise else 0))
+    if plan is None:
+        rows = int(splits.shape[0]) - 1
+        be.launch(thread_name("conv_entries_thread", dtype, bm), (blocks(rows),), (THREADS,),
+                  (i64(rows),) + head + (out,))
+        return
+    blocks_per_cloud, shared = plan
+    n_clouds = len(km.offsets) - 1
+    be.launch(thread_name("conv_entries_tile", dtype, bm), (n_clouds * blocks_per_cloud,),
+              (TILE_THREADS,),
+              head + (_device_offsets(be, km, rows_by), _device_offsets(be, km, src_by),
+                      i64(blocks_per_cloud), i64(TILE_ROWS), out), shared_mem=shared)
 
 
 def _padded_rows(be, src, a: int):
     """(src, lda): the source rows 16-byte aligned, `lda` values apart -- src itself where it
     is already, else a copy by pad_rows."""
     xp = be.xp
-    lda = _lda(a, src.dtype.itemsize)
+    lda = _padded(a, src.dtype.itemsize)
     if lda != a or _address(src) % 16:
         n_src = int(src.shape[0])
         padded = xp.empty((n_src, lda), dtype=src.dtype)
@@ -604,22 +616,6 @@ def _padded_rows(be, src, a: int):
                   (i64(n_src), i32(a), i32(lda), xp.ascontiguousarray(src), padded))
         src = padded
     return src, lda
-
-
-def _entries_tile_launch(be, km, dtype, rows_by, splits, col, cell, counts, src, a, M, n_cells,
-                         b, depthwise, bm, plan, out):
-    """conv_entries_tile over rows split by cloud as km's `rows_by` offsets ("query_offsets": the
-    map's rows, sources the points; "offsets": the transposed map's, sources the queries)."""
-    blocks_per_cloud, shared = plan
-    src_by = "offsets" if rows_by == "query_offsets" else "query_offsets"
-    src, lda = _padded_rows(be, src, a)
-    n_clouds = len(km.offsets) - 1
-    be.launch(thread_name("conv_entries_tile", dtype, bm), (n_clouds * blocks_per_cloud,),
-              (TILE_THREADS,),
-              (splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M, i32(n_cells), i32(b),
-               i32(1 if depthwise else 0), _device_offsets(be, km, rows_by),
-               _device_offsets(be, km, src_by), i64(blocks_per_cloud), i64(TILE_ROWS), out),
-              shared_mem=shared)
 
 
 def forward(be, km, x, w, c_out: int, depthwise: bool):
@@ -634,15 +630,8 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize)
     bm = _thread_bm(km, c_in, c_out, x.dtype.itemsize, depthwise) if scheme == "entries" else None
     if bm is not None:  # one thread per row (opt-in), the clouds' rows in shared memory or not
-        plan = tile_plan(be, km.query_offsets, km.offsets, n_cells, c_in, c_out,
-                         x.dtype.itemsize, depthwise)
-        if plan is not None:
-            _entries_tile_launch(be, km, x.dtype, "query_offsets", km.splits, km.index, km.cell,
-                                 entry_counts(be, km), x, c_in, w, n_cells, c_out, depthwise, bm,
-                                 plan, y)
-            return y
-        _entries_thread_launch(be, x.dtype, m, km.splits, km.index, km.cell, entry_counts(be, km),
-                               x, c_in, w, n_cells, c_out, depthwise, bm, y)
+        _thread_rows_launch(be, km, "query_offsets", km.splits, km.index, km.cell,
+                            entry_counts(be, km), x, c_in, w, n_cells, c_out, depthwise, bm, y)
         return y
     if scheme == "entries":  # W as it is, (K^3, c_in, c_out): a row's lanes read along c_out
         _entries_launch(be, "conv_entries", x.dtype, m, km.splits, km.index, km.cell,
@@ -686,15 +675,8 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
         bm = _thread_bm(km, c_out, c_in, dy.dtype.itemsize, depthwise)
         if bm is not None:  # one thread per row (opt-in), over the transposed map's counts
             tc = transposed_counts(be, km)
-            plan = tile_plan(be, km.offsets, km.query_offsets, n_cells, c_out, c_in,
-                             dy.dtype.itemsize, depthwise)
-            if plan is not None:
-                _entries_tile_launch(be, km, dy.dtype, "offsets", tc["splits"], tc["row"],
-                                     tc["cell"], tc["count"], dy, c_out, M, n_cells, c_in,
-                                     depthwise, bm, plan, dx)
-                return dx
-            _entries_thread_launch(be, dy.dtype, n, tc["splits"], tc["row"], tc["cell"],
-                                   tc["count"], dy, c_out, M, n_cells, c_in, depthwise, bm, dx)
+            _thread_rows_launch(be, km, "offsets", tc["splits"], tc["row"], tc["cell"],
+                                tc["count"], dy, c_out, M, n_cells, c_in, depthwise, bm, dx)
             return dx
         tr = transposed_rows(be, km, dy.dtype)
         _entries_launch(be, "conv_entries", dy.dtype, n, tr["splits"], tr["row"], tr["cell"],

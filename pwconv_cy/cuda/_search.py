@@ -70,8 +70,9 @@ def row_slots_mode() -> bool:
     return env_flag(ROW_SLOTS_ENV, False)
 
 
-#: How the fill passes' short rows are sorted: "rank" (default: sort_rows_by_rank, a warp per
-#: row, after the fill) or "thread" (each fill thread sorts its own row in place).  Same results.
+#: How the fill passes' short rows are sorted: "rank" (default: sort_rows_by_rank, SORT_LANES
+#: threads per row, after the fill) or "thread" (each fill thread sorts its own row in place).
+#: Same results.
 ROW_SORT_ENV = "PWCONV_CUDA_ROW_SORT"
 
 
@@ -474,9 +475,9 @@ def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, sta
     (by the fill threads themselves, or by sort_rows_by_rank after an unsorted fill:
     row_sort_mode).  With cell_bits (kernel maps: the keys' cell bits, 0 for K = 1), the rank
     sort also counts each sorted entry's n_i(f): counts (n_pairs,) int32, complete for the rows it
-    sorted; None when it did not run.  The caller checks the
-    fill's status once everything is queued (the kernels after it stay within their arrays
-    whatever the keys), so the device does not idle while the host reads it."""
+    sorted; None when it did not run.  The caller checks the fill's status once everything is
+    queued (the kernels after it stay within their arrays whatever the keys), so the device does
+    not idle while the host reads it."""
     xp = be.xp
     by_rank = row_sort_mode() == "rank"
     keys = xp.empty(n_pairs, dtype=xp.int64)
@@ -560,9 +561,9 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
                        cell_dtype, budget: int, queries=None, query_offsets=None) -> list:
     """The kernel maps of the same queries for each dilation in `dilations` (same voxel size and
     kernel size), as kernel_map_arrays' (splits, index, cell) each plus entry_counts (E,) int32
-    (n_i(f) of each entry, counted by the row sort).  Made together: one search launch (see the module docstring), one scan (one host
-    synchronisation), one row sort for all of them (map d is rows d * m ... of one CSR; its
-    arrays are views of shared ones)."""
+    (n_i(f) of each entry, counted by the row sort).  Made together: one search launch (see the
+    module docstring), one scan (one host synchronisation), one row sort for all of them (map d
+    is rows d * m ... of one CSR; its arrays are views of shared ones)."""
     xp = be.xp
     k = int(kernel_size)
     dilations = [int(s) for s in dilations]

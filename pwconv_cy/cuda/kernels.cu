@@ -949,12 +949,11 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
 /// every candidate's coordinates (and the cells) there instead of from global memory: the
 /// candidates are most of a search's loads, each thread's at its own address.  With
 /// tile_row_bits > 0 (and tile_cells), the points' order (tile_points 32-bit offsets from the
-/// cloud's first point, from a 64-bit word) and the
-/// cloud's grid rows [cloud_row_begin[c], cloud_row_begin[c + 1]) in a hash table of their own
-/// go after the cells (2^tile_row_bits (key, cells) pairs, the layout of
-/// GridView::table_slots, from an even 64-bit word): every load of the search but the query's
-/// own then reads shared memory.  Needs the grid's row
-/// table (the binary search over cells reads cell coordinates this kernel does not copy).
+/// cloud's first point, from a 64-bit word) and the cloud's grid rows [cloud_row_begin[c],
+/// cloud_row_begin[c + 1]) in a hash table of their own go after the cells (2^tile_row_bits
+/// (key, cells) pairs, the layout of GridView::table_slots, from an even 64-bit word): every
+/// load of the search but the query's own then reads shared memory.  Needs the grid's row table
+/// (the binary search over cells reads cell coordinates this kernel does not copy).
 /// Same keys, same output as kernel_map_once.
 template <int KC>
 __global__ void __launch_bounds__(256, PWCONV_CUDA_TILE_MIN_BLOCKS)
@@ -2239,8 +2238,9 @@ __global__ void __launch_bounds__(256, sizeof(F) * BM <= 64 ? 4 : 2)
 /// PWCONV_CUDA_ENTRIES_LOADS=tile): blocks_per_cloud blocks per cloud c, block `part` taking
 /// the rows [row_offsets[c] + part * rows_per_block, ...) of the cloud (up to rows_per_block,
 /// a block's width at a time), each first copying the cloud's source rows [src_offsets[c],
-/// src_offsets[c + 1]) (at most tile_rows, lda values each) and the cell matrices to dynamic
-/// shared memory: (n_cells * cell_size rounded up to 16 bytes + tile_rows * lda) values.  A
+/// src_offsets[c + 1]) (lda values each) and the cell matrices to dynamic shared memory:
+/// n_cells * cell_size values rounded up to 16 bytes, then the rows (the caller sizes it for
+/// the largest cloud: _conv.tile_plan).  A
 /// map's neighbours are in the query's cloud (SPEC §2), so every source row of an entry is then
 /// read from shared memory, where 32 threads' rows at 32 places cost a few passes instead of a
 /// line each.  The same products in the same order as conv_entries_thread: the same bits.
