@@ -71,7 +71,7 @@ def run(threads: int, budget_s: float):
     d_logits = loss_fn.backward()
     for with_input in (False, True):
         name = "backward" + (" with input gradient" if with_input else "")
-        timings[name] = C.time_calls(lambda: model.backward(d_logits, input_grad=with_input),
+        timings[name] = C.time_calls(lambda w=with_input: model.backward(d_logits, input_grad=w),
                                      budget_s=budget_s)[0]
     grads = model.backward(d_logits, input_grad=False)
     params = {k: v.copy() for k, v in model.params.items()}

@@ -178,9 +178,10 @@ class KernelMap:
     """
 
     splits: np.ndarray
-    index: np.ndarray = _WideIndex()  # a descriptor, not a default (see _WideIndex)
+    # descriptors, not defaults (see _WideIndex, _LazyCounts)
+    index: np.ndarray = _WideIndex()  # noqa: RUF009
     cell: np.ndarray
-    counts: np.ndarray = _LazyCounts()  # a descriptor, not a default (see _LazyCounts)
+    counts: np.ndarray = _LazyCounts()  # noqa: RUF009
     voxel_size: float
     kernel_size: int
     dilation: int

@@ -54,7 +54,8 @@ PROMPT_S = 5.0
 def run_script(body: str) -> dict:
     # Run outside the checkout, whose pwconv_cy/ folder has no compiled module.
     proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
-                          capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
+                          capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir(),
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -572,8 +572,8 @@ def test_inplace_update_overwrites_the_given_arrays_with_the_functional_result(r
     slots = {s: dict(state[s]) for s in state if s != "step"}
     for grads in grads_seq:
         new, state = opt.update(live, grads, state, inplace=True)
-        for k in live:
-            assert new[k] is live[k]
+        for k, array in live.items():
+            assert new[k] is array
         for s in slots:
             for k in live:
                 assert state[s][k] is slots[s][k]
