@@ -96,20 +96,21 @@ step benchmark 170 bench.log \
 # scratch sized from the last maps (last); the grid's cells from one scan (scan); grid cells of
 # 3/4 and 1/2 the voxel's edge (c0.75, c0.5: fewer candidates, more rows; cells of 2v would test
 # 2.4x the candidates for s >= 2, benchmarks/search_work_model.py); the maps' rows sorted into
-# place by a warp per row (r32: the default before 2026-11-27, now 8 threads).  (Count + fill
-# passes: the
-# benchmark times them; row batches of 4: 5.4 against 6.4 ms on 2026-11-27.)
+# place by 8 threads per row instead of a warp (r8: fewer warp steps, more L1 passes,
+# benchmarks/sort_lanes_model.py).  (Count + fill passes: the benchmark times them; row
+# batches of 4: 5.4 against 6.4 ms on 2026-11-27.)
 step search_tuning 170 k3.log \
     "$PY" benchmarks/gpu_search_tuning.py none tiles2+slots tiles3 scan tiles3+k3 tiles3+last \
-    c0.75 tiles3+c0.5 none tiles3+c0.75 r32 tiles3+scan
+    c0.75 tiles3+c0.5 none tiles3+c0.75 r8 tiles3+scan
 
 # The operator's "entries" kernels as shipped against one thread per row (conv_entries_thread;
-# tile: each cloud's source rows in shared memory, conv_entries_tile) with the weight gradient by
-# chunks sorted by cell (conv_weight_chunks) and the transposed map by rank sorts, alternated:
-# per-layer times, identical forward and input gradients required.
-step conv_tuning 120 conv.log \
-    "$PY" benchmarks/gpu_conv_tuning.py none thread+chunks+rank tile+chunks+rank none \
-    thread+chunks+rank tile+chunks+rank
+# tile: each cloud's source rows in shared memory, conv_entries_tile, a block's rows longest
+# first; inorder: in map order) with the weight gradient by chunks sorted by cell
+# (conv_weight_chunks) and the transposed map by rank sorts, alternated: per-layer times,
+# identical forward and input gradients required.
+step conv_tuning 160 conv.log \
+    "$PY" benchmarks/gpu_conv_tuning.py none thread+chunks+rank tile+chunks+rank \
+    tile+inorder+chunks+rank none thread+chunks+rank tile+chunks+rank tile+inorder+chunks+rank
 
 # Kernel time of one iteration (Nsight Compute, where installed): where the time goes, with the
 # defaults (profile) and with every opt-in not yet adopted (profile_opt: gpu_profile.py's

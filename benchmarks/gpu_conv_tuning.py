@@ -10,7 +10,9 @@ change its order of additions, so its bits are not compared):
 * ``thread``: one thread per row, all its outputs, the cell matrices in shared memory
   (PWCONV_CUDA_ENTRIES_LOADS=thread: conv_entries_thread);
 * ``tile``: as ``thread``, each cloud's source rows in shared memory too
-  (PWCONV_CUDA_ENTRIES_LOADS=tile: conv_entries_tile);
+  (PWCONV_CUDA_ENTRIES_LOADS=tile: conv_entries_tile), a block's rows taken longest first;
+* ``inorder``: with ``tile``, a block's rows taken in map order (``_conv.TILE_BY_LENGTH``
+  False);
 * ``chunks``: the weight gradient by chunks of rows sorted by cell in shared memory
   (PWCONV_CUDA_WEIGHT_GRAD=chunks: conv_weight_chunks);
 * ``rank``: the transposed map (timed per layer with every variant) by per-point rank sorts
@@ -48,6 +50,8 @@ def measure(variant: str) -> dict:
     for part in variant.split("+"):
         if part in ("thread", "tile"):
             os.environ[_conv.ENTRIES_LOADS_ENV] = part
+        elif part == "inorder":
+            _conv.TILE_BY_LENGTH = False
         elif part == "chunks":
             os.environ[_conv.WEIGHT_GRAD_ENV] = "chunks"
         elif part == "rank":
@@ -106,7 +110,9 @@ def main(argv) -> int:
     sys.path.insert(0, str(HERE))
     import _common
 
-    return _common.run_variants(__file__, argv or ["none", "thread+chunks+rank", "none", "thread+chunks+rank"], "results_sha256", "results")
+    return _common.run_variants(
+        __file__, argv or ["none", "thread+chunks+rank", "none", "thread+chunks+rank"],
+        "results_sha256", "results")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ variant's):
 * ``bN`` (b2, b4, b8): the grid rows of a query looked up N at a time (kernels.cu's
   PWCONV_CUDA_ROW_BATCH, given to NVRTC as -D; 1 shipped, b4 the default before 2026-11-27).
 
-* ``rN`` (r16, r32): the maps' rows sorted into place by N threads per row instead of 8
-  (``_search.SORT_LANES``; 32, a warp per row, the default before 2026-11-27);
+* ``rN`` (r8, r16): the maps' rows sorted into place by N threads per row instead of a warp
+  (``_search.SORT_LANES``; benchmarks/sort_lanes_model.py: 8 lanes save 15 % of the warp steps
+  on the paper's rows and make 2.2x the L1 passes);
 * ``slots``: the grid's row table as (key, the row's cells) pairs, one load per probe
   (PWCONV_CUDA_ROW_SLOTS=1, opt-in);
 * ``cF`` (c1.5, c2): the grid's cells F times the voxel's edge (``NeighborIndex(points,

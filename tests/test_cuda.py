@@ -1104,9 +1104,10 @@ def _emulate_property(be, max_examples: int = 80):
         wgrad = draw(st.sampled_from(["rows", "cells", "chunks"]))
         # conv_entries' source loads, or one thread per row (conv_entries_thread), also with the
         # clouds' rows in shared memory (conv_entries_tile: a cloud's rows in blocks of 1,024,
-        # 5 or 64, its threads 32 or 64)
+        # 5 or 64, its threads 32 or 64, the block's rows longest first or in map order)
         loads = draw(st.sampled_from(["broadcast", "thread", "tile"]))
-        tile = (draw(st.sampled_from([_conv.TILE_ROWS, 5, 64])), draw(st.sampled_from([32, 64])))
+        tile = (draw(st.sampled_from([_conv.TILE_ROWS, 5, 64])), draw(st.sampled_from([32, 64])),
+                draw(st.booleans()))
         igrad = draw(st.sampled_from(["gather", "fixed"]))  # the deterministic input gradient
         transpose = draw(st.sampled_from(["sort", "rank"]))  # how the transposed map is made
         slots = draw(st.sampled_from(["0", "1"]))  # the grid's row table: split, or pairs
@@ -1143,10 +1144,11 @@ def _emulate_property(be, max_examples: int = 80):
     def check(case):
         (batch, queries, k, s, v, c_in, c_out, depthwise, dtype, short, chunk,
          (row_sort, slots, tiles, tile_queries, misaligned, capacity_mode),
-         (wgrad, loads, igrad, transpose, (tile_rows, tile_threads)), before,
+         (wgrad, loads, igrad, transpose, (tile_rows, tile_threads, by_length)), before,
          (passes, capacity, sort_lanes, corner_chunk, grid_build), seed) = case
         _search.SHORT_ROW, _conv.CELL_CHUNK = short, chunk
         _conv.TILE_ROWS, _conv.TILE_THREADS = tile_rows, tile_threads
+        _conv.TILE_BY_LENGTH = by_length
         os.environ[_search.MAP_PASSES_ENV] = passes
         _search.SORT_LANES = sort_lanes
         _search.LOWER_CORNER_CHUNK = corner_chunk
@@ -1254,7 +1256,7 @@ def _emulate_property(be, max_examples: int = 80):
         os.environ.pop(_conv.OPERATOR_ENV)
 
     default, default_chunk = _search.SHORT_ROW, _conv.CELL_CHUNK
-    default_tile = (_conv.TILE_ROWS, _conv.TILE_THREADS)
+    default_tile = (_conv.TILE_ROWS, _conv.TILE_THREADS, _conv.TILE_BY_LENGTH)
     default_capacity = (_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK)
     default_sort_lanes = _search.SORT_LANES
     default_corner_chunk = _search.LOWER_CORNER_CHUNK
@@ -1264,7 +1266,7 @@ def _emulate_property(be, max_examples: int = 80):
     finally:
         _search.TILE_QUERIES = default_tile_queries
         _search.SHORT_ROW, _conv.CELL_CHUNK = default, default_chunk
-        _conv.TILE_ROWS, _conv.TILE_THREADS = default_tile
+        _conv.TILE_ROWS, _conv.TILE_THREADS, _conv.TILE_BY_LENGTH = default_tile
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
             default_capacity
         _search.SORT_LANES = default_sort_lanes
@@ -1415,11 +1417,19 @@ def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):
     rows_by = np.array([0, 250, 250, 251])  # queries per cloud: 250, 0, 1
     src_by = np.array([0, 10, 310, 320])  # points per cloud: 10, 300, 10
     be = EmulatedBackend(emulator_lib)
-    # 27 cells x 9 x 9 float32 = 2,187 values (2,188 padded); 300 rows of 9 channels padded to 12
-    want_bytes = (2188 + 300 * 12) * 4
+    # 27 cells x 9 x 9 float32 = 2,187 values (2,188 padded); 300 rows of 9 channels padded to
+    # 12; the row order of 100 rows (400 bytes, already a multiple of 16)
+    want_bytes = (2188 + 300 * 12) * 4 + 400
     assert _conv.tile_plan(be, rows_by, src_by, 27, 9, 9, 4, False) == (3, want_bytes)
     # depthwise float64: 27 x 6 = 162 values; rows of 6 padded to 6 (two doubles a vector)
-    assert _conv.tile_plan(be, rows_by, src_by, 27, 6, 6, 8, True) == (3, (162 + 300 * 6) * 8)
+    assert _conv.tile_plan(be, rows_by, src_by, 27, 6, 6, 8, True) == \
+        (3, (162 + 300 * 6) * 8 + 400)
+    monkeypatch.setattr(_conv, "TILE_ROWS", 101)  # 404 bytes of order, rounded up to 416
+    assert _conv.tile_plan(be, rows_by, src_by, 27, 9, 9, 4, False) == (3, want_bytes + 16)
+    monkeypatch.setattr(_conv, "TILE_BY_LENGTH", False)  # rows in map order: no order array
+    assert _conv.tile_plan(be, rows_by, src_by, 27, 9, 9, 4, False) == (3, want_bytes - 400)
+    monkeypatch.setattr(_conv, "TILE_BY_LENGTH", True)
+    monkeypatch.setattr(_conv, "TILE_ROWS", 100)
     tight = TightBackend(emulator_lib)
     tight.room = want_bytes
     assert _conv.tile_plan(tight, rows_by, src_by, 27, 9, 9, 4, False) == (3, want_bytes)
@@ -1443,8 +1453,10 @@ def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):
     w = rng.standard_normal((27, 9, 9)).astype(np.float32)
     dy = rng.standard_normal((320, 9)).astype(np.float32)
     results = {}
-    for loads, backend in (("tile", be), ("tile", tight), ("thread", be)):
+    for loads, backend, by_length in (("tile", be, True), ("tile", be, False),
+                                      ("tile", tight, True), ("thread", be, True)):
         monkeypatch.setenv(_conv.ENTRIES_LOADS_ENV, loads)
+        monkeypatch.setattr(_conv, "TILE_BY_LENGTH", by_length)
         km._cache.clear()
         start = len(backend.launches)
         y = _conv.forward(backend, km, x, w, 9, False)
@@ -1453,7 +1465,8 @@ def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):
         tiled = loads == "tile" and backend is be
         assert ("conv_entries_tile" in ran) == tiled, (loads, ran)
         assert ("conv_entries_thread" in ran) == (not tiled), (loads, ran)
-        results[(loads, backend is be)] = (y.tobytes(), dx.tobytes())
+        results[(loads, backend is be, by_length)] = (y.tobytes(), dx.tobytes())
+    assert len(results) == 4
     assert len(set(results.values())) == 1  # the same bits every way
 
 

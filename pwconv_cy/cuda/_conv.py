@@ -163,6 +163,10 @@ CHUNK_BLOCKS = 2048
 #: (a cloud's rows in blocks of that many; each block copies the cloud's source rows once).
 TILE_THREADS = 512
 TILE_ROWS = 1024
+#: Whether conv_entries_tile's blocks take their rows longest first (a counting sort of the
+#: lengths in shared memory: a warp's rows then have about one length, and a warp issues as many
+#: steps as its longest row has entries) or in map order.  The same bits either way.
+TILE_BY_LENGTH = True
 
 
 def entries_loads() -> str:
@@ -549,8 +553,8 @@ def tile_plan(be, row_offsets, src_offsets, n_cells: int, a: int, b: int, itemsi
               depthwise: bool):
     """(blocks per cloud, dynamic shared bytes) of conv_entries_tile for rows split by cloud as
     row_offsets and their source rows as src_offsets (host arrays), or None where it is not
-    asked for (PWCONV_CUDA_ENTRIES_LOADS=tile) or the largest cloud's source rows and the cell
-    matrices do not fit a block's shared memory."""
+    asked for (PWCONV_CUDA_ENTRIES_LOADS=tile) or the largest cloud's source rows, the cell
+    matrices and (TILE_BY_LENGTH) the block's row order do not fit a block's shared memory."""
     if entries_loads() != "tile":
         return None
     row_offsets = np.asarray(row_offsets, dtype=np.int64)
@@ -559,6 +563,8 @@ def tile_plan(be, row_offsets, src_offsets, n_cells: int, a: int, b: int, itemsi
         return None
     mats = _padded(n_cells * (a if depthwise else a * b), itemsize)
     shared = (mats + int(np.diff(src_offsets).max()) * _padded(a, itemsize)) * itemsize
+    if TILE_BY_LENGTH:  # the order: an int per row, rounded up to 16 bytes (tile_order_len)
+        shared += -(-TILE_ROWS // 4) * 16
     if shared > be.max_shared_bytes():
         return None
     return max(1, -(-int(np.diff(row_offsets).max()) // TILE_ROWS)), shared
@@ -601,7 +607,8 @@ def _thread_rows_launch(be, km, rows_by, splits, col, cell, counts, src, a, M, n
     be.launch(thread_name("conv_entries_tile", dtype, bm), (n_clouds * blocks_per_cloud,),
               (TILE_THREADS,),
               head + (_device_offsets(be, km, rows_by), _device_offsets(be, km, src_by),
-                      i64(blocks_per_cloud), i64(TILE_ROWS), out), shared_mem=shared)
+                      i64(blocks_per_cloud), i64(TILE_ROWS), i32(1 if TILE_BY_LENGTH else 0),
+                      out), shared_mem=shared)
 
 
 def _padded_rows(be, src, a: int):

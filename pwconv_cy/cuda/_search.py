@@ -152,15 +152,13 @@ LOWER_CORNER_CHUNK = 16384
 
 SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, many registers)
 #: Threads per row of sort_rows_by_rank (any positive number; the results do not depend on
-#: it).  8 since 2026-11-27 (32, a warp per row, before; not yet timed against it on a GPU:
-#: benchmarks/gpu_search_tuning.py's r32).  Each lane ranks its keys against the row's L keys,
-#: one loop step per key compared.  A warp per row issues L * ceil(L / 32) steps for its one
-#: row; with 8 lanes a warp holds four rows and issues L * ceil(L / 8) steps for the longest:
-#: for rows of equal length 1.3x fewer a row at the paper's 18 entries (s = 1), 2x at 11 (s =
-#: 2), 4x at 7-8 (s = 3, 4), and never more for any L (ceil(L / 8) <= 4 ceil(L / 32)).  And the
-#: same resident warps hold 4x the rows, each waiting on its chain of dependent loads (splits,
-#: where its keys are, the keys).
-SORT_LANES = 8
+#: it): a warp per row, the measured default.  Fewer lanes a row put several rows on a warp and
+#: save issue slots, but each warp step then loads a key for every row it holds, and the warp
+#: waits for its longest row.  On the paper workload's real row lengths (7-18 entries on
+#: average, up to 37; benchmarks/sort_lanes_model.py) 8 lanes issue 15 % fewer warp steps and
+#: make 2.2x the L1 passes; on ModelNet40's longer rows they issue more steps too.  The GPU
+#: tuning times 8 and 16 lanes against it (benchmarks/gpu_search_tuning.py's r8, r16).
+SORT_LANES = 32
 THREADS = 256
 #: Cell tallies per block of entry_cell_counts (kernels.cu's PWCONV_CUDA_WEIGHTS_TALLY_CAP).
 WEIGHTS_TALLY_CAP = 8192

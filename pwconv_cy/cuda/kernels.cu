@@ -2068,6 +2068,9 @@ __global__ void permute_entries(long long n_entries, const long long* __restrict
 /// conv_weight_chunks: rows per chunk (their output gradients staged in shared memory, at most
 /// 32 channels) and kernel cells at most (_conv.CHUNK_ROWS, _conv.CHUNK_MAX_CELLS); map entries
 /// sorted by cell at a time (a multiple of 32; an NVRTC -D option: the tests sort a few at a time).
+/// conv_entries_tile's row-length classes (_conv.TILE_BUCKETS): rows of 63 entries and more
+/// share the longest class.
+#define PWCONV_CUDA_TILE_BUCKETS 64
 #define PWCONV_CUDA_CHUNK_ROWS 64
 #define PWCONV_CUDA_CHUNK_MAX_CELLS 64
 #ifndef PWCONV_CUDA_CHUNK_ENTRIES
@@ -2127,6 +2130,19 @@ __global__ void pad_rows(long long n, int a, int lda, const F* __restrict__ src,
 }
 
 namespace pwconv_cuda {
+
+/// conv_entries_tile's row order: ints for rows_per_block rows, rounded up to 16 bytes (the
+/// source rows after it stay 16-byte aligned; _conv.tile_plan counts the same).
+__device__ __forceinline__ i64 tile_order_len(i64 rows_per_block) {
+    return (rows_per_block + 3) / 4 * 4;
+}
+
+/// conv_entries_tile's length class of a row of len entries: 0 for the longest (len >=
+/// PWCONV_CUDA_TILE_BUCKETS - 1), counting up as rows get shorter.
+__device__ __forceinline__ int length_class(i64 len) {
+    return PWCONV_CUDA_TILE_BUCKETS - 1 - (int)(len < PWCONV_CUDA_TILE_BUCKETS - 1
+                                                    ? len : PWCONV_CUDA_TILE_BUCKETS - 1);
+}
 
 /// out[row, :b] of the one-thread-per-row kernels (conv_entries_thread, conv_entries_tile): the
 /// entries [e0, e1) of the row, each source row at source(col[e]) (16-byte aligned, Vec16 loads),
@@ -2243,7 +2259,13 @@ __global__ void __launch_bounds__(256, sizeof(F) * BM <= 64 ? 4 : 2)
 /// the largest cloud: _conv.tile_plan).  A
 /// map's neighbours are in the query's cloud (SPEC §2), so every source row of an entry is then
 /// read from shared memory, where 32 threads' rows at 32 places cost a few passes instead of a
-/// line each.  The same products in the same order as conv_entries_thread: the same bits.
+/// line each.  With by_length, the block takes its rows longest first (order: a counting sort
+/// of their lengths, PWCONV_CUDA_TILE_BUCKETS classes, in shared memory after the matrices):
+/// a warp's 32 threads then take rows of about one length, where the map's consecutive rows
+/// vary (3-11 entries at s = 4) and a warp issues as many steps as its longest row has entries
+/// (1.5-2x the rows' mean on the paper's maps: benchmarks/RESULTS.md).  Rows of one class are
+/// placed by shared-memory atomics, in any order: a row's sum is the same whichever thread
+/// forms it.  The same products in the same order as conv_entries_thread: the same bits.
 template <class F, class CellT, int BM>
 __global__ void __launch_bounds__(512, sizeof(F) * BM <= 64 ? 2 : 1)
     conv_entries_tile(const long long* __restrict__ splits, const long long* __restrict__ col,
@@ -2252,26 +2274,50 @@ __global__ void __launch_bounds__(512, sizeof(F) * BM <= 64 ? 2 : 1)
                       const F* __restrict__ M, int n_cells, int b, int depthwise,
                       const long long* __restrict__ row_offsets,
                       const long long* __restrict__ src_offsets, long long blocks_per_cloud,
-                      long long rows_per_block, F* __restrict__ out) {
+                      long long rows_per_block, int by_length, F* __restrict__ out) {
     using namespace pwconv_cuda;
+    constexpr int NB = PWCONV_CUDA_TILE_BUCKETS;
     PWCONV_CUDA_DYNAMIC_SHARED(double, shared);  // double: 8-byte (and 16-byte) alignment
+    __shared__ int bucket[NB];
     F* mats = reinterpret_cast<F*>(shared);
     const int cell_size = depthwise ? a : a * b;
     const int mats_len = n_cells * cell_size;
     const int mats_padded = (mats_len + Vec16<F>::V - 1) / Vec16<F>::V * Vec16<F>::V;
-    F* tile = mats + mats_padded;
+    int* order = reinterpret_cast<int*>(mats + mats_padded);
+    F* tile = reinterpret_cast<F*>(order + (by_length ? tile_order_len(rows_per_block) : 0));
     const i64 c = blockIdx.x / blocks_per_cloud, part = blockIdx.x % blocks_per_cloud;
     const i64 first = src_offsets[c], n_src = src_offsets[c + 1] - first;
-    for (int i = threadIdx.x; i < mats_len; i += blockDim.x) mats[i] = M[i];
-    for (i64 i = threadIdx.x; i < n_src * lda; i += blockDim.x) tile[i] = src[first * lda + i];
-    __syncthreads();
     const i64 r_end = row_offsets[c + 1];
     const i64 r0 = row_offsets[c] + part * rows_per_block;
     const i64 r1 = r0 + rows_per_block < r_end ? r0 + rows_per_block : r_end;
+    const int n_rows = r1 > r0 ? (int)(r1 - r0) : 0;
+    for (int i = threadIdx.x; i < mats_len; i += blockDim.x) mats[i] = M[i];
+    for (i64 i = threadIdx.x; i < n_src * lda; i += blockDim.x) tile[i] = src[first * lda + i];
+    for (int i = threadIdx.x; i < NB; i += blockDim.x) bucket[i] = 0;
+    __syncthreads();
+    if (by_length) {  // uniform across the block: its barriers are reached by every thread
+        for (int i = threadIdx.x; i < n_rows; i += blockDim.x)
+            atomicAdd(bucket + length_class(splits[r0 + i + 1] - splits[r0 + i]), 1);
+        __syncthreads();
+        if (threadIdx.x == 0) {  // the classes' starts, longest class first
+            int start = 0;
+            for (int k = 0; k < NB; ++k) {
+                const int n = bucket[k];
+                bucket[k] = start;
+                start += n;
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < n_rows; i += blockDim.x)
+            order[atomicAdd(bucket + length_class(splits[r0 + i + 1] - splits[r0 + i]), 1)] = i;
+        __syncthreads();
+    }
     const TileRows<F> source{tile, src, first, n_src, lda};
-    for (i64 row = r0 + threadIdx.x; row < r1; row += blockDim.x)
+    for (int k = threadIdx.x; k < n_rows; k += blockDim.x) {
+        const i64 row = r0 + (by_length ? order[k] : k);
         thread_row<F, CellT, BM>(row, splits[row], splits[row + 1], col, cell, weight,
                                  weight_is_count, source, a, mats, cell_size, b, depthwise, out);
+    }
 }
 
 /// Weight gradient, pass 1 of PWCONV_CUDA_WEIGHT_GRAD=chunks: partial[blk, :] = block blk's share
