@@ -238,6 +238,19 @@ def clustered(n: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
 _LIDAR_CACHE: dict = {}
 
 
+def modelnet_train_shapes(count: int):
+    """`count` ModelNet40 training shapes ((count, 1,024, 3) float64, unit sphere), evenly spaced
+    through the split, or None where the shared data is absent (the models print that they skip
+    it)."""
+    path = DATA_DIR / "modelnet40_1024" / "train.npz"
+    if not path.exists():
+        print(f"(ModelNet40 skipped: {path} not found; set PWCONV_DATA to the shared data folder)")
+        return None
+    with np.load(path) as z:
+        shapes = z["points"][:: max(1, len(z["points"]) // count)][:count]
+    return shapes.astype(np.float64)
+
+
 def lidar_tile() -> np.ndarray:
     """The 697,721-point IGN ALS tile (float32 metres, local coordinates), read from shared data."""
     if "tile" not in _LIDAR_CACHE:

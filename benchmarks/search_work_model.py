@@ -19,9 +19,7 @@ shapes (1,024 points, unit sphere, v = 0.1: the classifier's maps) and the airbo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -85,22 +83,17 @@ def datasets(rng):
     p = rng.standard_normal((8 * 2048, 3))
     p /= np.linalg.norm(p, axis=1, keepdims=True)
     yield "sphere clouds, 2,048 points (paper workload)", np.split(p, 8), 0.1, (1, 2, 3, 4)
-    shared = Path(os.environ.get("PWCONV_SHARED_DATA", Path(__file__).resolve().parents[2]
-                                 / "shared" / "data"))
-    modelnet = shared / "modelnet40_1024" / "train.npz"
-    if modelnet.exists():
-        with np.load(modelnet) as z:
-            shapes = z["points"][:: max(1, len(z["points"]) // 16)][:16].astype(np.float64)
+    import _common
+
+    shapes = _common.modelnet_train_shapes(16)
+    if shapes is not None:
         yield "ModelNet40 shapes, 1,024 points (16 of the train split)", list(shapes), 0.1, \
             (1, 2, 3, 4)
+    if _common.LIDAR_TILE.exists():
+        yield "airborne LiDAR tile, 698k points", [_common.lidar_tile().astype(np.float64)], 0.5, \
+            (1, 2)
     else:
-        print(f"(ModelNet40 skipped: {modelnet} not found)")
-    lidar = shared / "lidar_als_labelled" / "ign_lambert93_tile_698k.npz"
-    if lidar.exists():
-        with np.load(lidar) as z:
-            yield "airborne LiDAR tile, 698k points", [z["points"].astype(np.float64)], 0.5, (1, 2)
-    else:
-        print(f"(LiDAR tile skipped: {lidar} not found)")
+        print(f"(LiDAR tile skipped: {_common.LIDAR_TILE} not found)")
 
 
 def main(argv) -> int:

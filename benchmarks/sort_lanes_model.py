@@ -29,9 +29,7 @@ Datasets: the paper workload's sphere clouds (2,048 points, v = 0.1, K = 3, s = 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -119,16 +117,12 @@ def datasets(rng, n_clouds: int):
     p = rng.standard_normal((n_clouds * 2048, 3))
     p /= np.linalg.norm(p, axis=1, keepdims=True)
     yield "sphere clouds, 2,048 points (paper workload)", np.split(p, n_clouds), 0.1, (1, 2, 3, 4)
-    shared = Path(os.environ.get("PWCONV_SHARED_DATA", Path(__file__).resolve().parents[2]
-                                 / "shared" / "data"))
-    modelnet = shared / "modelnet40_1024" / "train.npz"
-    if modelnet.exists():
-        with np.load(modelnet) as z:
-            shapes = z["points"][:: max(1, len(z["points"]) // (2 * n_clouds))][:2 * n_clouds]
+    import _common
+
+    shapes = _common.modelnet_train_shapes(2 * n_clouds)
+    if shapes is not None:
         yield f"ModelNet40 shapes, 1,024 points ({len(shapes)} of the train split)", \
-            list(shapes.astype(np.float64)), 0.1, (1, 2, 3, 4)
-    else:
-        print(f"(ModelNet40 skipped: {modelnet} not found)")
+            list(shapes), 0.1, (1, 2, 3, 4)
 
 
 def main(argv) -> int:
