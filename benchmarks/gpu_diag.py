@@ -27,9 +27,10 @@ grid = S.build_grid(be, cupy.asarray(p), np.array([0, 300]), 0.1)
 m, qrow, qx, qy, qz, q_off = S._queries(be, grid, None, None)
 k, s, bits = 3, 1, S.cell_bits_for(3)
 axis_d = cupy.empty(2 * k, dtype=cupy.float64)
-be.launch("kernel_axis_diffs", (1,), (1,), (S.f64(0.1), S.i32(k), S.i32(s), axis_d))
+dil = cupy.asarray([s], dtype=cupy.int32)  # one map, of dilation s
+be.launch("kernel_axis_diffs", (1,), (1,), (S.f64(0.1), S.i32(k), S.i64(1), dil, axis_d))
 head = (S.i64(m), qrow, qx, qy, qz, q_off, S.i64(grid.n_clouds)) + grid.grid_args() + (
-    S.f64(0.1), S.i32(k), S.i32(s), S.i32(bits), axis_d)
+    S.f64(0.1), S.i32(k), dil, S.i32(bits), axis_d)
 kc = 0 if mode == "generic" else 3
 threads = 32 if mode == "block32" else S.SEARCH_THREADS
 short = 0 if mode == "nosort" else SHORT_ROW
@@ -37,7 +38,7 @@ row_len = cupy.zeros(m, dtype=cupy.int64)
 status = cupy.zeros(1, dtype=cupy.int32)
 dummy = cupy.zeros(1, dtype=cupy.int64)
 be.launch(f"kernel_map_pass<{kc}, 0>", (S.blocks(m, threads),), (threads,),
-          head + (row_len, dummy, dummy, S.i64(short), status))
+          head + (row_len, dummy, dummy, S.i64(short), status, dummy, S.i32(0)))
 splits, n_pairs, longest = S._scan(be, row_len)
 keys = cupy.zeros(max(n_pairs, 1), dtype=cupy.int64)
 fn = be._function(0, f"kernel_map_pass<{kc}, 1>")
@@ -48,7 +49,7 @@ for attr in ("num_regs", "local_size_bytes"):
     print("  count", attr, getattr(fn0, attr, "?"))
 try:
     be.launch(f"kernel_map_pass<{kc}, 1>", (S.blocks(m, threads),), (threads,),
-              head + (dummy, splits, keys, S.i64(short), status))
+              head + (dummy, splits, keys, S.i64(short), status, dummy, S.i32(0)))
     cupy.cuda.get_current_stream().synchronize()
     print(mode, "FILL OK status", int(status.get()[0]))
     same = np.array_equal(cupy.asnumpy(splits), cpu.splits) and np.array_equal(

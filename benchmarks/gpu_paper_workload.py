@@ -33,7 +33,9 @@ layer (the rows scheme's beside them).
 
 Both are checked first: identical pair counts per layer and outputs / weight gradients equal
 within float32 rounding.  Also timed: the kernel map of one 1,000,000-point sphere-surface cloud
-(dilation 1, v = 0.005: about 20-30 neighbours per point), grid included.
+(dilation 1, v = 0.005: about 20-30 neighbours per point), grid included, and the
+classifier's maps of 32 ModelNet40 shapes (a training batch, where $PWCONV_SHARED_DATA or
+../shared/data has them), as shipped and by count + fill passes.
 
 Writes ``$OUT/gpu_results.json`` when $OUT is set, else
 ``benchmarks/results/gpu_paper_workload.json``, with the GPU, driver, CUDA/CuPy/PyTorch versions
@@ -516,6 +518,39 @@ def sphere_1m(cuda, cupy, big_n: int, big_voxel: float, seed: int, runs: int) ->
     return out
 
 
+def modelnet_maps(cuda, cupy, runs: int, n_shapes: int = 32) -> dict | None:
+    """The classifier's kernel maps of a training batch: grid + maps s = 1-4 (v = 0.1, K = 3)
+    of the first n_shapes ModelNet40 training shapes (1,024 points each), as
+    pwconv_cy.models builds them, timed as shipped (one pass; rows over SHORT_ROW entries,
+    which most shapes have, searched again alone) and by count + fill passes (all rows twice,
+    as such maps were made before 2026-11-27).  None where the data is absent
+    ($PWCONV_SHARED_DATA, else ../shared/data)."""
+    from pwconv_cy.cuda import _search
+
+    shared = Path(os.environ.get("PWCONV_SHARED_DATA", Path(__file__).resolve().parents[2]
+                                 / "shared" / "data"))
+    path = shared / "modelnet40_1024" / "train.npz"
+    if not path.exists():
+        print(f"(ModelNet40 maps skipped: {path} not found)")
+        return None
+    with np.load(path) as z:
+        shapes = np.ascontiguousarray(z["points"][:n_shapes], dtype=np.float32)
+    points = cupy.asarray(shapes.reshape(-1, 3))
+    offsets = np.arange(len(shapes) + 1, dtype=np.int64) * shapes.shape[1]
+
+    def maps():
+        return cuda.NeighborIndex(points, VOXEL, offsets=offsets).kernel_maps(K, [1, 2, 3, 4])
+
+    lengths = [cupy.asnumpy(cupy.diff(km.splits)) for km in maps()]
+    out = {"shapes": len(shapes), "points": int(points.shape[0]),
+           "pairs_per_map": [int(n.sum()) for n in lengths],
+           "rows_over_short_row": [int((n > _search.SHORT_ROW).sum()) for n in lengths],
+           "grid_plus_maps": time_cuda(maps, 3, runs)}
+    with _env(_search.MAP_PASSES_ENV, "two"):
+        out["grid_plus_maps_two_passes"] = time_cuda(maps, 3, runs)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 clouds, fewer runs")
@@ -754,6 +789,12 @@ def main(argv=None) -> int:
         record["sphere_1m_error"] = f"{type(exc).__name__}: {exc}"
         print(f"1M-point sphere failed: {record['sphere_1m_error']}")
     save("sphere_1m")
+    try:
+        record["modelnet_maps"] = modelnet_maps(cuda, cupy, runs)
+    except Exception as exc:  # noqa: BLE001 - keep the figures above
+        record["modelnet_maps_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"ModelNet40 maps failed: {record['modelnet_maps_error']}")
+    save("modelnet_maps")
 
     # --- report ---------------------------------------------------------------------------
     print()
@@ -824,6 +865,12 @@ def main(argv=None) -> int:
               f"fill passes {fmt_ms(s1m['kernel_map_two_passes']['median_s']).strip()}; the "
               f"grid from one scan (PWCONV_CUDA_GRID_BUILD=scan) "
               f"{fmt_ms(s1m['grid_build_scan']['median_s']).strip()}")
+    mn = record.get("modelnet_maps")
+    if mn:
+        print(f"ModelNet40, {mn['shapes']} shapes x 1,024 points (a training batch): grid + maps "
+              f"s=1-4 {fmt_ms(mn['grid_plus_maps']['median_s']).strip()} (one pass, rows over "
+              f"SHORT_ROW searched again alone: {mn['rows_over_short_row']}); by count + fill "
+              f"{fmt_ms(mn['grid_plus_maps_two_passes']['median_s']).strip()}")
     print("paper (CPU, 16 threads): forward 1272 ms, backward 2423 ms")
 
     save("report")

@@ -945,12 +945,23 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
                 return _search_once(be, k, head, grid_dim, rows, capacity, *rest)
 
             _search._search_once = spy
+            fill_only_missing = []  # per fill pass: 1 where it fills the long rows alone
+            launch = be.launch
+
+            def launch_spy(name, grid_dim, block, args, shared_mem=0, _launch=launch,
+                           _flags=fill_only_missing):
+                if name.startswith("kernel_map_pass<") and name.endswith(", 1>"):
+                    _flags.append(int(args[-1]))
+                return _launch(name, grid_dim, block, args, shared_mem)
+
+            be.launch = launch_spy
             try:
                 got = _search.kernel_maps_arrays(be, grid, v, k, dils, _cell_dtype(k), 1 << 40,
                                                  q, q_offsets)
             finally:
                 be.reversed = False
                 _search._search_once = search_once
+                be.launch = launch
             ran = [n.split("<")[0] for n in be.launches[start:]]
             what = f"{name}: {passes} pass(es), capacity {(sample, margin, slack)}"
             for g, w in zip(got, want):
@@ -958,12 +969,13 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
                     np.testing.assert_array_equal(a, b, err_msg=what)
             if grid.n_points == 0:
                 continue
-            if capacities:  # the estimate: the sampled queries' rows, scaled to all queries
-                m = len(want[0][0]) - 1
+            if capacities:  # the estimate: the sampled queries' rows that the one pass keeps
+                m = len(want[0][0]) - 1  # (at most SHORT_ROW entries), scaled to all queries
                 stride = max(1, m // sample)
                 qrow = np.arange(m) if q is not None else np.asarray(grid.order)
                 sampled = qrow[::stride]
-                total = sum(int(np.diff(w[0])[sampled].sum()) for w in want)
+                lengths = [np.diff(w[0])[sampled] for w in want]
+                total = sum(int(n[n <= _search.SHORT_ROW].sum()) for n in lengths)
                 estimate = total * (m / len(sampled))
                 assert capacities == [int(estimate * float(margin)) + int(slack)], \
                     (what, capacities, total, stride)
@@ -972,8 +984,12 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
                      and n.endswith(", 1>")]
             if passes == "two":
                 assert once == 0 and len(fills) == 1, (what, ran)
-            elif long_rows:  # a sample that sees them skips the one pass, else it falls back
-                assert once <= (sample < defaults[0]) and len(fills) == 1, (what, ran)
+            elif long_rows:  # one pass, then a fill of the long rows (or of all, short scratch)
+                assert once == 1 and len(fills) == 1, (what, ran)
+                if margin >= 1 and sample == defaults[0]:  # the scratch holds every short row
+                    assert fill_only_missing == [1], (what, fill_only_missing)
+                elif margin < 1:
+                    assert fill_only_missing == [0], (what, fill_only_missing)
             elif margin < 1 and n_pairs:  # the scratch falls short: fill pass after all
                 assert once == 1 and len(fills) == 1, (what, ran)
             elif margin >= 1:

@@ -835,17 +835,22 @@ __device__ __forceinline__ i64 warp_inclusive_sum(i64 v, int lane) {
 /// FILL = 0: row_len[d * m + row] = number of neighbours.  FILL = 1: writes the keys
 /// (index << cell_bits) | cell of the row at keys[splits[d * m + row]...], sorted ascending when
 /// the row has at most short_row entries; *status = 1 if a row's count differs from its length.
+/// With only_missing, FILL = 1 writes only the rows with row_at[row] < 0: those kernel_map_once
+/// did not keep (longer than its buffer), the others being in place already.
 template <int KC, int FILL>
 __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_pass(PWCONV_CUDA_KERNEL_MAP_PARAMS,
                                                           long long* row_len,
                                                           const long long* splits,
                                                           long long* keys, long long short_row,
-                                                          int* status) {
+                                                          int* status,
+                                                          const long long* __restrict__ row_at,
+                                                          int only_missing) {
     using namespace pwconv_cuda;
     const i64 t = global_thread();
     if (t >= m) return;
     const int d = blockIdx.y;  // the map
     const i64 row = qrow[t] + (i64)d * m;
+    if (FILL && only_missing && row_at[row] >= 0) return;
     RowSink sink;
     i64 base = 0, len = 0;
     if (FILL) {
@@ -1037,7 +1042,8 @@ __global__ void __launch_bounds__(256, PWCONV_CUDA_TILE_MIN_BLOCKS)
 /// every row sorts them all here, at len^2 / lanes comparisons per lane).  Replaces the fill
 /// thread's own insertion sort, which moved keys in global memory one place at a time.
 /// Row r's keys are read from in[in_at[r]...] when gathered (kernel_map_once's scratch, rows in
-/// any order), else from in[splits[r]...]; they go to out[splits[r]...].
+/// any order; a row with in_at[r] < 0 is not there and is left alone: the fill pass writes it),
+/// else from in[splits[r]...]; they go to out[splits[r]...].
 /// With count_cells (kernel maps; cell_mask: the key's cell bits, 0 for K = 1), the same pass
 /// over the row also counts the row's keys in each key's cell: counts[b + rank] = n_i(f) of the
 /// sorted entry, which the operator's weights 1 / n_i(f) are made from (rows longer than
@@ -1053,6 +1059,7 @@ extern "C" __global__ void sort_rows_by_rank(long long m, const long long* __res
     const int lane = (int)(t % lanes);
     if (row >= m) return;
     const long long b = splits[row], len = splits[row + 1] - b;
+    if (gathered && in_at[row] < 0) return;
     const long long* row_in = in + (gathered ? in_at[row] : b);
     if (len > short_row) {
         for (long long i = lane; i < len; i += lanes) out[b + i] = row_in[i];
