@@ -7,9 +7,9 @@ queries x neighbours); the scan of the counts gives the CSR, and sort_rows_by_ra
 into place sorted.  Rows longer than SHORT_ROW are not kept: they alone are searched again by
 the fill pass (only_missing).  Where the scratch estimate falls short, the counts are already
 exact and the fill pass runs over every row as in "two" (count pass, scan, fill pass).  The
-radius search counts and fills.  Opt-in, for timing on a GPU: PWCONV_CUDA_MAP_TILES=1, 2 or 3 (the one
-pass with each cloud's coordinates, also its cells, also its grid rows, in shared memory:
-kernel_map_tiled), PWCONV_CUDA_ROW_SLOTS=1 (the row table as (key, cells) pairs) and
+radius search counts and fills.  Opt-in, for timing on a GPU: PWCONV_CUDA_MAP_TILES=1, 2 or 3
+(the one pass with each cloud's coordinates, also its cells, also its grid rows, in shared
+memory: kernel_map_tiled), PWCONV_CUDA_ROW_SLOTS=1 (the row table as (key, cells) pairs) and
 PWCONV_CUDA_GRID_BUILD=scan (the grid's cells and rows from one scan); the same maps either way.
 
 Works on canonical arrays (validated by the caller) through a backend (``_backend.py``): ``be.xp``

@@ -2072,12 +2072,12 @@ __global__ void permute_entries(long long n_entries, const long long* __restrict
 
 /// Bytes of conv_entries_thread's shared copy of the cell matrices (_conv.THREAD_MATS_BYTES).
 #define PWCONV_CUDA_THREAD_MATS_BYTES 32768
+/// conv_entries_tile's row-length classes: rows of 63 entries and more share the longest class
+/// (benchmarks/sort_lanes_model.py's TILE_BUCKETS models the same).
+#define PWCONV_CUDA_TILE_BUCKETS 64
 /// conv_weight_chunks: rows per chunk (their output gradients staged in shared memory, at most
 /// 32 channels) and kernel cells at most (_conv.CHUNK_ROWS, _conv.CHUNK_MAX_CELLS); map entries
 /// sorted by cell at a time (a multiple of 32; an NVRTC -D option: the tests sort a few at a time).
-/// conv_entries_tile's row-length classes (_conv.TILE_BUCKETS): rows of 63 entries and more
-/// share the longest class.
-#define PWCONV_CUDA_TILE_BUCKETS 64
 #define PWCONV_CUDA_CHUNK_ROWS 64
 #define PWCONV_CUDA_CHUNK_MAX_CELLS 64
 #ifndef PWCONV_CUDA_CHUNK_ENTRIES
