@@ -157,8 +157,9 @@ SEARCH_THREADS = 128  # threads per block of the search kernels (heavy threads, 
 #: save issue slots, but each warp step then loads a key for every row it holds, and the warp
 #: waits for its longest row.  On the paper workload's real row lengths (7-18 entries on
 #: average, up to 37; benchmarks/sort_lanes_model.py) 8 lanes issue 15 % fewer warp steps and
-#: make 2.2x the L1 passes; on ModelNet40's longer rows they issue more steps too.  The GPU
-#: tuning times 8 and 16 lanes against it (benchmarks/gpu_search_tuning.py's r8, r16).
+#: make 2.2x the L1 passes; on ModelNet40's longer rows they issue more steps too.  They would
+#: still win if the kernel waits on memory (four rows' loads in flight a warp): gpu_check.sh's
+#: tuning times 8 lanes against it (benchmarks/gpu_search_tuning.py's r8; r16 by hand).
 SORT_LANES = 32
 THREADS = 256
 #: Cell tallies per block of entry_cell_counts (kernels.cu's PWCONV_CUDA_WEIGHTS_TALLY_CAP).
