@@ -27,6 +27,11 @@ under ``extra/`` and are read back by :func:`load_checkpoint`.
 
 :meth:`PointwiseCNNClassifier.predict` classifies clouds of any size: each is normalised like the
 training data and resampled to the model's ``n_points`` (:mod:`pwconv_cy.data`).
+
+The networks run on the host: their weights are NumPy arrays and their dropout masks and sorts
+are NumPy's.  GPU arrays (CuPy, CUDA tensors) are refused with an error naming the argument,
+never copied to the host behind the caller's back; on a GPU, build the network from
+:mod:`pwconv_cy.nn` layers (their params moved to the device), which run on CuPy arrays.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import os
 import numpy as np
 
 from pwconv_cy import data, nn
+from pwconv_cy._arrays import CPU, describe, device_of
 from pwconv_cy._atomic import atomic_open
 from pwconv_cy._validation import check_bool
 from pwconv_cy.neighbors import NeighborIndex
@@ -50,6 +56,18 @@ _PARAM_PREFIX = "param/"
 _CONFIG_KEY = "__config__"
 _VERSION_KEY = "__format_version__"
 _EXTRA_PREFIX = "extra/"
+
+
+def _check_on_host(x, name: str) -> None:
+    """TypeError naming `name` for an array in GPU memory: the networks run on the host."""
+    if x is None or isinstance(x, np.ndarray):
+        return
+    if device_of(x, name) != CPU:
+        raise TypeError(
+            f"{name} is in GPU memory ({describe(x)}); the paper's networks (pwconv_cy.models) "
+            "hold NumPy weights and run on the host, and pwconv never copies GPU data to the "
+            f"host behind your back: pass {name} as a host array, or, to train on the GPU, "
+            "build the network from pwconv_cy.nn layers with their params on the device")
 
 
 def _check_dilations(dilations):
@@ -244,6 +262,8 @@ class PointwiseCNNClassifier(_PointwiseNet):
     def forward(self, points, feats=None):
         """Logits (B, n_classes) for a dense batch `points` (B, n_points, 3); `feats`
         (B, n_points, in_channels) default to the coordinates."""
+        _check_on_host(points, "points")
+        _check_on_host(feats, "feats")
         shape = np.shape(points)
         if len(shape) != 3 or shape[-1] != 3:
             raise ValueError(f"points must be a dense batch of shape (B, n_points, 3), "
@@ -315,6 +335,7 @@ class PointwiseCNNClassifier(_PointwiseNet):
         (B, n_classes) float array
             Probabilities (rows sum to 1); ``argmax(axis=1)`` gives the labels.
         """
+        _check_on_host(clouds, "clouds")
         if isinstance(clouds, np.ndarray) and clouds.ndim == 3:
             clouds = list(clouds)
         if isinstance(clouds, np.ndarray) or not hasattr(clouds, "__len__"):
@@ -324,6 +345,7 @@ class PointwiseCNNClassifier(_PointwiseNet):
         rng = np.random.default_rng(seed)
         fixed = np.empty((len(clouds), self.n_points, 3), dtype=self.dtype)
         for i, cloud in enumerate(clouds):
+            _check_on_host(cloud, f"cloud {i}")
             cloud = np.asarray(cloud)
             if cloud.ndim != 2 or cloud.shape[1] != 3 or cloud.shape[0] == 0:
                 raise ValueError(f"cloud {i} must have shape (m, 3) with m >= 1, got "
@@ -397,6 +419,8 @@ class PointwiseCNNSegmenter(_PointwiseNet):
         return pts, x
 
     def forward(self, points, feats=None, offsets=None):
+        _check_on_host(points, "points")
+        _check_on_host(feats, "feats")
         shape = np.shape(points)
         if len(shape) not in (2, 3) or shape[-1] != 3:
             raise ValueError(f"points must be packed (N, 3) or dense (B, n, 3), got {shape}")

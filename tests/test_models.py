@@ -130,6 +130,37 @@ def test_classifier_shapes_and_errors(rng):
         model.set_params({k: v for k, v in new.items() if k != "fc2.bias"})
 
 
+class _FakeGpuArray:
+    """Stands for a CuPy array (CUDA memory, as __cuda_array_interface__ says) on any machine."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+def test_networks_refuse_gpu_arrays_naming_them(rng):
+    """The networks run on the host: a GPU array is refused with the argument's name, not
+    copied to the host and not reported as a bad shape."""
+    clf = models.PointwiseCNNClassifier(n_points=16, n_classes=3, hidden=4, seed=0)
+    seg = models.PointwiseCNNSegmenter(n_classes=3, channels=2, seed=0)
+    pts = _cloud_batch(rng, 2, 16).astype(np.float32)
+    on_gpu = _FakeGpuArray((2, 16, 3))
+    calls = [(lambda: clf.forward(on_gpu), "points"),
+             (lambda: clf.forward(pts, feats=_FakeGpuArray((2, 16, 3))), "feats"),
+             (lambda: clf.predict_proba(on_gpu), "points"),
+             (lambda: clf.predict(on_gpu), "clouds"),
+             (lambda: clf.predict([pts[0], _FakeGpuArray((16, 3))]), "cloud 1"),
+             (lambda: seg.forward(on_gpu), "points"),
+             (lambda: seg.forward(pts, feats=_FakeGpuArray((2, 16, 3))), "feats")]
+    for call, name in calls:
+        with pytest.raises(TypeError, match=f"^{name} is in GPU memory .*pwconv_cy.nn layers"):
+            call()
+    assert clf.forward(pts).shape == (2, 3)  # host arrays still run
+
+
 def test_save_load_round_trip(tmp_path, rng):
     clf = models.PointwiseCNNClassifier(n_points=24, n_classes=4, hidden=6, logits_selu=True,
                                         seed=7)
