@@ -35,7 +35,8 @@ Both are checked first: identical pair counts per layer and outputs / weight gra
 within float32 rounding.  Also timed: the kernel map of one 1,000,000-point sphere-surface cloud
 (dilation 1, v = 0.005: about 20-30 neighbours per point), grid included, and the
 classifier's maps of 32 ModelNet40 shapes (a training batch, where $PWCONV_SHARED_DATA or
-../shared/data has them), as shipped and by count + fill passes.
+../shared/data has them), as shipped and by count + fill passes, and the radius search of the
+paper's clouds both ways.
 
 Writes ``$OUT/gpu_results.json`` when $OUT is set, else
 ``benchmarks/results/gpu_paper_workload.json``, with the GPU, driver, CUDA/CuPy/PyTorch versions
@@ -551,6 +552,25 @@ def modelnet_maps(cuda, cupy, runs: int, n_shapes: int = 32) -> dict | None:
     return out
 
 
+def radius_timing(cuda, cupy, points: np.ndarray, offsets: np.ndarray, runs: int) -> dict:
+    """The radius search (grid included; r = 1.5 v, Chebyshev, ~10-20 neighbours a point) of the
+    paper workload's clouds, searched once (shipped) and by count + fill passes (as before
+    2026-11-27)."""
+    from pwconv_cy.cuda import _search
+
+    pts = cupy.asarray(points)
+    radius = 1.5 * VOXEL
+
+    def search():
+        return cuda.radius_search(pts, radius, offsets=offsets)
+
+    out = {"radius": radius, "pairs": int(search()[0][-1]),
+           "one_pass": time_cuda(search, 3, runs)}
+    with _env(_search.MAP_PASSES_ENV, "two"):
+        out["two_passes"] = time_cuda(search, 3, runs)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 clouds, fewer runs")
@@ -795,6 +815,12 @@ def main(argv=None) -> int:
         record["modelnet_maps_error"] = f"{type(exc).__name__}: {exc}"
         print(f"ModelNet40 maps failed: {record['modelnet_maps_error']}")
     save("modelnet_maps")
+    try:
+        record["radius_search"] = radius_timing(cuda, cupy, points, offsets, runs)
+    except Exception as exc:  # noqa: BLE001 - keep the figures above
+        record["radius_search_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"radius search failed: {record['radius_search_error']}")
+    save("radius_search")
 
     # --- report ---------------------------------------------------------------------------
     print()
@@ -871,6 +897,12 @@ def main(argv=None) -> int:
               f"s=1-4 {fmt_ms(mn['grid_plus_maps']['median_s']).strip()} (one pass, rows over "
               f"SHORT_ROW searched again alone: {mn['rows_over_short_row']}); by count + fill "
               f"{fmt_ms(mn['grid_plus_maps_two_passes']['median_s']).strip()}")
+    rs = record.get("radius_search")
+    if rs:
+        print(f"radius search of the paper's clouds (r = {rs['radius']:g}, Chebyshev, grid "
+              f"included, {rs['pairs']:,} pairs): one pass "
+              f"{fmt_ms(rs['one_pass']['median_s']).strip()}, count + fill "
+              f"{fmt_ms(rs['two_passes']['median_s']).strip()}")
     print("paper (CPU, 16 threads): forward 1272 ms, backward 2423 ms")
 
     save("report")

@@ -767,6 +767,8 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
                                                   "euclidean" if euclidean else "chebyshev")
         np.testing.assert_array_equal(rs, o_splits, err_msg=f"{name}: radius splits")
         np.testing.assert_array_equal(ri, o_index, err_msg=f"{name}: radius index")
+        _check_radius_passes(be, f"{name}, euclidean={euclidean}", p, offsets, q, q_offsets, r,
+                             euclidean, (rs, ri))
     if not operator:
         return report
 
@@ -997,6 +999,58 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
     finally:
         os.environ.pop(_search.MAP_PASSES_ENV, None)
         _search.SORT_LANES = sort_lanes
+        _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = defaults
+
+
+def _check_radius_passes(be, name, p, offsets, q, q_offsets, r, euclidean, want):
+    """The radius search `want` (made the default way: one pass) again by count + fill, in one
+    pass with a 3-query sample under the reversed schedule, and with a scratch estimate far too
+    small (the fill pass over every row after all); the launches each way claims to run: the
+    one pass, and a fill of the rows over SHORT_ROW alone where the scratch holds the others."""
+    from pwconv_cy.cuda import _search
+
+    defaults = (_search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK)
+    q = None if q is None else np.ascontiguousarray(q)
+    lengths = np.diff(want[0])
+    long_rows = len(lengths) > 0 and int(lengths.max()) > _search.SHORT_ROW
+    short_pairs = int(lengths[lengths <= _search.SHORT_ROW].sum())
+    ways = (("one", defaults, False), ("two", defaults, False),
+            ("one", (3, defaults[1], defaults[2]), True), ("one", (defaults[0], 0.25, 0), False))
+    try:
+        for passes, (sample, margin, slack), reverse in ways:
+            os.environ[_search.MAP_PASSES_ENV] = passes
+            _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
+                sample, margin, slack
+            flags = []  # only_missing of each fill pass
+            launch = be.launch
+
+            def launch_spy(kernel, grid_dim, block, args, shared_mem=0, _launch=launch,
+                           _flags=flags):
+                if kernel == "radius_pass<1>":
+                    _flags.append(int(args[-1]))
+                return _launch(kernel, grid_dim, block, args, shared_mem)
+
+            be.launch, be.reversed = launch_spy, reverse
+            start = len(be.launches)
+            try:
+                grid = _search.build_grid(be, np.ascontiguousarray(p), offsets.astype(np.int64), r)
+                got = _search.radius_search_arrays(be, grid, r, euclidean, 1 << 40, q, q_offsets)
+            finally:
+                be.launch, be.reversed = launch, False
+            what = f"{name}: radius, {passes} pass(es), capacity {(sample, margin, slack)}"
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b, err_msg=what)
+            once = be.launches[start:].count("radius_once")
+            if len(lengths) == 0 or grid.n_points == 0:
+                continue
+            if passes == "two":
+                assert once == 0 and flags == [0], (what, flags)
+            elif margin < 1 and short_pairs:  # the scratch falls short: every row filled
+                assert once == 1 and flags == [0], (what, flags)
+            elif sample == defaults[0]:  # the scratch holds every short row
+                assert once == 1 and flags == ([1] if long_rows else []), (what, flags)
+    finally:
+        os.environ.pop(_search.MAP_PASSES_ENV, None)
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = defaults
 
 

@@ -162,7 +162,7 @@ NAME_EXPRESSIONS = tuple(
 PLAIN_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_coords",
                  "grid_cell_keys", "grid_sorted_points", "grid_cells", "grid_cells_scanned",
                  "build_row_table", "expand_rows", "count_per_point", "kernel_axis_diffs",
-                 "sort_rows_by_rank", "scatter_by_point")
+                 "sort_rows_by_rank", "scatter_by_point", "radius_once")
 
 #: Kernels that use __syncthreads / __syncwarp / __shfl_sync (the host emulation runs them with
 #: real threads).
@@ -170,7 +170,7 @@ BARRIER_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_
                    "conv_gather_dense", "conv_weight_partial_dense", "conv_rows",
                    "conv_weight_rows", "conv_weight_cells", "points_digest", "sum_partials",
                    "kernel_map_once", "conv_entries_thread", "conv_entries_tile",
-                   "conv_weight_chunks", "kernel_map_tiled")
+                   "conv_weight_chunks", "kernel_map_tiled", "radius_once")
 
 
 class CudaKernelError(RuntimeError):

@@ -604,7 +604,7 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
             if remember in _LAST_PAIRS_PER_QUERY:
                 capacity = _with_margin(m * _LAST_PAIRS_PER_QUERY[remember])
         if capacity is None:
-            capacity = _scratch_capacity(be, k, head, n_maps)
+            capacity = _scratch_capacity(be, head, lambda h: _count_rows(be, k, h, n_maps))
         if capacity is not None and pair_bytes * capacity + counts_bytes <= budget:
             tiles = _tile_plan(be, grid, query_offsets if queries is not None else grid.offsets)
             once = _search_once(be, k, head, grid_dim, rows, capacity, tiles)
@@ -671,11 +671,12 @@ def _count_rows(be, k: int, head: tuple, n_maps: int):
     return row_len
 
 
-def _scratch_capacity(be, k: int, head: tuple, n_maps: int):
-    """Keys to reserve for kernel_map_once: the count pass over every stride-th query of `head`
-    (about CAPACITY_SAMPLE per map; all of them for small batches), scaled to all m queries,
-    times CAPACITY_MARGIN plus CAPACITY_SLACK.  Rows longer than SHORT_ROW do not count: the one
-    pass does not keep them (they are filled alone)."""
+def _scratch_capacity(be, head: tuple, count_rows):
+    """Keys to reserve for a one-pass search (kernel_map_once, radius_once): the count pass
+    (count_rows(sample head) -> row lengths) over every stride-th query of `head` (about
+    CAPACITY_SAMPLE per map; all of them for small batches), scaled to all m queries, times
+    CAPACITY_MARGIN plus CAPACITY_SLACK.  Rows longer than SHORT_ROW do not count: the one pass
+    does not keep them (they are filled alone)."""
     xp = be.xp
     m, _, qx, qy, qz, q_offsets, n_clouds = head[:7]
     m = int(m)
@@ -690,7 +691,7 @@ def _scratch_capacity(be, k: int, head: tuple, n_maps: int):
         pick = [xp.ascontiguousarray(a[::stride]) for a in (qx, qy, qz)]
         offsets_s = (q_offsets + (stride - 1)) // stride
         sample = (i64(m_s), xp.arange(m_s, dtype=xp.int64), *pick, offsets_s, n_clouds) + head[7:]
-    row_len = _count_rows(be, k, sample, n_maps)
+    row_len = count_rows(sample)
     total = int(be.to_host(xp.where(row_len <= SHORT_ROW, row_len, 0).sum().reshape(1))[0])
     return _with_margin(total * (m / m_s))
 
@@ -802,24 +803,70 @@ def kernel_map_counts(be, splits, cell, n_cells: int):
 
 def radius_search_arrays(be, grid: DeviceGrid, radius: float, euclidean: bool, budget: int,
                          queries=None, query_offsets=None):
-    """(splits (m+1,) int64, index (E,) int64): neighbours within radius, ascending per row."""
+    """(splits (m+1,) int64, index (E,) int64): neighbours within radius, ascending per row.
+    Searched once, as the kernel maps are (radius_once, a scratch sized from a sampled count,
+    sort_rows_by_rank; rows over SHORT_ROW searched again alone), or by count + fill passes
+    (PWCONV_CUDA_MAP_PASSES=two, PWCONV_CUDA_ROW_SORT=thread, or where the scratch falls short)."""
     xp = be.xp
     m, qrow, qx, qy, qz, q_offsets = _queries(be, grid, queries, query_offsets)
     head = (i64(m), qrow, qx, qy, qz, q_offsets, i64(grid.n_clouds)) + grid.grid_args() + (
         f64(radius), i32(1 if euclidean else 0))
-    row_len = xp.zeros(m, dtype=xp.int64)
     status = xp.zeros(1, dtype=xp.int32)
     dummy = xp.zeros(1, dtype=xp.int64)
     grid_dim = (blocks(m, SEARCH_THREADS),)
-    be.launch(radius_name(False), grid_dim, (SEARCH_THREADS,),
-              head + (row_len, dummy, dummy, i64(SHORT_ROW), status))
-    splits, n_pairs, longest = _scan(be, row_len)
+    once = None
+    if m and map_passes_mode() == "one" and row_sort_mode() == "rank":
+        capacity = _scratch_capacity(be, head, lambda h: _count_radius(be, h))
+        if 8 * capacity <= budget:
+            once = _radius_once(be, head, grid_dim, m, capacity)
+    if once is not None:
+        row_len, row_at, scratch, overflow = once
+        splits, n_pairs, longest, overflow = _scan(be, row_len, flag=overflow)
+    else:
+        row_len = _count_radius(be, head)
+        splits, n_pairs, longest = _scan(be, row_len)
     del row_len
     _budget_check(n_pairs, 16 * n_pairs, budget, "radius_search (GPU)",
                   "reduce the radius, search fewer queries per call or split the batch")
-    keys, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs,
-                           status)
-    be.check_status(status, "radius_search fill pass")
+    keys = None
+    if once is not None and not overflow:
+        # the rows of at most SHORT_ROW neighbours into place; the longer ones searched again
+        keys, _ = _rank_sort(be, splits, scratch, row_at, n_pairs)
+        if longest > SHORT_ROW:
+            be.launch(radius_name(True), grid_dim, (SEARCH_THREADS,),
+                      head + (dummy, splits, keys, i64(0), status, row_at, i32(1)))
+    once = scratch = row_at = None
+    filled = keys is None
+    if filled:
+        keys, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs,
+                               status)
+    if filled or longest > SHORT_ROW:
+        be.check_status(status, "radius_search fill pass")
     if longest > SHORT_ROW:
         keys = _sort_long_rows(be, splits, keys, max(1, grid.n_points).bit_length())
     return splits, keys
+
+
+def _count_radius(be, head: tuple):
+    """row_len (m,) int64: radius_pass<0> over the queries of `head` (m first)."""
+    xp = be.xp
+    m = int(head[0])
+    row_len = xp.zeros(m, dtype=xp.int64)
+    dummy = xp.zeros(1, dtype=xp.int64)
+    be.launch(radius_name(False), (blocks(m, SEARCH_THREADS),), (SEARCH_THREADS,),
+              head + (row_len, dummy, dummy, i64(SHORT_ROW), xp.zeros(1, dtype=xp.int32), dummy,
+                      i32(0)))
+    return row_len
+
+
+def _radius_once(be, head: tuple, grid_dim: tuple, m: int, capacity: int):
+    """Launches radius_once: (row_len (m,), row_at (m,), scratch (capacity,) int64, status)."""
+    xp = be.xp
+    row_len = xp.empty(m, dtype=xp.int64)
+    row_at = xp.empty(m, dtype=xp.int64)
+    scratch = xp.empty(max(int(capacity), 1), dtype=xp.int64)
+    cursor = xp.zeros(1, dtype=xp.uint64)
+    status = xp.zeros(1, dtype=xp.int32)
+    be.launch("radius_once", grid_dim, (SEARCH_THREADS,),
+              head + (row_len, row_at, scratch, i64(capacity), cursor, i64(SHORT_ROW), status))
+    return row_len, row_at, scratch, status

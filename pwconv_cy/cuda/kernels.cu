@@ -1091,27 +1091,28 @@ extern "C" __global__ void kernel_axis_diffs(double voxel_size, int kernel_size,
     pwconv::kernel_axis_differences(voxel_size, kernel_size, dilations[d], out, out + kernel_size);
 }
 
-/// Radius search (closed cube or ball, binning.hpp's predicates), same scheme as
-/// kernel_map_pass; keys are the neighbour indices.
-template <int FILL>
-__global__ void radius_pass(
-    long long m, const long long* qrow, const double* qx, const double* qy, const double* qz,
-    const long long* query_offsets, long long n_clouds,
-    // grid
-    const double* gx, const double* gy, const double* gz, const long long* gorder,
-    const long long* cell_start, const long long* cell_x, const long long* cell_y,
-    const long long* cell_z, const long long* cloud_cell_begin, const double* origin,
-    double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y, long long cmax_z,
-    const long long* row_cell_begin, const unsigned long long* table_keys,
-    const long long* table_rows, int table_bits, int table_slots,
-    // search
-    double radius, int euclidean,
-    // outputs
-    long long* row_len, const long long* splits, long long* keys, long long short_row,
-    int* status) {
-    using namespace pwconv_cuda;
-    const i64 t = global_thread();
-    if (t >= m) return;
+/// The radius search kernels' leading parameters (and their names, to pass them on).
+#define PWCONV_CUDA_RADIUS_PARAMS                                                                 \
+    long long m, const long long *qrow, const double *qx, const double *qy, const double *qz,   \
+        const long long *query_offsets, long long n_clouds, /* grid */ const double *gx,        \
+        const double *gy, const double *gz, const long long *gorder,                           \
+        const long long *cell_start, const long long *cell_x, const long long *cell_y,         \
+        const long long *cell_z, const long long *cloud_cell_begin, const double *origin,      \
+        double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y,            \
+        long long cmax_z, const long long *row_cell_begin,                                     \
+        const unsigned long long *table_keys, const long long *table_rows, int table_bits,     \
+        int table_slots, /* search */ double radius, int euclidean
+#define PWCONV_CUDA_RADIUS_ARGS                                                                   \
+    m, qrow, qx, qy, qz, query_offsets, n_clouds, gx, gy, gz, gorder, cell_start, cell_x,       \
+        cell_y, cell_z, cloud_cell_begin, origin, cell_size, inv_cell_size, cmax_x, cmax_y,     \
+        cmax_z, row_cell_begin, table_keys, table_rows, table_bits, table_slots, radius,       \
+        euclidean
+
+namespace pwconv_cuda {
+
+/// Searches radius query t (< m): every neighbour's index goes to sink, in a fixed order (the
+/// closed cube or ball of binning.hpp's predicates).  Returns the query's row, qrow[t].
+__device__ __forceinline__ i64 radius_search(PWCONV_CUDA_RADIUS_PARAMS, i64 t, RowSink& sink) {
     const GridView g{gx,         gy,         gz,     gorder,    cell_start,
                      cell_x,     cell_y,     cell_z, cloud_cell_begin, origin,
                      cell_size,  inv_cell_size, {cmax_x, cmax_y, cmax_z},
@@ -1128,7 +1129,25 @@ __global__ void radius_pass(
         add_range(r[a], (q[a] - radius) - slack, (q[a] + radius) + slack, g.origin[3 * cloud + a],
                   g, g.cmax[a], -1);
     }
+    RadiusVisit visit{&g, q[0], q[1], q[2], radius, radius * radius, euclidean, &sink};
+    for_each_run(g, cloud, r[0], r[1], r[2], visit);
+    return row;
+}
 
+}  // namespace pwconv_cuda
+
+/// Count and fill passes of a radius search, as kernel_map_pass (one map; keys are the
+/// neighbour indices), only_missing and row_at included (radius_once's rows).
+template <int FILL>
+__global__ void radius_pass(PWCONV_CUDA_RADIUS_PARAMS, long long* row_len,
+                            const long long* splits, long long* keys, long long short_row,
+                            int* status, const long long* __restrict__ row_at,
+                            int only_missing) {
+    using namespace pwconv_cuda;
+    const i64 t = global_thread();
+    if (t >= m) return;
+    const i64 row = qrow[t];
+    if (FILL && only_missing && row_at[row] >= 0) return;
     RowSink sink;
     i64 base = 0, len = 0;
     if (FILL) {
@@ -1141,9 +1160,7 @@ __global__ void radius_pass(
         sink.capacity = 0;
     }
     sink.n = 0;
-    RadiusVisit visit{&g, q[0], q[1], q[2], radius, radius * radius, euclidean, &sink};
-    for_each_run(g, cloud, r[0], r[1], r[2], visit);
-
+    radius_search(PWCONV_CUDA_RADIUS_ARGS, t, sink);
     if (!FILL) {
         row_len[row] = sink.n;
         return;
@@ -1153,6 +1170,25 @@ __global__ void radius_pass(
         return;
     }
     if (len <= short_row) sort_short(keys + base, len);
+}
+
+/// A radius search in one pass, as kernel_map_once: each thread keeps its row's neighbours (at
+/// most short_row <= PWCONV_CUDA_SHORT_ROW) in a local buffer, then emit_once_row puts them in
+/// scratch (row_at[row]; -1 for rows not kept, which the fill pass searches again).
+extern "C" __global__ void PWCONV_CUDA_SEARCH_BOUNDS radius_once(
+    PWCONV_CUDA_RADIUS_PARAMS, long long* row_len, long long* row_at, long long* scratch,
+    long long capacity, unsigned long long* cursor, long long short_row, int* status) {
+    using namespace pwconv_cuda;
+    const i64 t = global_thread();
+    const int lane = threadIdx.x % 32;  // blocks are whole warps: every lane reaches the shuffles
+    i64 buffer[PWCONV_CUDA_SHORT_ROW];
+    RowSink sink;
+    sink.keys = buffer;
+    sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
+    sink.n = 0;
+    i64 row = -1;
+    if (t < m) row = radius_search(PWCONV_CUDA_RADIUS_ARGS, t, sink);
+    emit_once_row(row, sink, lane, row_len, row_at, scratch, capacity, cursor, status);
 }
 
 /// row_of[e] = the row of entry e of a CSR: one warp per row, its lanes writing consecutive
