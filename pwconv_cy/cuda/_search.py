@@ -772,18 +772,13 @@ def _search_once(be, k: int, head: tuple, grid_dim: tuple, rows: int, capacity: 
                  tiles=None):
     """Launches kernel_map_once, or kernel_map_tiled with tiles (_tile_plan): (row_len (rows,),
     row_at (rows,), scratch (capacity,) int64, status), all on the device (see kernels.cu)."""
-    xp = be.xp
-    row_len = xp.empty(rows, dtype=xp.int64)
-    row_at = xp.empty(rows, dtype=xp.int64)
-    scratch = xp.empty(max(int(capacity), 1), dtype=xp.int64)
-    cursor = xp.zeros(1, dtype=xp.uint64)
-    status = xp.zeros(1, dtype=xp.int32)
-    tail = (row_len, row_at, scratch, i64(capacity), cursor, i64(SHORT_ROW), status)
+    tail = _once_outputs(be, rows, capacity)
+    row_len, row_at, scratch, status = tail[0], tail[1], tail[2], tail[-1]
     if tiles is None:
         be.launch(kernel_map_once_name(k), grid_dim, (SEARCH_THREADS,), head + tail)
     else:
         n_clouds = int(head[6])
-        row_begin = tiles.cloud_row_begin if tiles.row_bits else cursor  # unread without rows
+        row_begin = tiles.cloud_row_begin if tiles.row_bits else tail[4]  # unread without rows
         be.launch(kernel_map_tiled_name(k), (n_clouds * tiles.blocks_per_cloud, grid_dim[1]),
                   (TILE_THREADS,),
                   head + tail + (i64(tiles.tile_points), i64(tiles.blocks_per_cloud),
@@ -861,12 +856,15 @@ def _count_radius(be, head: tuple):
 
 def _radius_once(be, head: tuple, grid_dim: tuple, m: int, capacity: int):
     """Launches radius_once: (row_len (m,), row_at (m,), scratch (capacity,) int64, status)."""
+    tail = _once_outputs(be, m, capacity)
+    be.launch("radius_once", grid_dim, (SEARCH_THREADS,), head + tail)
+    return tail[0], tail[1], tail[2], tail[-1]
+
+
+def _once_outputs(be, rows: int, capacity: int) -> tuple:
+    """The one-pass kernels' trailing arguments (see emit_once_row): row_len and row_at (rows,)
+    int64, scratch (capacity,) int64, capacity, the scratch cursor, SHORT_ROW and a status word."""
     xp = be.xp
-    row_len = xp.empty(m, dtype=xp.int64)
-    row_at = xp.empty(m, dtype=xp.int64)
-    scratch = xp.empty(max(int(capacity), 1), dtype=xp.int64)
-    cursor = xp.zeros(1, dtype=xp.uint64)
-    status = xp.zeros(1, dtype=xp.int32)
-    be.launch("radius_once", grid_dim, (SEARCH_THREADS,),
-              head + (row_len, row_at, scratch, i64(capacity), cursor, i64(SHORT_ROW), status))
-    return row_len, row_at, scratch, status
+    return (xp.empty(rows, dtype=xp.int64), xp.empty(rows, dtype=xp.int64),
+            xp.empty(max(int(capacity), 1), dtype=xp.int64), i64(capacity),
+            xp.zeros(1, dtype=xp.uint64), i64(SHORT_ROW), xp.zeros(1, dtype=xp.int32))

@@ -400,6 +400,16 @@ struct RowSink {
     }
 };
 
+/// A one-pass search thread's sink (kernel_map_once, kernel_map_tiled, radius_once): its row's
+/// keys in `buffer` (PWCONV_CUDA_SHORT_ROW keys), at most short_row of them kept.
+__device__ __forceinline__ RowSink buffered_sink(i64* buffer, i64 short_row) {
+    RowSink sink;
+    sink.keys = buffer;
+    sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
+    sink.n = 0;
+    return sink;
+}
+
 /// Classifies one query's candidates as the CPU does on compact clouds: d = fl(x - lo) per axis
 /// (lo: the support's lower corner) against the kernel's query-independent thresholds sd (cell
 /// starts) and ed (cell ends), from kernel_axis_differences; t = fl(d / v) >= c iff d >= D_c, so
@@ -740,9 +750,10 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
 // Kernel map (SPEC §1): count pass, scan (in Python), fill pass
 // ============================================================================================
 
-/// The search kernels' arguments (kernel_map_pass, kernel_map_once): the queries, the grid and
-/// the kernel.  One list, spelled once, so the kernels and kernel_map_search cannot drift apart.
-#define PWCONV_CUDA_KERNEL_MAP_PARAMS                                                             \
+/// The search kernels' leading arguments (kernel maps and radius search): the queries and the
+/// grid.  Spelled once, with the kernel maps' and the radius search's own arguments after them,
+/// so the kernels and their search functions cannot drift apart.
+#define PWCONV_CUDA_SEARCH_HEAD_PARAMS                                                            \
     long long m, const long long *qrow, const double *qx, const double *qy, const double *qz,   \
         const long long *query_offsets, long long n_clouds, /* grid */ const double *gx,        \
         const double *gy, const double *gz, const long long *gorder,                           \
@@ -751,16 +762,20 @@ extern "C" __global__ void build_row_table(long long n_rows, const long long* ro
         double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y,            \
         long long cmax_z, const long long *row_cell_begin,                                     \
         const unsigned long long *table_keys, const long long *table_rows, int table_bits,     \
-        int table_slots, /* kernels; axis_d (n_maps, 2K): kernel_axis_differences' start_d */  \
-        /* then end_d of each map's dilation (kernel_axis_diffs) */                             \
-        double voxel_size, int kernel_size, const int *dilations, int cell_bits,               \
-        const double *axis_d_all
-#define PWCONV_CUDA_KERNEL_MAP_ARGS                                                               \
+        int table_slots
+#define PWCONV_CUDA_SEARCH_HEAD_ARGS                                                              \
     m, qrow, qx, qy, qz, query_offsets, n_clouds, gx, gy, gz, gorder, cell_start, cell_x,       \
         cell_y, cell_z, cloud_cell_begin, origin, cell_size, inv_cell_size, cmax_x, cmax_y,     \
-        cmax_z, row_cell_begin, table_keys, table_rows, table_bits, table_slots, voxel_size,   \
-        kernel_size,                                                                           \
-        dilations, cell_bits, axis_d_all
+        cmax_z, row_cell_begin, table_keys, table_rows, table_bits, table_slots
+
+/// The kernel-map kernels' arguments (kernel_map_pass, kernel_map_once, kernel_map_tiled): the
+/// head, then the kernel (axis_d (n_maps, 2K): kernel_axis_differences' start_d then end_d of
+/// each map's dilation, from kernel_axis_diffs).
+#define PWCONV_CUDA_KERNEL_MAP_PARAMS                                                             \
+    PWCONV_CUDA_SEARCH_HEAD_PARAMS, double voxel_size, int kernel_size, const int *dilations,    \
+        int cell_bits, const double *axis_d_all
+#define PWCONV_CUDA_KERNEL_MAP_ARGS                                                               \
+    PWCONV_CUDA_SEARCH_HEAD_ARGS, voxel_size, kernel_size, dilations, cell_bits, axis_d_all
 
 namespace pwconv_cuda {
 
@@ -929,10 +944,7 @@ __global__ void PWCONV_CUDA_SEARCH_BOUNDS kernel_map_once(PWCONV_CUDA_KERNEL_MAP
     const int d = blockIdx.y;  // the map
     const int lane = threadIdx.x % 32;  // blocks are whole warps: every lane reaches the shuffles
     i64 buffer[PWCONV_CUDA_SHORT_ROW];
-    RowSink sink;
-    sink.keys = buffer;
-    sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
-    sink.n = 0;
+    RowSink sink = buffered_sink(buffer, short_row);
     i64 row = -1;
     const TileView grid_arrays{gx, gy, gz, gorder, 0, cell_x, cell_start, 0, table_keys,
                                table_bits, table_slots, 0};
@@ -1024,10 +1036,7 @@ __global__ void __launch_bounds__(256, PWCONV_CUDA_TILE_MIN_BLOCKS)
     i64 buffer[PWCONV_CUDA_SHORT_ROW];
     for (i64 first = q0; first < q1; first += blockDim.x) {  // the same trip count for all lanes
         const i64 t = first + threadIdx.x;
-        RowSink sink;
-        sink.keys = buffer;
-        sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
-        sink.n = 0;
+        RowSink sink = buffered_sink(buffer, short_row);
         i64 row = -1;
         if (t < q1) row = kernel_map_search<KC>(PWCONV_CUDA_KERNEL_MAP_ARGS, view, t, d, sink);
         emit_once_row(row, sink, lane, row_len, row_at, scratch, capacity, cursor, status);
@@ -1091,22 +1100,9 @@ extern "C" __global__ void kernel_axis_diffs(double voxel_size, int kernel_size,
     pwconv::kernel_axis_differences(voxel_size, kernel_size, dilations[d], out, out + kernel_size);
 }
 
-/// The radius search kernels' leading parameters (and their names, to pass them on).
-#define PWCONV_CUDA_RADIUS_PARAMS                                                                 \
-    long long m, const long long *qrow, const double *qx, const double *qy, const double *qz,   \
-        const long long *query_offsets, long long n_clouds, /* grid */ const double *gx,        \
-        const double *gy, const double *gz, const long long *gorder,                           \
-        const long long *cell_start, const long long *cell_x, const long long *cell_y,         \
-        const long long *cell_z, const long long *cloud_cell_begin, const double *origin,      \
-        double cell_size, double inv_cell_size, long long cmax_x, long long cmax_y,            \
-        long long cmax_z, const long long *row_cell_begin,                                     \
-        const unsigned long long *table_keys, const long long *table_rows, int table_bits,     \
-        int table_slots, /* search */ double radius, int euclidean
-#define PWCONV_CUDA_RADIUS_ARGS                                                                   \
-    m, qrow, qx, qy, qz, query_offsets, n_clouds, gx, gy, gz, gorder, cell_start, cell_x,       \
-        cell_y, cell_z, cloud_cell_begin, origin, cell_size, inv_cell_size, cmax_x, cmax_y,     \
-        cmax_z, row_cell_begin, table_keys, table_rows, table_bits, table_slots, radius,       \
-        euclidean
+/// The radius search kernels' arguments: the head, then the radius and the metric.
+#define PWCONV_CUDA_RADIUS_PARAMS PWCONV_CUDA_SEARCH_HEAD_PARAMS, double radius, int euclidean
+#define PWCONV_CUDA_RADIUS_ARGS PWCONV_CUDA_SEARCH_HEAD_ARGS, radius, euclidean
 
 namespace pwconv_cuda {
 
@@ -1182,10 +1178,7 @@ extern "C" __global__ void PWCONV_CUDA_SEARCH_BOUNDS radius_once(
     const i64 t = global_thread();
     const int lane = threadIdx.x % 32;  // blocks are whole warps: every lane reaches the shuffles
     i64 buffer[PWCONV_CUDA_SHORT_ROW];
-    RowSink sink;
-    sink.keys = buffer;
-    sink.capacity = short_row < PWCONV_CUDA_SHORT_ROW ? short_row : PWCONV_CUDA_SHORT_ROW;
-    sink.n = 0;
+    RowSink sink = buffered_sink(buffer, short_row);
     i64 row = -1;
     if (t < m) row = radius_search(PWCONV_CUDA_RADIUS_ARGS, t, sink);
     emit_once_row(row, sink, lane, row_len, row_at, scratch, capacity, cursor, status);
