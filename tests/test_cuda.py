@@ -19,6 +19,7 @@ Run the emulation by hand: ``python tests/test_cuda.py --emulate all``.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -912,6 +913,26 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
     return report
 
 
+@contextlib.contextmanager
+def _fill_flags(be, pass_kernel: str):
+    """While the block runs, the only_missing flag (1: the rows a one pass did not keep, alone)
+    of every fill pass of pass_kernel ("kernel_map_pass", any K: <K, 1>; "radius_pass": <1>), in
+    order."""
+    flags = []
+    launch = be.launch
+
+    def spy(name, grid_dim, block, args, shared_mem=0):
+        if name.startswith(pass_kernel + "<") and name.endswith("1>"):
+            flags.append(int(args[-1]))
+        return launch(name, grid_dim, block, args, shared_mem)
+
+    be.launch = spy
+    try:
+        yield flags
+    finally:
+        be.launch = launch
+
+
 def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
     """The maps `want` (made the default way) again: by count + fill; in one pass with the scratch
     sized from a sample of the queries (a stride over them), under the reversed schedule (other
@@ -947,23 +968,13 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
                 return _search_once(be, k, head, grid_dim, rows, capacity, *rest)
 
             _search._search_once = spy
-            fill_only_missing = []  # per fill pass: 1 where it fills the long rows alone
-            launch = be.launch
-
-            def launch_spy(name, grid_dim, block, args, shared_mem=0, _launch=launch,
-                           _flags=fill_only_missing):
-                if name.startswith("kernel_map_pass<") and name.endswith(", 1>"):
-                    _flags.append(int(args[-1]))
-                return _launch(name, grid_dim, block, args, shared_mem)
-
-            be.launch = launch_spy
             try:
-                got = _search.kernel_maps_arrays(be, grid, v, k, dils, _cell_dtype(k), 1 << 40,
-                                                 q, q_offsets)
+                with _fill_flags(be, "kernel_map_pass") as fills:
+                    got = _search.kernel_maps_arrays(be, grid, v, k, dils, _cell_dtype(k),
+                                                     1 << 40, q, q_offsets)
             finally:
                 be.reversed = False
                 _search._search_once = search_once
-                be.launch = launch
             ran = [n.split("<")[0] for n in be.launches[start:]]
             what = f"{name}: {passes} pass(es), capacity {(sample, margin, slack)}"
             for g, w in zip(got, want):
@@ -982,16 +993,14 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
                 assert capacities == [int(estimate * float(margin)) + int(slack)], \
                     (what, capacities, total, stride)
             once = ran.count("kernel_map_once") + ran.count("kernel_map_tiled")
-            fills = [n for n in be.launches[start:] if n.startswith("kernel_map_pass<")
-                     and n.endswith(", 1>")]
             if passes == "two":
                 assert once == 0 and len(fills) == 1, (what, ran)
             elif long_rows:  # one pass, then a fill of the long rows (or of all, short scratch)
                 assert once == 1 and len(fills) == 1, (what, ran)
                 if margin >= 1 and sample == defaults[0]:  # the scratch holds every short row
-                    assert fill_only_missing == [1], (what, fill_only_missing)
+                    assert fills == [1], (what, fills)
                 elif margin < 1:
-                    assert fill_only_missing == [0], (what, fill_only_missing)
+                    assert fills == [0], (what, fills)
             elif margin < 1 and n_pairs:  # the scratch falls short: fill pass after all
                 assert once == 1 and len(fills) == 1, (what, ran)
             elif margin >= 1:
@@ -1021,22 +1030,16 @@ def _check_radius_passes(be, name, p, offsets, q, q_offsets, r, euclidean, want)
             os.environ[_search.MAP_PASSES_ENV] = passes
             _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = \
                 sample, margin, slack
-            flags = []  # only_missing of each fill pass
-            launch = be.launch
-
-            def launch_spy(kernel, grid_dim, block, args, shared_mem=0, _launch=launch,
-                           _flags=flags):
-                if kernel == "radius_pass<1>":
-                    _flags.append(int(args[-1]))
-                return _launch(kernel, grid_dim, block, args, shared_mem)
-
-            be.launch, be.reversed = launch_spy, reverse
+            be.reversed = reverse
             start = len(be.launches)
             try:
-                grid = _search.build_grid(be, np.ascontiguousarray(p), offsets.astype(np.int64), r)
-                got = _search.radius_search_arrays(be, grid, r, euclidean, 1 << 40, q, q_offsets)
+                with _fill_flags(be, "radius_pass") as flags:
+                    grid = _search.build_grid(be, np.ascontiguousarray(p),
+                                              offsets.astype(np.int64), r)
+                    got = _search.radius_search_arrays(be, grid, r, euclidean, 1 << 40, q,
+                                                       q_offsets)
             finally:
-                be.launch, be.reversed = launch, False
+                be.reversed = False
             what = f"{name}: radius, {passes} pass(es), capacity {(sample, margin, slack)}"
             for a, b in zip(got, want):
                 np.testing.assert_array_equal(a, b, err_msg=what)

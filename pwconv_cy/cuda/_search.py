@@ -7,10 +7,11 @@ queries x neighbours); the scan of the counts gives the CSR, and sort_rows_by_ra
 into place sorted.  Rows longer than SHORT_ROW are not kept: they alone are searched again by
 the fill pass (only_missing).  Where the scratch estimate falls short, the counts are already
 exact and the fill pass runs over every row as in "two" (count pass, scan, fill pass).  The
-radius search counts and fills.  Opt-in, for timing on a GPU: PWCONV_CUDA_MAP_TILES=1, 2 or 3
-(the one pass with each cloud's coordinates, also its cells, also its grid rows, in shared
-memory: kernel_map_tiled), PWCONV_CUDA_ROW_SLOTS=1 (the row table as (key, cells) pairs) and
-PWCONV_CUDA_GRID_BUILD=scan (the grid's cells and rows from one scan); the same maps either way.
+radius search is made the same way (radius_once).  Opt-in, for timing on a GPU:
+PWCONV_CUDA_MAP_TILES=1, 2 or 3 (the one pass with each cloud's coordinates, also its cells,
+also its grid rows, in shared memory: kernel_map_tiled), PWCONV_CUDA_ROW_SLOTS=1 (the row table
+as (key, cells) pairs) and PWCONV_CUDA_GRID_BUILD=scan (the grid's cells and rows from one
+scan); the same maps either way.
 
 Works on canonical arrays (validated by the caller) through a backend (``_backend.py``): ``be.xp``
 is the array module, ``be.launch`` runs a kernel of kernels.cu.  The results are the CPU's, bit for
@@ -469,24 +470,38 @@ def _scan(be, row_len, every: int = 0, flag=None):
     return out + (() if flag is None else (flag_value,))
 
 
-def _fill_sorted(be, fill_name, grid_dim, head, dummy, splits, n_pairs: int, status,
-                 cell_bits=None):
-    """(keys (n_pairs,) int64, counts) of a fill pass, rows of at most SHORT_ROW entries sorted
-    (by the fill threads themselves, or by sort_rows_by_rank after an unsorted fill:
-    row_sort_mode).  With cell_bits (kernel maps: the keys' cell bits, 0 for K = 1), the rank
-    sort also counts each sorted entry's n_i(f): counts (n_pairs,) int32, complete for the rows it
-    sorted; None when it did not run.  The caller checks the fill's status once everything is
-    queued (the kernels after it stay within their arrays whatever the keys), so the device does
-    not idle while the host reads it."""
+def _rows_into_place(be, kept, splits, n_pairs: int, longest: int, fill_name, grid_dim, head,
+                     status, cell_bits=None):
+    """(keys (n_pairs,) int64, counts, filled): a search's rows in place after the scan of their
+    lengths, those of at most SHORT_ROW entries sorted.
+
+    kept: (scratch, row_at) of a one-pass search whose scratch holds every row of at most
+    SHORT_ROW entries: those are sorted into place from it by sort_rows_by_rank, and the longer
+    ones (row_at -1) are searched again and filled alone (fill_name with only_missing, unsorted:
+    the caller sorts them).  Else None: the fill pass runs over every row (filled), its rows of
+    at most SHORT_ROW entries sorted by the fill threads themselves or by sort_rows_by_rank after
+    an unsorted fill (row_sort_mode).  With cell_bits (kernel maps: the keys' cell bits, 0 for
+    K = 1), the rank sort also counts each entry it places: counts (n_pairs,) int32 of n_i(f),
+    complete for the rows it sorted; None when it did not run.  The caller checks the fill's
+    status once everything is queued (the kernels after it stay within their arrays whatever
+    the keys), so the device does not idle while the host reads it."""
     xp = be.xp
+    dummy = xp.zeros(1, dtype=xp.int64)
+    if kept is not None:
+        scratch, row_at = kept
+        keys, counts = _rank_sort(be, splits, scratch, row_at, n_pairs, cell_bits)
+        if longest > SHORT_ROW:
+            be.launch(fill_name, grid_dim, (SEARCH_THREADS,),
+                      head + (dummy, splits, keys, i64(0), status, row_at, i32(1)))
+        return keys, counts, False
     by_rank = row_sort_mode() == "rank"
     keys = xp.empty(n_pairs, dtype=xp.int64)
     be.launch(fill_name, grid_dim, (SEARCH_THREADS,),
               head + (dummy, splits, keys, i64(0 if by_rank else SHORT_ROW), status, dummy,
                       i32(0)))
     if not (by_rank and n_pairs):
-        return keys, None
-    return _rank_sort(be, splits, keys, None, n_pairs, cell_bits)
+        return keys, None, True
+    return (*_rank_sort(be, splits, keys, None, n_pairs, cell_bits), True)
 
 
 def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None, short_row=None):
@@ -587,15 +602,14 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
         f64(voxel_size), i32(k), dil, i32(bits), axis_d)
     rows = n_maps * m
     status = xp.zeros(1, dtype=xp.int32)
-    dummy = xp.zeros(1, dtype=xp.int64)
     grid_dim = (blocks(m, SEARCH_THREADS), n_maps)
     counts_bytes = 4 * rows * n_cells  # made if KernelMap.counts is read: keep room for them
     # keys x 2, index, entry count, cell
     pair_bytes = 20 + np.dtype(cell_dtype).itemsize
     what = "kernel_map (GPU)" if n_maps == 1 else f"kernel_maps (GPU, {n_maps} dilations)"
-    keys = counts = None
     once = None
     remember = None  # the key under which this call's pairs per query are kept ("last")
+    count = kernel_map_name(k, False)
     if m and map_passes_mode() == "one" and row_sort_mode() == "rank":
         capacity = None
         if map_capacity_mode() == "last":
@@ -604,15 +618,15 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
             if remember in _LAST_PAIRS_PER_QUERY:
                 capacity = _with_margin(m * _LAST_PAIRS_PER_QUERY[remember])
         if capacity is None:
-            capacity = _scratch_capacity(be, head, lambda h: _count_rows(be, k, h, n_maps))
-        if capacity is not None and pair_bytes * capacity + counts_bytes <= budget:
+            capacity = _scratch_capacity(be, head, lambda h: _count_pass(be, count, h, n_maps))
+        if pair_bytes * capacity + counts_bytes <= budget:
             tiles = _tile_plan(be, grid, query_offsets if queries is not None else grid.offsets)
             once = _search_once(be, k, head, grid_dim, rows, capacity, tiles)
     if once is not None:
         row_len, row_at, scratch, overflow = once
         splits, firsts, longest, overflow = _scan(be, row_len, every=m, flag=overflow)
     else:
-        row_len = _count_rows(be, k, head, n_maps)
+        row_len = _count_pass(be, count, head, n_maps)
         splits, firsts, longest = _scan(be, row_len, every=max(m, 1))
     n_pairs = int(firsts[-1])  # firsts[d]: where map d's entries start
     del row_len
@@ -623,19 +637,13 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     _budget_check(n_pairs, pair_bytes * n_pairs + counts_bytes, budget, what,
                   "reduce voxel_size, kernel_size or dilation, or split the batch"
                   + ("" if n_maps == 1 else ", or make fewer maps per call"))
-    if once is not None and not overflow:
-        # every row of at most SHORT_ROW entries is in the scratch buffer: sort them into place,
-        # counting n_i(f) on the way; the longer ones (row_at -1) are searched again and filled
-        # alone (ModelNet40's maps have some in most shapes: 20 % of the rows at s = 1)
-        keys, counts = _rank_sort(be, splits, scratch, row_at, n_pairs, bits)
-        if longest > SHORT_ROW:
-            be.launch(kernel_map_name(k, True), grid_dim, (SEARCH_THREADS,),
-                      head + (dummy, splits, keys, i64(0), status, row_at, i32(1)))
-    once = scratch = row_at = None  # not needed any more: the fill pass, if any, gets the room
-    filled = keys is None  # else the one pass's rows are in place: no full fill
-    if filled:
-        keys, counts = _fill_sorted(be, kernel_map_name(k, True), grid_dim, head, dummy,
-                                    splits, n_pairs, status, cell_bits=bits)
+    # (ModelNet40's maps have rows over SHORT_ROW in most shapes: 20 % of the rows at s = 1)
+    kept = (scratch, row_at) if once is not None and not overflow else None
+    once = scratch = row_at = None  # a fill pass over every row gets the room
+    keys, counts, filled = _rows_into_place(be, kept, splits, n_pairs, longest,
+                                            kernel_map_name(k, True), grid_dim, head, status,
+                                            cell_bits=bits)
+    del kept
     if longest > SHORT_ROW:  # a fill pass ran, of every row or of the long ones
         be.check_status(status, "kernel_map fill pass")  # before the sort reads the keys
         keys = _sort_long_rows(be, splits, keys, max(1, n).bit_length() + bits)
@@ -658,14 +666,15 @@ def kernel_maps_arrays(be, grid: DeviceGrid, voxel_size: float, kernel_size: int
     return out
 
 
-def _count_rows(be, k: int, head: tuple, n_maps: int):
-    """row_len (n_maps * m,) int64: the count pass (kernel_map_pass<K, 0>) over the queries of
-    `head` (the search kernels' leading arguments, m first)."""
+def _count_pass(be, kernel: str, head: tuple, n_maps: int = 1):
+    """row_len (n_maps * m,) int64: the count pass `kernel` (kernel_map_pass<K, 0>, map d =
+    blockIdx.y; radius_pass<0>) over the queries of `head` (the search kernels' leading
+    arguments, m first)."""
     xp = be.xp
     m = int(head[0])
     row_len = xp.zeros(n_maps * m, dtype=xp.int64)
     dummy = xp.zeros(1, dtype=xp.int64)
-    be.launch(kernel_map_name(k, False), (blocks(m, SEARCH_THREADS), n_maps), (SEARCH_THREADS,),
+    be.launch(kernel, (blocks(m, SEARCH_THREADS), n_maps), (SEARCH_THREADS,),
               head + (row_len, dummy, dummy, i64(SHORT_ROW), xp.zeros(1, dtype=xp.int32), dummy,
                       i32(0)))
     return row_len
@@ -807,51 +816,32 @@ def radius_search_arrays(be, grid: DeviceGrid, radius: float, euclidean: bool, b
     head = (i64(m), qrow, qx, qy, qz, q_offsets, i64(grid.n_clouds)) + grid.grid_args() + (
         f64(radius), i32(1 if euclidean else 0))
     status = xp.zeros(1, dtype=xp.int32)
-    dummy = xp.zeros(1, dtype=xp.int64)
     grid_dim = (blocks(m, SEARCH_THREADS),)
+    count = radius_name(False)
     once = None
     if m and map_passes_mode() == "one" and row_sort_mode() == "rank":
-        capacity = _scratch_capacity(be, head, lambda h: _count_radius(be, h))
+        capacity = _scratch_capacity(be, head, lambda h: _count_pass(be, count, h))
         if 8 * capacity <= budget:
             once = _radius_once(be, head, grid_dim, m, capacity)
     if once is not None:
         row_len, row_at, scratch, overflow = once
         splits, n_pairs, longest, overflow = _scan(be, row_len, flag=overflow)
     else:
-        row_len = _count_radius(be, head)
+        row_len = _count_pass(be, count, head)
         splits, n_pairs, longest = _scan(be, row_len)
     del row_len
     _budget_check(n_pairs, 16 * n_pairs, budget, "radius_search (GPU)",
                   "reduce the radius, search fewer queries per call or split the batch")
-    keys = None
-    if once is not None and not overflow:
-        # the rows of at most SHORT_ROW neighbours into place; the longer ones searched again
-        keys, _ = _rank_sort(be, splits, scratch, row_at, n_pairs)
-        if longest > SHORT_ROW:
-            be.launch(radius_name(True), grid_dim, (SEARCH_THREADS,),
-                      head + (dummy, splits, keys, i64(0), status, row_at, i32(1)))
-    once = scratch = row_at = None
-    filled = keys is None
-    if filled:
-        keys, _ = _fill_sorted(be, radius_name(True), grid_dim, head, dummy, splits, n_pairs,
-                               status)
+    kept = (scratch, row_at) if once is not None and not overflow else None
+    once = scratch = row_at = None  # a fill pass over every row gets the room
+    keys, _, filled = _rows_into_place(be, kept, splits, n_pairs, longest, radius_name(True),
+                                       grid_dim, head, status)
+    del kept
     if filled or longest > SHORT_ROW:
         be.check_status(status, "radius_search fill pass")
     if longest > SHORT_ROW:
         keys = _sort_long_rows(be, splits, keys, max(1, grid.n_points).bit_length())
     return splits, keys
-
-
-def _count_radius(be, head: tuple):
-    """row_len (m,) int64: radius_pass<0> over the queries of `head` (m first)."""
-    xp = be.xp
-    m = int(head[0])
-    row_len = xp.zeros(m, dtype=xp.int64)
-    dummy = xp.zeros(1, dtype=xp.int64)
-    be.launch(radius_name(False), (blocks(m, SEARCH_THREADS),), (SEARCH_THREADS,),
-              head + (row_len, dummy, dummy, i64(SHORT_ROW), xp.zeros(1, dtype=xp.int32), dummy,
-                      i32(0)))
-    return row_len
 
 
 def _radius_once(be, head: tuple, grid_dim: tuple, m: int, capacity: int):
