@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check of pwconv's GPU path on a CUDA machine, from the repository root:
-#   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels and the
-#   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter) -> GPU benchmark ->
+#   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels, the
+#   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter, the paper's networks
+#   and the training commands on the GPU) -> GPU benchmark -> a training step on the GPU ->
 #   the search kernels' variants (tiles, row slots, cell size, K = 3, rows sorted by a warp)
 #   -> the operator kernels' variants (one thread per row, chunks, rank transposition, unroll)
 #   -> kernel-time profiles (defaults; every opt-in) and the heaviest kernels' ncu sections
@@ -83,11 +84,15 @@ import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/load
 step gpu_tests 240 pytest.log \
     env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:---maxfail=10} -m gpu \
     tests/test_cuda.py tests/test_interop.py tests/test_torch_adapter.py \
-    -p no:cacheprovider
+    tests/test_models_gpu.py -p no:cacheprovider
 
 # shellcheck disable=SC2086
 step benchmark 170 bench.log \
     "$PY" benchmarks/gpu_paper_workload.py ${PWCONV_BENCH_FLAGS:-}
+
+# One training step of the paper's classifier on the GPU (model.to("cuda")) and on the host.
+step train_step 120 train.log \
+    "$PY" benchmarks/gpu_train_step.py
 
 # The search kernels' variants, each in a fresh process (identical maps required), alternated
 # (the first process measured runs slow): as shipped; the one pass with each cloud's coordinates

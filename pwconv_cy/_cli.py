@@ -98,11 +98,28 @@ def thread_limit(num_threads):
         yield
 
 
-def load_classifier(parser: argparse.ArgumentParser, path, arg: str = "--checkpoint"):
-    """``(model, extra)`` from a checkpoint, or an argparse-style exit naming `arg` and the
-    problem (missing file, not a pwconv model file, wrong version or shapes, not a classifier)."""
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where the model runs: cpu, cuda or cuda:<index> (a CUDA device "
+                             "needs CuPy: pip install pwconv[cuda12] or [cuda13])")
+
+
+def checked_device(parser: argparse.ArgumentParser, device) -> str:
+    """'cpu' or 'cuda:<index>', or an argparse-style exit saying why ``--device`` cannot be used
+    (not a device name, no CuPy or no CUDA device, no such device)."""
     try:
-        model, extra = models.load_checkpoint(path)
+        return models._parse_device(device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        parser.error(f"--device: {exc}")
+
+
+def load_classifier(parser: argparse.ArgumentParser, path, arg: str = "--checkpoint",
+                    device: str = "cpu"):
+    """``(model, extra)`` from a checkpoint, the model put on `device` (checked by
+    :func:`checked_device`), or an argparse-style exit naming `arg` and the problem (missing
+    file, not a pwconv model file, wrong version or shapes, not a classifier)."""
+    try:
+        model, extra = models.load_checkpoint(path, device=device)
     except (OSError, ValueError) as exc:
         parser.error(f"{arg}: {exc}")
     if not isinstance(model, models.PointwiseCNNClassifier):

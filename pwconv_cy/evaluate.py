@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-json", metavar="FILE", default=None,
                    help="also write the full report (per-class accuracy, confusion matrix) here")
     _cli.add_num_threads(p)
+    _cli.add_device(p)
     return p
 
 
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    model, extra = _cli.load_classifier(parser, args.checkpoint)
+    device = _cli.checked_device(parser, args.device)
+    model, extra = _cli.load_classifier(parser, args.checkpoint, device=device)
     names = _cli.class_names_of(extra)
     try:
         ds = data.load_dataset(args.data)

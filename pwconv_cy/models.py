@@ -28,21 +28,27 @@ under ``extra/`` and are read back by :func:`load_checkpoint`.
 :meth:`PointwiseCNNClassifier.predict` classifies clouds of any size: each is normalised like the
 training data and resampled to the model's ``n_points`` (:mod:`pwconv_cy.data`).
 
-The networks run on the host: their weights are NumPy arrays and their dropout masks and sorts
-are NumPy's.  GPU arrays (CuPy, CUDA tensors) are refused with an error naming the argument,
-never copied to the host behind the caller's back; on a GPU, build the network from
-:mod:`pwconv_cy.nn` layers (their params moved to the device), which run on CuPy arrays.
+A network lives on one device, the CPU (NumPy weights, the default) or a CUDA device (CuPy
+weights, the GPU path of :mod:`pwconv_cy.cuda`): ``model.to("cuda")`` moves it, ``model.device``
+says where it is.  Its inputs must be on that device -- CuPy arrays or other CUDA arrays (read in
+place) for a GPU network, host arrays for a CPU one: an array on another device is refused with
+an error naming the argument, never copied behind the caller's back.  The explicit transfers are
+:meth:`~_PointwiseNet.device_array` (the caller's request), :func:`save` (parameters written from
+the host) and :meth:`PointwiseCNNClassifier.predict` (host clouds in, host probabilities out).
+Dropout masks are drawn on the host by the model's NumPy Generator on either device, so a
+network trained on the GPU follows the CPU's trajectory up to rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import numpy as np
 
 from pwconv_cy import data, nn
-from pwconv_cy._arrays import CPU, describe, device_of
+from pwconv_cy._arrays import CPU, describe, device_of, kind_of, to_device
 from pwconv_cy._atomic import atomic_open
 from pwconv_cy._validation import check_bool
 from pwconv_cy.neighbors import NeighborIndex
@@ -58,16 +64,64 @@ _VERSION_KEY = "__format_version__"
 _EXTRA_PREFIX = "extra/"
 
 
-def _check_on_host(x, name: str) -> None:
-    """TypeError naming `name` for an array in GPU memory: the networks run on the host."""
+def _parse_device(device) -> str:
+    """'cpu' or 'cuda:<index>' from 'cpu', 'cuda' (device 0) or 'cuda:<index>'; checks that the
+    GPU path can run and that the device exists."""
+    text = device.strip().lower() if isinstance(device, str) else None
+    if text == CPU:
+        return CPU
+    head, sep, index = (text or "").partition(":")
+    if head != "cuda" or (index and not index.isdigit()) or (sep and not index):
+        raise (TypeError if text is None else ValueError)(
+            f"device must be 'cpu', 'cuda' or 'cuda:<index>', got "
+            f"{type(device).__name__} {device!r}")
+    from pwconv_cy import cuda
+
+    reason = cuda.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"device={device!r}: the GPU path of pwconv is not available: "
+                           f"{reason}; install CuPy (pip install pwconv[cuda12] or [cuda13])")
+    import cupy
+
+    n = cupy.cuda.runtime.getDeviceCount()
+    if int(index or 0) >= n:
+        raise ValueError(f"device={device!r}: there {'is' if n == 1 else 'are'} {n} CUDA "
+                         f"device{'' if n == 1 else 's'} (cuda:0 to cuda:{n - 1})")
+    return f"cuda:{int(index or 0)}"
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _host_copy(x) -> np.ndarray:
+    """A NumPy copy of a parameter on either device (an explicit transfer: save, to('cpu'))."""
+    return np.array(x.get() if kind_of(x) == "cupy" else x, copy=True)
+
+
+def _check_host_clouds(x, name: str) -> None:
+    """predict reads and resamples clouds on the host: GPU arrays are refused, naming `name`."""
     if x is None or isinstance(x, np.ndarray):
         return
     if device_of(x, name) != CPU:
         raise TypeError(
-            f"{name} is in GPU memory ({describe(x)}); the paper's networks (pwconv_cy.models) "
-            "hold NumPy weights and run on the host, and pwconv never copies GPU data to the "
-            f"host behind your back: pass {name} as a host array, or, to train on the GPU, "
-            "build the network from pwconv_cy.nn layers with their params on the device")
+            f"{name} is in GPU memory ({describe(x)}); predict reads and resamples clouds of any "
+            "size on the host (then runs the model on its device), and pwconv never copies GPU "
+            f"data to the host behind your back: pass {name} as a host array, or call forward / "
+            "predict_proba with a (B, n_points, 3) batch on the model's device")
+
+
+def _in_device_context(method):
+    """Run `method` with the model's CUDA device current (kernels, masks and allocations go to
+    the device the weights are on, also when it is not device 0)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._device_context():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _check_dilations(dilations):
@@ -98,6 +152,8 @@ class _PointwiseNet:
             c_in = self.channels
         self.concat = nn.Concat(axis=-1)
         self.input_grad = None
+        self.kernel_maps: dict = {}
+        self._device = CPU
 
     @property
     def _all_layers(self) -> list:
@@ -114,19 +170,104 @@ class _PointwiseNet:
     def set_params(self, new_params: dict) -> None:
         """Write new values (e.g. an optimiser's update) into the layers' arrays, in place.
 
-        `new_params` must have exactly the keys of ``params`` and the same shapes."""
+        `new_params` must have exactly the keys of ``params``, the same shapes, and sit on the
+        model's device (host arrays for a CPU model, CUDA arrays for a GPU one)."""
         current = self.params
         missing = sorted(set(current) - set(new_params))
         extra = sorted(set(new_params) - set(current))
         if missing or extra:
             raise ValueError(f"set_params: missing parameters {missing}, unexpected {extra}")
+        values = {key: self._on_device(new_params[key], f"set_params: {key!r}")
+                  for key in current}
+        if self._device == CPU:
+            values = {key: np.asarray(v) for key, v in values.items()}
         for key, arr in current.items():
-            value = np.asarray(new_params[key])
-            if value.shape != arr.shape:
+            if tuple(values[key].shape) != tuple(arr.shape):
                 raise ValueError(f"set_params: {key!r} must have shape {arr.shape}, "
-                                 f"got {value.shape}")
-        for key, arr in current.items():
-            arr[...] = np.asarray(new_params[key], dtype=arr.dtype)
+                                 f"got {tuple(values[key].shape)}")
+        with self._device_context():
+            for key, arr in current.items():
+                arr[...] = values[key].astype(arr.dtype, copy=False)
+
+    # -- device -----------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        """Where the weights live and the network runs: ``"cpu"`` or ``"cuda:<index>"``."""
+        return self._device
+
+    @property
+    def array_module(self):
+        """The module of the weights' arrays: numpy on the CPU, cupy on a CUDA device."""
+        return np if self._device == CPU else _cupy()
+
+    def to(self, device):
+        """Move the weights to `device` (``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``) and
+        return self.  The forward context and kernel maps of the last call are dropped (they
+        live on the old device), so ``backward`` needs a new ``forward``.  An optimiser state
+        made for the old device must be made again (``optimizer.init(model.params)``)."""
+        target = _parse_device(device)
+        if target == self._device:
+            return self
+        with self._device_context(target):
+            for layer in self._layers.values():
+                for key, value in layer.params.items():
+                    host = _host_copy(value)
+                    layer.params[key] = host if target == CPU else _cupy().asarray(host)
+        self._device = target
+        for layer in self._all_layers:
+            layer._ctx = None
+            layer.grads = {}
+        self.kernel_maps, self.input_grad = {}, None
+        return self
+
+    def device_array(self, x, dtype=None):
+        """`x` as an array on the model's device: a host -> GPU copy for host data on a GPU model
+        (the one transfer pwconv makes, and only when asked), otherwise `x` read in place."""
+        with self._device_context():
+            if self._device == CPU:
+                return np.asarray(x, dtype=dtype)
+            if device_of(x, "x") == CPU:
+                return self.array_module.asarray(np.asarray(x, dtype=dtype))
+            return self._on_device(x, "x") if dtype is None else \
+                self._on_device(x, "x").astype(dtype, copy=False)
+
+    def _device_repr(self) -> str:
+        return "" if self._device == CPU else f", device={self._device!r}"
+
+    def _device_context(self, device=None):
+        """The CUDA device of `device` (default: the model's) as a context; a no-op for the CPU."""
+        import contextlib
+
+        device = self._device if device is None else device
+        if device == CPU:
+            return contextlib.nullcontext()
+        return _cupy().cuda.Device(int(device.partition(":")[2]))
+
+    def _on_device(self, x, name: str):
+        """`x` on the model's device (GPU arrays read in place), or a TypeError naming `name`:
+        pwconv never moves data between devices behind the caller's back."""
+        if x is None:
+            return None
+        where = device_of(x, name)
+        if self._device == CPU:
+            if where != CPU:
+                raise TypeError(
+                    f"{name} is in GPU memory ({describe(x)}, {where}) but the model is on the "
+                    f"CPU; pwconv never copies GPU data to the host behind your back: move the "
+                    f"model with model.to('cuda'), or pass {name} as a host array")
+            return x
+        if where == CPU:
+            raise TypeError(
+                f"{name} is a host array ({describe(x)}) but the model is on {self._device}; "
+                f"pwconv never copies host data to the GPU behind your back: pass {name} on "
+                f"that device (model.device_array({name}) or cupy.asarray({name})), or move the "
+                "model with model.to('cpu')")
+        if where not in ("cuda:?", self._device):
+            raise TypeError(f"{name} is on {where} ({describe(x)}) but the model is on "
+                            f"{self._device}: pass {name} on the model's device, or move the "
+                            f"model with model.to({where!r})")
+        return to_device(x, name)
 
     @property
     def n_params(self) -> int:
@@ -150,14 +291,15 @@ class _PointwiseNet:
     # -- trunk ------------------------------------------------------------------------------------
 
     def _prepare(self, points, feats, offsets):
-        pts = np.ascontiguousarray(points, dtype=self.dtype)
+        xp = self.array_module
+        pts = xp.ascontiguousarray(self._on_device(points, "points"), dtype=self.dtype)
         if feats is None:
             if self.in_channels != 3:
                 raise ValueError(f"feats are required: the model has in_channels="
                                  f"{self.in_channels} (the default features, xyz, have 3)")
             x = pts
         else:
-            x = np.asarray(feats)
+            x = xp.asarray(self._on_device(feats, "feats"))
             if x.dtype != self.dtype:
                 x = x.astype(self.dtype)
             if x.shape[:-1] != pts.shape[:-1] or x.shape[-1] != self.in_channels:
@@ -259,12 +401,13 @@ class PointwiseCNNClassifier(_PointwiseNet):
             layers.append(self.out_selu)
         return layers
 
+    @_in_device_context
     def forward(self, points, feats=None):
         """Logits (B, n_classes) for a dense batch `points` (B, n_points, 3); `feats`
         (B, n_points, in_channels) default to the coordinates."""
-        _check_on_host(points, "points")
-        _check_on_host(feats, "feats")
-        shape = np.shape(points)
+        points = self._on_device(points, "points")
+        feats = self._on_device(feats, "feats")
+        shape = tuple(points.shape) if hasattr(points, "shape") else np.shape(points)
         if len(shape) != 3 or shape[-1] != 3:
             raise ValueError(f"points must be a dense batch of shape (B, n_points, 3), "
                              f"got {shape}")
@@ -282,13 +425,14 @@ class PointwiseCNNClassifier(_PointwiseNet):
             z = self.out_selu.forward(z)
         return z
 
+    @_in_device_context
     def backward(self, d_logits, *, input_grad=True) -> dict:
         """Gradients of all parameters (keyed like ``params``) for the upstream gradient
         `d_logits` (B, n_classes); also sets ``input_grad`` (d feats), unless
         ``input_grad=False``, which skips computing it (training needs no input gradient) and
         sets ``input_grad`` to None."""
         grads = {}
-        d = d_logits
+        d = self._on_device(d_logits, "d_logits")
         if self.out_selu is not None:
             d, _ = self.out_selu.backward(d)
         d, g = self.fc2.backward(d)
@@ -302,7 +446,8 @@ class PointwiseCNNClassifier(_PointwiseNet):
         return self._ordered(grads)
 
     def predict_proba(self, points, feats=None):
-        """Class probabilities (B, n_classes), computed in evaluation mode (the mode is restored)."""
+        """Class probabilities (B, n_classes) on the model's device, computed in evaluation mode
+        (the mode is restored)."""
         was_training = self.training
         self.eval()
         try:
@@ -310,7 +455,7 @@ class PointwiseCNNClassifier(_PointwiseNet):
         finally:
             self.train(was_training)
         z = z - z.max(axis=-1, keepdims=True)
-        e = np.exp(z)
+        e = self.array_module.exp(z)
         return e / e.sum(axis=-1, keepdims=True)
 
     def predict(self, clouds, *, seed=0, batch_size=32):
@@ -330,12 +475,15 @@ class PointwiseCNNClassifier(_PointwiseNet):
         batch_size : int
             Clouds per forward pass.
 
+        The clouds are read and resampled on the host, also for a model on a GPU: each batch
+        is then copied to the device and its probabilities copied back.
+
         Returns
         -------
-        (B, n_classes) float array
+        (B, n_classes) NumPy float array
             Probabilities (rows sum to 1); ``argmax(axis=1)`` gives the labels.
         """
-        _check_on_host(clouds, "clouds")
+        _check_host_clouds(clouds, "clouds")
         if isinstance(clouds, np.ndarray) and clouds.ndim == 3:
             clouds = list(clouds)
         if isinstance(clouds, np.ndarray) or not hasattr(clouds, "__len__"):
@@ -345,7 +493,7 @@ class PointwiseCNNClassifier(_PointwiseNet):
         rng = np.random.default_rng(seed)
         fixed = np.empty((len(clouds), self.n_points, 3), dtype=self.dtype)
         for i, cloud in enumerate(clouds):
-            _check_on_host(cloud, f"cloud {i}")
+            _check_host_clouds(cloud, f"cloud {i}")
             cloud = np.asarray(cloud)
             if cloud.ndim != 2 or cloud.shape[1] != 3 or cloud.shape[0] == 0:
                 raise ValueError(f"cloud {i} must have shape (m, 3) with m >= 1, got "
@@ -356,7 +504,8 @@ class PointwiseCNNClassifier(_PointwiseNet):
             fixed[i] = data.resample(data.normalize_clouds(cloud), self.n_points, rng)
         probs = np.empty((len(clouds), self.n_classes), dtype=self.dtype)
         for start in range(0, len(clouds), batch_size):
-            probs[start:start + batch_size] = self.predict_proba(fixed[start:start + batch_size])
+            batch = self.device_array(fixed[start:start + batch_size])
+            probs[start:start + batch_size] = _host_copy(self.predict_proba(batch))
         return probs
 
     @property
@@ -374,7 +523,8 @@ class PointwiseCNNClassifier(_PointwiseNet):
 
     def __repr__(self) -> str:
         return (f"PointwiseCNNClassifier(n_points={self.n_points}, n_classes={self.n_classes}, "
-                f"channels={self.channels}, hidden={self.hidden}, n_params={self.n_params})")
+                f"channels={self.channels}, hidden={self.hidden}, n_params={self.n_params}"
+                f"{self._device_repr()})")
 
 
 class PointwiseCNNSegmenter(_PointwiseNet):
@@ -418,10 +568,11 @@ class PointwiseCNNSegmenter(_PointwiseNet):
                                                 offsets=offsets).kernel_map(3, 1)
         return pts, x
 
+    @_in_device_context
     def forward(self, points, feats=None, offsets=None):
-        _check_on_host(points, "points")
-        _check_on_host(feats, "feats")
-        shape = np.shape(points)
+        points = self._on_device(points, "points")
+        feats = self._on_device(feats, "feats")
+        shape = tuple(points.shape) if hasattr(points, "shape") else np.shape(points)
         if len(shape) not in (2, 3) or shape[-1] != 3:
             raise ValueError(f"points must be packed (N, 3) or dense (B, n, 3), got {shape}")
         if len(shape) == 3 and offsets is not None:
@@ -433,18 +584,19 @@ class PointwiseCNNSegmenter(_PointwiseNet):
         return self.head.forward(pts, h, offsets=offsets, kernel_map=self.kernel_maps[1],
                                  check_map=False)
 
+    @_in_device_context
     def backward(self, d_logits, *, input_grad=True) -> dict:
         """Gradients of all parameters (keyed like ``params``); also sets ``input_grad`` (d feats),
         or skips it and sets None with ``input_grad=False``."""
         grads = {}
-        d, g = self.head.backward(d_logits)
+        d, g = self.head.backward(self._on_device(d_logits, "d_logits"))
         grads.update({f"conv{len(self.dilations)}.{k}": v for k, v in g.items()})
         self._trunk_backward(d, grads, input_grad)
         return self._ordered(grads)
 
     def __repr__(self) -> str:
         return (f"PointwiseCNNSegmenter(n_classes={self.n_classes}, channels={self.channels}, "
-                f"n_params={self.n_params})")
+                f"n_params={self.n_params}{self._device_repr()})")
 
 
 _CLASSES = {"PointwiseCNNClassifier": PointwiseCNNClassifier,
@@ -453,6 +605,9 @@ _CLASSES = {"PointwiseCNNClassifier": PointwiseCNNClassifier,
 
 def save(model, path, extra=None) -> None:
     """Write `model`'s parameters, configuration (JSON) and the format version to ``.npz``.
+
+    The parameters of a model on a GPU are copied to the host for writing; the file does not
+    record the device (:func:`load` takes one).
 
     The file is written atomically: to a temporary file in the same folder, then moved over
     `path` with ``os.replace``, so `path` always holds a complete file (the old or the new).
@@ -468,7 +623,7 @@ def save(model, path, extra=None) -> None:
     if type(model).__name__ not in _CLASSES:
         raise TypeError(f"save expects a PointwiseCNNClassifier or PointwiseCNNSegmenter, "
                         f"got {type(model).__name__}")
-    arrays = {_PARAM_PREFIX + k: np.asarray(v) for k, v in model.params.items()}
+    arrays = {_PARAM_PREFIX + k: _host_copy(v) for k, v in model.params.items()}
     arrays[_CONFIG_KEY] = np.array(json.dumps(model.config))
     arrays[_VERSION_KEY] = np.array(format_version, dtype=np.int64)
     for key, value in (extra or {}).items():
@@ -482,13 +637,17 @@ def save(model, path, extra=None) -> None:
         np.savez(f, **arrays)
 
 
-def load(path):
-    """Rebuild the model saved by :func:`save` (no pickle); see :func:`load_checkpoint`."""
-    return load_checkpoint(path)[0]
+def load(path, device="cpu"):
+    """Rebuild the model saved by :func:`save` (no pickle) on `device`; see
+    :func:`load_checkpoint`."""
+    return load_checkpoint(path, device=device)[0]
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, device="cpu"):
     """The model saved by :func:`save` and its extra arrays.
+
+    `device` (``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``) is where the model is put; it is
+    checked before the file is read.  The extra arrays stay NumPy arrays on the host.
 
     Returns
     -------
@@ -504,6 +663,7 @@ def load_checkpoint(path):
         A file that is not an ``.npz``, or not a pwconv model file, of another format version,
         without a configuration, or with missing, extra or mis-shaped parameters.
     """
+    device = _parse_device(device)
     with data.open_npz(path, context="not a pwconv model file: ") as f:
         keys = set(f.files)
         if _VERSION_KEY not in keys:
@@ -538,4 +698,4 @@ def load_checkpoint(path):
                 raise ValueError(f"{path}: parameter {k!r} has shape {stored[k].shape}, the "
                                  f"model expects {arr.shape}")
         model.set_params(stored)
-    return model, extra
+    return model.to(device), extra

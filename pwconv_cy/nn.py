@@ -590,6 +590,21 @@ class Concat(_Layer):
         return f"Concat(axis={self.axis})"
 
 
+def _lexsort_xyz(points, xp):
+    """(B, n) order of each cloud's points by x, then y, then z, ties kept in input order: the
+    permutation of ``np.lexsort((z, y, x), axis=-1)``, made by three stable argsorts, least
+    significant key first (CuPy's lexsort has no axis; its argsort is stable).  ``+ 0.0`` makes
+    -0.0 +0.0, so a radix sort cannot tell them apart where a comparison sort does not."""
+    perm = None
+    for axis in (2, 1, 0):
+        key = points[..., axis] + 0.0
+        if perm is not None:
+            key = xp.take_along_axis(key, perm, axis=-1)
+        order = xp.argsort(key, axis=-1, kind="stable") if xp is np else xp.argsort(key, axis=-1)
+        perm = order if perm is None else xp.take_along_axis(perm, order, axis=-1)
+    return perm
+
+
 class SortFlatten(_Layer):
     """Order-making flatten of the paper's classifier: ``forward(points (B, n, 3), feats (B, n, c))``
     sorts each cloud's points by x, then y, then z (x the primary key; stable:
@@ -607,7 +622,7 @@ class SortFlatten(_Layer):
                 f"feats must have shape (B, n, c) with (B, n) = {points.shape[:2]}, got {feats.shape}"
             )
         B, n, c = feats.shape
-        perm = xp.lexsort((points[..., 2], points[..., 1], points[..., 0]), axis=-1)
+        perm = _lexsort_xyz(points, xp)
         rows = xp.arange(B)[:, None]
         y = feats[rows, perm].reshape(B, n * c)
         self._save(perm=perm, shape=feats.shape)

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clouds per forward pass")
     p.add_argument("--json", action="store_true", help="one JSON object per cloud")
     _cli.add_num_threads(p)
+    _cli.add_device(p)
     return p
 
 
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    model, extra = _cli.load_classifier(parser, args.checkpoint)
+    device = _cli.checked_device(parser, args.device)
+    model, extra = _cli.load_classifier(parser, args.checkpoint, device=device)
     names = _cli.class_names_of(extra)
     clouds = []
     for path in args.inputs:

@@ -13,7 +13,10 @@ epoch writes, into DIR:
   curves (needs matplotlib, the ``plot`` extra).
 
 Every file is written atomically (temporary file + ``os.replace``): an interrupted run (Ctrl-C,
-``--time-limit``, a kill) leaves the last complete epoch usable.  ``--help`` lists the options.
+``--time-limit``, a kill) leaves the last complete epoch usable.  ``--device cuda`` trains on a
+CUDA device (CuPy): the data stays on the host, where it is shuffled, resampled and augmented,
+and each batch is copied to the device; the checkpoints are the same files (a run resumes on
+either device, bit-identically on the one it was trained on).  ``--help`` lists the options.
 """
 
 from __future__ import annotations
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar")
     g.add_argument("--no-plot", dest="plot", action="store_false", help="no curves.png")
     _cli.add_num_threads(g)
+    _cli.add_device(g)
     return p
 
 
@@ -213,6 +217,10 @@ class _Run:
         self.best_path = self.out / "best.npz"
         self._check_out()
         try:
+            self.device = models._parse_device(args.device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise _UsageError(f"--device: {exc}") from None
+        try:
             ds = data.load_dataset(args.data)
         except (OSError, ValueError) as exc:
             raise _UsageError(f"--data: {exc}") from None
@@ -233,6 +241,7 @@ class _Run:
                               f"only, got --schedule {args.schedule}")
         self.steps_per_epoch = math.ceil(len(self.train) / args.batch_size)
         self.optimizer = _make_optimizer(self.config, self.steps_per_epoch)
+        self.resumed_from_device = None
         if args.resume:
             self._restore()
         else:
@@ -240,7 +249,7 @@ class _Run:
                 n_points=self.config["num_points"], n_classes=self.n_classes,
                 channels=args.channels, voxel_size=self.config["voxel_size"],
                 dilations=args.dilations, hidden=args.hidden, dropout=args.dropout,
-                logits_selu=args.logits_selu, seed=args.seed)
+                logits_selu=args.logits_selu, seed=args.seed).to(self.device)
             self.opt_state = self.optimizer.init(self.model.params)
             # one generator for the shuffling, resampling, augmentation and dropout masks
             self.rng = np.random.default_rng([args.seed, 1])
@@ -266,7 +275,7 @@ class _Run:
     def _restore(self):
         where = f"--resume: {self.last_path}"
         try:
-            self.model, extra = models.load_checkpoint(self.last_path)
+            self.model, extra = models.load_checkpoint(self.last_path, device=self.device)
             state = json.loads(str(extra["train_state"]))
             if state.get("schema") != STATE_SCHEMA:
                 raise ValueError(f"training-state schema {state.get('schema')!r}, this pwconv "
@@ -281,7 +290,9 @@ class _Run:
         try:
             arrays = {k[len(_OPTIM_PREFIX):]: v for k, v in extra.items()
                       if k.startswith(_OPTIM_PREFIX)}
-            self.opt_state = optim.state_from_arrays(arrays)
+            with self.model._device_context():
+                self.opt_state = optim.state_from_arrays(
+                    arrays, xp=None if self.device == "cpu" else self.model.array_module)
             params = self.model.params
             for slot, values in self.opt_state.items():
                 if slot != "step" and {k: v.shape for k, v in values.items()} != {
@@ -291,6 +302,7 @@ class _Run:
             self.rng.bit_generator.state = state["rng_state"]
             self.epoch, self.history, self.best = (int(state["epoch"]), state["history"],
                                                    state["best"])
+            self.resumed_from_device = state.get("device", "cpu")
         except (KeyError, TypeError, ValueError) as exc:
             raise _UsageError(f"{where}: the optimiser or training state is damaged "
                               f"({type(exc).__name__}: {exc})") from None
@@ -308,7 +320,7 @@ class _Run:
             models.save(self.model, self.best_path, extra=self._extra())
         state = {"schema": STATE_SCHEMA, "epoch": self.epoch, "run_config": self.config,
                  "rng_state": self.rng.bit_generator.state, "history": self.history,
-                 "best": self.best}
+                 "best": self.best, "device": self.device}
         extra = self._extra()
         extra["train_state"] = np.array(json.dumps(state))
         for k, v in optim.state_to_arrays(self.opt_state).items():
@@ -374,7 +386,11 @@ def train_step(model, loss_fn, optimizer, opt_state, points, labels, clip_norm=N
 
     Returns ``(loss, n_correct, new_opt_state)``; the model's parameters are updated in
     place.  The kernel maps are computed once, by the model's forward, and reused by backward.
+    `points` and `labels` may be host arrays for a model on a GPU: they are copied to its
+    device (``model.device_array``), the step's one host -> device transfer; the loss and the
+    count are read back.
     """
+    points, labels = model.device_array(points), model.device_array(labels)
     logits = model.forward(points)
     loss = float(loss_fn.forward(logits, labels))
     grads = model.backward(loss_fn.backward(), input_grad=False)
@@ -444,9 +460,13 @@ def _loop(run: _Run) -> int:
         print(f"{run.last_path} has already completed {run.epoch} epochs (--epochs "
               f"{args.epochs}): nothing to do")
         return 0
+    if run.resumed_from_device not in (None, run.device):
+        print(f"note: {run.last_path} was trained on {run.resumed_from_device} and continues on "
+              f"{run.device}: the same trajectory up to rounding (bit-identical to an "
+              "uninterrupted run only on the same device)", file=sys.stderr, flush=True)
     print(f"training {run.model!r} on {len(run.train)} shapes (validation: {len(run.val)}), "
-          f"{run.steps_per_epoch} steps per epoch, epochs {run.epoch + 1}..{args.epochs}",
-          flush=True)
+          f"{run.steps_per_epoch} steps per epoch, epochs {run.epoch + 1}..{args.epochs}, "
+          f"on {run.device}", flush=True)
     while run.epoch < args.epochs:
         trained = _train_epoch(run)
         lr, step = run.optimizer.lr, run.opt_state["step"]

@@ -1,6 +1,11 @@
-"""The paper's networks (pwconv_cy.models): gradients, save/load, and short training runs."""
+"""The paper's networks (pwconv_cy.models): gradients, save/load, devices, and short training
+runs.  On a CUDA device: tests/test_models_gpu.py."""
+import re
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pwconv_cy import models, nn, optim
 
@@ -142,8 +147,9 @@ class _FakeGpuArray:
 
 
 def test_networks_refuse_gpu_arrays_naming_them(rng):
-    """The networks run on the host: a GPU array is refused with the argument's name, not
-    copied to the host and not reported as a bad shape."""
+    """A network on the CPU refuses a GPU array with the argument's name and the way out, never
+    copies it to the host and never reports it as a bad shape; predict, which resamples on the
+    host on any device, says so."""
     clf = models.PointwiseCNNClassifier(n_points=16, n_classes=3, hidden=4, seed=0)
     seg = models.PointwiseCNNSegmenter(n_classes=3, channels=2, seed=0)
     pts = _cloud_batch(rng, 2, 16).astype(np.float32)
@@ -151,14 +157,75 @@ def test_networks_refuse_gpu_arrays_naming_them(rng):
     calls = [(lambda: clf.forward(on_gpu), "points"),
              (lambda: clf.forward(pts, feats=_FakeGpuArray((2, 16, 3))), "feats"),
              (lambda: clf.predict_proba(on_gpu), "points"),
-             (lambda: clf.predict(on_gpu), "clouds"),
-             (lambda: clf.predict([pts[0], _FakeGpuArray((16, 3))]), "cloud 1"),
              (lambda: seg.forward(on_gpu), "points"),
-             (lambda: seg.forward(pts, feats=_FakeGpuArray((2, 16, 3))), "feats")]
+             (lambda: seg.forward(pts, feats=_FakeGpuArray((2, 16, 3))), "feats"),
+             (lambda: clf.backward(_FakeGpuArray((2, 3))), "d_logits"),
+             (lambda: seg.backward(_FakeGpuArray((2, 16, 3))), "d_logits"),
+             (lambda: clf.set_params({**clf.params, "fc2.bias": _FakeGpuArray((3,))}),
+              "set_params: 'fc2.bias'")]
     for call, name in calls:
-        with pytest.raises(TypeError, match=f"^{name} is in GPU memory .*pwconv_cy.nn layers"):
+        with pytest.raises(TypeError, match=f"^{re.escape(name)} is in GPU memory .*cuda:.* but "
+                                            r"the model is on the CPU.*model.to\('cuda'\)"):
+            call()
+    for call, name in [(lambda: clf.predict(on_gpu), "clouds"),
+                       (lambda: clf.predict([pts[0], _FakeGpuArray((16, 3))]), "cloud 1")]:
+        with pytest.raises(TypeError, match=f"^{name} is in GPU memory .*resamples clouds .* on "
+                                            "the host"):
             call()
     assert clf.forward(pts).shape == (2, 3)  # host arrays still run
+    clf.backward(np.ones((2, 3), np.float32))
+
+
+def test_device_argument_errors_and_the_cpu_device(rng, tmp_path, monkeypatch):
+    """model.to / load take 'cpu', 'cuda' or 'cuda:<index>'; anything else is refused naming
+    the argument, and a CUDA device without a usable GPU path says why and what to install."""
+    from pwconv_cy import cuda
+
+    clf = models.PointwiseCNNClassifier(n_points=16, n_classes=3, hidden=4, seed=0)
+    assert clf.device == "cpu" and clf.array_module is np and "device" not in repr(clf)
+    before = {k: v.copy() for k, v in clf.params.items()}
+    assert clf.to("cpu") is clf and clf.to(" CPU ") is clf
+    for k, v in clf.params.items():
+        np.testing.assert_array_equal(v, before[k])
+    for bad, error in [(0, TypeError), (None, TypeError), ("gpu", ValueError),
+                       ("cuda:", ValueError), ("cuda:x", ValueError), ("cuda:-1", ValueError),
+                       ("cpu:0", ValueError), ("", ValueError)]:
+        with pytest.raises(error, match=r"^device must be 'cpu', 'cuda' or 'cuda:<index>'"):
+            clf.to(bad)
+    models.save(clf, tmp_path / "clf.npz")
+    with pytest.raises(ValueError, match="device must be"):
+        models.load(tmp_path / "missing.npz", device="gpu")  # checked before the file is read
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda: "CuPy is not importable (test)")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(RuntimeError, match=rf"^device='{device}': the GPU path of pwconv is "
+                                               r"not available: CuPy is not importable \(test\);"
+                                               r" install CuPy \(pip install pwconv\[cuda12\]"):
+            clf.to(device)
+        with pytest.raises(RuntimeError, match="not available"):
+            models.load(tmp_path / "clf.npz", device=device)
+    assert clf.device == "cpu"  # a refused move leaves the model where it was
+    # device_array on the CPU: read in place, or converted
+    pts = _cloud_batch(rng, 2, 16)
+    assert clf.device_array(pts) is pts
+    assert clf.device_array(pts.tolist(), dtype=np.float32).dtype == np.float32
+
+
+def test_sort_flatten_order_is_lexsort_by_xyz():
+    """The classifier's point order (three stable argsorts, as CuPy can make it) is exactly
+    NumPy's lexsort by x, then y, then z, ties in input order, -0.0 equal to +0.0."""
+    from pwconv_cy.nn import _lexsort_xyz
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31 - 1),
+           st.sampled_from([np.float32, np.float64]))
+    def check(b, n, seed, dtype):
+        r = np.random.default_rng(seed)
+        # few distinct values: many ties on one, two or three keys; signed zeros among them
+        points = r.choice(np.array([-1.0, -0.0, 0.0, 0.5, 1e-30]), size=(b, n, 3)).astype(dtype)
+        expected = np.lexsort((points[..., 2], points[..., 1], points[..., 0]), axis=-1)
+        np.testing.assert_array_equal(_lexsort_xyz(points, np), expected)
+
+    check()
 
 
 def test_save_load_round_trip(tmp_path, rng):

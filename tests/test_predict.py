@@ -207,3 +207,26 @@ def test_predict_command_errors(tmp_path, rng, checkpoint, capsys):
     argv = ["--checkpoint", tmp_path / "nan.npz", tmp_path / "nan.npz"]
     status, _, err = run_command(predict, argv, capsys)
     assert status == 2 and "--checkpoint: " in err and "not a pwconv model file" in err
+
+
+def test_device_option_errors(tmp_path, checkpoint, capsys, monkeypatch):
+    """--device of the three commands: a bad name, or a CUDA device where the GPU path cannot
+    run, is an argparse-style error naming --device and why, before any file is read."""
+    from pwconv_cy import cuda, evaluate, train
+
+    np.savez(tmp_path / "c.npz", points=np.zeros((4, 3)))
+    commands = [(predict, ["--checkpoint", checkpoint, tmp_path / "c.npz"]),
+                (evaluate, ["--checkpoint", checkpoint, "--data", tmp_path / "absent.npz"]),
+                (train, ["--data", tmp_path / "absent.npz", "--epochs", "1", "--out",
+                         tmp_path / "o"])]
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda: "CuPy is not importable (test)")
+    for module, argv in commands:
+        for device, message in [
+                ("tpu", (r"--device: device must be 'cpu', 'cuda' or 'cuda:<index>', got str "
+                         r"'tpu'")),
+                ("cuda:0", (r"--device: device='cuda:0': the GPU path of pwconv is not "
+                            r"available: CuPy is not importable \(test\); install CuPy"))]:
+            status, _, err = run_command(module, [*argv, "--device", device], capsys)
+            assert status == 2, (module.__name__, err)
+            assert len(re.findall(message, err)) == 1, (module.__name__, err)
+    assert not (tmp_path / "o").exists()

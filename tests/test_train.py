@@ -317,6 +317,8 @@ def test_unreadable_data_files(tmp_path, capsys):
     (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
     (["--batch-size", "11"], r"--batch-size 11 is larger than the training set: 9 shapes"),
     (["--warmup-steps", "5"], "--warmup-steps 5 applies to --schedule cosine only"),
+    (["--device", "gpu"], (r"--device: device must be 'cpu', 'cuda' or 'cuda:<index>', got "
+                           r"str 'gpu'")),
 ])
 def test_bad_options_are_clear_errors(tmp_path, capsys, argv, message):
     data = _synthetic(tmp_path / "d.npz")
