@@ -17,7 +17,10 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-DATA_DIR = Path(os.environ.get("PWCONV_DATA", BENCH_DIR.parent.parent / "shared" / "data"))
+# The tests' variable names the data folder for the benchmarks too; PWCONV_DATA, the benchmarks'
+# older name for it, is still read.
+DATA_DIR = Path(os.environ.get("PWCONV_SHARED_DATA") or os.environ.get("PWCONV_DATA")
+                or BENCH_DIR.parent.parent / "shared" / "data")
 LIDAR_TILE = DATA_DIR / "lidar_als_labelled" / "ign_lambert93_tile_698k.npz"
 
 
@@ -244,7 +247,8 @@ def modelnet_train_shapes(count: int):
     it)."""
     path = DATA_DIR / "modelnet40_1024" / "train.npz"
     if not path.exists():
-        print(f"(ModelNet40 skipped: {path} not found; set PWCONV_DATA to the shared data folder)")
+        print(f"(ModelNet40 skipped: {path} not found; set PWCONV_SHARED_DATA to the shared "
+              "data folder)")
         return None
     with np.load(path) as z:
         shapes = z["points"][:: max(1, len(z["points"]) // count)][:count]
@@ -256,7 +260,7 @@ def lidar_tile() -> np.ndarray:
     if "tile" not in _LIDAR_CACHE:
         if not LIDAR_TILE.exists():
             raise FileNotFoundError(
-                f"{LIDAR_TILE} not found; set PWCONV_DATA to the shared data folder"
+                f"{LIDAR_TILE} not found; set PWCONV_SHARED_DATA to the shared data folder"
             )
         with np.load(LIDAR_TILE) as z:
             _LIDAR_CACHE["tile"] = np.ascontiguousarray(z["points"], dtype=np.float32)
