@@ -81,7 +81,7 @@ import pwconv_cy.cuda as c; print('pwconv_cy.cuda available:', c.is_available(),
 import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/loaded in {time.time() - t:.1f} s')"
 
 # shellcheck disable=SC2086
-step gpu_tests 240 pytest.log \
+step gpu_tests 270 pytest.log \
     env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:---maxfail=10} -m gpu \
     tests/test_cuda.py tests/test_interop.py tests/test_torch_adapter.py \
     tests/test_models_gpu.py -p no:cacheprovider
