@@ -205,7 +205,9 @@ class _PointwiseNet:
         """Move the weights to `device` (``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``) and
         return self.  The forward context and kernel maps of the last call are dropped (they
         live on the old device), so ``backward`` needs a new ``forward``.  An optimiser state
-        made for the old device must be made again (``optimizer.init(model.params)``)."""
+        made for the old device moves with ``optim.state_from_arrays(optim.state_to_arrays(
+        state), xp=model.array_module)`` (under the model's CUDA device), or is made afresh
+        (``optimizer.init(model.params)``)."""
         target = _parse_device(device)
         if target == self._device:
             return self

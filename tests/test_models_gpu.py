@@ -53,6 +53,26 @@ def _assert_same_maps(gpu_model, cpu_model):
                                           err_msg=f"dilation {s}: {field}")
 
 
+def test_point_order_on_gpu_is_numpys_lexsort():
+    """SortFlatten's order made by CuPy's stable argsorts is np.lexsort's: ties on one, two and
+    three keys, and signed zeros, which a radix sort would otherwise tell apart."""
+    import cupy
+
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float64):
+        points = rng.choice(np.array([-1.0, -0.0, 0.0, 0.5, 1e-30]),
+                            size=(6, 300, 3)).astype(dtype)
+        feats = rng.normal(size=(6, 300, 2)).astype(dtype)
+        expected = np.lexsort((points[..., 2], points[..., 1], points[..., 0]), axis=-1)
+        layer = nn.SortFlatten()
+        out = layer.forward(cupy.asarray(points), cupy.asarray(feats))
+        np.testing.assert_array_equal(_host(layer.permutation), expected)
+        np.testing.assert_array_equal(
+            _host(out), feats[np.arange(6)[:, None], expected].reshape(6, -1))
+        d, _ = layer.backward(out)
+        np.testing.assert_array_equal(_host(d), feats)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_classifier_on_gpu_equals_cpu(dtype, rng):
     """Training mode (dropout on: the masks come from the same host Generator), forward and
