@@ -80,11 +80,13 @@ step show_config 40 versions.log \
 import pwconv_cy.cuda as c; print('pwconv_cy.cuda available:', c.is_available(), c.unavailable_reason() or ''); \
 import time; t = time.time(); c.compile_kernels(); print(f'kernels compiled/loaded in {time.time() - t:.1f} s')"
 
+# The networks' GPU tests first: the newest GPU code, and the few seconds they take are not lost
+# if the kernels' tests run past the limit.
 # shellcheck disable=SC2086
 step gpu_tests 270 pytest.log \
     env PWCONV_CUDA_DEBUG=1 "$PY" -m pytest -q -ra ${PWCONV_PYTEST_FLAGS:---maxfail=10} -m gpu \
-    tests/test_cuda.py tests/test_interop.py tests/test_torch_adapter.py \
-    tests/test_models_gpu.py -p no:cacheprovider
+    tests/test_models_gpu.py tests/test_cuda.py tests/test_interop.py \
+    tests/test_torch_adapter.py -p no:cacheprovider
 
 # shellcheck disable=SC2086
 step benchmark 170 bench.log \
