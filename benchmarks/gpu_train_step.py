@@ -1,12 +1,12 @@
 """One training step of the paper's classifier on a CUDA device, side by side with the same step
 on the host in the same process (issue 5: the networks on the GPU, ``model.to("cuda")``).
 
-The batch and model of ``benchmarks/train_step.py``: 32 ModelNet40 training shapes of 1,024
-points ($PWCONV_SHARED_DATA, else ../shared/data; the first 32, which is what gpu_data.py
-carries to a GPU machine), the classifier ``python -m pwconv_cy.train`` builds at 1,024 points
-(v = 0.1 * sqrt(2), dilations 1-4, FC 36,864 -> 512 -> 40, 18.9 M parameters, float32, dropout
-on) and the paper's optimiser (SGD, momentum 0.9).  On the GPU, each stage synchronised, medians
-after warm-up calls:
+The batch and model of ``benchmarks/train_step.py`` (its ``load_batch`` and ``make_model``): 32
+ModelNet40 training shapes of 1,024 points ($PWCONV_SHARED_DATA, else ../shared/data; on a GPU
+machine, the 32 that gpu_data.py carries), the classifier ``python -m pwconv_cy.train`` builds
+at 1,024 points (v = 0.1 * sqrt(2), dilations 1-4, FC 36,864 -> 512 -> 40, 18.9 M parameters,
+float32, dropout on) and the paper's optimiser (SGD, momentum 0.9).  On the GPU, each stage
+synchronised, medians after warm-up calls:
 
 * ``forward``: ``model.forward`` (grid and the four kernel maps included) and the loss;
 * ``backward``: ``model.backward`` without the input gradient (what training does);
@@ -25,33 +25,13 @@ Writes ``benchmarks/results/gpu_train_step.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
-
-BATCH = 32
-N_POINTS = 1024
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def load_batch():
-    shared = Path(os.environ.get("PWCONV_SHARED_DATA", Path(__file__).resolve().parents[2]
-                                 / "shared" / "data"))
-    path = shared / "modelnet40_1024" / "train.npz"
-    if not path.exists():
-        return None, path
-    from pwconv_cy import data
-
-    with np.load(path, allow_pickle=False) as f:
-        points = data.normalize_clouds(f["points"][:BATCH].astype(np.float32))
-    labels = np.arange(BATCH) % 40  # the first shapes are all one class; any labels will do
-    return (points, labels), path
+import _common as C
+from train_step import BATCH, N_POINTS, load_batch, make_model
 
 
 def timed(fn, sync, warmup: int, runs: int) -> dict:
@@ -69,11 +49,9 @@ def timed(fn, sync, warmup: int, runs: int) -> dict:
 
 
 def run_device(device: str, points, labels, warmup: int, runs: int) -> dict:
-    from pwconv_cy import models, nn, optim, train
+    from pwconv_cy import nn, optim, train
 
-    model = models.PointwiseCNNClassifier(n_points=N_POINTS, n_classes=40,
-                                          voxel_size=0.1 * math.sqrt(2048 / N_POINTS),
-                                          seed=0).to(device).train()
+    model = make_model().to(device).train()
     xp = model.array_module
     sync = (lambda: None) if device == "cpu" else xp.cuda.Device().synchronize
     loss_fn = nn.SoftmaxCrossEntropy()
@@ -115,13 +93,13 @@ def main(argv=None) -> int:
     if not cuda.is_available():
         print(f"GPU path unavailable: {cuda.unavailable_reason()}", file=sys.stderr)
         return 2
-    batch, path = load_batch()
-    if batch is None:
+    path = C.DATA_DIR / "modelnet40_1024" / "train.npz"
+    if not path.exists():
         print(f"ModelNet40 not found at {path}: set PWCONV_SHARED_DATA", file=sys.stderr)
         return 2
     import cupy
 
-    points, labels = batch
+    points, labels = load_batch()
     gpu = run_device("cuda", points, labels, warmup=3, runs=opts.runs)
     host = run_device("cpu", points, labels, warmup=1, runs=opts.host_runs)
     props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -142,10 +120,7 @@ def main(argv=None) -> int:
     print(f"train step: {BATCH / step_gpu:.0f} shapes/s on the GPU, {BATCH / step_host:.0f} on "
           f"the host ({step_host / step_gpu:.1f}x); first loss GPU {gpu['first_loss']:.6f}, "
           f"host {host['first_loss']:.6f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "gpu_train_step.json"
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {C.write_json('gpu_train_step', record)}")
     return 0
 
 

@@ -96,9 +96,10 @@ def _cupy():
     return cupy
 
 
-def _host_copy(x) -> np.ndarray:
-    """A NumPy copy of a parameter on either device (an explicit transfer: save, to('cpu'))."""
-    return np.array(x.get() if kind_of(x) == "cupy" else x, copy=True)
+def _to_host(x) -> np.ndarray:
+    """A parameter or result as a NumPy array: CuPy arrays copied to the host (an explicit
+    transfer: save, to('cpu'), predict), NumPy arrays as they are."""
+    return x.get() if kind_of(x) == "cupy" else np.asarray(x)
 
 
 def _check_host_clouds(x, name: str) -> None:
@@ -214,7 +215,7 @@ class _PointwiseNet:
         with self._device_context(target):
             for layer in self._layers.values():
                 for key, value in layer.params.items():
-                    host = _host_copy(value)
+                    host = _to_host(value)
                     layer.params[key] = host if target == CPU else _cupy().asarray(host)
         self._device = target
         for layer in self._all_layers:
@@ -231,8 +232,8 @@ class _PointwiseNet:
                 return np.asarray(x, dtype=dtype)
             if device_of(x, "x") == CPU:
                 return self.array_module.asarray(np.asarray(x, dtype=dtype))
-            return self._on_device(x, "x") if dtype is None else \
-                self._on_device(x, "x").astype(dtype, copy=False)
+            x = self._on_device(x, "x")
+            return x if dtype is None else x.astype(dtype, copy=False)
 
     def _device_repr(self) -> str:
         return "" if self._device == CPU else f", device={self._device!r}"
@@ -293,15 +294,17 @@ class _PointwiseNet:
     # -- trunk ------------------------------------------------------------------------------------
 
     def _prepare(self, points, feats, offsets):
+        """(points, feats) as contiguous arrays of the model's dtype, from arrays forward has
+        checked to be on the model's device, and the kernel maps of every dilation."""
         xp = self.array_module
-        pts = xp.ascontiguousarray(self._on_device(points, "points"), dtype=self.dtype)
+        pts = xp.ascontiguousarray(points, dtype=self.dtype)
         if feats is None:
             if self.in_channels != 3:
                 raise ValueError(f"feats are required: the model has in_channels="
                                  f"{self.in_channels} (the default features, xyz, have 3)")
             x = pts
         else:
-            x = xp.asarray(self._on_device(feats, "feats"))
+            x = xp.asarray(feats)
             if x.dtype != self.dtype:
                 x = x.astype(self.dtype)
             if x.shape[:-1] != pts.shape[:-1] or x.shape[-1] != self.in_channels:
@@ -409,7 +412,7 @@ class PointwiseCNNClassifier(_PointwiseNet):
         (B, n_points, in_channels) default to the coordinates."""
         points = self._on_device(points, "points")
         feats = self._on_device(feats, "feats")
-        shape = tuple(points.shape) if hasattr(points, "shape") else np.shape(points)
+        shape = np.shape(points)
         if len(shape) != 3 or shape[-1] != 3:
             raise ValueError(f"points must be a dense batch of shape (B, n_points, 3), "
                              f"got {shape}")
@@ -507,7 +510,7 @@ class PointwiseCNNClassifier(_PointwiseNet):
         probs = np.empty((len(clouds), self.n_classes), dtype=self.dtype)
         for start in range(0, len(clouds), batch_size):
             batch = self.device_array(fixed[start:start + batch_size])
-            probs[start:start + batch_size] = _host_copy(self.predict_proba(batch))
+            probs[start:start + batch_size] = _to_host(self.predict_proba(batch))
         return probs
 
     @property
@@ -574,7 +577,7 @@ class PointwiseCNNSegmenter(_PointwiseNet):
     def forward(self, points, feats=None, offsets=None):
         points = self._on_device(points, "points")
         feats = self._on_device(feats, "feats")
-        shape = tuple(points.shape) if hasattr(points, "shape") else np.shape(points)
+        shape = np.shape(points)
         if len(shape) not in (2, 3) or shape[-1] != 3:
             raise ValueError(f"points must be packed (N, 3) or dense (B, n, 3), got {shape}")
         if len(shape) == 3 and offsets is not None:
@@ -625,7 +628,7 @@ def save(model, path, extra=None) -> None:
     if type(model).__name__ not in _CLASSES:
         raise TypeError(f"save expects a PointwiseCNNClassifier or PointwiseCNNSegmenter, "
                         f"got {type(model).__name__}")
-    arrays = {_PARAM_PREFIX + k: _host_copy(v) for k, v in model.params.items()}
+    arrays = {_PARAM_PREFIX + k: _to_host(v) for k, v in model.params.items()}
     arrays[_CONFIG_KEY] = np.array(json.dumps(model.config))
     arrays[_VERSION_KEY] = np.array(format_version, dtype=np.int64)
     for key, value in (extra or {}).items():

@@ -210,16 +210,13 @@ def _make_optimizer(config: dict, steps_per_epoch: int):
 class _Run:
     """What one invocation trains: data, model, optimiser, generator, history."""
 
-    def __init__(self, args):
+    def __init__(self, args, device: str):
         self.args = args
+        self.device = device  # checked: _cli.checked_device
         self.out = Path(args.out)
         self.last_path = self.out / "last.npz"
         self.best_path = self.out / "best.npz"
         self._check_out()
-        try:
-            self.device = models._parse_device(args.device)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise _UsageError(f"--device: {exc}") from None
         try:
             ds = data.load_dataset(args.data)
         except (OSError, ValueError) as exc:
@@ -291,8 +288,7 @@ class _Run:
             arrays = {k[len(_OPTIM_PREFIX):]: v for k, v in extra.items()
                       if k.startswith(_OPTIM_PREFIX)}
             with self.model._device_context():
-                self.opt_state = optim.state_from_arrays(
-                    arrays, xp=None if self.device == "cpu" else self.model.array_module)
+                self.opt_state = optim.state_from_arrays(arrays, xp=self.model.array_module)
             params = self.model.params
             for slot, values in self.opt_state.items():
                 if slot != "step" and {k: v.shape for k, v in values.items()} != {
@@ -505,9 +501,10 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the exit status (130 after Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    device = _cli.checked_device(parser, args.device)
     with _cli.thread_limit(args.num_threads):
         try:
-            run = _Run(args)
+            run = _Run(args, device)
         except _UsageError as exc:
             parser.error(str(exc))
         run.out.mkdir(parents=True, exist_ok=True)
