@@ -25,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "CallArrays",
+    "cupy_device_context",
     "describe",
     "device_of",
     "export",
@@ -57,6 +58,27 @@ def kind_of(x) -> str:
     if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
         return "dlpack"
     return "numpy"
+
+
+def cupy_device_context(*objs):
+    """The CuPy device (a context manager) of the first CuPy array found in `objs` (arrays, and
+    lists, tuples or dict values of them), else a no-op context.  Layers and optimisers run
+    under it, so that arrays on cuda:1 are computed on there whatever device is current (CuPy
+    would otherwise allocate on the current device, copy inputs to it, or refuse them)."""
+    import contextlib
+
+    stack = list(objs)
+    while stack:
+        obj = stack.pop(0)
+        if isinstance(obj, (list, tuple)):
+            stack[:0] = obj
+        elif isinstance(obj, dict):
+            stack[:0] = obj.values()
+        elif hasattr(obj, "__cuda_array_interface__"):
+            device = getattr(obj, "device", None)  # cupy.cuda.Device (a torch.device has no id)
+            if hasattr(device, "__enter__") and hasattr(device, "id"):
+                return device
+    return contextlib.nullcontext()
 
 
 def describe(x) -> str:

@@ -13,11 +13,14 @@ do not modify ``feats`` in place between ``forward`` and ``backward``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import sys
 
 import numpy as np
 
+from pwconv_cy._arrays import cupy_device_context
 from pwconv_cy._validation import check_bool, check_dilation, check_kernel_size, check_positive
 from pwconv_cy.functional import pointwise_conv, pointwise_conv_backward
 from pwconv_cy.neighbors import kernel_map as _kernel_map
@@ -88,8 +91,31 @@ def _check_rate(rate) -> float:
     return rate
 
 
+def _on_input_device(method):
+    """Run a layer's forward / backward with its inputs' CUDA device current (backward without
+    a device array: forward's), so that a layer on cuda:1 computes there whatever device is
+    current; CuPy would otherwise copy the inputs to the current device, or refuse them."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        device = cupy_device_context(args, kwargs)
+        if method.__name__ == "forward":
+            self._input_device = device
+        elif isinstance(device, contextlib.nullcontext):
+            device = getattr(self, "_input_device", None) or device
+        with device:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class _Layer:
     """Flags, bookkeeping and the forward context of the layers below."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("forward", "backward"):
+            if name in cls.__dict__:
+                setattr(cls, name, _on_input_device(cls.__dict__[name]))
 
     def __init__(self):
         self.params: dict = {}
@@ -97,6 +123,7 @@ class _Layer:
         self.training = True
         self.last_output_shape: tuple | None = None
         self._ctx: dict | None = None
+        self._input_device = None  # forward's CuPy device context (backward runs there too)
 
     def train(self, mode: bool = True):
         """Set the training flag; returns self."""

@@ -37,6 +37,7 @@ A learning rate is a float or a schedule, a callable ``step -> lr``; the update 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
@@ -44,6 +45,7 @@ import sys
 import numpy as np
 
 from . import _core
+from ._arrays import cupy_device_context
 from ._validation import check_bool, check_num_threads
 
 __all__ = [
@@ -270,6 +272,17 @@ def _begin_update(optimizer, params, grads, state, inplace) -> tuple:
 # optimisers
 
 
+def _on_params_device(update):
+    """Run an optimiser's update with the parameters' CUDA device current (CuPy allocates on the
+    current device): parameters on cuda:1 are updated there."""
+    @functools.wraps(update)
+    def wrapper(self, params, *args, **kwargs):
+        with cupy_device_context(params):
+            return update(self, params, *args, **kwargs)
+
+    return wrapper
+
+
 class _Optimizer:
     """The state's set-up shared by the optimisers: a step count and, per slot the optimiser
     keeps (``_slots``), one array of zeros per parameter."""
@@ -293,9 +306,15 @@ class _Optimizer:
         """
         _check_params(params)
         state = {"step": 0}
-        for slot in self._slots:
-            state[slot] = _zeros_like(params)
+        with cupy_device_context(params):  # the slots beside the parameters, on their device
+            for slot in self._slots:
+                state[slot] = _zeros_like(params)
         return state
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "update" in cls.__dict__:
+            cls.update = _on_params_device(cls.__dict__["update"])
 
 
 class SGD(_Optimizer):
@@ -629,6 +648,12 @@ def clip_by_global_norm(grads: dict, max_norm: float):
     """
     _check_params(grads, "grads")
     max_norm = _check_nonneg_float(max_norm, "max_norm")
+    with cupy_device_context(grads):
+        return _clip(grads, max_norm)
+
+
+def _clip(grads: dict, max_norm: float):
+    """clip_by_global_norm's work, on the gradients' device."""
     total = 0.0
     for g in grads.values():
         xp = _array_module(g)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pwconv_cy import _cli, data, models, nn, optim
+from pwconv_cy._arrays import cupy_device_context
 from pwconv_cy._atomic import atomic_open
 from pwconv_cy.evaluate import evaluate
 
@@ -394,7 +395,9 @@ def train_step(model, loss_fn, optimizer, opt_state, points, labels, clip_norm=N
         grads, _ = optim.clip_by_global_norm(grads, clip_norm)
     # in place: the model's own arrays and the state's slots are overwritten, nothing allocated
     _, opt_state = optimizer.update(model.params, grads, opt_state, inplace=True)
-    return loss, int((logits.argmax(axis=1) == labels).sum()), opt_state
+    with cupy_device_context(logits):
+        n_correct = int((logits.argmax(axis=1) == labels).sum())
+    return loss, n_correct, opt_state
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

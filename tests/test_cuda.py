@@ -14,6 +14,8 @@ Three layers of checks, so that CI (nvcc, no GPU) catches most mistakes before a
 * ``@pytest.mark.gpu`` tests run on a CUDA device with CuPy (skipped otherwise, with the reason):
   kernel maps and radius search identical to the CPU library, forward and both gradients equal to
   the CPU within 1e-5 (float32) / 1e-12 (float64) norm-wise, bit-identical across two GPU runs.
+  Without a GPU, test_gpu_standin.py runs them (and test_models_gpu.py's) on a CuPy stand-in
+  over the host emulation, with two devices: the GPU path's Python code is tested in CI too.
 
 Run the emulation by hand: ``python tests/test_cuda.py --emulate all``.
 """
@@ -173,11 +175,18 @@ def test_rows_scheme_capacities_match_kernels():
 EMULATOR_CPP = r"""
 // Host emulation of the CUDA thread model for pwconv's kernels.cu (tests only).  Kernels without
 // barriers run their threads one after the other; kernels with __syncthreads / __syncwarp run
-// each block's threads as cooperative fibers (ucontext) that yield at every barrier: the
-// schedule is deterministic, and a barrier that can never be passed is reported, not hung on.
+// each block's threads as cooperative fibers that yield at every barrier: the schedule is
+// deterministic, and a barrier that can never be passed is reported, not hung on.  On x86-64 a
+// fiber switch is a few instructions (emu_switch below); elsewhere, or with -DPWCONV_EMU_UCONTEXT
+// (sanitizers know ucontext), swapcontext, which costs a system call per switch.
+#if defined(__x86_64__) && !defined(PWCONV_EMU_UCONTEXT)
+#define PWCONV_EMU_FAST_SWITCH 1
+#else
 #include <ucontext.h>
+#endif
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -198,24 +207,71 @@ static dim3 threadIdx, blockIdx, blockDim, gridDim;
     std::abort();
 }
 
+#ifdef PWCONV_EMU_FAST_SWITCH
+// emu_switch(save, load): pushes the callee-saved registers (System V ABI) and the SSE / x87
+// control words, stores the stack pointer in *save, loads `load` and pops the same from there.
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .hidden emu_switch
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+struct FiberContext { void* sp = nullptr; };
+#else
+using FiberContext = ucontext_t;
+#endif
+
 struct Fiber {
-    ucontext_t ctx;
+    FiberContext ctx;
     std::vector<char> stack;
     dim3 idx;
     bool done = false;
     int wait = 0;  // 0 running, 1 __syncthreads, 2 __syncwarp
     unsigned mask = 0;
 };
-static ucontext_t scheduler;
+static FiberContext scheduler;
 static Fiber* current = nullptr;
 static std::function<void(void**)>* current_fn = nullptr;
 static void** current_params = nullptr;
+
+static void switch_to(FiberContext& from, FiberContext& to) {
+#ifdef PWCONV_EMU_FAST_SWITCH
+    emu_switch(&from.sp, to.sp);
+#else
+    swapcontext(&from, &to);
+#endif
+}
 
 static void yield_on(int kind, unsigned mask) {
     if (!current) emu_fail("a barrier in a kernel not listed in BARRIER_KERNELS");
     current->wait = kind;
     current->mask = mask;
-    swapcontext(&current->ctx, &scheduler);
+    switch_to(current->ctx, scheduler);
 }
 inline void __syncthreads() { yield_on(1, 0); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
@@ -269,7 +325,30 @@ struct alignas(16) ulonglong2 { unsigned long long x, y; };
 static void trampoline() {
     (*current_fn)(current_params);
     current->done = true;
-    swapcontext(&current->ctx, &scheduler);
+    switch_to(current->ctx, scheduler);
+    emu_fail("a finished fiber was resumed");
+}
+
+// A fiber's first switch enters trampoline on its own stack.
+static void start_fiber(Fiber& f) {
+#ifdef PWCONV_EMU_FAST_SWITCH
+    // emu_switch pops, from the new stack pointer up: the control words (SSE 0x1F80, x87 0x037F:
+    // the defaults), r15, r14, r13, r12, rbx, rbp, then returns into trampoline with the stack
+    // aligned as after a call (a dummy return address above it, never used).
+    auto top = reinterpret_cast<std::uintptr_t>(f.stack.data() + f.stack.size()) & ~std::uintptr_t(15);
+    auto* slot = reinterpret_cast<std::uint64_t*>(top);
+    *--slot = 0;                                                 // trampoline's return address
+    *--slot = reinterpret_cast<std::uint64_t>(&trampoline);      // emu_switch's ret
+    for (int r = 0; r < 6; ++r) *--slot = 0;                     // rbp rbx r12 r13 r14 r15
+    *--slot = 0x1F80ull | (0x037Full << 32);                     // mxcsr, x87 control word
+    f.ctx.sp = slot;
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, trampoline, 0);
+#endif
 }
 
 // Threads run one after the other or yield only at barriers: an atomic is a plain update.
@@ -347,11 +426,7 @@ static void run_block_fibers(std::vector<Fiber>& fibers) {
         Fiber& f = fibers[t];
         f.done = false;
         f.wait = 0;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.data();
-        f.ctx.uc_stack.ss_size = f.stack.size();
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, trampoline, 0);
+        start_fiber(f);
     }
     while (true) {
         bool ran = false;
@@ -360,7 +435,7 @@ static void run_block_fibers(std::vector<Fiber>& fibers) {
             if (f.done || f.wait) continue;
             current = &f;
             threadIdx = f.idx;
-            swapcontext(&scheduler, &f.ctx);
+            switch_to(scheduler, f.ctx);
             ran = true;
         }
         current = nullptr;
@@ -2082,6 +2157,64 @@ def test_gpu_dense_batch_and_shared_map():
     c_t = pwconv_cy.kernel_map(p, 0.1, dilation=2).transposed()
     for a, b in zip(cuda.transpose_map(km), c_t):
         np.testing.assert_array_equal(cupy.asnumpy(a), b)
+
+
+def _second_device_reason():
+    """None where CuPy sees two CUDA devices, else why a test of the second one skips."""
+    if _GPU_REASON is not None:
+        return _GPU_REASON
+    import cupy
+
+    n = cupy.cuda.runtime.getDeviceCount()
+    return None if n >= 2 else f"one CUDA device only ({n}); the test needs two"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_second_device_reason() is not None,
+                    reason=f"needs two CUDA devices: {_second_device_reason()}")
+def test_gpu_calls_run_on_the_inputs_device():
+    """Arrays on cuda:1 while cuda:0 is current: every call validates, computes and returns on
+    cuda:1 (CuPy would copy the inputs to the current device if pwconv did not switch), with the
+    results of the same call on cuda:0; arrays on two devices are refused, naming them."""
+    import cupy
+
+    import pwconv_cy
+    from pwconv_cy import cuda
+
+    rng = np.random.default_rng(11)
+    p = rng.random((2, 300, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 300, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 3, 4, 5)).astype(np.float32)
+    dy = rng.standard_normal((2, 300, 5)).astype(np.float32)
+
+    def run(device_id):
+        with cupy.cuda.Device(device_id):
+            pd, xd, wd, dyd, qd = (cupy.asarray(a) for a in (p, x, w, dy, p[:, :50] + 0.01))
+        assert cupy.cuda.Device().id == 0
+        index = cuda.NeighborIndex(pd, 0.1)
+        km = index.kernel_map(3, 2)
+        out = {"splits": km.splits, "index": km.index, "cell": km.cell, "counts": km.counts,
+               "maps": index.kernel_maps(3, (1, 3))[1].index,
+               "radius": cuda.radius_search(pd, 0.15, qd, metric="euclidean")[1],
+               "transposed": cuda.transpose_map(km)[1],
+               "y_map": cuda.pointwise_conv(pd, xd, wd, 0.1, dilation=2, kernel_map=km),
+               "y": pwconv_cy.pointwise_conv(pd, xd, wd, 0.1, dilation=2)}
+        out["dx"], out["dw"] = cuda.pointwise_conv_backward(dyd, pd, xd, wd, 0.1, dilation=2,
+                                                            kernel_map=km)
+        assert cupy.cuda.Device().id == 0
+        return out, (pd, wd)
+
+    on0, _ = run(0)
+    on1, (pd, wd) = run(1)
+    for name, a in on1.items():
+        assert a.device.id == 1, f"{name} came back on device {a.device.id}, not the inputs' 1"
+        np.testing.assert_array_equal(cupy.asnumpy(a), cupy.asnumpy(on0[name]), err_msg=name)
+    with cupy.cuda.Device(0):
+        x0 = cupy.asarray(x)
+    with pytest.raises(TypeError, match="same device.*points on cuda:1.*feats on cuda:0"):
+        cuda.pointwise_conv(pd, x0, wd, 0.1)
+    with pytest.raises(TypeError, match="same device.*points on cuda:1.*queries on cuda:0"):
+        cuda.kernel_map(pd, 0.1, queries=cupy.asarray(p))
 
 
 @pytest.mark.gpu

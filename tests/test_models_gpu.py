@@ -209,6 +209,73 @@ def test_models_move_save_and_load_between_devices(tmp_path, rng):
         on_gpu.set_params(before)
 
 
+def _device_count() -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceCount() if _REASON is None else 0
+
+
+@pytest.mark.skipif(_REASON is None and _device_count() < 2,
+                    reason=f"needs two CUDA devices, found {_device_count()}")
+def test_layers_optimisers_and_networks_on_a_second_device(rng):
+    """Layers, optimisers and a network on cuda:1 while cuda:0 is current: everything is
+    computed and kept on cuda:1 (CuPy allocates on the current device and would copy inputs
+    there), with the same results as on cuda:0."""
+    import cupy
+
+    points = _clouds(rng, 4, 64, np.float64)
+    labels = rng.integers(0, 3, 4)
+    grad = rng.standard_normal((4 * 64, 6))
+
+    def run(device_id):
+        assert cupy.cuda.Device().id == 0
+        dev = f"cuda:{device_id}"
+        with cupy.cuda.Device(device_id):
+            pts, dy = cupy.asarray(points), cupy.asarray(grad)
+        out = {}
+        # layers: a pointwise layer, SELU, a linear layer, alpha-dropout and the loss
+        conv = nn.PointwiseConv(3, 6, 0.4, dtype=np.float64, rng=np.random.default_rng(1))
+        lin = nn.Linear(6, 6, dtype=np.float64, rng=np.random.default_rng(2))
+        drop = nn.AlphaDropout(0.3, rng=np.random.default_rng(3))
+        for layer in (conv, lin):
+            with cupy.cuda.Device(device_id):
+                layer.params = {k: cupy.asarray(v) for k, v in layer.params.items()}
+        flat = pts.reshape(-1, 3)
+        h = conv.forward(flat, flat)
+        h = drop.forward(nn.SELU().forward(h))
+        out["h"] = lin.forward(h)
+        out["dh"] = drop.backward(lin.backward(dy)[0])[0]
+        out["dx"] = conv.backward(out["dh"])[0]
+        out.update({f"d{k}": v for k, v in conv.grads.items()})
+        # optimisers: a step of SGD with momentum and one of Adam
+        for name, opt in (("sgd", optim.SGD(0.1, momentum=0.9)), ("adam", optim.Adam(0.01))):
+            state = opt.init(conv.params)
+            new, state = opt.update(conv.params, conv.grads, state)
+            out[f"{name}.weight"] = new["weight"]
+            out.update({f"{name}.{slot}": v["weight"] for slot, v in state.items()
+                        if isinstance(v, dict)})
+        # the classifier: to(), a training step (host batch, uploaded), predict
+        model = models.PointwiseCNNClassifier(n_points=64, n_classes=3, channels=4, hidden=8,
+                                              voxel_size=0.4, dtype=np.float64,
+                                              seed=2).to(dev)
+        opt = optim.SGD(0.05, momentum=0.9)
+        with cupy.cuda.Device(device_id):
+            state = opt.init(model.params)
+        loss, _, state = train.train_step(model, nn.SoftmaxCrossEntropy(), opt, state, points,
+                                          labels)
+        out.update({f"model.{k}": v for k, v in model.params.items()})
+        out["logits"] = model.forward(model.device_array(points))
+        assert cupy.cuda.Device().id == 0
+        return out, loss
+
+    on0, loss0 = run(0)
+    on1, loss1 = run(1)
+    assert loss1 == loss0
+    for name, a in on1.items():
+        assert a.device.id == 1, f"{name} came back on device {a.device.id}, not 1"
+        np.testing.assert_array_equal(_host(a), _host(on0[name]), err_msg=name)
+
+
 def test_gpu_model_refuses_host_arrays_naming_them(rng):
     """No silent host -> device copies: the argument is named with the way out."""
     import cupy

@@ -86,6 +86,27 @@ def _device_of(arr):
     return device if hasattr(device, "__enter__") else contextlib.nullcontext()
 
 
+def _inputs_device(**arrays):
+    """The CUDA device that a call's device arrays are on, as a context: validation, kernels and
+    results then stay on it whatever device is current (CuPy would otherwise copy the inputs to
+    the current device, or refuse them).  TypeError, naming two of them, when they are on
+    different devices: pwconv never copies between devices.  Host arrays and None are left to
+    the validators."""
+    import contextlib
+
+    from pwconv_cy import _arrays
+
+    entries = {name: (_arrays.device_of(a, name), "cupy", _arrays.describe(a))
+               for name, a in arrays.items() if a is not None and is_device_array(a)}
+    device = _arrays.CallArrays._common_device(entries)
+    head, _, index = device.partition(":")
+    if head != "cuda" or not index.isdigit():
+        return contextlib.nullcontext()  # no device array, or one whose device is not known
+    import cupy
+
+    return cupy.cuda.Device(int(index))
+
+
 def _checked_backend():
     reason = unavailable_reason()
     if reason is not None:
@@ -159,8 +180,9 @@ class NeighborIndex:
 
         _check_method(method)
         self._be = _checked_backend()
-        self._batch = V.check_points(points, offsets)
-        self._init(check_positive(cell_size, "cell_size"))
+        with _inputs_device(points=points):
+            self._batch = V.check_points(points, offsets)
+            self._init(check_positive(cell_size, "cell_size"))
 
     @classmethod
     def from_batch(cls, batch, cell_size) -> NeighborIndex:
@@ -244,9 +266,9 @@ class NeighborIndex:
         dilations = check_dilations(dilations)
         for s in dilations:
             check_extent(v, k, s)
-        q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
         be = self._be
-        with _device_of(self._batch.points):
+        with _inputs_device(points=self._batch.points, queries=queries):
+            q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
             arrays = kernel_maps_arrays(be, self._grid, v, k, dilations, _cell_dtype(k),
                                         _budget(be, memory_budget), q, q_offsets)
             q_digest = None if q is None or not dilations else _device_digest(be, q, q_offsets)
@@ -273,9 +295,9 @@ class NeighborIndex:
 
         radius = check_positive(radius, "radius")
         metric = check_choice(metric, "metric", METRICS)
-        q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
         be = self._be
-        with _device_of(self._batch.points):
+        with _inputs_device(points=self._batch.points, queries=queries):
+            q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
             return radius_search_arrays(be, self._grid, radius, metric == "euclidean",
                                         _budget(be, memory_budget), q, q_offsets)
 
@@ -333,7 +355,7 @@ def transpose_map(kernel_map):
 
     be = _checked_backend()
     _check_device_map(kernel_map)
-    with _device_of(kernel_map.splits):
+    with _inputs_device(kernel_map=kernel_map.splits):
         return transposed(be, kernel_map)
 
 
@@ -393,10 +415,15 @@ def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, quer
     x = V.check_features(feats, batch, "feats", check_finite)
     w, k, c_out = V.check_weight(weight, x.shape[1], x.dtype, bool(depthwise), check_finite)
     check_map = check_bool(check_map, "check_map")
-    with _device_of(batch.points):
-        km, out_dense = _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map,
-                                     check_map)
+    km, out_dense = _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map,
+                                 check_map)
     return be, batch, x, w, c_out, km, out_dense
+
+
+def _call_device(points, feats, weight, queries, kernel_map, grad_out=None):
+    """_inputs_device of an operator call (the map's arrays count as inputs)."""
+    return _inputs_device(points=points, feats=feats, weight=weight, queries=queries,
+                          kernel_map=getattr(kernel_map, "splits", None), grad_out=grad_out)
 
 
 def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=None, queries=None,
@@ -413,12 +440,12 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
     """
     from pwconv_cy.cuda._conv import forward
 
-    be, _, x, w, c_out, km, out_dense = _prepare(
-        points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
-        depthwise, method, check_finite, check_map)
-    with _device_of(x):
+    with _call_device(points, feats, weight, queries, kernel_map):
+        be, _, x, w, c_out, km, out_dense = _prepare(
+            points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
+            kernel_map, depthwise, method, check_finite, check_map)
         y = forward(be, km, x, w, c_out, bool(depthwise))
-    return y.reshape(*out_dense, c_out) if out_dense is not None else y
+        return y.reshape(*out_dense, c_out) if out_dense is not None else y
 
 
 def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dilation=1,
@@ -435,12 +462,12 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     from pwconv_cy.cuda._conv import backward_input, backward_weight
 
     check_bool(feats_grad, "feats_grad")
-    be, _, x, w, c_out, km, out_dense = _prepare(
-        points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets, kernel_map,
-        depthwise, method, check_finite, check_map)
-    dy = V.check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite)
-    with _device_of(x):
+    with _call_device(points, feats, weight, queries, kernel_map, grad_out):
+        be, _, x, w, c_out, km, out_dense = _prepare(
+            points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
+            kernel_map, depthwise, method, check_finite, check_map)
+        dy = V.check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite)
         dx = backward_input(be, km, dy, w, int(x.shape[1]), bool(depthwise)) if feats_grad \
             else None
         dw = backward_weight(be, km, x, dy, c_out, bool(depthwise))
-    return (None if dx is None else dx.reshape(feats.shape)), dw.reshape(w.shape)
+        return (None if dx is None else dx.reshape(feats.shape)), dw.reshape(w.shape)
