@@ -22,6 +22,15 @@ RESULTS_DIR = BENCH_DIR / "results"
 DATA_DIR = Path(os.environ.get("PWCONV_SHARED_DATA") or os.environ.get("PWCONV_DATA")
                 or BENCH_DIR.parent.parent / "shared" / "data")
 LIDAR_TILE = DATA_DIR / "lidar_als_labelled" / "ign_lambert93_tile_698k.npz"
+#: PWCONV_GPU_BENCH_SMOKE=1: the GPU benchmarks shrink to a smoke test (2 clouds or shapes, a
+#: 20,000-point big cloud, one timed run, no warm-up): tests/test_gpu_standin.py runs them so
+#: on the CuPy stand-in to check their code before a GPU session does.  The figures mean nothing.
+GPU_SMOKE = os.environ.get("PWCONV_GPU_BENCH_SMOKE", "").strip() == "1"
+
+
+def gpu_sizes(clouds: int, big_points: int, warmup: int, runs: int) -> tuple:
+    """(clouds, big_points, warmup, runs) as given, or the smoke test's (GPU_SMOKE)."""
+    return (2, 20_000, 0, 1) if GPU_SMOKE else (clouds, big_points, warmup, runs)
 
 
 # --- machine record -------------------------------------------------------------------------
@@ -96,8 +105,11 @@ def machine_info() -> dict:
 
 
 def write_json(name: str, payload: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    """benchmarks/results/NAME.json, or $OUT/NAME.json where $OUT is set (the GPU machine's
+    folder that comes back, and the smoke tests' scratch)."""
+    folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=_json_default)
         f.write("\n")

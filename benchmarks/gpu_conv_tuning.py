@@ -62,9 +62,11 @@ def measure(variant: str) -> dict:
                 lambda base=_backend.compile_options, define=define: base() + (define,)
         elif part != "none":
             raise SystemExit(f"unknown variant {part!r}")
+    import _common
     import cupy
 
-    n_clouds, n_points = 128, 2048
+    n_clouds, _, warmup, runs = _common.gpu_sizes(128, 0, 3, 20)
+    n_points = 2048
     points = cupy.asarray(wl.sphere(n_clouds * n_points, 0))
     offsets = np.arange(n_clouds + 1, dtype=np.int64) * n_points
     cuda.compile_kernels()
@@ -85,20 +87,21 @@ def measure(variant: str) -> dict:
         tag = f"s{s}"
         out[f"{tag}_forward_us"] = wl.time_cuda(
             lambda km=km, x=x, w=w, c_out=c_out: _conv.forward(be, km, x, w, c_out, False),
-            3, 20)["median_s"] * 1e6
+            warmup, runs)["median_s"] * 1e6
         out[f"{tag}_input_grad_us"] = wl.time_cuda(
             lambda km=km, dy=dy, w=w, c_in=c_in: _conv.backward_input(be, km, dy, w, c_in, False),
-            3, 20)["median_s"] * 1e6
+            warmup, runs)["median_s"] * 1e6
 
         def fresh_transposed(km=km):
             km._cache.pop("cuda_transposed_rows_float32", None)
             _conv.transposed_rows(be, km, cupy.float32)
 
-        out[f"{tag}_transposed_us"] = wl.time_cuda(fresh_transposed, 3, 20)["median_s"] * 1e6
+        out[f"{tag}_transposed_us"] = wl.time_cuda(fresh_transposed, warmup, runs)[
+            "median_s"] * 1e6
         out[f"{tag}_weight_grad_us"] = wl.time_cuda(
             lambda km=km, x=x, dy=dy, c_out=c_out: _conv.backward_weight(be, km, x, dy, c_out,
                                                                          False),
-            3, 20)["median_s"] * 1e6
+            warmup, runs)["median_s"] * 1e6
     out["results_sha256"] = digest.hexdigest()[:16]
     return out
 

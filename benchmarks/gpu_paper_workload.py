@@ -579,6 +579,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--big-points", type=int, default=BIG_N,
                         help="points of the single sphere-surface cloud (default 1,000,000)")
+    parser.add_argument("--clouds", type=int, default=None,
+                        help="clouds of the paper workload (default 128, 16 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
+    parser.add_argument("--modelnet-shapes", type=int, default=32,
+                        help="ModelNet40 shapes of the classifier's maps (default 32)")
     opts = parser.parse_args(argv)
 
     import pwconv_cy
@@ -588,10 +593,10 @@ def main(argv=None) -> int:
         print(f"GPU path unavailable: {cuda.unavailable_reason()}", file=sys.stderr)
         return 2
     import cupy
-    n_clouds = 16 if opts.quick else 128
+    n_clouds = opts.clouds or (16 if opts.quick else 128)
     n_points = 2048
     runs = opts.runs or (5 if opts.quick else 20)
-    warmup = 2 if opts.quick else 3
+    warmup = opts.warmup if opts.warmup is not None else (2 if opts.quick else 3)
     record = {"workload": {"clouds": n_clouds, "points_per_cloud": n_points, "layers": LAYERS,
                            "voxel_size": VOXEL, "kernel_size": K, "dtype": "float32",
                            "runs": runs, "warmup": warmup, "seed": opts.seed},
@@ -810,7 +815,7 @@ def main(argv=None) -> int:
         print(f"1M-point sphere failed: {record['sphere_1m_error']}")
     save("sphere_1m")
     try:
-        record["modelnet_maps"] = modelnet_maps(cuda, cupy, runs)
+        record["modelnet_maps"] = modelnet_maps(cuda, cupy, runs, opts.modelnet_shapes)
     except Exception as exc:  # noqa: BLE001 - keep the figures above
         record["modelnet_maps_error"] = f"{type(exc).__name__}: {exc}"
         print(f"ModelNet40 maps failed: {record['modelnet_maps_error']}")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
 import gpu_paper_workload as wl
 
 #: The opt-ins of --opt-ins: environment variables (the modes are read at every call).
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
         os.environ.update(OPT_INS)
         print("opt-ins:", OPT_INS)
 
-    n_clouds, n_points = 128, 2048
+    n_clouds, _, warmup, _ = _common.gpu_sizes(128, 0, 3, 1)
+    n_points = 2048
     points = wl.sphere(n_clouds * n_points, 0)
     offsets = np.arange(n_clouds + 1, dtype=np.int64) * n_points
     rng = np.random.default_rng(1)
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
         xs, zs = pw.forward(kms)
         pw.backward(kms, xs, zs)
 
-    for _ in range(3):  # warm-up (with MAP_CAPACITY=last: the sampled first maps too)
+    for _ in range(warmup):  # warm-up (with MAP_CAPACITY=last: the sampled first maps too)
         iteration()
     cupy.cuda.get_current_stream().synchronize()
     start, end = cupy.cuda.Event(), cupy.cuda.Event()

@@ -12,6 +12,7 @@ same tests on a real GPU.  The tests run in a subprocess, so that this process n
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -110,3 +111,44 @@ def test_gpu_tests_pass_on_the_standin(standin_env):
     assert all("real point clouds not available" in line for line in reasons), tail
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|skipped)", run.stdout)}
     assert counts.get("passed", 0) + counts.get("skipped", 0) == len(chosen), tail
+
+
+BENCHMARKS = TESTS.parent / "benchmarks"
+
+
+def _gpu_check_variants(script: str) -> list:
+    """The variants benchmarks/gpu_check.sh gives `script` (its command and continuation lines)."""
+    text = (BENCHMARKS / "gpu_check.sh").read_text()
+    match = re.search(rf"benchmarks/{script}((?:[^\n]*\\\n)*[^\n]*)", text)
+    assert match, f"gpu_check.sh does not run {script}"
+    return match.group(1).replace("\\\n", " ").split()
+
+
+@pytest.mark.skipif(not (BENCHMARKS / "gpu_check.sh").is_file(),
+                    reason="benchmarks/ is not beside tests/ (tests run outside the checkout)")
+def test_gpu_benchmarks_run_on_the_standin(standin_env, tmp_path):
+    """The GPU benchmarks gpu_check.sh runs, at a smoke-test size (PWCONV_GPU_BENCH_SMOKE): they
+    run to the end without an error recorded, and each tuning script's variants -- the very
+    lists gpu_check.sh gives -- exist and keep the maps and operator results identical.  A GPU
+    session then spends its minutes on timing, not on a stale script."""
+    env = dict(standin_env, PWCONV_GPU_BENCH_SMOKE="1", OUT=str(tmp_path))
+    commands = {
+        "gpu_paper_workload.py": ["--clouds", "2", "--runs", "1", "--warmup", "0",
+                                  "--big-points", "20000", "--modelnet-shapes", "2"],
+        "gpu_train_step.py": ["--runs", "1", "--host-runs", "1"],
+        "gpu_profile.py": ["--opt-ins"],
+        "gpu_search_tuning.py": _gpu_check_variants("gpu_search_tuning.py"),
+        "gpu_conv_tuning.py": _gpu_check_variants("gpu_conv_tuning.py"),
+    }
+    for script, args in commands.items():
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                              check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{script}:\n{out[-4000:]}"
+        assert '"error"' not in out and "failed" not in out, f"{script}:\n{out[-4000:]}"
+    record = json.loads((tmp_path / "gpu_results.json").read_text())
+    assert record.get("completed_through") == "report"
+    assert not [key for key in record if key.endswith("error")], record.keys()
+    assert record["checks"]["kernel_map_identical_to_cpu_4_clouds_s2"]
+    assert (tmp_path / "gpu_train_step.json").is_file()

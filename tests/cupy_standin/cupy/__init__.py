@@ -372,25 +372,27 @@ def get_default_pinned_memory_pool():
 
 # --- kernels: the host emulation of kernels.cu ---------------------------------------------------
 
-_emulator = None
+_emulators: dict = {}
+_rebuilt: set = set()
 
 
-def _emulated_backend():
-    """tests/test_cuda.py's EmulatedBackend over the emulator library (built once)."""
-    global _emulator
-    if _emulator is None:
+def _emulated_backend(defines: tuple = ()):
+    """tests/test_cuda.py's EmulatedBackend over the emulator library: CUPY_STANDIN_EMULATOR (a
+    prebuilt one) for the default compile options, else built once per set of -D options."""
+    if defines not in _emulators:
         tests = Path(__file__).resolve().parents[2]
         if str(tests) not in sys.path:
             sys.path.insert(0, str(tests))
         import test_cuda
 
-        lib = os.environ.get("CUPY_STANDIN_EMULATOR")
+        lib = os.environ.get("CUPY_STANDIN_EMULATOR") if not defines else None
         if not lib:
             import tempfile
 
-            lib = test_cuda.build_emulator(Path(tempfile.mkdtemp(prefix="cupy_standin_")))
-        _emulator = test_cuda.EmulatedBackend(lib)
-    return _emulator
+            lib = test_cuda.build_emulator(Path(tempfile.mkdtemp(prefix="cupy_standin_")),
+                                           defines)
+        _emulators[defines] = test_cuda.EmulatedBackend(lib)
+    return _emulators[defines]
 
 
 class RawModule:
@@ -402,17 +404,23 @@ class RawModule:
             raise ValueError("RawModule needs the CUDA source")
         self.options = tuple(options)
         self.name_expressions = tuple(name_expressions or ())
+        # NVRTC's -DNAME=VALUE options (tuning knobs) go to the emulator's build
+        self.defines = tuple(o[2:] for o in self.options if o.startswith("-D"))
 
     def compile(self, log_stream=None):
-        _emulated_backend()
+        _emulated_backend(self.defines)
 
     def get_function(self, name):
-        return RawKernel(name)
+        if self.name_expressions and name not in self.name_expressions \
+                and "<" in name:  # NVRTC knows only the instantiations it was asked for
+            raise RuntimeError(f"cuModuleGetFunction: {name} is not among the name expressions")
+        return RawKernel(name, self.defines)
 
 
 class RawKernel:
-    def __init__(self, name):
+    def __init__(self, name, defines=()):
         self.name = name
+        self.defines = defines
         self.max_dynamic_shared_size_bytes = _DEFAULT_SHARED_BYTES
 
     def __call__(self, grid, block, args, *, shared_mem=0, stream=None,
@@ -436,7 +444,19 @@ class RawKernel:
             else:
                 raise TypeError(f"argument {k} of {self.name}: {type(a).__name__} {a!r} is "
                                 "neither a device array nor a NumPy scalar")
-        _emulated_backend().launch(self.name, grid, block, host_args, shared_mem)
+        backend = _emulated_backend(self.defines)
+        try:
+            backend.launch(self.name, grid, block, host_args, shared_mem)
+        except AssertionError as exc:
+            if "is not registered" not in str(exc) or self.name in _rebuilt:
+                raise
+            # an instantiation the prebuilt library lacks (e.g. PWCONV_CUDA_SPECIALISE_K set
+            # in this process only): build the emulator again with this process's names
+            _rebuilt.add(self.name)
+            _emulators.pop(self.defines, None)
+            os.environ.pop("CUPY_STANDIN_EMULATOR", None)
+            _emulated_backend(self.defines).launch(self.name, grid, block, host_args,
+                                                   shared_mem)
 
 
 class _Cuda:
@@ -537,6 +557,14 @@ class _Cuda:
         def getDeviceProperties(device):
             return {"name": b"CuPy stand-in (host emulation)", "totalGlobalMem": _MEMORY_BYTES,
                     "major": 9, "minor": 0, "multiProcessorCount": 4}
+
+        @staticmethod
+        def profilerStart():
+            pass
+
+        @staticmethod
+        def profilerStop():
+            pass
 
         @staticmethod
         def runtimeGetVersion():
