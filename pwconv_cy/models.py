@@ -450,6 +450,7 @@ class PointwiseCNNClassifier(_PointwiseNet):
         self._trunk_backward(d, grads, input_grad)
         return self._ordered(grads)
 
+    @_in_device_context
     def predict_proba(self, points, feats=None):
         """Class probabilities (B, n_classes) on the model's device, computed in evaluation mode
         (the mode is restored)."""

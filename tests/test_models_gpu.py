@@ -267,12 +267,15 @@ def test_layers_optimisers_and_networks_on_a_second_device(rng):
                                           labels)
         out.update({f"model.{k}": v for k, v in model.params.items()})
         out["logits"] = model.forward(model.device_array(points))
+        out["proba"] = model.predict_proba(model.device_array(points))
+        predicted = model.predict(points[:3, :50], seed=1)  # host clouds in, host out
         assert cupy.cuda.Device().id == 0
-        return out, loss
+        return out, (loss, predicted)
 
-    on0, loss0 = run(0)
-    on1, loss1 = run(1)
+    on0, (loss0, predicted0) = run(0)
+    on1, (loss1, predicted1) = run(1)
     assert loss1 == loss0
+    np.testing.assert_array_equal(predicted1, predicted0)
     for name, a in on1.items():
         assert a.device.id == 1, f"{name} came back on device {a.device.id}, not 1"
         np.testing.assert_array_equal(_host(a), _host(on0[name]), err_msg=name)
@@ -372,3 +375,37 @@ def test_train_evaluate_predict_commands_on_gpu(shared_data, tmp_path, capsys):
             if t["label"] in cpu_probs:
                 assert abs(t["probability"] - cpu_probs[t["label"]]) <= 1e-4, (on_gpu, on_cpu)
         assert on_gpu["top"][0]["label"] in cpu_probs
+
+
+@pytest.mark.skipif(_REASON is None and _device_count() < 2,
+                    reason=f"needs two CUDA devices, found {_device_count()}")
+def test_commands_on_a_second_device(shared_data, tmp_path, capsys):
+    """train / evaluate / predict with --device cuda:1 (cuda:0 current): the run, its resume,
+    the report and the predictions equal those of --device cuda:0, bit for bit."""
+    data_path = _small_modelnet(shared_data, tmp_path)
+    common = ["--data", data_path, "--num-points", "128", "--hidden", "16", "--batch-size", "8",
+              "--val-fraction", "0.25", "--no-progress", "--no-plot"]
+    np.savez(tmp_path / "clouds.npz", points=np.load(data_path)["points"][:3])
+    results = {}
+    for device in ("cuda:0", "cuda:1"):
+        out_dir = tmp_path / device.replace(":", "")
+        for extra in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
+            status, out, err = run_command(
+                train, [*common, "--out", out_dir, "--device", device, *extra], capsys)
+            assert status == 0, err
+        assert f"on {device}" in out
+        with np.load(out_dir / "last.npz", allow_pickle=False) as f:
+            params = {k: f[k] for k in f.files if k.startswith("param/")}
+        status, report, err = run_command(
+            evaluate, ["--checkpoint", out_dir / "last.npz", "--data", data_path, "--device",
+                       device], capsys)
+        assert status == 0, err
+        status, predicted, err = run_command(
+            predict, ["--checkpoint", out_dir / "last.npz", tmp_path / "clouds.npz", "--device",
+                      device, "--json"], capsys)
+        assert status == 0, err
+        results[device] = (params, report.strip().splitlines()[-1], predicted)
+    (params0, report0, predicted0), (params1, report1, predicted1) = results.values()
+    for key, value in params0.items():
+        np.testing.assert_array_equal(params1[key], value, err_msg=key)
+    assert report1.replace("cuda1", "cuda0") == report0 and predicted1 == predicted0
