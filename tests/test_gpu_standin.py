@@ -91,8 +91,8 @@ with cupy.cuda.Device(1):
     assert float((b + 1).sum()) == 6.0 and (b + 1).device.id == 1
 print("strict")
 """
-    proc = subprocess.run([sys.executable, "-c", script], env=standin_env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, "-c", script], env=standin_env, cwd=TESTS,
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0 and "strict" in proc.stdout, proc.stdout + proc.stderr
 
 

@@ -78,14 +78,6 @@ def compile_kernels() -> None:
     _checked_backend().compile()
 
 
-def _device_of(arr):
-    """The CUDA device of a CuPy array as a context manager (a no-op for other arrays)."""
-    import contextlib
-
-    device = getattr(arr, "device", None)
-    return device if hasattr(device, "__enter__") else contextlib.nullcontext()
-
-
 def _inputs_device(**arrays):
     """The CUDA device that a call's device arrays are on, as a context: validation, kernels and
     results then stay on it whatever device is current (CuPy would otherwise copy the inputs to
@@ -128,7 +120,7 @@ def _device_map_counts(km):
     from pwconv_cy.cuda._search import kernel_map_counts
 
     be = _checked_backend()
-    with _device_of(km.splits):
+    with _inputs_device(kernel_map=km.splits):
         return kernel_map_counts(be, km.splits, km.cell, km.kernel_size ** 3)
 
 
@@ -199,7 +191,7 @@ class NeighborIndex:
         self.cell_size = cell_size
         self.method = "grid"
         self._digest = None
-        with _device_of(self._batch.points):
+        with _inputs_device(points=self._batch.points):
             self._grid = build_grid(self._be, self._batch.points, self._batch.offsets, cell_size)
 
     @property
