@@ -335,7 +335,8 @@ static void start_fiber(Fiber& f) {
     // emu_switch pops, from the new stack pointer up: the control words (SSE 0x1F80, x87 0x037F:
     // the defaults), r15, r14, r13, r12, rbx, rbp, then returns into trampoline with the stack
     // aligned as after a call (a dummy return address above it, never used).
-    auto top = reinterpret_cast<std::uintptr_t>(f.stack.data() + f.stack.size()) & ~std::uintptr_t(15);
+    auto top = reinterpret_cast<std::uintptr_t>(f.stack.data() + f.stack.size());
+    top &= ~std::uintptr_t(15);
     auto* slot = reinterpret_cast<std::uint64_t*>(top);
     *--slot = 0;                                                 // trampoline's return address
     *--slot = reinterpret_cast<std::uint64_t>(&trampoline);      // emu_switch's ret
@@ -2270,6 +2271,85 @@ def test_gpu_errors_are_clear():
         cuda.pointwise_conv(p, x, w, 0.1)
     with pytest.raises(pwconv_cy_memory_error()):
         cuda.kernel_map(p, 0.5, memory_budget=1000)
+
+
+def _error_cases(rng):
+    """Inputs a user gets wrong, each (function, positional arrays, scalars and options)."""
+    p = rng.random((50, 3))
+    x = rng.random((50, 4)).astype(np.float32)
+    w = rng.random((3, 3, 3, 4, 5)).astype(np.float32)
+    nan_p = p.copy()
+    nan_p[7, 1] = np.nan
+    nan_x = x.copy()
+    nan_x[3, 2] = np.nan
+    two = np.array([0, 25, 50])
+    conv = "pointwise_conv"
+    return {
+        "points (n, 2)": ("kernel_map", [rng.random((50, 2))], {"voxel_size": 0.1}),
+        "points (n,)": ("kernel_map", [p[:, 0]], {"voxel_size": 0.1}),
+        "integer points": ("kernel_map", [np.ones((5, 3), int)], {"voxel_size": 0.1}),
+        "NaN point": ("kernel_map", [nan_p], {"voxel_size": 0.1}),
+        "voxel 0": ("kernel_map", [p], {"voxel_size": 0.0}),
+        "voxel NaN": ("kernel_map", [p], {"voxel_size": float("nan")}),
+        "voxel str": ("kernel_map", [p], {"voxel_size": "a"}),
+        "even K": ("kernel_map", [p], {"voxel_size": 0.1, "kernel_size": 2}),
+        "dilation 0": ("kernel_map", [p], {"voxel_size": 0.1, "dilation": 0}),
+        "dilation 1.5": ("kernel_map", [p], {"voxel_size": 0.1, "dilation": 1.5}),
+        "offsets short": ("kernel_map", [p], {"voxel_size": 0.1, "offsets": [0, 10, 40]}),
+        "offsets falling": ("kernel_map", [p], {"voxel_size": 0.1, "offsets": [0, 30, 20, 50]}),
+        "offsets float": ("kernel_map", [p], {"voxel_size": 0.1, "offsets": np.array([0., 50.])}),
+        "dense + offsets": ("kernel_map", [p.reshape(2, 25, 3)],
+                            {"voxel_size": 0.1, "offsets": [0, 50]}),
+        "queries (m, 2)": ("kernel_map", [p], {"voxel_size": 0.1, "queries": p[:5, :2]}),
+        "query offsets": ("kernel_map", [p], {"voxel_size": 0.1, "offsets": two, "queries": p[:5],
+                                                   "query_offsets": [0, 5]}),
+        "method": ("kernel_map", [p], {"voxel_size": 0.1, "method": "brute"}),
+        "radius < 0": ("radius_search", [p], {"radius": -0.1}),
+        "metric": ("radius_search", [p], {"radius": 0.1, "metric": "l1"}),
+        "feats rows": (conv, [p, x[:40], w], {"voxel_size": 0.1}),
+        "feats (n,)": (conv, [p, x[:, 0], w], {"voxel_size": 0.1}),
+        "integer feats": (conv, [p, x.astype(int), w.astype(int)], {"voxel_size": 0.1}),
+        "weight c_in": (conv, [p, x, w[..., :3, :]], {"voxel_size": 0.1}),
+        "weight 4-d": (conv, [p, x, w[..., 0]], {"voxel_size": 0.1}),
+        "weight not cubic": (conv, [p, x, w[:, :, :1]], {"voxel_size": 0.1}),
+        "weight dtype": (conv, [p, x, w.astype(np.float64)], {"voxel_size": 0.1}),
+        "NaN feature": (conv, [p, nan_x, w], {"voxel_size": 0.1}),
+        "depthwise weight": (conv, [p, x, w], {"voxel_size": 0.1, "depthwise": True}),
+        "depthwise str": (conv, [p, x, w], {"voxel_size": 0.1, "depthwise": "yes"}),
+        "grad_out shape": ("pointwise_conv_backward", [np.ones((50, 4), np.float32), p, x, w],
+                           {"voxel_size": 0.1}),
+        "grad_out dtype": ("pointwise_conv_backward", [np.ones((50, 5)), p, x, w],
+                           {"voxel_size": 0.1}),
+        "budget": ("kernel_map", [p], {"voxel_size": 0.5, "memory_budget": 100}),
+    }
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_errors_are_the_cpus():
+    """Every input a user gets wrong raises on the GPU what it raises on the CPU: the same
+    exception and the same message (the memory budget's byte count aside: a GPU pair takes
+    more bytes)."""
+    import cupy
+
+    import pwconv_cy
+
+    def outcome(fn, arrays, kwargs):
+        try:
+            getattr(pwconv_cy, fn)(*arrays, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - compared below
+            return type(exc), str(exc)
+        return None, "no error"
+
+    for what, (fn, arrays, kwargs) in _error_cases(np.random.default_rng(3)).items():
+        on_cpu = outcome(fn, arrays, kwargs)
+        gpu_kwargs = {k: cupy.asarray(v) if k == "queries" else v for k, v in kwargs.items()}
+        on_gpu = outcome(fn, [cupy.asarray(a) for a in arrays], gpu_kwargs)
+        assert on_cpu[0] is not None, f"{what}: no error on the CPU"
+        if what == "budget":
+            assert on_gpu[0] is on_cpu[0], (what, on_gpu, on_cpu)
+        else:
+            assert on_gpu == on_cpu, f"{what}:\n  GPU {on_gpu}\n  CPU {on_cpu}"
 
 
 @pytest.mark.gpu

@@ -55,8 +55,8 @@ def standin_env(tmp_path_factory):
 
 def _pytest(env, *args, timeout=1200):
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                           f"--rootdir={TESTS}", *args], cwd=TESTS, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+                           f"--rootdir={TESTS}", *args], cwd=TESTS, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_the_standin_refuses_what_cupy_refuses(standin_env):
