@@ -475,6 +475,12 @@ static void run_block_fibers(std::vector<Fiber>& fibers) {
     }
 }
 
+// 1 when kernel `name` is registered (compiled in), else 0.
+extern "C" int emu_has(const char* name) {
+    if (registry().empty()) register_all();
+    return registry().count(name) ? 1 : 0;
+}
+
 // reversed != 0: kernels without barriers run their blocks and threads last to first, kernels
 // with barriers their blocks: another legal schedule (what integer atomics hand out then
 // changes, the results must not).
@@ -565,6 +571,8 @@ class EmulatedBackend:
         self.lib.emu_launch.restype = ctypes.c_int
         self.lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
             ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+        self.lib.emu_has.restype = ctypes.c_int
+        self.lib.emu_has.argtypes = [ctypes.c_char_p]
         self.launches = []
         self.tiled_row_launches = 0  # kernel_map_tiled launches with the rows in shared memory
         self.reversed = False  # run barrier-free kernels last thread first (see emu_launch)
@@ -603,6 +611,10 @@ class EmulatedBackend:
                                  params)
         if rc != 0:
             raise AssertionError(f"kernel {name!r} is not registered in the emulator")
+
+    def has(self, name: str) -> bool:
+        """Whether the emulator library has kernel `name` compiled in."""
+        return bool(self.lib.emu_has(name.encode()))
 
     def synchronize(self, what=""):
         pass

@@ -373,26 +373,30 @@ def get_default_pinned_memory_pool():
 # --- kernels: the host emulation of kernels.cu ---------------------------------------------------
 
 _emulators: dict = {}
-_rebuilt: set = set()
 
 
-def _emulated_backend(defines: tuple = ()):
-    """tests/test_cuda.py's EmulatedBackend over the emulator library: CUPY_STANDIN_EMULATOR (a
-    prebuilt one) for the default compile options, else built once per set of -D options."""
-    if defines not in _emulators:
-        tests = Path(__file__).resolve().parents[2]
-        if str(tests) not in sys.path:
-            sys.path.insert(0, str(tests))
-        import test_cuda
+def _emulated_backend(defines: tuple, names: tuple):
+    """tests/test_cuda.py's EmulatedBackend over an emulator library with the kernels `names`
+    compiled with the -D options `defines`: CUPY_STANDIN_EMULATOR (prebuilt) when it has them
+    and there are no options, else one built here (once per set of options; again when a module
+    asks for instantiations it lacks, e.g. with PWCONV_CUDA_SPECIALISE_K set in this process)."""
+    backend = _emulators.get(defines)
+    if backend is not None and all(backend.has(n) for n in names):
+        return backend
+    tests = Path(__file__).resolve().parents[2]
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    import test_cuda
 
-        lib = os.environ.get("CUPY_STANDIN_EMULATOR") if not defines else None
-        if not lib:
-            import tempfile
+    prebuilt = os.environ.get("CUPY_STANDIN_EMULATOR")
+    backend = test_cuda.EmulatedBackend(prebuilt) if prebuilt and not defines else None
+    if backend is None or not all(backend.has(n) for n in names):
+        import tempfile
 
-            lib = test_cuda.build_emulator(Path(tempfile.mkdtemp(prefix="cupy_standin_")),
-                                           defines)
-        _emulators[defines] = test_cuda.EmulatedBackend(lib)
-    return _emulators[defines]
+        folder = Path(tempfile.mkdtemp(prefix="cupy_standin_"))
+        backend = test_cuda.EmulatedBackend(test_cuda.build_emulator(folder, defines))
+    _emulators[defines] = backend
+    return backend
 
 
 class RawModule:
@@ -406,21 +410,24 @@ class RawModule:
         self.name_expressions = tuple(name_expressions or ())
         # NVRTC's -DNAME=VALUE options (tuning knobs) go to the emulator's build
         self.defines = tuple(o[2:] for o in self.options if o.startswith("-D"))
+        self._backend = None
 
     def compile(self, log_stream=None):
-        _emulated_backend(self.defines)
+        if self._backend is None:
+            self._backend = _emulated_backend(self.defines, self.name_expressions)
+        return self._backend
 
     def get_function(self, name):
         if self.name_expressions and name not in self.name_expressions \
                 and "<" in name:  # NVRTC knows only the instantiations it was asked for
             raise RuntimeError(f"cuModuleGetFunction: {name} is not among the name expressions")
-        return RawKernel(name, self.defines)
+        return RawKernel(name, self.compile())
 
 
 class RawKernel:
-    def __init__(self, name, defines=()):
+    def __init__(self, name, backend):
         self.name = name
-        self.defines = defines
+        self.backend = backend
         self.max_dynamic_shared_size_bytes = _DEFAULT_SHARED_BYTES
 
     def __call__(self, grid, block, args, *, shared_mem=0, stream=None,
@@ -444,19 +451,7 @@ class RawKernel:
             else:
                 raise TypeError(f"argument {k} of {self.name}: {type(a).__name__} {a!r} is "
                                 "neither a device array nor a NumPy scalar")
-        backend = _emulated_backend(self.defines)
-        try:
-            backend.launch(self.name, grid, block, host_args, shared_mem)
-        except AssertionError as exc:
-            if "is not registered" not in str(exc) or self.name in _rebuilt:
-                raise
-            # an instantiation the prebuilt library lacks (e.g. PWCONV_CUDA_SPECIALISE_K set
-            # in this process only): build the emulator again with this process's names
-            _rebuilt.add(self.name)
-            _emulators.pop(self.defines, None)
-            os.environ.pop("CUPY_STANDIN_EMULATOR", None)
-            _emulated_backend(self.defines).launch(self.name, grid, block, host_args,
-                                                   shared_mem)
+        self.backend.launch(self.name, grid, block, host_args, shared_mem)
 
 
 class _Cuda:
