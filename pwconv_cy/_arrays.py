@@ -81,12 +81,42 @@ def cupy_device_context(*objs):
     return contextlib.nullcontext()
 
 
+def host_scalars(values: list) -> list:
+    """0-d arrays as host NumPy values: CuPy ones of one device stacked and brought back in one
+    transfer (each transfer waits for every kernel queued before it); host ones as they are."""
+    def on_host(v):
+        return isinstance(v, (np.ndarray, np.generic, float, int))
+
+    if all(on_host(v) for v in values):
+        return list(values)
+    first = next(v for v in values if not on_host(v))
+    if all(type(v) is type(first) and getattr(v, "device", None) == first.device
+           for v in values) and hasattr(first, "get"):
+        import sys
+
+        xp = sys.modules[type(first).__module__.partition(".")[0]]
+        return list(xp.stack(values).get())
+    return [v if on_host(v) else np.asarray(v.get() if hasattr(v, "get") else v) for v in values]
+
+
 def describe(x) -> str:
     """The argument's type for messages, with its dtype where it has one."""
     cls = type(x)
     name = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
     dtype = getattr(x, "dtype", None)
     return f"{name} of dtype {dtype}" if dtype is not None else name
+
+
+class Described:
+    """describe(x), made when an error message is formatted (not on every call)."""
+
+    __slots__ = ("x",)
+
+    def __init__(self, x):
+        self.x = x
+
+    def __str__(self) -> str:
+        return describe(self.x)
 
 
 def device_of(x, name: str) -> str:
@@ -281,7 +311,7 @@ class CallArrays:
         entries = {} if bound is None else {bound[0]: tuple(bound[1:])}
         for name, a in data.items():
             if a is not None:
-                entries[name] = (device_of(a, name), kind_of(a), describe(a))
+                entries[name] = (device_of(a, name), kind_of(a), Described(a))
         if is_map:
             entries["kernel_map"] = (device_of(kernel_map.splits, "kernel_map"),
                                      kind_of(kernel_map.splits),

@@ -363,9 +363,7 @@ def check_map_matches(km, voxel_size: float, kernel_size: int, dilation: int,
     n = batch.points.shape[0]
     if km.n_points != n or not np.array_equal(km.offsets, batch.offsets) or (
             same_points is not None and not same_points()):
-        raise ValueError(f"kernel_map was built for other points ({km.n_points} points in "
-                         f"{km.offsets.shape[0] - 1} cloud(s)), not for these ({n} points in "
-                         f"{batch.offsets.shape[0] - 1} cloud(s)); rebuild it for these points")
+        raise other_points_error(km, batch)
     if same_queries is None:  # unchecked coordinates: whether there are queries, and how many
         same_queries = (lambda: (km.queries_digest is None) == (q is None)
                         and (q is None or km.n_queries == q.shape[0]))
@@ -373,6 +371,14 @@ def check_map_matches(km, voxel_size: float, kernel_size: int, dilation: int,
         raise ValueError("kernel_map was built for other query points than this call's "
                          f"(queries {'None' if q is None else q.shape}); rebuild it or pass the "
                          "same queries")
+
+
+def other_points_error(km, batch: PointBatch) -> ValueError:
+    """check_map_matches' error for a map of other points than the call's."""
+    return ValueError(f"kernel_map was built for other points ({km.n_points} points in "
+                      f"{km.offsets.shape[0] - 1} cloud(s)), not for these "
+                      f"({batch.points.shape[0]} points in {batch.offsets.shape[0] - 1} "
+                      "cloud(s)); rebuild it for these points")
 
 
 def check_bool(value, name: str) -> bool:

@@ -45,7 +45,7 @@ import sys
 import numpy as np
 
 from . import _core
-from ._arrays import cupy_device_context
+from ._arrays import cupy_device_context, host_scalars
 from ._validation import check_bool, check_num_threads
 
 __all__ = [
@@ -654,11 +654,14 @@ def clip_by_global_norm(grads: dict, max_norm: float):
 
 def _clip(grads: dict, max_norm: float):
     """clip_by_global_norm's work, on the gradients' device."""
+    squares = [_array_module(g).sum(g64 * g64) for g in grads.values()
+               for g64 in [g.astype(np.float64)]]
+    # one device -> host transfer for all the arrays' sums (each would wait for the queue),
+    # then added in the same order as ever
+    squares = host_scalars(squares)
     total = 0.0
-    for g in grads.values():
-        xp = _array_module(g)
-        g64 = g.astype(np.float64)
-        total += float(xp.sum(g64 * g64))
+    for s in squares:
+        total += float(s)
     norm = math.sqrt(total)
     if norm <= max_norm:
         return dict(grads), norm

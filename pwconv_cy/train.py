@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pwconv_cy import _cli, data, models, nn, optim
-from pwconv_cy._arrays import cupy_device_context
+from pwconv_cy._arrays import cupy_device_context, host_scalars
 from pwconv_cy._atomic import atomic_open
 from pwconv_cy.evaluate import evaluate
 
@@ -389,15 +389,17 @@ def train_step(model, loss_fn, optimizer, opt_state, points, labels, clip_norm=N
     """
     points, labels = model.device_array(points), model.device_array(labels)
     logits = model.forward(points)
-    loss = float(loss_fn.forward(logits, labels))
+    loss = loss_fn.forward(logits, labels)  # on the device: read with the count, at the end
     grads = model.backward(loss_fn.backward(), input_grad=False)
     if clip_norm is not None:
         grads, _ = optim.clip_by_global_norm(grads, clip_norm)
     # in place: the model's own arrays and the state's slots are overwritten, nothing allocated
     _, opt_state = optimizer.update(model.params, grads, opt_state, inplace=True)
     with cupy_device_context(logits):
-        n_correct = int((logits.argmax(axis=1) == labels).sum())
-    return loss, n_correct, opt_state
+        n_correct = (logits.argmax(axis=1) == labels).sum()
+        # one device -> host transfer for the two, after the step's last kernel
+        loss, n_correct = host_scalars([loss.astype(np.float64), n_correct.astype(np.float64)])
+    return float(loss), int(n_correct), opt_state
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

@@ -1210,6 +1210,7 @@ def _digest_reference(points, offsets):
 def _check_points_digest(be, p, offsets):
     """The digest kernel: NumPy's definition, float32 == float64 of the same values, one changed
     value changes it, NaN and infinities counted."""
+    from pwconv_cy.cuda import _search
     from pwconv_cy.cuda._search import points_digest
 
     p32 = p.astype(np.float32)
@@ -1226,6 +1227,13 @@ def _check_points_digest(be, p, offsets):
     assert points_digest(be, q, offsets)[0] != d64
     q[0, 0], q[-1, 2], q[1, 1] = np.nan, np.inf, -np.inf
     assert points_digest(be, q, offsets)[1] == 3
+    # the grid takes the same digest and NaN count in the transfer of its largest cells, and
+    # builds nothing more from non-finite points (the caller raises)
+    grid = _search.build_grid(be, np.ascontiguousarray(p), offsets, 0.1)
+    assert (grid.points_digest, grid.n_nonfinite) == (d64, 0)
+    bad_grid = _search.build_grid(be, q, offsets, 0.1)
+    assert (bad_grid.points_digest, bad_grid.n_nonfinite) == points_digest(be, q, offsets)
+    assert bad_grid.x is None and bad_grid.n_nonfinite == 3
 
 
 def _emulate_property(be, max_examples: int = 80):

@@ -96,6 +96,64 @@ print("strict")
     assert proc.returncode == 0 and "strict" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_host_round_trips_of_the_gpu_path(standin_env):
+    """The device -> host transfers of the GPU path, counted by the stand-in (``cupy.tally``):
+    each one waits for every kernel queued before it, so the host cannot run ahead of the GPU.
+    An operator call with a kernel map makes none unchecked (the issue: no host round trips),
+    and one with its checks (the NaN scans and the map's fingerprint share it); the grid takes
+    one for its extent, fingerprint and NaN count, plus the numbers of cells and rows; the maps
+    two (the sampled scratch size, the rows' total); a training step of the classifier one per
+    layer call, one for the labels' check, one for the gradient norm and one for the loss and
+    the count together."""
+    script = r"""
+import json
+import numpy as np, cupy
+import pwconv_cy
+from pwconv_cy import cuda, models, nn, optim, train
+rng = np.random.default_rng(0)
+pts = cupy.asarray(rng.random((600, 3)))
+offs = np.array([0, 250, 600])
+x = cupy.asarray(rng.standard_normal((600, 4)).astype(np.float32))
+w = cupy.asarray(rng.standard_normal((3, 3, 3, 4, 5)).astype(np.float32))
+dy = cupy.asarray(rng.standard_normal((600, 5)).astype(np.float32))
+counts = {}
+def count(name, fn):
+    cupy.tally.clear()
+    out = fn()
+    counts[name] = cupy.tally["to_host"]
+    return out
+index = count("grid", lambda: cuda.NeighborIndex(pts, 0.1, offsets=offs))
+km = count("maps", lambda: index.kernel_maps(3, (1, 2, 3, 4)))[1]
+args = dict(offsets=offs, dilation=2, kernel_map=km)
+off = dict(check_finite=False, check_map=False)
+count("forward", lambda: cuda.pointwise_conv(pts, x, w, 0.1, **args))
+count("forward unchecked", lambda: cuda.pointwise_conv(pts, x, w, 0.1, **off, **args))
+count("backward", lambda: cuda.pointwise_conv_backward(dy, pts, x, w, 0.1, **args))
+count("backward unchecked",
+      lambda: cuda.pointwise_conv_backward(dy, pts, x, w, 0.1, **off, **args))
+count("forward via pwconv_cy", lambda: pwconv_cy.pointwise_conv(pts, x, w, 0.1, **args))
+count("clip", lambda: optim.clip_by_global_norm({"a": x, "b": w, "c": dy}, 1.0))
+model = models.PointwiseCNNClassifier(n_points=64, n_classes=3, channels=4, hidden=16,
+                                      voxel_size=0.4, seed=2).to("cuda")
+opt = optim.SGD(0.05, momentum=0.9)
+state = opt.init(model.params)
+def step():
+    p = rng.random((4, 64, 3)).astype(np.float32)
+    return train.train_step(model, nn.SoftmaxCrossEntropy(), opt, state, p,
+                            rng.integers(0, 3, 4), clip_norm=5.0)
+step()
+count("train step", step)
+print(json.dumps(counts))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=standin_env, cwd=TESTS,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts == {"grid": 3, "maps": 2, "forward": 1, "forward unchecked": 0,
+                      "backward": 1, "backward unchecked": 0, "forward via pwconv_cy": 1,
+                      "clip": 1, "train step": 4 * 2 + 1 + 1 + 1 + 3 + 2}, counts
+
+
 def test_gpu_tests_pass_on_the_standin(standin_env):
     """Every GPU test of test_cuda.py and test_models_gpu.py (but the wide-layer cases left
     out for time) runs and passes; skips only for real data that is absent."""

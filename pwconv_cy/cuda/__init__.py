@@ -88,7 +88,7 @@ def _inputs_device(**arrays):
 
     from pwconv_cy import _arrays
 
-    entries = {name: (_arrays.device_of(a, name), "cupy", _arrays.describe(a))
+    entries = {name: (_arrays.device_of(a, name), "cupy", _arrays.Described(a))
                for name, a in arrays.items() if a is not None and is_device_array(a)}
     device = _arrays.CallArrays._common_device(entries)
     head, _, index = device.partition(":")
@@ -173,12 +173,16 @@ class NeighborIndex:
         _check_method(method)
         self._be = _checked_backend()
         with _inputs_device(points=points):
-            self._batch = V.check_points(points, offsets)
-            self._init(check_positive(cell_size, "cell_size"))
+            # float64, not yet scanned for NaN: the grid build does that (_init)
+            batch = V.float64_coordinates(V.check_points(points, offsets, finite=False))
+            cell_size = check_positive(cell_size, "cell_size")
+            self._batch = batch
+            self._init(cell_size)
 
     @classmethod
     def from_batch(cls, batch, cell_size) -> NeighborIndex:
-        """An index over an already validated DeviceBatch."""
+        """An index over a DeviceBatch of float64 coordinates (check_points(...,
+        finite=False) then float64_coordinates: the grid checks them finite)."""
         self = cls.__new__(cls)
         self._be = _checked_backend()
         self._batch = batch
@@ -186,13 +190,17 @@ class NeighborIndex:
         return self
 
     def _init(self, cell_size: float) -> None:
+        from pwconv_cy.cuda import _validation as V
         from pwconv_cy.cuda._search import build_grid
 
         self.cell_size = cell_size
         self.method = "grid"
-        self._digest = None
         with _inputs_device(points=self._batch.points):
-            self._grid = build_grid(self._be, self._batch.points, self._batch.offsets, cell_size)
+            grid = build_grid(self._be, self._batch.points, self._batch.offsets, cell_size)
+            if grid.n_nonfinite:
+                V.raise_nonfinite(self._batch.points, "points")
+        self._grid = grid
+        self._digest = grid.points_digest  # taken with the grid: no transfer of its own
 
     @property
     def n_points(self) -> int:
@@ -217,8 +225,6 @@ class NeighborIndex:
 
     @property
     def points_digest(self) -> str:
-        if self._digest is None:
-            self._digest = _device_digest(self._be, self._batch.points, self._batch.offsets)
         return self._digest
 
     def __repr__(self) -> str:
@@ -362,53 +368,72 @@ def _check_device_map(km) -> None:
                         "map built by pwconv_cy.cuda.kernel_map on CuPy arrays")
 
 
-def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map, check_map=True):
+def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map, check_map, checks):
+    """The call's kernel map: built here (after `checks` run: the inputs' scans come before the
+    search), or the caller's, checked against the call (the points' fingerprint deferred to
+    `checks`, which the caller runs)."""
     from pwconv_cy.cuda import _validation as V
 
     q, q_offsets, q_dense = V.check_queries(queries, query_offsets, batch)
     out_dense = q_dense if q is not None else batch.dense_shape
     if kernel_map is None:
         _check_kernel_size_gpu(k)
-        index = NeighborIndex.from_batch(V.checked_coordinates(batch, "points"), v)
+        checks.run()
+        index = NeighborIndex.from_batch(V.float64_coordinates(batch), v)
         return index.kernel_map(k, s, voxel_size=v, queries=q, query_offsets=q_offsets), out_dense
     km = kernel_map
     _check_device_map(km)
-    from pwconv_cy._validation import check_map_matches
-    from pwconv_cy.cuda._search import points_digest
-
-    def same_points():
-        # One pass over the points, as they came (not converted to float64): their digest and
-        # their NaN count.  Non-finite points are reported as such, not as "other points".
-        digest, n_bad = points_digest(be, batch.points, batch.offsets)
-        if n_bad:
-            V.raise_nonfinite(batch.points, "points")
-        return digest == km.points_digest
+    from pwconv_cy._validation import check_map_matches, other_points_error
 
     check_map_matches(
-        km, v, k, s, batch, q, same_points=same_points if check_map else None,
+        km, v, k, s, batch, q, same_points=None,
         same_queries=(lambda: km.queries_digest == (
             None if q is None else _device_digest(be, q, q_offsets))) if check_map else None)
+    if check_map and batch.points.size:
+        from pwconv_cy.cuda._search import digest_string, launch_digest
+
+        # One pass over the points, as they came (not converted to float64): their digest's sums
+        # and their NaN count, brought to the host with the call's other verdicts.
+        # Non-finite points are reported as such, not as "other points".
+        sums = be.xp.zeros(3, dtype=be.xp.uint64)
+        launch_digest(be, batch.points, sums)
+
+        def settle(values):
+            if values[2]:
+                V.raise_nonfinite(batch.points, "points")
+            if digest_string(batch.points, batch.offsets, values) != km.points_digest:
+                raise other_points_error(km, batch)
+
+        checks.add(sums, settle)
     return km, out_dense
 
 
 def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
-             kernel_map, depthwise, method, check_finite, check_map=True):
+             kernel_map, depthwise, method, check_finite, check_map=True, checks=None):
+    """The operator's validated inputs.  The device-side verdicts (NaN scans, the map's
+    fingerprint) go to `checks` when given, for the caller to run (with its own), else they
+    are run here: one transfer either way."""
     from pwconv_cy._validation import check_bool, check_dilation, check_positive
     from pwconv_cy.cuda import _validation as V
 
     be = _checked_backend()
     _check_method(method)
+    run_here = checks is None
+    checks = V.DeferredChecks() if run_here else checks
     # The coordinates as they came: with a kernel map they are only fingerprinted (_resolve_map);
-    # without one they are converted to float64 and checked finite there, to build the map.
+    # without one they are converted to float64 and checked finite by the grid's build.
     batch = V.check_points(points, offsets, finite=False)
     v = check_positive(voxel_size, "voxel_size")
     s = check_dilation(dilation)
     check_bool(depthwise, "depthwise")
-    x = V.check_features(feats, batch, "feats", check_finite)
-    w, k, c_out = V.check_weight(weight, x.shape[1], x.dtype, bool(depthwise), check_finite)
+    x = V.check_features(feats, batch, "feats", check_finite, checks)
+    w, k, c_out = V.check_weight(weight, x.shape[1], x.dtype, bool(depthwise), check_finite,
+                                 checks)
     check_map = check_bool(check_map, "check_map")
     km, out_dense = _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map,
-                                 check_map)
+                                 check_map, checks)
+    if run_here:
+        checks.run()
     return be, batch, x, w, c_out, km, out_dense
 
 
@@ -455,10 +480,13 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
 
     check_bool(feats_grad, "feats_grad")
     with _call_device(points, feats, weight, queries, kernel_map, grad_out):
+        checks = V.DeferredChecks()  # one transfer for the NaN scans and the map's fingerprint
         be, _, x, w, c_out, km, out_dense = _prepare(
             points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
-            kernel_map, depthwise, method, check_finite, check_map)
-        dy = V.check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite)
+            kernel_map, depthwise, method, check_finite, check_map, checks)
+        dy = V.check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite,
+                              checks)
+        checks.run()
         dx = backward_input(be, km, dy, w, int(x.shape[1]), bool(depthwise)) if feats_grad \
             else None
         dw = backward_weight(be, km, x, dy, c_out, bool(depthwise))

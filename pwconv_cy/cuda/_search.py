@@ -224,6 +224,10 @@ class DeviceGrid:
     # (cloud_row_begin (B + 1,) int64 on the device: each cloud's first row, the most rows of a
     # cloud): made by the first search that asks for them (PWCONV_CUDA_MAP_TILES=3)
     cloud_rows: tuple | None = None
+    # the points' fingerprint (points_digest) and their NaN / infinite values, taken with the
+    # grid's largest cell coordinates: one transfer for the three
+    points_digest: str = ""
+    n_nonfinite: int = 0
 
     @property
     def n_cells(self) -> int:
@@ -246,29 +250,45 @@ class DeviceGrid:
 
 
 def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
-    """Grid over points (n, 3) float64 (device, C-contiguous) packed by offsets (host int64)."""
+    """Grid over points (n, 3) float64 (device, C-contiguous) packed by offsets (host int64).
+
+    The points need not have been checked finite: the grid counts their NaN / infinite values
+    (``n_nonfinite``, with their fingerprint ``points_digest``) in the transfer that brings the
+    largest cell coordinates to the host, and stops there when there are any -- the caller
+    raises.  One host synchronisation for the three instead of three."""
     xp = be.xp
     n = int(points.shape[0])
     n_clouds = int(offsets.shape[0]) - 1
     cell_size = float(cell_size)
     inv = inverse_cell_size(cell_size)
     offsets_dev = be.to_device(np.ascontiguousarray(offsets, dtype=np.int64))
-    origin = cloud_lower_corners(be, points, offsets, offsets_dev)
-    cloud = xp.empty(n, dtype=xp.int64)
-    cxyz = xp.empty((3, n), dtype=xp.int64)  # columns cx, cy, cz
-    cmax_dev = xp.zeros(3, dtype=xp.int64)
-    be.launch("grid_cell_coords", (blocks(n),), (THREADS,),
-              (points, i64(n), offsets_dev, i64(n_clouds), origin, f64(cell_size), f64(inv),
-               cloud, cxyz, cmax_dev))
     if n == 0:
         empty_f = xp.zeros(0, dtype=xp.float64)
         empty_i = xp.zeros(0, dtype=xp.int64)
         return DeviceGrid(0, n_clouds, cell_size, inv, offsets, offsets_dev, empty_f, empty_f,
                           empty_f, empty_i, xp.zeros(1, dtype=xp.int64), empty_i, empty_i, empty_i,
-                          xp.zeros(n_clouds + 1, dtype=xp.int64), origin, (0, 0, 0),
-                          *_no_row_table(xp))
+                          xp.zeros(n_clouds + 1, dtype=xp.int64),
+                          xp.zeros((n_clouds, 3), dtype=xp.float64), (0, 0, 0),
+                          *_no_row_table(xp), points_digest=digest_string(points, offsets, None))
+    # meta: the digest's two sums and NaN count (uint64), then the largest cell coordinate per
+    # axis (int64, grid_cell_coords): brought to the host together
+    meta = xp.zeros(6, dtype=xp.uint64)
+    launch_digest(be, points, meta[:3])
+    # grid_cell_coords saturates non-finite coordinates (grid_coord): no undefined conversion
+    origin = cloud_lower_corners(be, points, offsets, offsets_dev)
+    cloud = xp.empty(n, dtype=xp.int64)
+    cxyz = xp.empty((3, n), dtype=xp.int64)  # columns cx, cy, cz
+    be.launch("grid_cell_coords", (blocks(n),), (THREADS,),
+              (points, i64(n), offsets_dev, i64(n_clouds), origin, f64(cell_size), f64(inv),
+               cloud, cxyz, meta[3:].view(xp.int64)))
+    meta = np.ascontiguousarray(be.to_host(meta), dtype=np.uint64)
+    digest, n_bad = digest_string(points, offsets, meta[:3]), int(meta[2])
+    if n_bad:  # nothing else is built: the caller raises (the cell coordinates mean nothing)
+        return DeviceGrid(n, n_clouds, cell_size, inv, offsets, offsets_dev, None, None, None,
+                          None, None, None, None, None, None, origin, (0, 0, 0),
+                          points_digest=digest, n_nonfinite=n_bad)
     # The largest cell coordinate per axis sizes the sort key (and the row table's key).
-    cmax = tuple(int(c) for c in be.to_host(cmax_dev))
+    cmax = tuple(int(c) for c in meta[3:].view(np.int64))
     rx, ry, rz = cmax[0] + 1, cmax[1] + 1, cmax[2] + 1
     packed = n_clouds * rz * ry * rx <= np.iinfo(np.int64).max  # exact Python integers
     scan = grid_build_mode() == "scan" and n < (1 << 32)  # the starts' scan packs 32-bit counts
@@ -303,7 +323,7 @@ def build_grid(be, points, offsets: np.ndarray, cell_size: float) -> DeviceGrid:
         cell_x=cell_x, cell_y=cell_y, cell_z=cell_z,
         cloud_cell_begin=xp.ascontiguousarray(cloud_cell_begin), origin=origin, cmax=cmax,
         row_cell_begin=rows[0], table_keys=rows[1], table_rows=rows[2], table_bits=rows[3],
-        table_slots=rows[4])
+        table_slots=rows[4], points_digest=digest)
 
 
 def _cells_by_nonzero(be, n, n_clouds, order, points, cloud, cxyz, x, y, z, rows: bool) -> tuple:
@@ -406,25 +426,37 @@ def points_digest(be, points, offsets) -> tuple[str, int]:
     device, in one kernel and one small transfer: the shape, the offsets and two position-sensitive
     64-bit sums of the coordinates' float64 bit patterns (float32 and float64 copies of the same
     values agree).  Used to check that a kernel map was built for these points."""
+    if not points.size:
+        return digest_string(points, offsets, None), 0
+    sums = be.xp.zeros(3, dtype=be.xp.uint64)
+    launch_digest(be, points, sums)
+    sums = np.ascontiguousarray(be.to_host(sums), dtype=np.uint64)
+    return digest_string(points, offsets, sums), int(sums[2])
+
+
+def launch_digest(be, points, sums) -> None:
+    """Adds the digest's two sums and the count of NaN / infinite values of `points` (device,
+    any shape, non-empty) into `sums` (3,) uint64 on the device (zeroed by the caller)."""
+    xp = be.xp
+    if np.dtype(points.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        points = points.astype(xp.float64)  # float16: exact
+    values = xp.ascontiguousarray(points).reshape(-1)
+    n_values = int(values.shape[0])
+    be.launch(digest_name(values.dtype), (min(blocks(n_values), 1024),), (256,),
+              (i64(n_values), values, sums))
+
+
+def digest_string(points, offsets, sums) -> str:
+    """points_digest's fingerprint from the shape, the offsets and the sums (host (3,) uint64,
+    or None for no points)."""
     import hashlib
 
-    xp = be.xp
     h = hashlib.blake2b(digest_size=16)
     h.update(np.asarray(points.shape, dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
-    n_bad = 0
-    if points.size:
-        if np.dtype(points.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-            points = points.astype(xp.float64)  # float16: exact
-        values = xp.ascontiguousarray(points).reshape(-1)
-        sums = xp.zeros(3, dtype=xp.uint64)
-        n_values = int(values.shape[0])
-        be.launch(digest_name(values.dtype), (min(blocks(n_values), 1024),), (256,),
-                  (i64(n_values), values, sums))
-        sums = np.ascontiguousarray(be.to_host(sums), dtype=np.uint64)
-        h.update(sums[:2].tobytes())
-        n_bad = int(sums[2])
-    return "cuda:" + h.hexdigest(), n_bad
+    if sums is not None:
+        h.update(np.ascontiguousarray(sums[:2], dtype=np.uint64).tobytes())
+    return "cuda:" + h.hexdigest()
 
 
 def _queries(be, grid: DeviceGrid, queries, query_offsets):

@@ -8,6 +8,7 @@ from pwconv_cy import _arrays
 from pwconv_cy import _validation as _host
 
 __all__ = [
+    "DeferredChecks",
     "DeviceBatch",
     "as_device",
     "check_features",
@@ -15,7 +16,7 @@ __all__ = [
     "check_points",
     "check_queries",
     "check_weight",
-    "checked_coordinates",
+    "float64_coordinates",
     "host_offsets",
     "raise_nonfinite",
 ]
@@ -79,10 +80,12 @@ def _check_coordinates(arr, name: str):
     return arr
 
 
-def checked_coordinates(batch: DeviceBatch, name: str = "points") -> DeviceBatch:
-    """A batch from check_points(..., finite=False) with float64 coordinates checked finite (what
-    the grid and the kernel map are built from)."""
-    return DeviceBatch(_check_coordinates(batch.points, name), batch.offsets, batch.dense_shape)
+def float64_coordinates(batch: DeviceBatch) -> DeviceBatch:
+    """A batch from check_points(..., finite=False) with C-contiguous float64 coordinates, not
+    scanned: for the grid build, which counts NaN / infinite values in its own transfer
+    (pwconv_cy.cuda._search.build_grid; the caller raises raise_nonfinite's error)."""
+    points = _cupy().ascontiguousarray(batch.points, dtype=_cupy().float64)
+    return DeviceBatch(points, batch.offsets, batch.dense_shape)
 
 
 def check_points(points, offsets=None, name: str = "points", offsets_name: str = "offsets",
@@ -90,7 +93,7 @@ def check_points(points, offsets=None, name: str = "points", offsets_name: str =
     """Coordinates (n, 3) packed with `offsets`, or dense (B, n, 3) with offsets=None: the CPU's
     rules and messages (pwconv_cy._validation.check_points) on CuPy arrays, binned in float64.
     finite=False: the coordinates keep their dtype and are not scanned (see
-    checked_coordinates)."""
+    float64_coordinates)."""
     return _host.check_points(points, host_offsets(offsets, offsets_name), name, offsets_name,
                               what, to_array=as_device,
                               coordinates=_check_coordinates if finite else _check_coordinate_dtype)
@@ -103,19 +106,81 @@ def check_queries(queries, query_offsets, batch: DeviceBatch):
                                to_array=as_device, coordinates=_check_coordinates, xp=_cupy())
 
 
-def check_features(feats, batch: DeviceBatch, name: str = "feats", check_finite: bool = True):
+class DeferredChecks:
+    """The device-side verdicts of one call's checks (the NaN scans of features, weights and
+    gradients, the kernel map's fingerprint), brought to the host in one transfer by run()
+    instead of one each: every transfer waits for the kernels queued before it.  run() then
+    settles them in the order they were added, raising the same errors as the immediate checks.
+    The host-side checks (shapes, dtypes) are not deferred, so where a call has several wrong
+    inputs, a shape error may come before a NaN error that an immediate check would raise
+    first."""
+
+    def __init__(self):
+        self._values = []   # (k,) uint64 or bool device arrays
+        self._settle = []   # settle(host values (k,) uint64), in order
+
+    def add(self, values, settle) -> None:
+        self._values.append(values)
+        self._settle.append(settle)
+
+    def finite(self, arr, name: str) -> None:
+        """The check of pwconv_cy._validation._check_finite_values, deferred."""
+        if not arr.size:
+            return
+        cupy = _cupy()
+
+        def settle(v, arr=arr):
+            if not v[0]:  # the immediate check finds the first bad value and raises
+                _host._check_finite_values(arr, name, cupy)
+
+        self.add(cupy.isfinite(arr).all().reshape(1), settle)  # bool: run() widens it
+
+    def run(self) -> None:
+        """One transfer for every verdict, then each settled in order (the first failing one
+        raises).  Nothing to transfer, nothing transferred."""
+        if not self._values:
+            return
+        cupy = _cupy()
+        host = cupy.asnumpy(cupy.concatenate(self._values, dtype=cupy.uint64)
+                            if len(self._values) > 1 else self._values[0])
+        at = 0
+        for values, settle in zip(self._values, self._settle):
+            k = int(values.shape[0])
+            settle(host[at:at + k])
+            at += k
+        self._values, self._settle = [], []
+
+
+def check_features(feats, batch: DeviceBatch, name: str = "feats", check_finite: bool = True,
+                   checks: DeferredChecks | None = None):
     """Per-point features (n, c) packed, or (B, n, c) for dense points -> C-contiguous (n, c);
-    the CPU's rules and messages (pwconv_cy._validation.check_features) on CuPy arrays."""
-    return _host.check_features(feats, batch, name, check_finite, to_array=as_device, xp=_cupy())
+    the CPU's rules and messages (pwconv_cy._validation.check_features) on CuPy arrays.  With
+    `checks`, the NaN scan is deferred to checks.run()."""
+    arr = _host.check_features(feats, batch, name, check_finite and checks is None,
+                               to_array=as_device, xp=_cupy())
+    if check_finite and checks is not None:
+        checks.finite(arr, name)
+    return arr
 
 
-def check_weight(weight, c_in: int, dtype, depthwise: bool, check_finite: bool = True):
-    """Weight (K, K, K, c_in, c_out), or (K, K, K, c) when depthwise -> (weight, K, c_out)."""
-    return _host.check_weight(weight, c_in, dtype, depthwise, check_finite, to_array=as_device,
-                              xp=_cupy())
+def check_weight(weight, c_in: int, dtype, depthwise: bool, check_finite: bool = True,
+                 checks: DeferredChecks | None = None):
+    """Weight (K, K, K, c_in, c_out), or (K, K, K, c) when depthwise -> (weight, K, c_out).  With
+    `checks`, the NaN scan is deferred to checks.run()."""
+    arr, k, c_out = _host.check_weight(weight, c_in, dtype, depthwise,
+                                       check_finite and checks is None, to_array=as_device,
+                                       xp=_cupy())
+    if check_finite and checks is not None:
+        checks.finite(arr, "weight")
+    return arr, k, c_out
 
 
-def check_grad_out(grad_out, m: int, c_out: int, dtype, dense_shape, check_finite: bool = True):
-    """Gradient of the output: (m, c_out), or (B, m, c_out) for dense outputs."""
-    return _host.check_grad_out(grad_out, m, c_out, dtype, dense_shape, check_finite,
-                                to_array=as_device, xp=_cupy())
+def check_grad_out(grad_out, m: int, c_out: int, dtype, dense_shape, check_finite: bool = True,
+                   checks: DeferredChecks | None = None):
+    """Gradient of the output: (m, c_out), or (B, m, c_out) for dense outputs.  With `checks`,
+    the NaN scan is deferred to checks.run()."""
+    arr = _host.check_grad_out(grad_out, m, c_out, dtype, dense_shape,
+                               check_finite and checks is None, to_array=as_device, xp=_cupy())
+    if check_finite and checks is not None:
+        checks.finite(arr, "grad_out")
+    return arr

@@ -24,6 +24,7 @@ library: ``CUPY_STANDIN_EMULATOR`` (a prebuilt one), else it is built on the fir
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,18 @@ _current_stack = [0]
 _MEMORY_BYTES = 16 << 30
 _OPTIN_SHARED_BYTES = 227 * 1024
 _DEFAULT_SHARED_BYTES = 48 * 1024
+
+#: What the code under test asked of the "device", counted (tests read and reset it): raw kernel
+#: launches by name ("launch:<name>"), library calls that run kernels on a GPU ("library:<name>":
+#: functions, ufuncs, computing methods, advanced indexing), device -> host copies ("to_host"),
+#: host -> device copies ("to_device") and explicit synchronisations ("sync").  A device -> host
+#: copy is a synchronisation on a GPU: the host waits for every queued kernel.  CuPy's functions
+#: whose output size depends on the data (nonzero, boolean-mask indexing, ...) copy a count to
+#: the host, and are counted as "to_host" too.
+tally: collections.Counter = collections.Counter()
+#: CuPy functions that bring a count to the host to size their output.
+_SIZE_FROM_DATA = {"nonzero", "flatnonzero", "argwhere", "unique", "extract", "compress",
+                   "trim_zeros"}
 #: Functions that read host data by design (explicit transfers, metadata).
 _HOST_OK = {"asarray", "array", "asanyarray", "ascontiguousarray", "asnumpy", "get_array_module"}
 
@@ -91,15 +104,18 @@ class ndarray(NDArrayOperatorsMixin):
 
     def get(self, stream=None, order="C", out=None):
         """An explicit device -> host copy."""
+        tally["to_host"] += 1
         return np.array(self._a, order=order, copy=True)
 
     def set(self, arr, stream=None):
         self._a[...] = np.asarray(arr)
 
     def item(self):
+        tally["to_host"] += 1
         return self._a.item()
 
     def tolist(self):
+        tally["to_host"] += 1
         return self._a.tolist()
 
     # -- implicit conversions: refused as CuPy refuses them -------------------------------
@@ -111,6 +127,7 @@ class ndarray(NDArrayOperatorsMixin):
         if self._a.ndim != 0:
             raise TypeError(f"only 0-dimensional arrays can be converted to Python scalars "
                             f"(CuPy), got shape {self._a.shape}")
+        tally["to_host"] += 1
         return kind(self._a)
 
     def __int__(self):
@@ -126,6 +143,7 @@ class ndarray(NDArrayOperatorsMixin):
         if self._a.size != 1:
             raise ValueError("The truth value of an array with more than one element is "
                              "ambiguous.")
+        tally["to_host"] += 1
         return bool(self._a.reshape(()))
 
     def __len__(self):
@@ -143,21 +161,27 @@ class ndarray(NDArrayOperatorsMixin):
 
     # -- NumPy protocols: device arrays in, device arrays out -----------------------------
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        tally[f"library:{ufunc.__name__}"] += 1
         args = _unwrap(inputs, ufunc.__name__)
         kwargs = {k: _unwrap(v, ufunc.__name__) for k, v in kwargs.items()}
         return _wrap(getattr(ufunc, method)(*args, **kwargs))
 
     def __array_function__(self, func, types, args, kwargs):
+        tally[f"library:{func.__name__}"] += 1
         return _wrap(func(*_unwrap(args, func.__name__),
                           **{k: _unwrap(v, func.__name__) for k, v in kwargs.items()}))
 
     def __getitem__(self, key):
         if _has_arrays(key):  # advanced indexing runs a kernel; basic indexing makes a view
             _check_device(self)
+            tally["library:take"] += 1
+            if _has_masks(key):  # the output's size is the mask's count: brought to the host
+                tally["to_host"] += 1
         return _wrap(self._a[_unwrap(key, "__getitem__", host_ok=True)], self._dev)
 
     def __setitem__(self, key, value):
         _check_device(self)
+        tally["library:setitem"] += 1
         self._a[_unwrap(key, "__setitem__", host_ok=True)] = _unwrap(value, "__setitem__",
                                                                       host_ok=True)
 
@@ -171,6 +195,9 @@ class ndarray(NDArrayOperatorsMixin):
         def method(*args, **kwargs):
             if name not in _VIEWS:
                 _check_device(self)
+                tally[f"library:{name}"] += 1
+                if name in _SIZE_FROM_DATA:
+                    tally["to_host"] += 1
             return _wrap(attr(*_unwrap(args, name),
                               **{k: _unwrap(v, name) for k, v in kwargs.items()}), self._dev)
 
@@ -179,6 +206,12 @@ class ndarray(NDArrayOperatorsMixin):
 
 #: Methods that make views (no kernel runs, so CuPy does not check the current device).
 _VIEWS = {"reshape", "view", "transpose", "swapaxes", "squeeze"}
+
+
+def _has_masks(key) -> bool:
+    if isinstance(key, tuple):
+        return any(_has_masks(k) for k in key)
+    return isinstance(key, (ndarray, np.ndarray)) and key.dtype == np.bool_
 
 
 def _has_arrays(key) -> bool:
@@ -259,6 +292,7 @@ def asarray(a, dtype=None, order=None, *, blocking=False):
     if hasattr(a, "__cuda_array_interface__") or (
             hasattr(a, "__dlpack_device__") and a.__dlpack_device__()[0] == 2):
         raise TypeError("the CuPy stand-in reads only its own device arrays")
+    tally["to_device"] += 1
     return ndarray(_array=np.array(a, dtype=dtype, order=order or "K", copy=True))
 
 
@@ -301,15 +335,18 @@ def empty_like(a, dtype=None, order="K", subok=None, shape=None):
 
 def argsort(a, axis=-1, kind=None):
     """Stable, as CuPy's (radix) sort."""
+    tally["library:argsort"] += 1
     return _wrap(np.argsort(_unwrap(a, "argsort"), axis=axis, kind="stable"))
 
 
 def sort(a, axis=-1, kind=None):
+    tally["library:sort"] += 1
     return _wrap(np.sort(_unwrap(a, "sort"), axis=axis, kind="stable"))
 
 
 def lexsort(keys):
     """CuPy's: (k, N) keys, the last the primary one; no axis argument."""
+    tally["library:lexsort"] += 1
     k = _unwrap(keys, "lexsort")
     if not isinstance(k, np.ndarray) or k.ndim != 2:
         raise NotImplementedError("Keys with the rank of other than 2 are not supported (CuPy)")
@@ -330,6 +367,9 @@ def __getattr__(name):
         return target
 
     def function(*args, **kwargs):
+        tally[f"library:{name}"] += 1
+        if name in _SIZE_FROM_DATA:
+            tally["to_host"] += 1
         return _wrap(target(*_unwrap(args, name),
                             **{k: _unwrap(v, name) for k, v in kwargs.items()}))
 
@@ -439,6 +479,7 @@ class RawKernel:
         if self.max_dynamic_shared_size_bytes > _OPTIN_SHARED_BYTES:
             raise RuntimeError("cudaErrorInvalidValue: max_dynamic_shared_size_bytes above the "
                                "device's opt-in limit")
+        tally[f"launch:{self.name}"] += 1
         host_args = []
         for k, a in enumerate(args):
             if isinstance(a, ndarray):
@@ -480,7 +521,7 @@ class _Cuda:
             _current_stack[0] = self.id
 
         def synchronize(self):
-            pass
+            tally["sync"] += 1
 
         @property
         def mem_info(self):
@@ -511,7 +552,7 @@ class _Cuda:
             self.ptr = ptr
 
         def synchronize(self):
-            pass
+            tally["sync"] += 1
 
         def __enter__(self):
             return self
@@ -534,7 +575,7 @@ class _Cuda:
             self.t = time.perf_counter()
 
         def synchronize(self):
-            pass
+            tally["sync"] += 1
 
     class runtime:
         class CUDARuntimeError(RuntimeError):
