@@ -184,6 +184,14 @@ EMULATOR_CPP = r"""
 #else
 #include <ucontext.h>
 #endif
+// PWCONV_EMU_SANITIZE (built with -fsanitize=address,undefined): the fiber switches are announced
+// to AddressSanitizer (each fiber's stack bounds), and the dynamic shared memory is a heap block
+// of exactly the launch's size, so that a kernel reading or writing past what it asked for is
+// caught as on a GPU under compute-sanitizer.
+#ifdef PWCONV_EMU_SANITIZE
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -253,11 +261,17 @@ struct Fiber {
     bool done = false;
     int wait = 0;  // 0 running, 1 __syncthreads, 2 __syncwarp
     unsigned mask = 0;
+    void* fake_stack = nullptr;  // AddressSanitizer's, across the fiber's switches
 };
 static FiberContext scheduler;
 static Fiber* current = nullptr;
 static std::function<void(void**)>* current_fn = nullptr;
 static void** current_params = nullptr;
+#ifdef PWCONV_EMU_SANITIZE
+static const void* scheduler_stack = nullptr;  // the scheduler's stack, as the sanitizer saw it
+static size_t scheduler_stack_size = 0;
+static void* scheduler_fake_stack = nullptr;
+#endif
 
 static void switch_to(FiberContext& from, FiberContext& to) {
 #ifdef PWCONV_EMU_FAST_SWITCH
@@ -267,11 +281,35 @@ static void switch_to(FiberContext& from, FiberContext& to) {
 #endif
 }
 
+// The scheduler resumes fiber f.
+static void enter_fiber(Fiber& f) {
+#ifdef PWCONV_EMU_SANITIZE
+    __sanitizer_start_switch_fiber(&scheduler_fake_stack, f.stack.data(), f.stack.size());
+#endif
+    switch_to(scheduler, f.ctx);
+#ifdef PWCONV_EMU_SANITIZE
+    __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr);
+#endif
+}
+
+// The current fiber gives the scheduler back control (for good when it has finished).
+static void leave_fiber(bool finished) {
+    Fiber* self = current;
+#ifdef PWCONV_EMU_SANITIZE
+    __sanitizer_start_switch_fiber(finished ? nullptr : &self->fake_stack, scheduler_stack,
+                                   scheduler_stack_size);
+#endif
+    switch_to(self->ctx, scheduler);
+#ifdef PWCONV_EMU_SANITIZE
+    __sanitizer_finish_switch_fiber(self->fake_stack, &scheduler_stack, &scheduler_stack_size);
+#endif
+}
+
 static void yield_on(int kind, unsigned mask) {
     if (!current) emu_fail("a barrier in a kernel not listed in BARRIER_KERNELS");
     current->wait = kind;
     current->mask = mask;
-    switch_to(current->ctx, scheduler);
+    leave_fiber(false);
 }
 inline void __syncthreads() { yield_on(1, 0); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
@@ -323,14 +361,22 @@ struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
 struct alignas(16) ulonglong2 { unsigned long long x, y; };
 static void trampoline() {
+#ifdef PWCONV_EMU_SANITIZE
+    __sanitizer_finish_switch_fiber(nullptr, &scheduler_stack, &scheduler_stack_size);
+#endif
     (*current_fn)(current_params);
     current->done = true;
-    switch_to(current->ctx, scheduler);
+    leave_fiber(true);
     emu_fail("a finished fiber was resumed");
 }
 
 // A fiber's first switch enters trampoline on its own stack.
 static void start_fiber(Fiber& f) {
+#ifdef PWCONV_EMU_SANITIZE
+    // the stack's last fiber never returned from trampoline: its frames' redzones are stale
+    ASAN_UNPOISON_MEMORY_REGION(f.stack.data(), f.stack.size());
+    f.fake_stack = nullptr;
+#endif
 #ifdef PWCONV_EMU_FAST_SWITCH
     // emu_switch pops, from the new stack pointer up: the control words (SSE 0x1F80, x87 0x037F:
     // the defaults), r15, r14, r13, r12, rbx, rbp, then returns into trampoline with the stack
@@ -388,8 +434,17 @@ using std::frexp;
 using std::ldexp;
 
 // Dynamic shared memory: one buffer, big enough for any launch the tests make (blocks run one
-// after the other; EmulatedBackend checks the size asked for).
+// after the other; EmulatedBackend checks the size asked for).  Sanitized: a heap block of the
+// launch's size exactly (emu_set_dynamic_shared, before each launch; malloc aligns to 16).
+#ifdef PWCONV_EMU_SANITIZE
+static unsigned char* emu_dynamic_shared = nullptr;
+extern "C" void emu_set_dynamic_shared(unsigned long long bytes) {
+    std::free(emu_dynamic_shared);
+    emu_dynamic_shared = static_cast<unsigned char*>(std::malloc(bytes ? bytes : 1));
+}
+#else
 alignas(16) static unsigned char emu_dynamic_shared[EMU_DYNAMIC_SHARED_BYTES];
+#endif
 #define PWCONV_CUDA_DYNAMIC_SHARED(type, name) \
     type* name = reinterpret_cast<type*>(emu_dynamic_shared)
 
@@ -436,7 +491,7 @@ static void run_block_fibers(std::vector<Fiber>& fibers) {
             if (f.done || f.wait) continue;
             current = &f;
             threadIdx = f.idx;
-            switch_to(scheduler, f.ctx);
+            enter_fiber(f);
             ran = true;
         }
         current = nullptr;
@@ -539,19 +594,40 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
 EMU_DYNAMIC_SHARED_BYTES = 227 * 1024
 
 
-def build_emulator(out_dir: Path, defines=()) -> Path:
+#: The sanitizers' build of the emulator (build_emulator(sanitize=True)) and how to run it:
+#: Python started with the ASan runtime preloaded, leaks not reported (the interpreter's own).
+SANITIZE_FLAGS = ("-fsanitize=address,undefined,float-cast-overflow",
+                  "-fno-sanitize-recover=all", "-fno-omit-frame-pointer")
+SANITIZE_OPTIONS = "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0"
+
+
+def sanitizer_runtime() -> str | None:
+    """The ASan runtime to preload into Python for the sanitized emulator (None: not found)."""
+    cxx = os.environ.get("CXX", "g++")
+    try:
+        path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True,
+                              text=True, timeout=60, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if path and os.path.isabs(path) and os.path.isfile(path) else None
+
+
+def build_emulator(out_dir: Path, defines=(), sanitize: bool = False) -> Path:
     """Compile kernels.cu for the host with the emulator around it (plus -D`defines`, the tuning
-    knobs NVRTC may be given); returns the shared library."""
+    knobs NVRTC may be given); returns the shared library.  sanitize: with AddressSanitizer and
+    UBSan (SANITIZE_FLAGS; load it into a Python started with sanitizer_runtime() preloaded)."""
     registry = "\n".join(
         f'    registry().emplace("{name}", [](void** p) {{ call(&{name}, p); }});'
         for name in _names())
     source = (EMULATOR_CPP.replace("KERNELS_CU", str(KERNELS_CU)).replace("REGISTRY", registry)
               .replace("EMU_DYNAMIC_SHARED_BYTES", str(EMU_DYNAMIC_SHARED_BYTES)))
-    cpp = out_dir / "pwconv_cuda_emulator.cpp"
-    lib = out_dir / "pwconv_cuda_emulator.so"
+    stem = "pwconv_cuda_emulator" + ("_sanitized" if sanitize else "")
+    cpp = out_dir / f"{stem}.cpp"
+    lib = out_dir / f"{stem}.so"
     cpp.write_text(source)
     cxx = os.environ.get("CXX", "g++")
-    cmd = [cxx, "-std=c++17", "-O1", "-g", "-ffp-contract=off", "-fPIC", "-shared",
+    extra = (*SANITIZE_FLAGS, "-DPWCONV_EMU_SANITIZE") if sanitize else ()
+    cmd = [cxx, "-std=c++17", "-O1", "-g", "-ffp-contract=off", "-fPIC", "-shared", *extra,
            f"-I{INCLUDE}", *(f"-D{d}" for d in defines), str(cpp), "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
@@ -573,6 +649,11 @@ class EmulatedBackend:
             ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
         self.lib.emu_has.restype = ctypes.c_int
         self.lib.emu_has.argtypes = [ctypes.c_char_p]
+        # the sanitized build: each launch's dynamic shared memory sized exactly
+        self.set_shared = getattr(self.lib, "emu_set_dynamic_shared", None)
+        if self.set_shared is not None:
+            self.set_shared.restype = None
+            self.set_shared.argtypes = [ctypes.c_ulonglong]
         self.launches = []
         self.tiled_row_launches = 0  # kernel_map_tiled launches with the rows in shared memory
         self.reversed = False  # run barrier-free kernels last thread first (see emu_launch)
@@ -607,6 +688,8 @@ class EmulatedBackend:
         self.launches.append(name)
         if name.startswith("kernel_map_tiled<") and int(args[-1]) > 0:  # its tile_row_bits
             self.tiled_row_launches += 1
+        if self.set_shared is not None:
+            self.set_shared(int(shared_mem))
         rc = self.lib.emu_launch(name.encode(), *grid, *block, threaded, int(self.reversed),
                                  params)
         if rc != 0:
@@ -1481,15 +1564,35 @@ def emulator_lib(tmp_path_factory):
     return build_emulator(tmp_path_factory.mktemp("emulator"))
 
 
+def _sanitized_env(runtime: str) -> dict:
+    return dict(os.environ, LD_PRELOAD=runtime, ASAN_OPTIONS=SANITIZE_OPTIONS,
+                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+
+
+@pytest.fixture(scope="module")
+def sanitized_emulator(tmp_path_factory, emulator_lib):
+    """(library, environment) of the emulator built with AddressSanitizer and UBSan, run in a
+    Python with the ASan runtime preloaded; (the plain library, None) where the compiler has no
+    ASan runtime (the tests then check the results alone; test_sanitizers_catch_... skips)."""
+    runtime = sanitizer_runtime()
+    if runtime is None:
+        return emulator_lib, None
+    return build_emulator(tmp_path_factory.mktemp("sanitized"), sanitize=True), \
+        _sanitized_env(runtime)
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS + ["property"])
-def test_emulated_kernels_match_oracles(emulator_lib, scenario):
+def test_emulated_kernels_match_oracles(sanitized_emulator, scenario):
     """The GPU orchestration + kernels (run on the host) reproduce the float64 oracles: kernel map
-    and radius search identical, forward/backward within rounding."""
+    and radius search identical, forward/backward within rounding -- every operator variant, the
+    opt-in ones too.  Under AddressSanitizer and UBSan (where the compiler has them): no kernel
+    reads or writes outside its arrays or its shared memory, no undefined behaviour."""
+    lib, env = sanitized_emulator
     cmd = [sys.executable, str(Path(__file__).resolve()), "--emulate", scenario, "--lib",
-           str(emulator_lib)]
+           str(lib)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(TESTS),
-                              check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(TESTS),
+                              check=False, env=env)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"emulation of {scenario} hung (deadlock in a kernel barrier?):\n"
                     f"{exc.stdout}\n{exc.stderr}")
@@ -1497,6 +1600,48 @@ def test_emulated_kernels_match_oracles(emulator_lib, scenario):
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     if scenario == "property":  # the draws reach the opt-in search with the rows in shared memory
         assert json.loads(proc.stdout.splitlines()[-1])["tiled_row_launches"] > 0, proc.stdout
+
+
+_SHORT_PLAN = r"""
+import os, sys
+sys.path.insert(0, {tests!r})
+import test_cuda
+from pwconv_cy.cuda import _search
+planned = _search._tile_bytes
+_search._tile_bytes = lambda *a: planned(*a) - 8  # the plan 8 bytes short of the kernel's use
+os.environ["PWCONV_CUDA_MAP_TILES"] = "3"
+test_cuda._run_emulation(["random"], sys.argv[1], operator=False)
+print("no error")
+"""
+
+
+def test_sanitizers_catch_what_results_miss(sanitized_emulator, emulator_lib):
+    """Why the emulation runs under the sanitizers: a shared-memory plan 8 bytes short of what
+    kernel_map_tiled uses gives the right maps on the plain emulator (its shared memory is one
+    big buffer), while the sanitized one, whose shared memory is exactly the launch's, stops at
+    the overflow, as compute-sanitizer would on a GPU.  Also: the searches with each cloud's
+    coordinates, cells and rows in shared memory over the row table's pairs (PWCONV_CUDA_MAP_TILES
+    = 3, ROW_SLOTS = 1) run clean."""
+    lib, env = sanitized_emulator
+    if env is None:
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime (libasan)")
+    script = _SHORT_PLAN.format(tests=str(TESTS))
+    plain = subprocess.run([sys.executable, "-c", script, str(emulator_lib)], cwd=str(TESTS),
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert plain.returncode == 0 and "no error" in plain.stdout, plain.stdout + plain.stderr
+    caught = subprocess.run([sys.executable, "-c", script, str(lib)], cwd=str(TESTS), env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert caught.returncode != 0 and "no error" not in caught.stdout, caught.stdout
+    assert "heap-buffer-overflow" in caught.stderr and "kernel_map_tiled" in caught.stderr, \
+        caught.stderr[-4000:]
+    tiles = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--emulate",
+         "random,lattice_s2,lattice_s3_k5,lattice_s4,queries,batch_empty_clouds,long_rows",
+         "--searches-only", "--tile-queries", "7", "--corner-chunk", "5", "--lib", str(lib)],
+        cwd=str(TESTS), capture_output=True, text=True, timeout=600, check=False,
+        env=dict(env, PWCONV_CUDA_MAP_TILES="3", PWCONV_CUDA_ROW_SLOTS="1"))
+    assert tiles.returncode == 0 and tiles.stdout.count('"scenario"') == 7, \
+        tiles.stdout[-3000:] + tiles.stderr[-6000:]
 
 
 @pytest.mark.parametrize("batch,slots,tiles", [(4, "0", "0"), (3, "1", "1"), (8, "0", "2"),
