@@ -602,14 +602,21 @@ SANITIZE_OPTIONS = "detect_leaks=0:abort_on_error=1:detect_stack_use_after_retur
 
 
 def sanitizer_runtime() -> str | None:
-    """The ASan runtime to preload into Python for the sanitized emulator (None: not found)."""
+    """LD_PRELOAD for a Python that loads the sanitized emulator: the ASan runtime, first, and
+    libstdc++ (loaded later, its __cxa_throw escapes ASan's interceptor, which then aborts on any
+    C++ exception); None where the compiler has no ASan runtime."""
     cxx = os.environ.get("CXX", "g++")
-    try:
-        path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True,
-                              text=True, timeout=60, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return path if path and os.path.isabs(path) and os.path.isfile(path) else None
+    paths = []
+    for name in ("libasan.so", "libstdc++.so.6"):
+        try:
+            path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True,
+                                  text=True, timeout=60, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if not (path and os.path.isabs(path) and os.path.isfile(path)):
+            return None
+        paths.append(path)
+    return " ".join(paths)
 
 
 def build_emulator(out_dir: Path, defines=(), sanitize: bool = False) -> Path:
