@@ -390,21 +390,18 @@ def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map, check_m
         same_queries=(lambda: km.queries_digest == (
             None if q is None else _device_digest(be, q, q_offsets))) if check_map else None)
     if check_map and batch.points.size:
-        from pwconv_cy.cuda._search import digest_string, launch_digest
+        from pwconv_cy.cuda._search import digest_string
 
         # One pass over the points, as they came (not converted to float64): their digest's sums
         # and their NaN count, brought to the host with the call's other verdicts.
         # Non-finite points are reported as such, not as "other points".
-        sums = be.xp.zeros(3, dtype=be.xp.uint64)
-        launch_digest(be, batch.points, sums)
-
-        def settle(values):
-            if values[2]:
+        def settle(slot):
+            if slot[2]:
                 V.raise_nonfinite(batch.points, "points")
-            if digest_string(batch.points, batch.offsets, values) != km.points_digest:
+            if digest_string(batch.points, batch.offsets, slot) != km.points_digest:
                 raise other_points_error(km, batch)
 
-        checks.add(sums, settle)
+        checks.scan(batch.points, settle)
     return km, out_dense
 
 

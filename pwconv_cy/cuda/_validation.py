@@ -109,46 +109,58 @@ def check_queries(queries, query_offsets, batch: DeviceBatch):
 class DeferredChecks:
     """The device-side verdicts of one call's checks (the NaN scans of features, weights and
     gradients, the kernel map's fingerprint), brought to the host in one transfer by run()
-    instead of one each: every transfer waits for the kernels queued before it.  run() then
+    instead of one each: every transfer waits for the kernels queued before it.  Each check is
+    one launch of the digest kernel (pwconv_cy.cuda._search.launch_digest: two sums and the count
+    of NaN / infinite values, no temporary array) into its slot of a shared buffer.  run() then
     settles them in the order they were added, raising the same errors as the immediate checks.
     The host-side checks (shapes, dtypes) are not deferred, so where a call has several wrong
     inputs, a shape error may come before a NaN error that an immediate check would raise
     first."""
 
-    def __init__(self):
-        self._values = []   # (k,) uint64 or bool device arrays
-        self._settle = []   # settle(host values (k,) uint64), in order
+    #: Slots per buffer: an operator call scans at most four arrays (features, weight, output
+    #: gradient, the map's points); more take another buffer.
+    SLOTS = 4
 
-    def add(self, values, settle) -> None:
-        self._values.append(values)
+    def __init__(self):
+        self._buffers = []  # (3 * SLOTS,) uint64 device arrays, zeroed
+        self._settle = []   # settle(slot on the host: (3,) uint64), in order
+
+    def scan(self, values, settle) -> None:
+        """Launches the digest kernel over `values` (a non-empty device array of floats) into
+        the next slot; settle(its sums and NaN count, on the host) is called by run()."""
+        from pwconv_cy.cuda._backend import get_backend
+        from pwconv_cy.cuda._search import launch_digest
+
+        cupy = _cupy()
+        k = len(self._settle) % self.SLOTS
+        if k == 0:
+            self._buffers.append(cupy.zeros(3 * self.SLOTS, dtype=cupy.uint64))
+        launch_digest(get_backend(), values, self._buffers[-1][3 * k:3 * k + 3])
         self._settle.append(settle)
 
     def finite(self, arr, name: str) -> None:
         """The check of pwconv_cy._validation._check_finite_values, deferred."""
         if not arr.size:
             return
-        cupy = _cupy()
 
-        def settle(v, arr=arr):
-            if not v[0]:  # the immediate check finds the first bad value and raises
-                _host._check_finite_values(arr, name, cupy)
+        def settle(slot, arr=arr):
+            if slot[2]:  # the immediate check finds the first bad value and raises
+                _host._check_finite_values(arr, name, _cupy())
 
-        self.add(cupy.isfinite(arr).all().reshape(1), settle)  # bool: run() widens it
+        self.scan(arr, settle)
 
     def run(self) -> None:
         """One transfer for every verdict, then each settled in order (the first failing one
         raises).  Nothing to transfer, nothing transferred."""
-        if not self._values:
+        if not self._settle:
             return
         cupy = _cupy()
-        host = cupy.asnumpy(cupy.concatenate(self._values, dtype=cupy.uint64)
-                            if len(self._values) > 1 else self._values[0])
-        at = 0
-        for values, settle in zip(self._values, self._settle):
-            k = int(values.shape[0])
-            settle(host[at:at + k])
-            at += k
-        self._values, self._settle = [], []
+        used = 3 * len(self._settle)
+        whole = self._buffers[0] if len(self._buffers) == 1 else cupy.concatenate(self._buffers)
+        host = cupy.asnumpy(whole[:used])
+        settles, self._buffers, self._settle = self._settle, [], []
+        for k, settle in enumerate(settles):
+            settle(host[3 * k:3 * k + 3])
 
 
 def check_features(feats, batch: DeviceBatch, name: str = "feats", check_finite: bool = True,
