@@ -395,3 +395,28 @@ def test_dropout_rng_drives_the_masks():
     assert not np.array_equal(model.forward(points), first)  # the generator moved on
     with pytest.raises(TypeError, match="numpy.random.Generator, got int"):
         model.dropout_rng = 7
+
+
+def test_train_step_reports_the_loss_and_count_and_takes_any_loss_function(rng):
+    """train_step returns (float loss, int count of correct labels, state): the loss equals the
+    loss function's, the count the argmax's (read back together at the end on a GPU); a loss
+    function whose forward returns a Python float works too."""
+    from pwconv_cy import train
+
+    points = _cloud_batch(rng, 4, 16)
+    labels = rng.integers(0, 3, 4)
+
+    class FloatLoss(nn.SoftmaxCrossEntropy):
+        def forward(self, logits, labels):
+            return float(super().forward(logits, labels))
+
+    for loss_fn in (nn.SoftmaxCrossEntropy(), FloatLoss()):
+        model = _tiny_classifier(n_classes=3)
+        logits = model.forward(points)
+        want_loss = float(nn.SoftmaxCrossEntropy().forward(logits, labels))
+        want_ok = int((logits.argmax(axis=1) == labels).sum())
+        opt = optim.SGD(0.01)
+        loss, n_ok, state = train.train_step(model, loss_fn, opt, opt.init(model.params), points,
+                                             labels, clip_norm=1.0)
+        assert type(loss) is float and type(n_ok) is int and state["step"] == 1
+        assert loss == pytest.approx(want_loss, rel=1e-12) and n_ok == want_ok
