@@ -654,13 +654,14 @@ def clip_by_global_norm(grads: dict, max_norm: float):
 
 def _clip(grads: dict, max_norm: float):
     """clip_by_global_norm's work, on the gradients' device."""
-    squares = [_array_module(g).sum(g64 * g64) for g in grads.values()
-               for g64 in [g.astype(np.float64)]]
+    squares = []
+    for g in grads.values():
+        g64 = g.astype(np.float64)
+        squares.append(_array_module(g).sum(g64 * g64))
     # one device -> host transfer for all the arrays' sums (each would wait for the queue),
     # then added in the same order as ever
-    squares = host_scalars(squares)
     total = 0.0
-    for s in squares:
+    for s in host_scalars(squares):
         total += float(s)
     norm = math.sqrt(total)
     if norm <= max_norm:

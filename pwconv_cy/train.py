@@ -397,10 +397,9 @@ def train_step(model, loss_fn, optimizer, opt_state, points, labels, clip_norm=N
     _, opt_state = optimizer.update(model.params, grads, opt_state, inplace=True)
     with cupy_device_context(logits):
         n_correct = (logits.argmax(axis=1) == labels).sum()
-        # one device -> host transfer for the two, after the step's last kernel
-        loss, n_correct = host_scalars([  # a loss function may return a Python float too
-            loss.astype(np.float64) if hasattr(loss, "astype") else float(loss),
-            n_correct.astype(np.float64)])
+        # one device -> host transfer for the two (stacked as float64: the count stays exact),
+        # after the step's last kernel; a loss function may return a Python float too
+        loss, n_correct = host_scalars([loss, n_correct])
     return float(loss), int(n_correct), opt_state
 
 
