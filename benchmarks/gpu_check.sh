@@ -5,8 +5,8 @@
 #   and the training commands on the GPU) -> GPU benchmark -> a training step on the GPU ->
 #   the search kernels' variants (tiles, row slots, cell size, K = 3, rows sorted by a warp)
 #   -> the operator kernels' variants (one thread per row, chunks, rank transposition, unroll)
-#   -> kernel-time profiles (defaults; every opt-in) and the heaviest kernels' ncu sections
-#   (if ncu is installed).
+#   -> kernel-time profiles (defaults; every opt-in), the L1 requests the load model counts
+#   (benchmarks/gpu_load_model.py) and the heaviest kernels' ncu sections (if ncu is installed).
 # Every step runs even if an earlier one failed (the benchmark result is useful on its own);
 # logs go to $OUT when set (else benchmarks/out/), a summary with each step's status is printed
 # last.  No network needed: the build dependencies must be installed already.
@@ -135,6 +135,16 @@ if command -v ncu >/dev/null; then
     # the warps' stall reasons and memory traffic (L1 wavefronts: benchmarks/RESULTS.md's load
     # model): the first launches of the defaults' heavy kernels (ncu_detail) and of the opt-ins'
     # (ncu_detail_opt).
+    # What benchmarks/gpu_load_model.py counts on the host emulation (L1 requests, sectors and
+    # wavefronts per kernel, global / shared / local), measured: one cloud's iteration, as
+    # shipped and with the tiled and one-thread-per-row opt-ins.
+    for variant in none tiles3+tile+chunks+rank; do
+        step load_model_ncu 90 profile.log \
+            bash -c 'ncu --section MemoryWorkloadAnalysis_Tables "$1" \
+                benchmarks/gpu_load_model.py --gpu "$3" --clouds 1 > "$2/ncu_load_model_$3.txt" \
+                2>&1; grep -cE "^  [a-z_]+.*\(" "$2/ncu_load_model_$3.txt"' _ "$PY" "$LOG_DIR" \
+                "$variant"
+    done
     for which in default opt; do
         flag=""; regex="kernel_map_once|conv_entries|conv_weight_rows|sort_rows_by_rank"
         if [ "$which" = opt ]; then

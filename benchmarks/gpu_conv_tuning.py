@@ -35,19 +35,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def measure(variant: str) -> dict:
+def apply_variant(parts) -> list:
+    """Sets up this process for the operator variant's parts (switches, module settings, NVRTC
+    -D options); returns the parts that are not operator variants."""
     import os
 
-    import numpy as np
-
-    sys.path.insert(0, str(HERE))
-    import gpu_paper_workload as wl
-
-    from pwconv_cy import cuda
     from pwconv_cy.cuda import _backend, _conv
-    from pwconv_cy.cuda._backend import get_backend
 
-    for part in variant.split("+"):
+    rest = []
+    for part in parts:
         if part in ("thread", "tile"):
             os.environ[_conv.ENTRIES_LOADS_ENV] = part
         elif part == "inorder":
@@ -56,12 +52,28 @@ def measure(variant: str) -> dict:
             os.environ[_conv.WEIGHT_GRAD_ENV] = "chunks"
         elif part == "rank":
             os.environ[_conv.TRANSPOSE_ENV] = "rank"
-        elif part.startswith("u"):
+        elif part[:1] == "u" and part[1:].isdigit():
             define = f"-DPWCONV_CUDA_ENTRIES_UNROLL={int(part[1:])}"
             _backend.compile_options = \
                 lambda base=_backend.compile_options, define=define: base() + (define,)
         elif part != "none":
-            raise SystemExit(f"unknown variant {part!r}")
+            rest.append(part)
+    return rest
+
+
+def measure(variant: str) -> dict:
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    import gpu_paper_workload as wl
+
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _conv
+    from pwconv_cy.cuda._backend import get_backend
+
+    unknown = apply_variant(variant.split("+"))
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}")
     import _common
     import cupy
 

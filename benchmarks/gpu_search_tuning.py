@@ -49,8 +49,22 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def measure(variant: str) -> dict:
-    parts = variant.replace("k3-two", "k3+two").split("+")
+#: The variant words without a number (``none``: as shipped).
+WORDS = ("none", "k3", "two", "slots", "tiles", "tiles2", "tiles3", "last", "scan")
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_variant(parts) -> tuple[float, list]:
+    """Sets up this process for the search variant's parts (switches, module settings, NVRTC
+    -D options); returns (the grid's cell / voxel, the parts that are not search variants).
+    Call before pwconv_cy.cuda compiles or searches anything."""
     if "k3" in parts:  # read when pwconv_cy.cuda is imported
         os.environ["PWCONV_CUDA_SPECIALISE_K"] = "3"
     if "two" in parts:
@@ -64,16 +78,12 @@ def measure(variant: str) -> dict:
     for mode, part in (("1", "tiles"), ("2", "tiles2"), ("3", "tiles3")):
         if part in parts:  # read when a map is made
             os.environ["PWCONV_CUDA_MAP_TILES"] = mode
-    import numpy as np
 
-    sys.path.insert(0, str(HERE))
-    import gpu_paper_workload as wl
-
-    from pwconv_cy import cuda
     from pwconv_cy.cuda import _backend, _search
 
     defines = []
     factor = 1.0  # the grid's cell / voxel
+    rest = []
     for part in parts:
         if part.isdigit():
             defines.append(f"-DPWCONV_CUDA_SEARCH_MIN_BLOCKS={part}")
@@ -85,16 +95,30 @@ def measure(variant: str) -> dict:
             _search.SORT_LANES = int(part[1:])
         elif part[:1] == "b" and part[1:].isdigit():
             defines.append(f"-DPWCONV_CUDA_ROW_BATCH={part[1:]}")
-        elif part[:1] == "c":
+        elif part[:1] == "c" and _number(part[1:]):
             factor = float(part[1:])
-        elif part not in ("none", "k3", "two", "slots", "tiles", "tiles2", "tiles3", "last",
-                          "scan"):
-            raise SystemExit(f"unknown variant {part!r}")
+        elif part not in WORDS:
+            rest.append(part)
     if defines:
         _backend.compile_options = \
             lambda base=_backend.compile_options, extra=tuple(defines): base() + extra
+    return factor, rest
+
+
+def measure(variant: str) -> dict:
+    parts = variant.replace("k3-two", "k3+two").split("+")
+    factor, unknown = apply_variant(parts)
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}")
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
     import _common
     import cupy
+    import gpu_paper_workload as wl
+
+    from pwconv_cy import cuda
+    from pwconv_cy.cuda import _backend
 
     n_clouds, big_n, warmup, runs = _common.gpu_sizes(128, wl.BIG_N, 3, 20)
     points = cupy.asarray(wl.sphere(n_clouds * 2048, 0))

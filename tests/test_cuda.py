@@ -17,6 +17,10 @@ Three layers of checks, so that CI (nvcc, no GPU) catches most mistakes before a
   Without a GPU, test_gpu_standin.py runs them (and test_models_gpu.py's) on a CuPy stand-in
   over the host emulation, with two devices: the GPU path's Python code is tested in CI too.
 
+Also ``test_memory_counter_...``: the emulation's counting build (``build_emulator(count=True)``,
+benchmarks/gpu_load_model.py's load model) counts a warp's memory requests as a GPU's L1 serves
+them, checked on kernels whose counts are known.
+
 Run the emulation by hand: ``python tests/test_cuda.py --emulate all``.
 """
 from __future__ import annotations
@@ -205,8 +209,21 @@ EMULATOR_CPP = r"""
 #include <utility>
 #include <vector>
 
+// The counting build (build_emulator(count=True), COUNTER_CPP first) keeps the emulator's own
+// state in a section of its own, so that the kernels' accesses to it are not counted.
+#ifndef PWCONV_EMU_COUNT
+#define EMU_RUNTIME
+#define EMU_COUNT_ENTER(tid, stack, bytes)
+#define EMU_COUNT_LEAVE()
+#define EMU_COUNT_END_BLOCK()
+#define EMU_COUNT_KERNEL_FRAME()
+#define EMU_COUNT_ATOMIC(p)
+#define EMU_NO_COUNT
+#define EMU_VECTOR_COPY(T)
+#endif
+
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
-static dim3 threadIdx, blockIdx, blockDim, gridDim;
+EMU_RUNTIME static dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 [[noreturn]] static void emu_fail(const char* what) {
     std::fprintf(stderr, "pwconv CUDA emulator: %s (block %u,%u,%u thread %u,%u,%u)\n", what,
@@ -259,14 +276,14 @@ struct Fiber {
     std::vector<char> stack;
     dim3 idx;
     bool done = false;
-    int wait = 0;  // 0 running, 1 __syncthreads, 2 __syncwarp
+    int wait = 0;  // 0 running, 1 __syncthreads, 2 __syncwarp, 3 a counted access
     unsigned mask = 0;
     void* fake_stack = nullptr;  // AddressSanitizer's, across the fiber's switches
 };
-static FiberContext scheduler;
-static Fiber* current = nullptr;
-static std::function<void(void**)>* current_fn = nullptr;
-static void** current_params = nullptr;
+EMU_RUNTIME static FiberContext scheduler;
+EMU_RUNTIME static Fiber* current = nullptr;
+EMU_RUNTIME static std::function<void(void**)>* current_fn = nullptr;
+EMU_RUNTIME static void** current_params = nullptr;
 #ifdef PWCONV_EMU_SANITIZE
 static const void* scheduler_stack = nullptr;  // the scheduler's stack, as the sanitizer saw it
 static size_t scheduler_stack_size = 0;
@@ -286,7 +303,10 @@ static void enter_fiber(Fiber& f) {
 #ifdef PWCONV_EMU_SANITIZE
     __sanitizer_start_switch_fiber(&scheduler_fake_stack, f.stack.data(), f.stack.size());
 #endif
+    EMU_COUNT_ENTER(f.idx.x + blockDim.x * (f.idx.y + blockDim.y * f.idx.z), f.stack.data(),
+                    f.stack.size());
     switch_to(scheduler, f.ctx);
+    EMU_COUNT_LEAVE();
 #ifdef PWCONV_EMU_SANITIZE
     __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr);
 #endif
@@ -319,7 +339,7 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 }
 // __shfl_sync: each lane leaves its value in its slot, the warp's lanes of the mask meet at a
 // barrier, each reads its source lane's slot, and they meet again before the slots are reused.
-static std::vector<unsigned long long> shfl_slots;  // one per thread of the block
+EMU_RUNTIME static std::vector<unsigned long long> shfl_slots;  // one per thread of the block
 template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src_lane) {
     static_assert(sizeof(T) <= sizeof(unsigned long long), "a 64-bit value at most");
@@ -357,9 +377,9 @@ inline unsigned __match_any_sync(unsigned mask, T v) {
     return peers;
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(16) double2 { double x, y; };
-struct alignas(16) ulonglong2 { unsigned long long x, y; };
+struct alignas(16) float4 { float x, y, z, w; EMU_VECTOR_COPY(float4) };
+struct alignas(16) double2 { double x, y; EMU_VECTOR_COPY(double2) };
+struct alignas(16) ulonglong2 { unsigned long long x, y; EMU_VECTOR_COPY(ulonglong2) };
 static void trampoline() {
 #ifdef PWCONV_EMU_SANITIZE
     __sanitizer_finish_switch_fiber(nullptr, &scheduler_stack, &scheduler_stack_size);
@@ -398,21 +418,26 @@ static void start_fiber(Fiber& f) {
 #endif
 }
 
-// Threads run one after the other or yield only at barriers: an atomic is a plain update.
+// Threads run one after the other or yield only at barriers: an atomic is a plain update (the
+// counting build: counted as one request, then done with no other thread in between).
 template <class T>
-inline T atomicAdd(T* p, T v) {
+EMU_NO_COUNT inline T atomicAdd(T* p, T v) {
+    EMU_COUNT_ATOMIC(p);
     const T old = *p;
     *p += v;
     return old;
 }
 template <class T>
-inline T atomicMax(T* p, T v) {
+EMU_NO_COUNT inline T atomicMax(T* p, T v) {
+    EMU_COUNT_ATOMIC(p);
     const T old = *p;
     if (v > old) *p = v;
     return old;
 }
-inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long compare,
-                                    unsigned long long value) {
+EMU_NO_COUNT inline unsigned long long atomicCAS(unsigned long long* p,
+                                                 unsigned long long compare,
+                                                 unsigned long long value) {
+    EMU_COUNT_ATOMIC(p);
     const unsigned long long old = *p;
     if (old == compare) *p = value;
     return old;
@@ -456,13 +481,18 @@ alignas(16) static unsigned char emu_dynamic_shared[EMU_DYNAMIC_SHARED_BYTES];
 #define __launch_bounds__(...)
 #define __device__
 #define __host__
+#ifdef PWCONV_EMU_COUNT  // inlined as nvcc inlines them: their locals may then live in registers
+#define __forceinline__ inline __attribute__((always_inline))
+#else
 #define __forceinline__ inline
+#endif
 #define __shared__ static
 
 #include "KERNELS_CU"
 
 template <class... A, std::size_t... I>
-static void call_impl(void (*k)(A...), void** p, std::index_sequence<I...>) {
+EMU_NO_COUNT static void call_impl(void (*k)(A...), void** p, std::index_sequence<I...>) {
+    EMU_COUNT_KERNEL_FRAME();  // the kernel's frames lie below here
     k(*static_cast<typename std::remove_cv<typename std::remove_reference<A>::type>::type*>(p[I])...);
 }
 template <class... A>
@@ -498,6 +528,24 @@ static void run_block_fibers(std::vector<Fiber>& fibers) {
         bool alive = false, released = false;
         for (auto& f : fibers) alive |= !f.done;
         if (!alive) return;
+#ifdef PWCONV_EMU_COUNT
+        // every live lane has stopped: in each warp, the lanes stopped at an access at the
+        // lowest code address issue it together and go on
+        for (unsigned w = 0; w * 32 < n; ++w) {
+            unsigned lanes[32], n_lanes = 0;
+            std::uintptr_t lowest = ~std::uintptr_t(0);
+            for (unsigned t = w * 32; t < n && t < w * 32 + 32; ++t)
+                if (!fibers[t].done && fibers[t].wait == 3)
+                    lowest = std::min(lowest, emu_count::pending[t].pc);
+            for (unsigned t = w * 32; t < n && t < w * 32 + 32; ++t)
+                if (!fibers[t].done && fibers[t].wait == 3 && emu_count::pending[t].pc == lowest)
+                    lanes[n_lanes++] = t;
+            if (!n_lanes) continue;
+            emu_count::issue(lanes, n_lanes);
+            for (unsigned i = 0; i < n_lanes; ++i) fibers[lanes[i]].wait = 0;
+            released = true;
+        }
+#endif
         // __syncthreads: passes once every live thread of the block waits there.
         bool all_block = true;
         for (auto& f : fibers)
@@ -548,6 +596,10 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
     gridDim = {gx, gy, gz};
     blockDim = {bx, by, bz};
     const unsigned n_threads = bx * by * bz;
+#ifdef PWCONV_EMU_COUNT
+    threaded = 1;  // every kernel's threads in lock step, stopping at each access
+    emu_count::stop = [] { yield_on(3, 0); };
+#endif
     static std::vector<Fiber> fibers;
     if (threaded) shfl_slots.assign(n_threads, 0);
     if (threaded && fibers.size() < n_threads) {
@@ -582,12 +634,264 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
                 for (unsigned t = 0; t < n_threads; ++t)
                     block_fibers[t].idx = {t % bx, (t / bx) % by, t / (bx * by)};
                 run_block_fibers(block_fibers);
+                EMU_COUNT_END_BLOCK();
             }
     for (unsigned t = 0; t < block_fibers.size(); ++t) fibers[t].stack.swap(block_fibers[t].stack);
     return 0;
 }
 """
 
+
+COUNTER_CPP = r"""
+// Memory-request counter for the host emulation (build_emulator(count=True)).  g++ instruments
+// every load and store (-fsanitize=address in outline mode: each access calls a hook defined
+// here; no ASan runtime is linked).  Every kernel then runs its block's threads as fibers in
+// lock step: a thread stops at each access it makes to the kernel's memory, and once every live
+// lane of a warp has stopped (at an access, a barrier or its end), the lanes stopped at the
+// lowest code address issue their accesses together as one request and go on -- the lowest
+// address first makes lanes that leave a loop early wait for the others, as a GPU's warp
+// reconverges after the loop.  Each request is costed as a GPU's L1 serves it:
+//   global (the launch's array arguments): 32-byte sectors and 128-byte lines touched (offsets
+//     from the array's start: GPU allocations are 256-byte aligned);
+//   shared (__shared__ and dynamic shared memory): wavefronts, the most distinct 4-byte words
+//     any of the 32 banks is asked for;
+//   local (a thread's arrays in memory, on its stack below the kernel's first frame): lines in
+//     the GPU's layout (word w of lane l at w * 128 + 4 * l: lanes at one offset share a line).
+// Accesses to anything else (the emulator's own state, scalars, constant tables) are not counted
+// and do not stop the thread.  As nvcc compiles them, the build inlines __forceinline__
+// functions and unrolls `#pragma unroll` loops (build_emulator), and a 16-byte vector is read
+// in one access (EMU_VECTOR_COPY); each instruction's requests and wavefronts are kept too
+// (emu_count_sites: where in kernels.cu the traffic comes from).
+#include <dlfcn.h>
+#include <link.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <unordered_map>
+#include <vector>
+
+#define EMU_RUNTIME __attribute__((section("emu_runtime")))
+#define EMU_NO_COUNT __attribute__((no_sanitize_address, noinline))  // not instrumented
+extern "C" char __start_emu_runtime[] __attribute__((visibility("hidden")));
+extern "C" char __stop_emu_runtime[] __attribute__((visibility("hidden")));
+
+namespace emu_count {
+enum Space { GLOBAL = 0, SHARED = 1, LOCAL = 2 };
+// totals[space][store][field]
+enum Field { REQUESTS = 0, SECTORS, LINES, WAVEFRONTS, BYTES, N_FIELDS };
+EMU_RUNTIME static unsigned long long totals[3][2][N_FIELDS];
+
+struct Range { std::uintptr_t lo, hi; };
+struct Access { std::uintptr_t pc, address; unsigned width; unsigned char space, store; };
+EMU_RUNTIME static std::vector<Range> globals;           // the launch's array arguments
+EMU_RUNTIME static std::uintptr_t writable_lo, writable_hi;  // this library's static data
+EMU_RUNTIME static std::uintptr_t stack_lo, stack_hi;   // the running thread's local memory
+EMU_RUNTIME static std::uintptr_t stack_top;  // its stack's top, where its first frame starts
+EMU_RUNTIME static bool active;                          // a kernel thread runs
+EMU_RUNTIME static bool busy;                            // note() runs (its calls are counted too)
+EMU_RUNTIME static unsigned tid;                         // the running thread, in its block
+EMU_RUNTIME static std::vector<Access> pending;          // per thread: the access it stopped at
+EMU_RUNTIME static std::vector<std::uintptr_t> frame_top;  // per thread: its kernel frame's top
+EMU_RUNTIME static void (*stop)() = nullptr;             // the emulator's: the thread yields
+// per instruction (its code address, with space << 56 and store << 55): requests, wavefronts
+struct Site { unsigned long long requests = 0, wavefronts = 0; };
+EMU_RUNTIME static std::unordered_map<std::uintptr_t, Site> sites;
+
+static int find_segment(struct dl_phdr_info* info, std::size_t, void* self) {
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const auto& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_W)) continue;
+        const std::uintptr_t lo = info->dlpi_addr + ph.p_vaddr, hi = lo + ph.p_memsz;
+        const auto at = reinterpret_cast<std::uintptr_t>(self);
+        if (at >= lo && at < hi) {
+            writable_lo = lo;
+            writable_hi = hi;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+EMU_NO_COUNT static void locate_static_data() {
+    if (!writable_hi) dl_iterate_phdr(find_segment, (void*)&totals);
+}
+
+// An access of the running thread: kept, and the thread stops until its warp issues it.
+EMU_NO_COUNT static void note(std::uintptr_t a, std::size_t width, bool store, std::uintptr_t pc) {
+    if (!active || busy) return;
+    busy = true;  // the containers below are instrumented too
+    unsigned char space = 0xFF;
+    if (a >= stack_lo && a < stack_hi) {
+        space = LOCAL;
+        a = stack_top - a;  // the same offset in every thread's frame (a multiple of 4 from a
+                            // 4-byte aligned access)
+    } else if (a >= writable_lo && a < writable_hi) {
+        if (a < reinterpret_cast<std::uintptr_t>(__start_emu_runtime) ||
+            a >= reinterpret_cast<std::uintptr_t>(__stop_emu_runtime))
+            space = SHARED;  // else the emulator's own state
+    } else {
+        for (std::size_t r = 0; r < globals.size(); ++r)
+            if (a >= globals[r].lo && a < globals[r].hi) {
+                a = a - globals[r].lo + (std::uintptr_t(r + 1) << 40);  // the arrays kept apart
+                space = GLOBAL;
+                break;
+            }
+    }
+    if (space != 0xFF) {
+        if (tid >= pending.size()) pending.resize(tid + 1);
+        pending[tid] = Access{pc, a, (unsigned)width, space, (unsigned char)store};
+    }
+    busy = false;
+    if (space != 0xFF) stop();
+}
+
+EMU_NO_COUNT static void unique(std::vector<std::uintptr_t>& v) {
+    std::sort(v.begin(), v.end());
+    v.erase(std::unique(v.begin(), v.end()), v.end());
+}
+
+// The warp's lanes `tids`, stopped at the same instruction, issue their accesses: one request.
+EMU_NO_COUNT static void issue(const unsigned* tids, unsigned n) {
+    const Access& first = pending[tids[0]];
+    unsigned long long* t = totals[first.space][first.store];
+    t[REQUESTS] += 1;
+    std::vector<std::uintptr_t> words, lines, sectors;
+    for (unsigned i = 0; i < n; ++i) {
+        const Access& x = pending[tids[i]];
+        t[BYTES] += x.width;
+        const unsigned lane = tids[i] % 32;
+        for (std::uintptr_t w = x.address >> 2; w <= (x.address + x.width - 1) >> 2; ++w) {
+            if (first.space == SHARED) words.push_back(w);
+            if (first.space == LOCAL) {
+                lines.push_back(w);
+                sectors.push_back(w * 4 + lane / 8);
+            }
+        }
+        if (first.space == GLOBAL) {
+            for (std::uintptr_t s = x.address >> 5; s <= (x.address + x.width - 1) >> 5; ++s)
+                sectors.push_back(s);
+            for (std::uintptr_t l = x.address >> 7; l <= (x.address + x.width - 1) >> 7; ++l)
+                lines.push_back(l);
+        }
+    }
+    unsigned long long waves;
+    if (first.space == SHARED) {
+        unique(words);
+        unsigned per_bank[32] = {0}, most = 0;
+        for (std::uintptr_t w : words) most = std::max(most, ++per_bank[w % 32]);
+        waves = most;
+    } else {
+        unique(lines);
+        unique(sectors);
+        t[LINES] += lines.size();
+        t[SECTORS] += sectors.size();
+        waves = lines.size();
+    }
+    t[WAVEFRONTS] += waves;
+    Site& site = sites[first.pc | (std::uintptr_t(first.space) << 56) |
+                       (std::uintptr_t(first.store) << 55)];
+    site.requests += 1;
+    site.wavefronts += waves;
+}
+
+// A fiber of the block resumes (linear_tid: its thread; lo, size: its stack).
+EMU_NO_COUNT static void enter(unsigned linear_tid, const void* lo, std::size_t size) {
+    tid = linear_tid;
+    stack_lo = reinterpret_cast<std::uintptr_t>(lo);
+    stack_top = (stack_lo + size) & ~std::uintptr_t(15);  // as start_fiber aligns it
+    // local memory: from the stack's bottom up to the kernel's first frame, once it is known
+    // (kernel_frame: the emulator's calls into the kernel are not the kernel's)
+    stack_hi = linear_tid < frame_top.size() ? frame_top[linear_tid] : 0;
+    active = true;
+}
+EMU_NO_COUNT static void kernel_frame(const char* top) {
+    if (tid >= frame_top.size()) frame_top.resize(tid + 1, 0);
+    frame_top[tid] = stack_hi = reinterpret_cast<std::uintptr_t>(top);
+}
+EMU_NO_COUNT static void leave() { active = false; }
+EMU_NO_COUNT static void end_block() { frame_top.assign(frame_top.size(), 0); }
+}  // namespace emu_count
+
+#define EMU_COUNT_ENTER(tid, stack, bytes) emu_count::enter((tid), (stack), (bytes))
+#define EMU_COUNT_LEAVE() emu_count::leave()
+#define EMU_COUNT_END_BLOCK() emu_count::end_block()
+#define EMU_COUNT_KERNEL_FRAME()                                                                  \
+    char emu_kernel_frame = 0;                                                                   \
+    emu_count::kernel_frame(&emu_kernel_frame)
+// An emulated atomic is a load and a store that no other thread may come between: counted as
+// one request (a store), before it, its own accesses not instrumented.
+#define EMU_COUNT_ATOMIC(p)                                                                       \
+    emu_count::note(reinterpret_cast<std::uintptr_t>(p), sizeof(*(p)), true,                    \
+                    (std::uintptr_t)__builtin_return_address(0))
+
+// A 16-byte vector read whole (a GPU's one 16-byte load; g++ would copy it field by field).
+#define EMU_VECTOR_COPY(T)                                                                        \
+    T() = default;                                                                               \
+    EMU_NO_COUNT T(const T& other) {                                                             \
+        emu_count::note(reinterpret_cast<std::uintptr_t>(&other), sizeof(T), false,              \
+                        (std::uintptr_t)__builtin_return_address(0));                            \
+        std::memcpy(static_cast<void*>(this), &other, sizeof(T));                                \
+    }                                                                                            \
+    T& operator=(const T&) = default;
+
+#define EMU_COUNT_HOOKS(N)                                                                        \
+    extern "C" EMU_NO_COUNT void __asan_load##N##_noabort(std::uintptr_t a) {                    \
+        emu_count::note(a, N, false, (std::uintptr_t)__builtin_return_address(0));               \
+    }                                                                                            \
+    extern "C" EMU_NO_COUNT void __asan_store##N##_noabort(std::uintptr_t a) {                   \
+        emu_count::note(a, N, true, (std::uintptr_t)__builtin_return_address(0));                \
+    }
+EMU_COUNT_HOOKS(1)
+EMU_COUNT_HOOKS(2)
+EMU_COUNT_HOOKS(4)
+EMU_COUNT_HOOKS(8)
+EMU_COUNT_HOOKS(16)
+extern "C" EMU_NO_COUNT void __asan_loadN_noabort(std::uintptr_t a, std::size_t n) {
+    emu_count::note(a, n, false, (std::uintptr_t)__builtin_return_address(0));
+}
+extern "C" EMU_NO_COUNT void __asan_storeN_noabort(std::uintptr_t a, std::size_t n) {
+    emu_count::note(a, n, true, (std::uintptr_t)__builtin_return_address(0));
+}
+// What the instrumented code also calls: nothing to do without the ASan runtime.
+extern "C" void __asan_init() {}
+extern "C" void __asan_version_mismatch_check_v8() {}
+extern "C" void __asan_handle_no_return() {}
+extern "C" void __asan_before_dynamic_init(const char*) {}
+extern "C" void __asan_after_dynamic_init() {}
+
+// The Python side: the next launch's array arguments (pointers and sizes in bytes) ...
+extern "C" EMU_NO_COUNT void emu_count_arrays(int n, const unsigned long long* lo,
+                                              const unsigned long long* bytes) {
+    emu_count::locate_static_data();
+    emu_count::globals.clear();
+    for (int i = 0; i < n; ++i)
+        emu_count::globals.push_back({(std::uintptr_t)lo[i], (std::uintptr_t)(lo[i] + bytes[i])});
+}
+// ... and the counts since the last call (3 spaces x 2 (load, store) x 5 fields), then zeroed;
+extern "C" EMU_NO_COUNT void emu_count_take(unsigned long long* out) {
+    std::memcpy(out, emu_count::totals, sizeof emu_count::totals);
+    std::memset(emu_count::totals, 0, sizeof emu_count::totals);
+}
+// ... and the instructions that made them: how many, then each as (code address from the
+// library's start, space, store, requests, wavefronts), then forgotten.
+extern "C" EMU_NO_COUNT long long emu_count_n_sites() {
+    return (long long)emu_count::sites.size();
+}
+extern "C" EMU_NO_COUNT void emu_count_sites(unsigned long long* out) {
+    Dl_info self;
+    dladdr(reinterpret_cast<void*>(&emu_count_take), &self);
+    const auto base = reinterpret_cast<std::uintptr_t>(self.dli_fbase);
+    for (const auto& kv : emu_count::sites) {
+        out[0] = (kv.first & ((std::uintptr_t(1) << 55) - 1)) - base;
+        out[1] = (kv.first >> 56) & 0xFF;
+        out[2] = (kv.first >> 55) & 1;
+        out[3] = kv.second.requests;
+        out[4] = kv.second.wavefronts;
+        out += 5;
+    }
+    emu_count::sites.clear();
+}
+"""
 
 #: The emulator's dynamic shared memory (and what EmulatedBackend.max_shared_bytes reports: an
 #: H100's opt-in limit per block).
@@ -619,26 +923,80 @@ def sanitizer_runtime() -> str | None:
     return " ".join(paths)
 
 
-def build_emulator(out_dir: Path, defines=(), sanitize: bool = False) -> Path:
+#: The counting build (build_emulator(count=True)): g++'s AddressSanitizer instrumentation in
+#: outline mode, every access a call to a hook COUNTER_CPP defines, linked without the ASan
+#: runtime; no stack or global redzones (the layout is the plain build's).  At -O2 (small arrays
+#: indexed by unrolled loops in registers, as nvcc keeps them) without the loop copies that
+#: vectorising or unswitching makes (each copy of a load is a request of its own).
+COUNT_FLAGS = ("-O2", "-fno-tree-vectorize", "-fno-unswitch-loops",
+               "-fsanitize=address", "-fsanitize-recover=address",
+               "--param", "asan-instrumentation-with-call-threshold=0", "--param", "asan-stack=0",
+               "--param", "asan-globals=0", "--param", "asan-use-after-return=0",
+               "-DPWCONV_EMU_COUNT")
+
+
+#: EmulatedBackend.memory[kernel]'s axes: space (global, shared, local) x (load, store) x
+#: (requests, sectors, lines, wavefronts, bytes), as COUNTER_CPP's totals.
+MEMORY_COUNT_SHAPE = (3, 2, 5)
+
+
+def _gcc_unroll(source: str) -> str:
+    """kernels.cu with its ``#pragma unroll [N]`` as g++'s ``#pragma GCC unroll``: N times, or
+    without a count 64 (kernels.cu asks so only of loops of known trip count, which nvcc then
+    unrolls fully); a count that is not a number (a template's) is left to g++.  Line for line:
+    a line number of the copy is kernels.cu's."""
+    import re
+
+    def gcc(match) -> str:
+        count = match.group(2).strip()
+        if count and not count.isdigit():
+            return f"{match.group(1)}// (#pragma unroll {count}: left to g++)"
+        return f"{match.group(1)}#pragma GCC unroll {count or '64'}"
+
+    return re.sub(r"^([ \t]*)#pragma unroll\b([^\n]*)$", gcc, source, flags=re.MULTILINE)
+
+
+def build_emulator(out_dir: Path, defines=(), sanitize: bool = False,
+                   count: bool = False, extra_kernels: str = "", extra_names=()) -> Path:
     """Compile kernels.cu for the host with the emulator around it (plus -D`defines`, the tuning
     knobs NVRTC may be given); returns the shared library.  sanitize: with AddressSanitizer and
-    UBSan (SANITIZE_FLAGS; load it into a Python started with sanitizer_runtime() preloaded)."""
+    UBSan (SANITIZE_FLAGS; load it into a Python started with sanitizer_runtime() preloaded).
+    count: with COUNTER_CPP's memory-access counter (EmulatedBackend.memory then holds each
+    kernel's requests, sectors and wavefronts as a GPU's L1 would see them).  extra_kernels:
+    more source after kernels.cu, whose kernels `extra_names` are registered too (tests)."""
+    if sanitize and count:
+        raise ValueError("build_emulator: sanitize and count both instrument the accesses; "
+                         "ask for one")
     registry = "\n".join(
         f'    registry().emplace("{name}", [](void** p) {{ call(&{name}, p); }});'
-        for name in _names())
-    source = (EMULATOR_CPP.replace("KERNELS_CU", str(KERNELS_CU)).replace("REGISTRY", registry)
+        for name in [*_names(), *extra_names])
+    kernels = KERNELS_CU
+    if count:  # nvcc unrolls where kernels.cu asks it to: g++ is asked the same
+        kernels = out_dir / "kernels_unrolled.cu"
+        kernels.write_text(_gcc_unroll(KERNELS_CU.read_text()))
+    source = (EMULATOR_CPP.replace('#include "KERNELS_CU"',
+                                   f'#include "{kernels}"\n{extra_kernels}').replace("REGISTRY", registry)
               .replace("EMU_DYNAMIC_SHARED_BYTES", str(EMU_DYNAMIC_SHARED_BYTES)))
-    stem = "pwconv_cuda_emulator" + ("_sanitized" if sanitize else "")
+    if count:
+        source = COUNTER_CPP + source
+    stem = "pwconv_cuda_emulator" + ("_sanitized" if sanitize else "_counting" if count else "")
     cpp = out_dir / f"{stem}.cpp"
     lib = out_dir / f"{stem}.so"
     cpp.write_text(source)
     cxx = os.environ.get("CXX", "g++")
     extra = (*SANITIZE_FLAGS, "-DPWCONV_EMU_SANITIZE") if sanitize else ()
-    cmd = [cxx, "-std=c++17", "-O1", "-g", "-ffp-contract=off", "-fPIC", "-shared", *extra,
-           f"-I{INCLUDE}", *(f"-D{d}" for d in defines), str(cpp), "-o", str(lib)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+    common = ["-std=c++17", "-O1", "-g", "-ffp-contract=off", "-fPIC", f"-I{INCLUDE}",
+              *(f"-D{d}" for d in defines)]
+    if count:  # compiled instrumented, linked without the ASan runtime (COUNTER_CPP's hooks)
+        obj = out_dir / f"{stem}.o"
+        cmds = [[cxx, *common, *COUNT_FLAGS, "-c", str(cpp), "-o", str(obj)],
+                [cxx, "-shared", str(obj), "-o", str(lib)]]
+    else:
+        cmds = [[cxx, *common, "-shared", *extra, str(cpp), "-o", str(lib)]]
+    for cmd in cmds:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
     return lib
 
 
@@ -661,6 +1019,20 @@ class EmulatedBackend:
         if self.set_shared is not None:
             self.set_shared.restype = None
             self.set_shared.argtypes = [ctypes.c_ulonglong]
+        # the counting build: each kernel's memory requests (COUNTER_CPP), summed by name
+        self.counting = hasattr(self.lib, "emu_count_take")
+        if self.counting:
+            self.lib.emu_count_arrays.restype = None
+            self.lib.emu_count_arrays.argtypes = [ctypes.c_int] + [
+                ctypes.POINTER(ctypes.c_ulonglong)] * 2
+            self.lib.emu_count_take.restype = None
+            self.lib.emu_count_take.argtypes = [ctypes.POINTER(ctypes.c_ulonglong)]
+            self.lib.emu_count_n_sites.restype = ctypes.c_longlong
+            self.lib.emu_count_sites.restype = None
+            self.lib.emu_count_sites.argtypes = [ctypes.POINTER(ctypes.c_ulonglong)]
+        self.memory: dict[str, np.ndarray] = {}
+        # kernel -> {(code offset, space, store): [requests, wavefronts]}: where they come from
+        self.sites: dict[str, dict] = {}
         self.launches = []
         self.tiled_row_launches = 0  # kernel_map_tiled launches with the rows in shared memory
         self.reversed = False  # run barrier-free kernels last thread first (see emu_launch)
@@ -697,10 +1069,30 @@ class EmulatedBackend:
             self.tiled_row_launches += 1
         if self.set_shared is not None:
             self.set_shared(int(shared_mem))
+        if self.counting:  # the array arguments are the launch's global memory
+            arrays = [a for a in args if isinstance(a, np.ndarray)]
+            lo = np.array([a.ctypes.data for a in arrays] or [0], dtype=np.uint64)
+            size = np.array([a.nbytes for a in arrays] or [0], dtype=np.uint64)
+            self.lib.emu_count_arrays(len(arrays), lo.ctypes.data_as(
+                ctypes.POINTER(ctypes.c_ulonglong)), size.ctypes.data_as(
+                ctypes.POINTER(ctypes.c_ulonglong)))
         rc = self.lib.emu_launch(name.encode(), *grid, *block, threaded, int(self.reversed),
                                  params)
         if rc != 0:
             raise AssertionError(f"kernel {name!r} is not registered in the emulator")
+        if self.counting:
+            counts = np.zeros(MEMORY_COUNT_SHAPE, dtype=np.uint64)
+            self.lib.emu_count_take(counts.ctypes.data_as(ctypes.POINTER(ctypes.c_ulonglong)))
+            self.memory[name] = self.memory.get(name, 0) + counts
+            rows = np.zeros((max(1, self.lib.emu_count_n_sites()), 5), dtype=np.uint64)
+            self.lib.emu_count_sites(rows.ctypes.data_as(ctypes.POINTER(ctypes.c_ulonglong)))
+            mine = self.sites.setdefault(name, {})
+            for pc, space, store, requests, waves in rows.tolist():
+                if not requests:
+                    continue
+                cell = mine.setdefault((pc, space, store), [0, 0])
+                cell[0] += requests
+                cell[1] += waves
 
     def has(self, name: str) -> bool:
         """Whether the emulator library has kernel `name` compiled in."""
@@ -1649,6 +2041,91 @@ def test_sanitizers_catch_what_results_miss(sanitized_emulator, emulator_lib):
         env=dict(env, PWCONV_CUDA_MAP_TILES="3", PWCONV_CUDA_ROW_SLOTS="1"))
     assert tiles.returncode == 0 and tiles.stdout.count('"scenario"') == 7, \
         tiles.stdout[-3000:] + tiles.stderr[-6000:]
+
+
+#: Kernels whose memory requests are known (test_memory_counter_...): a strided copy, 16-byte
+#: loads, a strided read of shared memory, a dynamically indexed local array.
+_COUNTED_KERNELS = r"""
+extern "C" __global__ void toy_copy(const float* src, float* dst, long long n, int stride) {
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = src[(i * stride) % n];
+}
+extern "C" __global__ void toy_vector(const float* src, float* dst, long long n) {
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i < n) {
+        const float4 q = *reinterpret_cast<const float4*>(src + 4 * i);
+        dst[i] = q.x + q.y + q.z + q.w;
+    }
+}
+extern "C" __global__ void toy_shared(const float* src, float* dst, int stride) {
+    __shared__ float tile[1024];
+    tile[threadIdx.x] = src[threadIdx.x];
+    __syncthreads();
+    dst[threadIdx.x] = tile[(threadIdx.x * stride) % 1024];
+}
+extern "C" __global__ void toy_local(const int* which, float* dst) {
+    float buf[64];
+    for (int k = 0; k < 64; ++k) buf[k] = 0.5f * k;
+    dst[threadIdx.x] = buf[which[threadIdx.x] % 64];
+}
+"""
+
+
+def test_memory_counter_counts_what_a_gpu_l1_serves(tmp_path, monkeypatch):
+    """build_emulator(count=True) (benchmarks/gpu_load_model.py's counts) groups a warp's
+    accesses into requests and costs them as a GPU's L1 does: a warp's 32 consecutive floats
+    are 4 sectors on 1 line, 32 floats 32 bytes apart 32 sectors on 8 lines, 16-byte loads one
+    request of 16 sectors; shared memory read at a stride of 2 words takes 2 wavefronts, 32
+    words 32 (every lane in one bank), 33 one; a local array read at one offset by all lanes
+    is 1 line, at 32 offsets 32 lines.  The kernels' results stay right, and accesses outside
+    the kernels' memory (the emulator's own) are not counted."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no host C++ compiler ({cxx}) to emulate the kernels")
+    lib = build_emulator(tmp_path, count=True, extra_kernels=_COUNTED_KERNELS,
+                         extra_names=("toy_copy", "toy_vector", "toy_shared", "toy_local"))
+    monkeypatch.setattr(_installed, "BARRIER_KERNELS",
+                        frozenset(_installed.BARRIER_KERNELS) | {"toy_shared"})
+    be = EmulatedBackend(lib)
+    assert be.counting
+
+    def counts(name, grid, block, args):
+        be.memory.clear()
+        be.sites.clear()
+        be.launch(name, grid, block, args)
+        assert list(be.memory) == [name]
+        # the same requests and wavefronts, instruction by instruction
+        by_site = np.zeros((3, 2, 2), dtype=np.int64)
+        for (_, space, store), (requests, waves) in be.sites[name].items():
+            by_site[space, store] += (requests, waves)
+        np.testing.assert_array_equal(by_site, be.memory[name][:, :, [0, 3]])
+        return be.memory[name]
+
+    n = 1024  # 32 warps
+    src = np.arange(4 * n, dtype=np.float32)
+    dst = np.zeros(n, dtype=np.float32)
+    for stride, sectors, lines in ((1, 4, 1), (2, 8, 2), (8, 32, 8), (32, 32, 32)):
+        m = counts("toy_copy", (8,), (128,), (src[:n], dst, np.int64(n), np.int32(stride)))
+        assert m[0, 0, :3].tolist() == [32, 32 * sectors, 32 * lines], (stride, m[0, 0])
+        assert m[0, 1, :3].tolist() == [32, 32 * 4, 32], m[0, 1]  # the stores: coalesced
+        assert not m[1:].any(), m  # no shared or local memory
+        np.testing.assert_array_equal(dst, src[(np.arange(n) * stride) % n])
+        # one load and one store instruction
+        assert sorted((sp, st, r) for (_, sp, st), (r, _) in be.sites["toy_copy"].items()) == \
+            [(0, 0, 32), (0, 1, 32)]
+    m = counts("toy_vector", (8,), (128,), (src, dst, np.int64(n)))
+    assert m[0, 0, :3].tolist() == [32, 32 * 16, 32 * 4], m[0, 0]
+    np.testing.assert_array_equal(dst, src.reshape(n, 4).sum(axis=1))
+    for stride, waves in ((1, 1), (2, 2), (32, 32), (33, 1)):
+        m = counts("toy_shared", (1,), (1024,), (src[:n], dst, np.int32(stride)))
+        assert m[1, 0, [0, 3]].tolist() == [32, 32 * waves], (stride, m[1, 0])
+        assert m[1, 1, [0, 3]].tolist() == [32, 32], m[1, 1]
+        np.testing.assert_array_equal(dst, src[(np.arange(n) * stride) % n])
+    for which, lines in ((np.zeros(128, np.int32), 1), (np.arange(128, dtype=np.int32), 32)):
+        m = counts("toy_local", (1,), (128,), (which, dst))
+        assert m[2, 0, :3].tolist() == [4, 4 * 4 if lines == 1 else 4 * 32, 4 * lines], m[2, 0]
+        assert m[2, 1, :3].tolist() == [4 * 64, 4 * 64 * 4, 4 * 64], m[2, 1]
+        np.testing.assert_array_equal(dst[:128], 0.5 * (which % 64))
 
 
 @pytest.mark.parametrize("batch,slots,tiles", [(4, "0", "0"), (3, "1", "1"), (8, "0", "2"),

@@ -197,6 +197,8 @@ def test_gpu_benchmarks_run_on_the_standin(standin_env, tmp_path):
         "gpu_profile.py": ["--opt-ins"],
         "gpu_search_tuning.py": _gpu_check_variants("gpu_search_tuning.py"),
         "gpu_conv_tuning.py": _gpu_check_variants("gpu_conv_tuning.py"),
+        # counted, not timed: the load model's counting build over the stand-in, a small cloud
+        "gpu_load_model.py": ["none", "tiles3+tile+chunks+rank", "--points", "300"],
     }
     for script, args in commands.items():
         proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=env,
@@ -205,6 +207,11 @@ def test_gpu_benchmarks_run_on_the_standin(standin_env, tmp_path):
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{script}:\n{out[-4000:]}"
         assert '"error"' not in out and "failed" not in out, f"{script}:\n{out[-4000:]}"
+    # gpu_check.sh's load_model_ncu step: the load model's iteration run as on a GPU (under ncu)
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_load_model.py"), "--gpu",
+                           "tiles3+tile+chunks+rank", "--points", "300"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0 and '"pairs"' in proc.stdout, proc.stdout + proc.stderr[-4000:]
     record = json.loads((tmp_path / "gpu_results.json").read_text())
     assert record.get("completed_through") == "report"
     assert not [key for key in record if key.endswith("error")], record.keys()

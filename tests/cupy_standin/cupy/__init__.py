@@ -20,7 +20,8 @@ CuPy is, so that the mistakes CuPy would refuse fail here too:
   as NumPy scalars) and its dynamic shared memory against the kernel's opt-in limit.
 
 Devices: ``CUPY_STANDIN_DEVICES`` (default 2, so that ``cuda:1`` paths run).  The emulator
-library: ``CUPY_STANDIN_EMULATOR`` (a prebuilt one), else it is built on the first RawModule.
+library: ``CUPY_STANDIN_EMULATOR`` (a prebuilt one), else it is built on the first RawModule
+(with ``CUPY_STANDIN_COUNT=1``, the memory-request counting build: benchmarks/gpu_load_model.py).
 """
 from __future__ import annotations
 
@@ -419,7 +420,9 @@ def _emulated_backend(defines: tuple, names: tuple):
     """tests/test_cuda.py's EmulatedBackend over an emulator library with the kernels `names`
     compiled with the -D options `defines`: CUPY_STANDIN_EMULATOR (prebuilt) when it has them
     and there are no options, else one built here (once per set of options; again when a module
-    asks for instantiations it lacks, e.g. with PWCONV_CUDA_SPECIALISE_K set in this process)."""
+    asks for instantiations it lacks, e.g. with PWCONV_CUDA_SPECIALISE_K set in this process).
+    CUPY_STANDIN_COUNT=1: the libraries built here count memory requests (build_emulator's
+    count; the backend's ``memory``)."""
     backend = _emulators.get(defines)
     if backend is not None and all(backend.has(n) for n in names):
         return backend
@@ -434,7 +437,9 @@ def _emulated_backend(defines: tuple, names: tuple):
         import tempfile
 
         folder = Path(tempfile.mkdtemp(prefix="cupy_standin_"))
-        backend = test_cuda.EmulatedBackend(test_cuda.build_emulator(folder, defines))
+        count = os.environ.get("CUPY_STANDIN_COUNT", "").strip() == "1"
+        backend = test_cuda.EmulatedBackend(test_cuda.build_emulator(folder, defines,
+                                                                     count=count))
     _emulators[defines] = backend
     return backend
 
