@@ -102,9 +102,10 @@ def test_host_round_trips_of_the_gpu_path(standin_env):
     An operator call with a kernel map makes none unchecked (the issue: no host round trips),
     and one with its checks (the NaN scans and the map's fingerprint share it); the grid takes
     one for its extent, fingerprint and NaN count, plus the numbers of cells and rows; the maps
-    two (the sampled scratch size, the rows' total); a training step of the classifier one per
-    layer call, one for the labels' check, one for the gradient norm and one for the loss and
-    the count together."""
+    two (the sampled scratch size, the rows' total), and one more for queries (their NaN scan
+    and fingerprint together), which an operator call with their map takes too; a training
+    step of the classifier one per layer call, one for the labels' check, one for the gradient
+    norm and one for the loss and the count together."""
     script = r"""
 import json
 import numpy as np, cupy
@@ -132,6 +133,11 @@ count("backward", lambda: cuda.pointwise_conv_backward(dy, pts, x, w, 0.1, **arg
 count("backward unchecked",
       lambda: cuda.pointwise_conv_backward(dy, pts, x, w, 0.1, **off, **args))
 count("forward via pwconv_cy", lambda: pwconv_cy.pointwise_conv(pts, x, w, 0.1, **args))
+qs = cupy.asarray(rng.random((50, 3)))
+qargs = dict(queries=qs, query_offsets=np.array([0, 20, 50]))
+kq = count("maps for queries", lambda: index.kernel_maps(3, (1, 2), **qargs))[1]
+count("forward for queries", lambda: cuda.pointwise_conv(pts, x, w, 0.1, offsets=offs, dilation=2,
+                                                         kernel_map=kq, **qargs))
 count("clip", lambda: optim.clip_by_global_norm({"a": x, "b": w, "c": dy}, 1.0))
 model = models.PointwiseCNNClassifier(n_points=64, n_classes=3, channels=4, hidden=16,
                                       voxel_size=0.4, seed=2).to("cuda")
@@ -151,6 +157,7 @@ print(json.dumps(counts))
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert counts == {"grid": 3, "maps": 2, "forward": 1, "forward unchecked": 0,
                       "backward": 1, "backward unchecked": 0, "forward via pwconv_cy": 1,
+                      "maps for queries": 3, "forward for queries": 2,
                       "clip": 1, "train step": 4 * 2 + 1 + 1 + 1 + 3 + 2}, counts
 
 

@@ -108,11 +108,21 @@ def _checked_backend():
     return get_backend()
 
 
-def _device_digest(be, points, offsets) -> str:
-    """The fingerprint of a packed batch on the device (pwconv_cy.cuda._search.points_digest)."""
+def _checked_queries(be, queries, query_offsets, batch) -> tuple:
+    """(queries float64 (m, 3) on the device or None, host query offsets or None, dense shape or
+    None, their fingerprint or None): check_queries, the NaN scan and the fingerprint in one
+    transfer (points_digest counts the non-finite values beside its sums) instead of two; the
+    same error for non-finite queries, before anything is searched for them."""
+    from pwconv_cy.cuda import _validation as V
     from pwconv_cy.cuda._search import points_digest
 
-    return points_digest(be, points, offsets)[0]
+    q, q_offsets, q_dense = V.check_queries(queries, query_offsets, batch, finite=False)
+    if q is None:
+        return None, None, None, None
+    digest, n_bad = points_digest(be, q, q_offsets)
+    if n_bad:
+        V.raise_nonfinite(q, "queries")
+    return q, q_offsets, q_dense, digest
 
 
 def _device_map_counts(km):
@@ -254,7 +264,6 @@ class NeighborIndex:
             check_kernel_size,
             check_positive,
         )
-        from pwconv_cy.cuda import _validation as V
         from pwconv_cy.cuda._search import kernel_maps_arrays
         from pwconv_cy.neighbors import KernelMap, _cell_dtype
 
@@ -266,10 +275,9 @@ class NeighborIndex:
             check_extent(v, k, s)
         be = self._be
         with _inputs_device(points=self._batch.points, queries=queries):
-            q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
+            q, q_offsets, _, q_digest = _checked_queries(be, queries, query_offsets, self._batch)
             arrays = kernel_maps_arrays(be, self._grid, v, k, dilations, _cell_dtype(k),
                                         _budget(be, memory_budget), q, q_offsets)
-            q_digest = None if q is None or not dilations else _device_digest(be, q, q_offsets)
             maps = []
             for s, (splits, index, cell, entry_counts) in zip(dilations, arrays):
                 km = KernelMap(
@@ -288,14 +296,13 @@ class NeighborIndex:
         """Neighbours within `radius` of each query (closed cube or ball): (splits (m+1,) int64,
         index (E,) int64) CuPy arrays, indices ascending within each row."""
         from pwconv_cy._validation import check_choice, check_positive
-        from pwconv_cy.cuda import _validation as V
         from pwconv_cy.cuda._search import radius_search_arrays
 
         radius = check_positive(radius, "radius")
         metric = check_choice(metric, "metric", METRICS)
         be = self._be
         with _inputs_device(points=self._batch.points, queries=queries):
-            q, q_offsets, _ = V.check_queries(queries, query_offsets, self._batch)
+            q, q_offsets, _, _ = _checked_queries(be, queries, query_offsets, self._batch)
             return radius_search_arrays(be, self._grid, radius, metric == "euclidean",
                                         _budget(be, memory_budget), q, q_offsets)
 
@@ -374,7 +381,7 @@ def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map, check_m
     `checks`, which the caller runs)."""
     from pwconv_cy.cuda import _validation as V
 
-    q, q_offsets, q_dense = V.check_queries(queries, query_offsets, batch)
+    q, q_offsets, q_dense, q_digest = _checked_queries(be, queries, query_offsets, batch)
     out_dense = q_dense if q is not None else batch.dense_shape
     if kernel_map is None:
         _check_kernel_size_gpu(k)
@@ -387,8 +394,7 @@ def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map, check_m
 
     check_map_matches(
         km, v, k, s, batch, q, same_points=None,
-        same_queries=(lambda: km.queries_digest == (
-            None if q is None else _device_digest(be, q, q_offsets))) if check_map else None)
+        same_queries=(lambda: km.queries_digest == q_digest) if check_map else None)
     if check_map and batch.points.size:
         from pwconv_cy.cuda._search import digest_string
 

@@ -99,11 +99,20 @@ def check_points(points, offsets=None, name: str = "points", offsets_name: str =
                               coordinates=_check_coordinates if finite else _check_coordinate_dtype)
 
 
-def check_queries(queries, query_offsets, batch: DeviceBatch):
+def _float64_coordinates_unscanned(arr, name: str):
+    _check_coordinate_dtype(arr, name)
+    return _cupy().ascontiguousarray(arr, dtype=_cupy().float64)  # exact for float16/float32
+
+
+def check_queries(queries, query_offsets, batch: DeviceBatch, finite: bool = True):
     """(queries float64 (m, 3) on the device or None, host query offsets or None, dense shape or
-    None), as the CPU's check_queries."""
+    None), as the CPU's check_queries.  finite=False: the queries are not scanned for NaN /
+    infinite values; the caller counts them with their fingerprint, in one transfer
+    (pwconv_cy.cuda._search.points_digest), and raises raise_nonfinite's error."""
     return _host.check_queries(queries, host_offsets(query_offsets, "query_offsets"), batch,
-                               to_array=as_device, coordinates=_check_coordinates, xp=_cupy())
+                               to_array=as_device, xp=_cupy(),
+                               coordinates=(_check_coordinates if finite
+                                            else _float64_coordinates_unscanned))
 
 
 class DeferredChecks:
