@@ -131,20 +131,24 @@ if command -v ncu >/dev/null; then
         bash -c 'ncu --profile-from-start off --csv --metrics gpu__time_duration.sum "$1" \
             benchmarks/gpu_profile.py --opt-ins > "$2/ncu_kernels_opt.csv" && "$1" \
             benchmarks/gpu_profile.py --table "$2/ncu_kernels_opt.csv"' _ "$PY" "$LOG_DIR"
+    # What benchmarks/gpu_load_model.py counts on the host emulation (L1 requests, sectors and
+    # wavefronts per kernel, global / shared / local), measured: one cloud's iteration, as
+    # shipped and with the tiled and one-thread-per-row opt-ins; kernels.cu's kernels only (not
+    # CuPy's).
+    PWCONV_KERNELS="kernel_map|conv_|sort_rows|permute_entries|scatter_by_point|count_per_point"
+    PWCONV_KERNELS+="|expand_rows|sum_partials|pad_rows|weights_from_counts|grid_|points_digest"
+    PWCONV_KERNELS+="|cloud_lower_corner|build_row_table|split_kernel_keys|kernel_axis_diffs"
+    for variant in none tiles3+tile+chunks+rank; do
+        step load_model_ncu 90 profile.log \
+            bash -c 'ncu --section MemoryWorkloadAnalysis_Tables -k regex:"$4" "$1" \
+                benchmarks/gpu_load_model.py --gpu "$3" --clouds 1 > "$2/ncu_load_model_$3.txt" \
+                2>&1; grep -cE "^  [a-z_]+.*\(" "$2/ncu_load_model_$3.txt"' _ "$PY" "$LOG_DIR" \
+                "$variant" "$PWCONV_KERNELS"
+    done
     # Why the heaviest kernels take that long: registers, local memory (stack frame), occupancy,
     # the warps' stall reasons and memory traffic (L1 wavefronts: benchmarks/RESULTS.md's load
     # model): the first launches of the defaults' heavy kernels (ncu_detail) and of the opt-ins'
     # (ncu_detail_opt).
-    # What benchmarks/gpu_load_model.py counts on the host emulation (L1 requests, sectors and
-    # wavefronts per kernel, global / shared / local), measured: one cloud's iteration, as
-    # shipped and with the tiled and one-thread-per-row opt-ins.
-    for variant in none tiles3+tile+chunks+rank; do
-        step load_model_ncu 90 profile.log \
-            bash -c 'ncu --section MemoryWorkloadAnalysis_Tables "$1" \
-                benchmarks/gpu_load_model.py --gpu "$3" --clouds 1 > "$2/ncu_load_model_$3.txt" \
-                2>&1; grep -cE "^  [a-z_]+.*\(" "$2/ncu_load_model_$3.txt"' _ "$PY" "$LOG_DIR" \
-                "$variant"
-    done
     for which in default opt; do
         flag=""; regex="kernel_map_once|conv_entries|conv_weight_rows|sort_rows_by_rank"
         if [ "$which" = opt ]; then
