@@ -140,9 +140,10 @@ if command -v ncu >/dev/null; then
     PWCONV_KERNELS+="|cloud_lower_corner|build_row_table|split_kernel_keys|kernel_axis_diffs"
     for variant in none tiles3+tile+chunks+rank; do
         step load_model_ncu 90 profile.log \
-            bash -c 'ncu --section MemoryWorkloadAnalysis_Tables -k regex:"$4" "$1" \
-                benchmarks/gpu_load_model.py --gpu "$3" --clouds 1 > "$2/ncu_load_model_$3.txt" \
-                2>&1; grep -cE "^  [a-z_]+.*\(" "$2/ncu_load_model_$3.txt"' _ "$PY" "$LOG_DIR" \
+            bash -c 'f="$2/ncu_load_model_${3//+/_}.txt"; ncu --section \
+                MemoryWorkloadAnalysis_Tables --print-details all -k regex:"$4" "$1" \
+                benchmarks/gpu_load_model.py --gpu "$3" --clouds 1 > "$f" 2>&1; \
+                grep -cE "^  [a-z_]+.*\(" "$f"' _ "$PY" "$LOG_DIR" \
                 "$variant" "$PWCONV_KERNELS"
     done
     # Why the heaviest kernels take that long: registers, local memory (stack frame), occupancy,
