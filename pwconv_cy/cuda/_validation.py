@@ -71,11 +71,14 @@ def _check_coordinate_dtype(arr, name: str):
     return _cupy().ascontiguousarray(arr)
 
 
-def _check_coordinates(arr, name: str):
+def _float64_coordinates_unscanned(arr, name: str):
     _check_coordinate_dtype(arr, name)
-    cupy = _cupy()
-    arr = cupy.ascontiguousarray(arr, dtype=cupy.float64)  # exact for float16/float32
-    if arr.size and not bool(cupy.isfinite(arr).all()):
+    return _cupy().ascontiguousarray(arr, dtype=_cupy().float64)  # exact for float16/float32
+
+
+def _check_coordinates(arr, name: str):
+    arr = _float64_coordinates_unscanned(arr, name)
+    if arr.size and not bool(_cupy().isfinite(arr).all()):
         raise_nonfinite(arr, name)
     return arr
 
@@ -97,11 +100,6 @@ def check_points(points, offsets=None, name: str = "points", offsets_name: str =
     return _host.check_points(points, host_offsets(offsets, offsets_name), name, offsets_name,
                               what, to_array=as_device,
                               coordinates=_check_coordinates if finite else _check_coordinate_dtype)
-
-
-def _float64_coordinates_unscanned(arr, name: str):
-    _check_coordinate_dtype(arr, name)
-    return _cupy().ascontiguousarray(arr, dtype=_cupy().float64)  # exact for float16/float32
 
 
 def check_queries(queries, query_offsets, batch: DeviceBatch, finite: bool = True):
