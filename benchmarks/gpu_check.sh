@@ -99,25 +99,27 @@ step train_step 120 train.log \
 # The search kernels' variants, each in a fresh process (identical maps required), alternated
 # (the first process measured runs slow): as shipped; the one pass with each cloud's coordinates
 # (tiles; tiles2: and cells) in shared memory over the row table as (key, cells) pairs (slots);
-# with the cloud's grid rows there too (tiles3), also with K = 3 compiled in, and with the
-# scratch sized from the last maps (last); the grid's cells from one scan (scan); grid cells of
+# with the cloud's grid rows there too (tiles3), also with K = 3 compiled in; the defaults
+# before 2026-11-28 (the scratch sized from a sample every time, the grid by flatnonzero:
+# sample, nonzero), together and apart; grid cells of
 # 3/4 and 1/2 the voxel's edge (c0.75, c0.5: fewer candidates, more rows; cells of 2v would test
 # 2.4x the candidates for s >= 2, benchmarks/search_work_model.py); the maps' rows sorted into
 # place by 8 threads per row instead of a warp (r8: fewer warp steps, more L1 passes,
 # benchmarks/sort_lanes_model.py).  (Count + fill passes: the benchmark times them; row
 # batches of 4: 5.4 against 6.4 ms on 2026-11-27.)
 step search_tuning 170 k3.log \
-    "$PY" benchmarks/gpu_search_tuning.py none tiles2+slots tiles3 scan tiles3+k3 tiles3+last \
-    c0.75 tiles3+c0.5 none tiles3+c0.75 r8 tiles3+scan
+    "$PY" benchmarks/gpu_search_tuning.py none tiles2+slots tiles3 sample+nonzero tiles3+k3 \
+    sample c0.75 tiles3+c0.5 none tiles3+c0.75 r8 nonzero
 
-# The operator's "entries" kernels as shipped against one thread per row (conv_entries_thread;
-# tile: each cloud's source rows in shared memory, conv_entries_tile, a block's rows longest
-# first; inorder: in map order) with the weight gradient by chunks sorted by cell
-# (conv_weight_chunks) and the transposed map by rank sorts, alternated: per-layer times,
-# identical forward and input gradients required.
+# The operator's "entries" kernels as shipped (one thread per row, conv_entries_thread, the
+# transposed map by per-point sorts) against the defaults before 2026-11-28 (broadcast+sort:
+# conv_entries, one radix sort), each cloud's source rows in shared memory (tile:
+# conv_entries_tile, a block's rows longest first; inorder: in map order) and the weight
+# gradient by chunks sorted by cell (chunks), alternated: per-layer times, identical forward
+# and input gradients required.
 step conv_tuning 160 conv.log \
-    "$PY" benchmarks/gpu_conv_tuning.py none thread+chunks+rank tile+chunks+rank \
-    tile+inorder+chunks+rank none thread+chunks+rank tile+chunks+rank tile+inorder+chunks+rank
+    "$PY" benchmarks/gpu_conv_tuning.py none broadcast+sort tile+chunks tile+inorder none \
+    broadcast+sort tile+chunks tile+inorder
 
 # Kernel time of one iteration (Nsight Compute, where installed): where the time goes, with the
 # defaults (profile) and with every opt-in not yet adopted (profile_opt: gpu_profile.py's
@@ -138,7 +140,7 @@ if command -v ncu >/dev/null; then
     PWCONV_KERNELS="kernel_map|conv_|sort_rows|permute_entries|scatter_by_point|count_per_point"
     PWCONV_KERNELS+="|expand_rows|sum_partials|pad_rows|weights_from_counts|grid_|points_digest"
     PWCONV_KERNELS+="|cloud_lower_corner|build_row_table|split_kernel_keys|kernel_axis_diffs"
-    for variant in none tiles3+tile+chunks+rank; do
+    for variant in none tiles3+tile+chunks; do
         step load_model_ncu 90 profile.log \
             bash -c 'f="$2/ncu_load_model_${3//+/_}.txt"; ncu --section \
                 MemoryWorkloadAnalysis_Tables --print-details all -k regex:"$4" "$1" \

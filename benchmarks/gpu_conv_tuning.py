@@ -7,22 +7,24 @@ change its order of additions, so its bits are not compared):
 * ``none``: as shipped;
 * ``uN`` (e.g. ``u2``): conv_entries' loop over a row unrolled N entries at a time (kernels.cu's
   PWCONV_CUDA_ENTRIES_UNROLL, given to NVRTC as -D; 4 shipped, 2 before 2026-11-27);
-* ``thread``: one thread per row, all its outputs, the cell matrices in shared memory
-  (PWCONV_CUDA_ENTRIES_LOADS=thread: conv_entries_thread);
+* ``broadcast``: a row's lanes each loading every value (PWCONV_CUDA_ENTRIES_LOADS=broadcast:
+  conv_entries, the default before 2026-11-28) instead of one thread per row forming all its
+  outputs, the cell matrices in shared memory (``thread``, the default: conv_entries_thread);
 * ``tile``: as ``thread``, each cloud's source rows in shared memory too
   (PWCONV_CUDA_ENTRIES_LOADS=tile: conv_entries_tile), a block's rows taken longest first;
 * ``inorder``: with ``tile``, a block's rows taken in map order (``_conv.TILE_BY_LENGTH``
   False);
 * ``chunks``: the weight gradient by chunks of rows sorted by cell in shared memory
   (PWCONV_CUDA_WEIGHT_GRAD=chunks: conv_weight_chunks);
-* ``rank``: the transposed map (timed per layer with every variant) by per-point rank sorts
-  (PWCONV_CUDA_TRANSPOSE=rank);
-* several joined by ``+`` (``thread+chunks+rank``).
+* ``sort``: the transposed map (timed per layer with every variant) by one radix sort
+  (PWCONV_CUDA_TRANSPOSE=sort, the default before 2026-11-28) instead of per-point sorts
+  (``rank``, the default);
+* several joined by ``+`` (``broadcast+sort``: the defaults before 2026-11-28).
 
 A variant may be named more than once: on the H200 the first process measured ran 5-10 %
 slower than the same code later on, so compare variants alternated (``u2 none u2 none``).
 
-    python benchmarks/gpu_conv_tuning.py     # none thread+chunks+rank none thread+chunks+rank
+    python benchmarks/gpu_conv_tuning.py     # none broadcast+sort none broadcast+sort
     python benchmarks/gpu_conv_tuning.py none u1 none u8
 """
 from __future__ import annotations
@@ -44,14 +46,14 @@ def apply_variant(parts) -> list:
 
     rest = []
     for part in parts:
-        if part in ("thread", "tile"):
+        if part in ("broadcast", "thread", "tile"):
             os.environ[_conv.ENTRIES_LOADS_ENV] = part
         elif part == "inorder":
             _conv.TILE_BY_LENGTH = False
         elif part == "chunks":
             os.environ[_conv.WEIGHT_GRAD_ENV] = "chunks"
-        elif part == "rank":
-            os.environ[_conv.TRANSPOSE_ENV] = "rank"
+        elif part in ("rank", "sort"):
+            os.environ[_conv.TRANSPOSE_ENV] = part
         elif part[:1] == "u" and part[1:].isdigit():
             define = f"-DPWCONV_CUDA_ENTRIES_UNROLL={int(part[1:])}"
             _backend.compile_options = \
@@ -126,7 +128,7 @@ def main(argv) -> int:
     import _common
 
     return _common.run_variants(
-        __file__, argv or ["none", "thread+chunks+rank", "none", "thread+chunks+rank"],
+        __file__, argv or ["none", "broadcast+sort", "none", "broadcast+sort"],
         "results_sha256", "results")
 
 

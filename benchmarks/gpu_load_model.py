@@ -29,7 +29,7 @@ About a minute per variant on one cloud.  ``--gpu`` runs one variant's iteration
 counting nothing, for ncu to measure what was counted here (gpu_check.sh, ``load_model_ncu``).
 
     python benchmarks/gpu_load_model.py                         # the default variants
-    python benchmarks/gpu_load_model.py none tiles3+tile+chunks+rank --clouds 1
+    python benchmarks/gpu_load_model.py none tiles3+tile+chunks --clouds 1
     ncu --section MemoryWorkloadAnalysis_Tables python benchmarks/gpu_load_model.py --gpu none
 """
 from __future__ import annotations
@@ -54,9 +54,10 @@ PAPER_CLOUDS = 128
 #: An H200's (and H100 SXM's) multiprocessors and boost clock: one L1 wavefront per SM a cycle.
 SMS = 132
 CLOCK_HZ = 1.98e9
-#: The variants by default: as shipped, and the opt-ins gpu_check.sh times.
-DEFAULT_VARIANTS = ("none", "tiles3", "tiles2+slots", "r8", "thread+chunks+rank",
-                    "tile+chunks+rank")
+#: The variants by default: as shipped, the defaults before 2026-11-28 (broadcast+sort) and the
+#: opt-ins gpu_check.sh times.
+DEFAULT_VARIANTS = ("none", "broadcast+sort", "tiles3", "tiles2+slots", "r8", "chunks",
+                    "tile+chunks")
 #: The source lines kept per kernel (those with the most wavefronts).
 SITES_KEPT = 12
 #: EmulatedBackend.memory's axes (test_cuda.MEMORY_COUNT_SHAPE).

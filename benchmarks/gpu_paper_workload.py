@@ -16,20 +16,20 @@ Timed with CUDA events after a warm-up, medians of several runs, per stage:
   here); PyTorch: autograd.
 
 pwconv's forward and backward are timed with each GPU operator scheme ("entries", the default for
-these channel counts, "rows" and "by cell": PWCONV_CUDA_OPERATOR), the default also with the
-opt-in atomic input gradient (PWCONV_CUDA_DETERMINISTIC=0), with one thread per row forming all
-its outputs (PWCONV_CUDA_ENTRIES_LOADS=thread; =tile: each cloud's source rows in shared memory
-too) and the weight gradient by chunks of rows sorted by cell in shared memory
-(PWCONV_CUDA_WEIGHT_GRAD=chunks) and the transposed maps by per-point rank
-sorts (PWCONV_CUDA_TRANSPOSE=rank), the kernel maps also by count + fill passes
-(PWCONV_CUDA_MAP_PASSES=two), with the fill threads sorting their own rows
-(PWCONV_CUDA_ROW_SORT=thread), with the row table as (key, cells) pairs
+these channel counts, "rows" and "by cell": PWCONV_CUDA_OPERATOR), the default (one thread per
+row, transposed maps by per-point sorts) also with the opt-in atomic input gradient
+(PWCONV_CUDA_DETERMINISTIC=0), with the lanes of a row loading each value
+(PWCONV_CUDA_ENTRIES_LOADS=broadcast; =tile: each cloud's source rows in shared memory), with the
+weight gradient by chunks of rows sorted by cell in shared memory (PWCONV_CUDA_WEIGHT_GRAD=chunks)
+and with the transposed maps by one radix sort (PWCONV_CUDA_TRANSPOSE=sort); the kernel maps
+also by count + fill passes (PWCONV_CUDA_MAP_PASSES=two), with the fill threads sorting their own
+rows (PWCONV_CUDA_ROW_SORT=thread), with the row table as (key, cells) pairs
 (PWCONV_CUDA_ROW_SLOTS=1) and with each cloud's coordinates (and cells) in shared memory too
 (PWCONV_CUDA_MAP_TILES=1, 2), each cloud's coordinates, cells and grid rows there
-(PWCONV_CUDA_MAP_TILES=3), with the one pass's scratch sized from the last maps
-(PWCONV_CUDA_MAP_CAPACITY=last), and a breakdown times the grid (also with its cells from one
-scan: PWCONV_CUDA_GRID_BUILD=scan), each map, the per-call checks and each kernel stage of every
-layer (the rows scheme's beside them).
+(PWCONV_CUDA_MAP_TILES=3), with the one pass's scratch sized from a sample count every time
+(PWCONV_CUDA_MAP_CAPACITY=sample) and with the grid by flatnonzero (PWCONV_CUDA_GRID_BUILD=
+nonzero) -- the defaults before 2026-11-28 -- and a breakdown times the grid (both ways), each
+map, the per-call checks and each kernel stage of every layer (the rows scheme's beside them).
 
 Both are checked first: identical pair counts per layer and outputs / weight gradients equal
 within float32 rounding.  Also timed: the kernel map of one 1,000,000-point sphere-surface cloud
@@ -245,8 +245,8 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
     points64 = pw.points.astype(cupy.float64)
     out["grid (NeighborIndex)"] = time_cuda(
         lambda: cuda.NeighborIndex(pw.points, VOXEL, offsets=pw.offsets), warmup, runs)
-    with _env(_search.GRID_BUILD_ENV, "scan"):  # cells, rows, clouds from one scan (opt-in)
-        out["grid (NeighborIndex), one scan"] = time_cuda(
+    with _env(_search.GRID_BUILD_ENV, "nonzero"):  # flatnonzero and a search (before)
+        out["grid (NeighborIndex), flatnonzero"] = time_cuda(
             lambda: cuda.NeighborIndex(pw.points, VOXEL, offsets=pw.offsets), warmup, runs)
     index = cuda.NeighborIndex(pw.points, VOXEL, offsets=pw.offsets)
     for (_, _, s), km in zip(LAYERS, kms):
@@ -292,14 +292,15 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
 
         out[f"{tag}: entry weights 1 / n_i(f)"] = time_cuda(fresh_weights, warmup, runs)
 
-        def fresh_transposed(km=km):
-            km._cache.pop("cuda_transposed_rows_float32", None)
+        def fresh_transposed(km=km):  # as one thread per row reads it: counts, no weights
+            km._cache.pop("cuda_transposed_counts", None)
             km._cache.pop("cuda_row_of", None)
-            _conv.transposed_rows(be, km, cupy.float32)
+            _conv.transposed_counts(be, km)
 
         out[f"{tag}: transposed map"] = time_cuda(fresh_transposed, warmup, runs)
-        with _env(_conv.TRANSPOSE_ENV, "rank"):
-            out[f"{tag}: transposed map, rank sorts"] = time_cuda(fresh_transposed, warmup, runs)
+        with _env(_conv.TRANSPOSE_ENV, "sort"):
+            out[f"{tag}: transposed map, one radix sort"] = time_cuda(fresh_transposed, warmup,
+                                                                      runs)
 
         def fresh_cell_entries(km=km):
             km._cache.pop("cuda_cell_entries_float32", None)
@@ -315,10 +316,10 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
         with _env(_conv.INPUT_GRAD_ENV, "fixed"):
             out[f"{tag}: input gradient, opt-in fixed point (no transposed map)"] = time_cuda(
                 kernels["input gradient kernel"], warmup, runs)
-        with _env(_conv.ENTRIES_LOADS_ENV, "thread"):  # conv_entries_thread, same caches
+        with _env(_conv.ENTRIES_LOADS_ENV, "broadcast"):  # conv_entries, weights cached
             for what in ("forward kernel", "input gradient kernel"):
-                out[f"{tag}: {what}, one thread per row"] = time_cuda(kernels[what], warmup,
-                                                                     runs)
+                out[f"{tag}: {what}, a row's lanes loading each value"] = time_cuda(
+                    kernels[what], warmup, runs)
         with _env(_conv.ENTRIES_LOADS_ENV, "tile"):  # conv_entries_tile, same caches
             for what in ("forward kernel", "input gradient kernel"):
                 out[f"{tag}: {what}, one thread per row, clouds in shared memory"] = \
@@ -509,8 +510,8 @@ def sphere_1m(cuda, cupy, big_n: int, big_voxel: float, seed: int, runs: int) ->
     }
     with _env(_search.MAP_PASSES_ENV, "two"):  # at 19:42 (two passes) this map took 2.18 ms
         out["kernel_map_two_passes"] = time_cuda(big_map, 1, big_runs)
-    with _env(_search.GRID_BUILD_ENV, "scan"):  # the grid's cells from one scan (opt-in)
-        out["grid_build_scan"] = time_cuda(big_grid, 1, big_runs)
+    with _env(_search.GRID_BUILD_ENV, "nonzero"):  # flatnonzero and a search (before)
+        out["grid_build_nonzero"] = time_cuda(big_grid, 1, big_runs)
     km = holder["km"]
     out["pairs"] = km.n_pairs
     out["mean_neighbours"] = km.n_pairs / big_n
@@ -701,20 +702,21 @@ def main(argv=None) -> int:
     # the operator's GPU schemes side by side, the opt-in atomic input gradient, the entries'
     # weight gradient by cell, the default with the first layer's input gradient (as the
     # figures before 2026-11-26 21:00 were taken), the deterministic fixed-point input
-    # gradient, one thread per row (PWCONV_CUDA_ENTRIES_LOADS=thread, =tile) and the weight
-    # gradient by chunks of rows sorted by cell (PWCONV_CUDA_WEIGHT_GRAD=chunks)
-    for scheme in ("bycell", "rows", "auto", "auto-thread", "auto-tile", "auto-chunks",
-                   "auto-rank", "auto-thread+chunks+rank", "auto-tile+chunks+rank", "auto-atomic",
-                   "auto-cells", "auto-dx1", "auto-fixed", "auto-thread+chunks+fixed"):
+    # gradient, the defaults before 2026-11-28 (broadcast+sort: conv_entries, one radix sort)
+    # and each apart, each cloud's rows in shared memory (tile) and the weight gradient by
+    # chunks of rows sorted by cell (PWCONV_CUDA_WEIGHT_GRAD=chunks)
+    for scheme in ("bycell", "rows", "auto", "auto-broadcast+sort", "auto-broadcast",
+                   "auto-sort", "auto-tile", "auto-chunks", "auto-tile+chunks", "auto-atomic",
+                   "auto-cells", "auto-dx1", "auto-fixed", "auto-chunks+fixed"):
         variants = set(scheme.partition("-")[2].split("+"))
         os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if "atomic" in variants else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = next(
             (mode for mode in ("cells", "chunks") if mode in variants), "rows")
         os.environ[_conv.ENTRIES_LOADS_ENV] = next(
-            (mode for mode in ("thread", "tile") if mode in variants), "broadcast")
+            (mode for mode in ("broadcast", "tile") if mode in variants), "thread")
         os.environ[_conv.INPUT_GRAD_ENV] = "fixed" if "fixed" in variants else "gather"
-        os.environ[_conv.TRANSPOSE_ENV] = "rank" if "rank" in variants else "sort"
+        os.environ[_conv.TRANSPOSE_ENV] = "sort" if "sort" in variants else "rank"
         pw.first_input_grad = "dx1" in variants
         try:
             for km in kms:
@@ -745,9 +747,10 @@ def main(argv=None) -> int:
         record["kernel_maps_two_passes"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.ROW_SORT_ENV, "thread"):  # each fill thread sorts its row, as before
         record["kernel_maps_thread_sort"] = time_cuda(pw.kernel_maps, warmup, runs)
-    with _env(_search.MAP_CAPACITY_ENV, "last"):  # scratch from the last maps (opt-in)
-        pw.kernel_maps()  # the first maps of the kind count a sample; the timed ones do not
-        record["kernel_maps_last_capacity"] = time_cuda(pw.kernel_maps, warmup, runs)
+    with _env(_search.MAP_CAPACITY_ENV, "sample"):  # a sample counted every time (before)
+        record["kernel_maps_sampled_capacity"] = time_cuda(pw.kernel_maps, warmup, runs)
+    with _env(_search.MAP_CAPACITY_ENV, "sample"), _env(_search.GRID_BUILD_ENV, "nonzero"):
+        record["kernel_maps_before"] = time_cuda(pw.kernel_maps, warmup, runs)  # both as before
     with _env(_search.ROW_SLOTS_ENV, "1"):  # the row table as (key, cells) pairs (opt-in)
         record["kernel_maps_row_slots"] = time_cuda(pw.kernel_maps, warmup, runs)
         with _env(_search.MAP_TILES_ENV, "1"):  # and the clouds in shared memory (opt-in)
@@ -756,12 +759,6 @@ def main(argv=None) -> int:
             record["kernel_maps_tiles2_slots"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.MAP_TILES_ENV, "3"):  # their cells and grid rows too (opt-in)
         record["kernel_maps_tiles3"] = time_cuda(pw.kernel_maps, warmup, runs)
-    # every opt-in of the maps together: the rows in shared memory, the grid by one scan, the
-    # scratch from the last maps (the best case so far, to set beside the 3 ms target)
-    with _env(_search.MAP_TILES_ENV, "3"), _env(_search.GRID_BUILD_ENV, "scan"), \
-            _env(_search.MAP_CAPACITY_ENV, "last"):
-        pw.kernel_maps()  # the first maps of the kind count a sample; the timed ones do not
-        record["kernel_maps_opt_ins"] = time_cuda(pw.kernel_maps, warmup, runs)
     with _env(_search.ROW_TABLE_ENV, "0"):  # the grid rows found by binary search, as before
         record["kernel_maps_without_row_table"] = time_cuda(pw.kernel_maps, warmup, runs)
     # the previous GPU code's schemes: by-cell operator, rows found by binary search
@@ -855,8 +852,10 @@ def main(argv=None) -> int:
           f"{fmt_ms(record['kernel_maps_two_passes']['median_s'])}")
     print(f"kernel maps with the fill threads sorting their rows (PWCONV_CUDA_ROW_SORT=thread): "
           f"{fmt_ms(record['kernel_maps_thread_sort']['median_s'])}")
-    print(f"kernel maps with the scratch sized from the last maps (PWCONV_CUDA_MAP_CAPACITY="
-          f"last): {fmt_ms(record['kernel_maps_last_capacity']['median_s'])}")
+    print(f"kernel maps with the scratch sized from a sample every time (PWCONV_CUDA_MAP_CAPACITY="
+          f"sample): {fmt_ms(record['kernel_maps_sampled_capacity']['median_s'])}; also with "
+          f"the grid by flatnonzero (GRID_BUILD=nonzero), as before 2026-11-28: "
+          f"{fmt_ms(record['kernel_maps_before']['median_s'])}")
     print(f"kernel maps with the row table as (key, cells) pairs (PWCONV_CUDA_ROW_SLOTS=1): "
           f"{fmt_ms(record['kernel_maps_row_slots']['median_s'])}; and each cloud in shared "
           f"memory (PWCONV_CUDA_MAP_TILES=1): "
@@ -864,18 +863,6 @@ def main(argv=None) -> int:
           f"{fmt_ms(record['kernel_maps_tiles2_slots']['median_s'])}; cells and grid rows in "
           f"shared memory (PWCONV_CUDA_MAP_TILES=3): "
           f"{fmt_ms(record['kernel_maps_tiles3']['median_s'])}")
-    for loads in ("thread", "tile"):  # the opt-ins together against the target (< 3 ms)
-        best = schemes.get(f"auto-{loads}+chunks+rank")
-        if best is None:
-            continue
-        opt_total = sum(t["median_s"] for t in (record["kernel_maps_opt_ins"], best["forward"],
-                                                best["backward"]))
-        record[f"opt_ins_total_{loads}_s"] = opt_total
-        print(f"opt-ins together: kernel maps (MAP_TILES=3, GRID_BUILD=scan, MAP_CAPACITY=last) "
-              f"{fmt_ms(record['kernel_maps_opt_ins']['median_s']).strip()} + forward "
-              f"{fmt_ms(best['forward']['median_s']).strip()} + backward "
-              f"{fmt_ms(best['backward']['median_s']).strip()} ({loads}+chunks+rank) = "
-              f"{fmt_ms(opt_total).strip()} (target: under 3 ms)")
     print(f"kernel maps one after the other (kernel_map per layer): "
           f"{fmt_ms(record['kernel_maps_one_by_one']['median_s'])}")
     for name, sch in schemes.items():
@@ -894,8 +881,8 @@ def main(argv=None) -> int:
               f"{fmt_ms(s1m['kernel_map']['median_s']).strip()}, both "
               f"{fmt_ms(s1m['grid_plus_kernel_map']['median_s']).strip()}; the map by count + "
               f"fill passes {fmt_ms(s1m['kernel_map_two_passes']['median_s']).strip()}; the "
-              f"grid from one scan (PWCONV_CUDA_GRID_BUILD=scan) "
-              f"{fmt_ms(s1m['grid_build_scan']['median_s']).strip()}")
+              f"grid by flatnonzero (PWCONV_CUDA_GRID_BUILD=nonzero) "
+              f"{fmt_ms(s1m['grid_build_nonzero']['median_s']).strip()}")
     mn = record.get("modelnet_maps")
     if mn:
         print(f"ModelNet40, {mn['shapes']} shapes x 1,024 points (a training batch): grid + maps "

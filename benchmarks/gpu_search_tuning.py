@@ -26,10 +26,12 @@ variant's):
   coordinates (with tiles2 its cells too, with tiles3 its grid rows too) in shared memory
   (PWCONV_CUDA_MAP_TILES=1, 2 or 3, opt-in; the 1M-point cloud is too big for it and keeps
   kernel_map_once);
-* ``scan``: the grid's cells, rows and clouds' first cells from one scan and one kernel
-  (PWCONV_CUDA_GRID_BUILD=scan, opt-in; the maps timed here include the grid);
-* ``last``: the one pass's scratch sized from the last maps of the kind instead of a sampled
-  count (PWCONV_CUDA_MAP_CAPACITY=last, opt-in);
+* ``nonzero``: the grid's cells, rows and clouds' first cells by flatnonzero and a search
+  (PWCONV_CUDA_GRID_BUILD=nonzero, the default before 2026-11-28) instead of one scan and one
+  kernel (``scan``, the default; the maps timed here include the grid);
+* ``sample``: the one pass's scratch sized from a count over a sample of the queries every time
+  (PWCONV_CUDA_MAP_CAPACITY=sample, the default before 2026-11-28) instead of from the last
+  maps of the kind (``last``, the default);
 * several joined by ``+`` (``tiles+slots+k3``).
 
 A variant may be named more than once: on the H200 the first process measured ran 5-10 %
@@ -50,7 +52,8 @@ HERE = Path(__file__).resolve().parent
 
 
 #: The variant words without a number (``none``: as shipped).
-WORDS = ("none", "k3", "two", "slots", "tiles", "tiles2", "tiles3", "last", "scan")
+WORDS = ("none", "k3", "two", "slots", "tiles", "tiles2", "tiles3", "last", "scan", "sample",
+         "nonzero")
 
 
 def _number(text: str) -> bool:
@@ -71,10 +74,12 @@ def apply_variant(parts) -> tuple[float, list]:
         os.environ["PWCONV_CUDA_MAP_PASSES"] = "two"
     if "slots" in parts:  # read when a grid is built
         os.environ["PWCONV_CUDA_ROW_SLOTS"] = "1"
-    if "scan" in parts:  # read when a grid is built
-        os.environ["PWCONV_CUDA_GRID_BUILD"] = "scan"
-    if "last" in parts:  # read when a map is made
-        os.environ["PWCONV_CUDA_MAP_CAPACITY"] = "last"
+    for mode in ("scan", "nonzero"):
+        if mode in parts:  # read when a grid is built
+            os.environ["PWCONV_CUDA_GRID_BUILD"] = mode
+    for mode in ("last", "sample"):
+        if mode in parts:  # read when a map is made
+            os.environ["PWCONV_CUDA_MAP_CAPACITY"] = mode
     for mode, part in (("1", "tiles"), ("2", "tiles2"), ("3", "tiles3")):
         if part in parts:  # read when a map is made
             os.environ["PWCONV_CUDA_MAP_TILES"] = mode

@@ -376,6 +376,21 @@ inline unsigned __match_any_sync(unsigned mask, T v) {
     __syncwarp(mask);
     return peers;
 }
+// __ballot_sync: the lanes of the mask whose predicate is non-zero (slots as __shfl_sync's).
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+    const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if (tid >= shfl_slots.size()) emu_fail("__ballot_sync outside a threaded kernel");
+    if (!((mask >> (tid % 32)) & 1u)) emu_fail("__ballot_sync: the calling lane is not in mask");
+    shfl_slots[tid] = predicate != 0;
+    __syncwarp(mask);
+    unsigned votes = 0;
+    for (unsigned l = 0; l < 32; ++l)
+        if (((mask >> l) & 1u) && tid / 32 * 32 + l < shfl_slots.size() &&
+            shfl_slots[tid / 32 * 32 + l] != 0)
+            votes |= 1u << l;
+    __syncwarp(mask);
+    return votes;
+}
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 struct alignas(16) float4 { float x, y, z, w; EMU_VECTOR_COPY(float4) };
 struct alignas(16) double2 { double x, y; EMU_VECTOR_COPY(double2) };
@@ -425,6 +440,14 @@ EMU_NO_COUNT inline T atomicAdd(T* p, T v) {
     EMU_COUNT_ATOMIC(p);
     const T old = *p;
     *p += v;
+    return old;
+}
+template <class T>
+EMU_NO_COUNT inline T atomicSub(T* p, T v) {
+    static_assert(sizeof(T) == 4, "CUDA's atomicSub takes int or unsigned int");
+    EMU_COUNT_ATOMIC(p);
+    const T old = *p;
+    *p -= v;
     return old;
 }
 template <class T>
@@ -1213,8 +1236,10 @@ def rel_err(a, b):
 
 
 #: The operator's switches the emulated scenarios run with: (PWCONV_CUDA_OPERATOR, atomic
-#: input gradient, _WEIGHT_GRAD, _ENTRIES_LOADS, _INPUT_GRAD, _TRANSPOSE).
+#: input gradient, _WEIGHT_GRAD, _ENTRIES_LOADS, _INPUT_GRAD, _TRANSPOSE); the defaults since
+#: 2026-11-28 ("thread", "rank") and those before ("broadcast", "sort": also the wide layers').
 OPERATOR_VARIANTS = (
+    ("auto", False, "rows", "thread", "gather", "rank"),
     ("bycell", False, "rows", "broadcast", "gather", "sort"),
     ("rows", False, "rows", "broadcast", "gather", "rank"),
     ("auto", False, "rows", "broadcast", "gather", "sort"),
@@ -1521,6 +1546,8 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
             ("one", (3, defaults[1], defaults[2]), True, 3),
             ("one", (defaults[0], 0.25, 0), False, 32))
     sort_lanes = _search.SORT_LANES
+    capacity_mode = os.environ.get(_search.MAP_CAPACITY_ENV)
+    os.environ[_search.MAP_CAPACITY_ENV] = "sample"  # the ways below size it from the sample
     try:
         for passes, (sample, margin, slack), reverse, lanes in ways:
             os.environ[_search.MAP_PASSES_ENV] = passes
@@ -1579,6 +1606,10 @@ def _check_map_passes(be, name, grid, v, k, dils, q, q_offsets, want):
         os.environ.pop(_search.MAP_PASSES_ENV, None)
         _search.SORT_LANES = sort_lanes
         _search.CAPACITY_SAMPLE, _search.CAPACITY_MARGIN, _search.CAPACITY_SLACK = defaults
+        if capacity_mode is None:
+            os.environ.pop(_search.MAP_CAPACITY_ENV)
+        else:
+            os.environ[_search.MAP_CAPACITY_ENV] = capacity_mode
 
 
 def _check_radius_passes(be, name, p, offsets, q, q_offsets, r, euclidean, want):
@@ -2200,6 +2231,52 @@ def test_emulated_maps_sized_from_the_last(emulator_lib, monkeypatch):
         np.testing.assert_array_equal(cell.astype(np.int64), om.cell)
 
 
+def test_emulated_transposition_sorts_long_segments(emulator_lib, monkeypatch):
+    """The transposed map by rank (scatter_by_point + sort_segments, the default): each point's
+    entries in ascending order, as one stable sort by point puts them, whatever the schedule and
+    whichever way each segment is sorted -- by rank up to SEGMENT_RANK_MAX entries, by the
+    warp's radix sort beyond (points named 0, 1, 2, 63-65 and 5,000 times; the radix sort for
+    every segment, for none), and on a real map of a cluster of 300 duplicate points."""
+    from types import SimpleNamespace
+
+    import oracles
+
+    from pwconv_cy.cuda import _conv
+
+    be = EmulatedBackend(emulator_lib)
+    rng = np.random.default_rng(11)
+    # rows naming distinct points in ascending order; point 0 in every row, point p in 1..5 in
+    # rows p-1 ... -- named by 63, 64, 65, 2, 1 rows -- and points 6..39 at random
+    named = {1: 63, 2: 64, 3: 65, 4: 2, 5: 1}
+    rows = []
+    for i in range(5000):
+        row = {0} | {p for p, times in named.items() if i < times}
+        row |= set(rng.choice(np.arange(6, 40), size=int(rng.integers(0, 4)), replace=False))
+        rows.append(sorted(row))
+    index = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
+    km = SimpleNamespace(index=index, n_points=42)  # points 40, 41: named by no row
+    want = np.argsort(index, kind="stable")
+    for rank_max in (_conv.SEGMENT_RANK_MAX, 0, 1 << 40):
+        monkeypatch.setattr(_conv, "SEGMENT_RANK_MAX", rank_max)
+        for reverse in (False, True):
+            be.reversed = reverse
+            try:
+                got = _conv._order_by_point_rank(be, km, *_conv._point_counts_splits(be, km)[::-1])
+            finally:
+                be.reversed = False
+            np.testing.assert_array_equal(got, want, err_msg=f"rank_max {rank_max}")
+    assert "sort_segments" in be.launches
+
+    points = np.concatenate([np.full((300, 3), 0.5), rng.random((200, 3))])
+    offsets = np.array([0, 500], dtype=np.int64)
+    om = oracles.kernel_map(points, 0.1, 3, 1, offsets)
+    assert np.bincount(om.index).max() >= 300  # segments of the radix sort
+    km = SimpleNamespace(index=om.index, n_points=500)
+    monkeypatch.setattr(_conv, "SEGMENT_RANK_MAX", 64)
+    got = _conv._order_by_point_rank(be, km, *_conv._point_counts_splits(be, km)[::-1])
+    np.testing.assert_array_equal(got, np.argsort(om.index, kind="stable"))
+
+
 def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):
     """conv_entries_tile's plan (PWCONV_CUDA_ENTRIES_LOADS=tile): blocks per cloud from the most
     rows of a cloud, shared memory for the cell matrices (padded to 16 bytes) and the largest
@@ -2347,15 +2424,17 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode,
              {"cells": "cells", " Rows ": "rows", "CHUNKS": "chunks"}, "rows"),
             (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
-             {"broadcast": "broadcast", "Thread": "thread", " TILE": "tile"}, "broadcast"),
+             {"broadcast": "broadcast", "Thread": "thread", " TILE": "tile"}, "thread"),
             (_conv.INPUT_GRAD_ENV, _conv.input_grad_mode, {"fixed": "fixed", "GATHER": "gather"},
              "gather"),
             (_conv.TRANSPOSE_ENV, _conv.transpose_mode, {"rank": "rank", "SORT": "sort"},
-             "sort"),
+             "rank"),
             (_search.ROW_SLOTS_ENV, _search.row_slots_mode, {"1": True, "off": False}, False),
             (_search.MAP_TILES_ENV, _search.map_tiles_mode, {"1": 1, " 2 ": 2, "3": 3}, 0),
-            (_search.MAP_CAPACITY_ENV, _search.map_capacity_mode, {"LAST": "last"}, "sample"),
-            (_search.GRID_BUILD_ENV, _search.grid_build_mode, {"Scan": "scan"}, "nonzero")):
+            (_search.MAP_CAPACITY_ENV, _search.map_capacity_mode,
+             {"LAST": "last", "sample": "sample"}, "last"),
+            (_search.GRID_BUILD_ENV, _search.grid_build_mode,
+             {"Scan": "scan", "nonzero": "nonzero"}, "scan")):
         monkeypatch.delenv(env, raising=False)
         assert fn() == default, env
         for value, want in good.items():
@@ -2502,8 +2581,9 @@ def test_gpu_kernel_map_identical_on_dyadic_lattice(kernel_size, dilation):
 @gpu
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_gpu_grid_by_one_scan_is_the_same(scenario, monkeypatch):
-    """PWCONV_CUDA_GRID_BUILD=scan (opt-in: the cells, rows and clouds' first cells from one scan)
-    builds the same grid as the default, array for array, and its maps are the CPU's."""
+    """PWCONV_CUDA_GRID_BUILD=scan (the default: the cells, rows and clouds' first cells from one
+    scan) builds the same grid as "nonzero" (flatnonzero and a search, the default before),
+    array for array, and the maps of each are the CPU's."""
     import cupy
 
     import pwconv_cy
@@ -2518,13 +2598,14 @@ def test_gpu_grid_by_one_scan_is_the_same(scenario, monkeypatch):
     grid = _search.build_grid(be, points, packed, v)
     scanned = _other_grid_build(be, points, packed, v)
     _assert_same_grid(grid, scanned, scenario)
-    monkeypatch.setenv(_search.GRID_BUILD_ENV, "scan")
     cpu = pwconv_cy.kernel_map(p, v, kernel_size=k, dilation=s, offsets=offsets, queries=q,
                                query_offsets=q_offsets)
-    dev = cuda.kernel_map(points, v, kernel_size=k, dilation=s, offsets=offsets,
-                          queries=None if q is None else cupy.asarray(q),
-                          query_offsets=q_offsets)
-    _assert_same_map(dev, cpu, f"{scenario}, grid by one scan")
+    for mode in ("scan", "nonzero"):
+        monkeypatch.setenv(_search.GRID_BUILD_ENV, mode)
+        dev = cuda.kernel_map(points, v, kernel_size=k, dilation=s, offsets=offsets,
+                              queries=None if q is None else cupy.asarray(q),
+                              query_offsets=q_offsets)
+        _assert_same_map(dev, cpu, f"{scenario}, grid by {mode}")
 
 
 @pytest.mark.gpu
@@ -2644,17 +2725,20 @@ def _conv_case(rng, dtype, depthwise, c_in, c_out, queries):
 def _set_scheme(monkeypatch, scheme: str) -> None:
     """The GPU operator's switches for a test's scheme name: "auto", "rows", "bycell", or "auto-"
     with atomic (PWCONV_CUDA_DETERMINISTIC=0), cells (PWCONV_CUDA_WEIGHT_GRAD), fixed
-    (PWCONV_CUDA_INPUT_GRAD), thread (PWCONV_CUDA_ENTRIES_LOADS=thread), tile (=tile), chunks (PWCONV_CUDA_WEIGHT_GRAD=chunks) or rank
-    (PWCONV_CUDA_TRANSPOSE=rank), several joined by "+"."""
+    (PWCONV_CUDA_INPUT_GRAD), broadcast, thread or tile (PWCONV_CUDA_ENTRIES_LOADS; thread by
+    default), chunks (PWCONV_CUDA_WEIGHT_GRAD=chunks), sort or rank (PWCONV_CUDA_TRANSPOSE; rank
+    by default), several joined by "+"."""
     from pwconv_cy.cuda import _conv
 
     base, _, variants = scheme.partition("-")
     monkeypatch.setenv(_conv.OPERATOR_ENV, base)
     env = {"atomic": (_conv.DETERMINISTIC_ENV, "0"), "cells": (_conv.WEIGHT_GRAD_ENV, "cells"),
            "fixed": (_conv.INPUT_GRAD_ENV, "fixed"),
+           "broadcast": (_conv.ENTRIES_LOADS_ENV, "broadcast"),
            "thread": (_conv.ENTRIES_LOADS_ENV, "thread"),
            "tile": (_conv.ENTRIES_LOADS_ENV, "tile"),
            "chunks": (_conv.WEIGHT_GRAD_ENV, "chunks"),
+           "sort": (_conv.TRANSPOSE_ENV, "sort"),
            "rank": (_conv.TRANSPOSE_ENV, "rank")}
     for variant in filter(None, variants.split("+")):
         monkeypatch.setenv(*env[variant])
@@ -2668,15 +2752,17 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells",
-                                    "auto-fixed", "auto-thread+chunks+rank", "auto-tile"])
+                                    "auto-fixed", "auto-chunks", "auto-tile",
+                                    "auto-broadcast+sort"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
     """Forward, input and weight gradients equal to the CPU within rounding (norm-wise), with
     each operator scheme (auto takes "entries" up to 32 channels), with the opt-in atomic input
     gradient (PWCONV_CUDA_DETERMINISTIC=0), with the entries' weight gradient by cell
-    (PWCONV_CUDA_WEIGHT_GRAD=cells), the fixed-point input gradient, one thread per row with
-    the clouds' source rows in shared memory, and one thread per row with the weight gradient by
-    chunks of rows sorted by cell and the transposed map by rank sorts (_set_scheme)."""
+    (PWCONV_CUDA_WEIGHT_GRAD=cells), the fixed-point input gradient, the weight gradient by
+    chunks of rows sorted by cell, one thread per row with the clouds' source rows in shared
+    memory, and the defaults before 2026-11-28: conv_entries' lanes loading each value and the
+    transposed map by one radix sort (_set_scheme)."""
     import cupy
 
     import pwconv_cy
@@ -2706,7 +2792,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-fixed",
-                                    "auto-thread+chunks+rank", "auto-tile"])
+                                    "auto-chunks", "auto-tile", "auto-broadcast+sort"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy
@@ -3096,8 +3182,8 @@ def test_gpu_real_lidar_tile_map_identical_to_cpu(shared_data):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-thread+chunks+rank",
-                                    "auto-tile"])
+@pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-chunks", "auto-tile",
+                                    "auto-broadcast+sort"])
 def test_gpu_real_modelnet_layers_match_cpu(shared_data, scheme, monkeypatch):
     """32 real ModelNet40 shapes (float16 as stored, dense (B, 1024, 3)) through the paper's four
     layers on the GPU: forward and both gradients equal to the CPU's within float32 rounding."""

@@ -162,15 +162,15 @@ NAME_EXPRESSIONS = tuple(
 PLAIN_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_coords",
                  "grid_cell_keys", "grid_sorted_points", "grid_cells", "grid_cells_scanned",
                  "build_row_table", "expand_rows", "count_per_point", "kernel_axis_diffs",
-                 "sort_rows_by_rank", "scatter_by_point", "radius_once")
+                 "sort_rows_by_rank", "scatter_by_point", "sort_segments", "radius_once")
 
-#: Kernels that use __syncthreads / __syncwarp / __shfl_sync (the host emulation runs them with
-#: real threads).
+#: Kernels that use __syncthreads / __syncwarp / __shfl_sync / __ballot_sync (the host
+#: emulation runs them with real threads).
 BARRIER_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_coords",
                    "conv_gather_dense", "conv_weight_partial_dense", "conv_rows",
                    "conv_weight_rows", "conv_weight_cells", "points_digest", "sum_partials",
                    "kernel_map_once", "conv_entries_thread", "conv_entries_tile",
-                   "conv_weight_chunks", "kernel_map_tiled", "radius_once")
+                   "conv_weight_chunks", "kernel_map_tiled", "radius_once", "sort_segments")
 
 
 class CudaKernelError(RuntimeError):

@@ -24,14 +24,16 @@ Three schemes, with the same results to rounding and each bit-identical from run
 (benchmarks, tests); the default ("auto") picks "entries" up to 32 channels, "by cell" beyond.
 ``PWCONV_CUDA_DETERMINISTIC=0`` opts into the one non-deterministic path: the "entries" input
 gradient added straight over the map with floating-point atomics (no transposed map).
-Three more opt-ins for the "entries" scheme, written for the load pattern that bounds it (its
-lanes load each value at one address, so one load instruction serves few values):
-``PWCONV_CUDA_ENTRIES_LOADS=thread`` runs the forward and input gradient one thread per row
-(conv_entries_thread: vector loads of the source rows, the cell matrices in shared memory, the
-same bits; ``=tile``: conv_entries_tile, each cloud's source rows in shared memory too),
-``PWCONV_CUDA_WEIGHT_GRAD=chunks`` the weight gradient by chunks of rows whose entries are
-sorted by cell in shared memory (conv_weight_chunks), and ``PWCONV_CUDA_TRANSPOSE=rank`` makes
-the transposed map by per-point rank sorts instead of one radix sort (the same map).
+Written for the load pattern that bounds the "entries" scheme (its lanes load each value at one
+address, so one load instruction serves few values), the defaults since 2026-11-28 run its
+forward and input gradient one thread per row where they apply (``PWCONV_CUDA_ENTRIES_LOADS``
+"thread": conv_entries_thread, vector loads of the source rows, the cell matrices in shared
+memory, the same bits; "broadcast": conv_entries as described above; "tile":
+conv_entries_tile, each cloud's source rows in shared memory too), and make the transposed map
+by per-point sorts of its own, two kernels (``PWCONV_CUDA_TRANSPOSE`` "rank"; "sort": CuPy's
+radix sort, the same map).  ``PWCONV_CUDA_WEIGHT_GRAD=chunks`` (opt-in) makes the weight
+gradient by chunks of rows whose entries are sorted by cell in shared memory
+(conv_weight_chunks).
 
 The "by cell" kernels read the map "by cell": each row's entries ordered by (cell, index), so
 that every Omega_i(f) is one run (a counting sort per row, one thread per row).  The input gradient
@@ -123,18 +125,23 @@ WEIGHT_GRAD_MODES = ("rows", "cells", "chunks")
 INPUT_GRAD_ENV = "PWCONV_CUDA_INPUT_GRAD"
 
 
-#: How transposed_rows puts the map's entries in point order: "sort" (default: one stable radix
-#: sort of the entries by point) or "rank" (opt-in: each entry scattered into its point's segment
-#: by an integer atomic cursor, then every segment sorted by rank: sort_rows_by_rank with
-#: SORT_EVERY_ROW, no host synchronisation).  The same transposed map either way.
+#: How transposed_rows puts the map's entries in point order: "rank" (default: each entry
+#: scattered into its point's segment by an integer atomic cursor, then every segment sorted by
+#: sort_segments: two kernels) or "sort" (one stable radix sort of the entries by point, CuPy's
+#: argsort: Thrust's kernels and a temporary buffer, and before CuPy 14 a synchronisation of the
+#: stream after every sort, cupy/cupy#9126; the default before, with which the paper workload's
+#: backward took 3.85 ms against 3.10 ms by rank on an H200, 2026-11-27).  The same transposed
+#: map either way.
 TRANSPOSE_ENV = "PWCONV_CUDA_TRANSPOSE"
-#: sort_rows_by_rank's row-length limit that sorts every row (the transposition by rank).
-SORT_EVERY_ROW = 1 << 62
+#: sort_segments: segments of the transposed map up to this many entries are sorted by rank
+#: (len^2 / 32 comparisons per lane), longer ones by a radix sort (about 2 log2(range) * len / 32
+#: loads per lane); the paper's maps name a point 7-18 times on average.
+SEGMENT_RANK_MAX = 64
 
 
 def transpose_mode() -> str:
-    """PWCONV_CUDA_TRANSPOSE: "sort" (default) or "rank"."""
-    return env_choice(TRANSPOSE_ENV, ("sort", "rank"), "sort")
+    """PWCONV_CUDA_TRANSPOSE: "rank" (default) or "sort"."""
+    return env_choice(TRANSPOSE_ENV, ("rank", "sort"), "rank")
 
 
 def input_grad_mode() -> str:
@@ -142,12 +149,13 @@ def input_grad_mode() -> str:
     return env_choice(INPUT_GRAD_ENV, ("gather", "fixed"), "gather")
 
 
-#: How the "entries" forward and input gradient load a row: "broadcast" (default, conv_entries:
-#: every lane loads each value, the row's lanes at one address), "thread" (conv_entries_thread:
-#: one thread per row forms all its outputs from 16-byte vector loads of the source rows and the
-#: cell matrices in shared memory, where thread_plan allows) or "tile" (conv_entries_tile: as
-#: "thread", each cloud's source rows copied to shared memory first, where tile_plan allows;
-#: else "thread").  Same bits.
+#: How the "entries" forward and input gradient load a row: "thread" (default,
+#: conv_entries_thread: one thread per row forms all its outputs from 16-byte vector loads of
+#: the source rows and the cell matrices in shared memory, where thread_plan allows; else
+#: "broadcast"), "broadcast" (conv_entries: every lane loads each value, the row's lanes at one
+#: address; the default before: forward 1.11 ms against 0.89 ms with "thread" on an H200, paper
+#: workload, 2026-11-27) or "tile" (conv_entries_tile: as "thread", each cloud's source rows
+#: copied to shared memory first, where tile_plan allows; else "thread").  Same bits.
 ENTRIES_LOADS_ENV = "PWCONV_CUDA_ENTRIES_LOADS"
 
 #: conv_entries_thread's shared copy of the cell matrices (kernels.cu's
@@ -170,8 +178,8 @@ TILE_BY_LENGTH = True
 
 
 def entries_loads() -> str:
-    """PWCONV_CUDA_ENTRIES_LOADS: "broadcast" (default), "thread" or "tile"."""
-    return env_choice(ENTRIES_LOADS_ENV, ("broadcast", "thread", "tile"), "broadcast")
+    """PWCONV_CUDA_ENTRIES_LOADS: "thread" (default), "broadcast" or "tile"."""
+    return env_choice(ENTRIES_LOADS_ENV, ("thread", "broadcast", "tile"), "thread")
 
 
 def _thread_outputs(n: int):
@@ -281,49 +289,48 @@ def by_cell(be, km) -> dict:
     return km._cache["cuda_by_cell"]
 
 
-def _per_point(be, km):
-    """(n,) int32: the map's entries naming each point (a count with integer atomics; CuPy's
-    bincount is several times slower)."""
+def _per_point(be, km, lead: int = 0):
+    """(lead + n,) int32: `lead` zeros, then the map's entries naming each point (a count with
+    integer atomics; CuPy's bincount is several times slower)."""
     xp = be.xp
     n_entries = int(km.index.shape[0])
-    per_point = xp.zeros(km.n_points, dtype=xp.int32)
+    per_point = xp.zeros(lead + km.n_points, dtype=xp.int32)
     be.launch("count_per_point", (blocks(n_entries),), (THREADS,),
-              (i64(n_entries), km.index, per_point))
+              (i64(n_entries), km.index, per_point[lead:]))
     return per_point
 
 
+def _point_counts_splits(be, km):
+    """(counts (n+1,) int32: 0, then the entries naming each point; splits (n+1,) int64: where
+    each point's entries start in the transposed map, their scan): two library calls and a
+    kernel."""
+    counts = _per_point(be, km, lead=1)
+    return counts, be.xp.cumsum(counts, dtype=be.xp.int64)
+
+
 def _point_splits(be, km):
-    """(n+1,) int64: where each point's entries start in the transposed map (_per_point, then a
-    scan)."""
-    xp = be.xp
-    n = km.n_points
-    tsplits = xp.zeros(n + 1, dtype=xp.int64)
-    if n:
-        tsplits[1:] = xp.cumsum(_per_point(be, km), dtype=xp.int64)
-    return tsplits
+    """(n+1,) int64: where each point's entries start in the transposed map."""
+    return _point_counts_splits(be, km)[1]
 
 
-def _order_by_point_rank(be, km, tsplits):
+def _order_by_point_rank(be, km, tsplits, counts):
     """order (E,) int64: the map's entries ordered by point, rows ascending within each (entry
     numbers ascend with the rows, and a row names a point once): scatter_by_point puts every
-    entry's number in its point's segment, sort_rows_by_rank sorts every segment, whatever its
-    length.  No host synchronisation: the map's rows have one global sort for their long rows,
-    which needs the host to know that there are some; here a segment of L entries costs
-    L^2 / SORT_LANES comparisons per lane instead (7-18 entries a point in the paper's maps; a
-    point named by thousands of rows, in dense clouds under wide kernels, would take
-    milliseconds -- the default transposition, one radix sort, has no such case)."""
-    from pwconv_cy.cuda import _search
-
+    entry's number in its point's segment (counts[1:], each point's entries, counted down as its
+    cursor: used up), sort_segments sorts every segment (a warp each:
+    segments of up to SEGMENT_RANK_MAX entries by rank, longer ones by a binary radix sort, so
+    a point named by thousands of rows costs linear time).  Two kernels, where CuPy's argsort
+    runs Thrust's (and before CuPy 14 synchronised the stream after them)."""
     xp = be.xp
     n_entries = int(km.index.shape[0])
-    cursor = xp.zeros(km.n_points, dtype=xp.int32)
     scattered = xp.empty(max(n_entries, 1), dtype=xp.int64)
     be.launch("scatter_by_point", (blocks(n_entries),), (THREADS,),
-              (i64(n_entries), km.index, tsplits, cursor, scattered))
-    del cursor
-    order, _ = _search._rank_sort(be, tsplits, scattered, None, n_entries,
-                                  short_row=SORT_EVERY_ROW)
-    return order
+              (i64(n_entries), km.index, tsplits, counts[1:], scattered))
+    order = xp.empty(max(n_entries, 1), dtype=xp.int64)
+    n = km.n_points
+    be.launch("sort_segments", (blocks(32 * n),), (THREADS,),
+              (i64(n), tsplits, scattered, order, i64(max(0, int(SEGMENT_RANK_MAX)))))
+    return order[:n_entries]
 
 
 def _order_by_point_cell(be, km):
@@ -463,9 +470,9 @@ def _transposed_order(be, km):
     start, and the map's entries ordered by point, rows ascending within each (one stable radix
     sort by point, or with PWCONV_CUDA_TRANSPOSE=rank per-point rank sorts)."""
     xp = be.xp
-    tsplits = _point_splits(be, km)
+    counts, tsplits = _point_counts_splits(be, km)
     if transpose_mode() == "rank":
-        return tsplits, _order_by_point_rank(be, km, tsplits)
+        return tsplits, _order_by_point_rank(be, km, tsplits, counts)
     # 32-bit keys when the points allow: a radix sort of half the passes
     point = km.index.astype(xp.uint32) if km.n_points <= np.iinfo(np.uint32).max else km.index
     return tsplits, xp.ascontiguousarray(be.argsort(point), dtype=xp.int64)  # stable
@@ -530,8 +537,8 @@ def _entries_launch(be, kernel, dtype, rows, splits, col, cell, weight, src, a, 
 
 
 def _thread_bm(km, a: int, b: int, itemsize: int, depthwise: bool):
-    """BM of conv_entries_thread (or _tile) for this product where PWCONV_CUDA_ENTRIES_LOADS=thread
-    (or tile) asks for it and thread_plan allows, else None."""
+    """BM of conv_entries_thread (or _tile) for this product where PWCONV_CUDA_ENTRIES_LOADS is
+    thread (the default) or tile and thread_plan allows, else None."""
     if entries_loads() not in ("thread", "tile"):
         return None
     return thread_plan(km.kernel_size ** 3, a, b, itemsize, depthwise, km.cell.dtype)
@@ -631,7 +638,7 @@ def forward(be, km, x, w, c_out: int, depthwise: bool):
         return y
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize)
     bm = _thread_bm(km, c_in, c_out, x.dtype.itemsize, depthwise) if scheme == "entries" else None
-    if bm is not None:  # one thread per row (opt-in), the clouds' rows in shared memory or not
+    if bm is not None:  # one thread per row (default), the clouds' rows in shared memory or not
         _thread_rows_launch(be, km, "query_offsets", km.splits, km.index, km.cell,
                             entry_counts(be, km), x, c_in, w, n_cells, c_out, depthwise, bm, y)
         return y
@@ -675,7 +682,7 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
             _input_grad_fixed(be, km, dy, M, c_out, c_in, depthwise, dx)
             return dx
         bm = _thread_bm(km, c_out, c_in, dy.dtype.itemsize, depthwise)
-        if bm is not None:  # one thread per row (opt-in), over the transposed map's counts
+        if bm is not None:  # one thread per row (default), over the transposed map's counts
             tc = transposed_counts(be, km)
             _thread_rows_launch(be, km, "offsets", tc["splits"], tc["row"], tc["cell"],
                                 tc["count"], dy, c_out, M, n_cells, c_in, depthwise, bm, dx)
@@ -734,9 +741,9 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
     n_cells = km.kernel_size ** 3
     c_in = int(x.shape[1])
     w_size = n_cells * c_in if depthwise else n_cells * c_in * c_out
-    dw = xp.zeros(w_size, dtype=x.dtype)
     if m == 0:
-        return dw
+        return xp.zeros(w_size, dtype=x.dtype)
+    dw = xp.empty(w_size, dtype=x.dtype)  # every value written by _sum_partials
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
     plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
     if scheme == "entries" and weight_grad_mode() == "chunks" and (

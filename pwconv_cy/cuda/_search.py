@@ -7,11 +7,12 @@ queries x neighbours); the scan of the counts gives the CSR, and sort_rows_by_ra
 into place sorted.  Rows longer than SHORT_ROW are not kept: they alone are searched again by
 the fill pass (only_missing).  Where the scratch estimate falls short, the counts are already
 exact and the fill pass runs over every row as in "two" (count pass, scan, fill pass).  The
-radius search is made the same way (radius_once).  Opt-in, for timing on a GPU:
+radius search is made the same way (radius_once).  The scratch is sized from the last maps of
+the same kind where there were some (PWCONV_CUDA_MAP_CAPACITY), and the grid's cells and rows
+come from one scan (PWCONV_CUDA_GRID_BUILD).  Opt-in, for timing on a GPU:
 PWCONV_CUDA_MAP_TILES=1, 2 or 3 (the one pass with each cloud's coordinates, also its cells,
-also its grid rows, in shared memory: kernel_map_tiled), PWCONV_CUDA_ROW_SLOTS=1 (the row table
-as (key, cells) pairs) and PWCONV_CUDA_GRID_BUILD=scan (the grid's cells and rows from one
-scan); the same maps either way.
+also its grid rows, in shared memory: kernel_map_tiled) and PWCONV_CUDA_ROW_SLOTS=1 (the row
+table as (key, cells) pairs); the same maps either way.
 
 Works on canonical arrays (validated by the caller) through a backend (``_backend.py``): ``be.xp``
 is the array module, ``be.launch`` runs a kernel of kernels.cu.  The results are the CPU's, bit for
@@ -91,17 +92,18 @@ def row_sort_mode() -> str:
 MAP_PASSES_ENV = "PWCONV_CUDA_MAP_PASSES"
 
 
-#: PWCONV_CUDA_GRID_BUILD=scan (opt-in): the grid's cells, rows and clouds' first cells from one
-#: inclusive scan of the sorted points' cell and row starts and one kernel (one host
-#: synchronisation), instead of flatnonzero over the cell starts, a kernel, a search for the
-#: clouds and flatnonzero over the row starts (three synchronisations, about twelve CuPy calls).
-#: The same grid.
+#: PWCONV_CUDA_GRID_BUILD: "scan" (default) makes the grid's cells, rows and clouds' first cells
+#: from one inclusive scan of the sorted points' cell and row starts and one kernel (one host
+#: synchronisation); "nonzero" (the default before: 1.02 ms against 0.69 ms for the paper
+#: workload's grid on an H200, 2026-11-27) from flatnonzero over the cell starts, a kernel, a
+#: search for the clouds and flatnonzero over the row starts (three synchronisations, about
+#: twelve CuPy calls).  The same grid.
 GRID_BUILD_ENV = "PWCONV_CUDA_GRID_BUILD"
 
 
 def grid_build_mode() -> str:
-    """PWCONV_CUDA_GRID_BUILD: "nonzero" (default) or "scan"."""
-    return env_choice(GRID_BUILD_ENV, ("nonzero", "scan"), "nonzero")
+    """PWCONV_CUDA_GRID_BUILD: "scan" (default) or "nonzero"."""
+    return env_choice(GRID_BUILD_ENV, ("scan", "nonzero"), "scan")
 
 
 def map_passes_mode() -> str:
@@ -134,18 +136,20 @@ CAPACITY_SAMPLE = 8192
 CAPACITY_MARGIN = 1.125
 CAPACITY_SLACK = 32 * SHORT_ROW
 
-#: PWCONV_CUDA_MAP_CAPACITY=last (opt-in) sizes the scratch from the pairs per query of the last
-#: maps made with the same kernel, dilations, voxel and cell sizes (a training loop's previous
-#: batch), times CAPACITY_MARGIN plus CAPACITY_SLACK, instead of counting a sample first (one
-#: search launch of few threads, and a host synchronisation); the first such maps still count
-#: a sample.  The maps are the same either way: a short estimate runs the fill pass.
+#: PWCONV_CUDA_MAP_CAPACITY: "last" (default) sizes the one-pass maps' scratch from the pairs
+#: per query of the last maps made with the same kernel, dilations, voxel and cell sizes (a
+#: training loop's previous batch), times CAPACITY_MARGIN plus CAPACITY_SLACK, instead of
+#: counting a sample first (one search launch of few threads, and a host synchronisation); the
+#: first such maps still count a sample.  "sample" counts a sample for every call (the default
+#: before: 4.72 ms against 4.29 ms for the paper workload's maps on an H200, 2026-11-27).  The
+#: maps are the same either way: a short estimate runs the fill pass.
 MAP_CAPACITY_ENV = "PWCONV_CUDA_MAP_CAPACITY"
 _LAST_PAIRS_PER_QUERY: dict = {}
 
 
 def map_capacity_mode() -> str:
-    """PWCONV_CUDA_MAP_CAPACITY: "sample" (default) or "last"."""
-    return env_choice(MAP_CAPACITY_ENV, ("sample", "last"), "sample")
+    """PWCONV_CUDA_MAP_CAPACITY: "last" (default) or "sample"."""
+    return env_choice(MAP_CAPACITY_ENV, ("last", "sample"), "last")
 
 
 #: Points of a cloud per block when finding the clouds' lower corners (cloud_lower_corner): 64
@@ -536,9 +540,9 @@ def _rows_into_place(be, kept, splits, n_pairs: int, longest: int, fill_name, gr
     return (*_rank_sort(be, splits, keys, None, n_pairs, cell_bits), True)
 
 
-def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None, short_row=None):
-    """sort_rows_by_rank: (keys (n_pairs,) int64 with rows of at most short_row (default
-    SHORT_ROW) entries sorted, counts).  Row r is read from unsorted[row_at[r]...]
+def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None):
+    """sort_rows_by_rank: (keys (n_pairs,) int64 with rows of at most SHORT_ROW entries sorted,
+    counts).  Row r is read from unsorted[row_at[r]...]
     (kernel_map_once's scratch), or with row_at None from unsorted[splits[r]...].  counts (n_i(f)
     per entry, int32) with cell_bits (kernel maps), else None."""
     xp = be.xp
@@ -550,7 +554,7 @@ def _rank_sort(be, splits, unsorted, row_at, n_pairs: int, cell_bits=None, short
     lanes = int(SORT_LANES)
     be.launch("sort_rows_by_rank", (blocks(lanes * m),), (THREADS,),
               (i64(m), splits, unsorted, row_at if gathered else splits, i32(int(gathered)),
-               keys, i64(SHORT_ROW if short_row is None else short_row),
+               keys, i64(SHORT_ROW),
                i64((1 << cell_bits) - 1 if with_counts else 0),
                i32(int(with_counts)), counts, i32(lanes)))
     return keys, counts[:n_pairs] if with_counts else None

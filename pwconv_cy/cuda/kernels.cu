@@ -2009,9 +2009,10 @@ extern "C" __global__ void count_per_point(long long n_entries, const long long*
 }
 
 /// out[starts[j] + k] = e for the entries e naming point j (j = col[e]), k handed out by an
-/// integer atomic cursor per point (cursor zeroed by the caller): each point's entries in its
-/// segment in a schedule-dependent order, which the caller's sort of each segment then fixes
-/// (the transposed map of PWCONV_CUDA_TRANSPOSE=rank).
+/// integer atomic cursor per point counting down from its number of entries (cursor: those
+/// numbers, used up): each point's entries in its segment in a schedule-dependent order, which
+/// the caller's sort of each segment then fixes (the transposed map by PWCONV_CUDA_TRANSPOSE=
+/// rank).
 extern "C" __global__ void scatter_by_point(long long n_entries, const long long* __restrict__ col,
                                             const long long* __restrict__ starts,
                                             int* __restrict__ cursor,
@@ -2019,7 +2020,85 @@ extern "C" __global__ void scatter_by_point(long long n_entries, const long long
     const long long e = pwconv_cuda::global_thread();
     if (e >= n_entries) return;
     const long long j = col[e];
-    out[starts[j] + atomicAdd(cursor + j, 1)] = e;
+    out[starts[j] + atomicSub(cursor + j, 1) - 1] = e;
+}
+
+/// Sorts every segment s of distinct keys, in[splits[s]...splits[s + 1]) (scatter_by_point's
+/// entry numbers, in a schedule-dependent order), ascending into out[splits[s]...]: one warp
+/// per segment.  A segment of at most rank_max keys is ranked (each key goes to the number of
+/// its segment's keys below it: len^2 / 32 comparisons per lane); a longer one is radix sorted,
+/// one bit at a time from the lowest, of key - min over the bits of max - min, each bit a
+/// stable split of the segment into its 0s and 1s by __ballot_sync, between `in` (overwritten)
+/// and out: 2 * bits * len / 32 loads per lane.  A point named by thousands of rows (a dense
+/// cluster under a wide kernel) then costs time linear in its entries, not quadratic.
+extern "C" __global__ void sort_segments(long long n_segments,
+                                         const long long* __restrict__ splits, long long* in,
+                                         long long* out, long long rank_max) {
+    const long long t = pwconv_cuda::global_thread();  // blockDim.x: a multiple of 32
+    const long long segment = t / 32;
+    const int lane = (int)(t % 32);
+    if (segment >= n_segments) return;  // the whole warp: one segment per warp
+    const long long b = splits[segment], len = splits[segment + 1] - b;
+    long long* src = in + b;
+    long long* dst = out + b;
+    if (len <= rank_max) {
+        for (long long i = lane; i < len; i += 32) {
+            const long long key = src[i];
+            long long rank = 0;
+            for (long long j = 0; j < len; ++j) rank += src[j] < key;
+            dst[rank] = key;
+        }
+        return;
+    }
+    long long lo = src[0], hi = src[0];
+    for (long long i = lane; i < len; i += 32) {
+        lo = src[i] < lo ? src[i] : lo;
+        hi = src[i] > hi ? src[i] : hi;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const long long other_lo = __shfl_sync(0xffffffffu, lo, lane ^ offset);
+        const long long other_hi = __shfl_sync(0xffffffffu, hi, lane ^ offset);
+        lo = other_lo < lo ? other_lo : lo;
+        hi = other_hi > hi ? other_hi : hi;
+    }
+    const unsigned long long range = (unsigned long long)(hi - lo);
+    int bits = 0;
+    while (bits < 64 && (range >> bits) != 0) ++bits;
+    // bits passes alternate between the two buffers: the last one must write dst
+    long long* from = src;
+    long long* to = dst;
+    if (bits % 2 == 0) {
+        for (long long i = lane; i < len; i += 32) dst[i] = src[i];
+        __syncwarp();
+        from = dst;
+        to = src;
+    }
+    const unsigned below = (1u << lane) - 1u;
+    for (int bit = 0; bit < bits; ++bit) {
+        long long zeros = 0;
+        for (long long base = 0; base < len; base += 32) {
+            const long long i = base + lane;
+            const bool zero = i < len && ((((unsigned long long)(from[i] - lo)) >> bit) & 1u) == 0;
+            zeros += __popc(__ballot_sync(0xffffffffu, zero));
+        }
+        long long zero_at = 0, one_at = zeros;
+        for (long long base = 0; base < len; base += 32) {
+            const long long i = base + lane;
+            const long long key = i < len ? from[i] : 0;
+            const bool one = i < len && ((((unsigned long long)(key - lo)) >> bit) & 1u) != 0;
+            const bool zero = i < len && !one;
+            const unsigned zero_mask = __ballot_sync(0xffffffffu, zero);
+            const unsigned one_mask = __ballot_sync(0xffffffffu, one);
+            if (zero) to[zero_at + __popc(zero_mask & below)] = key;
+            if (one) to[one_at + __popc(one_mask & below)] = key;
+            zero_at += __popc(zero_mask);
+            one_at += __popc(one_mask);
+        }
+        __syncwarp();  // this pass's stores seen by the next pass's loads
+        long long* swap = from;
+        from = to;
+        to = swap;
+    }
 }
 
 /// counts[e] = n_i(f) for every entry e of row i in cell f (the row's entries in cell f): one
