@@ -115,11 +115,11 @@ step search_tuning 170 k3.log \
 # transposed map by per-point sorts) against the defaults before 2026-11-28 (broadcast+sort:
 # conv_entries, one radix sort), each cloud's source rows in shared memory (tile:
 # conv_entries_tile, a block's rows longest first; inorder: in map order) and the weight
-# gradient by chunks sorted by cell (chunks), alternated: per-layer times, identical forward
-# and input gradients required.
+# gradient by chunks sorted by cell (chunks) or by warps, each its own sums (warps),
+# alternated: per-layer times, identical forward and input gradients required.
 step conv_tuning 160 conv.log \
-    "$PY" benchmarks/gpu_conv_tuning.py none broadcast+sort tile+chunks tile+inorder none \
-    broadcast+sort tile+chunks tile+inorder
+    "$PY" benchmarks/gpu_conv_tuning.py none broadcast+sort warps tile+chunks tile+inorder none \
+    broadcast+sort warps tile+chunks tile+inorder
 
 # Kernel time of one iteration (Nsight Compute, where installed): where the time goes, with the
 # defaults (profile) and with every opt-in not yet adopted (profile_opt: gpu_profile.py's
@@ -137,10 +137,11 @@ if command -v ncu >/dev/null; then
     # wavefronts per kernel, global / shared / local), measured: one cloud's iteration, as
     # shipped and with the tiled and one-thread-per-row opt-ins; kernels.cu's kernels only (not
     # CuPy's).
-    PWCONV_KERNELS="kernel_map|conv_|sort_rows|permute_entries|scatter_by_point|count_per_point"
+    PWCONV_KERNELS="kernel_map|conv_|sort_rows|sort_segments|permute_entries|scatter_by_point"
+    PWCONV_KERNELS+="|count_per_point"
     PWCONV_KERNELS+="|expand_rows|sum_partials|pad_rows|weights_from_counts|grid_|points_digest"
     PWCONV_KERNELS+="|cloud_lower_corner|build_row_table|split_kernel_keys|kernel_axis_diffs"
-    for variant in none tiles3+tile+chunks; do
+    for variant in none tiles3+tile+warps; do
         step load_model_ncu 90 profile.log \
             bash -c 'f="$2/ncu_load_model_${3//+/_}.txt"; ncu --section \
                 MemoryWorkloadAnalysis_Tables --print-details all -k regex:"$4" "$1" \
@@ -153,10 +154,10 @@ if command -v ncu >/dev/null; then
     # model): the first launches of the defaults' heavy kernels (ncu_detail) and of the opt-ins'
     # (ncu_detail_opt).
     for which in default opt; do
-        flag=""; regex="kernel_map_once|conv_entries|conv_weight_rows|sort_rows_by_rank"
+        flag=""; regex="kernel_map_once|conv_entries|conv_weight_rows|sort_segments"
         if [ "$which" = opt ]; then
             flag="--opt-ins"
-            regex="kernel_map_tiled|conv_entries_tile|conv_weight_chunks|sort_rows_by_rank"
+            regex="kernel_map_tiled|conv_entries_tile|conv_weight_warps|sort_rows_by_rank"
         fi
         name=ncu_detail; [ "$which" = opt ] && name=ncu_detail_opt
         step "$name" 90 profile.log \

@@ -16,6 +16,8 @@ change its order of additions, so its bits are not compared):
   False);
 * ``chunks``: the weight gradient by chunks of rows sorted by cell in shared memory
   (PWCONV_CUDA_WEIGHT_GRAD=chunks: conv_weight_chunks);
+* ``warps``: the weight gradient by warps, each a run of rows entry by entry into its own
+  sums in shared memory (PWCONV_CUDA_WEIGHT_GRAD=warps: conv_weight_warps);
 * ``sort``: the transposed map (timed per layer with every variant) by one radix sort
   (PWCONV_CUDA_TRANSPOSE=sort, the default before 2026-11-28) instead of per-point sorts
   (``rank``, the default);
@@ -50,8 +52,8 @@ def apply_variant(parts) -> list:
             os.environ[_conv.ENTRIES_LOADS_ENV] = part
         elif part == "inorder":
             _conv.TILE_BY_LENGTH = False
-        elif part == "chunks":
-            os.environ[_conv.WEIGHT_GRAD_ENV] = "chunks"
+        elif part in ("chunks", "warps"):
+            os.environ[_conv.WEIGHT_GRAD_ENV] = part
         elif part in ("rank", "sort"):
             os.environ[_conv.TRANSPOSE_ENV] = part
         elif part[:1] == "u" and part[1:].isdigit():

@@ -29,7 +29,7 @@ About a minute per variant on one cloud.  ``--gpu`` runs one variant's iteration
 counting nothing, for ncu to measure what was counted here (gpu_check.sh, ``load_model_ncu``).
 
     python benchmarks/gpu_load_model.py                         # the default variants
-    python benchmarks/gpu_load_model.py none tiles3+tile+chunks --clouds 1
+    python benchmarks/gpu_load_model.py none tiles3+tile+warps --clouds 1
     ncu --section MemoryWorkloadAnalysis_Tables python benchmarks/gpu_load_model.py --gpu none
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ CLOCK_HZ = 1.98e9
 #: The variants by default: as shipped, the defaults before 2026-11-28 (broadcast+sort) and the
 #: opt-ins gpu_check.sh times.
 DEFAULT_VARIANTS = ("none", "broadcast+sort", "tiles3", "tiles2+slots", "r8", "chunks",
-                    "tile+chunks")
+                    "warps", "tile+chunks")
 #: The source lines kept per kernel (those with the most wavefronts).
 SITES_KEPT = 12
 #: EmulatedBackend.memory's axes (test_cuda.MEMORY_COUNT_SHAPE).

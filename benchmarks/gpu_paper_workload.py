@@ -327,6 +327,9 @@ def breakdown(pw, kms, state, warmup: int, runs: int) -> dict:
         with _env(_conv.WEIGHT_GRAD_ENV, "chunks"):  # conv_weight_chunks (entry weights cached)
             out[f"{tag}: weight gradient kernels (chunks sorted by cell)"] = time_cuda(
                 kernels["weight gradient kernels"], warmup, runs)
+        with _env(_conv.WEIGHT_GRAD_ENV, "warps"):  # conv_weight_warps (entry counts cached)
+            out[f"{tag}: weight gradient kernels (by warps)"] = time_cuda(
+                kernels["weight gradient kernels"], warmup, runs)
         with _env(_conv.WEIGHT_GRAD_ENV, "cells"):  # by cell, its sorted entries cached
             out[f"{tag}: weight gradient kernels (by cell)"] = time_cuda(
                 kernels["weight gradient kernels"], warmup, runs)
@@ -706,13 +709,13 @@ def main(argv=None) -> int:
     # and each apart, each cloud's rows in shared memory (tile) and the weight gradient by
     # chunks of rows sorted by cell (PWCONV_CUDA_WEIGHT_GRAD=chunks)
     for scheme in ("bycell", "rows", "auto", "auto-broadcast+sort", "auto-broadcast",
-                   "auto-sort", "auto-tile", "auto-chunks", "auto-tile+chunks", "auto-atomic",
-                   "auto-cells", "auto-dx1", "auto-fixed", "auto-chunks+fixed"):
+                   "auto-sort", "auto-tile", "auto-chunks", "auto-warps", "auto-tile+chunks",
+                   "auto-atomic", "auto-cells", "auto-dx1", "auto-fixed", "auto-warps+fixed"):
         variants = set(scheme.partition("-")[2].split("+"))
         os.environ[_conv.OPERATOR_ENV] = scheme.split("-")[0]
         os.environ[_conv.DETERMINISTIC_ENV] = "0" if "atomic" in variants else "1"
         os.environ[_conv.WEIGHT_GRAD_ENV] = next(
-            (mode for mode in ("cells", "chunks") if mode in variants), "rows")
+            (mode for mode in ("cells", "chunks", "warps") if mode in variants), "rows")
         os.environ[_conv.ENTRIES_LOADS_ENV] = next(
             (mode for mode in ("broadcast", "tile") if mode in variants), "thread")
         os.environ[_conv.INPUT_GRAD_ENV] = "fixed" if "fixed" in variants else "gather"

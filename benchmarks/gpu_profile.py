@@ -10,8 +10,7 @@ Without a profiler the first command prints the iteration's wall time (CUDA even
 ``--opt-ins`` runs the iteration with every opt-in written for speed and not yet adopted
 (OPT_INS: the maps' search with each cloud's coordinates, cells and grid rows in shared memory;
 the operator's one thread per row with each cloud's source rows in shared memory, its weight
-gradient by chunks sorted by cell), so that ncu shows them kernel by kernel beside the
-defaults.
+gradient by warps), so that ncu shows them kernel by kernel beside the defaults.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ import gpu_paper_workload as wl
 
 #: The opt-ins of --opt-ins: environment variables (the modes are read at every call).
 OPT_INS = {"PWCONV_CUDA_MAP_TILES": "3", "PWCONV_CUDA_ENTRIES_LOADS": "tile",
-           "PWCONV_CUDA_WEIGHT_GRAD": "chunks"}
+           "PWCONV_CUDA_WEIGHT_GRAD": "warps"}
 
 
 def main(argv=None) -> int:

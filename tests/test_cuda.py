@@ -1245,6 +1245,7 @@ OPERATOR_VARIANTS = (
     ("auto", False, "rows", "broadcast", "gather", "sort"),
     ("auto", False, "cells", "broadcast", "fixed", "sort"),
     ("auto", False, "chunks", "thread", "gather", "rank"),
+    ("auto", False, "warps", "thread", "gather", "rank"),
     ("auto", False, "rows", "tile", "gather", "sort"),
     ("auto", True, "rows", "broadcast", "gather", "sort"))
 
@@ -1439,9 +1440,15 @@ def _emulate_scenario(be, name, operator=True, variants=OPERATOR_VARIANTS):
                            _conv.chunks_plan(k ** 3, c_in, c_out, depthwise, cell.dtype)
                            is not None)
                 assert ("conv_weight_chunks" in ran) == chunked, (wgrad, c_in, c_out, ran)
-                by_rows = (wgrad == "rows" or (wgrad == "chunks" and not chunked)) and rows_ok[2]
+                # "warps": conv_weight_warps where a warp's shared sums hold the weight
+                warped = (wgrad == "warps" and scheme == "auto" and lanes and
+                          _conv.warps_plan(k ** 3, c_in, c_out, x.itemsize, depthwise)
+                          is not None)
+                assert ("conv_weight_warps" in ran) == warped, (wgrad, c_in, c_out, ran)
+                by_rows = (wgrad == "rows" or (wgrad in ("chunks", "warps") and not chunked
+                                               and not warped)) and rows_ok[2]
                 assert ("conv_weight_cells" in ran) == (scheme == "auto" and lanes and not by_rows
-                                                        and not chunked), \
+                                                        and not chunked and not warped), \
                     (scheme, wgrad, ran)
                 # PWCONV_CUDA_DETERMINISTIC=0: the entries' input gradient by atomics, no
                 # transposed map
@@ -1783,7 +1790,7 @@ def _emulate_property(be, max_examples: int = 80):
         # with it the tiled searches)
         row_sort = draw(st.sampled_from(["rank", "rank", "thread"]))
         # the entries' weight-gradient kernels
-        wgrad = draw(st.sampled_from(["rows", "cells", "chunks"]))
+        wgrad = draw(st.sampled_from(["rows", "cells", "chunks", "warps"]))
         # conv_entries' source loads, or one thread per row (conv_entries_thread), also with the
         # clouds' rows in shared memory (conv_entries_tile: a cloud's rows in blocks of 1,024,
         # 5 or 64, its threads 32 or 64, the block's rows longest first or in map order)
@@ -2422,7 +2429,7 @@ def test_gpu_switches_are_validated(monkeypatch):
             (_search.MAP_PASSES_ENV, _search.map_passes_mode, {"two": "two", " One": "one"},
              "one"),
             (_conv.WEIGHT_GRAD_ENV, _conv.weight_grad_mode,
-             {"cells": "cells", " Rows ": "rows", "CHUNKS": "chunks"}, "rows"),
+             {"cells": "cells", " Rows ": "rows", "CHUNKS": "chunks", "Warps": "warps"}, "rows"),
             (_conv.ENTRIES_LOADS_ENV, _conv.entries_loads,
              {"broadcast": "broadcast", "Thread": "thread", " TILE": "tile"}, "thread"),
             (_conv.INPUT_GRAD_ENV, _conv.input_grad_mode, {"fixed": "fixed", "GATHER": "gather"},
@@ -2726,7 +2733,7 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     """The GPU operator's switches for a test's scheme name: "auto", "rows", "bycell", or "auto-"
     with atomic (PWCONV_CUDA_DETERMINISTIC=0), cells (PWCONV_CUDA_WEIGHT_GRAD), fixed
     (PWCONV_CUDA_INPUT_GRAD), broadcast, thread or tile (PWCONV_CUDA_ENTRIES_LOADS; thread by
-    default), chunks (PWCONV_CUDA_WEIGHT_GRAD=chunks), sort or rank (PWCONV_CUDA_TRANSPOSE; rank
+    default), chunks or warps (PWCONV_CUDA_WEIGHT_GRAD), sort or rank (PWCONV_CUDA_TRANSPOSE; rank
     by default), several joined by "+"."""
     from pwconv_cy.cuda import _conv
 
@@ -2738,6 +2745,7 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
            "thread": (_conv.ENTRIES_LOADS_ENV, "thread"),
            "tile": (_conv.ENTRIES_LOADS_ENV, "tile"),
            "chunks": (_conv.WEIGHT_GRAD_ENV, "chunks"),
+           "warps": (_conv.WEIGHT_GRAD_ENV, "warps"),
            "sort": (_conv.TRANSPOSE_ENV, "sort"),
            "rank": (_conv.TRANSPOSE_ENV, "rank")}
     for variant in filter(None, variants.split("+")):
@@ -2752,7 +2760,7 @@ def _set_scheme(monkeypatch, scheme: str) -> None:
     (True, 9, 9, False), (True, 40, 40, True)])
 @pytest.mark.parametrize("dilation", [1, 3])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-atomic", "auto-cells",
-                                    "auto-fixed", "auto-chunks", "auto-tile",
+                                    "auto-fixed", "auto-chunks", "auto-warps", "auto-tile",
                                     "auto-broadcast+sort"])
 def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, scheme,
                               monkeypatch):
@@ -2760,7 +2768,7 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
     each operator scheme (auto takes "entries" up to 32 channels), with the opt-in atomic input
     gradient (PWCONV_CUDA_DETERMINISTIC=0), with the entries' weight gradient by cell
     (PWCONV_CUDA_WEIGHT_GRAD=cells), the fixed-point input gradient, the weight gradient by
-    chunks of rows sorted by cell, one thread per row with the clouds' source rows in shared
+    chunks of rows sorted by cell or by warps, one thread per row with the clouds' source rows in shared
     memory, and the defaults before 2026-11-28: conv_entries' lanes loading each value and the
     transposed map by one radix sort (_set_scheme)."""
     import cupy
@@ -2792,7 +2800,8 @@ def test_gpu_conv_matches_cpu(dtype, depthwise, c_in, c_out, queries, dilation, 
 @gpu
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("scheme", ["auto", "rows", "bycell", "auto-cells", "auto-fixed",
-                                    "auto-chunks", "auto-tile", "auto-broadcast+sort"])
+                                    "auto-chunks", "auto-warps", "auto-tile",
+                                    "auto-broadcast+sort"])
 def test_gpu_results_bit_identical_across_runs(depthwise, scheme, monkeypatch):
     """Two runs (fresh kernel maps, fresh caches) give the same bits."""
     import cupy

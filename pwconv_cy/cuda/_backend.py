@@ -136,7 +136,7 @@ CONV_KERNELS = ("conv_gather_dense", "conv_gather_depthwise", "conv_weight_parti
                 "conv_weight_partial_depthwise", "sum_partials", "conv_weight_cells",
                 "weights_from_counts", "fixed_bounds", "fixed_to_float", "pad_rows")
 ROWS_KERNELS = ("conv_rows", "conv_weight_rows", "permute_entries", "conv_entries",
-                "conv_entries_scatter", "conv_entries_fixed")
+                "conv_entries_scatter", "conv_entries_fixed", "conv_weight_warps")
 
 #: Dynamic shared memory a launch may use without opting in (cudaFuncSetAttribute).
 DEFAULT_SHARED_BYTES = 48 * 1024
@@ -170,7 +170,8 @@ BARRIER_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_
                    "conv_gather_dense", "conv_weight_partial_dense", "conv_rows",
                    "conv_weight_rows", "conv_weight_cells", "points_digest", "sum_partials",
                    "kernel_map_once", "conv_entries_thread", "conv_entries_tile",
-                   "conv_weight_chunks", "kernel_map_tiled", "radius_once", "sort_segments")
+                   "conv_weight_chunks", "kernel_map_tiled", "radius_once", "sort_segments",
+                   "conv_weight_warps")
 
 
 class CudaKernelError(RuntimeError):

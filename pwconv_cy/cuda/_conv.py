@@ -79,6 +79,8 @@ __all__ = [
     "transposed_by_cell",
     "transposed_counts",
     "transposed_rows",
+    "warp_runs",
+    "warps_plan",
     "weight_grad_mode",
 ]
 
@@ -112,9 +114,12 @@ DETERMINISTIC_ENV = "PWCONV_CUDA_DETERMINISTIC"
 #: (conv_weight_cells over the entries sorted by cell).  Same results to rounding.
 #: "chunks" (opt-in): conv_weight_chunks, one thread per (cell, input channel) adding its cell's
 #: entries of a chunk of rows, sorted by cell in shared memory, in registers (see
-#: chunks_plan for where it applies; elsewhere the default).
+#: chunks_plan for where it applies; elsewhere the default).  "warps" (opt-in, written
+#: 2026-11-28 without a GPU): conv_weight_warps, each warp a run of rows, entry by entry, its
+#: own sums of the weight in shared memory, a lane per (input, output channel) pair (see
+#: warps_plan for where it applies; elsewhere the default).
 WEIGHT_GRAD_ENV = "PWCONV_CUDA_WEIGHT_GRAD"
-WEIGHT_GRAD_MODES = ("rows", "cells", "chunks")
+WEIGHT_GRAD_MODES = ("rows", "cells", "chunks", "warps")
 
 
 #: How the "entries" scheme's deterministic input gradient is made: "gather" (default: over the
@@ -209,8 +214,39 @@ def chunks_plan(n_cells: int, a: int, b: int, depthwise: bool, cell_dtype):
     return bm, max(128, -(-n_pairs // 32) * 32)
 
 
+#: conv_weight_warps: (input, output channel) pairs a warp holds per cell at most (kernels.cu's
+#: PWCONV_CUDA_WARP_PAIRS), shared bytes of a block's sums at most (under the 48 KiB a launch
+#: may use without opting in), warps per block at most, the runs of rows aimed at (their
+#: partial sums: one per run) and rows per run at least.  Sizes only decide the runs, so the
+#: summation order never depends on the device.
+WARP_PAIRS = 128
+WARPS_SHARED_BYTES = 40 * 1024
+WARPS_PER_BLOCK = 8
+WARP_RUNS = 4096
+WARP_RUN_ROWS = 16
+
+
+def warps_plan(n_cells: int, a: int, b: int, itemsize: int, depthwise: bool):
+    """Warps per block of conv_weight_warps for a weight gradient of `a` input and `b` output
+    channels, or None where it does not apply: more (input, output) pairs than WARP_PAIRS, or a
+    warp's sums (n_cells * pairs values) beyond WARPS_SHARED_BYTES."""
+    pairs = a if depthwise else a * b
+    per_warp = n_cells * pairs * itemsize
+    if pairs > WARP_PAIRS or per_warp > WARPS_SHARED_BYTES:
+        return None
+    return max(1, min(WARPS_PER_BLOCK, WARPS_SHARED_BYTES // per_warp))
+
+
+def warp_runs(m: int, w_size: int, itemsize: int) -> tuple:
+    """(rows per run, runs) of conv_weight_warps over m rows: about WARP_RUNS runs of at least
+    WARP_RUN_ROWS rows, fewer where their partial sums would exceed PARTIAL_BYTES."""
+    most = max(1, min(WARP_RUNS, PARTIAL_BYTES // max(1, w_size * itemsize)))
+    rows_per_run = max(WARP_RUN_ROWS, -(-m // most))
+    return rows_per_run, -(-m // rows_per_run)
+
+
 def weight_grad_mode() -> str:
-    """PWCONV_CUDA_WEIGHT_GRAD: "rows" (default), "cells" or "chunks".
+    """PWCONV_CUDA_WEIGHT_GRAD: "rows" (default), "cells", "chunks" or "warps".
 
     "rows" reads the map in its own order, a block of rows at a time, and needs no sorted copy
     of the map: on an H200 (paper workload, 19:42 run of 2026-11-26) it took 0.31-0.41 ms of wall
@@ -750,6 +786,10 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
             chunks := chunks_plan(n_cells, c_in, c_out, depthwise, km.cell.dtype)) is not None:
         _weight_by_chunks(be, km, x, dy, c_in, c_out, depthwise, chunks, dw)
         return dw
+    if scheme == "entries" and weight_grad_mode() == "warps" and (
+            warps := warps_plan(n_cells, c_in, c_out, x.dtype.itemsize, depthwise)) is not None:
+        _weight_by_warps(be, km, x, dy, c_in, c_out, depthwise, warps, dw)
+        return dw
     if scheme == "entries" and (weight_grad_mode() == "cells" or plan is None):
         _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw)
         return dw
@@ -808,6 +848,24 @@ def _weight_by_chunks(be, km, x, dy, c_in, c_out, depthwise, plan, dw) -> None:
               (i64(m), km.splits, km.index, km.cell, entry_counts(be, km), i32(1), i32(n_cells),
                x, i32(c_in), dy, i32(c_out), i32(1 if depthwise else 0), i64(per_block), partial))
     _sum_partials(be, n_blocks, w_size, partial, dw)
+
+
+def _weight_by_warps(be, km, x, dy, c_in, c_out, depthwise, warps: int, dw) -> None:
+    """dw = conv_weight_warps' run partials (each warp's run of rows, entry by entry, in its
+    own shared sums), then sum_partials in run order.  Each entry's weight 1 / n_i(f) made in
+    the kernel from its count (entry_counts)."""
+    m = km.n_queries
+    n_cells = km.kernel_size ** 3
+    w_size = int(dw.shape[0])
+    itemsize = x.dtype.itemsize
+    rows_per_run, n_runs = warp_runs(m, w_size, itemsize)
+    partial = be.xp.empty(n_runs * w_size, dtype=x.dtype)
+    be.launch(rows_name("conv_weight_warps", x.dtype, km.cell.dtype), (-(-n_runs // warps),),
+              (32 * warps,),
+              (i64(m), km.splits, km.index, km.cell, entry_counts(be, km), i32(1), i32(n_cells),
+               x, i32(c_in), dy, i32(c_out), i32(1 if depthwise else 0), i64(rows_per_run),
+               i64(n_runs), partial), shared_mem=warps * w_size * itemsize)
+    _sum_partials(be, n_runs, w_size, partial, dw)
 
 
 def _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw) -> None:

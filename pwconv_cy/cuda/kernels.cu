@@ -2549,6 +2549,106 @@ __global__ void __launch_bounds__(1024)
         if (co0 + o < b) out[((i64)f * a + ci) * b + co0 + o] = acc[o];
 }
 
+/// Weight pairs (input, output channel) a warp of conv_weight_warps holds per cell at most: 32
+/// lanes, PWCONV_CUDA_WARP_PAIRS / 32 pairs each (_conv.WARP_PAIRS: keep in step).
+#define PWCONV_CUDA_WARP_PAIRS 128
+
+/// The weight gradient's partial sums by warps (PWCONV_CUDA_WEIGHT_GRAD=warps, opt-in): warp run
+/// k (block x, warp) takes rows [k * rows_per_run, (k + 1) * rows_per_run) in order and adds,
+/// entry by entry in map order, w_e * x[col_e, ci] * dy[row, co] to its own sum of every weight
+/// entry (cell f_e, ci, co) in shared memory: n_cells * P values a warp, P = a * b pairs (dense)
+/// or a (depthwise, ci = co), lane l owning the pairs p = l, l + 32, ... < P, so the warp's
+/// updates of an entry hit P distinct consecutive words (no bank conflicts) and no two threads
+/// share a sum (no atomics).  A row's entries' columns, cells and weights are loaded by its lanes
+/// together, 32 at a time, and handed round by __shfl_sync, four entries' source loads issued
+/// before their products are added (in entry order).  Every sum has a fixed order: the
+/// results are bit-identical from run to run.  partial[k * n_cells * P ...]: run k's sums, which
+/// sum_partials adds in run order.  Dynamic shared memory: blockDim.x / 32 * n_cells * P values.
+template <class F, class CellT>
+__global__ void conv_weight_warps(long long m, const long long* __restrict__ splits,
+                                  const long long* __restrict__ col,
+                                  const CellT* __restrict__ cell,
+                                  const void* __restrict__ weight, int weight_is_count,
+                                  int n_cells, const F* __restrict__ x, int a,
+                                  const F* __restrict__ dy, int b, int depthwise,
+                                  long long rows_per_run, long long n_runs,
+                                  F* __restrict__ partial) {
+    using namespace pwconv_cuda;
+    constexpr int PER_LANE = PWCONV_CUDA_WARP_PAIRS / 32;
+    PWCONV_CUDA_DYNAMIC_SHARED(double, warp_sums);  // double: aligned for F = double too
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int n_pairs = depthwise ? a : a * b;
+    const int n_w = n_cells * n_pairs;
+    F* acc = reinterpret_cast<F*>(warp_sums) + (i64)warp * n_w;
+    const i64 run = (i64)blockIdx.x * (blockDim.x / 32) + warp;
+    if (run >= n_runs) return;  // the whole warp
+    for (int w = lane; w < n_w; w += 32) acc[w] = F(0);
+    int ci[PER_LANE], co[PER_LANE];
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const int p = lane + 32 * k;
+        ci[k] = p < n_pairs ? (depthwise ? p : p / b) : 0;
+        co[k] = p < n_pairs ? (depthwise ? p : p % b) : 0;
+    }
+    __syncwarp();
+    const i64 r0 = run * rows_per_run;
+    const i64 r1 = r0 + rows_per_run < m ? r0 + rows_per_run : m;
+    for (i64 row = r0; row < r1; ++row) {
+        F dv[PER_LANE];
+#pragma unroll
+        for (int k = 0; k < PER_LANE; ++k)
+            dv[k] = lane + 32 * k < n_pairs ? dy[row * b + co[k]] : F(0);
+        const i64 e1 = splits[row + 1];
+        for (i64 base = splits[row]; base < e1; base += 32) {
+            const int n_e = (int)(e1 - base < 32 ? e1 - base : 32);
+            i64 my_j = 0;
+            int my_f = 0;
+            F my_w = F(0);
+            if (lane < n_e) {
+                my_j = col[base + lane] * a;
+                my_f = (int)cell[base + lane] * n_pairs;
+                my_w = entry_weight<F>(weight, weight_is_count, base + lane);
+            }
+            int t = 0;
+            for (; t + 4 <= n_e; t += 4) {  // four entries' source loads in flight at once
+                i64 j[4];
+                int f[4];
+                F v[4][PER_LANE];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    j[u] = __shfl_sync(0xffffffffu, my_j, t + u);
+                    f[u] = __shfl_sync(0xffffffffu, my_f, t + u);
+                    const F w = __shfl_sync(0xffffffffu, my_w, t + u);
+#pragma unroll
+                    for (int k = 0; k < PER_LANE; ++k)
+                        v[u][k] = lane + 32 * k < n_pairs ? w * x[j[u] + ci[k]] : F(0);
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u)  // added in entry order
+#pragma unroll
+                    for (int k = 0; k < PER_LANE; ++k)
+                        if (lane + 32 * k < n_pairs) {
+                            F* sum = acc + f[u] + lane + 32 * k;
+                            *sum = mul_add(v[u][k], dv[k], *sum);
+                        }
+            }
+            for (; t < n_e; ++t) {
+                const i64 j = __shfl_sync(0xffffffffu, my_j, t);
+                const int f = __shfl_sync(0xffffffffu, my_f, t);
+                const F w = __shfl_sync(0xffffffffu, my_w, t);
+#pragma unroll
+                for (int k = 0; k < PER_LANE; ++k)
+                    if (lane + 32 * k < n_pairs) {
+                        F* sum = acc + f + lane + 32 * k;
+                        *sum = mul_add(w * x[j + ci[k]], dv[k], *sum);
+                    }
+            }
+        }
+    }
+    __syncwarp();
+    for (int w = lane; w < n_w; w += 32) partial[run * n_w + w] = acc[w];
+}
+
 // ============================================================================================
 // Fingerprint of a batch of coordinates, for checking that a kernel map was built for them
 // ============================================================================================
