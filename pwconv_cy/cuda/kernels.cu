@@ -2165,8 +2165,8 @@ __global__ void permute_entries(long long n_entries, const long long* __restrict
 }
 
 // ============================================================================================
-// Operator, one thread per row (opt-in, PWCONV_CUDA_ENTRIES_LOADS=thread and
-// PWCONV_CUDA_WEIGHT_GRAD=chunks).  conv_entries gives each output channel of a row its own lane:
+// Operator, one thread per row (PWCONV_CUDA_ENTRIES_LOADS=thread, the default since 2026-11-28,
+// and the opt-in PWCONV_CUDA_WEIGHT_GRAD=chunks).  conv_entries gives each output channel of a row its own lane:
 // the row's lanes load every source value and every map entry at one address, and each load
 // instruction of a warp serves its three rows' one value -- on the H200 the paper layers' forward
 // took about as many L1 passes as a model of one pass per distinct row and value predicts
