@@ -30,6 +30,12 @@ GPU_MODULES = ("test_models_gpu.py", "test_cuda.py")
 WIDE = "-64-48-"
 WIDE_KEPT = ("test_gpu_conv_matches_cpu[auto-1-False-64-48-False-float32]",
              "test_gpu_conv_matches_cpu[bycell-3-False-64-48-False-float64]")
+#: The 32 real ModelNet40 shapes through the four layers take 70-75 s per scheme on the emulator
+#: where the transposed map sorts its long segments (dense shapes: points named by over 64 rows)
+#: by the warp's radix sort, whose every __ballot_sync switches 32 fibers: three schemes kept, the
+#: default among them (the rest run on a GPU).
+REAL = "test_gpu_real_modelnet_layers_match_cpu["
+REAL_KEPT = tuple(REAL + scheme + "]" for scheme in ("auto", "bycell", "auto-broadcast+sort"))
 
 pytestmark = pytest.mark.slow
 
@@ -163,13 +169,16 @@ print(json.dumps(counts))
 
 
 def test_gpu_tests_pass_on_the_standin(standin_env):
-    """Every GPU test of test_cuda.py and test_models_gpu.py (but the wide-layer cases left
-    out for time) runs and passes; skips only for real data that is absent."""
+    """Every GPU test of test_cuda.py and test_models_gpu.py (but the wide-layer and real-shape
+    cases left out for time) runs and passes; skips only for real data that is absent."""
     listed = _pytest(standin_env, "--collect-only", "-q", "-m", "gpu", *GPU_MODULES, timeout=300)
     assert listed.returncode == 0, listed.stdout + listed.stderr
     ids = [line for line in listed.stdout.splitlines() if "::" in line]
-    chosen = [i for i in ids if WIDE not in i or i.split("::", 1)[1] in WIDE_KEPT]
+    chosen = [i for i in ids if (WIDE not in i or i.split("::", 1)[1] in WIDE_KEPT)
+              and (REAL not in i or i.split("::", 1)[1] in REAL_KEPT)]
     assert len(ids) > 250 and len(chosen) > 200, f"{len(ids)} GPU tests found, {len(chosen)} kept"
+    names = {i.split("::", 1)[1] for i in ids}
+    assert set(WIDE_KEPT + REAL_KEPT) <= names, "a kept test is no longer collected: rename it here"
     run = _pytest(standin_env, "-q", "-rs", "-x", *chosen)
     tail = (run.stdout + run.stderr)[-6000:]
     assert run.returncode == 0, tail
