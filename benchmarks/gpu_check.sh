@@ -3,6 +3,7 @@
 #   versions -> install -> show_config -> GPU tests (PWCONV_CUDA_DEBUG=1; the CUDA kernels, the
 #   CuPy / CUDA-tensor paths of the array interop and the PyTorch adapter, the paper's networks
 #   and the training commands on the GPU) -> GPU benchmark -> a training step on the GPU ->
+#   the host's time to issue each operator call ->
 #   the search kernels' variants (tiles, row slots, cell size, K = 3, rows sorted by a warp)
 #   -> the operator kernels' variants (one thread per row, chunks, rank transposition, unroll)
 #   -> kernel-time profiles (defaults; every opt-in), the L1 requests the load model counts
@@ -95,6 +96,11 @@ step benchmark 170 bench.log \
 # One training step of the paper's classifier on the GPU (model.to("cuda")) and on the host.
 step train_step 120 train.log \
     "$PY" benchmarks/gpu_train_step.py
+
+# The host's time to issue each operator call of the paper workload (checks off, transposed map
+# built fresh), without waiting for the kernels: the stages were bound by it on 2026-11-27.
+step host_overhead 60 host.log \
+    "$PY" benchmarks/gpu_host_overhead.py
 
 # The search kernels' variants, each in a fresh process (identical maps required), alternated
 # (the first process measured runs slow): as shipped; the one pass with each cloud's coordinates

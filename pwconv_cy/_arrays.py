@@ -21,6 +21,8 @@ imported only when an argument came from them.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 __all__ = [
@@ -124,6 +126,9 @@ def device_of(x, name: str) -> str:
     memory pwconv cannot read (ROCm, Metal, ...) and for values an autodiff framework tracks."""
     if isinstance(x, np.ndarray) or x is None:
         return CPU
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and type(x) is cupy.ndarray:  # the GPU path's own arrays: no probing
+        return f"cuda:{x.device.id}"
     _refuse_tracked(x, name)
     probe = getattr(x, "__dlpack_device__", None)
     if probe is not None and not isinstance(x, type):

@@ -2238,12 +2238,31 @@ def test_emulated_maps_sized_from_the_last(emulator_lib, monkeypatch):
         np.testing.assert_array_equal(cell.astype(np.int64), om.cell)
 
 
+def _packed_transposition(be, km, cell, counts):
+    """transposed_counts of a bare map (index, splits, cells, entry counts) by rank: the
+    one-pass way (scatter_rows_by_point + sort_segments_into), asserted to run."""
+    from types import SimpleNamespace
+
+    from pwconv_cy.cuda import ENTRY_COUNTS_KEY, _conv
+
+    splits = np.searchsorted(km.rows, np.arange(int(km.rows.max(initial=-1)) + 2))
+    full = SimpleNamespace(index=km.index, n_points=km.n_points, splits=splits,
+                           n_queries=len(splits) - 1, cell=cell,
+                           _cache={ENTRY_COUNTS_KEY: counts})
+    before = be.launches.count("sort_segments_into<unsigned char>")
+    got = _conv.transposed_counts(be, full)
+    assert be.launches.count("sort_segments_into<unsigned char>") == before + 1
+    return got
+
+
 def test_emulated_transposition_sorts_long_segments(emulator_lib, monkeypatch):
     """The transposed map by rank (scatter_by_point + sort_segments, the default): each point's
     entries in ascending order, as one stable sort by point puts them, whatever the schedule and
     whichever way each segment is sorted -- by rank up to SEGMENT_RANK_MAX entries, by the
     warp's radix sort beyond (points named 0, 1, 2, 63-65 and 5,000 times; the radix sort for
-    every segment, for none), and on a real map of a cluster of 300 duplicate points."""
+    every segment, for none), and on a real map of a cluster of 300 duplicate points.  The same
+    for the one-pass way of the input gradient's transposed map (scatter_rows_by_point +
+    sort_segments_into: (row, entry) keys, unpacked into rows, cells and counts)."""
     from types import SimpleNamespace
 
     import oracles
@@ -2261,7 +2280,10 @@ def test_emulated_transposition_sorts_long_segments(emulator_lib, monkeypatch):
         row |= set(rng.choice(np.arange(6, 40), size=int(rng.integers(0, 4)), replace=False))
         rows.append(sorted(row))
     index = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
-    km = SimpleNamespace(index=index, n_points=42)  # points 40, 41: named by no row
+    row_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+    km = SimpleNamespace(index=index, n_points=42, rows=row_of)  # 40, 41: named by no row
+    cell = rng.integers(0, 27, len(index)).astype(np.uint8)
+    counts = rng.integers(1, 1000, len(index)).astype(np.int32)
     want = np.argsort(index, kind="stable")
     for rank_max in (_conv.SEGMENT_RANK_MAX, 0, 1 << 40):
         monkeypatch.setattr(_conv, "SEGMENT_RANK_MAX", rank_max)
@@ -2269,19 +2291,32 @@ def test_emulated_transposition_sorts_long_segments(emulator_lib, monkeypatch):
             be.reversed = reverse
             try:
                 got = _conv._order_by_point_rank(be, km, *_conv._point_counts_splits(be, km)[::-1])
+                packed = _packed_transposition(be, km, cell, counts)
             finally:
                 be.reversed = False
             np.testing.assert_array_equal(got, want, err_msg=f"rank_max {rank_max}")
+            for name, values in (("row", row_of), ("cell", cell), ("count", counts)):
+                np.testing.assert_array_equal(packed[name], values[want],
+                                              err_msg=f"{name}, rank_max {rank_max}")
+            np.testing.assert_array_equal(packed["splits"],
+                                          np.r_[0, np.cumsum(np.bincount(index, minlength=42))])
     assert "sort_segments" in be.launches
 
     points = np.concatenate([np.full((300, 3), 0.5), rng.random((200, 3))])
     offsets = np.array([0, 500], dtype=np.int64)
     om = oracles.kernel_map(points, 0.1, 3, 1, offsets)
     assert np.bincount(om.index).max() >= 300  # segments of the radix sort
-    km = SimpleNamespace(index=om.index, n_points=500)
+    rows = np.repeat(np.arange(len(om.splits) - 1), np.diff(om.splits))
+    km = SimpleNamespace(index=om.index, n_points=500, rows=rows)
     monkeypatch.setattr(_conv, "SEGMENT_RANK_MAX", 64)
     got = _conv._order_by_point_rank(be, km, *_conv._point_counts_splits(be, km)[::-1])
-    np.testing.assert_array_equal(got, np.argsort(om.index, kind="stable"))
+    want = np.argsort(om.index, kind="stable")
+    np.testing.assert_array_equal(got, want)
+    counts = np.arange(len(om.index), dtype=np.int32)  # any values: they are carried along
+    packed = _packed_transposition(be, km, om.cell.astype(np.uint8), counts)
+    np.testing.assert_array_equal(packed["row"], rows[want])
+    np.testing.assert_array_equal(packed["cell"], om.cell[want])
+    np.testing.assert_array_equal(packed["count"], counts[want])
 
 
 def test_emulated_operator_tile_plan(emulator_lib, monkeypatch):

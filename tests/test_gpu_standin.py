@@ -211,6 +211,7 @@ def test_gpu_benchmarks_run_on_the_standin(standin_env, tmp_path):
         "gpu_paper_workload.py": ["--clouds", "2", "--runs", "1", "--warmup", "0",
                                   "--big-points", "20000", "--modelnet-shapes", "2"],
         "gpu_train_step.py": ["--runs", "1", "--host-runs", "1"],
+        "gpu_host_overhead.py": ["--clouds", "2", "--points", "64", "--runs", "2"],
         "gpu_profile.py": ["--opt-ins"],
         "gpu_search_tuning.py": _gpu_check_variants("gpu_search_tuning.py"),
         "gpu_conv_tuning.py": _gpu_check_variants("gpu_conv_tuning.py"),
@@ -234,3 +235,6 @@ def test_gpu_benchmarks_run_on_the_standin(standin_env, tmp_path):
     assert not [key for key in record if key.endswith("error")], record.keys()
     assert record["checks"]["kernel_map_identical_to_cpu_4_clouds_s2"]
     assert (tmp_path / "gpu_train_step.json").is_file()
+    host = json.loads((tmp_path / "gpu_host_overhead.json").read_text())
+    assert host["standin"] and len(host["rows"]) == 8, host
+    assert all(r["host_us"] > 0 and r["calls"]["launches"] >= 2 for r in host["rows"]), host

@@ -19,7 +19,17 @@ The returned :class:`pwconv_cy.KernelMap` holds CuPy arrays (``splits``, ``index
 """
 from __future__ import annotations
 
-from pwconv_cy.cuda._backend import MAX_KERNEL_SIZE, CudaKernelError, debug_enabled
+import contextlib
+import sys
+
+# Imported here, not in each call: an operator call's host time counts (the paper workload's
+# stages were bound by the host issuing them), and none of these imports CuPy.
+from pwconv_cy import _arrays
+from pwconv_cy import _validation as H
+from pwconv_cy import neighbors as _neighbors
+from pwconv_cy.cuda import _conv, _search
+from pwconv_cy.cuda import _validation as V
+from pwconv_cy.cuda._backend import MAX_KERNEL_SIZE, CudaKernelError, debug_enabled, get_backend
 
 #: Where a GPU kernel map keeps n_i(f) of each entry ((E,) int32, made with the map).
 ENTRY_COUNTS_KEY = "cuda_entry_counts"
@@ -84,10 +94,14 @@ def _inputs_device(**arrays):
     the current device, or refuse them).  TypeError, naming two of them, when they are on
     different devices: pwconv never copies between devices.  Host arrays and None are left to
     the validators."""
-    import contextlib
-
-    from pwconv_cy import _arrays
-
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:  # the common case, CuPy arrays alone, without the general probing
+        ids = {a.device.id if type(a) is cupy.ndarray else None
+               for a in arrays.values() if a is not None}
+        if len(ids) == 1 and None not in ids:
+            (device,) = ids
+            return contextlib.nullcontext() if device == cupy.cuda.runtime.getDevice() \
+                else cupy.cuda.Device(device)
     entries = {name: (_arrays.device_of(a, name), "cupy", _arrays.Described(a))
                for name, a in arrays.items() if a is not None and is_device_array(a)}
     device = _arrays.CallArrays._common_device(entries)
@@ -99,12 +113,16 @@ def _inputs_device(**arrays):
     return cupy.cuda.Device(int(index))
 
 
-def _checked_backend():
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"the GPU path of pwconv is not available: {reason}")
-    from pwconv_cy.cuda._backend import get_backend
+_usable = False  # the GPU path was found usable once: no need to ask CuPy again
 
+
+def _checked_backend():
+    global _usable
+    if not _usable:
+        reason = unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"the GPU path of pwconv is not available: {reason}")
+        _usable = True
     return get_backend()
 
 
@@ -113,13 +131,12 @@ def _checked_queries(be, queries, query_offsets, batch) -> tuple:
     None, their fingerprint or None): check_queries, the NaN scan and the fingerprint in one
     transfer (points_digest counts the non-finite values beside its sums) instead of two; the
     same error for non-finite queries, before anything is searched for them."""
-    from pwconv_cy.cuda import _validation as V
-    from pwconv_cy.cuda._search import points_digest
-
+    if queries is None and query_offsets is None:
+        return None, None, None, None
     q, q_offsets, q_dense = V.check_queries(queries, query_offsets, batch, finite=False)
     if q is None:
         return None, None, None, None
-    digest, n_bad = points_digest(be, q, q_offsets)
+    digest, n_bad = _search.points_digest(be, q, q_offsets)
     if n_bad:
         V.raise_nonfinite(q, "queries")
     return q, q_offsets, q_dense, digest
@@ -144,9 +161,7 @@ def _budget(be, memory_budget) -> int:
 
 
 def _check_method(method) -> None:
-    from pwconv_cy._validation import check_choice
-
-    check_choice(method, "method", ("grid", "kdtree", "auto"))
+    H.check_choice(method, "method", ("grid", "kdtree", "auto"))
     if method == "kdtree":
         raise ValueError("method='kdtree' is not available on the GPU (the GPU path searches a "
                          "grid, with identical results); use method='grid' or 'auto'")
@@ -347,9 +362,8 @@ def radius_search(points, radius, queries=None, *, offsets=None, query_offsets=N
 
 
 def _is_device_map(km) -> bool:
-    import cupy
-
-    return isinstance(km.splits, cupy.ndarray)
+    cupy = sys.modules.get("cupy")  # a map of CuPy arrays: CuPy is imported already
+    return cupy is not None and isinstance(km.splits, cupy.ndarray)
 
 
 def transpose_map(kernel_map):
@@ -365,9 +379,7 @@ def transpose_map(kernel_map):
 
 
 def _check_device_map(km) -> None:
-    from pwconv_cy.neighbors import KernelMap
-
-    if not isinstance(km, KernelMap):
+    if not isinstance(km, _neighbors.KernelMap):
         raise TypeError(f"kernel_map must be a pwconv_cy.KernelMap (from pwconv_cy.cuda.kernel_map "
                         f"or pwconv_cy.cuda.NeighborIndex.kernel_map), got {type(km).__name__}")
     if not _is_device_map(km):
@@ -379,8 +391,6 @@ def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map, check_m
     """The call's kernel map: built here (after `checks` run: the inputs' scans come before the
     search), or the caller's, checked against the call (the points' fingerprint deferred to
     `checks`, which the caller runs)."""
-    from pwconv_cy.cuda import _validation as V
-
     q, q_offsets, q_dense, q_digest = _checked_queries(be, queries, query_offsets, batch)
     out_dense = q_dense if q is not None else batch.dense_shape
     if kernel_map is None:
@@ -390,22 +400,18 @@ def _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map, check_m
         return index.kernel_map(k, s, voxel_size=v, queries=q, query_offsets=q_offsets), out_dense
     km = kernel_map
     _check_device_map(km)
-    from pwconv_cy._validation import check_map_matches, other_points_error
-
-    check_map_matches(
+    H.check_map_matches(
         km, v, k, s, batch, q, same_points=None,
         same_queries=(lambda: km.queries_digest == q_digest) if check_map else None)
     if check_map and batch.points.size:
-        from pwconv_cy.cuda._search import digest_string
-
         # One pass over the points, as they came (not converted to float64): their digest's sums
         # and their NaN count, brought to the host with the call's other verdicts.
         # Non-finite points are reported as such, not as "other points".
         def settle(slot):
             if slot[2]:
                 V.raise_nonfinite(batch.points, "points")
-            if digest_string(batch.points, batch.offsets, slot) != km.points_digest:
-                raise other_points_error(km, batch)
+            if _search.digest_string(batch.points, batch.offsets, slot) != km.points_digest:
+                raise H.other_points_error(km, batch)
 
         checks.scan(batch.points, settle)
     return km, out_dense
@@ -416,9 +422,6 @@ def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, quer
     """The operator's validated inputs.  The device-side verdicts (NaN scans, the map's
     fingerprint) go to `checks` when given, for the caller to run (with its own), else they
     are run here: one transfer either way."""
-    from pwconv_cy._validation import check_bool, check_dilation, check_positive
-    from pwconv_cy.cuda import _validation as V
-
     be = _checked_backend()
     _check_method(method)
     run_here = checks is None
@@ -426,13 +429,13 @@ def _prepare(points, feats, weight, voxel_size, dilation, offsets, queries, quer
     # The coordinates as they came: with a kernel map they are only fingerprinted (_resolve_map);
     # without one they are converted to float64 and checked finite by the grid's build.
     batch = V.check_points(points, offsets, finite=False)
-    v = check_positive(voxel_size, "voxel_size")
-    s = check_dilation(dilation)
-    check_bool(depthwise, "depthwise")
+    v = H.check_positive(voxel_size, "voxel_size")
+    s = H.check_dilation(dilation)
+    H.check_bool(depthwise, "depthwise")
     x = V.check_features(feats, batch, "feats", check_finite, checks)
     w, k, c_out = V.check_weight(weight, x.shape[1], x.dtype, bool(depthwise), check_finite,
                                  checks)
-    check_map = check_bool(check_map, "check_map")
+    check_map = H.check_bool(check_map, "check_map")
     km, out_dense = _resolve_map(be, batch, v, k, s, queries, query_offsets, kernel_map,
                                  check_map, checks)
     if run_here:
@@ -458,13 +461,11 @@ def pointwise_conv(points, feats, weight, voxel_size, *, dilation=1, offsets=Non
     -------
     y : (m, c_out), or (B, m, c_out) for dense input, CuPy array in the features' dtype.
     """
-    from pwconv_cy.cuda._conv import forward
-
     with _call_device(points, feats, weight, queries, kernel_map):
         be, _, x, w, c_out, km, out_dense = _prepare(
             points, feats, weight, voxel_size, dilation, offsets, queries, query_offsets,
             kernel_map, depthwise, method, check_finite, check_map)
-        y = forward(be, km, x, w, c_out, bool(depthwise))
+        y = _conv.forward(be, km, x, w, c_out, bool(depthwise))
         return y.reshape(*out_dense, c_out) if out_dense is not None else y
 
 
@@ -477,11 +478,7 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
     ``feats_grad=False``).  The input gradient gathers over the transposed kernel map (built on
     the device, cached on the map); the weight gradient is reduced from fixed blocks of rows in a
     fixed order: bit-identical from run to run."""
-    from pwconv_cy._validation import check_bool
-    from pwconv_cy.cuda import _validation as V
-    from pwconv_cy.cuda._conv import backward_input, backward_weight
-
-    check_bool(feats_grad, "feats_grad")
+    H.check_bool(feats_grad, "feats_grad")
     with _call_device(points, feats, weight, queries, kernel_map, grad_out):
         checks = V.DeferredChecks()  # one transfer for the NaN scans and the map's fingerprint
         be, _, x, w, c_out, km, out_dense = _prepare(
@@ -490,7 +487,7 @@ def pointwise_conv_backward(grad_out, points, feats, weight, voxel_size, *, dila
         dy = V.check_grad_out(grad_out, km.n_queries, c_out, x.dtype, out_dense, check_finite,
                               checks)
         checks.run()
-        dx = backward_input(be, km, dy, w, int(x.shape[1]), bool(depthwise)) if feats_grad \
-            else None
-        dw = backward_weight(be, km, x, dy, c_out, bool(depthwise))
+        dx = _conv.backward_input(be, km, dy, w, int(x.shape[1]), bool(depthwise)) \
+            if feats_grad else None
+        dw = _conv.backward_weight(be, km, x, dy, c_out, bool(depthwise))
         return (None if dx is None else dx.reshape(feats.shape)), dw.reshape(w.shape)

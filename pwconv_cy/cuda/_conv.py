@@ -53,6 +53,7 @@ from pwconv_cy.cuda._backend import (
     env_flag,
     order_name,
     rows_name,
+    sort_into_name,
     thread_name,
 )
 from pwconv_cy.cuda._search import THREADS, blocks, cell_bits_for, expand_rows
@@ -70,6 +71,7 @@ __all__ = [
     "entry_weights",
     "forward",
     "input_grad_mode",
+    "partial_runs",
     "rows_per_partial",
     "rows_plan",
     "scheme_for",
@@ -132,7 +134,8 @@ INPUT_GRAD_ENV = "PWCONV_CUDA_INPUT_GRAD"
 
 #: How transposed_rows puts the map's entries in point order: "rank" (default: each entry
 #: scattered into its point's segment by an integer atomic cursor, then every segment sorted by
-#: sort_segments: two kernels) or "sort" (one stable radix sort of the entries by point, CuPy's
+#: sort_segments: two kernels; for transposed_counts, the input gradient's, with each entry's
+#: row in its key and the segments unpacked by the sort: _transposed_by_rank_packed) or "sort" (one stable radix sort of the entries by point, CuPy's
 #: argsort: Thrust's kernels and a temporary buffer, and before CuPy 14 a synchronisation of the
 #: stream after every sort, cupy/cupy#9126; the default before, with which the paper workload's
 #: backward took 3.85 ms against 3.10 ms by rank on an H200, 2026-11-27).  The same transposed
@@ -237,12 +240,20 @@ def warps_plan(n_cells: int, a: int, b: int, itemsize: int, depthwise: bool):
     return max(1, min(WARPS_PER_BLOCK, WARPS_SHARED_BYTES // per_warp))
 
 
+def partial_runs(n: int, least: int, most: int, w_size: int, itemsize: int) -> tuple:
+    """(items per run, runs) of a weight gradient reduced from one partial sum per run of
+    consecutive items (rows or chunks of rows): at most `most` runs of at least `least` items,
+    fewer where their partial sums (w_size values each) would exceed PARTIAL_BYTES.  A
+    function of the sizes only, so the summation order never depends on the device."""
+    most = max(1, min(most, PARTIAL_BYTES // max(1, w_size * itemsize)))
+    per_run = max(least, -(-n // most))
+    return per_run, -(-n // per_run)
+
+
 def warp_runs(m: int, w_size: int, itemsize: int) -> tuple:
     """(rows per run, runs) of conv_weight_warps over m rows: about WARP_RUNS runs of at least
-    WARP_RUN_ROWS rows, fewer where their partial sums would exceed PARTIAL_BYTES."""
-    most = max(1, min(WARP_RUNS, PARTIAL_BYTES // max(1, w_size * itemsize)))
-    rows_per_run = max(WARP_RUN_ROWS, -(-m // most))
-    return rows_per_run, -(-m // rows_per_run)
+    WARP_RUN_ROWS rows (partial_runs)."""
+    return partial_runs(m, WARP_RUN_ROWS, WARP_RUNS, w_size, itemsize)
 
 
 def weight_grad_mode() -> str:
@@ -492,13 +503,42 @@ def transposed_counts(be, km) -> dict:
     one-thread-per-row input gradient (conv_entries_thread) forms 1 / n_i(f) itself, so no
     weights are made.  Cached on the map."""
     if "cuda_transposed_counts" not in km._cache:
-        tsplits, order = _transposed_order(be, km)
-        trow, _, tcell, tcount = _permute_entries(be, km, np.float32, order, with_col=False,
-                                                  with_counts=True)
-        del order
-        km._cache["cuda_transposed_counts"] = {"splits": tsplits, "row": trow, "cell": tcell,
-                                               "count": tcount}
+        packed = _transposed_by_rank_packed(be, km) if transpose_mode() == "rank" else None
+        if packed is None:
+            tsplits, order = _transposed_order(be, km)
+            trow, _, tcell, tcount = _permute_entries(be, km, np.float32, order, with_col=False,
+                                                      with_counts=True)
+            del order
+            packed = tsplits, trow, tcell, tcount
+        km._cache["cuda_transposed_counts"] = dict(zip(("splits", "row", "cell", "count"),
+                                                       packed))
     return km._cache["cuda_transposed_counts"]
+
+
+def _transposed_by_rank_packed(be, km):
+    """(splits, row, cell, count) of transposed_counts by rank in three kernels: each entry
+    scattered into its point's segment as the key (row << bits) | entry (scatter_rows_by_point,
+    a thread per row), every segment sorted and unpacked into rows, cells and counts
+    (sort_segments_into: what sort_segments, expand_rows and permute_entries did in three
+    kernels and two more arrays).  The same transposed map.  None where the keys need more than
+    63 bits (the caller takes the unpacked way)."""
+    xp = be.xp
+    m, n = km.n_queries, km.n_points
+    n_entries = int(km.index.shape[0])
+    bits = max(1, (n_entries - 1).bit_length())
+    if max(m - 1, 0).bit_length() + bits > 63:
+        return None
+    counts, tsplits = _point_counts_splits(be, km)
+    keys = xp.empty(max(n_entries, 1), dtype=xp.int64)
+    be.launch("scatter_rows_by_point", (blocks(m),), (THREADS,),
+              (i64(m), km.splits, km.index, tsplits, counts[1:], i32(bits), keys))
+    trow = xp.empty(max(n_entries, 1), dtype=xp.int64)
+    tcell = xp.empty(n_entries, dtype=km.cell.dtype)
+    tcount = xp.empty(n_entries, dtype=xp.int32)
+    be.launch(sort_into_name(km.cell.dtype), (blocks(32 * n),), (THREADS,),
+              (i64(n), tsplits, keys, trow, i64(max(0, int(SEGMENT_RANK_MAX))), i32(bits),
+               km.cell, entry_counts(be, km), tcell, tcount))
+    return tsplits, trow[:n_entries], tcell, tcount
 
 
 def _transposed_order(be, km):
@@ -622,19 +662,20 @@ def _address(a) -> int:
 
 
 def _thread_rows_launch(be, km, rows_by, splits, col, cell, counts, src, a, M, n_cells, b,
-                        depthwise, bm, out):
+                        depthwise, bm, out, m_transposed: bool = False):
     """One thread per row, each entry's weight 1 / n_i(f) from its count, over rows split by
     cloud as km's `rows_by` offsets ("query_offsets": the map's rows, sources the points;
     "offsets": the transposed map's, sources the queries): conv_entries_tile where
     PWCONV_CUDA_ENTRIES_LOADS=tile asks and tile_plan allows, else conv_entries_thread.  The
-    source rows padded to 16 bytes (_padded_rows) for their vector loads."""
+    source rows padded to 16 bytes (_padded_rows) for their vector loads.  m_transposed: M is
+    the weight (n_cells, b, a), read transposed by the kernel (the input gradient's W_f^T)."""
     src_by = "offsets" if rows_by == "query_offsets" else "query_offsets"
     dtype = src.dtype
     plan = tile_plan(be, getattr(km, rows_by), getattr(km, src_by), n_cells, a, b,
                      dtype.itemsize, depthwise)
     src, lda = _padded_rows(be, src, a)
-    head = (splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M, i32(n_cells), i32(b),
-            i32(1 if depthwise else 0))
+    head = (splits, col, cell, counts, i32(1), src, i32(a), i32(lda), M,
+            i32(1 if m_transposed else 0), i32(n_cells), i32(b), i32(1 if depthwise else 0))
     if plan is None:
         rows = int(splits.shape[0]) - 1
         be.launch(thread_name("conv_entries_thread", dtype, bm), (blocks(rows),), (THREADS,),
@@ -703,6 +744,14 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
     if n == 0:
         return dx
     scheme = scheme_for(n_cells, c_out, c_in, dy.dtype.itemsize)
+    by_thread = scheme == "entries" and deterministic() and input_grad_mode() != "fixed"
+    bm = _thread_bm(km, c_out, c_in, dy.dtype.itemsize, depthwise) if by_thread else None
+    if bm is not None:  # one thread per row (default), over the transposed map's counts; W_f^T
+        tc = transposed_counts(be, km)  # read from w by the kernel (no transposed copy)
+        _thread_rows_launch(be, km, "offsets", tc["splits"], tc["row"], tc["cell"], tc["count"],
+                            dy, c_out, w, n_cells, c_in, depthwise, bm, dx,
+                            m_transposed=not depthwise)
+        return dx
     if depthwise:
         M = w
     else:  # W_f^T: (K^3, c_out, c_in)
@@ -716,12 +765,6 @@ def backward_input(be, km, dy, w, c_in: int, depthwise: bool):
             return dx
         if input_grad_mode() == "fixed":  # opt-in: integer atomics straight over the map
             _input_grad_fixed(be, km, dy, M, c_out, c_in, depthwise, dx)
-            return dx
-        bm = _thread_bm(km, c_out, c_in, dy.dtype.itemsize, depthwise)
-        if bm is not None:  # one thread per row (default), over the transposed map's counts
-            tc = transposed_counts(be, km)
-            _thread_rows_launch(be, km, "offsets", tc["splits"], tc["row"], tc["cell"],
-                                tc["count"], dy, c_out, M, n_cells, c_in, depthwise, bm, dx)
             return dx
         tr = transposed_rows(be, km, dy.dtype)
         _entries_launch(be, "conv_entries", dy.dtype, n, tr["splits"], tr["row"], tr["cell"],
@@ -764,10 +807,9 @@ def _input_grad_fixed(be, km, dy, M, a: int, b: int, depthwise: bool, dx) -> Non
 
 def rows_per_partial(m: int, w_size: int, itemsize: int) -> int:
     """Rows per partial sum of the weight gradient: WEIGHT_BLOCK_ROWS, more when the partial sums
-    of that many blocks would exceed PARTIAL_BYTES.  A function of the sizes only, so the summation
-    order (and the result) never depends on the device."""
-    max_blocks = max(1, PARTIAL_BYTES // max(1, w_size * itemsize))
-    return max(WEIGHT_BLOCK_ROWS, -(-m // max_blocks))
+    of that many blocks would exceed PARTIAL_BYTES (partial_runs, with no other bound on the
+    blocks)."""
+    return partial_runs(m, WEIGHT_BLOCK_ROWS, max(1, m), w_size, itemsize)[0]
 
 
 def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
@@ -825,13 +867,10 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
 
 
 def chunk_blocks(m: int, w_size: int, itemsize: int) -> tuple:
-    """(blocks, chunks per block) of conv_weight_chunks over m rows: CHUNK_BLOCKS blocks at most,
-    fewer where their partial sums would exceed PARTIAL_BYTES.  Sizes only: the summation order
-    never depends on the device."""
-    n_chunks = -(-m // CHUNK_ROWS)
-    most = max(1, min(CHUNK_BLOCKS, PARTIAL_BYTES // max(1, w_size * itemsize)))
-    per_block = -(-n_chunks // most)
-    return -(-n_chunks // per_block), per_block
+    """(blocks, chunks per block) of conv_weight_chunks over m rows: CHUNK_BLOCKS blocks at most
+    (partial_runs over the chunks of CHUNK_ROWS rows)."""
+    per_block, n_blocks = partial_runs(-(-m // CHUNK_ROWS), 1, CHUNK_BLOCKS, w_size, itemsize)
+    return n_blocks, per_block
 
 
 def _weight_by_chunks(be, km, x, dy, c_in, c_out, depthwise, plan, dw) -> None:

@@ -1047,9 +1047,9 @@ __global__ void __launch_bounds__(256, PWCONV_CUDA_TILE_MIN_BLOCKS)
 /// row, as a map's (index << bits | cell) keys are): `lanes` threads per row (32: a warp; 4, 8
 /// or 16: several rows per warp, fewer idle lanes on short rows), each lane placing its keys
 /// at their rank (the number of smaller keys in the row), all lanes reading the row's keys at one
-/// address.  Longer rows are copied as they are (the caller sorts them; a short_row beyond
-/// every row sorts them all here, at len^2 / lanes comparisons per lane).  Replaces the fill
-/// thread's own insertion sort, which moved keys in global memory one place at a time.
+/// address: len^2 / lanes comparisons per lane, so the callers pass _backend.SHORT_ROW, and
+/// longer rows are copied as they are (the caller sorts them).  Replaces the fill thread's own
+/// insertion sort, which moved keys in global memory one place at a time.
 /// Row r's keys are read from in[in_at[r]...] when gathered (kernel_map_once's scratch, rows in
 /// any order; a row with in_at[r] < 0 is not there and is left alone: the fill pass writes it),
 /// else from in[splits[r]...]; they go to out[splits[r]...].
@@ -2023,25 +2023,31 @@ extern "C" __global__ void scatter_by_point(long long n_entries, const long long
     out[starts[j] + atomicSub(cursor + j, 1) - 1] = e;
 }
 
-/// Sorts every segment s of distinct keys, in[splits[s]...splits[s + 1]) (scatter_by_point's
-/// entry numbers, in a schedule-dependent order), ascending into out[splits[s]...]: one warp
-/// per segment.  A segment of at most rank_max keys is ranked (each key goes to the number of
-/// its segment's keys below it: len^2 / 32 comparisons per lane); a longer one is radix sorted,
-/// one bit at a time from the lowest, of key - min over the bits of max - min, each bit a
-/// stable split of the segment into its 0s and 1s by __ballot_sync (the pass counts the next
-/// bit's 0s too), between `in` (overwritten) and out: about bits * len / 32 loads per lane, two
-/// ballots per 32 keys and bit.  A point named by thousands of rows (a dense
-/// cluster under a wide kernel) then costs time linear in its entries, not quadratic.
-extern "C" __global__ void sort_segments(long long n_segments,
-                                         const long long* __restrict__ splits, long long* in,
-                                         long long* out, long long rank_max) {
-    const long long t = pwconv_cuda::global_thread();  // blockDim.x: a multiple of 32
-    const long long segment = t / 32;
-    const int lane = (int)(t % 32);
-    if (segment >= n_segments) return;  // the whole warp: one segment per warp
-    const long long b = splits[segment], len = splits[segment + 1] - b;
-    long long* src = in + b;
-    long long* dst = out + b;
+/// As scatter_by_point, one thread per row r of the map (m rows, split by splits), each entry e
+/// of the row given as the key (r << bits) | e (bits: enough for every entry number): the rows
+/// ride with the entries, so that sort_segments_into needs no row of each entry (expand_rows)
+/// and no permutation pass after it (permute_entries).  A key's order is its row's, then its
+/// entry's, as the entry numbers alone would give.
+extern "C" __global__ void scatter_rows_by_point(long long m, const long long* __restrict__ splits,
+                                                 const long long* __restrict__ col,
+                                                 const long long* __restrict__ starts,
+                                                 int* __restrict__ cursor, int bits,
+                                                 long long* __restrict__ out) {
+    const long long r = pwconv_cuda::global_thread();
+    if (r >= m) return;
+    for (long long e = splits[r]; e < splits[r + 1]; ++e) {
+        const long long j = col[e];
+        out[starts[j] + atomicSub(cursor + j, 1) - 1] = (r << bits) | e;
+    }
+}
+
+namespace pwconv_cuda {
+
+/// Sorts the distinct keys src[0, len) ascending into dst[0, len), by the calling warp (`lane`
+/// its lane): sort_segments' one segment (see there); src is overwritten where the radix sort
+/// runs.  The warp's stores are complete, and seen by all its lanes, on return.
+__device__ __forceinline__ void sort_segment_warp(long long* src, long long* dst, long long len,
+                                                  int lane, long long rank_max) {
     if (len <= rank_max) {
         for (long long i = lane; i < len; i += 32) {
             const long long key = src[i];
@@ -2049,6 +2055,7 @@ extern "C" __global__ void sort_segments(long long n_segments,
             for (long long j = 0; j < len; ++j) rank += src[j] < key;
             dst[rank] = key;
         }
+        __syncwarp();
         return;
     }
     long long lo = src[0], hi = src[0];
@@ -2106,6 +2113,54 @@ extern "C" __global__ void sort_segments(long long n_segments,
         long long* swap = from;
         from = to;
         to = swap;
+    }
+}
+
+}  // namespace pwconv_cuda
+
+/// Sorts every segment s of distinct keys, in[splits[s]...splits[s + 1]) (scatter_by_point's
+/// entry numbers, in a schedule-dependent order), ascending into out[splits[s]...]: one warp
+/// per segment.  A segment of at most rank_max keys is ranked (each key goes to the number of
+/// its segment's keys below it: len^2 / 32 comparisons per lane); a longer one is radix sorted,
+/// one bit at a time from the lowest, of key - min over the bits of max - min, each bit a
+/// stable split of the segment into its 0s and 1s by __ballot_sync (the pass counts the next
+/// bit's 0s too), between `in` (overwritten) and out: about bits * len / 32 loads per lane, two
+/// ballots per 32 keys and bit.  A point named by thousands of rows (a dense
+/// cluster under a wide kernel) then costs time linear in its entries, not quadratic.
+extern "C" __global__ void sort_segments(long long n_segments,
+                                         const long long* __restrict__ splits, long long* in,
+                                         long long* out, long long rank_max) {
+    const long long t = pwconv_cuda::global_thread();  // blockDim.x: a multiple of 32
+    const long long segment = t / 32;
+    const int lane = (int)(t % 32);
+    if (segment >= n_segments) return;  // the whole warp: one segment per warp
+    const long long b = splits[segment];
+    pwconv_cuda::sort_segment_warp(in + b, out + b, splits[segment + 1] - b, lane, rank_max);
+}
+
+/// The transposed map in one pass after scatter_rows_by_point: every segment (point) s of keys
+/// (r << bits) | e in in[splits[s]...) sorted as sort_segments sorts them (into rows, then
+/// unpacked in place), and for each: rows[k] = r, cells[k] = cell[e], counts_out[k] = counts[e]
+/// (n_i(f) of the entry, as the map holds it).  One warp per segment; `in` is overwritten.
+template <class CellT>
+__global__ void sort_segments_into(long long n_segments, const long long* __restrict__ splits,
+                                   long long* in, long long* rows, long long rank_max, int bits,
+                                   const CellT* __restrict__ cell,
+                                   const int* __restrict__ counts, CellT* __restrict__ cells,
+                                   int* __restrict__ counts_out) {
+    const long long t = pwconv_cuda::global_thread();  // blockDim.x: a multiple of 32
+    const long long segment = t / 32;
+    const int lane = (int)(t % 32);
+    if (segment >= n_segments) return;  // the whole warp: one segment per warp
+    const long long b = splits[segment], len = splits[segment + 1] - b;
+    pwconv_cuda::sort_segment_warp(in + b, rows + b, len, lane, rank_max);
+    const long long mask = (1LL << bits) - 1;
+    for (long long i = lane; i < len; i += 32) {  // each lane its own places: in place is safe
+        const long long key = rows[b + i];
+        const long long e = key & mask;
+        rows[b + i] = key >> bits;
+        cells[b + i] = cell[e];
+        counts_out[b + i] = counts[e];
     }
 }
 
@@ -2324,6 +2379,22 @@ __device__ __forceinline__ void thread_row(i64 row, i64 e0, i64 e1,
         if (o < b) y[o] = acc[o];
 }
 
+/// The one-thread-per-row kernels' cell matrices into shared memory: M as it is ((n_cells, a, b)
+/// dense, (n_cells, a) depthwise), or with `transposed` (dense) M read as the weight (n_cells,
+/// b, a): the input gradient's W_f^T, without a transposed copy made first.  The same values.
+template <class F>
+__device__ __forceinline__ void load_mats(F* mats, const F* __restrict__ M, int n_cells,
+                                          int cell_size, int a, int b, int transposed) {
+    for (int i = threadIdx.x; i < n_cells * cell_size; i += blockDim.x) {
+        if (!transposed) {
+            mats[i] = M[i];
+            continue;
+        }
+        const int f = i / cell_size, r = i - f * cell_size, p = r / b, q = r - p * b;
+        mats[i] = M[f * cell_size + q * a + p];
+    }
+}
+
 /// Source row j of the one-thread-per-row kernels: src + j * lda in global memory.
 template <class F>
 struct GlobalRows {
@@ -2352,19 +2423,21 @@ struct TileRows {
 /// out (rows, b), as conv_entries (same arguments, but the weights: weight_is_count, see
 /// entry_weight): one thread per row, all b <= BM outputs in registers (thread_row); src rows
 /// `lda` values apart, lda a multiple of Vec16<F>::V and src 16-byte aligned (a padded copy
-/// where a is not); M (n_cells, a, b) dense or (n_cells, a) depthwise, copied to shared memory
-/// (n_cells * a * b * sizeof(F) <= PWCONV_CUDA_THREAD_MATS_BYTES).
+/// where a is not); M (n_cells, a, b) dense or (n_cells, a) depthwise, or (m_transposed) the
+/// weight (n_cells, b, a) whose transpose is M, copied to shared memory (load_mats; n_cells *
+/// a * b * sizeof(F) <= PWCONV_CUDA_THREAD_MATS_BYTES).
 template <class F, class CellT, int BM>
 __global__ void __launch_bounds__(256, sizeof(F) * BM <= 64 ? 4 : 2)
     conv_entries_thread(long long rows, const long long* __restrict__ splits,
                         const long long* __restrict__ col, const CellT* __restrict__ cell,
                         const void* __restrict__ weight, int weight_is_count,
                         const F* __restrict__ src, int a, int lda, const F* __restrict__ M,
-                        int n_cells, int b, int depthwise, F* __restrict__ out) {
+                        int m_transposed, int n_cells, int b, int depthwise,
+                        F* __restrict__ out) {
     using namespace pwconv_cuda;
     __shared__ F mats[PWCONV_CUDA_THREAD_MATS_BYTES / sizeof(F)];
     const int cell_size = depthwise ? a : a * b;
-    for (int i = threadIdx.x; i < n_cells * cell_size; i += blockDim.x) mats[i] = M[i];
+    load_mats(mats, M, n_cells, cell_size, a, b, m_transposed);
     __syncthreads();
     const i64 row = global_thread();
     if (row >= rows) return;
@@ -2394,7 +2467,8 @@ __global__ void __launch_bounds__(512, sizeof(F) * BM <= 64 ? 2 : 1)
     conv_entries_tile(const long long* __restrict__ splits, const long long* __restrict__ col,
                       const CellT* __restrict__ cell, const void* __restrict__ weight,
                       int weight_is_count, const F* __restrict__ src, int a, int lda,
-                      const F* __restrict__ M, int n_cells, int b, int depthwise,
+                      const F* __restrict__ M, int m_transposed, int n_cells, int b,
+                      int depthwise,
                       const long long* __restrict__ row_offsets,
                       const long long* __restrict__ src_offsets, long long blocks_per_cloud,
                       long long rows_per_block, int by_length, F* __restrict__ out) {
@@ -2414,7 +2488,7 @@ __global__ void __launch_bounds__(512, sizeof(F) * BM <= 64 ? 2 : 1)
     const i64 r0 = row_offsets[c] + part * rows_per_block;
     const i64 r1 = r0 + rows_per_block < r_end ? r0 + rows_per_block : r_end;
     const int n_rows = r1 > r0 ? (int)(r1 - r0) : 0;
-    for (int i = threadIdx.x; i < mats_len; i += blockDim.x) mats[i] = M[i];
+    load_mats(mats, M, n_cells, cell_size, a, b, m_transposed);
     for (i64 i = threadIdx.x; i < n_src * lda; i += blockDim.x) tile[i] = src[first * lda + i];
     for (int i = threadIdx.x; i < NB; i += blockDim.x) bucket[i] = 0;
     __syncthreads();

@@ -591,6 +591,10 @@ class _Cuda:
             return _N_DEVICES
 
         @staticmethod
+        def getDevice():
+            return _current()
+
+        @staticmethod
         def deviceGetAttribute(attr, device):
             return _OPTIN_SHARED_BYTES if attr == 97 else 0
 
