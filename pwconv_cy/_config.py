@@ -2,6 +2,7 @@
 thread pools do to pwconv's threads (blas_spin_note)."""
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 
@@ -59,6 +60,7 @@ class MemoryBudgetError(MemoryError):
     """A result would need more memory than the budget allows (nothing was allocated)."""
 
 
+@functools.cache  # read once: every call's default budget needs it, and it is two file reads
 def _physical_memory_bytes() -> int:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     # A container's cgroup limit is what the OS enforces, when it is lower.

@@ -255,6 +255,29 @@ def compile_options() -> tuple:
 _LOOSE_ARGUMENTS = frozenset((bool, int, float, type(None)))
 
 
+@functools.cache
+def _device_memory_bytes(device_id: int) -> int:
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return int(cupy.cuda.Device(device_id).mem_info[1])
+
+
+@functools.cache
+def _max_shared_bytes(device_id: int) -> int:
+    import cupy
+
+    device = cupy.cuda.Device(device_id)
+    try:
+        return int(device.attributes["MaxSharedMemoryPerBlockOptin"])
+    except KeyError:
+        pass
+    try:
+        return int(cupy.cuda.runtime.deviceGetAttribute(97, device_id))
+    except Exception:  # noqa: BLE001 - any failure: the limit every device has
+        return DEFAULT_SHARED_BYTES
+
+
 class CupyBackend:
     """CuPy arrays and the kernels of kernels.cu on the current device."""
 
@@ -355,20 +378,14 @@ class CupyBackend:
         return self._cupy.asarray(a)
 
     def device_memory_bytes(self) -> int:
-        return int(self._cupy.cuda.Device().mem_info[1])
+        """The current device's memory in bytes (asked once per device: it does not change)."""
+        return _device_memory_bytes(self._cupy.cuda.runtime.getDevice())
 
     def max_shared_bytes(self) -> int:
         """Dynamic shared memory a block of the current device can opt into
-        (cudaDevAttrMaxSharedMemoryPerBlockOptin; 48 KiB where it cannot be read)."""
-        device = self._cupy.cuda.Device()
-        try:
-            return int(device.attributes["MaxSharedMemoryPerBlockOptin"])
-        except KeyError:
-            pass
-        try:
-            return int(self._cupy.cuda.runtime.deviceGetAttribute(97, device.id))
-        except Exception:  # noqa: BLE001 - any failure: the limit every device has
-            return DEFAULT_SHARED_BYTES
+        (cudaDevAttrMaxSharedMemoryPerBlockOptin; 48 KiB where it cannot be read).  Asked once
+        per device: CuPy reads every attribute of the device to answer."""
+        return _max_shared_bytes(self._cupy.cuda.runtime.getDevice())
 
     def check_status(self, status, what: str) -> None:
         """Raise when a kernel flagged an inconsistency in its status word."""
