@@ -824,15 +824,16 @@ def backward_weight(be, km, x, dy, c_out: int, depthwise: bool):
     dw = xp.empty(w_size, dtype=x.dtype)  # every value written by _sum_partials
     scheme = scheme_for(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
     plan = rows_plan(n_cells, c_in, c_out, x.dtype.itemsize, w_size)
-    if scheme == "entries" and weight_grad_mode() == "chunks" and (
+    mode = weight_grad_mode() if scheme == "entries" else None
+    if mode == "chunks" and (
             chunks := chunks_plan(n_cells, c_in, c_out, depthwise, km.cell.dtype)) is not None:
         _weight_by_chunks(be, km, x, dy, c_in, c_out, depthwise, chunks, dw)
         return dw
-    if scheme == "entries" and weight_grad_mode() == "warps" and (
+    if mode == "warps" and (
             warps := warps_plan(n_cells, c_in, c_out, x.dtype.itemsize, depthwise)) is not None:
         _weight_by_warps(be, km, x, dy, c_in, c_out, depthwise, warps, dw)
         return dw
-    if scheme == "entries" and (weight_grad_mode() == "cells" or plan is None):
+    if scheme == "entries" and (mode == "cells" or plan is None):
         _weight_by_cell_entries(be, km, x, dy, c_in, c_out, depthwise, dw)
         return dw
     rpb = rows_per_partial(m, w_size, x.dtype.itemsize)
