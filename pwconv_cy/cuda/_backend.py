@@ -177,7 +177,7 @@ BARRIER_KERNELS = ("cloud_lower_corner", "cloud_lower_corner_merge", "grid_cell_
                    "conv_weight_rows", "conv_weight_cells", "points_digest", "sum_partials",
                    "kernel_map_once", "conv_entries_thread", "conv_entries_tile",
                    "conv_weight_chunks", "kernel_map_tiled", "radius_once", "sort_segments",
-                   "sort_segments_into", "conv_weight_warps")
+                   "sort_segments_into", "scatter_rows_by_point", "conv_weight_warps")
 
 
 class CudaKernelError(RuntimeError):

@@ -518,7 +518,7 @@ def transposed_counts(be, km) -> dict:
 def _transposed_by_rank_packed(be, km):
     """(splits, row, cell, count) of transposed_counts by rank in three kernels: each entry
     scattered into its point's segment as the key (row << bits) | entry (scatter_rows_by_point,
-    a thread per row), every segment sorted and unpacked into rows, cells and counts
+    a warp per 32 rows), every segment sorted and unpacked into rows, cells and counts
     (sort_segments_into: what sort_segments, expand_rows and permute_entries did in three
     kernels and two more arrays).  The same transposed map.  None where the keys need more than
     63 bits (the caller takes the unpacked way)."""
@@ -530,7 +530,7 @@ def _transposed_by_rank_packed(be, km):
         return None
     counts, tsplits = _point_counts_splits(be, km)
     keys = xp.empty(max(n_entries, 1), dtype=xp.int64)
-    be.launch("scatter_rows_by_point", (blocks(m),), (THREADS,),
+    be.launch("scatter_rows_by_point", (blocks(-(-m // 32) * 32),), (THREADS,),
               (i64(m), km.splits, km.index, tsplits, counts[1:], i32(bits), keys))
     trow = xp.empty(max(n_entries, 1), dtype=xp.int64)
     tcell = xp.empty(n_entries, dtype=km.cell.dtype)

@@ -2023,21 +2023,37 @@ extern "C" __global__ void scatter_by_point(long long n_entries, const long long
     out[starts[j] + atomicSub(cursor + j, 1) - 1] = e;
 }
 
-/// As scatter_by_point, one thread per row r of the map (m rows, split by splits), each entry e
-/// of the row given as the key (r << bits) | e (bits: enough for every entry number): the rows
-/// ride with the entries, so that sort_segments_into needs no row of each entry (expand_rows)
-/// and no permutation pass after it (permute_entries).  A key's order is its row's, then its
-/// entry's, as the entry numbers alone would give.
+/// As scatter_by_point, each entry e of row r given as the key (r << bits) | e (bits: enough
+/// for every entry number): the rows ride with the entries, so that sort_segments_into needs no
+/// row of each entry (expand_rows) and no permutation pass after it (permute_entries).  A key's
+/// order is its row's, then its entry's, as the entry numbers alone would give.  A warp per 32
+/// consecutive rows (m rows, split by splits): their entries are contiguous and read 32 at a
+/// time by the lanes together, each lane finding its entry's row by a binary search over the
+/// rows' starts, one held by each lane (a thread per row would read a line per lane).
 extern "C" __global__ void scatter_rows_by_point(long long m, const long long* __restrict__ splits,
                                                  const long long* __restrict__ col,
                                                  const long long* __restrict__ starts,
                                                  int* __restrict__ cursor, int bits,
                                                  long long* __restrict__ out) {
-    const long long r = pwconv_cuda::global_thread();
-    if (r >= m) return;
-    for (long long e = splits[r]; e < splits[r + 1]; ++e) {
-        const long long j = col[e];
-        out[starts[j] + atomicSub(cursor + j, 1) - 1] = (r << bits) | e;
+    const long long t = pwconv_cuda::global_thread();  // blockDim.x: a multiple of 32
+    const long long r0 = t / 32 * 32;
+    const int lane = (int)(t % 32);
+    if (r0 >= m) return;  // the whole warp
+    const long long last = r0 + 32 < m ? r0 + 32 : m;
+    // lanes past the last row hold its end: never the start of an entry's row
+    const long long start = splits[r0 + lane < last ? r0 + lane : last];
+    const long long end = splits[last];
+    for (long long base = __shfl_sync(0xffffffffu, start, 0); base < end; base += 32) {
+        const long long e = base + lane;
+        int row = 0;  // the last of the 32 rows starting at or before e
+        for (int step = 16; step > 0; step >>= 1) {
+            const long long s = __shfl_sync(0xffffffffu, start, row + step);
+            if (s <= e) row += step;
+        }
+        if (e < end) {
+            const long long j = col[e];
+            out[starts[j] + atomicSub(cursor + j, 1) - 1] = ((r0 + row) << bits) | e;
+        }
     }
 }
 
