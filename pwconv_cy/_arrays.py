@@ -205,18 +205,11 @@ def to_host(x, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be an array, got {type(x).__name__} ({exc})") from None
 
 
-_gpu_seen = False  # the GPU path was found usable once: no need to ask CuPy again
-
-
 def _gpu_unavailable(name: str, x) -> RuntimeError | None:
-    global _gpu_seen
-    if _gpu_seen:
-        return None
     from pwconv_cy import cuda
 
-    reason = cuda.unavailable_reason()
+    reason = cuda._unavailable_until_usable()
     if reason is None:
-        _gpu_seen = True
         return None
     return RuntimeError(f"{name} is in GPU memory ({describe(x)}), so the call runs on the GPU, but "
                         f"the GPU path of pwconv is not available: {reason}; install CuPy "

@@ -113,16 +113,25 @@ def _inputs_device(**arrays):
     return cupy.cuda.Device(int(index))
 
 
-_usable = False  # the GPU path was found usable once: no need to ask CuPy again
+_found_usable = False
+
+
+def _unavailable_until_usable() -> str | None:
+    """unavailable_reason() until the GPU path is once found usable, then None without asking
+    CuPy again (every GPU call asks: _checked_backend, and the interop's refusal of device
+    arrays without a usable GPU path)."""
+    global _found_usable
+    if _found_usable:
+        return None
+    reason = unavailable_reason()
+    _found_usable = reason is None
+    return reason
 
 
 def _checked_backend():
-    global _usable
-    if not _usable:
-        reason = unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(f"the GPU path of pwconv is not available: {reason}")
-        _usable = True
+    reason = _unavailable_until_usable()
+    if reason is not None:
+        raise RuntimeError(f"the GPU path of pwconv is not available: {reason}")
     return get_backend()
 
 

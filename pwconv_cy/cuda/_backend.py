@@ -259,8 +259,8 @@ _LOOSE_ARGUMENTS = frozenset((bool, int, float, type(None)))
 def _device_memory_bytes(device_id: int) -> int:
     import cupy
 
-    with cupy.cuda.Device(device_id):
-        return int(cupy.cuda.Device(device_id).mem_info[1])
+    with cupy.cuda.Device(device_id) as device:
+        return int(device.mem_info[1])
 
 
 @functools.cache

@@ -135,11 +135,11 @@ INPUT_GRAD_ENV = "PWCONV_CUDA_INPUT_GRAD"
 #: How transposed_rows puts the map's entries in point order: "rank" (default: each entry
 #: scattered into its point's segment by an integer atomic cursor, then every segment sorted by
 #: sort_segments: two kernels; for transposed_counts, the input gradient's, with each entry's
-#: row in its key and the segments unpacked by the sort: _transposed_by_rank_packed) or "sort" (one stable radix sort of the entries by point, CuPy's
-#: argsort: Thrust's kernels and a temporary buffer, and before CuPy 14 a synchronisation of the
-#: stream after every sort, cupy/cupy#9126; the default before, with which the paper workload's
-#: backward took 3.85 ms against 3.10 ms by rank on an H200, 2026-11-27).  The same transposed
-#: map either way.
+#: row in its key and the segments unpacked by the sort: _transposed_by_rank_packed) or "sort"
+#: (one stable radix sort of the entries by point, CuPy's argsort: Thrust's kernels and a
+#: temporary buffer, and before CuPy 14 a synchronisation of the stream after every sort,
+#: cupy/cupy#9126; the default before, with which the paper workload's backward took 3.85 ms
+#: against 3.10 ms by rank on an H200, 2026-11-27).  The same transposed map either way.
 TRANSPOSE_ENV = "PWCONV_CUDA_TRANSPOSE"
 #: sort_segments: segments of the transposed map up to this many entries are sorted by rank
 #: (len^2 / 32 comparisons per lane), longer ones by a radix sort (about 2 log2(range) * len / 32
